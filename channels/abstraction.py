@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
@@ -91,7 +91,7 @@ def _tables_dir() -> Path:
     return Path(str(resources.files("channels") / "tables"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_project_tables(path: str | None = None) -> dict[int, BlerTable]:
     """Tables shipped in ``channels/tables/bler_*.json``: ``{mcs_index: BlerTable}``.
 
@@ -107,7 +107,7 @@ def load_project_tables(path: str | None = None) -> dict[int, BlerTable]:
     return {m: BlerTable(curves, "project") for m, curves in per_mcs.items()}
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_sionna_tables() -> dict[int, BlerTable]:
     """Sionna SYS's PDSCH MCS table 1 BLER tables: ``{mcs_index: BlerTable}``."""
     import sionna.sys
@@ -122,7 +122,7 @@ def load_sionna_tables() -> dict[int, BlerTable]:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def _eesm_betas() -> list[float]:
     import sionna.sys
 

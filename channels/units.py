@@ -8,7 +8,7 @@ with unit average symbol energy (Es = 1), so the complex noise variance is
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from scipy.optimize import brentq
@@ -97,7 +97,7 @@ def qfunc(x):
 # Constellation-constrained capacity (BICM), computed by Gauss-Hermite quadrature.
 
 
-@lru_cache(maxsize=None)
+@cache
 def _gray_qam(bits_per_symbol: int) -> tuple[np.ndarray, np.ndarray]:
     """Unit-energy Gray-labelled QAM (or BPSK for m=1) points and their bit labels."""
     m = bits_per_symbol
