@@ -177,17 +177,17 @@ class GilbertElliott:
     def transmit(self, packets, generator: torch.Generator | None = None):
         packets = _check_packets(packets)
         gen = generator or self._generator
-        u = torch.rand(len(packets) + 1, generator=gen).tolist()
-        state = self._state
-        if state is None:
-            state = int(u[0] < self.loss_rate)
+        fresh = self._state is None
+        u = torch.rand(len(packets) + int(fresh), generator=gen).tolist()
+        state = int(u[0] < self.loss_rate) if fresh else self._state
         states = []
         for i in range(len(packets)):
-            if i > 0 or self._state is not None:
+            if i > 0 or not fresh:
+                v = u[i + int(fresh)]
                 if state == 0:
-                    state = int(u[i + 1] < self.p_good_to_bad)
+                    state = int(v < self.p_good_to_bad)
                 else:
-                    state = int(u[i + 1] >= self.p_bad_to_good)
+                    state = int(v >= self.p_bad_to_good)
             states.append(state)
         self._state = state if packets else self._state
         out = [None if s else bytes(p) for p, s in zip(packets, states)]
