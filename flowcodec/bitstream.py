@@ -1,0 +1,390 @@
+"""The bitstream container: the unit that crosses a link, one per sample.
+
+A :class:`Bitstream` is a :class:`Header` (what a receiver needs to decode) and a list
+of packets, each independently decodable by its codec. Every packet is framed with its
+index, its length and a CRC-32, so a receiver can tell a damaged packet from a good one
+and report it as lost instead of decoding wrong values.
+
+The byte layout is documented in ``docs/bitstream.md``. Parsing checks every length and
+count against the size of the input before it allocates anything; anything malformed
+raises :class:`BitstreamError` (a ``ValueError``) with a message saying what is wrong.
+
+Example
+-------
+>>> from flowcodec.bitstream import Bitstream, Header, TensorSpec
+>>> h = Header(codec="raw-fp16", fingerprint=b"\\0" * 8,
+...            tensors=(TensorSpec("float16", (4, 2, 2)),))
+>>> bs = Bitstream(h, [b"abc", b"de"])
+>>> Bitstream.from_bytes(bs.to_bytes()) == bs
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "MAGIC",
+    "VERSION",
+    "DTYPES",
+    "MAX_PACKETS",
+    "MAX_ELEMENTS",
+    "BitstreamError",
+    "TensorSpec",
+    "Header",
+    "Bitstream",
+    "fingerprint",
+    "frame_packet",
+    "parse_packet",
+]
+
+MAGIC = b"FLWC"
+VERSION = 1
+MAX_PACKETS = 65535
+MAX_NDIM = 8
+MAX_TENSORS = 16
+MAX_CODEC_NAME = 64
+MAX_META = 65535
+#: Upper bound on the elements a header may declare for one tensor (2**28 = 268 M), so
+#: that a decoder never allocates a buffer sized by an untrusted header beyond this.
+MAX_ELEMENTS = 1 << 28
+
+#: dtype name <-> one-byte code in the header.
+DTYPES: dict[str, int] = {
+    "float32": 1,
+    "float16": 2,
+    "bfloat16": 3,
+    "uint8": 4,
+    "int8": 5,
+    "int16": 6,
+    "int32": 7,
+    "int64": 8,
+    "bool": 9,
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+_HEAD_FIXED = struct.Struct("<4sBB")  # magic, version, flags
+_PACKET_FRAME = struct.Struct("<HI")  # index, payload length
+_CRC = struct.Struct("<I")
+PACKET_OVERHEAD = _PACKET_FRAME.size + _CRC.size  # bytes added to each payload
+
+
+class BitstreamError(ValueError):
+    """Malformed bitstream bytes, header or packets (the message says what is wrong)."""
+
+
+def fingerprint(config: object) -> bytes:
+    """Eight bytes identifying a codec configuration (SHA-256 of its canonical JSON).
+
+    A decoder compares the fingerprint in a header with its own before decoding, so a
+    stream made by a differently configured codec is refused instead of misread.
+    """
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).digest()[:8]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of one tensor the decoder must produce (per sample, no batch dim)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise BitstreamError(f"unknown dtype {self.dtype!r}; known: {sorted(DTYPES)}")
+        shape = tuple(self.shape)
+        object.__setattr__(self, "shape", shape)
+        if len(shape) > MAX_NDIM:
+            raise BitstreamError(f"tensor has {len(shape)} dims, at most {MAX_NDIM} allowed")
+        n = 1
+        for d in shape:
+            if not isinstance(d, int) or d < 0 or d >= 1 << 32:
+                raise BitstreamError(f"bad dimension {d!r} in shape {shape}")
+            n *= d
+        if n > MAX_ELEMENTS:
+            raise BitstreamError(f"shape {shape} declares {n} elements, over {MAX_ELEMENTS}")
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a receiver needs to decode a sample's packets.
+
+    Parameters
+    ----------
+    codec : str
+        Registry name of the codec that wrote the stream (ASCII, at most 64 bytes).
+    fingerprint : bytes
+        8 bytes from :func:`fingerprint` of the codec's configuration.
+    tensors : tuple of TensorSpec
+        Shape and dtype of each tensor the decoder returns.
+    meta : bytes
+        Codec-specific side information (at most 65535 bytes), e.g. quantiser ranges.
+    flags : int
+        One byte of codec-specific flags.
+    """
+
+    codec: str
+    fingerprint: bytes
+    tensors: tuple[TensorSpec, ...] = ()
+    meta: bytes = b""
+    flags: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tensors", tuple(self.tensors))
+        try:
+            name = self.codec.encode("ascii")
+        except (UnicodeEncodeError, AttributeError) as e:
+            raise BitstreamError(f"codec name must be an ASCII str, got {self.codec!r}") from e
+        if not 0 < len(name) <= MAX_CODEC_NAME:
+            raise BitstreamError(f"codec name must have 1..{MAX_CODEC_NAME} bytes")
+        if not isinstance(self.fingerprint, bytes) or len(self.fingerprint) != 8:
+            raise BitstreamError("fingerprint must be exactly 8 bytes")
+        if len(self.tensors) > MAX_TENSORS:
+            raise BitstreamError(f"at most {MAX_TENSORS} tensors per stream")
+        if not all(isinstance(t, TensorSpec) for t in self.tensors):
+            raise BitstreamError("tensors must be TensorSpec instances")
+        if not isinstance(self.meta, bytes) or len(self.meta) > MAX_META:
+            raise BitstreamError(f"meta must be bytes of at most {MAX_META} bytes")
+        if not isinstance(self.flags, int) or not 0 <= self.flags <= 255:
+            raise BitstreamError("flags must be an int in 0..255")
+
+    def to_bytes(self, n_packets: int) -> bytes:
+        """Header bytes for a stream of ``n_packets`` packets (CRC-32 at the end)."""
+        if not 0 <= n_packets <= MAX_PACKETS:
+            raise BitstreamError(f"packet count {n_packets} outside 0..{MAX_PACKETS}")
+        name = self.codec.encode("ascii")
+        parts = [
+            _HEAD_FIXED.pack(MAGIC, VERSION, self.flags),
+            struct.pack("<B", len(name)),
+            name,
+            self.fingerprint,
+            struct.pack("<B", len(self.tensors)),
+        ]
+        for t in self.tensors:
+            parts.append(struct.pack("<BB", DTYPES[t.dtype], len(t.shape)))
+            parts.append(struct.pack(f"<{len(t.shape)}I", *t.shape))
+        parts.append(struct.pack("<H", len(self.meta)))
+        parts.append(self.meta)
+        parts.append(struct.pack("<H", n_packets))
+        body = b"".join(parts)
+        return body + _CRC.pack(zlib.crc32(body))
+
+    @classmethod
+    def parse(cls, data: bytes | bytearray | memoryview) -> tuple[Header, int, int]:
+        """Parse a header at the start of ``data``.
+
+        Returns ``(header, n_packets, header_size)``. Raises :class:`BitstreamError`
+        naming the field at fault when the bytes are not a valid header.
+        """
+        buf = bytes(data)
+        r = _Reader(buf)
+        magic, version, flags = r.unpack(_HEAD_FIXED, "fixed header")
+        if magic != MAGIC:
+            raise BitstreamError(f"bad magic {magic!r}, expected {MAGIC!r}")
+        if version != VERSION:
+            raise BitstreamError(f"unsupported format version {version}, this reads {VERSION}")
+        (name_len,) = r.unpack(struct.Struct("<B"), "codec name length")
+        if not 0 < name_len <= MAX_CODEC_NAME:
+            raise BitstreamError(f"codec name length {name_len} outside 1..{MAX_CODEC_NAME}")
+        raw_name = r.take(name_len, "codec name")
+        try:
+            codec = raw_name.decode("ascii")
+        except UnicodeDecodeError as e:
+            raise BitstreamError("codec name is not ASCII") from e
+        fp = r.take(8, "fingerprint")
+        (n_tensors,) = r.unpack(struct.Struct("<B"), "tensor count")
+        if n_tensors > MAX_TENSORS:
+            raise BitstreamError(f"tensor count {n_tensors} over {MAX_TENSORS}")
+        tensors = []
+        for i in range(n_tensors):
+            code, ndim = r.unpack(struct.Struct("<BB"), f"tensor {i} dtype/ndim")
+            if code not in _DTYPE_NAMES:
+                raise BitstreamError(f"tensor {i}: unknown dtype code {code}")
+            if ndim > MAX_NDIM:
+                raise BitstreamError(f"tensor {i}: {ndim} dims, at most {MAX_NDIM}")
+            shape = r.unpack(struct.Struct(f"<{ndim}I"), f"tensor {i} shape")
+            tensors.append(TensorSpec(_DTYPE_NAMES[code], tuple(shape)))
+        (meta_len,) = r.unpack(struct.Struct("<H"), "meta length")
+        meta = r.take(meta_len, "meta")
+        (n_packets,) = r.unpack(struct.Struct("<H"), "packet count")
+        end = r.pos
+        (crc,) = r.unpack(_CRC, "header CRC")
+        if zlib.crc32(buf[:end]) != crc:
+            raise BitstreamError("header CRC mismatch: the header is corrupted")
+        header = cls(codec=codec, fingerprint=fp, tensors=tuple(tensors), meta=meta, flags=flags)
+        return header, n_packets, r.pos
+
+
+class _Reader:
+    """Bounds-checked cursor over bytes: every read checks the remaining length first."""
+
+    def __init__(self, buf: bytes, pos: int = 0) -> None:
+        self.buf = buf
+        self.pos = pos
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise BitstreamError(
+                f"truncated: {what} needs {n} bytes at offset {self.pos}, "
+                f"only {len(self.buf) - self.pos} left"
+            )
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, st: struct.Struct, what: str) -> tuple:
+        return st.unpack(self.take(st.size, what))
+
+
+def frame_packet(index: int, payload: bytes) -> bytes:
+    """Frame one packet: ``index (u16) | length (u32) | payload | CRC-32 (u32)``."""
+    if not 0 <= index < MAX_PACKETS:
+        raise BitstreamError(f"packet index {index} outside 0..{MAX_PACKETS - 1}")
+    if len(payload) >= 1 << 32:
+        raise BitstreamError("packet payload too long")
+    head = _PACKET_FRAME.pack(index, len(payload))
+    return head + payload + _CRC.pack(zlib.crc32(head + payload))
+
+
+def parse_packet(data: bytes, pos: int = 0) -> tuple[int, bytes | None, int]:
+    """Parse one framed packet at ``pos``.
+
+    Returns ``(index, payload_or_None, next_pos)``; the payload is ``None`` when the CRC
+    fails. Raises :class:`BitstreamError` when the framing itself is truncated.
+    """
+    r = _Reader(data, pos)
+    index, length = r.unpack(_PACKET_FRAME, "packet frame")
+    payload = r.take(length, f"packet {index} payload")
+    (crc,) = r.unpack(_CRC, f"packet {index} CRC")
+    ok = zlib.crc32(data[pos : pos + _PACKET_FRAME.size + length]) == crc
+    return index, (payload if ok else None), r.pos
+
+
+@dataclass
+class Bitstream:
+    """One sample's encoded features: a header and independently decodable packets.
+
+    ``packets[i]`` is the payload of packet ``i`` (bytes), or ``None`` when that packet
+    was lost or failed its CRC. Rate is ``8 * len(to_bytes())``: headers and packet
+    framing included.
+    """
+
+    header: Header
+    packets: list[bytes | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.packets = list(self.packets)
+        if len(self.packets) > MAX_PACKETS:
+            raise BitstreamError(f"{len(self.packets)} packets, at most {MAX_PACKETS}")
+        for i, p in enumerate(self.packets):
+            if p is not None and not isinstance(p, bytes | bytearray):
+                raise BitstreamError(f"packet {i} must be bytes or None, got {type(p).__name__}")
+
+    # --- whole-stream serialisation ---------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """Serialise header and all packets. Every packet must be present."""
+        if any(p is None for p in self.packets):
+            lost = [i for i, p in enumerate(self.packets) if p is None]
+            raise BitstreamError(f"cannot serialise a stream with lost packets {lost}")
+        return self.header.to_bytes(len(self.packets)) + b"".join(self.link_packets())
+
+    @property
+    def nbytes(self) -> int:
+        """Size in bytes of :meth:`to_bytes` (header and framing included)."""
+        return len(self.header.to_bytes(len(self.packets))) + sum(
+            len(p) + PACKET_OVERHEAD for p in self.packets if p is not None
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> Bitstream:
+        """Parse a whole stream.
+
+        A packet whose CRC fails comes back as ``None`` (lost). Anything else malformed
+        (bad magic, truncation, lengths or counts inconsistent with the input, trailing
+        bytes, out-of-order packets) raises :class:`BitstreamError`.
+        """
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise BitstreamError(f"expected bytes, got {type(data).__name__}")
+        buf = bytes(data)
+        header, n_packets, pos = Header.parse(buf)
+        # Each packet takes at least PACKET_OVERHEAD bytes: check before building a list.
+        if n_packets * PACKET_OVERHEAD > len(buf) - pos:
+            raise BitstreamError(
+                f"header declares {n_packets} packets but only {len(buf) - pos} bytes follow"
+            )
+        packets: list[bytes | None] = []
+        for i in range(n_packets):
+            index, payload, pos = parse_packet(buf, pos)
+            if index != i and payload is not None:
+                raise BitstreamError(f"packet {i} carries index {index}")
+            packets.append(payload)
+        if pos != len(buf):
+            raise BitstreamError(f"{len(buf) - pos} trailing bytes after the last packet")
+        return cls(header, packets)
+
+    # --- what a link carries ----------------------------------------------------------
+    def header_bytes(self) -> bytes:
+        """The header alone, as sent ahead of the packets."""
+        return self.header.to_bytes(len(self.packets))
+
+    def link_packets(self) -> list[bytes]:
+        """Each packet framed (index, length, payload, CRC-32): the units a link carries."""
+        out = []
+        for i, p in enumerate(self.packets):
+            if p is None:
+                raise BitstreamError(f"packet {i} is lost and cannot be sent")
+            out.append(frame_packet(i, bytes(p)))
+        return out
+
+    @classmethod
+    def from_packets(
+        cls, header: Header | bytes, packets: Sequence[bytes | None]
+    ) -> Bitstream:
+        """Rebuild a stream from what a link delivered.
+
+        ``header`` is a :class:`Header` or its bytes; ``packets[i]`` is the framed packet
+        ``i`` as produced by :meth:`link_packets`, or ``None`` when the link lost it. A
+        packet whose framing, index or CRC is wrong is reported as lost (``None``).
+        """
+        if isinstance(header, bytes | bytearray | memoryview):
+            hdr, n_packets, size = Header.parse(header)
+            if size != len(header):
+                raise BitstreamError(f"{len(header) - size} trailing bytes after the header")
+            if n_packets != len(packets):
+                raise BitstreamError(
+                    f"header declares {n_packets} packets, {len(packets)} were given"
+                )
+        elif isinstance(header, Header):
+            hdr = header
+        else:
+            raise BitstreamError(f"header must be Header or bytes, got {type(header).__name__}")
+        out: list[bytes | None] = []
+        for i, framed in enumerate(packets):
+            if framed is None:
+                out.append(None)
+                continue
+            try:
+                index, payload, end = parse_packet(bytes(framed))
+            except BitstreamError:
+                out.append(None)
+                continue
+            out.append(payload if (index == i and end == len(framed)) else None)
+        return cls(hdr, out)
+
+    @property
+    def lost(self) -> list[int]:
+        """Indices of packets that are missing."""
+        return [i for i, p in enumerate(self.packets) if p is None]

@@ -1,0 +1,36 @@
+"""Familial models: members of different sizes with aligned hidden features.
+
+See :mod:`flowcodec.family.base` for the contract (members, split points) and
+:mod:`flowcodec.family.zoo` for the registered families.
+"""
+
+from flowcodec.family.aligner import Aligner, AlignResult, train_aligner
+from flowcodec.family.base import EarlyExitFamily, Head, Member, MemberInfo, Tail, count_flops
+from flowcodec.family.checkpoint import load_family, save_checkpoint
+from flowcodec.family.pretrained import load_pretrained, pretrained_path, save_family
+from flowcodec.family.train import TrainConfig, TrainResult, evaluate_family, train_family
+from flowcodec.family.zoo import FAMILIES, build_family, register_family
+
+__all__ = [
+    "Aligner",
+    "AlignResult",
+    "EarlyExitFamily",
+    "FAMILIES",
+    "Head",
+    "Member",
+    "MemberInfo",
+    "Tail",
+    "TrainConfig",
+    "TrainResult",
+    "build_family",
+    "count_flops",
+    "evaluate_family",
+    "load_family",
+    "load_pretrained",
+    "pretrained_path",
+    "register_family",
+    "save_checkpoint",
+    "save_family",
+    "train_aligner",
+    "train_family",
+]

@@ -1,0 +1,216 @@
+"""Early-exit families: different-sized models whose hidden features are aligned.
+
+A family is a shared trunk cut into stages plus one exit branch per stage. Member ``k``
+(1-based) runs stages ``1..k`` and exit ``k``; a larger member contains every stage of
+a smaller one, so the hidden features after stage ``p`` mean the same thing to every
+member that contains ``p``. That is what lets a small member on a device hand its
+features to a larger member elsewhere.
+
+Split point ``p`` (0..k) is the boundary after stage ``p``; ``p = 0`` is the input.
+
+Example
+-------
+>>> import torch
+>>> from flowcodec.family import build_family
+>>> fam = build_family("digits").eval()
+>>> head, tail = fam.split(member=3, point=1)
+>>> x = torch.randn(2, 1, 8, 8)
+>>> torch.equal(tail(head(x)), fam.member(3)(x))
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flowcodec.errors import ConfigError
+
+__all__ = ["EarlyExitFamily", "Member", "Head", "Tail", "MemberInfo", "count_flops"]
+
+
+def count_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward pass on one sample (2 per multiply-accumulate of convolutions
+    and matrix products, as counted by ``torch.utils.flop_counter``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(iter(module.parameters()), None)
+    device = p.device if p is not None else torch.device("cpu")
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            module(torch.zeros((1, *input_shape), device=device))
+    finally:
+        module.train(was_training)
+    return int(fc.get_total_flops())
+
+
+def _params(modules) -> int:
+    seen: set[int] = set()
+    n = 0
+    for m in modules:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+    return n
+
+
+class Head(nn.Module):
+    """Stages ``1..point`` of a family (the device part). ``(B, *input) -> (B, *feature)``."""
+
+    def __init__(self, stages: list[nn.Module], point: int) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.point = point
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for s in self.stages:
+            x = s(x)
+        return x
+
+
+class Tail(nn.Module):
+    """Stages ``point+1..k`` and exit ``k`` (the receiver part). Features -> logits."""
+
+    def __init__(self, stages: list[nn.Module], exit_branch: nn.Module, point: int) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.exit = exit_branch
+        self.point = point
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for s in self.stages:
+            h = s(h)
+        return self.exit(h)
+
+
+class Member(nn.Module):
+    """Member ``k`` of a family: stages ``1..k`` then exit ``k``. ``(B, *input) -> (B, classes)``.
+
+    Shares its parameters with the family (no copy)."""
+
+    def __init__(self, stages: list[nn.Module], exit_branch: nn.Module, index: int) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.exit = exit_branch
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for s in self.stages:
+            x = s(x)
+        return self.exit(x)
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    """Size of one member: parameters and FLOPs per sample."""
+
+    index: int
+    params: int
+    flops: int
+
+
+class EarlyExitFamily(nn.Module):
+    """A trunk of stages with one exit branch per stage.
+
+    Parameters
+    ----------
+    stages : list of nn.Module
+        ``stages[i]`` maps the features after stage ``i`` to those after stage ``i+1``.
+    exits : list of nn.Module
+        ``exits[i]`` maps the features after stage ``i+1`` to class logits.
+    input_shape : tuple of int
+        Per-sample input shape, e.g. ``(3, 32, 32)``.
+    config : dict
+        The builder name and arguments (saved with checkpoints, used to rebuild).
+
+    Calling the family returns the logits of every exit, ``list[(B, classes)]``, computed
+    in one pass over the trunk (what joint training needs).
+    """
+
+    def __init__(
+        self,
+        stages: list[nn.Module],
+        exits: list[nn.Module],
+        input_shape: tuple[int, ...],
+        config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if len(stages) != len(exits) or not stages:
+            raise ConfigError("a family needs one exit per stage and at least one stage")
+        self.stages = nn.ModuleList(stages)
+        self.exits = nn.ModuleList(exits)
+        self.input_shape = tuple(input_shape)
+        self.config = dict(config or {})
+
+    @property
+    def num_members(self) -> int:
+        return len(self.stages)
+
+    def _check_member(self, member: int) -> None:
+        if not isinstance(member, int) or not 1 <= member <= self.num_members:
+            raise ConfigError(f"member must be an int in 1..{self.num_members}, got {member!r}")
+
+    def _check_point(self, member: int, point: int) -> None:
+        self._check_member(member)
+        if not isinstance(point, int) or not 0 <= point <= member:
+            raise ConfigError(
+                f"split point must be an int in 0..{member} for member {member}, got {point!r}"
+            )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for stage, ex in zip(self.stages, self.exits, strict=True):
+            x = stage(x)
+            outs.append(ex(x))
+        return outs
+
+    def member(self, k: int) -> Member:
+        """Member ``k`` (1-based) as a module sharing this family's parameters."""
+        self._check_member(k)
+        return Member(list(self.stages[:k]), self.exits[k - 1], k)
+
+    def split(self, member: int, point: int) -> tuple[Head, Tail]:
+        """``(head, tail)`` with ``tail(head(x)) == member(x)`` (bit-exact in eval mode)."""
+        self._check_point(member, point)
+        return (
+            Head(list(self.stages[:point]), point),
+            Tail(list(self.stages[point:member]), self.exits[member - 1], point),
+        )
+
+    def features(self, x: torch.Tensor, point: int) -> torch.Tensor:
+        """Hidden features after stage ``point`` (0 = the input itself)."""
+        self._check_point(self.num_members, point)
+        for s in self.stages[:point]:
+            x = s(x)
+        return x
+
+    def feature_shape(self, point: int) -> tuple[int, ...]:
+        """Per-sample shape of the features at ``point``."""
+        self._check_point(self.num_members, point)
+        p = next(self.parameters())
+        with torch.no_grad():
+            was = self.training
+            self.eval()
+            h = self.features(torch.zeros((1, *self.input_shape), device=p.device), point)
+            self.train(was)
+        return tuple(h.shape[1:])
+
+    def info(self) -> list[MemberInfo]:
+        """Parameters and FLOPs of every member, smallest first."""
+        out = []
+        for k in range(1, self.num_members + 1):
+            m = self.member(k)
+            out.append(MemberInfo(k, _params([m]), count_flops(m, self.input_shape)))
+        return out
+
+    def head_flops(self, point: int) -> int:
+        """FLOPs of stages ``1..point`` on one sample (the device's share of the trunk)."""
+        if point == 0:
+            return 0
+        head, _ = self.split(self.num_members, point)
+        return count_flops(head, self.input_shape)

@@ -1,0 +1,86 @@
+"""Trained families: the recipes that make them and where their checkpoints live.
+
+- ``digits`` trains in seconds on a CPU, so it is trained on first use and cached in
+  ``$FLOWCODEC_CACHE/models`` (``~/.cache/flowcodec/models``).
+- ``cifar10`` ships with the package (``flowcodec/zoo/cifar10-family.*``); the command
+  that made it is in docs/family.md (``flowcodec train-family``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from flowcodec.data import cache_dir, load_dataset
+from flowcodec.errors import CheckpointError, ConfigError
+from flowcodec.family.base import EarlyExitFamily
+from flowcodec.family.checkpoint import load_family, save_checkpoint
+from flowcodec.family.train import TrainConfig, TrainResult, train_family
+from flowcodec.family.zoo import build_family
+
+__all__ = ["RECIPES", "ZOO_DIR", "pretrained_path", "save_family", "load_pretrained",
+           "train_recipe"]  # fmt: skip
+
+ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
+
+#: Training recipe per family (the defaults of ``flowcodec train-family``).
+RECIPES: dict[str, dict] = {
+    "digits": {
+        "family": {},
+        "train": dict(epochs=40, batch_size=64, lr=3e-3, weight_decay=1e-4, optimizer="adamw"),
+    },
+    "cifar10": {
+        "family": {"width": 32},
+        "train": dict(epochs=40, batch_size=512, lr=0.2, weight_decay=5e-4, optimizer="sgd",
+                      label_smoothing=0.1),  # fmt: skip
+    },
+}
+
+
+def pretrained_path(name: str) -> Path:
+    """Where the checkpoint of family ``name`` is looked for (without suffix)."""
+    shipped = ZOO_DIR / f"{name}-family"
+    if shipped.with_suffix(".safetensors").is_file():
+        return shipped
+    return cache_dir() / "models" / f"{name}-family"
+
+
+def save_family(family: EarlyExitFamily, path: str | os.PathLike, result: TrainResult | None = None,
+                **extra) -> Path:  # fmt: skip
+    """Save a family's weights (safetensors) and config (JSON) with its measured figures."""
+    info = {"members": [vars(m) for m in family.info()]}
+    if result is not None:
+        info.update(test_accuracy=result.accuracies, train_seconds=round(result.seconds, 1))
+    info.update(extra)
+    return save_checkpoint(family, path, "family", family.config, info)
+
+
+def train_recipe(name: str, device: str = "cpu", progress: bool = True, data_root=None,
+                 **overrides) -> tuple[EarlyExitFamily, TrainResult]:  # fmt: skip
+    """Train family ``name`` with its recipe (``overrides`` change TrainConfig fields)."""
+    if name not in RECIPES:
+        raise ConfigError(f"no recipe for family {name!r}; known: {sorted(RECIPES)}")
+    kwargs = {"root": data_root} if name == "cifar10" else {}
+    train, test = load_dataset(name, **kwargs)
+    fam = build_family(name, **RECIPES[name]["family"])
+    cfg = TrainConfig(**{**RECIPES[name]["train"], **overrides, "device": device,
+                         "progress": progress})  # fmt: skip
+    return fam, train_family(fam, train, test, cfg)
+
+
+def load_pretrained(name: str, train_if_missing: bool | None = None, progress: bool = True,
+                    device: str = "cpu") -> EarlyExitFamily:  # fmt: skip
+    """Load the trained family ``name``; the digits family is trained and cached if absent."""
+    path = pretrained_path(name)
+    if path.with_suffix(".safetensors").is_file():
+        return load_family(path, expect={"name": name}).to(device)
+    if train_if_missing is None:
+        train_if_missing = name == "digits"
+    if not train_if_missing:
+        raise CheckpointError(
+            f"no trained {name!r} family at {path}.safetensors; make one with "
+            f"`flowcodec train-family --family {name}`"
+        )
+    fam, result = train_recipe(name, device=device, progress=progress)
+    save_family(fam, path, result)
+    return fam.eval()

@@ -1,0 +1,105 @@
+"""Family builders and their registry (``build_family(name, **kwargs)``).
+
+- ``digits``: three members for 1x8x8 digits (about 5 k, 20 k and 120 k parameters).
+- ``cifar10``: three members of a ResNet-9-style trunk for 3x32x32 images, width ``w``
+  (default 32: about 0.2 M, 0.5 M and 1.6 M parameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from flowcodec.errors import ConfigError
+from flowcodec.family.base import EarlyExitFamily
+
+__all__ = ["FAMILIES", "register_family", "build_family", "digits_family", "cifar10_family"]
+
+FAMILIES: dict[str, Callable[..., EarlyExitFamily]] = {}
+
+
+def register_family(name: str):
+    """Decorator adding a builder to :data:`FAMILIES` under ``name``."""
+
+    def deco(fn):
+        if name in FAMILIES:
+            raise ConfigError(f"family {name!r} is already registered")
+        FAMILIES[name] = fn
+        return fn
+
+    return deco
+
+
+def build_family(name: str, **kwargs) -> EarlyExitFamily:
+    """Build a registered family with fresh weights."""
+    if name not in FAMILIES:
+        raise ConfigError(f"unknown family {name!r}; known: {sorted(FAMILIES)}")
+    fam = FAMILIES[name](**kwargs)
+    fam.config = {"name": name, **kwargs}
+    return fam
+
+
+def conv_bn(cin: int, cout: int, pool: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class Residual(nn.Module):
+    """``x + f(x)`` with ``f`` two 3x3 conv-BN-ReLU layers at constant width."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.f = nn.Sequential(conv_bn(c, c), conv_bn(c, c))
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+def exit_branch(cin: int, hidden: int, classes: int, pool: bool, second: bool) -> nn.Sequential:
+    """conv-BN-ReLU (+ pool) (+ a second conv) -> global max pool -> linear."""
+    layers: list[nn.Module] = [conv_bn(cin, hidden, pool=pool)]
+    if second:
+        layers.append(conv_bn(hidden, hidden))
+    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(hidden, classes)]
+    return nn.Sequential(*layers)
+
+
+@register_family("digits")
+def digits_family(classes: int = 10) -> EarlyExitFamily:
+    stages = [
+        conv_bn(1, 16),  # 16x8x8
+        conv_bn(16, 32, pool=True),  # 32x4x4
+        nn.Sequential(conv_bn(32, 64), conv_bn(64, 64)),  # 64x4x4
+    ]
+    exits = [
+        exit_branch(16, 32, classes, pool=True, second=False),
+        exit_branch(32, 48, classes, pool=False, second=False),
+        exit_branch(64, 64, classes, pool=False, second=False),
+    ]
+    return EarlyExitFamily(stages, exits, (1, 8, 8))
+
+
+@register_family("cifar10")
+def cifar10_family(width: int = 32, classes: int = 10) -> EarlyExitFamily:
+    w = width
+    stages = [
+        nn.Sequential(conv_bn(3, w), conv_bn(w, 2 * w, pool=True)),  # 2w x 16 x 16
+        nn.Sequential(Residual(2 * w), conv_bn(2 * w, 4 * w, pool=True)),  # 4w x 8 x 8
+        nn.Sequential(Residual(4 * w), conv_bn(4 * w, 8 * w, pool=True), Residual(8 * w)),
+    ]
+    exits = [
+        exit_branch(2 * w, 4 * w, classes, pool=True, second=True),
+        exit_branch(4 * w, 8 * w, classes, pool=True, second=False),
+        nn.Sequential(
+            nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+            nn.Linear(8 * w, 4 * w), nn.ReLU(inplace=True), nn.Linear(4 * w, classes),
+        ),  # fmt: skip
+    ]
+    return EarlyExitFamily(stages, exits, (3, 32, 32))
