@@ -98,7 +98,7 @@ def train_family(
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     decay, no_decay = [], []
-    for n, p in family.named_parameters():
+    for p in family.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},

@@ -1,0 +1,204 @@
+"""The FeatureCodec API and the codec registry.
+
+A :class:`FeatureCodec` compresses the hidden features at a split point, in the style of
+CompressAI:
+
+- ``forward(h)`` (training): differentiable; returns a :class:`CodecOutput` with the
+  reconstruction and a rate estimate in bits per sample;
+- ``compress(h)``: one :class:`~flowcodec.bitstream.Bitstream` per sample (real bytes);
+- ``decompress(streams)``: the features, with lost packets concealed;
+- ``update()``: freeze whatever coding tables the codec needs before ``compress``.
+
+Every codec states where its halves run (``encoder_site``, ``decoder_site``) and can
+report its encoder's FLOPs per sample (:meth:`FeatureCodec.encoder_flops`).
+
+Example
+-------
+>>> import torch
+>>> from flowcodec.codecs import build_codec
+>>> codec = build_codec("raw", feature_shape=(4, 2, 2), dtype="float16")
+>>> h = torch.randn(3, 4, 2, 2)
+>>> streams = codec.compress(h)
+>>> len(streams), streams[0].nbytes > 0
+(3, True)
+>>> torch.allclose(codec.decompress(streams), h, atol=1e-2)
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flowcodec.bitstream import Bitstream, BitstreamError, Header, TensorSpec, fingerprint
+from flowcodec.errors import ConfigError
+
+__all__ = [
+    "CodecOutput",
+    "FeatureCodec",
+    "CODECS",
+    "register_codec",
+    "build_codec",
+    "channel_groups",
+    "measured_bits",
+]
+
+
+@dataclass
+class CodecOutput:
+    """What ``forward`` returns.
+
+    Attributes
+    ----------
+    features : torch.Tensor
+        Reconstruction, ``(B, *feature_shape)``, float32.
+    bits : torch.Tensor
+        Estimated bits per sample ``(B,)`` (an estimate: measured rate comes from
+        :func:`measured_bits` on real bytes).
+    likelihoods : dict
+        Per-latent likelihoods for codecs with entropy models (empty otherwise).
+    """
+
+    features: torch.Tensor
+    bits: torch.Tensor
+    likelihoods: dict
+
+
+def measured_bits(streams: Sequence[Bitstream]) -> list[int]:
+    """The rate of each stream as it crosses a link: ``8 * len(to_bytes())``."""
+    return [8 * s.nbytes for s in streams]
+
+
+def channel_groups(channels: int, packets: int) -> list[slice]:
+    """Split ``channels`` into ``packets`` contiguous, near-equal groups."""
+    if not 1 <= packets <= channels:
+        raise ConfigError(f"packets must be in 1..{channels}, got {packets}")
+    bounds = [round(i * channels / packets) for i in range(packets + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(packets)]
+
+
+class FeatureCodec(nn.Module):
+    """Base class: compresses features of shape ``(B, *feature_shape)``.
+
+    Subclasses set ``name`` (the registry name), implement ``forward``, ``compress`` and
+    ``decompress``, and override ``encoder`` (the device-side module) when they have
+    one, so that :meth:`encoder_flops` counts it.
+
+    Parameters
+    ----------
+    feature_shape : tuple of int
+        Per-sample shape of the features, e.g. ``(64, 16, 16)``.
+    """
+
+    name: str = "base"
+    encoder_site: str = "device"
+    decoder_site: str = "receiver"
+
+    def __init__(self, feature_shape: Sequence[int]) -> None:
+        super().__init__()
+        shape = tuple(int(d) for d in feature_shape)
+        if not shape or any(d <= 0 for d in shape):
+            raise ConfigError(f"feature_shape must be positive ints, got {feature_shape!r}")
+        self.feature_shape = shape
+        # Value used where a packet was lost (per element); set by ``fit`` from training
+        # features (their mean), zeros until then.
+        self.register_buffer("conceal", torch.zeros(shape))
+
+    # --- configuration --------------------------------------------------------------------
+    def config(self) -> dict:
+        """Everything that decides the byte format (hashed into the header fingerprint)."""
+        return {"name": self.name, "feature_shape": list(self.feature_shape)}
+
+    @property
+    def fingerprint(self) -> bytes:
+        return fingerprint(self.config())
+
+    def make_header(self, meta: bytes = b"", tensors: Sequence[TensorSpec] = ()) -> Header:
+        return Header(self.name, self.fingerprint, tuple(tensors), meta)
+
+    def check_stream(self, stream: Bitstream) -> None:
+        """Raise BitstreamError unless ``stream`` was written by this codec configuration."""
+        if not isinstance(stream, Bitstream):
+            raise BitstreamError(f"expected a Bitstream, got {type(stream).__name__}")
+        if stream.header.codec != self.name:
+            raise BitstreamError(f"stream is from codec {stream.header.codec!r}, not {self.name!r}")
+        if stream.header.fingerprint != self.fingerprint:
+            raise BitstreamError(
+                f"stream fingerprint {stream.header.fingerprint.hex()} does not match this "
+                f"{self.name!r} configuration ({self.fingerprint.hex()})"
+            )
+
+    def check_features(self, h: torch.Tensor) -> None:
+        """Raise ConfigError unless ``h`` is a float tensor ``(B, *feature_shape)``."""
+        if not isinstance(h, torch.Tensor):
+            raise ConfigError(f"features must be a torch.Tensor, got {type(h).__name__}")
+        if h.ndim != len(self.feature_shape) + 1 or tuple(h.shape[1:]) != self.feature_shape:
+            raise ConfigError(
+                f"{self.name}: features must have shape (B, *{self.feature_shape}), "
+                f"got {tuple(h.shape)}"
+            )
+        if not h.is_floating_point():
+            raise ConfigError(f"{self.name}: features must be floating point, got {h.dtype}")
+        if not torch.isfinite(h).all():
+            raise ConfigError(f"{self.name}: features contain NaN or inf")
+
+    # --- fitting and freezing -------------------------------------------------------------
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor) -> FeatureCodec:
+        """Fit statistics from training features ``(N, *feature_shape)``; returns self."""
+        self.check_features(features)
+        self.conceal.copy_(features.float().mean(0))
+        return self
+
+    def update(self, force: bool = False) -> bool:
+        """Freeze coding tables (no-op for codecs without entropy models)."""
+        return False
+
+    # --- the three calls ------------------------------------------------------------------
+    def forward(self, h: torch.Tensor) -> CodecOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def compress(self, h: torch.Tensor) -> list[Bitstream]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    # --- cost -----------------------------------------------------------------------------
+    @property
+    def encoder(self) -> nn.Module | None:
+        """The learned module run on the device before entropy coding (None if none)."""
+        return None
+
+    def encoder_flops(self) -> int:
+        """FLOPs per sample of the device-side encoder (0 when it has no learned part)."""
+        from flowcodec.family.base import count_flops
+
+        enc = self.encoder
+        return 0 if enc is None else count_flops(enc, self.feature_shape)
+
+
+CODECS: dict[str, Callable[..., FeatureCodec]] = {}
+
+
+def register_codec(name: str):
+    """Class decorator adding a codec to :data:`CODECS` (and setting its ``name``)."""
+
+    def deco(cls):
+        if name in CODECS:
+            raise ConfigError(f"codec {name!r} is already registered")
+        cls.name = name
+        CODECS[name] = cls
+        return cls
+
+    return deco
+
+
+def build_codec(name: str, feature_shape: Sequence[int], **kwargs) -> FeatureCodec:
+    """Build a registered codec for features of ``feature_shape``."""
+    if name not in CODECS:
+        raise ConfigError(f"unknown codec {name!r}; known: {sorted(CODECS)}")
+    return CODECS[name](feature_shape, **kwargs)
