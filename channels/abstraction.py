@@ -20,6 +20,7 @@ chase combining adds per-symbol SNRs over transmissions (maximum ratio combining
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from functools import cache
@@ -87,6 +88,14 @@ class BlerTable:
         return np.where(logb <= math.log10(_BLER_FLOOR) + 1e-9, 0.0, out)
 
 
+def _sionna_sys_dir() -> Path:
+    # locate sionna/sys without importing sionna.sys (which pulls in plotting and more)
+    spec = importlib.util.find_spec("sionna")
+    if spec is None or not spec.submodule_search_locations:
+        raise ChannelError("sionna is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "sys"
+
+
 def _tables_dir() -> Path:
     return Path(str(resources.files("channels") / "tables"))
 
@@ -110,9 +119,7 @@ def load_project_tables(path: str | None = None) -> dict[int, BlerTable]:
 @cache
 def load_sionna_tables() -> dict[int, BlerTable]:
     """Sionna SYS's PDSCH MCS table 1 BLER tables: ``{mcs_index: BlerTable}``."""
-    import sionna.sys
-
-    f = Path(sionna.sys.__file__).parent / "bler_tables" / "PDSCH_table1.json"
+    f = _sionna_sys_dir() / "bler_tables" / "PDSCH_table1.json"
     data = json.loads(f.read_text())
     out = {}
     for mcs_s, entry in data["category"]["1"]["index"]["1"]["MCS"].items():
@@ -124,9 +131,7 @@ def load_sionna_tables() -> dict[int, BlerTable]:
 
 @cache
 def _eesm_betas() -> list[float]:
-    import sionna.sys
-
-    f = Path(sionna.sys.__file__).parent / "esm_params" / "eesm_beta_table.json"
+    f = _sionna_sys_dir() / "esm_params" / "eesm_beta_table.json"
     return list(json.loads(f.read_text())["index"]["1"])
 
 

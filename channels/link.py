@@ -65,6 +65,9 @@ class CodeBlockPlan:
         num_cb: C, code blocks. k: LDPC information bits per block (incl. CRC24B if C > 1).
         n: coded bits per block (a multiple of the modulation order).
         pad_bits: zero bits appended to fill C equal blocks. bg: ``"bg1"`` / ``"bg2"``.
+        n_enc: length of the LDPC codeword; below Sionna's lowest rate 1/5 (MCS 0-2) the
+            codeword of rate ~1/5 is repeated cyclically up to ``n`` bits (LLRs of repeated
+            bits are added at the receiver), as 5G's circular-buffer rate matching does.
     """
 
     payload_bits: int
@@ -80,6 +83,11 @@ class CodeBlockPlan:
         return self.n // self._m
 
     _m: int = 1
+    n_enc: int = 0
+
+
+def _n_enc(k: int, n: int, m: int) -> int:
+    return n if k / n >= 0.2 else (5 * k // m) * m
 
 
 def plan_packet(num_bytes: int, mcs: MCS) -> CodeBlockPlan:
@@ -101,7 +109,7 @@ def plan_packet(num_bytes: int, mcs: MCS) -> CodeBlockPlan:
     m = mcs.modulation_order
     n = math.ceil(k / r / m) * m
     return CodeBlockPlan(payload_bits=a, tb_crc=tb_crc, num_cb=c, k=k, n=n, pad_bits=pad, bg=bg,
-                         _m=m)
+                         _m=m, n_enc=_n_enc(k, n, m))
 
 
 def _check_packets(packets) -> list[bytes]:
@@ -237,10 +245,15 @@ class ExactLink(_LinkBase):
         ``done_fn(bits_hat [P', C, k]) -> bool [P']`` decides success of the active packets.
         Returns (decoded bits [P, C, k], success [P], transmissions [P]).
         """
-        enc, dec = self._coder(plan.k, plan.n, plan.bg)
+        enc, dec = self._coder(plan.k, plan.n_enc, plan.bg)
         p, c, k = info.shape
-        x = self._mapper(enc(info.reshape(p * c, k))).reshape(p, c, -1)
-        llr_sum = torch.zeros(p, c, plan.n, device=self.device)
+        cw = enc(info.reshape(p * c, k))
+        rep_idx = None
+        if plan.n_enc != plan.n:  # cyclic repetition below rate 1/5
+            rep_idx = torch.arange(plan.n, device=self.device) % plan.n_enc
+            cw = cw[:, rep_idx]
+        x = self._mapper(cw).reshape(p, c, -1)
+        llr_sum = torch.zeros(p, c, plan.n_enc, device=self.device)
         success = torch.zeros(p, dtype=torch.bool, device=self.device)
         ntx = torch.zeros(p, dtype=torch.long, device=self.device)
         bits_hat = torch.zeros_like(info)
@@ -250,10 +263,13 @@ class ExactLink(_LinkBase):
                 break
             xa = x[active].reshape(active.numel() * c, -1)
             x_eq, no_eff = self.channel.receive(xa, snr_db=snr, generator=gen)
-            llr = self._demapper(x_eq, no_eff).reshape(active.numel(), c, plan.n)
-            llr_sum[active] += llr
+            llr = self._demapper(x_eq, no_eff)
+            if rep_idx is not None:
+                llr = torch.zeros(llr.shape[0], plan.n_enc, device=self.device).index_add_(
+                    1, rep_idx, llr)
+            llr_sum[active] += llr.reshape(active.numel(), c, plan.n_enc)
             ntx[active] += 1
-            b = dec(llr_sum[active].reshape(-1, plan.n)).reshape(active.numel(), c, k)
+            b = dec(llr_sum[active].reshape(-1, plan.n_enc)).reshape(active.numel(), c, k)
             bits_hat[active] = b
             ok = done_fn(b)
             success[active[ok]] = True
@@ -275,7 +291,7 @@ class ExactLink(_LinkBase):
         if bg == "bg1" and r < 1 / 3:
             bg = "bg2"
         plan = CodeBlockPlan(payload_bits=k, tb_crc="", num_cb=1, k=k, n=n, pad_bits=0, bg=bg,
-                             _m=m)
+                             _m=m, n_enc=_n_enc(k, n, m))
         info = torch.randint(0, 2, (num_blocks, 1, k), generator=gen, device=self.device,
                              dtype=torch.int64).float()
         max_tx, self.harq_max_tx = self.harq_max_tx, 1

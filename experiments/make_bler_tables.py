@@ -58,8 +58,41 @@ def sweep(link: ExactLink, k: int, args, gen) -> dict:
     return out
 
 
+def plot(table: Path, out: Path, k: int = 1024) -> None:
+    """BLER-vs-Es/N0 curves of every MCS at code block size ``k`` from a table file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(table.read_text())
+    fig, ax = plt.subplots(figsize=(9, 5))
+    cmap = plt.get_cmap("viridis")
+    for c in data["curves"]:
+        if c["k"] != k:
+            continue
+        pts = [(s, b) for s, b in zip(c["snr_db"], c["bler"]) if b > 0]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        ax.semilogy(xs, ys, "-o", ms=2.5, lw=1, color=cmap(c["mcs"] / 28),
+                    label=f"MCS {c['mcs']}" if c["mcs"] % 4 == 0 else None)
+    ax.set_xlabel("Es/N0 [dB]")
+    ax.set_ylabel("BLER")
+    ax.set_ylim(1e-4, 1.5)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(f"ExactLink BLER over AWGN, 5G NR PDSCH MCS table 1, k = {k} info bits")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--plot-from", type=Path, help="only plot this table file")
+    ap.add_argument("--plot-k", type=int, default=1024)
     ap.add_argument("--mcs", nargs="+", default=["all"])
     ap.add_argument("--k", nargs="+", type=int, default=[128, 512, 1024, 2048, 3840, 8448])
     ap.add_argument("--device", default="cpu")
@@ -76,6 +109,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    if args.plot_from is not None:
+        plot(args.plot_from, args.out, args.plot_k)
+        return
     mcs_list = range(len(MCS_TABLE)) if args.mcs == ["all"] else [int(x) for x in args.mcs]
     t0 = time.time()
     curves = []

@@ -1,0 +1,106 @@
+"""Benchmark of the channels links on this machine.
+
+Prints, for MCS 9 (QPSK, R = 0.66) over AWGN at two block lengths:
+- ExactLink throughput (information bits per second, packets of bytes in and out),
+- the same chain called directly through Sionna blocks on a ready bit tensor
+  (CRC, LDPC5GEncoder, Mapper, AWGN, Demapper, LDPC5GDecoder, CRC check),
+  and the overhead of this layer relative to it,
+- FastLink throughput and its speed-up over ExactLink.
+
+Usage: python experiments/bench_channels.py [--device cpu] [--bits 4e5] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from channels import ExactLink, FastLink
+from channels.link import plan_packet
+from channels.mcs import MCS_TABLE
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def sionna_direct(mcs, nbytes: int, num_packets: int, snr_db: float, device: str):
+    """Build the chain from Sionna blocks; return a callable running one batch."""
+    from sionna.phy.channel import AWGN as SionnaAWGN
+    from sionna.phy.fec.crc import CRCDecoder, CRCEncoder
+    from sionna.phy.fec.ldpc import LDPC5GDecoder, LDPC5GEncoder
+    from sionna.phy.mapping import Demapper, Mapper
+
+    plan = plan_packet(nbytes, mcs)
+    if plan.num_cb != 1:
+        raise SystemExit("benchmark sizes must fit one code block")
+    m = mcs.modulation_order
+    crc = CRCEncoder(plan.tb_crc, k=plan.payload_bits, device=device)
+    crc_dec = CRCDecoder(crc, device=device)
+    enc = LDPC5GEncoder(plan.k, plan.n, num_bits_per_symbol=m, bg=plan.bg, device=device,
+                        check_input=False)
+    dec = LDPC5GDecoder(enc, num_iter=20, hard_out=True, device=device)
+    mapper = Mapper("qam", m, device=device)
+    demapper = Demapper("app", "qam", m, device=device)
+    awgn = SionnaAWGN(device=device)
+    no = torch.tensor(10 ** (-snr_db / 10), device=device)
+    bits = torch.randint(0, 2, (num_packets, plan.payload_bits), device=device).float()
+
+    def run():
+        x = mapper(enc(crc(bits)))
+        y = awgn(x, no)
+        _, ok = crc_dec(dec(demapper(y, no)))
+        return ok
+
+    return run
+
+
+def timed(fn, reps: int, device: str) -> float:
+    fn()  # warm-up
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="channels link benchmark")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bits", type=float, default=4e5, help="information bits per timed run")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--snr-db", type=float, default=4.0)
+    ap.add_argument("--mcs", type=int, default=9)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    mcs = MCS_TABLE[args.mcs]
+    print(f"device={args.device} torch_threads={torch.get_num_threads()} {mcs.name} "
+          f"AWGN Es/N0={args.snr_db} dB, BP 20 iterations, median of {args.reps} runs")
+    print(f"{'packet':>8} {'k':>5} {'n':>5} {'exact Mbit/s':>13} {'sionna Mbit/s':>14} "
+          f"{'overhead':>9} {'fast Mbit/s':>12} {'fast/exact':>11}")
+    for nbytes in (62, 1053):  # k = 512 (CRC16) and k = 8448 (CRC24A): one code block each
+        plan = plan_packet(nbytes, mcs)
+        n_pk = max(4, int(args.bits // (8 * nbytes)))
+        packets = [os.urandom(nbytes) for _ in range(n_pk)]
+        info = 8 * nbytes * n_pk
+        exact = ExactLink(mcs=mcs, snr_db=args.snr_db, device=args.device, seed=0)
+        fast = FastLink(mcs=mcs, snr_db=args.snr_db, device=args.device, seed=0)
+        direct = sionna_direct(mcs, nbytes, n_pk, args.snr_db, args.device)
+        t_sionna = timed(direct, args.reps, args.device)
+        t_exact = timed(lambda: exact.transmit(packets), args.reps, args.device)
+        t_fast = timed(lambda: fast.transmit(packets), max(args.reps, 10), args.device)
+        print(f"{nbytes:>7}B {plan.k:>5} {plan.n:>5} {info / t_exact / 1e6:>13.4f} "
+              f"{info / t_sionna / 1e6:>14.4f} {100 * (t_exact / t_sionna - 1):>8.1f}% "
+              f"{info / t_fast / 1e6:>12.1f} {t_exact / t_fast:>10.0f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
