@@ -95,8 +95,8 @@ def main() -> None:
         fast = FastLink(mcs=mcs, snr_db=args.snr_db, device=args.device, seed=0)
         direct = sionna_direct(mcs, nbytes, n_pk, args.snr_db, args.device)
         t_sionna = timed(direct, args.reps, args.device)
-        t_exact = timed(lambda: exact.transmit(packets), args.reps, args.device)
-        t_fast = timed(lambda: fast.transmit(packets), max(args.reps, 10), args.device)
+        t_exact = timed(lambda e=exact, p=packets: e.transmit(p), args.reps, args.device)
+        t_fast = timed(lambda f=fast, p=packets: f.transmit(p), max(args.reps, 10), args.device)
         print(f"{nbytes:>7}B {plan.k:>5} {plan.n:>5} {info / t_exact / 1e6:>13.4f} "
               f"{info / t_sionna / 1e6:>14.4f} {100 * (t_exact / t_sionna - 1):>8.1f}% "
               f"{info / t_fast / 1e6:>12.1f} {t_exact / t_fast:>10.0f}x", flush=True)
