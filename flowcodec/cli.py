@@ -93,6 +93,27 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_align(args) -> int:
+    import torch
+
+    from flowcodec.family import load_pretrained
+    from flowcodec.family.aligner import align_digits
+
+    torch.set_num_threads(max(1, args.threads))
+    fam = load_pretrained("digits", progress=not args.no_progress)
+    res = align_digits(fam, point=args.point, seed=args.seed, progress=not args.no_progress)
+    k = fam.num_members
+    rows = [
+        {"model": "standalone small model (its own classifier)",
+         "test acc %": f"{100 * res.small_alone:.2f}"},
+        {"model": f"family member {k} on its own", "test acc %": f"{100 * res.large_alone:.2f}"},
+        {"model": f"small head -> aligner -> member {k} tail (split {args.point})",
+         "test acc %": f"{100 * res.through_aligner:.2f}"},
+    ]  # fmt: skip
+    print(_table(rows, ["model", "test acc %"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowcodec", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -118,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="checkpoint path without suffix")
     common(t)
     t.set_defaults(func=cmd_train_family)
+
+    a = sub.add_parser("align", help="feed a non-member model into the digits family")
+    a.add_argument("--point", type=int, default=2, help="split point of the large member")
+    a.add_argument("--seed", type=int, default=0)
+    common(a)
+    a.set_defaults(func=cmd_align)
 
     i = sub.add_parser("info", help="parameters, FLOPs and split points of a family")
     i.add_argument("--family", default="cifar10")

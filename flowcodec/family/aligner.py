@@ -124,3 +124,41 @@ def train_aligner(
     fed = nn.Sequential(small_head, aligner, large_tail)
     alone = nn.Sequential(large_head, large_tail)
     return AlignResult(accuracy(alone, test, device=device), accuracy(fed, test, device=device))
+
+
+def standalone_digits_model(classes: int = 10) -> nn.Sequential:
+    """A small digits CNN that is not a family member (for the aligner experiment).
+
+    Its first two blocks give features ``(16, 4, 4)``; the rest is its own classifier.
+    """
+    from flowcodec.family.zoo import conv_bn
+
+    return nn.Sequential(
+        conv_bn(1, 8), conv_bn(8, 16, pool=True),
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(16, classes),
+    )  # fmt: skip
+
+
+def align_digits(family, point: int = 2, epochs: int = 15, seed: int = 0,
+                 progress: bool = True) -> AlignResult:  # fmt: skip
+    """Train a standalone small digits model, then an aligner from its 2-block features
+    into ``family`` member ``K`` at split ``point``; report the three accuracies."""
+    from flowcodec.data import load_digits
+    from flowcodec.family.base import EarlyExitFamily
+    from flowcodec.family.train import TrainConfig, accuracy, train_family
+
+    train, test = load_digits()
+    torch.manual_seed(seed)
+    small = standalone_digits_model()
+    # Train the standalone model on its own (it is a one-member "family" for the trainer).
+    solo = EarlyExitFamily([small[:2]], [small[2:]], (1, 8, 8))
+    train_family(solo, train, None, TrainConfig(epochs=30, batch_size=64, lr=3e-3,
+                 weight_decay=1e-4, optimizer="adamw", seed=seed, progress=progress))  # fmt: skip
+    small_acc = accuracy(small, test)
+    k = family.num_members
+    large_head, large_tail = family.split(k, point)
+    aligner = Aligner((16, 4, 4), family.feature_shape(point))
+    res = train_aligner(aligner, small[:2], large_head, large_tail, train, test, epochs=epochs,
+                        seed=seed, progress=progress)  # fmt: skip
+    res.small_alone = small_acc
+    return res

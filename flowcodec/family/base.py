@@ -172,14 +172,16 @@ class EarlyExitFamily(nn.Module):
     def member(self, k: int) -> Member:
         """Member ``k`` (1-based) as a module sharing this family's parameters."""
         self._check_member(k)
-        return Member(list(self.stages[:k]), self.exits[k - 1], k)
+        return Member(list(self.stages[:k]), self.exits[k - 1], k).train(self.training)
 
     def split(self, member: int, point: int) -> tuple[Head, Tail]:
         """``(head, tail)`` with ``tail(head(x)) == member(x)`` (bit-exact in eval mode)."""
         self._check_point(member, point)
         return (
-            Head(list(self.stages[:point]), point),
-            Tail(list(self.stages[point:member]), self.exits[member - 1], point),
+            Head(list(self.stages[:point]), point).train(self.training),
+            Tail(list(self.stages[point:member]), self.exits[member - 1], point).train(
+                self.training
+            ),
         )
 
     def features(self, x: torch.Tensor, point: int) -> torch.Tensor:

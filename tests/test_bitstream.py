@@ -1,0 +1,198 @@
+"""The bitstream container: round trips, malformed input, bit flips and truncation."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flowcodec.bitstream import (
+    DTYPES,
+    MAX_ELEMENTS,
+    PACKET_OVERHEAD,
+    Bitstream,
+    BitstreamError,
+    Header,
+    TensorSpec,
+    fingerprint,
+    frame_packet,
+)
+
+shapes = st.lists(st.integers(0, 64), min_size=0, max_size=4).map(tuple)
+specs = st.builds(TensorSpec, st.sampled_from(sorted(DTYPES)), shapes)
+headers = st.builds(
+    Header,
+    codec=st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=64),
+    fingerprint=st.binary(min_size=8, max_size=8),
+    tensors=st.lists(specs, max_size=3).map(tuple),
+    meta=st.binary(max_size=64),
+    flags=st.integers(0, 255),
+)
+payloads = st.lists(st.binary(max_size=48), min_size=0, max_size=6)
+streams = st.builds(Bitstream, headers, payloads)
+
+
+@given(streams)
+def test_round_trip(bs):
+    data = bs.to_bytes()
+    assert len(data) == bs.nbytes
+    assert Bitstream.from_bytes(data) == bs
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_parse_or_raise(data):
+    try:
+        bs = Bitstream.from_bytes(data)
+    except BitstreamError:
+        return
+    # Whatever parses must serialise back to the same bytes when no packet was lost.
+    if not bs.lost:
+        assert bs.to_bytes() == data
+
+
+@given(streams, st.data())
+def test_arbitrary_mutation_parse_or_raise(bs, data):
+    raw = bytearray(bs.to_bytes())
+    if not raw:
+        return
+    i = data.draw(st.integers(0, len(raw) - 1))
+    raw[i] = data.draw(st.integers(0, 255))
+    try:
+        out = Bitstream.from_bytes(bytes(raw))
+    except BitstreamError:
+        return
+    for got, want in zip(out.packets, bs.packets):
+        assert got is None or got == want
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(headers, st.lists(st.binary(min_size=1, max_size=12), min_size=1, max_size=3))
+def test_every_single_bit_flip_in_packets_is_detected(header, packets):
+    bs = Bitstream(header, packets)
+    raw = bs.to_bytes()
+    start = len(bs.header_bytes())
+    for bit in range(8 * start, 8 * len(raw)):
+        flipped = bytearray(raw)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        try:
+            out = Bitstream.from_bytes(bytes(flipped))
+        except BitstreamError:
+            continue
+        assert out.lost, f"flip of bit {bit} went undetected"
+        for got, want in zip(out.packets, packets):
+            assert got is None or got == want
+
+
+@settings(max_examples=40)
+@given(headers)
+def test_every_single_bit_flip_in_header_is_detected(header):
+    raw = Bitstream(header, [b"x"]).to_bytes()
+    for bit in range(8 * len(Bitstream(header, [b"x"]).header_bytes())):
+        flipped = bytearray(raw)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(BitstreamError):
+            Bitstream.from_bytes(bytes(flipped))
+
+
+@settings(max_examples=30)
+@given(streams)
+def test_truncation_at_every_offset_is_detected(bs):
+    raw = bs.to_bytes()
+    for cut in range(len(raw)):
+        with pytest.raises(BitstreamError):
+            Bitstream.from_bytes(raw[:cut])
+
+
+def test_trailing_bytes_rejected():
+    raw = Bitstream(Header("c", b"\0" * 8), [b"abc"]).to_bytes()
+    with pytest.raises(BitstreamError, match="trailing"):
+        Bitstream.from_bytes(raw + b"\0")
+
+
+def test_huge_declared_packet_count_fails_before_allocating():
+    h = Header("c", b"\0" * 8)
+    body = h.to_bytes(65535)  # declares 65,535 packets, none follow
+    with pytest.raises(BitstreamError, match="declares 65535 packets"):
+        Bitstream.from_bytes(body)
+
+
+def test_huge_declared_packet_length_is_truncation():
+    h = Header("c", b"\0" * 8)
+    frame = struct.pack("<HI", 0, 2**32 - 1) + b"abc"
+    with pytest.raises(BitstreamError, match="truncated"):
+        Bitstream.from_bytes(h.to_bytes(1) + frame + b"\0" * PACKET_OVERHEAD)
+
+
+def test_shape_over_element_limit_rejected():
+    with pytest.raises(BitstreamError, match="elements"):
+        TensorSpec("float32", (MAX_ELEMENTS, 2))
+
+
+def test_wrong_magic_and_version_named():
+    raw = bytearray(Bitstream(Header("c", b"\0" * 8), []).to_bytes())
+    with pytest.raises(BitstreamError, match="magic"):
+        Bitstream.from_bytes(b"XXXX" + bytes(raw[4:]))
+    raw[4] = 99
+    with pytest.raises(BitstreamError, match="version"):
+        Bitstream.from_bytes(bytes(raw))
+
+
+def test_non_bytes_input_is_bitstream_error():
+    with pytest.raises(BitstreamError):
+        Bitstream.from_bytes("not bytes")  # type: ignore[arg-type]
+
+
+@given(streams, st.data())
+def test_from_packets_marks_lost_and_corrupt(bs, data):
+    framed = bs.link_packets()
+    delivered: list[bytes | None] = []
+    expect: list[bytes | None] = []
+    for p, payload in zip(framed, bs.packets):
+        action = data.draw(st.sampled_from(["ok", "lost", "flip"]))
+        if action == "ok":
+            delivered.append(p)
+            expect.append(payload)
+        elif action == "lost":
+            delivered.append(None)
+            expect.append(None)
+        else:
+            b = bytearray(p)
+            k = data.draw(st.integers(0, 8 * len(b) - 1))
+            b[k // 8] ^= 1 << (k % 8)
+            delivered.append(bytes(b))
+            expect.append(None)
+    out = Bitstream.from_packets(bs.header_bytes(), delivered)
+    assert out.header == bs.header
+    assert out.packets == expect
+    with pytest.raises(BitstreamError):
+        Bitstream.from_packets(bs.header_bytes(), delivered + [None])
+
+
+def test_packet_delivered_at_wrong_index_is_lost():
+    bs = Bitstream(Header("c", b"\0" * 8), [b"first", b"second"])
+    a, b = bs.link_packets()
+    out = Bitstream.from_packets(bs.header, [b, a])
+    assert out.packets == [None, None]
+
+
+def test_lost_packets_cannot_be_serialised():
+    bs = Bitstream(Header("c", b"\0" * 8), [b"a", None])
+    with pytest.raises(BitstreamError, match="lost"):
+        bs.to_bytes()
+
+
+def test_fingerprint_depends_on_config():
+    assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+    assert len(fingerprint({})) == 8
+
+
+def test_frame_layout_is_documented_layout():
+    framed = frame_packet(3, b"xy")
+    import zlib
+
+    assert framed[:6] == struct.pack("<HI", 3, 2)
+    assert framed[6:8] == b"xy"
+    assert framed[8:] == struct.pack("<I", zlib.crc32(framed[:8]))
