@@ -1,0 +1,317 @@
+"""Device -> edge -> cloud inference over simulated links, with per-sample traces.
+
+A :class:`Flow` runs one family across a chain of tiers. Tier ``t`` computes the family's
+stages up to its split point ``tiers[t].point``; if it has an exit threshold it evaluates
+the exit at that point and answers every sample whose confidence (largest softmax
+probability) reaches the threshold. The other samples' features are compressed by the
+codec of hop ``t`` (one :class:`~flowcodec.bitstream.Bitstream` per sample), carried by
+the hop's link (header and each packet as separate link packets), decoded by the next
+tier with lost packets concealed, and continued there. The last tier always answers.
+
+Latency is accounted per sample as if it were processed alone: compute time is the
+sample's FLOPs on each tier divided by that tier's FLOP/s (an assumption, see
+:data:`DEFAULT_TIERS`), transmission time is the channel uses its packets took
+(retransmissions included) divided by the hop's symbol rate, plus the hop's fixed delay.
+No queueing is modelled.
+
+Example
+-------
+>>> import torch
+>>> from channels import IIDPacketErasure
+>>> from flowcodec.codecs import build_codec
+>>> from flowcodec.family import build_family
+>>> from flowcodec.pipeline import Flow, Hop, Tier
+>>> fam = build_family("digits").eval()
+>>> flow = Flow(fam, [Tier("device", 1e9, point=1), Tier("cloud", 1e12, point=3)],
+...             [Hop(build_codec("raw", fam.feature_shape(1)), IIDPacketErasure(0.0),
+...                  symbol_rate=1e6)])
+>>> res = flow.run(torch.randn(2, 1, 8, 8))
+>>> res.logits.shape, res.traces[0].exit_tier
+(torch.Size([2, 10]), 'cloud')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from flowcodec.bitstream import Bitstream
+from flowcodec.codecs.base import FeatureCodec
+from flowcodec.errors import ConfigError
+from flowcodec.family.base import EarlyExitFamily, count_flops
+
+__all__ = [
+    "DEFAULT_TIERS",
+    "Tier",
+    "Hop",
+    "HopTrace",
+    "SampleTrace",
+    "FlowResult",
+    "Flow",
+    "packet_bits_per_symbol",
+]
+
+#: Default compute capabilities in FLOP/s. ASSUMPTIONS, not measurements: an embedded
+#: NPU/CPU running a small CNN at an effective 20 GFLOP/s, an edge GPU at an effective
+#: 2 TFLOP/s, a cloud GPU at an effective 20 TFLOP/s (batch-1 inference reaches a small
+#: fraction of peak). Override them with figures for your hardware.
+DEFAULT_TIERS: dict[str, float] = {"device": 20e9, "edge": 2e12, "cloud": 20e12}
+
+
+@dataclass
+class Tier:
+    """A place that computes: name, FLOP/s, the split point it computes up to, and the
+    confidence threshold at which it answers through the exit at that point (``None``:
+    it never answers early; the last tier always answers)."""
+
+    name: str
+    flops_per_s: float
+    point: int
+    exit_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.flops_per_s > 0:
+            raise ConfigError(f"tier {self.name!r}: flops_per_s must be positive")
+        if self.exit_threshold is not None and not 0.0 <= self.exit_threshold <= 1.0:
+            raise ConfigError(f"tier {self.name!r}: exit_threshold must be in [0, 1]")
+
+
+@dataclass
+class Hop:
+    """A link between adjacent tiers.
+
+    ``codec`` compresses the sender's features; ``link`` is any object with
+    ``transmit(packets: list[bytes], snr_db=None, generator=None) -> (list[bytes | None],
+    report)`` (a ``channels`` link or packet-erasure channel); ``symbol_rate`` is in
+    complex symbols per second; ``delay_s`` is the fixed propagation/backhaul delay;
+    ``snr_db`` is passed to links that take one (None: the link's own).
+    """
+
+    codec: FeatureCodec
+    link: object
+    symbol_rate: float
+    delay_s: float = 0.0
+    snr_db: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.symbol_rate > 0:
+            raise ConfigError("symbol_rate must be positive")
+        if self.delay_s < 0:
+            raise ConfigError("delay_s must be non-negative")
+        if not callable(getattr(self.link, "transmit", None)):
+            raise ConfigError("link must have a transmit(packets, ...) method")
+
+
+def packet_bits_per_symbol(link) -> float:
+    """Information bits per channel use that a link without a report of channel uses
+    (a packet-erasure channel) is taken to carry: its MCS's spectral efficiency if it has
+    one, else 1 bit per symbol."""
+    mcs = getattr(link, "mcs", None)
+    return float(getattr(mcs, "spectral_efficiency", 1.0))
+
+
+@dataclass
+class HopTrace:
+    """One sample on one hop: measured bits (header and framing included), channel uses,
+    packets sent and lost (the header counts as a packet), and transmission time."""
+
+    bits: int
+    channel_uses: int
+    packets: int
+    packets_lost: int
+    header_lost: bool
+    tx_time_s: float
+
+
+@dataclass
+class SampleTrace:
+    """Where a sample exited and what its trip cost."""
+
+    exit_tier: str
+    exit_point: int
+    confidence: float
+    compute_flops: dict[str, int] = field(default_factory=dict)
+    compute_time_s: dict[str, float] = field(default_factory=dict)
+    hops: list[HopTrace] = field(default_factory=list)
+
+    @property
+    def latency_s(self) -> float:
+        return sum(self.compute_time_s.values()) + sum(h.tx_time_s for h in self.hops)
+
+    @property
+    def bits(self) -> int:
+        return sum(h.bits for h in self.hops)
+
+
+@dataclass
+class FlowResult:
+    """Logits ``(B, classes)`` and one :class:`SampleTrace` per sample."""
+
+    logits: torch.Tensor
+    traces: list[SampleTrace]
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        return self.logits.argmax(1)
+
+    def accuracy(self, labels: torch.Tensor) -> float:
+        return float((self.predictions.cpu() == labels.cpu()).float().mean())
+
+    @property
+    def mean_latency_s(self) -> float:
+        return sum(t.latency_s for t in self.traces) / max(1, len(self.traces))
+
+    def exit_mix(self) -> dict[str, float]:
+        """Fraction of samples answered by each tier."""
+        out: dict[str, float] = {}
+        for t in self.traces:
+            out[t.exit_tier] = out.get(t.exit_tier, 0.0) + 1 / len(self.traces)
+        return out
+
+    def mean_bits(self, hop: int = 0) -> float:
+        """Mean measured bits per sample that crossed hop ``hop`` (0 if none did)."""
+        used = [t.hops[hop].bits for t in self.traces if len(t.hops) > hop]
+        return sum(used) / len(used) if used else 0.0
+
+
+class Flow:
+    """Split inference of ``family`` across ``tiers`` joined by ``hops``.
+
+    Parameters
+    ----------
+    family : EarlyExitFamily
+    tiers : sequence of Tier
+        Increasing split points; ``tiers[-1].point >= 1`` (the last tier answers through
+        the exit at its point).
+    hops : sequence of Hop
+        ``len(tiers) - 1`` hops; ``hops[t].codec`` must take the features at
+        ``tiers[t].point``.
+    """
+
+    def __init__(self, family: EarlyExitFamily, tiers: Sequence[Tier], hops: Sequence[Hop]):
+        self.family = family
+        self.tiers = list(tiers)
+        self.hops = list(hops)
+        if not self.tiers:
+            raise ConfigError("a flow needs at least one tier")
+        if len(self.hops) != len(self.tiers) - 1:
+            raise ConfigError(f"{len(self.tiers)} tiers need {len(self.tiers) - 1} hops")
+        points = [t.point for t in self.tiers]
+        if any(b <= a for a, b in zip(points, points[1:])):
+            raise ConfigError(f"tier split points must increase, got {points}")
+        if not 1 <= points[-1] <= family.num_members or points[0] < 0:
+            raise ConfigError(f"split points must lie in 0..{family.num_members}, last >= 1")
+        for t, hop in enumerate(self.hops):
+            want = family.feature_shape(points[t])
+            if tuple(hop.codec.feature_shape) != want:
+                raise ConfigError(
+                    f"hop {t} codec takes features {hop.codec.feature_shape}, but tier "
+                    f"{self.tiers[t].name!r} sends features {want} (point {points[t]})"
+                )
+        self._stage_flops = self._stage_costs()
+        self._exit_flops = [
+            count_flops(ex, family.feature_shape(p + 1)) for p, ex in enumerate(family.exits)
+        ]
+        self._enc_flops = [hop.codec.encoder_flops() for hop in self.hops]
+        self._dec_flops = [getattr(hop.codec, "decoder_flops", lambda: 0)() for hop in self.hops]
+
+    def _stage_costs(self) -> list[int]:
+        fam = self.family
+        return [count_flops(s, fam.feature_shape(p)) for p, s in enumerate(fam.stages)]
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, generator: torch.Generator | None = None) -> FlowResult:
+        """Run a batch ``x`` ``(B, *input_shape)`` through the flow."""
+        fam = self.family
+        if tuple(x.shape[1:]) != fam.input_shape:
+            raise ConfigError(f"inputs must be (B, *{fam.input_shape}), got {tuple(x.shape)}")
+        fam.eval()
+        b = x.shape[0]
+        traces = [SampleTrace("", 0, 0.0) for _ in range(b)]
+        logits_out: list[torch.Tensor | None] = [None] * b
+        active = list(range(b))
+        h = x
+        prev = 0
+        for t, tier in enumerate(self.tiers):
+            if not active:
+                break
+            if t > 0:
+                h = self._cross(t - 1, h, active, traces, generator)
+            # Compute this tier's stages.
+            flops = sum(self._stage_flops[prev : tier.point])
+            for s in fam.stages[prev : tier.point]:
+                h = s(h)
+            last = t == len(self.tiers) - 1
+            answers = last or (tier.exit_threshold is not None and tier.point >= 1)
+            if answers:
+                flops += self._exit_flops[tier.point - 1]
+            if t > 0:
+                flops += self._dec_flops[t - 1]
+            if not last:
+                flops_send = flops + self._enc_flops[t]
+            for i in active:
+                traces[i].compute_flops[tier.name] = flops
+            if answers:
+                logits = fam.exits[tier.point - 1](h)
+                conf = logits.softmax(1).amax(1)
+                done = torch.ones_like(conf, dtype=torch.bool) if last else (
+                    conf >= tier.exit_threshold)  # fmt: skip
+                keep = []
+                for j, i in enumerate(active):
+                    if bool(done[j]):
+                        logits_out[i] = logits[j]
+                        traces[i].exit_tier, traces[i].exit_point = tier.name, tier.point
+                        traces[i].confidence = float(conf[j])
+                    else:
+                        keep.append(j)
+                active = [active[j] for j in keep]
+                h = h[keep]
+            if not last:
+                for i in active:  # samples that go on pay for the encoder too
+                    traces[i].compute_flops[tier.name] = flops_send
+            prev = tier.point
+        for tr in traces:
+            tr.compute_time_s = {
+                name: f / self._tier(name).flops_per_s for name, f in tr.compute_flops.items()
+            }
+        return FlowResult(torch.stack(logits_out), traces)  # type: ignore[arg-type]
+
+    def _tier(self, name: str) -> Tier:
+        return next(t for t in self.tiers if t.name == name)
+
+    def _cross(self, t: int, h: torch.Tensor, active: list[int], traces: list[SampleTrace],
+               generator) -> torch.Tensor:  # fmt: skip
+        """Compress, transmit and decompress the features of ``active`` samples on hop t."""
+        hop = self.hops[t]
+        streams = hop.codec.compress(h)
+        units: list[bytes] = []
+        spans = []
+        for s in streams:
+            pk = [s.header_bytes(), *s.link_packets()]
+            spans.append((len(units), len(pk)))
+            units += pk
+        kwargs = {"generator": generator} if generator is not None else {}
+        if hop.snr_db is not None:
+            kwargs["snr_db"] = hop.snr_db
+        delivered, report = hop.link.transmit(units, **kwargs)
+        uses = getattr(report, "per_packet_channel_uses", None)
+        bps = packet_bits_per_symbol(hop.link)
+        received = []
+        for (start, n), s, i in zip(spans, streams, active):
+            got = delivered[start : start + n]
+            header_lost = got[0] is None
+            # A lost header loses the whole sample's features: every packet is concealed.
+            body = [None] * (n - 1) if header_lost else got[1:]
+            received.append(Bitstream.from_packets(s.header, body))
+            if uses is not None:
+                cu = int(sum(uses[start : start + n]))
+            else:
+                cu = int(-(-8 * sum(len(u) for u in units[start : start + n]) // bps))
+            traces[i].hops.append(HopTrace(
+                bits=8 * s.nbytes, channel_uses=cu, packets=n,
+                packets_lost=sum(p is None for p in got), header_lost=header_lost,
+                tx_time_s=cu / hop.symbol_rate + hop.delay_s,
+            ))  # fmt: skip
+        return hop.codec.decompress(received).to(h.device)
