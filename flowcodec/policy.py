@@ -1,0 +1,311 @@
+"""Choosing split point, rate point, MCS and exit threshold for the current link.
+
+A :class:`Profile` is measured offline (:func:`build_profile`): for each candidate split
+point, codec rate point, packet loss rate and exit threshold, the accuracy of the flow
+and the fraction of samples the device answers itself, plus the bytes and packets each
+rate point sends and the FLOPs each side spends. :class:`Policy` then searches that table
+exhaustively for the configuration of least expected latency whose expected accuracy
+stays above a floor, given the uplink's SNR and symbol rate; it re-decides whenever the
+SNR changes (:meth:`Policy.track`).
+
+The packet loss rate of an MCS at an SNR comes from the same BLER tables that
+``channels.FastLink`` draws from, so a decision and its simulation agree.
+
+Example
+-------
+>>> from flowcodec.policy import Policy, toy_profile
+>>> pol = Policy(toy_profile(), accuracy_floor=0.8)
+>>> d = pol.decide(snr_db=10.0, symbol_rate=1e6)
+>>> d.feasible, d.point in (0, 1)
+(True, True)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flowcodec.codecs.base import FeatureCodec
+from flowcodec.errors import ConfigError
+
+__all__ = [
+    "RatePoint",
+    "Profile",
+    "Decision",
+    "Policy",
+    "build_profile",
+    "packet_loss_rate",
+    "channel_uses",
+    "toy_profile",
+    "LOSS_GRID",
+    "THRESHOLDS",
+]
+
+#: Packet loss rates at which profiles are measured (accuracy is interpolated between).
+LOSS_GRID = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
+#: Exit thresholds tried (``None``: the device never answers itself).
+THRESHOLDS: tuple[float | None, ...] = (None, 0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5)
+
+
+@dataclass
+class RatePoint:
+    """One (split point, codec) option of a profile.
+
+    ``packet_bytes`` are the link packets one sample sends (header first), measured;
+    ``accuracy[threshold][loss index]`` is the flow's accuracy; ``exit_fraction[threshold]``
+    the share answered on the device; FLOPs are per sample.
+    """
+
+    point: int
+    rate: str
+    packet_bytes: list[int]
+    device_flops: int  # head + encoder
+    exit_flops: int  # the device exit, paid only when a threshold is used
+    remote_flops: int  # decoder + rest of the large member
+    accuracy: dict[str, list[float]]
+    exit_fraction: dict[str, float]
+
+    @property
+    def bytes_per_sample(self) -> int:
+        return sum(self.packet_bytes)
+
+
+def _tkey(t: float | None) -> str:
+    return "none" if t is None else f"{t:g}"
+
+
+@dataclass
+class Profile:
+    """A measured table of options, saved and loaded as JSON."""
+
+    options: list[RatePoint]
+    loss_grid: list[float] = field(default_factory=lambda: list(LOSS_GRID))
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps({"loss_grid": self.loss_grid, "meta": self.meta,
+                                          "options": [asdict(o) for o in self.options]}))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Profile:
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls([RatePoint(**o) for o in d["options"]], d["loss_grid"], d.get("meta", {}))
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path} is not a flowcodec profile: {e}") from e
+
+
+def packet_loss_rate(nbytes: int, mcs, snr_db: float) -> float:
+    """Probability that one packet of ``nbytes`` fails at ``snr_db`` over AWGN with ``mcs``
+    (all its code blocks must decode), from the links' BLER tables."""
+    from channels.abstraction import load_project_tables, load_sionna_tables
+    from channels.link import plan_packet
+    from channels.mcs import get_mcs
+
+    mcs = get_mcs(mcs)
+    table = _TABLES.get(mcs.index)
+    if table is None:
+        table = load_project_tables().get(mcs.index) or load_sionna_tables().get(mcs.index)
+        _TABLES[mcs.index] = table
+    plan = plan_packet(nbytes, mcs)
+    bler = float(np.asarray(table.bler(plan.k, np.array([snr_db]))).reshape(-1)[0])
+    return 1.0 - (1.0 - min(max(bler, 0.0), 1.0)) ** plan.num_cb
+
+
+_TABLES: dict = {}
+
+
+def channel_uses(nbytes: int, mcs) -> int:
+    """Complex channel uses of one transmission of a packet of ``nbytes`` with ``mcs``."""
+    from channels.link import plan_packet
+    from channels.mcs import get_mcs
+
+    mcs = get_mcs(mcs)
+    plan = plan_packet(nbytes, mcs)
+    return plan.num_cb * (plan.n // mcs.modulation_order)
+
+
+@dataclass
+class Decision:
+    """What the policy chose, and what it expects."""
+
+    point: int
+    rate: str
+    mcs: int
+    threshold: float | None
+    expected_accuracy: float
+    expected_latency_s: float
+    packet_loss: float
+    feasible: bool
+    decide_time_s: float = 0.0
+
+
+class Policy:
+    """Exhaustive search of a profile for the least expected latency above a floor.
+
+    Parameters
+    ----------
+    profile : Profile
+    accuracy_floor : float
+        Required expected accuracy; if nothing reaches it, the most accurate option is
+        returned with ``feasible=False``.
+    device_flops_per_s, remote_flops_per_s : float
+        Compute capabilities (see :data:`flowcodec.pipeline.DEFAULT_TIERS`).
+    delay_s : float
+        Fixed delay added to every sample that leaves the device.
+    mcs_indices : sequence of int
+        MCS candidates (default: the whole 5G NR table 1).
+    """
+
+    def __init__(self, profile: Profile, accuracy_floor: float,
+                 device_flops_per_s: float = 20e9, remote_flops_per_s: float = 20e12,
+                 delay_s: float = 0.0, mcs_indices: Sequence[int] = tuple(range(29))):  # fmt: skip
+        if not profile.options:
+            raise ConfigError("empty profile")
+        self.profile = profile
+        self.floor = accuracy_floor
+        self.dev_fps, self.rem_fps, self.delay = device_flops_per_s, remote_flops_per_s, delay_s
+        self.mcs_indices = list(mcs_indices)
+
+    def evaluate(self, opt: RatePoint, mcs: int, threshold: float | None, snr_db: float,
+                 symbol_rate: float) -> tuple[float, float, float]:  # fmt: skip
+        """(expected accuracy, expected latency in s, packet loss) of one configuration."""
+        loss = float(np.mean([packet_loss_rate(b, mcs, snr_db) for b in opt.packet_bytes]))
+        acc = float(np.interp(loss, self.profile.loss_grid, opt.accuracy[_tkey(threshold)]))
+        ex = opt.exit_fraction[_tkey(threshold)]
+        dev = opt.device_flops + (opt.exit_flops if threshold is not None else 0)
+        uses = sum(channel_uses(b, mcs) for b in opt.packet_bytes)
+        remote = uses / symbol_rate + self.delay + opt.remote_flops / self.rem_fps
+        return acc, dev / self.dev_fps + (1 - ex) * remote, loss
+
+    def decide(self, snr_db: float, symbol_rate: float) -> Decision:
+        """The best configuration for an uplink at ``snr_db`` and ``symbol_rate``."""
+        if not math.isfinite(snr_db) or not symbol_rate > 0:
+            raise ConfigError("snr_db must be finite and symbol_rate positive")
+        t0 = time.perf_counter()
+        best, fallback = None, None
+        for opt in self.profile.options:
+            thresholds = [None] if opt.point == 0 else [
+                None if k == "none" else float(k) for k in opt.exit_fraction]  # fmt: skip
+            mcs_list = self.mcs_indices if opt.packet_bytes else [self.mcs_indices[0]]
+            for mcs in mcs_list:
+                for thr in thresholds:
+                    acc, lat, loss = self.evaluate(opt, mcs, thr, snr_db, symbol_rate)
+                    d = Decision(opt.point, opt.rate, mcs, thr, acc, lat, loss, acc >= self.floor)
+                    if d.feasible and (best is None or lat < best.expected_latency_s):
+                        best = d
+                    if fallback is None or (acc, -lat) > (fallback.expected_accuracy,
+                                                          -fallback.expected_latency_s):
+                        fallback = d
+        out = best or fallback
+        assert out is not None
+        out.decide_time_s = time.perf_counter() - t0
+        return out
+
+    def track(self, snr_trace_db: Sequence[float], symbol_rate: float) -> list[Decision]:
+        """Re-decide at every SNR of a trace (e.g. along a fading trace)."""
+        return [self.decide(float(s), symbol_rate) for s in snr_trace_db]
+
+
+@torch.no_grad()
+def build_profile(
+    family,
+    member: int,
+    options: Mapping[tuple[int, str], FeatureCodec],
+    data,
+    batch_size: int = 500,
+    loss_grid: Sequence[float] = LOSS_GRID,
+    thresholds: Sequence[float | None] = THRESHOLDS,
+    seed: int = 0,
+    progress: bool = True,
+) -> Profile:
+    """Measure a profile of ``family`` member ``member`` on ``data`` (an ArrayDataset).
+
+    ``options`` maps ``(split point, rate name)`` to a codec for the features at that
+    point. Each sample's link packets (header included) are dropped i.i.d. at each loss
+    rate of ``loss_grid``; the receiver conceals what is lost.
+    """
+    from tqdm.auto import tqdm
+
+    from flowcodec.bitstream import Bitstream
+    from flowcodec.family.base import count_flops
+
+    fam = family.eval()
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    bar = tqdm(total=len(options) * len(loss_grid), desc="profile", disable=not progress,
+               leave=False)  # fmt: skip
+    for (point, rate), codec in options.items():
+        head, tail = fam.split(member, point)
+        exit_ok, exit_conf, remote_ok = [], [], {loss: [] for loss in loss_grid}
+        packet_bytes = None
+        for x, y in data.batches(batch_size):
+            h = head(x)
+            if point >= 1:
+                lg = fam.exits[point - 1](h)
+                exit_conf.append(lg.softmax(1).amax(1))
+                exit_ok.append(lg.argmax(1) == y)
+            streams = codec.compress(h)
+            if packet_bytes is None:
+                s = streams[0]
+                packet_bytes = [len(s.header_bytes())] + [len(p) for p in s.link_packets()]
+            for loss in loss_grid:
+                rec = []
+                for s in streams:
+                    n = len(s.packets) + 1
+                    drop = (torch.rand(n, generator=gen) < loss).tolist()
+                    pk = [None] * (n - 1) if drop[0] else [
+                        None if d else p for d, p in zip(drop[1:], s.link_packets())]
+                    rec.append(Bitstream.from_packets(s.header, pk))
+                remote_ok[loss].append(tail(codec.decompress(rec)).argmax(1) == y)
+        for _ in loss_grid:
+            bar.update(1)
+        r_ok = {loss: torch.cat(v).float() for loss, v in remote_ok.items()}
+        accuracy, exit_fraction = {}, {}
+        for thr in thresholds if point >= 1 else [None]:
+            if thr is None:
+                took = torch.zeros_like(r_ok[loss_grid[0]], dtype=torch.bool)
+                e_ok = took.float()
+            else:
+                took = torch.cat(exit_conf) >= thr
+                e_ok = torch.cat(exit_ok).float()
+            exit_fraction[_tkey(thr)] = float(took.float().mean())
+            accuracy[_tkey(thr)] = [
+                float(torch.where(took, e_ok, r_ok[loss]).mean()) for loss in loss_grid
+            ]
+        dev_flops = (fam.head_flops(point) if point else 0) + codec.encoder_flops()
+        exit_flops = count_flops(fam.exits[point - 1], fam.feature_shape(point)) if point else 0
+        rem = count_flops(tail, fam.feature_shape(point))
+        rem += getattr(codec, "decoder_flops", lambda: 0)()
+        out.append(RatePoint(point, rate, packet_bytes or [], dev_flops, exit_flops, rem,
+                             accuracy, exit_fraction))  # fmt: skip
+    bar.close()
+    return Profile(out, list(loss_grid), {"member": member, "samples": len(data)})
+
+
+def toy_profile() -> Profile:
+    """A small hand-written profile (for examples and tests): send the input (point 0,
+    2 kB, accurate) or features at point 1 at two rates (with a device exit)."""
+    grid = [0.0, 0.5, 1.0]
+
+    def acc(a0, a1):
+        return [a0, (a0 + a1) / 2, a1]
+
+    return Profile([
+        RatePoint(0, "input", [40, 2000], 0, 0, 2_000_000_000,
+                  {"none": acc(0.90, 0.10)}, {"none": 0.0}),
+        RatePoint(1, "high", [40, 300, 300], 400_000_000, 10_000_000, 1_600_000_000,
+                  {"none": acc(0.90, 0.20), "0.9": acc(0.89, 0.50)},
+                  {"none": 0.0, "0.9": 0.5}),
+        RatePoint(1, "low", [40, 60], 400_000_000, 10_000_000, 1_600_000_000,
+                  {"none": acc(0.85, 0.20), "0.9": acc(0.86, 0.50)},
+                  {"none": 0.0, "0.9": 0.5}),
+    ], grid)  # fmt: skip

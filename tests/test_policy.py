@@ -1,0 +1,65 @@
+"""The adaptive policy on a toy profile: choices that can be checked by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from flowcodec.errors import ConfigError
+from flowcodec.policy import Policy, Profile, channel_uses, packet_loss_rate, toy_profile
+
+
+def test_packet_loss_falls_with_snr_and_rises_with_mcs():
+    assert packet_loss_rate(300, 9, -5.0) > 0.9
+    assert packet_loss_rate(300, 9, 20.0) < 1e-3
+    assert packet_loss_rate(300, 0, 0.0) < packet_loss_rate(300, 20, 0.0)
+
+
+def test_channel_uses_scale_with_bytes_and_inverse_spectral_efficiency():
+    assert channel_uses(1000, 0) > channel_uses(1000, 9) > channel_uses(1000, 27)
+    assert channel_uses(2000, 9) > channel_uses(1000, 9)
+
+
+def test_evaluate_matches_hand_computation():
+    prof = toy_profile()
+    pol = Policy(prof, 0.5, device_flops_per_s=1e9, remote_flops_per_s=1e12, delay_s=0.01)
+    opt = prof.options[2]  # point 1, "low": packets of 40 and 60 bytes, exit fraction 0.5
+    acc, lat, loss = pol.evaluate(opt, mcs=9, threshold=0.9, snr_db=30.0, symbol_rate=1e6)
+    uses = channel_uses(40, 9) + channel_uses(60, 9)
+    want = (400e6 + 10e6) / 1e9 + 0.5 * (uses / 1e6 + 0.01 + 1.6e9 / 1e12)
+    assert loss < 1e-2  # the tables clamp at their last tabulated (small) BLER
+    assert lat == pytest.approx(want)
+    assert acc == pytest.approx(0.86 + (0.5 - 0.86) * loss / 0.5, abs=1e-9)
+
+
+def test_slow_link_prefers_few_bytes_and_early_exits():
+    pol = Policy(toy_profile(), accuracy_floor=0.8, delay_s=0.01)
+    d = pol.decide(snr_db=15.0, symbol_rate=1e4)
+    assert (d.point, d.rate, d.threshold) == (1, "low", 0.9) and d.feasible
+
+
+def test_fast_link_and_high_floor_send_the_input():
+    pol = Policy(toy_profile(), accuracy_floor=0.895, delay_s=0.0)
+    d = pol.decide(snr_db=25.0, symbol_rate=1e9)
+    assert d.point == 0 and d.feasible and d.expected_accuracy >= 0.895
+
+
+def test_unreachable_floor_returns_most_accurate_option_flagged():
+    d = Policy(toy_profile(), accuracy_floor=0.99).decide(snr_db=20.0, symbol_rate=1e6)
+    assert not d.feasible and d.expected_accuracy == pytest.approx(0.90, abs=0.01)
+
+
+def test_track_redecides_when_snr_drops():
+    pol = Policy(toy_profile(), accuracy_floor=0.8, delay_s=0.01)
+    ds = pol.track([20.0, 20.0, -3.0], symbol_rate=1e6)
+    assert ds[0] == ds[1] or ds[0].mcs == ds[1].mcs
+    assert ds[2].mcs < ds[0].mcs  # a lower SNR needs a more robust MCS
+
+
+def test_profile_round_trip_and_bad_file(tmp_path):
+    prof = toy_profile()
+    prof.save(tmp_path / "p.json")
+    again = Profile.load(tmp_path / "p.json")
+    assert again.options == prof.options and again.loss_grid == prof.loss_grid
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not a flowcodec profile"):
+        Profile.load(tmp_path / "bad.json")
