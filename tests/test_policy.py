@@ -28,7 +28,7 @@ def test_evaluate_matches_hand_computation():
     want = (400e6 + 10e6) / 1e9 + 0.5 * (uses / 1e6 + 0.01 + 1.6e9 / 1e12)
     assert loss < 1e-2  # the tables clamp at their last tabulated (small) BLER
     assert lat == pytest.approx(want)
-    assert acc == pytest.approx(0.86 + (0.5 - 0.86) * loss / 0.5, abs=1e-9)
+    assert acc == pytest.approx(0.86 + (0.68 - 0.86) * loss / 0.5, abs=1e-9)
 
 
 def test_slow_link_prefers_few_bytes_and_early_exits():
