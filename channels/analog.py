@@ -12,6 +12,7 @@ channel realisation as one complex gain per transmitted symbol.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +61,7 @@ def _check_snr(snr_db) -> torch.Tensor | float:
         if snr_db.is_complex() or not torch.isfinite(snr_db).all():
             raise ChannelError("snr_db must be real and finite")
         return snr_db
-    if isinstance(snr_db, bool) or not isinstance(snr_db, (int, float)):
+    if isinstance(snr_db, bool) or not isinstance(snr_db, numbers.Real):
         raise ChannelTypeError(f"snr_db must be a float or a tensor, got {type(snr_db).__name__}")
     if not math.isfinite(snr_db):
         raise ChannelError(f"snr_db must be finite, got {snr_db!r}")
