@@ -1,0 +1,254 @@
+"""Bring your own model: split any PyTorch model at a named module and code what crosses.
+
+:func:`split_model` cuts ``model`` right after the module called ``at`` and returns a
+:class:`SplitModel` whose ``tail(head(x))`` equals ``model(x)``. ``nn.Sequential`` models
+are sliced; other models are traced with ``torch.fx`` (the named module kept as one
+call) and cut in the graph. A cut is refused with a :class:`~flowcodec.errors.SplitError`
+naming the reason: no such module, the module is called more than once, the model
+cannot be traced, or a value other than the module's output crosses the cut (a skip
+connection around it).
+
+:func:`train_codec` trains any :class:`~flowcodec.codecs.FeatureCodec` at the cut against
+the model's own outputs (distillation; cross-entropy when labels are given), and
+:meth:`SplitModel.flow` runs the coded model over any link with per-sample traces.
+
+Example
+-------
+>>> import torch, torchvision
+>>> from flowcodec.split import split_model
+>>> net = torchvision.models.resnet18(num_classes=10).eval()
+>>> sm = split_model(net, "layer2", torch.randn(1, 3, 64, 64))
+>>> sm.feature_shape
+(128, 8, 8)
+>>> x = torch.randn(2, 3, 64, 64)
+>>> torch.allclose(sm.tail(sm.head(x)), net(x))
+True
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from flowcodec.errors import ConfigError, SplitError
+
+__all__ = ["SplitModel", "split_model", "train_codec", "CodecTrainResult"]
+
+
+class _CutTracer(fx.Tracer):
+    """Keeps the module being cut at as one call; everything else traces as usual."""
+
+    def __init__(self, at: str) -> None:
+        super().__init__()
+        self.at = at
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname == self.at:
+            return True
+        if self.at.startswith(qualname + "."):
+            return False  # trace into the parents of the cut
+        return super().is_leaf_module(m, qualname)
+
+
+@dataclass
+class SplitModel:
+    """A model cut in two: ``head`` (device) and ``tail`` (receiver).
+
+    ``feature_shape`` is the per-sample shape of what crosses the cut, ``input_shape``
+    that of the inputs it was traced with.
+    """
+
+    head: nn.Module
+    tail: nn.Module
+    feature_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]
+    at: str
+
+    def as_family(self):
+        """A two-stage :class:`~flowcodec.family.EarlyExitFamily` (head, tail) whose last
+        exit is the identity, so :class:`~flowcodec.pipeline.Flow` can run it."""
+        from flowcodec.family.base import EarlyExitFamily
+
+        return EarlyExitFamily([self.head, self.tail], [nn.Identity(), nn.Identity()],
+                               self.input_shape, {"name": f"split@{self.at}"})  # fmt: skip
+
+    def flow(self, codec, link, symbol_rate: float = 1e6, delay_s: float = 0.0,
+             device_flops_per_s: float = 20e9, remote_flops_per_s: float = 20e12,
+             snr_db: float | None = None):  # fmt: skip
+        """A device -> receiver :class:`~flowcodec.pipeline.Flow` with ``codec`` at the cut."""
+        from flowcodec.pipeline import Flow, Hop, Tier
+
+        tiers = [Tier("device", device_flops_per_s, 1), Tier("receiver", remote_flops_per_s, 2)]
+        return Flow(self.as_family(), tiers, [Hop(codec, link, symbol_rate, delay_s, snr_db)])
+
+
+def _module_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_modules() if n]
+
+
+def _check_name(model: nn.Module, at: str) -> None:
+    names = _module_names(model)
+    if at not in names:
+        close = difflib.get_close_matches(at, names, n=5)
+        hint = f"; did you mean {close}?" if close else f"; modules include {names[:8]}"
+        raise SplitError(f"model has no module named {at!r}{hint}")
+
+
+def _split_sequential(model: nn.Sequential, at: str) -> tuple[nn.Module, nn.Module]:
+    names = [n for n, _ in model.named_children()]
+    i = names.index(at)
+    return model[: i + 1], model[i + 1 :]
+
+
+def _split_fx(model: nn.Module, at: str) -> tuple[nn.Module, nn.Module]:
+    try:
+        graph = _CutTracer(at).trace(model)
+    except Exception as e:  # fx raises many kinds (TraceError, TypeError, ...)
+        raise SplitError(
+            f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "
+            "data-dependent control flow prevents a graph cut"
+        ) from e
+    nodes = list(graph.nodes)
+    cuts = [n for n in nodes if n.op == "call_module" and n.target == at]
+    if not cuts:
+        raise SplitError(f"module {at!r} is never called in {type(model).__name__}.forward")
+    if len(cuts) > 1:
+        raise SplitError(f"module {at!r} is called {len(cuts)} times; a cut needs one call")
+    cut = cuts[0]
+    pos = {n: i for i, n in enumerate(nodes)}
+    before = {n for n in nodes if pos[n] < pos[cut]}
+    for n in nodes[pos[cut] + 1 :]:
+        for arg in n.all_input_nodes:
+            if arg in before and arg.op != "get_attr":
+                raise SplitError(
+                    f"cannot cut after {at!r}: {arg.name!r}, computed before the cut, is used "
+                    f"after it by {n.name!r} (a skip connection or reused input crosses the cut)"
+                )
+    # Head: everything up to the cut, returning its output.
+    hg = fx.Graph()
+    env: dict = {}
+    for n in nodes[: pos[cut] + 1]:
+        env[n] = hg.node_copy(n, lambda a: env[a])
+    hg.output(env[cut])
+    # Tail: a placeholder for the cut's output, then the rest.
+    tg = fx.Graph()
+    tenv: dict = {cut: tg.placeholder("features")}
+
+    def lookup(a):
+        if a not in tenv:  # a parameter or buffer fetched before the cut: fetch it again
+            tenv[a] = tg.node_copy(a, lookup)
+        return tenv[a]
+
+    for n in nodes[pos[cut] + 1 :]:
+        tenv[n] = tg.node_copy(n, lookup)
+    head = fx.GraphModule(model, hg, "Head")
+    tail = fx.GraphModule(model, tg, "Tail")
+    return head, tail
+
+
+def split_model(model: nn.Module, at: str, example_input: torch.Tensor) -> SplitModel:
+    """Cut ``model`` right after module ``at``; ``example_input`` ``(B, ...)`` fixes shapes.
+
+    Raises :class:`SplitError` when the cut cannot be made (the message says why).
+    """
+    if not isinstance(model, nn.Module):
+        raise SplitError(f"expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, torch.Tensor) or example_input.ndim < 1:
+        raise SplitError("example_input must be a batched tensor")
+    _check_name(model, at)
+    if isinstance(model, nn.Sequential) and at in dict(model.named_children()):
+        head, tail = _split_sequential(model, at)
+    else:
+        head, tail = _split_fx(model, at)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        h = head(example_input)
+    model.train(was)
+    if not isinstance(h, torch.Tensor):
+        raise SplitError(f"module {at!r} returns {type(h).__name__}, not one tensor")
+    return SplitModel(head, tail, tuple(h.shape[1:]), tuple(example_input.shape[1:]), at)
+
+
+@dataclass
+class CodecTrainResult:
+    """Final loss terms of codec training (averages over the last 20 steps)."""
+
+    distortion: float
+    bits: float
+    steps: int
+
+
+def train_codec(
+    split: SplitModel,
+    codec,
+    inputs: Iterable,
+    steps: int = 200,
+    lam: float = 1e-3,
+    beta: float = 0.0,
+    lr: float = 1e-3,
+    temperature: float = 1.0,
+    progress: bool = True,
+) -> CodecTrainResult:
+    """Train ``codec`` at the cut of ``split`` with head and tail frozen.
+
+    ``inputs`` yields ``x`` or ``(x, y)`` batches (it is cycled). Without labels the loss
+    is the KL divergence from the model's own output distribution (distillation), with
+    labels the cross-entropy; plus ``beta`` * feature MSE and ``lam`` * estimated bits per
+    sample (the codec's ``forward`` rate estimate).
+    """
+    from tqdm.auto import tqdm
+
+    if steps < 1:
+        raise ConfigError("steps must be positive")
+    for m in (split.head, split.tail):
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+    params = [p for p in codec.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the codec has no trainable parameters")
+    opt = torch.optim.Adam(params, lr=lr)
+    codec.train()
+    hist: list[tuple[float, float]] = []
+    it = iter(())
+    bar = tqdm(range(steps), desc="train codec", disable=not progress, leave=False)
+    for _ in bar:
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(inputs)
+            batch = next(it)
+        x, y = (batch if isinstance(batch, (tuple, list)) else (batch, None))[:2]
+        with torch.no_grad():
+            h = split.head(x)
+            ref = split.tail(h)
+        out = codec(h)
+        logits = split.tail(out.features)
+        if y is None:
+            t = temperature
+            dist = nn.functional.kl_div(
+                (logits / t).log_softmax(1), (ref / t).softmax(1), reduction="batchmean"
+            )
+        else:
+            dist = nn.functional.cross_entropy(logits, y)
+        if beta:
+            dist = dist + beta * nn.functional.mse_loss(out.features, h)
+        bits = out.bits.mean()
+        loss = dist + lam * bits
+        aux = getattr(codec, "aux_loss", None)
+        if callable(aux):  # CompressAI entropy models fit their CDF quantiles by this term,
+            loss = loss + aux()  # which touches only the quantile parameters
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        hist.append((float(dist), float(bits)))
+        bar.set_postfix(dist=f"{hist[-1][0]:.3f}", bits=f"{hist[-1][1]:.0f}")
+    codec.eval()
+    tail = hist[-20:]
+    return CodecTrainResult(sum(d for d, _ in tail) / len(tail),
+                            sum(b for _, b in tail) / len(tail), steps)  # fmt: skip
