@@ -1,0 +1,308 @@
+"""Entropy models for learned codecs, and packet-wise rANS coding with frozen CDF tables.
+
+Learned codecs use CompressAI's :class:`~compressai.entropy_models.EntropyBottleneck`
+(factorized prior) and :class:`~compressai.entropy_models.GaussianConditional` (for a
+mean-scale hyperprior). :func:`entropy_bottleneck` and :func:`gaussian_conditional` build
+them. Where CompressAI is not installed (a training machine with torch alone), they build
+torch-only twins, :class:`TorchEntropyBottleneck` and :class:`TorchGaussianConditional`:
+the same parameterisation, the same state-dict keys and the same likelihoods, so a codec
+trained with the twins loads into CompressAI's models unchanged. Coding (``update()`` and
+rANS) always needs CompressAI.
+
+:func:`rans_encode` / :func:`rans_decode` code any subset of a latent (one packet) with
+the frozen tables ``_quantized_cdf``, ``_cdf_length`` and ``_offset`` of a model, which is
+what lets a codec split its latent into independently decodable packets.
+
+Example
+-------
+>>> import torch
+>>> eb = entropy_bottleneck(4, backend="torch")
+>>> y_hat, lik = eb(torch.randn(2, 4, 3, 3))
+>>> y_hat.shape, lik.shape
+(torch.Size([2, 4, 3, 3]), torch.Size([2, 4, 3, 3]))
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flowcodec.bitstream import BitstreamError
+from flowcodec.errors import ConfigError
+
+__all__ = [
+    "have_compressai",
+    "entropy_bottleneck",
+    "gaussian_conditional",
+    "TorchEntropyBottleneck",
+    "TorchGaussianConditional",
+    "eb_symbols",
+    "rans_encode",
+    "rans_decode",
+    "scale_table",
+]
+
+
+def have_compressai() -> bool:
+    """Whether CompressAI (its entropy models and rANS coder) can be imported."""
+    try:
+        import compressai  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def scale_table(low: float = 0.11, high: float = 64.0, levels: int = 48) -> list[float]:
+    """Log-spaced scales for :class:`GaussianConditional` (small tables keep CDFs small)."""
+    return [float(v) for v in np.exp(np.linspace(math.log(low), math.log(high), levels))]
+
+
+def _backend(backend: str) -> str:
+    if backend not in ("auto", "compressai", "torch"):
+        raise ConfigError(f"backend must be 'auto', 'compressai' or 'torch', got {backend!r}")
+    if backend == "auto":
+        return "compressai" if have_compressai() else "torch"
+    return backend
+
+
+def entropy_bottleneck(channels: int, backend: str = "auto") -> nn.Module:
+    """A factorized-prior entropy model over ``channels`` channels (CompressAI's if present)."""
+    if _backend(backend) == "compressai":
+        from compressai.entropy_models import EntropyBottleneck
+
+        return EntropyBottleneck(channels)
+    return TorchEntropyBottleneck(channels)
+
+
+def gaussian_conditional(backend: str = "auto") -> nn.Module:
+    """A Gaussian conditional entropy model with :func:`scale_table` (CompressAI's if present)."""
+    if _backend(backend) == "compressai":
+        from compressai.entropy_models import GaussianConditional
+
+        return GaussianConditional(scale_table())
+    return TorchGaussianConditional(scale_table())
+
+
+class _Bound(nn.Module):
+    """``max(x, bound)`` whose gradient passes where ``x`` is pushed up towards the bound."""
+
+    def __init__(self, bound: float) -> None:
+        super().__init__()
+        self.register_buffer("bound", torch.tensor([float(bound)]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bound.to(x.dtype)
+        y = torch.maximum(x, b)
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return y
+        # straight-through where x >= bound; where x < bound let gradients that would
+        # increase x through (as CompressAI's LowerBound does).
+        return _LowerBoundFn.apply(x, b)
+
+
+class _LowerBoundFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bound):
+        ctx.save_for_backward(x, bound)
+        return torch.maximum(x, bound)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, bound = ctx.saved_tensors
+        keep = (x >= bound) | (grad < 0)
+        return keep * grad, None
+
+
+class _TableBuffers(nn.Module):
+    """The buffers ``update()`` fills: CDF tables, their lengths and symbol offsets."""
+
+    def __init__(self, likelihood_bound: float = 1e-9) -> None:
+        super().__init__()
+        self.likelihood_lower_bound = _Bound(likelihood_bound)
+        self.register_buffer("_offset", torch.IntTensor())
+        self.register_buffer("_quantized_cdf", torch.IntTensor())
+        self.register_buffer("_cdf_length", torch.IntTensor())
+
+    @staticmethod
+    def _noise_or_round(x: torch.Tensor, training: bool, means: torch.Tensor | None):
+        if training:
+            return x + torch.empty_like(x).uniform_(-0.5, 0.5)
+        if means is None:
+            return torch.round(x)
+        return torch.round(x - means) + means
+
+
+class TorchEntropyBottleneck(_TableBuffers):
+    """Torch-only twin of CompressAI's ``EntropyBottleneck`` (same keys, same likelihoods).
+
+    Input ``x`` float ``(B, C, ...)``; ``forward`` returns ``(x_hat, likelihoods)`` of the
+    same shape: uniform noise in training, rounding around the medians in eval mode.
+    ``loss()`` is the auxiliary loss that fits ``quantiles`` (needed by ``update()``).
+    It cannot code: load its state into CompressAI's model for that.
+
+    Example
+    -------
+    >>> eb = TorchEntropyBottleneck(8)
+    >>> sorted(eb.state_dict())[:3]
+    ['_bias0', '_bias1', '_bias2']
+    """
+
+    def __init__(self, channels: int, tail_mass: float = 1e-9, init_scale: float = 10.0,
+                 filters: tuple[int, ...] = (3, 3, 3, 3)) -> None:  # fmt: skip
+        super().__init__()
+        self.channels = int(channels)
+        self.filters = tuple(int(f) for f in filters)
+        self.tail_mass = float(tail_mass)
+        dims = (1, *self.filters, 1)
+        scale = init_scale ** (1 / (len(self.filters) + 1))
+        for i in range(len(self.filters) + 1):
+            init = math.log(math.expm1(1 / scale / dims[i + 1]))
+            self.register_parameter(
+                f"_matrix{i}", nn.Parameter(torch.full((channels, dims[i + 1], dims[i]), init))
+            )
+            self.register_parameter(
+                f"_bias{i}", nn.Parameter(torch.empty(channels, dims[i + 1], 1).uniform_(-.5, .5))
+            )
+            if i < len(self.filters):
+                self.register_parameter(
+                    f"_factor{i}", nn.Parameter(torch.zeros(channels, dims[i + 1], 1))
+                )
+        q = torch.tensor([-init_scale, 0.0, init_scale])
+        self.quantiles = nn.Parameter(q.repeat(channels, 1, 1))
+        t = math.log(2 / self.tail_mass - 1)
+        self.register_buffer("target", torch.tensor([-t, 0.0, t]))
+
+    def _logits_cumulative(self, inputs: torch.Tensor, stop_gradient: bool) -> torch.Tensor:
+        logits = inputs
+        for i in range(len(self.filters) + 1):
+            m = getattr(self, f"_matrix{i}")
+            b = getattr(self, f"_bias{i}")
+            if stop_gradient:
+                m, b = m.detach(), b.detach()
+            logits = torch.matmul(F.softplus(m), logits) + b
+            if i < len(self.filters):
+                f = getattr(self, f"_factor{i}")
+                if stop_gradient:
+                    f = f.detach()
+                logits = logits + torch.tanh(f) * torch.tanh(logits)
+        return logits
+
+    def _likelihood(self, x: torch.Tensor, stop_gradient: bool = False):
+        lower = self._logits_cumulative(x - 0.5, stop_gradient)
+        upper = self._logits_cumulative(x + 0.5, stop_gradient)
+        return torch.sigmoid(upper) - torch.sigmoid(lower), lower, upper
+
+    def _get_medians(self) -> torch.Tensor:
+        return self.quantiles[:, :, 1:2]
+
+    def loss(self) -> torch.Tensor:
+        logits = self._logits_cumulative(self.quantiles, stop_gradient=True)
+        return torch.abs(logits - self.target).sum()
+
+    def forward(self, x: torch.Tensor, training: bool | None = None):
+        training = self.training if training is None else training
+        perm = [1, 0, *range(2, x.ndim)]
+        xt = x.permute(*perm).contiguous()
+        shape = xt.shape
+        values = xt.reshape(shape[0], 1, -1)
+        out = self._noise_or_round(values, training, self._get_medians())
+        lik, _, _ = self._likelihood(out)
+        lik = self.likelihood_lower_bound(lik)
+        out = out.reshape(shape).permute(*perm).contiguous()
+        lik = lik.reshape(shape).permute(*perm).contiguous()
+        return out, lik
+
+    def update(self, force: bool = False) -> bool:  # pragma: no cover - needs compressai
+        raise ConfigError("coding needs CompressAI: load this state into its EntropyBottleneck")
+
+
+class TorchGaussianConditional(_TableBuffers):
+    """Torch-only twin of CompressAI's ``GaussianConditional`` (same keys, same likelihoods).
+
+    ``forward(y, scales, means)`` with float tensors of one shape returns
+    ``(y_hat, likelihoods)``.
+
+    Example
+    -------
+    >>> gc = TorchGaussianConditional(scale_table())
+    >>> y, lik = gc(torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 2, 2), torch.zeros(1, 2, 2, 2))
+    >>> bool((lik > 0.38).all())
+    True
+    """
+
+    def __init__(self, scales: list[float], scale_bound: float = 0.11,
+                 tail_mass: float = 1e-9) -> None:  # fmt: skip
+        super().__init__()
+        self.tail_mass = float(tail_mass)
+        self.lower_bound_scale = _Bound(scale_bound)
+        self.register_buffer("scale_table", torch.tensor(scales, dtype=torch.float32))
+        self.register_buffer("scale_bound", torch.tensor([float(scale_bound)]))
+
+    def _likelihood(self, y, scales, means=None):
+        v = torch.abs(y - means) if means is not None else torch.abs(y)
+        s = self.lower_bound_scale(scales)
+        c = -(2**-0.5)
+        upper = 0.5 * torch.erfc(c * (0.5 - v) / s)
+        lower = 0.5 * torch.erfc(c * (-0.5 - v) / s)
+        return upper - lower
+
+    def forward(self, y, scales, means=None, training: bool | None = None):
+        training = self.training if training is None else training
+        out = self._noise_or_round(y, training, means)
+        lik = self.likelihood_lower_bound(self._likelihood(out, scales, means))
+        return out, lik
+
+    def build_indexes(self, scales: torch.Tensor) -> torch.Tensor:
+        s = self.lower_bound_scale(scales)
+        idx = torch.full_like(s, len(self.scale_table) - 1, dtype=torch.int32)
+        for v in self.scale_table[:-1]:
+            idx -= (s <= v).int()
+        return idx
+
+
+# --- coding --------------------------------------------------------------------------------
+def _tables(model: nn.Module) -> tuple[list, list, list]:
+    cdf = model._quantized_cdf
+    if cdf.numel() == 0:
+        raise ConfigError("entropy model has no CDF tables: call codec.update() first")
+    return cdf.tolist(), model._cdf_length.reshape(-1).tolist(), model._offset.reshape(-1).tolist()
+
+
+def eb_symbols(model: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """Integer symbols of a latent ``(B, C, ...)`` for an entropy bottleneck (around medians)."""
+    med = model.quantiles[:, 0, 1].detach().reshape(1, -1, *([1] * (y.ndim - 2)))
+    return torch.round(y - med).int()
+
+
+def rans_encode(model: nn.Module, symbols: torch.Tensor, indexes: torch.Tensor,
+                tables: tuple | None = None) -> bytes:  # fmt: skip
+    """rANS-code ``symbols`` (int) with per-symbol CDF ``indexes`` using ``model``'s tables."""
+    from compressai import ans
+
+    cdf, lengths, offsets = tables or _tables(model)
+    enc = ans.RansEncoder()
+    return enc.encode_with_indexes(symbols.reshape(-1).int().tolist(),
+                                   indexes.reshape(-1).int().tolist(), cdf, lengths, offsets)
+
+
+def rans_decode(model: nn.Module, data: bytes, indexes: torch.Tensor,
+                tables: tuple | None = None) -> torch.Tensor:  # fmt: skip
+    """Inverse of :func:`rans_encode`: int32 symbols shaped like ``indexes``.
+
+    The rANS decoder reads past the end of a short string without complaint; the codec's
+    packet CRC is what tells a damaged packet from a good one. Decoded symbols are
+    checked against the table range, so a wrong string never yields out-of-range values.
+    """
+    from compressai import ans
+
+    cdf, lengths, offsets = tables or _tables(model)
+    if not isinstance(data, bytes | bytearray):
+        raise BitstreamError(f"packet payload must be bytes, got {type(data).__name__}")
+    dec = ans.RansDecoder()
+    vals = dec.decode_with_indexes(bytes(data), indexes.reshape(-1).int().tolist(), cdf,
+                                   lengths, offsets)  # fmt: skip
+    return torch.tensor(vals, dtype=torch.int32).reshape(indexes.shape)
