@@ -6,6 +6,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from channels import (
     AWGN,
@@ -153,3 +155,20 @@ def test_random_bytes_round_trip_property():
     packets = [bytes(64), b"\xff" * 64, os.urandom(64)]
     out, _ = ExactLink(mcs=15, snr_db=25.0, seed=0).transmit(packets)
     assert out == packets
+
+
+@settings(max_examples=100, deadline=None)
+@given(nbytes=st.integers(0, 20_000), idx=st.integers(0, 28))
+def test_plan_packet_invariants(nbytes, idx):
+    mcs = MCS_TABLE[idx]
+    plan = plan_packet(nbytes, mcs)
+    crc = 24 if 8 * nbytes > 3824 else 16
+    kcb = 8448 if plan.bg == "bg1" else 3840
+    assert plan.k <= kcb and plan.k >= 12
+    info_per_cb = plan.k - (24 if plan.num_cb > 1 else 0)
+    assert plan.num_cb * info_per_cb == 8 * nbytes + crc + plan.pad_bits
+    assert 0 <= plan.pad_bits < plan.num_cb
+    assert plan.n % mcs.modulation_order == 0
+    assert plan.k / plan.n <= mcs.code_rate + 1e-9  # never above the MCS rate
+    assert plan.k / (plan.n - mcs.modulation_order) > mcs.code_rate  # and as close as possible
+    assert plan.n_enc <= plan.n and plan.k / plan.n_enc >= 0.2
