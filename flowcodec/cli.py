@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(a)
     a.set_defaults(func=cmd_align)
 
+    from flowcodec import latency
+
+    latency.add_parser(sub)
+
+    from flowcodec import rd as _rd
+    _rd.add_parser(sub)
+
     i = sub.add_parser("info", help="parameters, FLOPs and split points of a family")
     i.add_argument("--family", default="cifar10")
     i.set_defaults(func=cmd_info)

@@ -1,0 +1,336 @@
+"""``flowcodec latency``: latency and accuracy of the adaptive flow against baselines.
+
+The scenario (all figures in the config under ``experiments/``):
+
+- the device hosts the family's smallest member and computes up to a split point;
+- an uplink (``channels.FastLink`` over AWGN at a given SNR and symbol rate) reaches an
+  edge server that hosts the largest member; a wired backhaul (fixed delay) reaches a
+  cloud that hosts it too;
+- **adaptive flow**: :class:`~flowcodec.policy.Policy` picks split point, codec rate
+  point, MCS and device exit threshold for the current SNR from a measured profile, with
+  the accuracy floor set 1 point below the cloud-only baseline's accuracy on a clean
+  link;
+- **fixed split**: a configured split and rate point with the MCS the policy picks at the
+  reference SNR, kept at every SNR, no exits;
+- **cloud only** / **edge only**: the input image, compressed by the configured input
+  codec (JPEG), sent with link adaptation (the highest MCS whose packet error rate is at
+  most ``target_bler``) and HARQ, run through the largest member in the cloud or at the
+  edge;
+- **device only**: the smallest member on the device, no link.
+
+The profile is measured on the first half of the evaluation samples and every scheme is
+evaluated on the second half, so no decision is tuned on the samples it is scored on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flowcodec.errors import ConfigError
+
+__all__ = ["LatencyConfig", "run_latency", "add_parser", "load_option_codec"]
+
+
+@dataclass
+class LatencyConfig:
+    dataset: str
+    options: list[dict]
+    input_codec: dict
+    fixed_split: dict
+    member: int | None = None
+    samples: int = 2000
+    seed: int = 0
+    compute: dict | None = None
+    delay_s: dict | None = None
+    symbol_rates: list[float] | None = None
+    snrs_db: list[float] | None = None
+    reference: dict | None = None
+    harq_max_tx_baselines: int = 4
+    target_bler: float = 0.1
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyConfig:
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(**d)
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise ConfigError(f"{path}: not a latency config ({e})") from e
+
+    def __post_init__(self) -> None:
+        self.compute = {"device": 20e9, "edge": 2e12, "cloud": 20e12, **(self.compute or {})}
+        self.delay_s = {"edge": 0.002, "cloud": 0.030, **(self.delay_s or {})}
+        self.symbol_rates = self.symbol_rates or [1e6]
+        self.snrs_db = self.snrs_db or [-5.0, 0.0, 5.0, 10.0, 15.0, 20.0]
+        self.reference = self.reference or {"snr_db": 10.0, "symbol_rate": 1e6}
+        if not self.options:
+            raise ConfigError("a latency config needs at least one option")
+
+
+def load_option_codec(spec: dict, family, train_data=None, progress: bool = True):
+    """Build the codec an option names: ``pretrained`` (codec zoo name), ``checkpoint``
+    (path), or ``codec`` + ``kwargs`` (fitted on training features when ``fit`` is set,
+    trained with ``train`` arguments for learned codecs)."""
+    from flowcodec.codecs import build_codec
+    from flowcodec.codecs.zoo import load_codec, load_pretrained_codec
+
+    point = int(spec["point"])
+    if "pretrained" in spec:
+        codec = load_pretrained_codec(spec["pretrained"])
+    elif "checkpoint" in spec:
+        codec = load_codec(spec["checkpoint"])
+    elif "codec" in spec:
+        kwargs = dict(spec.get("kwargs", {}))
+        if spec["codec"] in ("jpeg", "webp"):
+            kwargs.setdefault("mean", list(train_data.mean))
+            kwargs.setdefault("std", list(train_data.std))
+        codec = build_codec(spec["codec"], family.feature_shape(point), **kwargs)
+        if spec.get("train"):
+            from flowcodec.codecs.train import train_codec
+
+            member = spec.get("member", family.num_members)
+            train_codec(codec, family, member, point, train_data, progress=progress,
+                        **spec["train"])  # fmt: skip
+            codec.update(force=True)
+        elif spec.get("fit"):
+            from flowcodec.codecs.train import collect_features
+
+            head, _ = family.split(family.num_members, point)
+            codec.fit(collect_features(head, train_data, n=spec.get("fit_samples", 5000)))
+            codec.update(force=True)
+    else:
+        raise ConfigError(f"option {spec} names no codec (pretrained, checkpoint or codec)")
+    if tuple(codec.feature_shape) != family.feature_shape(point):
+        raise ConfigError(f"option {spec.get('rate')}: codec takes {codec.feature_shape}, "
+                          f"point {point} has {family.feature_shape(point)}")  # fmt: skip
+    return codec.eval()
+
+
+def _link_adapted_mcs(nbytes: list[int], snr_db: float, target: float) -> int:
+    from flowcodec.policy import packet_loss_rate
+
+    best = 0
+    for mcs in range(29):
+        if max(packet_loss_rate(b, mcs, snr_db) for b in nbytes) <= target:
+            best = mcs
+    return best
+
+
+def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True) -> list[dict]:
+    """Run the experiment; writes ``latency.csv``, ``profile.json`` and plots in ``out``."""
+    from tqdm.auto import tqdm
+
+    from channels import FastLink
+    from flowcodec.data import load_dataset
+    from flowcodec.family import load_pretrained
+    from flowcodec.family.train import accuracy
+    from flowcodec.pipeline import Flow, Hop, Tier
+    from flowcodec.policy import Policy, build_profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    fam = load_pretrained(cfg.dataset, progress=progress)
+    member = cfg.member or fam.num_members
+    train, test = load_dataset(cfg.dataset)
+    data = test.subset(min(cfg.samples, len(test)), seed=cfg.seed)
+    half = len(data) // 2
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed + 1))
+    prof_idx, eval_idx = idx[:half], idx[half:]
+    prof_data = _as_data(data, prof_idx)
+    x_eval = data.normalize(data.images[eval_idx])
+    y_eval = data.labels[eval_idx]
+
+    codecs = {(int(o["point"]), o["rate"]): load_option_codec(o, fam, train, progress)
+              for o in cfg.options}  # fmt: skip
+    t0 = time.perf_counter()
+    profile = build_profile(fam, member, codecs, prof_data, progress=progress, seed=cfg.seed)
+    profile.meta.update(seconds=round(time.perf_counter() - t0, 1))
+    profile.save(out / "profile.json")
+    comp, delay = cfg.compute, cfg.delay_s
+
+    input_spec = {"point": 0, "rate": "input", **cfg.input_codec}
+    in_codec = load_option_codec(input_spec, fam, train, progress)
+    in_bytes = [len(in_codec.compress(x_eval[:1])[0].header_bytes())] + [
+        len(p) for p in in_codec.compress(x_eval[:1])[0].link_packets()]  # fmt: skip
+    # Cloud-only accuracy on a clean link, through the real codec: the accuracy floor.
+    ref_flow = Flow(fam, [Tier("device", comp["device"], 0), Tier("cloud", comp["cloud"],
+                    member)], [Hop(in_codec, _Lossless(), 1e9)])  # fmt: skip
+    floor_acc = ref_flow.run(x_eval).accuracy(y_eval)
+    floor = floor_acc - 0.01
+    policy = Policy(profile, floor, comp["device"], comp["edge"], delay["edge"])
+    ref = cfg.reference
+    fixed_rate = cfg.fixed_split["rate"]
+    fixed_point = int(cfg.fixed_split.get("point", 1))
+    fixed_opt = next(o for o in profile.options if (o.point, o.rate) == (fixed_point, fixed_rate))
+    fixed_mcs = _best_mcs_for(policy, fixed_opt, ref["snr_db"], ref["symbol_rate"])
+
+    rows = []
+    grid = [(r, s) for r in cfg.symbol_rates for s in cfg.snrs_db]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dev_acc = accuracy(fam.member(1), _as_data(data, eval_idx))
+    for sym_rate, snr in tqdm(grid, desc="latency", disable=not progress, leave=False):
+        base = {"symbol_rate": sym_rate, "snr_db": snr}
+        # Device only.
+        rows.append({**base, "scheme": "device-only", "accuracy": dev_acc,
+                     "latency_ms": 1e3 * fam.info()[0].flops / comp["device"],
+                     "bytes": 0, "mcs": "", "config": "member 1", "exit_device": 1.0})  # fmt: skip
+        # Cloud only and edge only: the input image with link adaptation and HARQ.
+        mcs_in = _link_adapted_mcs(in_bytes, snr, cfg.target_bler)
+        for scheme, tier, d in (("cloud-only", "cloud", delay["cloud"]),
+                                ("edge-only", "edge", delay["edge"])):  # fmt: skip
+            link = FastLink(mcs=mcs_in, snr_db=snr, harq_max_tx=cfg.harq_max_tx_baselines,
+                            seed=cfg.seed)  # fmt: skip
+            fl = Flow(fam, [Tier("device", comp["device"], 0), Tier(tier, comp[tier], member)],
+                      [Hop(in_codec, link, sym_rate, d)])  # fmt: skip
+            r = fl.run(x_eval, generator=gen)
+            rows.append({**base, "scheme": scheme, **_summary(r, y_eval), "mcs": mcs_in,
+                         "config": f"{cfg.input_codec.get('codec')} "
+                                   f"{cfg.input_codec.get('kwargs', {})}"})  # fmt: skip
+        # Fixed split.
+        rows.append({**base, "scheme": "fixed-split", "mcs": fixed_mcs,
+                     "config": f"point {fixed_point}, {fixed_rate}",
+                     **_run_option(fam, member, codecs[(fixed_point, fixed_rate)], fixed_point,
+                                   None, fixed_mcs, snr, sym_rate, comp, delay, x_eval, y_eval,
+                                   gen)})  # fmt: skip
+        # Adaptive flow.
+        t1 = time.perf_counter()
+        dec = policy.decide(snr, sym_rate)
+        dt = time.perf_counter() - t1
+        rows.append({**base, "scheme": "adaptive", "mcs": dec.mcs,
+                     "config": f"point {dec.point}, {dec.rate}, exit>={dec.threshold}",
+                     "decide_ms": 1e3 * dt, "expected_accuracy": dec.expected_accuracy,
+                     "expected_latency_ms": 1e3 * dec.expected_latency_s,
+                     **_run_option(fam, member, codecs[(dec.point, dec.rate)], dec.point,
+                                   dec.threshold, dec.mcs, snr, sym_rate, comp, delay, x_eval,
+                                   y_eval, gen)})  # fmt: skip
+    for r in rows:
+        r["cloud_only_clean_accuracy"] = floor_acc
+    _write(rows, out)
+    return rows
+
+
+class _Lossless:
+    """A link that delivers everything at 1 bit per channel use (for reference runs)."""
+
+    def transmit(self, packets, generator=None):
+        return list(packets), None
+
+
+def _as_data(data, idx):
+    from flowcodec.data import ArrayDataset
+
+    return ArrayDataset(data.images[idx], data.labels[idx], data.mean, data.std, False,
+                        data.classes, data.name)  # fmt: skip
+
+
+def _best_mcs_for(policy, opt, snr, sym_rate) -> int:
+    best = None
+    for mcs in policy.mcs_indices:
+        acc, lat, _ = policy.evaluate(opt, mcs, None, snr, sym_rate)
+        if best is None or (acc >= policy.floor, -lat) > (best[0] >= policy.floor, -best[1]):
+            best = (acc, lat, mcs)
+    return best[2]
+
+
+def _summary(res, y) -> dict:
+    mix = res.exit_mix()
+    return {"accuracy": res.accuracy(y), "latency_ms": 1e3 * res.mean_latency_s,
+            "bytes": res.mean_bits(0) / 8, "exit_device": mix.get("device", 0.0)}  # fmt: skip
+
+
+def _run_option(fam, member, codec, point, threshold, mcs, snr, sym_rate, comp, delay, x, y,
+                gen) -> dict:  # fmt: skip
+    from channels import FastLink
+    from flowcodec.pipeline import Flow, Hop, Tier
+
+    link = FastLink(mcs=mcs, snr_db=snr, harq_max_tx=1, seed=0)
+    tiers = [Tier("device", comp["device"], point, threshold if point >= 1 else None),
+             Tier("edge", comp["edge"], member)]  # fmt: skip
+    res = Flow(fam, tiers, [Hop(codec, link, sym_rate, delay["edge"])]).run(x, generator=gen)
+    return _summary(res, y)
+
+
+def _write(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in (
+        "symbol_rate", "snr_db", "scheme", "accuracy", "latency_ms", "bytes", "mcs"), k))
+    with open(out / "latency.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    schemes = ["adaptive", "fixed-split", "edge-only", "cloud-only", "device-only"]
+    rates = sorted({r["symbol_rate"] for r in rows})
+    fig, axes = plt.subplots(2, len(rates), figsize=(5 * len(rates), 7), squeeze=False)
+    for j, sr in enumerate(rates):
+        for s in schemes:
+            pts = sorted((r["snr_db"], r["latency_ms"], r["accuracy"]) for r in rows
+                         if r["scheme"] == s and r["symbol_rate"] == sr)  # fmt: skip
+            axes[0][j].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+            axes[1][j].plot([p[0] for p in pts], [100 * p[2] for p in pts], marker="o", label=s)
+        axes[0][j].set(yscale="log", xlabel="uplink SNR (dB)", ylabel="mean latency (ms)",
+                       title=f"{sr / 1e6:g} Msymbol/s")  # fmt: skip
+        axes[1][j].set(xlabel="uplink SNR (dB)", ylabel="accuracy (%)")
+        axes[0][j].grid(alpha=0.3)
+        axes[1][j].grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "latency_vs_snr.png", dpi=120)
+    plt.close(fig)
+    # Latency-accuracy Pareto view at each SNR of the reference symbol rate.
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for s in schemes:
+        pts = [(r["latency_ms"], 100 * r["accuracy"]) for r in rows if r["scheme"] == s]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=s, s=18)
+    ax.set(xscale="log", xlabel="mean latency (ms)", ylabel="accuracy (%)",
+           title="every (SNR, symbol rate) point")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "latency_pareto.png", dpi=120)
+    plt.close(fig)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("latency", help="latency and accuracy vs. uplink SNR and bandwidth")
+    p.add_argument("--config", default="experiments/latency_cifar10.json")
+    p.add_argument("--out", default="runs/latency")
+    p.add_argument("--samples", type=int, default=None, help="override the config's samples")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> int:
+    torch.set_num_threads(max(1, args.threads))
+    cfg = LatencyConfig.load(args.config)
+    if args.samples:
+        cfg.samples = args.samples
+    rows = run_latency(cfg, Path(args.out), progress=not args.no_progress)
+    ref = cfg.reference
+    print(f"cloud-only accuracy on a clean link: {100 * rows[0]['cloud_only_clean_accuracy']:.2f}"
+          f" %  (accuracy floor for the adaptive flow: 1 point below)")
+    print(f"{'symbol/s':>9} {'SNR':>5} {'scheme':>12} {'acc %':>6} {'latency ms':>10} "
+          f"{'bytes':>7} {'MCS':>4}  config")
+    for r in rows:
+        print(f"{r['symbol_rate']:9.0e} {r['snr_db']:5.1f} {r['scheme']:>12} "
+              f"{100 * r['accuracy']:6.2f} {r['latency_ms']:10.3f} {r['bytes']:7.0f} "
+              f"{str(r['mcs']):>4}  {r['config']}")
+    at = [r for r in rows if r["snr_db"] == ref["snr_db"]
+          and r["symbol_rate"] == ref["symbol_rate"]]  # fmt: skip
+    if at:
+        by = {r["scheme"]: r for r in at}
+        if "adaptive" in by and "cloud-only" in by:
+            a, c = by["adaptive"], by["cloud-only"]
+            print(f"at {ref['snr_db']} dB, {ref['symbol_rate']:.0e} symbol/s: cloud-only / "
+                  f"adaptive latency = {c['latency_ms'] / a['latency_ms']:.2f}x; accuracy "
+                  f"{100 * a['accuracy']:.2f} % vs {100 * c['accuracy']:.2f} %")
+    print(f"wrote {Path(args.out) / 'latency.csv'} and plots")
+    return 0
