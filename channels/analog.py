@@ -147,6 +147,10 @@ class AnalogChannel(torch.nn.Module):
 
     def receive(self, x: torch.Tensor, snr_db=None, generator: torch.Generator | None = None):
         """Transmit ``x`` and equalise with perfect CSI: ``(y * conj(h) / |h|^2, N0 / |h|^2)``."""
+        x = _check_symbols(x)
+        if type(self).sample_gains is AnalogChannel.sample_gains:  # AWGN: nothing to undo
+            y, real = self.forward(x, snr_db=snr_db, generator=generator, return_channel=True)
+            return y, real.noise_var.expand(x.shape)
         y, real = self.forward(x, snr_db=snr_db, generator=generator, return_channel=True)
         g = real.h.abs().square().clamp_min(1e-12)
         x_eq = y * real.h.conj() / g

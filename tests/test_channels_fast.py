@@ -77,7 +77,7 @@ def test_fast_matches_exact_on_the_waterfall():
 
 
 def test_fast_is_100x_faster():
-    packets = _packets(100, 126)
+    packets = _packets(40, 126)
     exact, fast = ExactLink(mcs=9, snr_db=3.5), FastLink(mcs=9, snr_db=3.5)
     exact.transmit(packets[:2])
     fast.transmit(packets[:2])
