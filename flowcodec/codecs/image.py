@@ -74,7 +74,7 @@ class ImageCodec(FeatureCodec):
 
     def from_pixels(self, px: np.ndarray) -> torch.Tensor:
         m, s = self._stats("cpu")
-        x = torch.from_numpy(px).permute(0, 3, 1, 2).float() / 255
+        x = torch.from_numpy(np.array(px)).permute(0, 3, 1, 2).float() / 255
         return (x - m) / s
 
     def _encode(self, img: np.ndarray) -> bytes:

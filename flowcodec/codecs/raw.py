@@ -54,6 +54,8 @@ class RawCodec(FeatureCodec):
 
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
+        if isinstance(streams, Bitstream) or not isinstance(streams, Sequence) or not streams:
+            raise BitstreamError("decompress takes a non-empty sequence of Bitstreams")
         out = self.conceal.detach().cpu().expand(len(streams), *self.feature_shape).clone()
         rest = self.feature_shape[1:]
         for b, s in enumerate(streams):

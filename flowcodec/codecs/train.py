@@ -30,7 +30,7 @@ from flowcodec.codecs.base import FeatureCodec
 from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
 
-__all__ = ["CodecTrainResult", "train_codec", "evaluate_codec", "collect_features"]
+__all__ = ["CodecTrainResult", "CodecEval", "train_codec", "evaluate_codec", "collect_features"]
 
 
 @dataclass
@@ -198,6 +198,7 @@ class CodecEval:
     bytes_per_image: float
     est_bytes_per_image: float | None
     n: int
+    payload_bytes_per_image: float = 0.0
 
 
 @torch.no_grad()
@@ -217,13 +218,14 @@ def evaluate_codec(codec: FeatureCodec, head, tail, data: ArrayDataset, batch_si
     codec.eval()
     head.eval()
     tail.eval()
-    correct, nbytes, est, n = 0, 0, 0.0, 0
+    correct, nbytes, payload, est, n = 0, 0, 0, 0.0, 0
     has_est = bool(getattr(codec, "entropy_bottleneck", None) is not None)
     for x, y in tqdm(data.batches(batch_size), total=math.ceil(len(data) / batch_size),
                      disable=not progress, leave=False, desc=f"eval {codec.name}"):  # fmt: skip
         h = head(x)
         streams = codec.compress(h)
-        nbytes += sum(s.nbytes for s in streams)
+        nbytes += sum(len(s.to_bytes()) for s in streams)
+        payload += sum(len(p) for s in streams for p in s.packets)
         if has_est:
             est += float(codec(h).bits.sum()) / 8
         if channel is not None:
@@ -239,4 +241,4 @@ def evaluate_codec(codec: FeatureCodec, head, tail, data: ArrayDataset, batch_si
         h_hat = codec.decompress(streams)
         correct += int((tail(h_hat).argmax(1) == y).sum())
         n += len(y)
-    return CodecEval(correct / n, nbytes / n, est / n if has_est else None, n)
+    return CodecEval(correct / n, nbytes / n, est / n if has_est else None, n, payload / n)
