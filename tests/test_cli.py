@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -27,6 +28,17 @@ def test_demo_quick_writes_results(tmp_path, digits_family, capsys):
     rows = json.loads((tmp_path / "family.json").read_text())
     assert [r["member"] for r in rows] == [1, 2, 3]
     assert all(float(r["test acc %"]) >= 95 for r in rows)
+    with open(tmp_path / "demo.csv") as f:
+        flows = list(csv.DictReader(f))
+    assert {(r["channel"], float(r["snr_db"])) for r in flows} == {
+        ("awgn", 3.0), ("awgn", 15.0), ("rayleigh", 3.0), ("rayleigh", 15.0)}
+    for r in flows:
+        mix = float(r["exit_device"]) + float(r["exit_edge"]) + float(r["exit_cloud"])
+        assert abs(mix - 1) < 1e-6 and 0 <= float(r["accuracy"]) <= 1
+    awgn_hi = next(r for r in flows if r["channel"] == "awgn" and float(r["snr_db"]) == 15.0)
+    assert float(awgn_hi["accuracy"]) >= 0.9
+    assert (tmp_path / "demo.png").stat().st_size > 0
+    assert "exits device/edge/cloud" in capsys.readouterr().out
 
 
 def test_missing_cifar_data_is_a_clear_error(tmp_path, monkeypatch, capsys):
