@@ -1,0 +1,49 @@
+"""The shipped CIFAR-10 codecs (skipped when the CIFAR-10 copy is not found)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowcodec.codecs.zoo import list_pretrained, load_pretrained_codec
+from flowcodec.errors import DataNotFoundError
+
+pytestmark = pytest.mark.data
+
+
+@pytest.fixture(scope="module")
+def cifar():
+    from flowcodec.data import find_cifar10, load_dataset
+    from flowcodec.family import load_pretrained
+
+    try:
+        find_cifar10()
+    except DataNotFoundError as e:
+        pytest.skip(f"CIFAR-10 not available: {e}")
+    _, test = load_dataset("cifar10")
+    fam = load_pretrained("cifar10")
+    return fam, next(test.batches(32))
+
+
+SHIPPED = [n for n in list_pretrained() if n.startswith("cifar10-")]
+
+
+def test_codecs_are_shipped():
+    assert {"cifar10-fact_l0p1", "cifar10-robust_l0p1", "cifar10-binary_m16"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_codec_round_trip_and_device_share(cifar, name):
+    fam, (x, y) = cifar
+    codec = load_pretrained_codec(name)
+    head, tail = fam.split(3, 1)
+    with torch.no_grad():
+        h = head(x)
+        want = codec(h).features
+    streams = codec.compress(h)
+    got = codec.decompress(streams)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the device runs the head and the codec's encoder: at most 25% of member 3's FLOPs
+    share = (fam.head_flops(1) + codec.encoder_flops()) / fam.info()[2].flops
+    assert share <= 0.25, share
+    assert all(8 * len(s.to_bytes()) == 8 * s.nbytes for s in streams)
