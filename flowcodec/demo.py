@@ -64,7 +64,8 @@ def demo_codecs(family, train, test, lams, progress: bool = True) -> dict[str, o
 
     out = {}
     if family.config.get("name") == "cifar10":
-        names = [n for n in list_pretrained() if n.startswith("cifar10-")]
+        names = [n for n in list_pretrained()
+                 if n.startswith("cifar10-") and ("fact_" in n or "robust" in n)]
         if not names:
             raise ConfigError("no shipped CIFAR-10 codecs in flowcodec/zoo/codecs")
         for n in names[: len(lams)]:
