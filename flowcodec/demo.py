@@ -73,7 +73,8 @@ def demo_codecs(family, train, test, lams, progress: bool = True) -> dict[str, o
         return out
     kwargs = {"latent": 8, "hidden": 32, "packets": 4}
     for lam in lams:
-        path = cache_dir() / "models" / f"digits-demo-codec-v2-l{lam:g}"
+        tag = f"{lam:g}".replace(".", "p")  # no dots: they would read as a file suffix
+        path = cache_dir() / "models" / f"digits-demo-codec-v2-l{tag}"
         codec = None
         if path.with_suffix(".safetensors").is_file():
             try:
