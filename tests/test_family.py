@@ -75,6 +75,13 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_checkpoint_names_may_contain_dots(tmp_path):
+    fam = build_family("digits").eval()
+    save_family(fam, tmp_path / "fam-l0.3")
+    assert (tmp_path / "fam-l0.3.safetensors").is_file() and (tmp_path / "fam-l0.3.json").is_file()
+    assert load_family(tmp_path / "fam-l0.3").config == fam.config
+
+
 def test_checkpoint_of_wrong_architecture_is_refused(tmp_path):
     save_family(build_family("digits"), tmp_path / "fam")
     meta = json.loads((tmp_path / "fam.json").read_text())

@@ -25,7 +25,8 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     p = Path(path)
     if p.suffix in (".safetensors", ".json"):
         p = p.with_suffix("")
-    return p.with_suffix(".safetensors"), p.with_suffix(".json")
+    # Append rather than replace a suffix: "codec-l0.3" must not become "codec-l0.json".
+    return p.parent / f"{p.name}.safetensors", p.parent / f"{p.name}.json"
 
 
 def save_checkpoint(
