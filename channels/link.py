@@ -177,6 +177,10 @@ class _LinkBase:
                           mcs=self.mcs, num_code_blocks=list(ncb))
 
 
+_CODERS: dict = {}
+_CRCS: dict = {}
+
+
 class ExactLink(_LinkBase):
     """Bit-exact 5G-NR-style link built from Sionna blocks.
 
@@ -213,29 +217,29 @@ class ExactLink(_LinkBase):
         const = Constellation("pam" if m == 1 else "qam", m, device=self._dev)
         self._mapper = Mapper(constellation=const, device=self._dev)
         self._demapper = Demapper("app", constellation=const, device=self._dev)
-        self._coders: dict = {}
-        self._crcs: dict = {}
 
     # -- cached Sionna blocks --------------------------------------------------------------
     def _coder(self, k: int, n: int, bg: str):
-        key = (k, n, bg)
-        if key not in self._coders:
+        # Shared by all links: building a 5G LDPC code takes about a second on a CPU, and
+        # entropy-coded packets come in many lengths. The blocks hold no per-call state.
+        key = (k, n, bg, self.mcs.modulation_order, self.num_iter, self._dev)
+        if key not in _CODERS:
             from sionna.phy.fec.ldpc import LDPC5GDecoder, LDPC5GEncoder
 
             enc = LDPC5GEncoder(k, n, num_bits_per_symbol=self.mcs.modulation_order, bg=bg,
                                 device=self._dev, check_input=False)
             dec = LDPC5GDecoder(enc, num_iter=self.num_iter, hard_out=True, device=self._dev)
-            self._coders[key] = (enc, dec)
-        return self._coders[key]
+            _CODERS[key] = (enc, dec)
+        return _CODERS[key]
 
     def _crc(self, poly: str, k: int):
-        key = (poly, k)
-        if key not in self._crcs:
+        key = (poly, k, self._dev)
+        if key not in _CRCS:
             from sionna.phy.fec.crc import CRCDecoder, CRCEncoder
 
             enc = CRCEncoder(poly, k=k, device=self._dev)
-            self._crcs[key] = (enc, CRCDecoder(enc, device=self._dev))
-        return self._crcs[key]
+            _CRCS[key] = (enc, CRCDecoder(enc, device=self._dev))
+        return _CRCS[key]
 
     # -- code-block level ------------------------------------------------------------------
     def _run_blocks(self, info: torch.Tensor, plan: CodeBlockPlan, snr: float,
