@@ -228,12 +228,13 @@ def _as_data(data, idx):
 
 
 def _best_mcs_for(policy, opt, snr, sym_rate) -> int:
-    best = None
-    for mcs in policy.mcs_indices:
-        acc, lat, _ = policy.evaluate(opt, mcs, None, snr, sym_rate)
-        if best is None or (acc >= policy.floor, -lat) > (best[0] >= policy.floor, -best[1]):
-            best = (acc, lat, mcs)
-    return best[2]
+    """The MCS of least expected latency that keeps the floor; if none does, the MCS of
+    highest expected accuracy (the fastest among equals)."""
+    scored = [(policy.evaluate(opt, m, None, snr, sym_rate), m) for m in policy.mcs_indices]
+    ok = [(lat, m) for (acc, lat, _), m in scored if acc >= policy.floor]
+    if ok:
+        return min(ok)[1]
+    return max(scored, key=lambda s: (round(s[0][0], 4), -s[0][1]))[1]
 
 
 def _summary(res, y) -> dict:
