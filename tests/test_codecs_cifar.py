@@ -13,14 +13,17 @@ pytestmark = pytest.mark.data
 
 @pytest.fixture(scope="module")
 def cifar():
-    from flowcodec.data import find_cifar10, load_dataset
+    from flowcodec.data import cache_dir, find_cifar10, load_dataset
     from flowcodec.family import load_pretrained
 
-    try:
-        find_cifar10()
-    except DataNotFoundError as e:
-        pytest.skip(f"CIFAR-10 not available: {e}")
-    _, test = load_dataset("cifar10")
+    try:  # an already extracted copy first: finding the tarball extracts it again
+        folder = find_cifar10(cache_dir() / "cifar10")
+    except DataNotFoundError:
+        try:
+            folder = find_cifar10()
+        except DataNotFoundError as e:
+            pytest.skip(f"CIFAR-10 not available: {e}")
+    _, test = load_dataset("cifar10", root=folder)
     fam = load_pretrained("cifar10")
     return fam, next(test.batches(32))
 

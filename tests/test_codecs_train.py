@@ -29,7 +29,7 @@ def test_rate_term_lowers_the_estimated_rate(digits):
     for lam in (0.0, 20.0):
         torch.manual_seed(0)
         codec = build_codec("factorized", (16, 8, 8), latent=4, hidden=8)
-        res = train_codec(codec, fam, 3, 1, train, test, lam=lam, epochs=1, max_steps=30,
+        res = train_codec(codec, fam, 3, 1, train, test, lam=lam, epochs=1, max_steps=20,
                           batch_size=32, progress=False)  # fmt: skip
         assert not codec.training
         assert res.history and all(k in res.history[-1] for k in ("task", "distill", "kbits"))
