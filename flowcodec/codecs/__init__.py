@@ -15,17 +15,36 @@ from flowcodec.codecs.base import (
     measured_bits,
     register_codec,
 )
-from flowcodec.codecs.learned import BinaryCodec, FactorizedCodec, HyperpriorCodec
+from flowcodec.codecs.image import JPEGCodec, WebPCodec
+from flowcodec.codecs.learned import BinaryCodec, FactorizedCodec, HyperpriorCodec, flip_bits
+from flowcodec.codecs.quant import PCACodec, QuantCodec
+from flowcodec.codecs.raw import RawCodec
+from flowcodec.codecs.train import CodecEval, CodecTrainResult, evaluate_codec, train_codec
+from flowcodec.codecs.zoo import list_pretrained, load_codec, load_pretrained_codec, save_codec
 
 __all__ = [
     "CODECS",
     "BinaryCodec",
+    "CodecEval",
     "CodecOutput",
+    "CodecTrainResult",
     "FactorizedCodec",
     "FeatureCodec",
     "HyperpriorCodec",
+    "JPEGCodec",
+    "PCACodec",
+    "QuantCodec",
+    "RawCodec",
+    "WebPCodec",
     "build_codec",
     "channel_groups",
+    "evaluate_codec",
+    "flip_bits",
+    "list_pretrained",
+    "load_codec",
+    "load_pretrained_codec",
     "measured_bits",
     "register_codec",
+    "save_codec",
+    "train_codec",
 ]

@@ -291,7 +291,7 @@ class TorchGaussianConditional(_TableBuffers):
 
     Example
     -------
-    >>> gc = TorchGaussianConditional(scale_table())
+    >>> gc = TorchGaussianConditional(scale_table()).eval()
     >>> y, lik = gc(torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 2, 2), torch.zeros(1, 2, 2, 2))
     >>> bool((lik > 0.38).all())
     True
