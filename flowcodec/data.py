@@ -205,10 +205,12 @@ def find_cifar10(root: str | os.PathLike | None = None) -> Path:
         candidates.append(Path(os.environ["FLOWCODEC_DATA"]).expanduser())
     extracted = cache_dir() / "cifar10"
     candidates.append(extracted)
+    # An extracted copy anywhere wins over a tarball, so a tarball is extracted only once.
     for c in candidates:
         for folder in (c, c / "cifar10", c / "cifar10-jpg"):
             if _is_imagefolder(folder):
                 return folder
+    for c in candidates:
         tarball = c if c.is_file() else c / CIFAR10_TARBALL
         if tarball.is_file() and tarball.name.endswith((".tar.gz", ".tgz", ".tar")):
             return _extract(tarball, extracted)

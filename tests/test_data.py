@@ -44,6 +44,26 @@ def test_unknown_dataset_is_config_error():
         load_dataset("imagenet")
 
 
+def test_tarball_is_extracted_once(tmp_path, monkeypatch):
+    import tarfile
+
+    src = tmp_path / "src"
+    for split in ("train", "test"):
+        (src / split / "cat").mkdir(parents=True)
+        (src / split / "cat" / "0.jpg").write_bytes(b"not really a jpeg")
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / "cifar10-jpg.tar.gz", "w:gz") as tf:
+        tf.add(src / "train", arcname="train")
+        tf.add(src / "test", arcname="test")
+    monkeypatch.setenv("FLOWCODEC_DATA", str(data))
+    monkeypatch.setenv("FLOWCODEC_CACHE", str(tmp_path / "cache"))
+    first = find_cifar10()
+    marker = first / "train" / "cat" / "0.jpg"
+    stamp = marker.stat().st_mtime_ns
+    assert find_cifar10() == first and marker.stat().st_mtime_ns == stamp
+
+
 @settings(max_examples=20, deadline=None)
 @given(st.integers(0, 2**31 - 1))
 def test_crop_flip_is_a_shifted_or_mirrored_window(seed):
