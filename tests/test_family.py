@@ -119,3 +119,10 @@ def test_shipped_cifar10_family_meets_targets(cifar10):
     fam = load_pretrained("cifar10")
     accs = evaluate_family(fam, cifar10[1].subset(2000, seed=0))
     assert accs[-1] >= 0.87 and accs[0] >= 0.70, accs
+
+
+def test_same_seed_same_family():
+    a = train_recipe("digits", progress=False, epochs=1)[0]
+    b = train_recipe("digits", progress=False, epochs=1)[0]
+    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(va, vb), k

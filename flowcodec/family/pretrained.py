@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from flowcodec.data import cache_dir, load_dataset
 from flowcodec.errors import CheckpointError, ConfigError
 from flowcodec.family.base import EarlyExitFamily
@@ -62,9 +64,10 @@ def train_recipe(name: str, device: str = "cpu", progress: bool = True, data_roo
         raise ConfigError(f"no recipe for family {name!r}; known: {sorted(RECIPES)}")
     kwargs = {"root": data_root} if name == "cifar10" else {}
     train, test = load_dataset(name, **kwargs)
-    fam = build_family(name, **RECIPES[name]["family"])
     cfg = TrainConfig(**{**RECIPES[name]["train"], **overrides, "device": device,
                          "progress": progress})  # fmt: skip
+    torch.manual_seed(cfg.seed)  # the initial weights too: same seed, same family
+    fam = build_family(name, **RECIPES[name]["family"])
     return fam, train_family(fam, train, test, cfg)
 
 
