@@ -166,10 +166,10 @@ def _write(rows: list[dict], out: Path) -> None:
             lab = f"{ch}, {rp}"
             axes[0].plot(s, [100 * p[1]["accuracy"] for p in pts], ls, marker="o", label=lab)
             axes[1].plot(s, [p[1]["latency_ms"] for p in pts], ls, marker="o", label=lab)
-            axes[2].plot(s, [p[1]["exit_device"] for p in pts], ls, marker="o", label=lab)
+            axes[2].plot(s, [p[1]["uplink_packet_loss"] for p in pts], ls, marker="o", label=lab)
     axes[0].set(xlabel="uplink SNR (dB)", ylabel="accuracy (%)")
     axes[1].set(xlabel="uplink SNR (dB)", ylabel="mean latency (ms)")
-    axes[2].set(xlabel="uplink SNR (dB)", ylabel="share answered on the device")
+    axes[2].set(xlabel="uplink SNR (dB)", ylabel="uplink packet loss (after CRC)")
     for a in axes:
         a.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
