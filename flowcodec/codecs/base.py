@@ -131,6 +131,19 @@ class FeatureCodec(nn.Module):
                 f"{self.name!r} configuration ({self.fingerprint.hex()})"
             )
 
+    def check_streams(self, streams: Sequence[Bitstream], n_packets: int) -> None:
+        """Raise BitstreamError unless ``streams`` is a non-empty sequence of streams from
+        this codec configuration, each with ``n_packets`` packets."""
+        if isinstance(streams, Bitstream) or not isinstance(streams, Sequence):
+            raise BitstreamError("decompress takes a sequence of Bitstreams (one per sample)")
+        if len(streams) == 0:
+            raise BitstreamError("no streams to decode")
+        for s in streams:
+            self.check_stream(s)
+            if len(s.packets) != n_packets:
+                raise BitstreamError(f"{self.name}: expected {n_packets} packets, "
+                                     f"got {len(s.packets)}")  # fmt: skip
+
     def check_features(self, h: torch.Tensor) -> None:
         """Raise ConfigError unless ``h`` is a float tensor ``(B, *feature_shape)``."""
         if not isinstance(h, torch.Tensor):

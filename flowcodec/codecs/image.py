@@ -120,13 +120,9 @@ class ImageCodec(FeatureCodec):
 
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
-        if isinstance(streams, Bitstream) or not isinstance(streams, Sequence) or not streams:
-            raise BitstreamError("decompress takes a non-empty sequence of Bitstreams")
+        self.check_streams(streams, 1)
         out = self.conceal.detach().cpu().expand(len(streams), *self.feature_shape).clone()
         for b, s in enumerate(streams):
-            self.check_stream(s)
-            if len(s.packets) != 1:
-                raise BitstreamError(f"expected 1 packet, got {len(s.packets)}")
             if s.packets[0] is not None:
                 out[b] = self.from_pixels(self._decode(s.packets[0])[None])[0]
         return out

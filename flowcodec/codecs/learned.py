@@ -127,17 +127,6 @@ class LearnedCodec(FeatureCodec):
     def _header(self):
         return self.make_header(tensors=[TensorSpec("float32", self.feature_shape)])
 
-    def _check_streams(self, streams: Sequence[Bitstream], n_packets: int) -> None:
-        if isinstance(streams, Bitstream) or not isinstance(streams, Sequence):
-            raise BitstreamError("decompress takes a sequence of Bitstreams (one per sample)")
-        if len(streams) == 0:
-            raise BitstreamError("no streams to decode")
-        for s in streams:
-            self.check_stream(s)
-            if len(s.packets) != n_packets:
-                raise BitstreamError(f"{self.name}: expected {n_packets} packets, "
-                                     f"got {len(s.packets)}")  # fmt: skip
-
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
@@ -203,7 +192,7 @@ class FactorizedCodec(LearnedCodec):
 
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
-        self._check_streams(streams, len(self.groups))
+        self.check_streams(streams, len(self.groups))
         tables = _tables_of(self.entropy_bottleneck)
         m, hh, ww = self.latent_shape
         sym = torch.zeros(len(streams), m, hh, ww, dtype=torch.int32)
@@ -309,7 +298,7 @@ class HyperpriorCodec(LearnedCodec):
 
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
-        self._check_streams(streams, 1 + len(self.groups))
+        self.check_streams(streams, 1 + len(self.groups))
         dev = self._device()
         m, hh, ww = self.latent_shape
         zshape = (self.hyper, hh // 2, ww // 2)
@@ -391,7 +380,7 @@ class BinaryCodec(LearnedCodec):
 
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
-        self._check_streams(streams, len(self.groups))
+        self.check_streams(streams, len(self.groups))
         m, hh, ww = self.latent_shape
         lat = torch.zeros(len(streams), m, hh, ww)
         for b, s in enumerate(streams):

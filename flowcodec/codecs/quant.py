@@ -123,8 +123,7 @@ class _Quantised(FeatureCodec):
 
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
-        if isinstance(streams, Bitstream) or not isinstance(streams, Sequence) or not streams:
-            raise BitstreamError("decompress takes a non-empty sequence of Bitstreams")
+        self.check_streams(streams, len(self.groups))
         rest = self._coded_rest()
         lo, hi = self._bounds(2 + len(rest))
         scale = (hi - lo).clamp_min(1e-8) / ((1 << self.bits) - 1)
@@ -132,9 +131,6 @@ class _Quantised(FeatureCodec):
         out = conceal.expand(len(streams), self.k, *rest).clone()
         per = int(np.prod(rest))
         for b, s in enumerate(streams):
-            self.check_stream(s)
-            if len(s.packets) != len(self.groups):
-                raise BitstreamError(f"expected {len(self.groups)} packets, got {len(s.packets)}")
             for g, p in zip(self.groups, s.packets):
                 if p is None:
                     continue

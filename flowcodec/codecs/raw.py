@@ -54,14 +54,10 @@ class RawCodec(FeatureCodec):
 
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
-        if isinstance(streams, Bitstream) or not isinstance(streams, Sequence) or not streams:
-            raise BitstreamError("decompress takes a non-empty sequence of Bitstreams")
+        self.check_streams(streams, len(self.groups))
         out = self.conceal.detach().cpu().expand(len(streams), *self.feature_shape).clone()
         rest = self.feature_shape[1:]
         for b, s in enumerate(streams):
-            self.check_stream(s)
-            if len(s.packets) != len(self.groups):
-                raise BitstreamError(f"expected {len(self.groups)} packets, got {len(s.packets)}")
             for g, p in zip(self.groups, s.packets):
                 if p is None:
                     continue
