@@ -22,6 +22,7 @@ Example
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -106,11 +107,16 @@ class Profile:
 def packet_loss_rate(nbytes: int, mcs, snr_db: float) -> float:
     """Probability that one packet of ``nbytes`` fails at ``snr_db`` over AWGN with ``mcs``
     (all its code blocks must decode), from the links' BLER tables."""
-    from channels.abstraction import load_project_tables, load_sionna_tables
-    from channels.link import plan_packet
     from channels.mcs import get_mcs
 
-    mcs = get_mcs(mcs)
+    return _packet_loss_rate(int(nbytes), get_mcs(mcs), float(snr_db))
+
+
+@functools.lru_cache(maxsize=65536)
+def _packet_loss_rate(nbytes: int, mcs, snr_db: float) -> float:
+    from channels.abstraction import load_project_tables, load_sionna_tables
+    from channels.link import plan_packet
+
     table = _TABLES.get(mcs.index)
     if table is None:
         table = load_project_tables().get(mcs.index) or load_sionna_tables().get(mcs.index)
@@ -125,10 +131,15 @@ _TABLES: dict = {}
 
 def channel_uses(nbytes: int, mcs) -> int:
     """Complex channel uses of one transmission of a packet of ``nbytes`` with ``mcs``."""
-    from channels.link import plan_packet
     from channels.mcs import get_mcs
 
-    mcs = get_mcs(mcs)
+    return _channel_uses(int(nbytes), get_mcs(mcs))
+
+
+@functools.lru_cache(maxsize=65536)
+def _channel_uses(nbytes: int, mcs) -> int:
+    from channels.link import plan_packet
+
     plan = plan_packet(nbytes, mcs)
     return plan.num_cb * (plan.n // mcs.modulation_order)
 
