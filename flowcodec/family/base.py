@@ -88,21 +88,14 @@ class Tail(nn.Module):
         return self.exit(h)
 
 
-class Member(nn.Module):
+class Member(Tail):
     """Member ``k`` of a family: stages ``1..k`` then exit ``k``. ``(B, *input) -> (B, classes)``.
 
-    Shares its parameters with the family (no copy)."""
+    The tail from split point 0; shares its parameters with the family (no copy)."""
 
     def __init__(self, stages: list[nn.Module], exit_branch: nn.Module, index: int) -> None:
-        super().__init__()
-        self.stages = nn.ModuleList(stages)
-        self.exit = exit_branch
+        super().__init__(stages, exit_branch, point=0)
         self.index = index
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for s in self.stages:
-            x = s(x)
-        return self.exit(x)
 
 
 @dataclass(frozen=True)
