@@ -109,14 +109,17 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.normalize(self.images[i : i + 1])[0], self.labels[i]
 
-    def subset(self, n: int, seed: int = 0) -> ArrayDataset:
-        """A random subset of ``n`` samples (fixed by ``seed``)."""
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(self), generator=g)[:n]
+    def take(self, idx: torch.Tensor) -> ArrayDataset:
+        """The samples at ``idx`` (same normalisation, augmentation and classes)."""
         return ArrayDataset(
             self.images[idx], self.labels[idx], self.mean, self.std, self.augment,
             self.classes, self.name,
         )  # fmt: skip
+
+    def subset(self, n: int, seed: int = 0) -> ArrayDataset:
+        """A random subset of ``n`` samples (fixed by ``seed``)."""
+        g = torch.Generator().manual_seed(seed)
+        return self.take(torch.randperm(len(self), generator=g)[:n])
 
     def batches(
         self,

@@ -43,14 +43,6 @@ class DemoConfig:
         return cls(dataset=dataset, snrs_db=(3.0, 15.0), lams=(1.0,), samples=120)
 
 
-def _uplink_mcs(nbytes: int, snr_db: float, target: float = 0.1) -> int:
-    """Link adaptation: the highest MCS whose packet error rate over AWGN is <= target."""
-    from flowcodec.policy import packet_loss_rate
-
-    ok = [m for m in range(29) if packet_loss_rate(nbytes, m, snr_db) <= target]
-    return max(ok) if ok else 0
-
-
 def demo_codecs(family, train, test, lams, progress: bool = True) -> dict[str, object]:
     """Learned codecs at the device's split point (point 1), one per rate point ``lam``.
 
@@ -101,6 +93,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> tuple[list[di
     from flowcodec.data import load_dataset
     from flowcodec.family import load_pretrained
     from flowcodec.pipeline import DEFAULT_TIERS, Flow, Hop, Tier
+    from flowcodec.policy import link_adaptation_mcs
 
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -123,7 +116,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> tuple[list[di
         codec = codecs[name]
         with torch.no_grad():
             sample = codec.compress(fam.features(x[:1], 1))[0]
-        mcs = _uplink_mcs(max(len(p) for p in sample.link_packets()), snr)
+        mcs = link_adaptation_mcs([max(len(p) for p in sample.link_packets())], snr)
         channel = (AWGN(seed=cfg.seed) if ch == "awgn" else
                    RayleighBlockFading(coherence_length=cfg.coherence_length, seed=cfg.seed))
         link = ExactLink(mcs=mcs, channel=channel, snr_db=snr, seed=cfg.seed)

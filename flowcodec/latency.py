@@ -111,26 +111,16 @@ def load_option_codec(spec: dict, family, train_data=None, progress: bool = True
     return codec.eval()
 
 
-def _link_adapted_mcs(nbytes: list[int], snr_db: float, target: float) -> int:
-    from flowcodec.policy import packet_loss_rate
-
-    best = 0
-    for mcs in range(29):
-        if max(packet_loss_rate(b, mcs, snr_db) for b in nbytes) <= target:
-            best = mcs
-    return best
-
-
 def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True) -> list[dict]:
     """Run the experiment; writes ``latency.csv``, ``profile.json`` and plots in ``out``."""
     from tqdm.auto import tqdm
 
-    from channels import FastLink
+    from channels import FastLink, IIDPacketErasure
     from flowcodec.data import load_dataset
     from flowcodec.family import load_pretrained
     from flowcodec.family.train import accuracy
     from flowcodec.pipeline import Flow, Hop, Tier
-    from flowcodec.policy import Policy, build_profile
+    from flowcodec.policy import Policy, build_profile, link_adaptation_mcs
 
     out.mkdir(parents=True, exist_ok=True)
     fam = load_pretrained(cfg.dataset, progress=progress)
@@ -140,7 +130,7 @@ def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True) -> list[di
     half = len(data) // 2
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed + 1))
     prof_idx, eval_idx = idx[:half], idx[half:]
-    prof_data = _as_data(data, prof_idx)
+    prof_data = data.take(prof_idx)
     x_eval = data.normalize(data.images[eval_idx])
     y_eval = data.labels[eval_idx]
 
@@ -154,11 +144,11 @@ def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True) -> list[di
 
     input_spec = {"point": 0, "rate": "input", **cfg.input_codec}
     in_codec = load_option_codec(input_spec, fam, train, progress)
-    in_bytes = [len(in_codec.compress(x_eval[:1])[0].header_bytes())] + [
-        len(p) for p in in_codec.compress(x_eval[:1])[0].link_packets()]  # fmt: skip
+    probe = in_codec.compress(x_eval[:1])[0]
+    in_bytes = [len(probe.header_bytes())] + [len(p) for p in probe.link_packets()]
     # Cloud-only accuracy on a clean link, through the real codec: the accuracy floor.
     ref_flow = Flow(fam, [Tier("device", comp["device"], 0), Tier("cloud", comp["cloud"],
-                    member)], [Hop(in_codec, _Lossless(), 1e9)])  # fmt: skip
+                    member)], [Hop(in_codec, IIDPacketErasure(0.0), 1e9)])  # fmt: skip
     floor_acc = ref_flow.run(x_eval).accuracy(y_eval)
     floor = floor_acc - 0.01
     policy = Policy(profile, floor, comp["device"], comp["edge"], delay["edge"])
@@ -171,7 +161,7 @@ def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True) -> list[di
     rows = []
     grid = [(r, s) for r in cfg.symbol_rates for s in cfg.snrs_db]
     gen = torch.Generator().manual_seed(cfg.seed)
-    dev_acc = accuracy(fam.member(1), _as_data(data, eval_idx))
+    dev_acc = accuracy(fam.member(1), data.take(eval_idx))
     for sym_rate, snr in tqdm(grid, desc="latency", disable=not progress, leave=False):
         base = {"symbol_rate": sym_rate, "snr_db": snr}
         # Device only.
@@ -179,7 +169,7 @@ def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True) -> list[di
                      "latency_ms": 1e3 * fam.info()[0].flops / comp["device"],
                      "bytes": 0, "mcs": "", "config": "member 1", "exit_device": 1.0})  # fmt: skip
         # Cloud only and edge only: the input image with link adaptation and HARQ.
-        mcs_in = _link_adapted_mcs(in_bytes, snr, cfg.target_bler)
+        mcs_in = link_adaptation_mcs(in_bytes, snr, cfg.target_bler)
         for scheme, tier, d in (("cloud-only", "cloud", delay["cloud"]),
                                 ("edge-only", "edge", delay["edge"])):  # fmt: skip
             link = FastLink(mcs=mcs_in, snr_db=snr, harq_max_tx=cfg.harq_max_tx_baselines,
@@ -211,20 +201,6 @@ def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True) -> list[di
         r["cloud_only_clean_accuracy"] = floor_acc
     _write(rows, out)
     return rows
-
-
-class _Lossless:
-    """A link that delivers everything at 1 bit per channel use (for reference runs)."""
-
-    def transmit(self, packets, generator=None):
-        return list(packets), None
-
-
-def _as_data(data, idx):
-    from flowcodec.data import ArrayDataset
-
-    return ArrayDataset(data.images[idx], data.labels[idx], data.mean, data.std, False,
-                        data.classes, data.name)  # fmt: skip
 
 
 def _best_mcs_for(policy, opt, snr, sym_rate) -> int:

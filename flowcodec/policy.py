@@ -45,6 +45,7 @@ __all__ = [
     "build_profile",
     "packet_loss_rate",
     "channel_uses",
+    "link_adaptation_mcs",
     "toy_profile",
     "LOSS_GRID",
     "THRESHOLDS",
@@ -127,6 +128,15 @@ def _packet_loss_rate(nbytes: int, mcs, snr_db: float) -> float:
 
 
 _TABLES: dict = {}
+
+
+def link_adaptation_mcs(packet_bytes: Sequence[int], snr_db: float, target: float = 0.1,
+                        mcs_indices: Sequence[int] = tuple(range(29))) -> int:  # fmt: skip
+    """Link adaptation: the highest MCS at which every packet size in ``packet_bytes`` fails
+    with probability at most ``target`` over AWGN at ``snr_db`` (the lowest MCS if none)."""
+    ok = [m for m in mcs_indices
+          if max(packet_loss_rate(b, m, snr_db) for b in packet_bytes) <= target]  # fmt: skip
+    return max(ok) if ok else min(mcs_indices)
 
 
 def channel_uses(nbytes: int, mcs) -> int:

@@ -63,3 +63,14 @@ def test_profile_round_trip_and_bad_file(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ConfigError, match="not a flowcodec profile"):
         Profile.load(tmp_path / "bad.json")
+
+
+def test_link_adaptation_picks_the_highest_mcs_under_the_target():
+    from flowcodec.policy import link_adaptation_mcs
+
+    low, high = link_adaptation_mcs([300], 0.0), link_adaptation_mcs([300], 15.0)
+    assert low < high
+    assert packet_loss_rate(300, high, 15.0) <= 0.1
+    if high < 28:
+        assert packet_loss_rate(300, high + 1, 15.0) > 0.1
+    assert link_adaptation_mcs([300], -30.0) == 0  # nothing qualifies: the most robust
