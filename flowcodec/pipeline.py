@@ -249,8 +249,6 @@ class Flow:
                 flops += self._exit_flops[tier.point - 1]
             if t > 0:
                 flops += self._dec_flops[t - 1]
-            if not last:
-                flops_send = flops + self._enc_flops[t]
             for i in active:
                 traces[i].compute_flops[tier.name] = flops
             if answers:
@@ -270,7 +268,7 @@ class Flow:
                 h = h[keep]
             if not last:
                 for i in active:  # samples that go on pay for the encoder too
-                    traces[i].compute_flops[tier.name] = flops_send
+                    traces[i].compute_flops[tier.name] += self._enc_flops[t]
             prev = tier.point
         for tr in traces:
             tr.compute_time_s = {
