@@ -5,6 +5,11 @@ of packets, each independently decodable by its codec. Every packet is framed wi
 index, its length and a CRC-32, so a receiver can tell a damaged packet from a good one
 and report it as lost instead of decoding wrong values.
 
+A stream also has a *session framing* (:meth:`Bitstream.to_compact`): when sender and
+receiver have exchanged the header once for a session, each sample needs only a 4-byte
+prefix and, per packet, a length and a CRC-16 (3 bytes for payloads under 128 bytes)
+instead of the 48-odd header bytes and 10 bytes per packet of the self-contained form.
+
 The byte layout is documented in ``docs/bitstream.md``. Parsing checks every length and
 count against the size of the input before it allocates anything; anything malformed
 raises :class:`BitstreamError` (a ``ValueError``) with a message saying what is wrong.
@@ -21,6 +26,7 @@ True
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import json
 import struct
@@ -41,6 +47,8 @@ __all__ = [
     "fingerprint",
     "frame_packet",
     "parse_packet",
+    "COMPACT_TAG",
+    "session_tag",
 ]
 
 MAGIC = b"FLWC"
@@ -72,6 +80,8 @@ _HEAD_FIXED = struct.Struct("<4sBB")  # magic, version, flags
 _PACKET_FRAME = struct.Struct("<HI")  # index, payload length
 _CRC = struct.Struct("<I")
 PACKET_OVERHEAD = _PACKET_FRAME.size + _CRC.size  # bytes added to each payload
+COMPACT_TAG = 0xC1  # first byte of a session-framed sample (a full stream starts with "F")
+_MAX_VARINT = 5  # bytes of an unsigned LEB128 value below 2^35
 
 
 class BitstreamError(ValueError):
@@ -273,6 +283,38 @@ def parse_packet(data: bytes, pos: int = 0) -> tuple[int, bytes | None, int]:
     return index, (payload if ok else None), r.pos
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(r: _Reader, what: str) -> int:
+    value = 0
+    for i in range(_MAX_VARINT):
+        (b,) = r.take(1, what)
+        value |= (b & 0x7F) << (7 * i)
+        if not b & 0x80:
+            if b == 0 and i > 0:
+                raise BitstreamError(f"{what}: over-long varint")
+            return value
+    raise BitstreamError(f"{what}: varint longer than {_MAX_VARINT} bytes")
+
+
+def _crc16(data: bytes) -> bytes:
+    return struct.pack("<H", binascii.crc_hqx(data, 0xFFFF))
+
+
+def session_tag(header: Header) -> bytes:
+    """Two bytes tying session-framed samples to their session's header (its CRC-32's low
+    16 bits): a sample decoded against another session's header is refused."""
+    # Over the header without its own CRC: a CRC over data plus its CRC is a constant.
+    return struct.pack("<H", zlib.crc32(header.to_bytes(0)[: -_CRC.size]) & 0xFFFF)
+
+
 @dataclass
 class Bitstream:
     """One sample's encoded features: a header and independently decodable packets.
@@ -333,6 +375,65 @@ class Bitstream:
             packets.append(payload)
         if pos != len(buf):
             raise BitstreamError(f"{len(buf) - pos} trailing bytes after the last packet")
+        return cls(header, packets)
+
+    # --- session framing ---------------------------------------------------------------
+    def to_compact(self) -> bytes:
+        """The sample in session framing, for a receiver that already holds the header.
+
+        Layout: ``0xC1 | session tag (2) | packet count (varint) |`` then per packet
+        ``length (varint) | payload | CRC-16 (over length and payload)``. The header
+        itself travels once per session (:meth:`header_bytes`).
+        """
+        if any(p is None for p in self.packets):
+            raise BitstreamError(f"cannot serialise a stream with lost packets {self.lost}")
+        parts = [bytes((COMPACT_TAG,)), session_tag(self.header), _varint(len(self.packets))]
+        for p in self.packets:
+            framed = _varint(len(p)) + bytes(p)
+            parts += [framed, _crc16(framed)]
+        return b"".join(parts)
+
+    @property
+    def compact_nbytes(self) -> int:
+        """Size in bytes of :meth:`to_compact`."""
+        return 3 + len(_varint(len(self.packets))) + sum(
+            len(_varint(len(p))) + len(p) + 2 for p in self.packets if p is not None
+        )
+
+    @classmethod
+    def from_compact(cls, data: bytes | bytearray | memoryview, header: Header) -> Bitstream:
+        """Parse a session-framed sample written for ``header``'s session.
+
+        A packet whose CRC-16 fails comes back as ``None`` (lost). A wrong tag or session,
+        truncation, counts or lengths the input cannot hold, and trailing bytes raise
+        :class:`BitstreamError`.
+        """
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise BitstreamError(f"expected bytes, got {type(data).__name__}")
+        if not isinstance(header, Header):
+            raise BitstreamError(f"header must be a Header, got {type(header).__name__}")
+        buf = bytes(data)
+        r = _Reader(buf)
+        tag, sess = r.take(1, "compact tag")[0], r.take(2, "session tag")
+        if tag != COMPACT_TAG:
+            raise BitstreamError(f"bad compact tag 0x{tag:02x}, expected 0x{COMPACT_TAG:02x}")
+        if sess != session_tag(header):
+            raise BitstreamError("sample belongs to another session (session tag mismatch)")
+        n_packets = _read_varint(r, "packet count")
+        if n_packets > MAX_PACKETS or 3 * n_packets > len(buf) - r.pos:
+            raise BitstreamError(
+                f"{n_packets} packets declared, {len(buf) - r.pos} bytes follow (3 per packet "
+                f"at least, at most {MAX_PACKETS} packets)"
+            )
+        packets: list[bytes | None] = []
+        for i in range(n_packets):
+            start = r.pos
+            length = _read_varint(r, f"packet {i} length")
+            payload = r.take(length, f"packet {i} payload")
+            crc = r.take(2, f"packet {i} CRC")
+            packets.append(payload if _crc16(buf[start : r.pos - 2]) == crc else None)
+        if r.pos != len(buf):
+            raise BitstreamError(f"{len(buf) - r.pos} trailing bytes after the last packet")
         return cls(header, packets)
 
     # --- what a link carries ----------------------------------------------------------

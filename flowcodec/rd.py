@@ -12,7 +12,11 @@ codecs through an i.i.d. packet-erasure channel or flip payload bits (BSC).
 
     flowcodec rd --config experiments/rd_cifar10.json --out runs/rd_cifar10
 
-writes ``rd.csv``, ``rd.json`` and ``rd.png`` (and ``channel.png`` with channel rows).
+writes ``rd.csv``, ``rd.json``, ``targets.csv`` (:func:`compare`: each learned codec
+against the input baselines and float32 at its accuracy) and ``rd.png`` (and
+``channel.png`` with channel rows). Rates are given in both framings of
+``docs/bitstream.md``: self-contained (``bytes_per_image``, header in every sample) and
+session (``session_bytes``, header sent once per session).
 """
 
 from __future__ import annotations
@@ -25,7 +29,52 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["RDRow", "run_rd", "add_parser", "load_config"]
+__all__ = ["RDRow", "Comparison", "run_rd", "compare", "add_parser", "load_config"]
+
+FRAMINGS = {"bytes_per_image": "self-contained", "session_bytes": "session"}
+
+
+@dataclass
+class Comparison:
+    """A learned codec against the input baselines and float32, in one framing.
+
+    ``input_bytes`` is the cheapest input-compression row (JPEG/WebP, point 0) that is at
+    least as accurate as the codec (``None`` when none is); ``input_ratio`` is the codec's
+    bytes divided by it, ``float32_ratio`` its bytes divided by the raw float32 row's.
+    """
+
+    label: str
+    framing: str
+    accuracy: float
+    gap_points: float
+    bytes: float
+    input_label: str | None
+    input_bytes: float | None
+    input_ratio: float | None
+    float32_ratio: float | None
+
+
+def compare(rows: list[RDRow]) -> list[Comparison]:
+    """Set every clean learned row against the targets of the codecs issue (both framings)."""
+    clean = [r for r in rows if r.condition == "clean"]
+    ref = next((r for r in clean if r.group == "reference"), None)
+    raw = next((r for r in clean if r.codec == "raw" and "32" in r.label), None)
+    inputs = [r for r in clean if r.codec in ("jpeg", "webp")]
+    out = []
+    for r in clean:
+        if r.codec not in ("factorized", "hyperprior", "binary"):
+            continue
+        for key, framing in FRAMINGS.items():
+            b = getattr(r, key)
+            better = [i for i in inputs if i.accuracy >= r.accuracy]
+            best = min(better, key=lambda i: getattr(i, key)) if better else None
+            ib = getattr(best, key) if best else None
+            out.append(Comparison(
+                r.label, framing, r.accuracy,
+                round(100 * (ref.accuracy - r.accuracy), 2) if ref else math.nan, b,
+                best.label if best else None, ib, b / ib if ib else None,
+                b / getattr(raw, key) if raw else None))  # fmt: skip
+    return out
 
 
 @dataclass
@@ -39,6 +88,7 @@ class RDRow:
     condition: str
     accuracy: float
     bytes_per_image: float
+    session_bytes: float
     payload_bytes: float
     est_bytes: float | None
     coder_overhead_pct: float | None
@@ -154,7 +204,7 @@ def run_rd(cfg: dict, out: str | Path, progress: bool = True, n: int | None = No
     ref_t = time.perf_counter()
     ref_acc = _reference_accuracy(head, tail, test)
     rows.append(RDRow("uncompressed", "reference", "none", point, "clean", ref_acc, 0.0, 0.0,
-                      None, None, fam.head_flops(point) / 1e6,
+                      0.0, None, None, fam.head_flops(point) / 1e6,
                       100 * fam.head_flops(point) / member_flops, len(test),
                       round(time.perf_counter() - ref_t, 1)))  # fmt: skip
     built = {}
@@ -230,7 +280,7 @@ def _row(label, group, codec, p, cond, ev, fam, member_flops, t0) -> RDRow:
     if ev.est_bytes_per_image:
         over = round(100 * (ev.payload_bytes_per_image / ev.est_bytes_per_image - 1), 3)
     return RDRow(label, group, codec.name, p, cond, ev.accuracy, ev.bytes_per_image,
-                 ev.payload_bytes_per_image, ev.est_bytes_per_image, over, dev / 1e6,
+                 ev.session_bytes_per_image, ev.payload_bytes_per_image, ev.est_bytes_per_image, over, dev / 1e6,
                  100 * dev / member_flops, ev.n, round(time.perf_counter() - t0, 1))  # fmt: skip
 
 
@@ -244,6 +294,14 @@ def write_outputs(rows: list[RDRow], out: Path, cfg: dict, histories: dict) -> N
                         for k, v in asdict(r).items()})  # fmt: skip
     (out / "rd.json").write_text(json.dumps({"config": cfg, "rows": [asdict(r) for r in rows],
                                              "train_histories": histories}, indent=1))
+    comps = compare(rows)
+    if comps:
+        with open(out / "targets.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(asdict(comps[0])))
+            w.writeheader()
+            for c in comps:
+                w.writerow({k: (round(v, 4) if isinstance(v, float) else v)
+                            for k, v in asdict(c).items()})  # fmt: skip
     plot_rd(rows, out / "rd.png", title=cfg.get("title", ""))
     if any(r.condition != "clean" for r in rows):
         plot_channel(rows, out / "channel.png")
@@ -256,30 +314,33 @@ def plot_rd(rows: list[RDRow], path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     clean = [r for r in rows if r.condition == "clean"]
     ref = next((r for r in clean if r.group == "reference"), None)
     groups: dict[str, list[RDRow]] = {}
     for r in clean:
         if r.group != "reference":
             groups.setdefault(r.group, []).append(r)
-    for g, rs in groups.items():
-        rs = sorted(rs, key=lambda r: r.bytes_per_image)
-        ax.plot([r.bytes_per_image for r in rs], [100 * r.accuracy for r in rs], "o-",
-                label=f"{g} (device {max(r.device_flops_pct for r in rs):.0f}% FLOPs)",
-                ms=4)  # fmt: skip
-    if ref is not None:
-        ax.axhline(100 * ref.accuracy, color="k", ls="--", lw=1,
-                   label=f"uncompressed member ({100 * ref.accuracy:.2f}%)")
-        ax.axhline(100 * ref.accuracy - 1, color="gray", ls=":", lw=1, label="1 point below")
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes per image (measured, headers included)")
-    ax.set_ylabel("top-1 accuracy (%)")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     lo = min((100 * r.accuracy for r in clean), default=0)
-    ax.set_ylim(max(0, lo - 2), 100)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.set_title(title, fontsize=9)
+    for ax, (key, framing) in zip(axes, FRAMINGS.items()):
+        for g, rs in groups.items():
+            rs = sorted(rs, key=lambda r: getattr(r, key))
+            ax.plot([getattr(r, key) for r in rs], [100 * r.accuracy for r in rs], "o-",
+                    label=f"{g} (device {max(r.device_flops_pct for r in rs):.0f}% FLOPs)",
+                    ms=4)  # fmt: skip
+        if ref is not None:
+            ax.axhline(100 * ref.accuracy, color="k", ls="--", lw=1,
+                       label=f"uncompressed member ({100 * ref.accuracy:.2f}%)")
+            ax.axhline(100 * ref.accuracy - 1, color="gray", ls=":", lw=1,
+                       label="1 point below")  # fmt: skip
+        ax.set_xscale("log")
+        what = "header in every sample" if key == "bytes_per_image" else "header once per session"
+        ax.set_xlabel(f"bytes per image (measured, {framing} framing: {what})")
+        ax.set_ylim(max(0, lo - 2), 100)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("top-1 accuracy (%)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -318,12 +379,22 @@ def cmd_rd(args) -> int:
     torch.set_num_threads(max(1, args.threads))
     cfg = load_config(args.config)
     rows = run_rd(cfg, args.out, progress=not args.no_progress, n=args.n, device=args.device)
-    cols = ("label", "condition", "accuracy", "bytes_per_image", "device_flops_pct")
+    cols = ("label", "condition", "accuracy", "bytes_per_image", "session_bytes",
+            "device_flops_pct")  # fmt: skip
     print("  ".join(f"{c:>18}" for c in cols))
     for r in rows:
         vals = [r.label, r.condition, f"{100 * r.accuracy:.2f}", f"{r.bytes_per_image:.1f}",
-                f"{r.device_flops_pct:.1f}"]  # fmt: skip
+                f"{r.session_bytes:.1f}", f"{r.device_flops_pct:.1f}"]  # fmt: skip
         print("  ".join(f"{v:>18}" for v in vals))
+    comps = compare(rows)
+    if comps:
+        print("\nlearned codecs against the targets (input = cheapest JPEG/WebP at least as "
+              "accurate):")  # fmt: skip
+        for c in comps:
+            ratio = f"{c.input_ratio:.3f} of {c.input_label}" if c.input_ratio else "no input row"
+            f32 = f"{c.float32_ratio:.5f}" if c.float32_ratio else "-"
+            print(f"  {c.label:>24} {c.framing:>14}: {100 * c.accuracy:.2f}% "
+                  f"({c.gap_points:+.2f} pt below), {c.bytes:.1f} B, {ratio}, float32 x{f32}")
     print(f"wrote {Path(args.out) / 'rd.csv'} and plots")
     return 0
 

@@ -52,6 +52,47 @@ def test_drop_and_flip_training_run_and_evaluate_with_real_bytes(digits):
         assert ev.n == len(test)
 
 
+def test_kd_loss_is_zero_on_the_teacher_and_positive_elsewhere():
+    from flowcodec.codecs.train import _kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(16, 10, generator=g)
+    assert float(_kd_loss(t, t, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    s = torch.randn(16, 10, generator=g)
+    assert float(_kd_loss(s, t, 2.0)) > 0.01
+
+
+def test_cached_views_hold_the_frozen_parts_outputs(digits):
+    from flowcodec.codecs.train import _cache_views
+
+    fam, train, _ = digits
+    head, tail = fam.split(3, 1)
+    plain = train.subset(len(train))
+    plain.augment = False  # without augmentation every view equals head(x) and tail(head(x))
+    views = _cache_views(head, tail, plain, 2, torch.Generator().manual_seed(0), "cpu", False)
+    assert len(views) == 2
+    x, y = next(plain.batches(len(plain)))
+    with torch.no_grad():
+        h = head(x)
+        t = tail(h)
+    for hs, ys, ts in views:
+        assert hs.dtype == torch.float16 and torch.equal(ys, y)
+        torch.testing.assert_close(hs.float(), h, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(ts, t)
+
+
+def test_distillation_from_cached_views_lowers_the_kd_term(digits):
+    fam, train, test = digits
+    torch.manual_seed(0)
+    codec = build_codec("factorized", (16, 8, 8), latent=4, hidden=8)
+    res = train_codec(codec, fam, 3, 1, train, test, lam=0.0, beta=0.0, kd=1.0, views=2,
+                      epochs=4, batch_size=32, progress=False)  # fmt: skip
+    assert res.epochs == 4 and all("kd" in h for h in res.history)
+    assert res.history[-1]["kd"] < res.history[0]["kd"]
+    with pytest.raises(ConfigError):
+        train_codec(codec, fam, 3, 1, train, views=-1)
+
+
 def test_train_codec_rejects_bad_settings(digits):
     fam, train, _ = digits
     codec = build_codec("factorized", (16, 8, 8), latent=4, hidden=8)
@@ -93,6 +134,34 @@ def test_rd_writes_csv_json_and_plots(digits, tmp_path):
         assert len(list(csv.DictReader(f))) == len(rows)
     assert json.loads((tmp_path / "rd.json").read_text())["rows"]
     assert (tmp_path / "rd.png").stat().st_size > 0 and (tmp_path / "channel.png").is_file()
+    # session framing drops the header: 48 + 10 * packets bytes less, minus its own framing
+    assert q["f-0.5"].session_bytes < q["f-0.5"].bytes_per_image - 40
+    with open(tmp_path / "targets.csv") as f:
+        targets = list(csv.DictReader(f))
+    assert {t["framing"] for t in targets} == {"self-contained", "session"}
+    assert all(t["label"] == "f-0.5" for t in targets)
+
+
+def test_compare_finds_the_cheapest_input_row_at_least_as_accurate():
+    from flowcodec.rd import RDRow, compare
+
+    def row(label, group, codec, acc, b, s):
+        return RDRow(label, group, codec, 1, "clean", acc, b, s, b, None, None, 0, 0, 10, 0)
+
+    rows = [row("uncompressed", "reference", "none", 0.90, 0, 0),
+            row("raw-float32", "raw", "raw", 0.90, 1000, 960),
+            row("webp-a", "webp", "webp", 0.85, 100, 60),
+            row("webp-b", "webp", "webp", 0.89, 300, 260),
+            row("jpeg-c", "jpeg", "jpeg", 0.895, 400, 360),
+            row("fact", "learned", "factorized", 0.88, 80, 30),
+            row("fact-hi", "learned", "factorized", 0.95, 80, 30)]  # fmt: skip
+    got = {(c.label, c.framing): c for c in compare(rows)}
+    c = got[("fact", "self-contained")]
+    assert c.input_label == "webp-b" and c.input_ratio == pytest.approx(80 / 300)
+    assert c.gap_points == pytest.approx(2.0) and c.float32_ratio == pytest.approx(0.08)
+    s = got[("fact", "session")]
+    assert s.input_bytes == 260 and s.input_ratio == pytest.approx(30 / 260)
+    assert got[("fact-hi", "session")].input_label is None  # no input row is as accurate
 
 
 def test_rd_config_errors(tmp_path):
