@@ -280,7 +280,8 @@ def _row(label, group, codec, p, cond, ev, fam, member_flops, t0) -> RDRow:
     if ev.est_bytes_per_image:
         over = round(100 * (ev.payload_bytes_per_image / ev.est_bytes_per_image - 1), 3)
     return RDRow(label, group, codec.name, p, cond, ev.accuracy, ev.bytes_per_image,
-                 ev.session_bytes_per_image, ev.payload_bytes_per_image, ev.est_bytes_per_image, over, dev / 1e6,
+                 ev.session_bytes_per_image, ev.payload_bytes_per_image,
+                 ev.est_bytes_per_image, over, dev / 1e6,
                  100 * dev / member_flops, ev.n, round(time.perf_counter() - t0, 1))  # fmt: skip
 
 
