@@ -437,6 +437,62 @@ class Bitstream:
         return cls(header, packets)
 
     # --- what a link carries ----------------------------------------------------------
+    def units(self, framing: str = "sample") -> list[bytes]:
+        """The link packets one sample sends.
+
+        ``framing="sample"``: the header, then each packet framed by :meth:`link_packets`
+        (a self-contained sample). ``framing="session"``: the header went once at session
+        set-up, so only the packets, each as ``index (varint) | payload | CRC-16``.
+        """
+        if framing == "sample":
+            return [self.header_bytes(), *self.link_packets()]
+        if framing == "session":
+            out = []
+            for i, p in enumerate(self.packets):
+                if p is None:
+                    raise BitstreamError(f"packet {i} is lost and cannot be sent")
+                body = _varint(i) + bytes(p)
+                out.append(body + _crc16(body))
+            return out
+        raise BitstreamError(f"framing must be 'sample' or 'session', got {framing!r}")
+
+    @classmethod
+    def from_units(cls, header: Header, delivered: Sequence[bytes | None],
+                   framing: str = "sample") -> Bitstream:  # fmt: skip
+        """Rebuild a sample from the :meth:`units` a link delivered (``None``: lost).
+
+        With ``framing="sample"`` a lost or damaged header loses every packet (nothing can
+        be decoded without it); a unit whose index or CRC is wrong is reported lost.
+        """
+        if framing == "sample":
+            if not delivered:
+                raise BitstreamError("no header unit")
+            head, body = delivered[0], list(delivered[1:])
+            ok = head is not None
+            if ok:
+                try:
+                    hdr, n, size = Header.parse(head)
+                    ok = hdr == header and n == len(body) and size == len(head)
+                except BitstreamError:
+                    ok = False
+            return cls.from_packets(header, body if ok else [None] * len(body))
+        if framing != "session":
+            raise BitstreamError(f"framing must be 'sample' or 'session', got {framing!r}")
+        out: list[bytes | None] = []
+        for i, u in enumerate(delivered):
+            payload = None
+            if u is not None and len(u) >= 3:
+                u = bytes(u)
+                try:
+                    r = _Reader(u)
+                    index = _read_varint(r, "packet index")
+                    if index == i and _crc16(u[:-2]) == u[-2:]:
+                        payload = u[r.pos : -2]
+                except BitstreamError:
+                    payload = None
+            out.append(payload)
+        return cls(header, out)
+
     def header_bytes(self) -> bytes:
         """The header alone, as sent ahead of the packets."""
         return self.header.to_bytes(len(self.packets))

@@ -18,6 +18,10 @@ The scenario (all figures in the config under ``experiments/``):
   edge;
 - **device only**: the smallest member on the device, no link.
 
+``"framing"`` in the config (``"sample"`` by default, or ``"session"``) says whether every
+sample sends its bitstream header over the uplink or the header went once at session
+set-up (``Bitstream.units``); it applies to every scheme alike.
+
 The profile is measured on the first half of the evaluation samples and every scheme is
 evaluated on the second half, so no decision is tuned on the samples it is scored on.
 """
@@ -53,6 +57,7 @@ class LatencyConfig:
     reference: dict | None = None
     harq_max_tx_baselines: int = 4
     target_bler: float = 0.1
+    framing: str = "sample"
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyConfig:
@@ -70,6 +75,8 @@ class LatencyConfig:
         self.reference = self.reference or {"snr_db": 10.0, "symbol_rate": 1e6}
         if not self.options:
             raise ConfigError("a latency config needs at least one option")
+        if self.framing not in ("sample", "session"):
+            raise ConfigError(f"framing must be 'sample' or 'session', got {self.framing!r}")
 
 
 def load_option_codec(spec: dict, family, train_data=None, progress: bool = True):
@@ -137,7 +144,8 @@ def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True) -> list[di
     codecs = {(int(o["point"]), o["rate"]): load_option_codec(o, fam, train, progress)
               for o in cfg.options}  # fmt: skip
     t0 = time.perf_counter()
-    profile = build_profile(fam, member, codecs, prof_data, progress=progress, seed=cfg.seed)
+    profile = build_profile(fam, member, codecs, prof_data, progress=progress, seed=cfg.seed,
+                            framing=cfg.framing)  # fmt: skip
     profile.meta.update(seconds=round(time.perf_counter() - t0, 1))
     profile.save(out / "profile.json")
     comp, delay = cfg.compute, cfg.delay_s
@@ -145,10 +153,11 @@ def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True) -> list[di
     input_spec = {"point": 0, "rate": "input", **cfg.input_codec}
     in_codec = load_option_codec(input_spec, fam, train, progress)
     probe = in_codec.compress(x_eval[:1])[0]
-    in_bytes = [len(probe.header_bytes())] + [len(p) for p in probe.link_packets()]
+    in_bytes = [len(u) for u in probe.units(cfg.framing)]
     # Cloud-only accuracy on a clean link, through the real codec: the accuracy floor.
     ref_flow = Flow(fam, [Tier("device", comp["device"], 0), Tier("cloud", comp["cloud"],
-                    member)], [Hop(in_codec, IIDPacketErasure(0.0), 1e9)])  # fmt: skip
+                    member)], [Hop(in_codec, IIDPacketErasure(0.0), 1e9,
+                                   framing=cfg.framing)])  # fmt: skip
     floor_acc = ref_flow.run(x_eval).accuracy(y_eval)
     floor = floor_acc - 0.01
     policy = Policy(profile, floor, comp["device"], comp["edge"], delay["edge"])
@@ -175,7 +184,7 @@ def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True) -> list[di
             link = FastLink(mcs=mcs_in, snr_db=snr, harq_max_tx=cfg.harq_max_tx_baselines,
                             seed=cfg.seed)  # fmt: skip
             fl = Flow(fam, [Tier("device", comp["device"], 0), Tier(tier, comp[tier], member)],
-                      [Hop(in_codec, link, sym_rate, d)])  # fmt: skip
+                      [Hop(in_codec, link, sym_rate, d, framing=cfg.framing)])  # fmt: skip
             r = fl.run(x_eval, generator=gen)
             rows.append({**base, "scheme": scheme, **_summary(r, y_eval), "mcs": mcs_in,
                          "config": f"{cfg.input_codec.get('codec')} "
@@ -185,7 +194,7 @@ def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True) -> list[di
                      "config": f"point {fixed_point}, {fixed_rate}",
                      **_run_option(fam, member, codecs[(fixed_point, fixed_rate)], fixed_point,
                                    None, fixed_mcs, snr, sym_rate, comp, delay, x_eval, y_eval,
-                                   gen)})  # fmt: skip
+                                   gen, cfg.framing)})  # fmt: skip
         # Adaptive flow.
         t1 = time.perf_counter()
         dec = policy.decide(snr, sym_rate)
@@ -196,7 +205,7 @@ def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True) -> list[di
                      "expected_latency_ms": 1e3 * dec.expected_latency_s,
                      **_run_option(fam, member, codecs[(dec.point, dec.rate)], dec.point,
                                    dec.threshold, dec.mcs, snr, sym_rate, comp, delay, x_eval,
-                                   y_eval, gen)})  # fmt: skip
+                                   y_eval, gen, cfg.framing)})  # fmt: skip
     for r in rows:
         r["cloud_only_clean_accuracy"] = floor_acc
     _write(rows, out)
@@ -220,14 +229,15 @@ def _summary(res, y) -> dict:
 
 
 def _run_option(fam, member, codec, point, threshold, mcs, snr, sym_rate, comp, delay, x, y,
-                gen) -> dict:  # fmt: skip
+                gen, framing="sample") -> dict:  # fmt: skip
     from channels import FastLink
     from flowcodec.pipeline import Flow, Hop, Tier
 
     link = FastLink(mcs=mcs, snr_db=snr, harq_max_tx=1, seed=0)
     tiers = [Tier("device", comp["device"], point, threshold if point >= 1 else None),
              Tier("edge", comp["edge"], member)]  # fmt: skip
-    res = Flow(fam, tiers, [Hop(codec, link, sym_rate, delay["edge"])]).run(x, generator=gen)
+    hop = Hop(codec, link, sym_rate, delay["edge"], framing=framing)
+    res = Flow(fam, tiers, [hop]).run(x, generator=gen)
     return _summary(res, y)
 
 

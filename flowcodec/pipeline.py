@@ -5,7 +5,8 @@ stages up to its split point ``tiers[t].point``; if it has an exit threshold it 
 the exit at that point and answers every sample whose confidence (largest softmax
 probability) reaches the threshold. The other samples' features are compressed by the
 codec of hop ``t`` (one :class:`~flowcodec.bitstream.Bitstream` per sample), carried by
-the hop's link (header and each packet as separate link packets), decoded by the next
+the hop's link (header and each packet as separate link packets, or only the packets when
+the hop keeps a session), decoded by the next
 tier with lost packets concealed, and continued there. The last tier always answers.
 
 Latency is accounted per sample as if it were processed alone: compute time is the
@@ -86,7 +87,9 @@ class Hop:
     ``transmit(packets: list[bytes], snr_db=None, generator=None) -> (list[bytes | None],
     report)`` (a ``channels`` link or packet-erasure channel); ``symbol_rate`` is in
     complex symbols per second; ``delay_s`` is the fixed propagation/backhaul delay;
-    ``snr_db`` is passed to links that take one (None: the link's own).
+    ``snr_db`` is passed to links that take one (None: the link's own). ``framing`` is
+    ``"sample"`` (every sample sends its header as a link packet ahead of its packets) or
+    ``"session"`` (the header went once at session set-up; see ``Bitstream.units``).
     """
 
     codec: FeatureCodec
@@ -94,6 +97,7 @@ class Hop:
     symbol_rate: float
     delay_s: float = 0.0
     snr_db: float | None = None
+    framing: str = "sample"
 
     def __post_init__(self) -> None:
         if not self.symbol_rate > 0:
@@ -102,6 +106,8 @@ class Hop:
             raise ConfigError("delay_s must be non-negative")
         if not callable(getattr(self.link, "transmit", None)):
             raise ConfigError("link must have a transmit(packets, ...) method")
+        if self.framing not in ("sample", "session"):
+            raise ConfigError(f"framing must be 'sample' or 'session', got {self.framing!r}")
 
 
 def packet_bits_per_symbol(link) -> float:
@@ -114,8 +120,9 @@ def packet_bits_per_symbol(link) -> float:
 
 @dataclass
 class HopTrace:
-    """One sample on one hop: measured bits (header and framing included), channel uses,
-    packets sent and lost (the header counts as a packet), and transmission time."""
+    """One sample on one hop: measured bits (what the link carried for it: header, if the
+    hop sends one per sample, and framing included), channel uses, packets sent and lost
+    (a per-sample header counts as a packet), and transmission time."""
 
     bits: int
     channel_uses: int
@@ -287,7 +294,7 @@ class Flow:
         units: list[bytes] = []
         spans = []
         for s in streams:
-            pk = [s.header_bytes(), *s.link_packets()]
+            pk = s.units(hop.framing)
             spans.append((len(units), len(pk)))
             units += pk
         kwargs = {"generator": generator} if generator is not None else {}
@@ -299,17 +306,16 @@ class Flow:
         received = []
         for (start, n), s, i in zip(spans, streams, active):
             got = delivered[start : start + n]
-            header_lost = got[0] is None
-            # A lost header loses the whole sample's features: every packet is concealed.
-            body = [None] * (n - 1) if header_lost else got[1:]
-            received.append(Bitstream.from_packets(s.header, body))
+            # With per-sample headers a lost header conceals every packet of the sample.
+            received.append(Bitstream.from_units(s.header, got, hop.framing))
             if uses is not None:
                 cu = int(sum(uses[start : start + n]))
             else:
                 cu = int(-(-8 * sum(len(u) for u in units[start : start + n]) // bps))
             traces[i].hops.append(HopTrace(
-                bits=8 * s.nbytes, channel_uses=cu, packets=n,
-                packets_lost=sum(p is None for p in got), header_lost=header_lost,
+                bits=8 * sum(len(u) for u in units[start : start + n]), channel_uses=cu,
+                packets=n, packets_lost=sum(p is None for p in got),
+                header_lost=hop.framing == "sample" and got[0] is None,
                 tx_time_s=cu / hop.symbol_rate + hop.delay_s,
             ))  # fmt: skip
         return hop.codec.decompress(received).to(h.device)

@@ -247,12 +247,14 @@ def build_profile(
     thresholds: Sequence[float | None] = THRESHOLDS,
     seed: int = 0,
     progress: bool = True,
+    framing: str = "sample",
 ) -> Profile:
     """Measure a profile of ``family`` member ``member`` on ``data`` (an ArrayDataset).
 
     ``options`` maps ``(split point, rate name)`` to a codec for the features at that
-    point. Each sample's link packets (header included) are dropped i.i.d. at each loss
-    rate of ``loss_grid``; the receiver conceals what is lost.
+    point. Each sample's link packets (``Bitstream.units(framing)``: with the default
+    ``"sample"`` framing the header is one of them) are dropped i.i.d. at each loss rate of
+    ``loss_grid``; the receiver conceals what is lost.
     """
     from tqdm.auto import tqdm
 
@@ -277,15 +279,14 @@ def build_profile(
             streams = codec.compress(h)
             if packet_bytes is None:
                 s = streams[0]
-                packet_bytes = [len(s.header_bytes())] + [len(p) for p in s.link_packets()]
+                packet_bytes = [len(u) for u in s.units(framing)]
+            units = [s.units(framing) for s in streams]
             for loss in loss_grid:
                 rec = []
-                for s in streams:
-                    n = len(s.packets) + 1
-                    drop = (torch.rand(n, generator=gen) < loss).tolist()
-                    pk = [None] * (n - 1) if drop[0] else [
-                        None if d else p for d, p in zip(drop[1:], s.link_packets())]
-                    rec.append(Bitstream.from_packets(s.header, pk))
+                for s, us in zip(streams, units):
+                    drop = (torch.rand(len(us), generator=gen) < loss).tolist()
+                    got = [None if d else u for d, u in zip(drop, us)]
+                    rec.append(Bitstream.from_units(s.header, got, framing))
                 remote_ok[loss].append(tail(codec.decompress(rec)).argmax(1) == y)
         for _ in loss_grid:
             bar.update(1)
@@ -309,7 +310,8 @@ def build_profile(
         out.append(RatePoint(point, rate, packet_bytes or [], dev_flops, exit_flops, rem,
                              accuracy, exit_fraction))  # fmt: skip
     bar.close()
-    return Profile(out, list(loss_grid), {"member": member, "samples": len(data)})
+    return Profile(out, list(loss_grid), {"member": member, "samples": len(data),
+                                          "framing": framing})  # fmt: skip
 
 
 def toy_profile() -> Profile:

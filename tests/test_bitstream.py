@@ -266,3 +266,31 @@ def test_compact_layout_is_documented_layout():
     # 58 bytes of header and framing in the self-contained form, 8 here, for one packet
     one = Bitstream(h, [payload])
     assert one.nbytes - len(payload) == 58 and one.compact_nbytes - len(payload) == 8
+
+
+@settings(max_examples=60)
+@given(streams, st.data())
+def test_units_round_trip_and_mark_losses(bs, data):
+    for framing in ("sample", "session"):
+        units = bs.units(framing)
+        assert len(units) == len(bs.packets) + (framing == "sample")
+        assert Bitstream.from_units(bs.header, units, framing) == bs
+        drop = data.draw(st.lists(st.booleans(), min_size=len(units), max_size=len(units)))
+        got = [None if d else u for d, u in zip(drop, units)]
+        out = Bitstream.from_units(bs.header, got, framing)
+        body = drop[1:] if framing == "sample" else drop
+        head_lost = framing == "sample" and drop[0]
+        for d, p, want in zip(body, out.packets, bs.packets):
+            assert p == (None if (d or head_lost) else want)
+
+
+def test_session_units_with_a_wrong_index_or_crc_are_lost():
+    bs = Bitstream(Header("c", b"\0" * 8), [b"abc", b"defg"])
+    a, b = bs.units("session")
+    assert Bitstream.from_units(bs.header, [b, a], "session").packets == [None, None]
+    broken = bytearray(a)
+    broken[1] ^= 0x10
+    assert Bitstream.from_units(bs.header, [bytes(broken), b], "session").packets == [
+        None, b"defg"]
+    with pytest.raises(BitstreamError, match="framing"):
+        bs.units("frame")

@@ -28,3 +28,20 @@ def test_latency_experiment_writes_rows_for_every_scheme(tmp_path, digits_family
     # With a clean link the adaptive flow keeps its accuracy floor (1 point under cloud).
     floor = by[("cloud-only", 20.0)]["cloud_only_clean_accuracy"] - 0.01
     assert by[("adaptive", 20.0)]["expected_accuracy"] >= floor
+
+
+def test_session_framing_sends_fewer_bytes_for_the_same_images(tmp_path, digits_family):
+    cfg = json.loads(open("experiments/latency_digits.json").read())
+    cfg.update(samples=60, symbol_rates=[1e6], snrs_db=[20.0])
+    cfg["options"] = cfg["options"][:2]
+    got = {}
+    for framing in ("sample", "session"):
+        rows = run_latency(LatencyConfig(**cfg, framing=framing), tmp_path / framing,
+                           progress=False)  # fmt: skip
+        got[framing] = {r["scheme"]: r for r in rows}
+        prof = json.loads((tmp_path / framing / "profile.json").read_text())
+        assert prof["meta"]["framing"] == framing
+    # Same input codec and images: the per-sample header (and 10-byte packet frames) go.
+    saved = got["sample"]["cloud-only"]["bytes"] - got["session"]["cloud-only"]["bytes"]
+    assert 40 < saved < 80
+    assert got["session"]["cloud-only"]["accuracy"] == got["sample"]["cloud-only"]["accuracy"]

@@ -92,6 +92,31 @@ def test_lost_packets_are_concealed_not_decoded():
     assert all(tr.hops[0].header_lost and tr.hops[0].packets_lost == 2 for tr in res.traces)
 
 
+def test_session_framing_sends_no_header_and_counts_its_own_bytes():
+    fam = tiny_family()
+    codec = build_codec("raw", (4,), packets=2)
+    tiers = [Tier("device", 1e3, point=1), Tier("cloud", 1e4, point=2)]
+    x = torch.randn(3, 4)
+    stream = codec.compress(fam.features(x[:1], 1))[0]
+    for framing, want_packets in (("sample", 3), ("session", 2)):
+        hop = Hop(codec, IIDPacketErasure(0.0), symbol_rate=1e3, framing=framing)
+        res = Flow(fam, tiers, [hop]).run(x)
+        nbytes = sum(len(u) for u in stream.units(framing))
+        # 2 packets of 2 float32: header + 2 x (8 + 10) bytes, or 2 x (1 + 8 + 2) bytes
+        assert nbytes == (len(stream.header_bytes()) + 36 if framing == "sample" else 22)
+        for tr in res.traces:
+            (h,) = tr.hops
+            assert h.bits == 8 * nbytes and h.channel_uses == 8 * nbytes
+            assert h.packets == want_packets and not h.header_lost
+        assert torch.equal(res.logits, fam.member(2)(x))
+    lossy = Hop(codec, IIDPacketErasure(1.0), symbol_rate=1e3, framing="session")
+    res = Flow(fam, tiers, [lossy]).run(x)
+    assert all(tr.hops[0].packets_lost == 2 and not tr.hops[0].header_lost
+               for tr in res.traces)  # fmt: skip
+    with pytest.raises(ConfigError, match="framing"):
+        Hop(codec, IIDPacketErasure(0.0), symbol_rate=1e3, framing="frame")
+
+
 def test_three_tiers_over_digital_links():
     fam = build_family("digits").eval()
     torch.manual_seed(0)
