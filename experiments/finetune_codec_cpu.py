@@ -77,6 +77,7 @@ def main(argv=None) -> int:
                          "batch_size": args.batch_size, "lr": args.lr,
                          "drop_prob": args.drop_prob, "device": "cpu",
                          "threads": args.threads, "seconds": round(res.seconds, 1),
+                         "cache_seconds": round(res.cache_seconds, 1),
                          "history": res.history}  # fmt: skip
     extra["train_kwargs"] = {**extra.get("train_kwargs", {}), "lam": args.lam,
                              "drop_prob": args.drop_prob}  # fmt: skip
