@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kd", type=float, default=0.0, help="logit-distillation weight")
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--views", type=int, default=0, help="cached augmented copies")
+    ap.add_argument("--cache-file", default=None,
+                    help="load the cached copies from this file, or save them there")
     ap.add_argument("--drop-prob", type=float, default=0.0)
     ap.add_argument("--packets", type=int, default=None, help="rebuild with this many packets")
     ap.add_argument("--threads", type=int, default=1)
@@ -63,11 +65,24 @@ def main(argv=None) -> int:
         codec = fresh
     fam = load_pretrained("cifar10")
     train, test = load_dataset("cifar10")
+    cache = None
+    if args.cache_file and args.views:
+        import os
+
+        from flowcodec.codecs.train import cache_views
+
+        if os.path.exists(args.cache_file):
+            cache = torch.load(args.cache_file)[: args.views]
+        else:
+            head, tail = fam.eval().split(3, 1)
+            gen = torch.Generator().manual_seed(args.seed)
+            cache = cache_views(head, tail, train, args.views, gen)
+            torch.save(cache, args.cache_file)
     res = train_codec(codec, fam, 3, 1, train, None, lam=args.lam, beta=args.beta,
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       drop_prob=args.drop_prob, max_steps=args.steps, seed=args.seed,
                       time_budget=args.seconds, kd=args.kd, temperature=args.temperature,
-                      views=args.views, progress=True)  # fmt: skip
+                      views=args.views, cache=cache, progress=True)  # fmt: skip
     round_half(codec).eval()
     codec.update(force=True)
     extra = dict(cfg["extra"])

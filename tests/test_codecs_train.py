@@ -63,13 +63,13 @@ def test_kd_loss_is_zero_on_the_teacher_and_positive_elsewhere():
 
 
 def test_cached_views_hold_the_frozen_parts_outputs(digits):
-    from flowcodec.codecs.train import _cache_views
+    from flowcodec.codecs.train import cache_views
 
     fam, train, _ = digits
     head, tail = fam.split(3, 1)
     plain = train.subset(len(train))
     plain.augment = False  # without augmentation every view equals head(x) and tail(head(x))
-    views = _cache_views(head, tail, plain, 2, torch.Generator().manual_seed(0), "cpu", False)
+    views = cache_views(head, tail, plain, 2, torch.Generator().manual_seed(0), progress=False)
     assert len(views) == 2
     x, y = next(plain.batches(len(plain)))
     with torch.no_grad():

@@ -38,7 +38,8 @@ from flowcodec.codecs.base import FeatureCodec
 from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
 
-__all__ = ["CodecTrainResult", "CodecEval", "train_codec", "evaluate_codec", "collect_features"]
+__all__ = ["CodecTrainResult", "CodecEval", "train_codec", "evaluate_codec", "collect_features",
+           "cache_views"]  # fmt: skip
 
 
 @dataclass
@@ -103,6 +104,7 @@ def train_codec(
     kd: float = 0.0,
     temperature: float = 2.0,
     views: int = 0,
+    cache: list | None = None,
 ) -> CodecTrainResult:
     """Train ``codec`` at split ``point`` of ``family`` for the tail of ``member``.
 
@@ -112,7 +114,9 @@ def train_codec(
     (the cosine schedule is stretched to the epochs that fit). ``max_steps`` caps the
     number of steps (smoke tests). ``kd`` weights logit distillation from the larger member
     on the true features; ``views`` caches that many augmented copies of the frozen part's
-    outputs (see the module notes). The codec is left in eval mode on ``device``.
+    outputs (see the module notes); ``cache`` passes such copies made earlier by
+    :func:`cache_views` (for several codecs at the same split, or saved to disk). The codec
+    is left in eval mode on ``device``.
     """
     from tqdm.auto import tqdm
 
@@ -146,7 +150,9 @@ def train_codec(
     bar = tqdm(total=total, desc=f"train {codec.name}", disable=not progress, leave=False)
     epoch = 0
     t_cache = time.perf_counter()
-    cache = _cache_views(head, tail, train, views, gen, dev, progress) if views else None
+    if cache is None and views:
+        cache = cache_views(head, tail, train, views, gen, dev, progress)
+    views = len(cache) if cache else 0
     res.cache_seconds = time.perf_counter() - t_cache
     start = time.perf_counter()  # the time budget counts training steps, not the cache
     while step < total:
@@ -219,10 +225,15 @@ def _live_batches(head, teacher, train, batch_size, gen, dev):
 
 
 @torch.no_grad()
-def _cache_views(head, tail, train, views, gen, dev, progress):
-    """``views`` augmented copies of ``(head(x) as float16, y, tail(head(x)))`` on CPU."""
+def cache_views(head, tail, train: ArrayDataset, views: int,
+                generator: torch.Generator | None = None, device="cpu",
+                progress: bool = True) -> list[tuple[torch.Tensor, ...]]:  # fmt: skip
+    """``views`` augmented copies of the training set through the frozen part: a list of
+    ``(head(x) as float16, y, tail(head(x)))`` on CPU, for ``train_codec(cache=...)``
+    (``torch.save`` keeps them for another run)."""
     from tqdm.auto import tqdm
 
+    gen, dev = generator, device
     out = []
     steps = views * math.ceil(len(train) / 500)
     with tqdm(total=steps, desc="cache features", disable=not progress, leave=False) as bar:
