@@ -1,6 +1,9 @@
 """Loss curves of the shipped CIFAR-10 codecs (from the histories saved in their JSON).
 
     python -m experiments.plot_codec_training --out docs/img/codecs_loss.png
+
+A codec continued from another (``extra.finetune.from``) is drawn as its ancestors'
+curves followed by its own epochs, so each line is one codec's whole training.
 """
 
 from __future__ import annotations
@@ -21,25 +24,26 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/img/codecs_loss.png")
     args = ap.parse_args(argv)
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for name in list_pretrained():
+    def lineage(name: str) -> list[dict]:
         extra = json.loads((CODEC_ZOO / f"{name}.json").read_text())["extra"]
-        hist = extra.get("history", [])
+        ft = extra.get("finetune")
+        if not ft:
+            return list(extra.get("history", []))
+        return lineage(ft["from"]) + list(ft["history"])
+
+    for name in list_pretrained():
+        hist = lineage(name)
         if not hist:
             continue
-        ep = [h["epoch"] for h in hist]
+        ep = list(range(1, len(hist) + 1))
         label = name.removeprefix("cifar10-")
         for ax, key in zip(axes, ("task", "distill", "kbits")):
             ax.plot(ep, [h[key] for h in hist], "o-", ms=3, label=label)
-        ft = extra.get("finetune")
-        if ft:
-            for ax, key in zip(axes, ("task", "distill", "kbits")):
-                ax.plot([ep[-1] + 1], [ft["history"][-1][key]], "*", ms=8,
-                        label=f"{label} (+{ft['steps']} CPU steps)")
     titles = ("task loss (CE of member 3)", "distillation (MSE / mean square)",
               "estimated rate (kbit / image)")  # fmt: skip
     for ax, t in zip(axes, titles):
         ax.set_title(t, fontsize=9)
-        ax.set_xlabel("epoch (GPU run, train set)")
+        ax.set_xlabel("epoch (GPU run, then CPU continuations; train set)")
         ax.grid(True, alpha=0.3)
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=6)
