@@ -285,24 +285,24 @@ def _row(label, group, codec, p, cond, ev, fam, member_flops, t0) -> RDRow:
                  100 * dev / member_flops, ev.n, round(time.perf_counter() - t0, 1))  # fmt: skip
 
 
-def write_outputs(rows: list[RDRow], out: Path, cfg: dict, histories: dict) -> None:
-    """rd.csv, rd.json and the plots."""
-    with open(out / "rd.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+def _write_csv(path: Path, items: list) -> None:
+    """Dataclass rows as CSV, floats rounded to 4 decimals."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(asdict(items[0])))
         w.writeheader()
-        for r in rows:
+        for it in items:
             w.writerow({k: (round(v, 4) if isinstance(v, float) else v)
-                        for k, v in asdict(r).items()})  # fmt: skip
+                        for k, v in asdict(it).items()})  # fmt: skip
+
+
+def write_outputs(rows: list[RDRow], out: Path, cfg: dict, histories: dict) -> None:
+    """rd.csv, rd.json, targets.csv and the plots."""
+    _write_csv(out / "rd.csv", rows)
     (out / "rd.json").write_text(json.dumps({"config": cfg, "rows": [asdict(r) for r in rows],
                                              "train_histories": histories}, indent=1))
     comps = compare(rows)
     if comps:
-        with open(out / "targets.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(asdict(comps[0])))
-            w.writeheader()
-            for c in comps:
-                w.writerow({k: (round(v, 4) if isinstance(v, float) else v)
-                            for k, v in asdict(c).items()})  # fmt: skip
+        _write_csv(out / "targets.csv", comps)
     plot_rd(rows, out / "rd.png", title=cfg.get("title", ""))
     if any(r.condition != "clean" for r in rows):
         plot_channel(rows, out / "channel.png")
