@@ -11,7 +11,7 @@ packets: the weights do not depend on it), trains it with ``train_codec`` (CIFAR
 set, tail = member 3 from split point 1) for ``--steps`` steps or ``--epochs`` epochs within
 ``--seconds``, freezes the CDF tables and writes the result back to the zoo with the run's
 history. ``--views K`` caches K augmented copies of the head's features and the teacher's
-logits first (``train_codec(views=K)``), which makes each CPU step about 30% cheaper.
+logits first (``train_codec(views=K)``), so that no step runs the head or the teacher.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ the estimated rate in kilobits per image. The family is frozen.
 
 With ``views=K`` the frozen part is run once: the head's features (float16) and the larger
 member's logits are computed for ``K`` augmented copies of the training set before the
-first step, and epoch ``e`` trains on copy ``e mod K``. On a CPU this removes the head and
-the teacher from every step (about 30% of a step at split point 1 of the CIFAR-10 family)
-at a memory cost of ``K * N * C * H * W * 2`` bytes.
+first step, and epoch ``e`` trains on copy ``e mod K``. On a CPU this removes the head's
+and the teacher's forward passes from every step, at a memory cost of
+``K * N * C * H * W * 2`` bytes.
 
 Example
 -------
