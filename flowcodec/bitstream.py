@@ -486,7 +486,8 @@ class Bitstream:
                 try:
                     r = _Reader(u)
                     index = _read_varint(r, "packet index")
-                    if index == i and _crc16(u[:-2]) == u[-2:]:
+                    ok = index == i and r.pos <= len(u) - 2  # the index ends before the CRC
+                    if ok and _crc16(u[:-2]) == u[-2:]:
                         payload = u[r.pos : -2]
                 except BitstreamError:
                     payload = None
