@@ -100,13 +100,17 @@ def test_every_single_bit_flip_in_header_is_detected(header):
             Bitstream.from_bytes(bytes(flipped))
 
 
+@pytest.mark.parametrize("framing", ["self-contained", "session"])
 @settings(max_examples=30)
-@given(streams)
-def test_truncation_at_every_offset_is_detected(bs):
-    raw = bs.to_bytes()
+@given(bs=streams)
+def test_truncation_at_every_offset_is_detected(framing, bs):
+    if framing == "session":
+        raw, parse = bs.to_compact(), lambda b: Bitstream.from_compact(b, bs.header)
+    else:
+        raw, parse = bs.to_bytes(), Bitstream.from_bytes
     for cut in range(len(raw)):
         with pytest.raises(BitstreamError):
-            Bitstream.from_bytes(raw[:cut])
+            parse(raw[:cut])
 
 
 def test_trailing_bytes_rejected():
@@ -227,15 +231,6 @@ def test_compact_every_single_bit_flip_is_detected(header, packets):
     bs = Bitstream(header, packets)
     _assert_flips_detected(bs.to_compact(), 0, lambda b: Bitstream.from_compact(b, header),
                            packets)  # fmt: skip
-
-
-@settings(max_examples=30)
-@given(streams)
-def test_compact_truncation_at_every_offset_is_detected(bs):
-    raw = bs.to_compact()
-    for cut in range(len(raw)):
-        with pytest.raises(BitstreamError):
-            Bitstream.from_compact(raw[:cut], bs.header)
 
 
 def test_compact_refuses_another_session_and_a_full_stream():
