@@ -56,13 +56,15 @@ class Comparison:
 
 def compare(rows: list[RDRow]) -> list[Comparison]:
     """Set every clean learned row against the targets of the codecs issue (both framings)."""
+    from flowcodec.codecs.zoo import LEARNED_CODECS
+
     clean = [r for r in rows if r.condition == "clean"]
     ref = next((r for r in clean if r.group == "reference"), None)
     raw = next((r for r in clean if r.codec == "raw" and "32" in r.label), None)
     inputs = [r for r in clean if r.codec in ("jpeg", "webp")]
     out = []
     for r in clean:
-        if r.codec not in ("factorized", "hyperprior", "binary"):
+        if r.codec not in LEARNED_CODECS:
             continue
         for key, framing in FRAMINGS.items():
             b = getattr(r, key)

@@ -78,7 +78,7 @@ def load_codec(path: str | os.PathLike, backend: str = "auto") -> FeatureCodec:
     c = cfg["config"]
     try:
         kwargs = dict(c.get("kwargs", {}))
-        if c["name"] not in ("raw",) and "backend" not in kwargs and c["name"] in _LEARNED:
+        if "backend" not in kwargs and c["name"] in LEARNED_CODECS:
             kwargs["backend"] = backend
         codec = build_codec(c["name"], tuple(c["feature_shape"]), **kwargs)
     except (KeyError, TypeError, ValueError) as e:
@@ -94,7 +94,7 @@ def load_codec(path: str | os.PathLike, backend: str = "auto") -> FeatureCodec:
     return codec.eval()
 
 
-_LEARNED = ("factorized", "hyperprior", "binary")
+LEARNED_CODECS = ("factorized", "hyperprior", "binary")  # registry names of the learned codecs
 
 
 def _set_buffer(module: torch.nn.Module, key: str, value: torch.Tensor) -> None:
