@@ -241,7 +241,8 @@ def _extract(tarball: Path, dest: Path) -> Path:
 
 def _decode_split(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     from PIL import Image
-    from tqdm.auto import tqdm
+
+    from flowcodec.progress import tqdm
 
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:

@@ -86,14 +86,13 @@ def demo_codecs(family, train, test, lams, progress: bool = True) -> dict[str, o
 
 def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> tuple[list[dict], dict]:
     """Run the demo; returns the table rows and run facts, writes demo.csv / demo.png."""
-    from tqdm.auto import tqdm
-
     from channels import AWGN, ExactLink, IIDPacketErasure, RayleighBlockFading
     from flowcodec.codecs import build_codec
     from flowcodec.data import load_dataset
     from flowcodec.family import load_pretrained
     from flowcodec.pipeline import DEFAULT_TIERS, Flow, Hop, Tier
     from flowcodec.policy import link_adaptation_mcs
+    from flowcodec.progress import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

@@ -120,14 +120,13 @@ def load_option_codec(spec: dict, family, train_data=None, progress: bool = True
 
 def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True) -> list[dict]:
     """Run the experiment; writes ``latency.csv``, ``profile.json`` and plots in ``out``."""
-    from tqdm.auto import tqdm
-
     from channels import FastLink, IIDPacketErasure
     from flowcodec.data import load_dataset
     from flowcodec.family import load_pretrained
     from flowcodec.family.train import accuracy
     from flowcodec.pipeline import Flow, Hop, Tier
     from flowcodec.policy import Policy, build_profile, link_adaptation_mcs
+    from flowcodec.progress import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
     fam = load_pretrained(cfg.dataset, progress=progress)

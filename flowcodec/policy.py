@@ -256,10 +256,9 @@ def build_profile(
     ``"sample"`` framing the header is one of them) are dropped i.i.d. at each loss rate of
     ``loss_grid``; the receiver conceals what is lost.
     """
-    from tqdm.auto import tqdm
-
     from flowcodec.bitstream import Bitstream
     from flowcodec.family.base import count_flops
+    from flowcodec.progress import tqdm
 
     fam = family.eval()
     gen = torch.Generator().manual_seed(seed)

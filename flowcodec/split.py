@@ -201,7 +201,7 @@ def train_codec(
     labels the cross-entropy; plus ``beta`` * feature MSE and ``lam`` * estimated bits per
     sample (the codec's ``forward`` rate estimate).
     """
-    from tqdm.auto import tqdm
+    from flowcodec.progress import tqdm
 
     if steps < 1:
         raise ConfigError("steps must be positive")

@@ -118,7 +118,7 @@ def train_codec(
     :func:`cache_views` (for several codecs at the same split, or saved to disk). The codec
     is left in eval mode on ``device``.
     """
-    from tqdm.auto import tqdm
+    from flowcodec.progress import tqdm
 
     if epochs < 1 or lam < 0 or beta < 0 or kd < 0 or views < 0 or temperature <= 0:
         raise ConfigError("epochs must be >= 1, lam, beta, kd and views >= 0, temperature > 0")
@@ -231,7 +231,7 @@ def cache_views(head, tail, train: ArrayDataset, views: int,
     """``views`` augmented copies of the training set through the frozen part: a list of
     ``(head(x) as float16, y, tail(head(x)))`` on CPU, for ``train_codec(cache=...)``
     (``torch.save`` keeps them for another run)."""
-    from tqdm.auto import tqdm
+    from flowcodec.progress import tqdm
 
     gen, dev = generator, device
     out = []
@@ -291,9 +291,8 @@ def evaluate_codec(codec: FeatureCodec, head, tail, data: ArrayDataset, batch_si
     (its report is ignored); ``transform`` (optional) maps each Bitstream before decoding
     (e.g. bit flips). Rate is measured before the channel.
     """
-    from tqdm.auto import tqdm
-
     from flowcodec.bitstream import Bitstream
+    from flowcodec.progress import tqdm
 
     codec.eval()
     head.eval()

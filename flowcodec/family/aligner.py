@@ -91,9 +91,8 @@ def train_aligner(
     ``small_head``, ``large_head`` and ``large_tail`` stay frozen (eval mode). The loss is
     ``CE(large_tail(a), y) + distill_weight * MSE(a, large_head(x))``.
     """
-    from tqdm.auto import tqdm
-
     from flowcodec.family.train import accuracy
+    from flowcodec.progress import tqdm
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)

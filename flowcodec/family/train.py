@@ -85,7 +85,7 @@ def train_family(
     config: TrainConfig | None = None,
 ) -> TrainResult:
     """Train all exits jointly; returns test accuracy per member (if ``test`` is given)."""
-    from tqdm.auto import tqdm
+    from flowcodec.progress import tqdm
 
     cfg = config or TrainConfig()
     weights = cfg.exit_weights or [1.0] * family.num_members
