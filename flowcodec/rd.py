@@ -10,6 +10,14 @@ included), the likelihood estimate where there is one, and the device's FLOPs (h
 codec encoder) as a share of the whole member's. Optional ``"channels"`` entries re-run
 codecs through an i.i.d. packet-erasure channel or flip payload bits (BSC).
 
+Codecs whose decoder returns the receiver's answer instead of features (``answers =
+True``: the device exit's top-1 / top-k, ``"exit-top1"``/``"exit-topk"``) are built with
+the family's exit at their split point and scored on the argmax of what they decode (no
+tail): their accuracy is the device member's. Any codec in the registry can be an entry,
+and any shipped checkpoint a ``"pretrained"`` name, whatever its registry name.
+``--baselines RUN/rd.json`` adds the clean rows of an earlier run on the same test set
+(e.g. ``experiments/rd_baselines_cifar10.json``) to this run's comparison and plot.
+
     flowcodec rd --config experiments/rd_cifar10.json --out runs/rd_cifar10
 
 writes ``rd.csv``, ``rd.json``, ``targets.csv`` (:func:`compare`: each learned codec
@@ -29,7 +37,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["RDRow", "Comparison", "run_rd", "compare", "add_parser", "load_config"]
+__all__ = ["RDRow", "Comparison", "run_rd", "compare", "cheapest_at_least", "add_parser",
+           "load_config", "load_rows"]  # fmt: skip
 
 FRAMINGS = {"bytes_per_image": "self-contained", "session_bytes": "session"}
 
@@ -41,6 +50,10 @@ class Comparison:
     ``input_bytes`` is the cheapest input-compression row (JPEG/WebP, point 0) that is at
     least as accurate as the codec (``None`` when none is); ``input_ratio`` is the codec's
     bytes divided by it, ``float32_ratio`` its bytes divided by the raw float32 row's.
+    ``webp_*``: the same against WebP rows only (the issue's target: the cheapest WebP at
+    least as accurate). ``floor_*``: the device-answer floor at the codec's split point
+    (the most accurate ``answers`` row, e.g. ``exit-top1``, at that point), its bytes, and
+    whether the codec is more accurate than it (``None`` when there is no such row).
     """
 
     label: str
@@ -52,30 +65,73 @@ class Comparison:
     input_bytes: float | None
     input_ratio: float | None
     float32_ratio: float | None
+    webp_label: str | None = None
+    webp_bytes: float | None = None
+    webp_ratio: float | None = None
+    floor_label: str | None = None
+    floor_accuracy: float | None = None
+    floor_bytes: float | None = None
+    beats_floor: bool | None = None
+
+
+INPUT_CODECS = ("jpeg", "webp")
+
+
+def is_answer_codec(name: str) -> bool:
+    """True for a registered codec whose decoder returns the receiver's answer (scores)."""
+    from flowcodec.codecs import CODECS
+
+    return bool(getattr(CODECS.get(name), "answers", False))
+
+
+def cheapest_at_least(rows: list[RDRow], accuracy: float, key: str = "session_bytes",
+                      codecs: tuple[str, ...] = INPUT_CODECS) -> RDRow | None:  # fmt: skip
+    """The clean row of ``codecs`` with the fewest bytes (``key``: ``"session_bytes"`` or
+    ``"bytes_per_image"``) among those at least ``accuracy`` accurate; ``None`` if none is.
+
+    ``cheapest_at_least(rows, 0.89, codecs=("webp",))`` answers "what does WebP need for
+    89%?" for a learned codec's point measured elsewhere.
+    """
+    if key not in FRAMINGS:
+        raise ValueError(f"key must be one of {sorted(FRAMINGS)}, got {key!r}")
+    ok = [r for r in rows if r.condition == "clean" and r.codec in codecs
+          and r.accuracy >= accuracy]  # fmt: skip
+    return min(ok, key=lambda r: getattr(r, key)) if ok else None
 
 
 def compare(rows: list[RDRow]) -> list[Comparison]:
-    """Set every clean learned row against the targets of the codecs issue (both framings)."""
+    """Set every clean learned row against the targets of the codecs issue (both framings).
+
+    A row is learned when its codec is in the zoo's ``LEARNED_CODECS`` or it came from a
+    ``"pretrained"`` or ``"train"`` entry (``source``).
+    """
     from flowcodec.codecs.zoo import LEARNED_CODECS
 
     clean = [r for r in rows if r.condition == "clean"]
     ref = next((r for r in clean if r.group == "reference"), None)
     raw = next((r for r in clean if r.codec == "raw" and "32" in r.label), None)
-    inputs = [r for r in clean if r.codec in ("jpeg", "webp")]
+    answers = [r for r in clean if is_answer_codec(r.codec)]
     out = []
     for r in clean:
-        if r.codec not in LEARNED_CODECS:
+        if r.codec not in LEARNED_CODECS and r.source not in ("pretrained", "trained"):
             continue
+        floors = [a for a in answers if a.point == r.point]
+        floor = max(floors, key=lambda a: (a.accuracy, -a.session_bytes)) if floors else None
         for key, framing in FRAMINGS.items():
             b = getattr(r, key)
-            better = [i for i in inputs if i.accuracy >= r.accuracy]
-            best = min(better, key=lambda i: getattr(i, key)) if better else None
+            best = cheapest_at_least(clean, r.accuracy, key)
             ib = getattr(best, key) if best else None
+            wp = cheapest_at_least(clean, r.accuracy, key, codecs=("webp",))
+            wb = getattr(wp, key) if wp else None
             out.append(Comparison(
                 r.label, framing, r.accuracy,
                 round(100 * (ref.accuracy - r.accuracy), 2) if ref else math.nan, b,
                 best.label if best else None, ib, b / ib if ib else None,
-                b / getattr(raw, key) if raw else None))  # fmt: skip
+                b / getattr(raw, key) if raw else None,
+                wp.label if wp else None, wb, b / wb if wb else None,
+                floor.label if floor else None, floor.accuracy if floor else None,
+                getattr(floor, key) if floor else None,
+                (r.accuracy > floor.accuracy) if floor else None))  # fmt: skip
     return out
 
 
@@ -98,6 +154,19 @@ class RDRow:
     device_flops_pct: float
     n: int
     seconds: float
+    source: str = "baseline"  # "reference", "baseline", "pretrained" or "trained"
+
+
+def load_rows(path: str | Path) -> list[RDRow]:
+    """The rows of an earlier run's ``rd.json``."""
+    from flowcodec.errors import ConfigError
+
+    p = Path(path)
+    try:
+        rows = json.loads(p.read_text())["rows"]
+        return [RDRow(**r) for r in rows]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{p} is not the rd.json of a flowcodec rd run: {e}") from e
 
 
 def load_config(path: str | Path) -> dict:
@@ -129,19 +198,25 @@ def _expand(entry: dict) -> list[tuple[str, dict]]:
 
 
 def run_rd(cfg: dict, out: str | Path, progress: bool = True, n: int | None = None,
-           device: str = "cpu", family=None) -> list[RDRow]:  # fmt: skip
+           device: str = "cpu", family=None,
+           baselines: str | Path | None = None) -> list[RDRow]:  # fmt: skip
     """Run every entry of ``cfg``; write CSV, JSON and plots under ``out``; return the rows.
 
     ``family`` (optional) replaces the trained family named in the config (tests).
+    ``baselines`` (optional): an earlier run's ``rd.json`` on the same dataset, member and
+    number of test images; its clean rows (not its reference) whose labels this run does
+    not have are added to the returned rows, the outputs and the comparison (``source``
+    is prefixed with ``"baselines:"``).
     """
     import torch
-    from tqdm.auto import tqdm
 
-    from flowcodec.codecs import build_codec
+    from flowcodec.codecs import CODECS, build_codec
     from flowcodec.codecs.train import collect_features, evaluate_codec, train_codec
     from flowcodec.codecs.zoo import load_pretrained_codec
     from flowcodec.data import load_dataset
+    from flowcodec.errors import ConfigError
     from flowcodec.family import load_pretrained
+    from flowcodec.progress import tqdm
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -151,6 +226,7 @@ def run_rd(cfg: dict, out: str | Path, progress: bool = True, n: int | None = No
     n = n or cfg.get("test_subset")
     if n and n < len(test):
         test = test.subset(int(n), seed=seed)
+    extra = _check_baselines(baselines, cfg, len(test)) if baselines else []
     member, point = int(cfg["member"]), int(cfg["point"])
     member_flops = fam.info()[member - 1].flops
     fit_n = int(cfg.get("fit_samples", 2000))
@@ -169,7 +245,8 @@ def run_rd(cfg: dict, out: str | Path, progress: bool = True, n: int | None = No
         p = int(entry.get("point", point))
         if "pretrained" in entry:
             for name in entry["pretrained"]:
-                jobs.append((group, name, p, lambda name=name: load_pretrained_codec(name)))
+                jobs.append((group, name, p, lambda name=name: load_pretrained_codec(name),
+                             "pretrained"))  # fmt: skip
         elif "train" in entry:
             t = entry["train"]
             for lam in t["lam"]:
@@ -188,17 +265,24 @@ def run_rd(cfg: dict, out: str | Path, progress: bool = True, n: int | None = No
                     codec.train_history = res.history
                     return codec
 
-                jobs.append((group, label, p, build))
+                jobs.append((group, label, p, build, "trained"))
         else:
+            needs_exit = getattr(CODECS.get(entry["codec"]), "needs_exit", False)
+            if needs_exit and not 1 <= p <= fam.num_members:
+                raise ConfigError(f"codec {entry['codec']!r} sends the device exit's "
+                                  f"answer: its point must be in 1..{fam.num_members}, "
+                                  f"got {p}")  # fmt: skip
             for label, kw in _expand(entry):
-                if entry["codec"] in ("jpeg", "webp"):
+                if entry["codec"] in INPUT_CODECS:
                     kw = {"mean": list(train.mean), "std": list(train.std), **kw}
+                if needs_exit:
+                    kw = {"exit_branch": fam.exits[p - 1], **kw}
 
                 def build(entry=entry, kw=kw, p=p):
                     codec = build_codec(entry["codec"], fam.feature_shape(p), **kw)
                     return codec.fit(fits[p]) if entry.get("fit", True) else codec
 
-                jobs.append((group, label, p, build))
+                jobs.append((group, label, p, build, "baseline"))
 
     rows: list[RDRow] = []
     histories = {}
@@ -208,10 +292,10 @@ def run_rd(cfg: dict, out: str | Path, progress: bool = True, n: int | None = No
     rows.append(RDRow("uncompressed", "reference", "none", point, "clean", ref_acc, 0.0, 0.0,
                       0.0, None, None, fam.head_flops(point) / 1e6,
                       100 * fam.head_flops(point) / member_flops, len(test),
-                      round(time.perf_counter() - ref_t, 1)))  # fmt: skip
+                      round(time.perf_counter() - ref_t, 1), "reference"))  # fmt: skip
     built = {}
     bar = tqdm(jobs, desc="rd", disable=not progress)
-    for group, label, p, build in bar:
+    for group, label, p, build, source in bar:
         bar.set_postfix_str(label)
         head, tail = split(p)
         t0 = time.perf_counter()
@@ -220,8 +304,8 @@ def run_rd(cfg: dict, out: str | Path, progress: bool = True, n: int | None = No
         built[label] = (codec, p)
         if hasattr(codec, "train_history"):
             histories[label] = codec.train_history
-        ev = evaluate_codec(codec, head, tail, test)
-        rows.append(_row(label, group, codec, p, "clean", ev, fam, member_flops, t0))
+        ev = evaluate_codec(codec, head, _receiver(codec, tail), test)
+        rows.append(_row(label, group, codec, p, "clean", ev, fam, member_flops, t0, source))
     for ch in cfg.get("channels", []):
         gen_seed = int(ch.get("seed", seed))
         for label in ch["codecs"]:
@@ -229,6 +313,7 @@ def run_rd(cfg: dict, out: str | Path, progress: bool = True, n: int | None = No
                 continue
             codec, p = built[label]
             head, tail = split(p)
+            tail = _receiver(codec, tail)
             t0 = time.perf_counter()
             if "loss_rate" in ch:
                 cond = f"iid loss {ch['loss_rate']:g}"
@@ -243,9 +328,54 @@ def run_rd(cfg: dict, out: str | Path, progress: bool = True, n: int | None = No
                 ev = evaluate_codec(codec, head, tail, test,
                                     transform=lambda s, g=g, prob=prob: flip_bits(s, prob, g))
             rows.append(_row(label, built_group(rows, label), codec, p, cond, ev, fam,
-                             member_flops, t0))  # fmt: skip
+                             member_flops, t0, _source(rows, label)))  # fmt: skip
+    have = {r.label for r in rows}
+    rows += [r for r in extra if r.label not in have]
     write_outputs(rows, out, cfg, histories)
     return rows
+
+
+def _check_baselines(path: str | Path, cfg: dict, n: int | None = None) -> list[RDRow]:
+    """The clean, non-reference rows of an earlier run, if it measured what ``cfg`` will
+    (same dataset, family and member; same number of test images when ``cfg`` or ``n``
+    names one)."""
+    from dataclasses import replace
+
+    from flowcodec.errors import ConfigError
+
+    extra = load_rows(path)
+    try:
+        old = json.loads(Path(path).read_text()).get("config", {})
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise ConfigError(f"{path}: cannot read its config: {e}") from e
+    for key in ("dataset", "family", "member"):
+        if key in old and key in cfg and old[key] != cfg[key]:
+            raise ConfigError(f"baselines {path} used {key}={old[key]!r}, this config "
+                              f"{key}={cfg[key]!r}")  # fmt: skip
+    ref = next((r for r in extra if r.source == "reference" or r.group == "reference"), None)
+    if ref is None:
+        raise ConfigError(f"baselines {path}: the earlier run has no reference row")
+    want = n or cfg.get("test_subset")
+    if want and ref.n != int(want):
+        raise ConfigError(f"baselines {path} were measured on {ref.n} test images, this run "
+                          f"uses {want}")  # fmt: skip
+    return [replace(r, source=f"baselines:{r.source}") for r in extra
+            if r.condition == "clean" and r is not ref]  # fmt: skip
+
+
+def _receiver(codec, tail):
+    """What the receiver runs on the decoded output: the tail, or nothing for a codec that
+    decodes the answer itself (``answers``)."""
+    import torch
+
+    return torch.nn.Identity() if getattr(codec, "answers", False) else tail
+
+
+def _source(rows: list[RDRow], label: str) -> str:
+    for r in rows:
+        if r.label == label:
+            return r.source
+    return "baseline"
 
 
 def built_group(rows: list[RDRow], label: str) -> str:
@@ -276,7 +406,8 @@ def _reference_accuracy(head, tail, data) -> float:
     return correct / len(data)
 
 
-def _row(label, group, codec, p, cond, ev, fam, member_flops, t0) -> RDRow:
+def _row(label, group, codec, p, cond, ev, fam, member_flops, t0,
+         source="baseline") -> RDRow:  # fmt: skip
     dev = fam.head_flops(p) + codec.encoder_flops()
     over = None
     if ev.est_bytes_per_image:
@@ -284,7 +415,8 @@ def _row(label, group, codec, p, cond, ev, fam, member_flops, t0) -> RDRow:
     return RDRow(label, group, codec.name, p, cond, ev.accuracy, ev.bytes_per_image,
                  ev.session_bytes_per_image, ev.payload_bytes_per_image,
                  ev.est_bytes_per_image, over, dev / 1e6,
-                 100 * dev / member_flops, ev.n, round(time.perf_counter() - t0, 1))  # fmt: skip
+                 100 * dev / member_flops, ev.n, round(time.perf_counter() - t0, 1),
+                 source)  # fmt: skip
 
 
 def _write_csv(path: Path, items: list) -> None:
@@ -311,7 +443,12 @@ def write_outputs(rows: list[RDRow], out: Path, cfg: dict, histories: dict) -> N
 
 
 def plot_rd(rows: list[RDRow], path: Path, title: str = "") -> None:
-    """Accuracy vs. bytes per image (log x), one line per codec group."""
+    """Accuracy vs. bytes per image (log x), one line per codec group.
+
+    Rows of codecs that send the device's answer (``exit-top1``/``exit-topk``) are drawn
+    as stars with a dotted horizontal line at their accuracy (the floor a codec at that
+    split point has to beat); rows merged from ``--baselines`` are drawn like the others.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,9 +465,15 @@ def plot_rd(rows: list[RDRow], path: Path, title: str = "") -> None:
     for ax, (key, framing) in zip(axes, FRAMINGS.items()):
         for g, rs in groups.items():
             rs = sorted(rs, key=lambda r: getattr(r, key))
+            dev = f"device {max(r.device_flops_pct for r in rs):.0f}% FLOPs"
+            if all(is_answer_codec(r.codec) for r in rs):
+                (line,) = ax.plot([getattr(r, key) for r in rs], [100 * r.accuracy for r in rs],
+                                  "*", ms=10, label=f"{g} ({dev})")  # fmt: skip
+                for acc in sorted({r.accuracy for r in rs}):
+                    ax.axhline(100 * acc, color=line.get_color(), ls=":", lw=1)
+                continue
             ax.plot([getattr(r, key) for r in rs], [100 * r.accuracy for r in rs], "o-",
-                    label=f"{g} (device {max(r.device_flops_pct for r in rs):.0f}% FLOPs)",
-                    ms=4)  # fmt: skip
+                    label=f"{g} ({dev})", ms=4)  # fmt: skip
         if ref is not None:
             ax.axhline(100 * ref.accuracy, color="k", ls="--", lw=1,
                        label=f"uncompressed member ({100 * ref.accuracy:.2f}%)")
@@ -381,13 +524,15 @@ def cmd_rd(args) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     cfg = load_config(args.config)
-    rows = run_rd(cfg, args.out, progress=not args.no_progress, n=args.n, device=args.device)
+    rows = run_rd(cfg, args.out, progress=not args.no_progress, n=args.n, device=args.device,
+                  baselines=args.baselines)  # fmt: skip
     cols = ("label", "condition", "accuracy", "bytes_per_image", "session_bytes",
-            "device_flops_pct")  # fmt: skip
+            "device_mflops", "device_flops_pct")  # fmt: skip
     print("  ".join(f"{c:>18}" for c in cols))
     for r in rows:
         vals = [r.label, r.condition, f"{100 * r.accuracy:.2f}", f"{r.bytes_per_image:.1f}",
-                f"{r.session_bytes:.1f}", f"{r.device_flops_pct:.1f}"]  # fmt: skip
+                f"{r.session_bytes:.1f}", f"{r.device_mflops:.1f}",
+                f"{r.device_flops_pct:.1f}"]  # fmt: skip
         print("  ".join(f"{v:>18}" for v in vals))
     comps = compare(rows)
     if comps:
@@ -398,6 +543,14 @@ def cmd_rd(args) -> int:
             f32 = f"{c.float32_ratio:.5f}" if c.float32_ratio else "-"
             print(f"  {c.label:>24} {c.framing:>14}: {100 * c.accuracy:.2f}% "
                   f"({c.gap_points:+.2f} pt below), {c.bytes:.1f} B, {ratio}, float32 x{f32}")
+            if c.webp_ratio:
+                print(f"  {'':>24} {'':>14}  cheapest WebP at least as accurate: "
+                      f"{c.webp_label} {c.webp_bytes:.1f} B, ratio {c.webp_ratio:.3f}")
+            if c.floor_label:
+                verdict = "beats" if c.beats_floor else "does not beat"
+                print(f"  {'':>24} {'':>14}  {verdict} the device-answer floor "
+                      f"{c.floor_label} ({100 * c.floor_accuracy:.2f}% at "
+                      f"{c.floor_bytes:.1f} B)")
     print(f"wrote {Path(args.out) / 'rd.csv'} and plots")
     return 0
 
@@ -411,4 +564,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="device for training entries")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--baselines", default=None, metavar="RD_JSON",
+                   help="rd.json of an earlier run on the same test set (e.g. of "
+                        "experiments/rd_baselines_cifar10.json): its rows join this run's "
+                        "comparison and plot")  # fmt: skip
     p.set_defaults(func=cmd_rd)
