@@ -6,6 +6,7 @@ codec does).
 """
 
 from flowcodec.codecs import image, learned, quant, raw  # noqa: F401  (register codecs)
+from flowcodec.codecs import exit as _exit  # noqa: F401  (registers exit-top1, exit-topk)
 from flowcodec.codecs.base import (
     CODECS,
     CodecOutput,
