@@ -1,14 +1,18 @@
 """The bitstream container: the unit that crosses a link, one per sample.
 
-A :class:`Bitstream` is a :class:`Header` (what a receiver needs to decode) and a list
-of packets, each independently decodable by its codec. Every packet is framed with its
-index, its length and a CRC-32, so a receiver can tell a damaged packet from a good one
-and report it as lost instead of decoding wrong values.
+A :class:`Bitstream` is a :class:`Header` (what a receiver needs to decode), a sample
+sequence number ``seq`` and a list of packets, each independently decodable by its codec.
+Every packet is framed with its index, its length and a CRC-32, so a receiver can tell a
+damaged packet from a good one and report it as lost instead of decoding wrong values.
+A packet's CRC also covers what binds it to its sample: the header's CRC (codec,
+configuration, meta, packet count and ``seq``) and its index, so a packet spliced in from
+another stream or another sample, or delivered at another index, fails its CRC.
 
 A stream also has a *session framing* (:meth:`Bitstream.to_compact`): when sender and
-receiver have exchanged the header once for a session, each sample needs only a 4-byte
+receiver have exchanged the header once for a session, each sample needs only a 5-byte
 prefix and, per packet, a length and a CRC-16 (3 bytes for payloads under 128 bytes)
 instead of the 48-odd header bytes and 10 bytes per packet of the self-contained form.
+There the CRC-16 covers the session tag, ``seq`` and the packet index besides the packet.
 
 The byte layout is documented in ``docs/bitstream.md``. Parsing checks every length and
 count against the size of the input before it allocates anything; anything malformed
@@ -49,10 +53,11 @@ __all__ = [
     "parse_packet",
     "COMPACT_TAG",
     "session_tag",
+    "MAX_SEQ",
 ]
 
 MAGIC = b"FLWC"
-VERSION = 1
+VERSION = 2
 MAX_PACKETS = 65535
 MAX_NDIM = 8
 MAX_TENSORS = 16
@@ -80,7 +85,8 @@ _HEAD_FIXED = struct.Struct("<4sBB")  # magic, version, flags
 _PACKET_FRAME = struct.Struct("<HI")  # index, payload length
 _CRC = struct.Struct("<I")
 PACKET_OVERHEAD = _PACKET_FRAME.size + _CRC.size  # bytes added to each payload
-COMPACT_TAG = 0xC1  # first byte of a session-framed sample (a full stream starts with "F")
+COMPACT_TAG = 0xC2  # first byte of a session-framed sample (a full stream starts with "F")
+MAX_SEQ = (1 << 32) - 1  # sample sequence numbers are u32 (varint on the wire)
 _MAX_VARINT = 5  # bytes of an unsigned LEB128 value below 2^35
 
 
@@ -171,10 +177,11 @@ class Header:
         if not isinstance(self.flags, int) or not 0 <= self.flags <= 255:
             raise BitstreamError("flags must be an int in 0..255")
 
-    def to_bytes(self, n_packets: int) -> bytes:
-        """Header bytes for a stream of ``n_packets`` packets (CRC-32 at the end)."""
+    def to_bytes(self, n_packets: int, seq: int = 0) -> bytes:
+        """Header bytes for sample ``seq`` of ``n_packets`` packets (CRC-32 at the end)."""
         if not 0 <= n_packets <= MAX_PACKETS:
             raise BitstreamError(f"packet count {n_packets} outside 0..{MAX_PACKETS}")
+        _check_seq(seq)
         name = self.codec.encode("ascii")
         parts = [
             _HEAD_FIXED.pack(MAGIC, VERSION, self.flags),
@@ -189,6 +196,7 @@ class Header:
         parts.append(struct.pack("<H", len(self.meta)))
         parts.append(self.meta)
         parts.append(struct.pack("<H", n_packets))
+        parts.append(_varint(seq))
         body = b"".join(parts)
         return body + _CRC.pack(zlib.crc32(body))
 
@@ -199,43 +207,58 @@ class Header:
         Returns ``(header, n_packets, header_size)``. Raises :class:`BitstreamError`
         naming the field at fault when the bytes are not a valid header.
         """
-        buf = bytes(data)
-        r = _Reader(buf)
-        magic, version, flags = r.unpack(_HEAD_FIXED, "fixed header")
-        if magic != MAGIC:
-            raise BitstreamError(f"bad magic {magic!r}, expected {MAGIC!r}")
-        if version != VERSION:
-            raise BitstreamError(f"unsupported format version {version}, this reads {VERSION}")
-        (name_len,) = r.unpack(struct.Struct("<B"), "codec name length")
-        if not 0 < name_len <= MAX_CODEC_NAME:
-            raise BitstreamError(f"codec name length {name_len} outside 1..{MAX_CODEC_NAME}")
-        raw_name = r.take(name_len, "codec name")
-        try:
-            codec = raw_name.decode("ascii")
-        except UnicodeDecodeError as e:
-            raise BitstreamError("codec name is not ASCII") from e
-        fp = r.take(8, "fingerprint")
-        (n_tensors,) = r.unpack(struct.Struct("<B"), "tensor count")
-        if n_tensors > MAX_TENSORS:
-            raise BitstreamError(f"tensor count {n_tensors} over {MAX_TENSORS}")
-        tensors = []
-        for i in range(n_tensors):
-            code, ndim = r.unpack(struct.Struct("<BB"), f"tensor {i} dtype/ndim")
-            if code not in _DTYPE_NAMES:
-                raise BitstreamError(f"tensor {i}: unknown dtype code {code}")
-            if ndim > MAX_NDIM:
-                raise BitstreamError(f"tensor {i}: {ndim} dims, at most {MAX_NDIM}")
-            shape = r.unpack(struct.Struct(f"<{ndim}I"), f"tensor {i} shape")
-            tensors.append(TensorSpec(_DTYPE_NAMES[code], tuple(shape)))
-        (meta_len,) = r.unpack(struct.Struct("<H"), "meta length")
-        meta = r.take(meta_len, "meta")
-        (n_packets,) = r.unpack(struct.Struct("<H"), "packet count")
-        end = r.pos
-        (crc,) = r.unpack(_CRC, "header CRC")
-        if zlib.crc32(buf[:end]) != crc:
-            raise BitstreamError("header CRC mismatch: the header is corrupted")
-        header = cls(codec=codec, fingerprint=fp, tensors=tuple(tensors), meta=meta, flags=flags)
-        return header, n_packets, r.pos
+        header, n_packets, _, size = _parse_header(bytes(data))
+        return header, n_packets, size
+
+
+def _check_seq(seq: int) -> None:
+    if not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ:
+        raise BitstreamError(f"sample sequence number must be an int in 0..{MAX_SEQ}, "
+                             f"got {seq!r}")  # fmt: skip
+
+
+def _parse_header(buf: bytes) -> tuple[Header, int, int, int]:
+    """``(header, n_packets, seq, header_size)`` of the header at the start of ``buf``."""
+    r = _Reader(buf)
+    magic, version, flags = r.unpack(_HEAD_FIXED, "fixed header")
+    if magic != MAGIC:
+        raise BitstreamError(f"bad magic {magic!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise BitstreamError(f"unsupported format version {version}, this reads {VERSION}")
+    (name_len,) = r.unpack(struct.Struct("<B"), "codec name length")
+    if not 0 < name_len <= MAX_CODEC_NAME:
+        raise BitstreamError(f"codec name length {name_len} outside 1..{MAX_CODEC_NAME}")
+    raw_name = r.take(name_len, "codec name")
+    try:
+        codec = raw_name.decode("ascii")
+    except UnicodeDecodeError as e:
+        raise BitstreamError("codec name is not ASCII") from e
+    fp = r.take(8, "fingerprint")
+    (n_tensors,) = r.unpack(struct.Struct("<B"), "tensor count")
+    if n_tensors > MAX_TENSORS:
+        raise BitstreamError(f"tensor count {n_tensors} over {MAX_TENSORS}")
+    tensors = []
+    for i in range(n_tensors):
+        code, ndim = r.unpack(struct.Struct("<BB"), f"tensor {i} dtype/ndim")
+        if code not in _DTYPE_NAMES:
+            raise BitstreamError(f"tensor {i}: unknown dtype code {code}")
+        if ndim > MAX_NDIM:
+            raise BitstreamError(f"tensor {i}: {ndim} dims, at most {MAX_NDIM}")
+        shape = r.unpack(struct.Struct(f"<{ndim}I"), f"tensor {i} shape")
+        tensors.append(TensorSpec(_DTYPE_NAMES[code], tuple(shape)))
+    (meta_len,) = r.unpack(struct.Struct("<H"), "meta length")
+    meta = r.take(meta_len, "meta")
+    (n_packets,) = r.unpack(struct.Struct("<H"), "packet count")
+    seq = _read_varint(r, "sample sequence number")
+    end = r.pos
+    (crc,) = r.unpack(_CRC, "header CRC")
+    if zlib.crc32(buf[:end]) != crc:
+        raise BitstreamError("header CRC mismatch: the header is corrupted")
+    if seq > MAX_SEQ:
+        raise BitstreamError(f"sample sequence number {seq} over {MAX_SEQ}")
+    header = Header(codec=codec, fingerprint=fp, tensors=tuple(tensors), meta=meta,
+                    flags=flags)  # fmt: skip
+    return header, n_packets, seq, r.pos
 
 
 class _Reader:
@@ -259,18 +282,23 @@ class _Reader:
         return st.unpack(self.take(st.size, what))
 
 
-def frame_packet(index: int, payload: bytes) -> bytes:
-    """Frame one packet: ``index (u16) | length (u32) | payload | CRC-32 (u32)``."""
+def frame_packet(index: int, payload: bytes, bind: bytes = b"") -> bytes:
+    """Frame one packet: ``index (u16) | length (u32) | payload | CRC-32 (u32)``.
+
+    The CRC-32 covers ``bind`` (not sent: the receiver knows it; a stream binds its
+    packets with its header's CRC, see :meth:`Bitstream.binding`), then index, length
+    and payload.
+    """
     if not 0 <= index < MAX_PACKETS:
         raise BitstreamError(f"packet index {index} outside 0..{MAX_PACKETS - 1}")
     if len(payload) >= 1 << 32:
         raise BitstreamError("packet payload too long")
     head = _PACKET_FRAME.pack(index, len(payload))
-    return head + payload + _CRC.pack(zlib.crc32(head + payload))
+    return head + payload + _CRC.pack(zlib.crc32(head + payload, zlib.crc32(bind)))
 
 
-def parse_packet(data: bytes, pos: int = 0) -> tuple[int, bytes | None, int]:
-    """Parse one framed packet at ``pos``.
+def parse_packet(data: bytes, pos: int = 0, bind: bytes = b"") -> tuple[int, bytes | None, int]:
+    """Parse one framed packet at ``pos`` (framed with :func:`frame_packet` and ``bind``).
 
     Returns ``(index, payload_or_None, next_pos)``; the payload is ``None`` when the CRC
     fails. Raises :class:`BitstreamError` when the framing itself is truncated.
@@ -279,7 +307,8 @@ def parse_packet(data: bytes, pos: int = 0) -> tuple[int, bytes | None, int]:
     index, length = r.unpack(_PACKET_FRAME, "packet frame")
     payload = r.take(length, f"packet {index} payload")
     (crc,) = r.unpack(_CRC, f"packet {index} CRC")
-    ok = zlib.crc32(data[pos : pos + _PACKET_FRAME.size + length]) == crc
+    body = data[pos : pos + _PACKET_FRAME.size + length]
+    ok = zlib.crc32(body, zlib.crc32(bind)) == crc
     return index, (payload if ok else None), r.pos
 
 
@@ -304,8 +333,16 @@ def _read_varint(r: _Reader, what: str) -> int:
     raise BitstreamError(f"{what}: varint longer than {_MAX_VARINT} bytes")
 
 
+# Bit reversal of each byte: with the bytes also taken in reverse order, CRC-CCITT runs over
+# the bit sequence backwards, which is a CRC with the reciprocal generator
+# x^16 + x^11 + x^4 + 1 (see docs/bitstream.md for why not the plain CCITT polynomial).
+_BITREV = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
+
+
 def _crc16(data: bytes) -> bytes:
-    return struct.pack("<H", binascii.crc_hqx(data, 0xFFFF))
+    """CRC-16 with generator x^16 + x^11 + x^4 + 1 (the reciprocal of CRC-CCITT's), initial
+    value 0xFFFF, computed as CRC-CCITT over the bits of ``data`` in reverse order."""
+    return struct.pack("<H", binascii.crc_hqx(bytes(data)[::-1].translate(_BITREV), 0xFFFF))
 
 
 def session_tag(header: Header) -> bytes:
@@ -317,23 +354,29 @@ def session_tag(header: Header) -> bytes:
 
 @dataclass
 class Bitstream:
-    """One sample's encoded features: a header and independently decodable packets.
+    """One sample's encoded features: a header, a sequence number and packets.
 
     ``packets[i]`` is the payload of packet ``i`` (bytes), or ``None`` when that packet
-    was lost or failed its CRC. Rate is ``8 * len(to_bytes())``: headers and packet
-    framing included.
+    was lost or failed its CRC. ``seq`` (0..2^32-1, default 0) numbers the samples of a
+    sender: it travels in the header (varint) and every packet's CRC covers it, so a
+    sender that numbers its samples gets packets that cannot be moved from one sample to
+    another. Rate is ``8 * len(to_bytes())``: headers and packet framing included.
     """
 
     header: Header
     packets: list[bytes | None] = field(default_factory=list)
+    seq: int = 0
 
     def __post_init__(self) -> None:
         self.packets = list(self.packets)
+        if not isinstance(self.header, Header):
+            raise BitstreamError(f"header must be a Header, got {type(self.header).__name__}")
         if len(self.packets) > MAX_PACKETS:
             raise BitstreamError(f"{len(self.packets)} packets, at most {MAX_PACKETS}")
         for i, p in enumerate(self.packets):
             if p is not None and not isinstance(p, bytes | bytearray):
                 raise BitstreamError(f"packet {i} must be bytes or None, got {type(p).__name__}")
+        _check_seq(self.seq)
 
     # --- whole-stream serialisation ---------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -341,27 +384,34 @@ class Bitstream:
         if any(p is None for p in self.packets):
             lost = [i for i, p in enumerate(self.packets) if p is None]
             raise BitstreamError(f"cannot serialise a stream with lost packets {lost}")
-        return self.header.to_bytes(len(self.packets)) + b"".join(self.link_packets())
+        return self.header_bytes() + b"".join(self.link_packets())
 
     @property
     def nbytes(self) -> int:
         """Size in bytes of :meth:`to_bytes` (header and framing included)."""
-        return len(self.header.to_bytes(len(self.packets))) + sum(
+        return len(self.header_bytes()) + sum(
             len(p) + PACKET_OVERHEAD for p in self.packets if p is not None
         )
+
+    def binding(self) -> bytes:
+        """What every packet's CRC-32 covers besides the packet: the header's own CRC-32
+        (over codec, fingerprint, tensors, meta, packet count and ``seq``)."""
+        return self.header_bytes()[-_CRC.size :]
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> Bitstream:
         """Parse a whole stream.
 
-        A packet whose CRC fails comes back as ``None`` (lost). Anything else malformed
-        (bad magic, truncation, lengths or counts inconsistent with the input, trailing
-        bytes, out-of-order packets) raises :class:`BitstreamError`.
+        A packet whose CRC fails comes back as ``None`` (lost); that includes a packet
+        written for another header, another ``seq`` or another index. Anything else
+        malformed (bad magic, truncation, lengths or counts inconsistent with the input,
+        trailing bytes, out-of-order packets) raises :class:`BitstreamError`.
         """
         if not isinstance(data, bytes | bytearray | memoryview):
             raise BitstreamError(f"expected bytes, got {type(data).__name__}")
         buf = bytes(data)
-        header, n_packets, pos = Header.parse(buf)
+        header, n_packets, seq, pos = _parse_header(buf)
+        bind = buf[pos - _CRC.size : pos]
         # Each packet takes at least PACKET_OVERHEAD bytes: check before building a list.
         if n_packets * PACKET_OVERHEAD > len(buf) - pos:
             raise BitstreamError(
@@ -369,34 +419,40 @@ class Bitstream:
             )
         packets: list[bytes | None] = []
         for i in range(n_packets):
-            index, payload, pos = parse_packet(buf, pos)
+            index, payload, pos = parse_packet(buf, pos, bind)
             if index != i and payload is not None:
                 raise BitstreamError(f"packet {i} carries index {index}")
             packets.append(payload)
         if pos != len(buf):
             raise BitstreamError(f"{len(buf) - pos} trailing bytes after the last packet")
-        return cls(header, packets)
+        return cls(header, packets, seq)
 
     # --- session framing ---------------------------------------------------------------
+    def _session_prefix(self) -> bytes:
+        """What each session-framed CRC-16 covers before the packet: tag and ``seq``."""
+        return session_tag(self.header) + _varint(self.seq)
+
     def to_compact(self) -> bytes:
         """The sample in session framing, for a receiver that already holds the header.
 
-        Layout: ``0xC1 | session tag (2) | packet count (varint) |`` then per packet
-        ``length (varint) | payload | CRC-16 (over length and payload)``. The header
-        itself travels once per session (:meth:`header_bytes`).
+        Layout: ``0xC2 | session tag (2) | seq (varint) | packet count (varint) |`` then
+        per packet ``length (varint) | payload | CRC-16`` where the CRC-16 covers session
+        tag, seq, packet index (varint), length and payload. The header itself travels
+        once per session (:meth:`header_bytes`).
         """
         if any(p is None for p in self.packets):
             raise BitstreamError(f"cannot serialise a stream with lost packets {self.lost}")
-        parts = [bytes((COMPACT_TAG,)), session_tag(self.header), _varint(len(self.packets))]
-        for p in self.packets:
+        prefix = self._session_prefix()
+        parts = [bytes((COMPACT_TAG,)), prefix, _varint(len(self.packets))]
+        for i, p in enumerate(self.packets):
             framed = _varint(len(p)) + bytes(p)
-            parts += [framed, _crc16(framed)]
+            parts += [framed, _crc16(prefix + _varint(i) + framed)]
         return b"".join(parts)
 
     @property
     def compact_nbytes(self) -> int:
         """Size in bytes of :meth:`to_compact`."""
-        return 3 + len(_varint(len(self.packets))) + sum(
+        return 3 + len(_varint(self.seq)) + len(_varint(len(self.packets))) + sum(
             len(_varint(len(p))) + len(p) + 2 for p in self.packets if p is not None
         )
 
@@ -419,6 +475,10 @@ class Bitstream:
             raise BitstreamError(f"bad compact tag 0x{tag:02x}, expected 0x{COMPACT_TAG:02x}")
         if sess != session_tag(header):
             raise BitstreamError("sample belongs to another session (session tag mismatch)")
+        seq = _read_varint(r, "sample sequence number")
+        if seq > MAX_SEQ:
+            raise BitstreamError(f"sample sequence number {seq} over {MAX_SEQ}")
+        prefix = sess + _varint(seq)
         n_packets = _read_varint(r, "packet count")
         if n_packets > MAX_PACKETS or 3 * n_packets > len(buf) - r.pos:
             raise BitstreamError(
@@ -431,10 +491,11 @@ class Bitstream:
             length = _read_varint(r, f"packet {i} length")
             payload = r.take(length, f"packet {i} payload")
             crc = r.take(2, f"packet {i} CRC")
-            packets.append(payload if _crc16(buf[start : r.pos - 2]) == crc else None)
+            ok = _crc16(prefix + _varint(i) + buf[start : r.pos - 2]) == crc
+            packets.append(payload if ok else None)
         if r.pos != len(buf):
             raise BitstreamError(f"{len(buf) - r.pos} trailing bytes after the last packet")
-        return cls(header, packets)
+        return cls(header, packets, seq)
 
     # --- what a link carries ----------------------------------------------------------
     def units(self, framing: str = "sample") -> list[bytes]:
@@ -442,28 +503,37 @@ class Bitstream:
 
         ``framing="sample"``: the header, then each packet framed by :meth:`link_packets`
         (a self-contained sample). ``framing="session"``: the header went once at session
-        set-up, so only the packets, each as ``index (varint) | payload | CRC-16``.
+        set-up, so only the packets, each as ``index (varint) | payload | CRC-16``, the
+        CRC-16 covering session tag, ``seq``, index and payload (the receiver passes the
+        ``seq`` it expects to :meth:`from_units`).
         """
         if framing == "sample":
             return [self.header_bytes(), *self.link_packets()]
         if framing == "session":
+            prefix = self._session_prefix()
             out = []
             for i, p in enumerate(self.packets):
                 if p is None:
                     raise BitstreamError(f"packet {i} is lost and cannot be sent")
                 body = _varint(i) + bytes(p)
-                out.append(body + _crc16(body))
+                out.append(body + _crc16(prefix + body))
             return out
         raise BitstreamError(f"framing must be 'sample' or 'session', got {framing!r}")
 
     @classmethod
     def from_units(cls, header: Header, delivered: Sequence[bytes | None],
-                   framing: str = "sample") -> Bitstream:  # fmt: skip
+                   framing: str = "sample", seq: int = 0) -> Bitstream:  # fmt: skip
         """Rebuild a sample from the :meth:`units` a link delivered (``None``: lost).
 
         With ``framing="sample"`` a lost or damaged header loses every packet (nothing can
-        be decoded without it); a unit whose index or CRC is wrong is reported lost.
+        be decoded without it), and ``seq`` comes from the header unit; a unit whose
+        index or CRC is wrong is reported lost. With ``framing="session"`` the units
+        carry no ``seq``: pass the one the sample was sent with (a unit of another sample,
+        session or index fails its CRC and is reported lost).
         """
+        if not isinstance(header, Header):
+            raise BitstreamError(f"header must be a Header, got {type(header).__name__}")
+        _check_seq(seq)
         if framing == "sample":
             if not delivered:
                 raise BitstreamError("no header unit")
@@ -471,13 +541,16 @@ class Bitstream:
             ok = head is not None
             if ok:
                 try:
-                    hdr, n, size = Header.parse(head)
+                    hdr, n, got_seq, size = _parse_header(bytes(head))
                     ok = hdr == header and n == len(body) and size == len(head)
                 except BitstreamError:
                     ok = False
-            return cls.from_packets(header, body if ok else [None] * len(body))
+            if not ok:
+                return cls(header, [None] * len(body), seq)
+            return cls._from_framed(header, body, got_seq, bytes(head[-_CRC.size :]))
         if framing != "session":
             raise BitstreamError(f"framing must be 'sample' or 'session', got {framing!r}")
+        prefix = session_tag(header) + _varint(seq)
         out: list[bytes | None] = []
         for i, u in enumerate(delivered):
             payload = None
@@ -487,60 +560,74 @@ class Bitstream:
                     r = _Reader(u)
                     index = _read_varint(r, "packet index")
                     ok = index == i and r.pos <= len(u) - 2  # the index ends before the CRC
-                    if ok and _crc16(u[:-2]) == u[-2:]:
+                    if ok and _crc16(prefix + u[:-2]) == u[-2:]:
                         payload = u[r.pos : -2]
                 except BitstreamError:
                     payload = None
             out.append(payload)
-        return cls(header, out)
+        return cls(header, out, seq)
 
     def header_bytes(self) -> bytes:
-        """The header alone, as sent ahead of the packets."""
-        return self.header.to_bytes(len(self.packets))
+        """The header alone (with this sample's ``seq``), as sent ahead of the packets."""
+        return self.header.to_bytes(len(self.packets), self.seq)
 
     def link_packets(self) -> list[bytes]:
-        """Each packet framed (index, length, payload, CRC-32): the units a link carries."""
+        """Each packet framed (index, length, payload, CRC-32): the units a link carries.
+        Their CRCs cover :meth:`binding` (this sample's header CRC)."""
+        bind = self.binding()
         out = []
         for i, p in enumerate(self.packets):
             if p is None:
                 raise BitstreamError(f"packet {i} is lost and cannot be sent")
-            out.append(frame_packet(i, bytes(p)))
+            out.append(frame_packet(i, bytes(p), bind))
         return out
 
     @classmethod
-    def from_packets(
-        cls, header: Header | bytes, packets: Sequence[bytes | None]
-    ) -> Bitstream:
+    def from_packets(cls, header: Header | bytes, packets: Sequence[bytes | None],
+                     seq: int = 0) -> Bitstream:  # fmt: skip
         """Rebuild a stream from what a link delivered.
 
-        ``header`` is a :class:`Header` or its bytes; ``packets[i]`` is the framed packet
-        ``i`` as produced by :meth:`link_packets`, or ``None`` when the link lost it. A
-        packet whose framing, index or CRC is wrong is reported as lost (``None``).
+        ``header`` is a :class:`Header` (then ``seq`` says which sample the packets belong
+        to) or the header's bytes (which carry ``seq``); ``packets[i]`` is the framed
+        packet ``i`` as produced by :meth:`link_packets`, or ``None`` when the link lost
+        it. A packet whose framing, index or CRC is wrong (a packet of another stream or
+        sample included) is reported as lost (``None``).
         """
         if isinstance(header, bytes | bytearray | memoryview):
-            hdr, n_packets, size = Header.parse(header)
-            if size != len(header):
-                raise BitstreamError(f"{len(header) - size} trailing bytes after the header")
+            raw = bytes(header)
+            hdr, n_packets, seq, size = _parse_header(raw)
+            if size != len(raw):
+                raise BitstreamError(f"{len(raw) - size} trailing bytes after the header")
             if n_packets != len(packets):
                 raise BitstreamError(
                     f"header declares {n_packets} packets, {len(packets)} were given"
                 )
+            bind = raw[-_CRC.size :]
         elif isinstance(header, Header):
             hdr = header
+            _check_seq(seq)
+            bind = header.to_bytes(len(packets), seq)[-_CRC.size :]
         else:
             raise BitstreamError(f"header must be Header or bytes, got {type(header).__name__}")
+        return cls._from_framed(hdr, packets, seq, bind)
+
+    @classmethod
+    def _from_framed(cls, header: Header, packets: Sequence[bytes | None], seq: int,
+                     bind: bytes) -> Bitstream:  # fmt: skip
+        if len(packets) > MAX_PACKETS:
+            raise BitstreamError(f"{len(packets)} packets, at most {MAX_PACKETS}")
         out: list[bytes | None] = []
         for i, framed in enumerate(packets):
             if framed is None:
                 out.append(None)
                 continue
             try:
-                index, payload, end = parse_packet(bytes(framed))
+                index, payload, end = parse_packet(bytes(framed), 0, bind)
             except BitstreamError:
                 out.append(None)
                 continue
             out.append(payload if (index == i and end == len(framed)) else None)
-        return cls(hdr, out)
+        return cls(header, out, seq)
 
     @property
     def lost(self) -> list[int]:

@@ -249,13 +249,14 @@ def test_compact_layout_is_documented_layout():
     h = Header("factorized", b"\1" * 8, (TensorSpec("float32", (64, 16, 16)),))
     payload = bytes(range(200))
     raw = Bitstream(h, [payload, b"z"]).to_compact()
-    # tag, session, count 2, then varint 200 = c8 01, payload, CRC-16; varint 1, "z", CRC-16
-    assert raw[:4] == bytes((COMPACT_TAG,)) + session_tag(h) + b"\x02"
-    assert raw[4:6] == b"\xc8\x01" and raw[6:206] == payload
-    assert raw[208:210] == b"\x01z" and len(raw) == 212
-    # 58 bytes of header and framing in the self-contained form, 8 here, for one packet
+    # tag, session, seq 0, count 2, then varint 200 = c8 01, payload, CRC-16; varint 1, "z",
+    # CRC-16
+    assert raw[:5] == bytes((COMPACT_TAG,)) + session_tag(h) + b"\x00\x02"
+    assert raw[5:7] == b"\xc8\x01" and raw[7:207] == payload
+    assert raw[209:211] == b"\x01z" and len(raw) == 213
+    # 59 bytes of header and framing in the self-contained form, 9 here, for one packet
     one = Bitstream(h, [payload])
-    assert one.nbytes - len(payload) == 58 and one.compact_nbytes - len(payload) == 8
+    assert one.nbytes - len(payload) == 59 and one.compact_nbytes - len(payload) == 9
 
 
 @settings(max_examples=60)
@@ -284,3 +285,71 @@ def test_session_units_with_a_wrong_index_or_crc_are_lost():
         None, b"defg"]
     with pytest.raises(BitstreamError, match="framing"):
         bs.units("frame")
+
+
+# --- binding: a packet belongs to one stream, one sample and one index ----------------------
+def _two_samples():
+    h = Header("factorized", b"\1" * 8, (TensorSpec("float32", (4, 2, 2)),))
+    return Bitstream(h, [b"abcd", b"efgh"], seq=7), Bitstream(h, [b"ijkl", b"mnop"], seq=8)
+
+
+@pytest.mark.parametrize("framing", ["self-contained", "sample", "session", "compact"])
+def test_packets_spliced_from_another_sample_or_stream_are_lost(framing):
+    a, b = _two_samples()
+    other = Bitstream(Header("factorized", b"\2" * 8, a.header.tensors), [b"abcd", b"efgh"],
+                      seq=7)  # fmt: skip
+    for donor in (b, other):
+        if framing == "self-contained":
+            raw = a.header_bytes() + donor.link_packets()[0] + a.link_packets()[1]
+            out = Bitstream.from_bytes(raw)
+        elif framing == "sample":
+            units = a.units("sample")
+            units[1] = donor.units("sample")[1]
+            out = Bitstream.from_units(a.header, units, "sample")
+        elif framing == "session":
+            units = a.units("session")
+            units[0] = donor.units("session")[0]
+            out = Bitstream.from_units(a.header, units, "session", seq=a.seq)
+        else:
+            if donor.header != a.header:
+                continue  # another session's compact sample is refused whole (tag)
+            raw = bytearray(a.to_compact())
+            spliced = donor.to_compact()
+            # same lengths: swap packet 0 (length varint, payload, CRC) from the donor
+            raw[5:12] = spliced[5:12]
+            out = Bitstream.from_compact(bytes(raw), a.header)
+        assert out.packets[0] is None, framing
+        assert out.packets[1] == a.packets[1]
+
+
+def test_packets_reordered_or_replayed_at_another_index_are_lost():
+    a, _ = _two_samples()
+    p0, p1 = a.link_packets()
+    out = Bitstream.from_packets(a.header, [p1, p0], seq=a.seq)
+    assert out.packets == [None, None]
+    # the right seq is needed with a Header object, and taken from header bytes otherwise
+    assert Bitstream.from_packets(a.header, [p0, p1]).packets == [None, None]
+    assert Bitstream.from_packets(a.header, [p0, p1], seq=7) == a
+    assert Bitstream.from_packets(a.header_bytes(), [p0, p1]) == a
+    s0, s1 = a.units("session")
+    assert Bitstream.from_units(a.header, [s0, s1], "session", seq=8).packets == [None, None]
+    assert Bitstream.from_units(a.header, [s0, s1], "session", seq=7) == a
+    assert Bitstream.from_compact(a.to_compact(), a.header) == a
+
+
+@given(st.integers(0, 2**32 - 1))
+def test_seq_round_trips_in_every_framing(seq):
+    h = Header("raw", b"\0" * 8)
+    bs = Bitstream(h, [b"x", b""], seq=seq)
+    assert Bitstream.from_bytes(bs.to_bytes()) == bs
+    assert Bitstream.from_compact(bs.to_compact(), h) == bs
+    assert len(bs.to_compact()) == bs.compact_nbytes and len(bs.to_bytes()) == bs.nbytes
+    assert Bitstream.from_units(h, bs.units("sample"), "sample") == bs
+    assert Bitstream.from_units(h, bs.units("session"), "session", seq=seq) == bs
+
+
+def test_bad_seq_is_refused():
+    h = Header("raw", b"\0" * 8)
+    for bad in (-1, 2**32, 1.5):
+        with pytest.raises(BitstreamError, match="sequence"):
+            Bitstream(h, [b"x"], seq=bad)
