@@ -5,8 +5,8 @@ lists them. Importing this package does not import CompressAI (only coding with 
 codec does).
 """
 
-from flowcodec.codecs import image, learned, quant, raw  # noqa: F401  (register codecs)
 from flowcodec.codecs import exit as _exit  # noqa: F401  (registers exit-top1, exit-topk)
+from flowcodec.codecs import image, learned, quant, raw, task  # noqa: F401  (register codecs)
 from flowcodec.codecs.base import (
     CODECS,
     CodecOutput,
@@ -20,6 +20,7 @@ from flowcodec.codecs.image import JPEGCodec, WebPCodec
 from flowcodec.codecs.learned import BinaryCodec, FactorizedCodec, HyperpriorCodec, flip_bits
 from flowcodec.codecs.quant import PCACodec, QuantCodec
 from flowcodec.codecs.raw import RawCodec
+from flowcodec.codecs.task import TaskCodec
 from flowcodec.codecs.train import CodecEval, CodecTrainResult, evaluate_codec, train_codec
 from flowcodec.codecs.zoo import list_pretrained, load_codec, load_pretrained_codec, save_codec
 
@@ -36,6 +37,7 @@ __all__ = [
     "PCACodec",
     "QuantCodec",
     "RawCodec",
+    "TaskCodec",
     "WebPCodec",
     "build_codec",
     "channel_groups",

@@ -94,7 +94,8 @@ def load_codec(path: str | os.PathLike, backend: str = "auto") -> FeatureCodec:
     return codec.eval()
 
 
-LEARNED_CODECS = ("factorized", "hyperprior", "binary")  # registry names of the learned codecs
+# registry names of the learned codecs
+LEARNED_CODECS = ("factorized", "hyperprior", "binary", "task")
 
 
 def _set_buffer(module: torch.nn.Module, key: str, value: torch.Tensor) -> None:

@@ -1,0 +1,105 @@
+"""Train the low-rate, variable-rate task codecs shipped in the zoo (CPU or GPU).
+
+    python -m experiments.train_task_codecs --point 2 --out cifar10-task_p2  # 2 CPU cores
+    python -m experiments.train_task_codecs --point 1 --out cifar10-task_p1
+    python -m experiments.train_task_codecs --point 2 --device cuda --epochs 60 --out ...
+
+Builds a :class:`~flowcodec.codecs.task.TaskCodec` at split point ``--point`` of the shipped
+CIFAR-10 family, starts its encoder's stem from the family's exit branch at that point
+(the device already has it), trains it with :func:`~flowcodec.codecs.train_task.train_task_codec`
+(live augmentation, logit distillation from member 3, a feature term, one rate weight per
+rate point), rounds the transforms to float16, freezes the CDF tables, writes
+``flowcodec/zoo/codecs/<out>.{safetensors,json}`` with the whole history, and prints the
+measured accuracy and bytes of every rate point on ``--eval`` test images.
+Progress (weights + history after each epoch) goes to ``--progress-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+# the encoder's stem at each split point of the CIFAR-10 family: its exit branch's conv blocks
+STEMS = {1: [(128, True), (128, False)], 2: [(256, True)]}
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from flowcodec.codecs import build_codec
+    from flowcodec.codecs.train import evaluate_codec
+    from flowcodec.codecs.train_task import TaskTrainConfig, train_task_codec
+    from flowcodec.codecs.zoo import CODEC_ZOO, round_half, save_codec
+    from flowcodec.data import load_dataset
+    from flowcodec.family import load_pretrained
+
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--point", type=int, choices=sorted(STEMS), required=True)
+    ap.add_argument("--latent", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--packets", type=int, default=1)
+    ap.add_argument("--lams", type=float, nargs="+", default=[3.0, 1.5, 0.8, 0.4, 0.2],
+                    help="rate weight per kbit for each rate point, lowest rate first")
+    ap.add_argument("--kd", type=float, default=1.0)
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--seconds", type=float, default=3300, help="training time budget")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--drop-prob", type=float, default=0.0)
+    ap.add_argument("--no-bf16", action="store_true", help="train in float32")
+    ap.add_argument("--no-init", action="store_true", help="do not start from the exit branch")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval", type=int, default=10000, help="test images to score at the end")
+    ap.add_argument("--progress-dir", default="runs")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    fam = load_pretrained("cifar10")
+    train, test = load_dataset("cifar10")
+    shape = tuple(fam.split(3, args.point)[0](torch.zeros(1, 3, 32, 32)).shape[1:])
+    kwargs = {"latent": args.latent, "hidden": args.hidden, "stem": STEMS[args.point],
+              "rates": len(args.lams), "packets": args.packets}
+    codec = build_codec("task", shape, **kwargs)
+    if not args.no_init:
+        copied = codec.g_a.load_stem_from(fam.exits[args.point - 1])
+        print(f"encoder stem: {copied} layers from the family's exit {args.point}")
+    cfg = TaskTrainConfig(lams=tuple(args.lams), kd=args.kd, beta=args.beta, epochs=args.epochs,
+                          batch_size=args.batch_size, lr=args.lr, drop_prob=args.drop_prob,
+                          bf16=not args.no_bf16, seed=args.seed, time_budget=args.seconds)
+    val = test.subset(1000, seed=123)
+    res = train_task_codec(codec, fam, 3, args.point, train, val, cfg, device=args.device,
+                           checkpoint=f"{args.progress_dir}/{args.out}")
+    codec.to("cpu")
+    round_half(codec).eval()
+    codec.update(force=True)
+    head, tail = fam.to("cpu").eval().split(3, args.point)
+    data = test if args.eval >= len(test) else test.subset(args.eval, seed=0)
+    measured = []
+    for r in range(codec.rates):
+        ev = evaluate_codec(codec.at_rate(r), head, tail, data)
+        measured.append({"rate": r, "accuracy": ev.accuracy, "bytes": ev.bytes_per_image,
+                         "session_bytes": ev.session_bytes_per_image,
+                         "payload_bytes": ev.payload_bytes_per_image, "n": ev.n})
+        print(f"{args.out} rate {r}: {100 * ev.accuracy:.2f}% at "
+              f"{ev.session_bytes_per_image:.2f} B "
+              f"(session framing; self-contained {ev.bytes_per_image:.2f} B; payload "
+              f"{ev.payload_bytes_per_image:.2f} B; {ev.n} test images)")
+    extra = {"train": {**asdict(cfg), "device": args.device, "threads": args.threads,
+                       "seconds": round(res.seconds, 1), "epochs": res.epochs,
+                       "steps": res.steps, "init_from_exit": not args.no_init,
+                       "history": res.history},
+             "measured": measured, "encoder_flops": codec.encoder_flops(),
+             "point": args.point, "member": 3}
+    path = save_codec(codec, CODEC_ZOO / args.out, kwargs, extra)
+    print(f"saved {path} after {res.seconds:.0f} s, {res.epochs} epochs")
+    print(json.dumps(measured))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

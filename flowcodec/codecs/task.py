@@ -1,0 +1,358 @@
+"""Low-rate task codecs: a split point's features as a few dozen entropy-coded numbers.
+
+A 10-class task needs a few bits per image, not the thousands a feature map holds. The
+:class:`TaskCodec` (registry name ``"task"``) reduces the features ``(C, H, W)`` on the
+device to a short latent *vector* and rebuilds, at the receiver, features of the original
+shape for the larger member's tail:
+
+- **encoder** (device): a small convolutional stem (conv-BN-ReLU blocks, optionally
+  max-pooled, the same shape as the family's exit branches so it can start from one),
+  global max pooling and a linear map to ``latent`` numbers;
+- **variable rate in one model**: ``rates`` rate points, each a learned per-channel gain
+  (applied before rounding; its learned inverse after) and its own factorized entropy
+  model (a CompressAI-style ``EntropyBottleneck`` over the ``latent`` channels). The rate
+  point is chosen at ``compress(h, rate=r)`` and written in the stream's header (one meta
+  byte), so the receiver decodes any of them with the same checkpoint;
+- **coding**: the symbols are arithmetic-coded exactly (:mod:`flowcodec.codecs.arith`):
+  no 4-byte rANS flush, at most one byte above the information content, and a bounded,
+  pure-Python decoder;
+- **packets**: the latent channels are cut into ``packets`` groups, each coded alone; a
+  lost group is replaced by the entropy model's medians (what training with
+  ``drop_prob`` shows the decoder);
+- **decoder** (receiver): two linear layers to a ``(C, H/2, W/2)`` map, nearest
+  upsampling and two 3x3 convolutions (ReLU at the end when the features are
+  non-negative).
+
+Inputs ``h`` float ``(B, C, H, W)``; ``forward(h, rate=r)`` returns a :class:`CodecOutput`
+(features ``(B, C, H, W)``, estimated bits ``(B,)``, likelihoods ``{"y": (B, latent, 1)}``);
+``compress`` returns ``B`` streams; ``decompress`` returns float32 ``(B, C, H, W)``.
+
+Example
+-------
+>>> import torch
+>>> codec = TaskCodec((16, 8, 8), latent=6, stem=[(16, True)], hidden=32, rates=3).eval()
+>>> out = codec(torch.rand(2, 16, 8, 8), rate=1)
+>>> tuple(out.features.shape), tuple(out.bits.shape)
+((2, 16, 8, 8), (2,))
+>>> _ = codec.update(force=True)
+>>> streams = codec.compress(torch.rand(2, 16, 8, 8), rate=2)
+>>> codec.rate_of(streams[0]), tuple(codec.decompress(streams).shape)
+(2, (2, 16, 8, 8))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from flowcodec.bitstream import Bitstream, BitstreamError, TensorSpec
+from flowcodec.codecs import arith
+from flowcodec.codecs.base import CodecOutput, FeatureCodec, channel_groups, register_codec
+from flowcodec.codecs.entropy import entropy_bottleneck
+from flowcodec.errors import ConfigError
+
+__all__ = ["TaskCodec", "TaskEncoder", "TaskDecoder"]
+
+#: Latents are clamped to this magnitude before coding, so that a diverged model or a
+#: hostile input cannot ask the coder for a symbol far outside its tables.
+_CLAMP = 1e4
+
+
+class TaskEncoder(nn.Module):
+    """Device side: ``(B, C, H, W) -> (B, latent)``.
+
+    ``stem`` lists ``(channels, pool)`` for each conv3x3-BN-ReLU block (``pool``: a 2x2
+    max-pool after it); the blocks are followed by global max pooling and a linear map.
+    """
+
+    def __init__(self, cin: int, stem: Sequence[Sequence], latent: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = cin
+        for cout, pool in stem:
+            layers += [nn.Conv2d(c, int(cout), 3, padding=1, bias=False),
+                       nn.BatchNorm2d(int(cout)), nn.ReLU(inplace=True)]  # fmt: skip
+            if pool:
+                layers.append(nn.MaxPool2d(2))
+            c = int(cout)
+        self.stem = nn.Sequential(*layers)
+        self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.proj = nn.Linear(c, latent)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pool(self.stem(h)))
+
+    @torch.no_grad()
+    def load_stem_from(self, module: nn.Module) -> int:
+        """Copy the leading conv/BN layers of ``module`` (e.g. a family's exit branch) into
+        the stem, in order, where shapes match; returns how many layers were copied."""
+        src = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+        dst = [m for m in self.stem.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+        copied = 0
+        for a, b in zip(src, dst):
+            if type(a) is not type(b) or a.weight.shape != b.weight.shape:
+                break
+            b.load_state_dict(a.state_dict())
+            copied += 1
+        return copied
+
+
+class TaskDecoder(nn.Module):
+    """Receiver side: ``(B, latent) -> (B, C, H, W)`` for the larger member's tail."""
+
+    def __init__(self, latent: int, hidden: int, shape: Sequence[int], nonneg: bool) -> None:
+        super().__init__()
+        c, h, w = shape
+        self.base = (c, h // 2, w // 2)
+        self.mlp = nn.Sequential(
+            nn.Linear(latent, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, math.prod(self.base)), nn.ReLU(inplace=True),
+        )  # fmt: skip
+        layers: list[nn.Module] = [
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(c, c, 3, padding=1),
+        ]  # fmt: skip
+        if nonneg:
+            layers.append(nn.ReLU())
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.mlp(y).view(len(y), *self.base))
+
+
+@register_codec("task")
+class TaskCodec(FeatureCodec):
+    """Low-rate task codec: a latent vector, ``rates`` rate points, exact arithmetic coding.
+
+    Parameters
+    ----------
+    feature_shape : (C, H, W)
+        Features at the split point; ``H`` and ``W`` even.
+    latent : int
+        Length of the latent vector (the most numbers a sample sends).
+    stem : sequence of (channels, pool)
+        The encoder's conv blocks; default one block of ``2 * C`` channels with pooling
+        (the shape of the CIFAR-10 family's exit branch at split point 2).
+    hidden : int
+        Width of the decoder's first linear layer.
+    rates : int
+        Number of rate points (gain vector + entropy model each); 0 is the lowest rate.
+    packets : int
+        Groups of latent channels coded as independent packets.
+    nonneg : bool
+        End the decoder with a ReLU (features after ReLU / max-pool are non-negative).
+    backend : {"auto", "compressai", "torch"}
+        Entropy-model implementation (both give the same tables; see ``entropy``).
+    """
+
+    def __init__(self, feature_shape: Sequence[int], latent: int = 32,
+                 stem: Sequence[Sequence] | None = None, hidden: int = 512, rates: int = 5,
+                 packets: int = 1, nonneg: bool = True, backend: str = "auto") -> None:  # fmt: skip
+        super().__init__(feature_shape)
+        if len(self.feature_shape) != 3 or any(d % 2 for d in self.feature_shape[1:]):
+            raise ConfigError(f"task codec: feature_shape must be (C, H, W) with even H, W, "
+                              f"got {self.feature_shape}")  # fmt: skip
+        if not 1 <= int(latent) <= 4096 or not 1 <= int(hidden) <= 1 << 16:
+            raise ConfigError(f"task codec: latent must be in 1..4096 and hidden in 1..65536, "
+                              f"got {latent}, {hidden}")  # fmt: skip
+        if not 1 <= int(rates) <= 255:
+            raise ConfigError(f"task codec: rates must be in 1..255, got {rates}")
+        c = self.feature_shape[0]
+        stem = [(2 * c, True)] if stem is None else [(int(a), bool(b)) for a, b in stem]
+        if not stem or any(not 1 <= a <= 4096 for a, _ in stem):
+            raise ConfigError(f"task codec: stem must list (channels in 1..4096, pool), got {stem}")
+        self.latent, self.hidden, self.rates = int(latent), int(hidden), int(rates)
+        self.stem_spec, self.nonneg, self.backend = stem, bool(nonneg), backend
+        self.groups = channel_groups(self.latent, packets)
+        self.g_a = TaskEncoder(c, stem, self.latent)
+        self.g_s = TaskDecoder(self.latent, self.hidden, self.feature_shape, self.nonneg)
+        # rate point r: y * exp(gain[r]) is rounded; the decoder sees y_hat * exp(inv_gain[r])
+        span = torch.linspace(-math.log(4.0), 0.0, self.rates) if self.rates > 1 else torch.zeros(1)
+        self.gain = nn.Parameter(span[:, None].repeat(1, self.latent))
+        self.inv_gain = nn.Parameter(-span[:, None].repeat(1, self.latent))
+        self.entropy_bottlenecks = nn.ModuleList(
+            entropy_bottleneck(self.latent, backend) for _ in range(self.rates))
+
+    # --- configuration --------------------------------------------------------------------
+    def config(self) -> dict:
+        return {**super().config(), "latent": self.latent, "hidden": self.hidden,
+                "stem": [list(s) for s in self.stem_spec], "rates": self.rates,
+                "packets": len(self.groups), "nonneg": self.nonneg}  # fmt: skip
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.g_a
+
+    def aux_loss(self) -> torch.Tensor:
+        """Quantile-fitting loss of every rate point's entropy model."""
+        return sum(eb.loss() for eb in self.entropy_bottlenecks)
+
+    def _device(self) -> torch.device:
+        return self.gain.device
+
+    def _rate(self, rate: int | None) -> int:
+        r = self.rates - 1 if rate is None else rate
+        if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < self.rates:
+            raise ConfigError(f"task codec: rate must be an int in 0..{self.rates - 1}, "
+                              f"got {rate!r}")  # fmt: skip
+        return r
+
+    def rate_of(self, stream: Bitstream) -> int:
+        """The rate point a stream was coded at (from its header); BitstreamError if bad."""
+        meta = stream.header.meta
+        if len(meta) != 1 or meta[0] >= self.rates:
+            raise BitstreamError(f"task codec: header meta must be one byte naming a rate "
+                                 f"point in 0..{self.rates - 1}, got {meta.hex() or 'none'}")
+        return meta[0]
+
+    def _medians(self, r: int) -> torch.Tensor:
+        return self.entropy_bottlenecks[r].quantiles[:, 0, 1].detach()
+
+    # --- training -------------------------------------------------------------------------
+    def forward(self, h: torch.Tensor, rate: int | None = None, drop_prob: float = 0.0,
+                flip_prob: float = 0.0,
+                generator: torch.Generator | None = None) -> CodecOutput:  # fmt: skip
+        """Noisy (training) or rounded (eval) latents at rate point ``rate`` (default the
+        highest); ``drop_prob`` replaces whole packets by the medians, i.i.d."""
+        self.check_features(h)
+        r = self._rate(rate)
+        y = self.g_a(h).float() * self.gain[r].exp()
+        with torch.autocast(y.device.type, enabled=False):  # likelihoods in float32
+            y_hat, lik = self.entropy_bottlenecks[r](y.unsqueeze(-1))
+        y_hat = y_hat.squeeze(-1)
+        if drop_prob > 0:
+            lost = torch.rand(len(h), len(self.groups), generator=generator) < drop_prob
+            mask = torch.zeros(len(h), self.latent, dtype=torch.bool)
+            for j, g in enumerate(self.groups):
+                mask[:, g] = lost[:, j : j + 1]
+            y_hat = torch.where(mask.to(h.device), self._medians(r).expand_as(y_hat), y_hat)
+        feats = self.g_s(y_hat * self.inv_gain[r].exp())
+        return CodecOutput(feats, -torch.log2(lik).flatten(1).sum(1), {"y": lik})
+
+    # --- coding ---------------------------------------------------------------------------
+    def update(self, force: bool = False) -> bool:
+        """Freeze every rate point's CDF tables; returns whether any changed."""
+        changed = [bool(eb.update(force=force)) for eb in self.entropy_bottlenecks]
+        self._tables_cache = None
+        return any(changed)
+
+    def _tables(self, r: int) -> tuple[list[list[int]], list[int]]:
+        """(CDF rows cut to their lengths, offsets) of rate point ``r``."""
+        cache = getattr(self, "_tables_cache", None)
+        if cache is None:
+            cache = self._tables_cache = {}
+        if r not in cache:
+            eb = self.entropy_bottlenecks[r]
+            if eb._quantized_cdf.numel() == 0:
+                raise ConfigError("task codec has no CDF tables: call codec.update() first")
+            cdf = eb._quantized_cdf.tolist()
+            lengths = eb._cdf_length.reshape(-1).tolist()
+            offsets = eb._offset.reshape(-1).tolist()
+            rows = [row[: int(n)] for row, n in zip(cdf, lengths)]
+            for row in rows:
+                arith.check_cdf(row)
+            cache[r] = (rows, [int(o) for o in offsets])
+        return cache[r]
+
+    @torch.no_grad()
+    def compress(self, h: torch.Tensor, rate: int | None = None) -> list[Bitstream]:
+        """One stream per sample at rate point ``rate`` (default the highest)."""
+        self.check_features(h)
+        r = self._rate(rate)
+        rows, offsets = self._tables(r)
+        dev = self._device()
+        y = (self.g_a(h.to(dev)) * self.gain[r].exp()).clamp(-_CLAMP, _CLAMP)
+        sym = torch.round(y - self._medians(r)).long().cpu()
+        lo = torch.tensor(offsets)
+        hi = torch.tensor([o + len(row) - 3 for o, row in zip(offsets, rows)])
+        idx = (torch.maximum(torch.minimum(sym, hi), lo) - lo).tolist()  # clamp to the tables
+        header = self.make_header(meta=bytes([r]),
+                                  tensors=[TensorSpec("float32", self.feature_shape)])
+        return [Bitstream(header, [arith.encode(s[g], rows[g]) for g in self.groups])
+                for s in idx]  # fmt: skip
+
+    @torch.no_grad()
+    def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
+        self.check_streams(streams, len(self.groups))
+        dev = self._device()
+        y_hat = torch.zeros(len(streams), self.latent, device=dev)
+        for b, s in enumerate(streams):
+            r = self.rate_of(s)
+            rows, offsets = self._tables(r)
+            sym = torch.zeros(self.latent)  # a lost group: symbol 0, the median
+            for g, p in zip(self.groups, s.packets):
+                if p is None:
+                    continue
+                got = arith.decode(p, rows[g])
+                sym[g] = torch.tensor([min(i, len(row) - 3) + o for i, row, o
+                                       in zip(got, rows[g], offsets[g])], dtype=torch.float32)
+            y_hat[b] = (sym.to(dev) + self._medians(r)) * self.inv_gain[r].exp()
+        return self.g_s(y_hat).float().cpu()
+
+
+class RatePoint(FeatureCodec):
+    """One rate point of a variable-rate codec, usable wherever a codec is expected.
+
+    ``codec.at_rate(r)`` shares the parent's modules (no copy): ``compress`` codes at rate
+    point ``r``; ``decompress`` reads each stream's own rate point from its header, so
+    streams of any rate point of the parent decode.
+
+    Example
+    -------
+    >>> import torch
+    >>> codec = TaskCodec((16, 8, 8), latent=4, stem=[(16, True)], hidden=16, rates=2).eval()
+    >>> _ = codec.update(force=True)
+    >>> low = codec.at_rate(0)
+    >>> low.rate_of(low.compress(torch.rand(1, 16, 8, 8))[0])
+    0
+    """
+
+    def __init__(self, codec: TaskCodec, rate: int) -> None:
+        super().__init__(codec.feature_shape)
+        self.base = codec
+        self.rate = codec._rate(rate)
+        self.name = codec.name
+        self.conceal = codec.conceal
+
+    def config(self) -> dict:
+        return self.base.config()
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.base.encoder
+
+    @property
+    def groups(self) -> list[slice]:
+        return self.base.groups
+
+    def rate_of(self, stream: Bitstream) -> int:
+        return self.base.rate_of(stream)
+
+    def aux_loss(self) -> torch.Tensor:
+        return self.base.aux_loss()
+
+    def update(self, force: bool = False) -> bool:
+        return self.base.update(force)
+
+    def forward(self, h: torch.Tensor, drop_prob: float = 0.0, flip_prob: float = 0.0,
+                generator: torch.Generator | None = None) -> CodecOutput:  # fmt: skip
+        return self.base(h, rate=self.rate, drop_prob=drop_prob, generator=generator)
+
+    def compress(self, h: torch.Tensor) -> list[Bitstream]:
+        return self.base.compress(h, rate=self.rate)
+
+    def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
+        return self.base.decompress(streams)
+
+
+def _at_rate(self: TaskCodec, rate: int) -> RatePoint:
+    """A view of this codec fixed to rate point ``rate`` (see :class:`RatePoint`)."""
+    return RatePoint(self, rate)
+
+
+TaskCodec.at_rate = _at_rate
+__all__ += ["RatePoint"]

@@ -1,0 +1,260 @@
+"""The low-rate task codec and its exact arithmetic coder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flowcodec.bitstream import Bitstream, BitstreamError, Header
+from flowcodec.codecs import arith, build_codec, load_codec, save_codec
+from flowcodec.codecs.task import TaskCodec
+from flowcodec.errors import ConfigError
+
+SHAPE = (16, 8, 8)
+KW = {"latent": 12, "stem": [[16, True]], "hidden": 32, "rates": 4, "packets": 3}
+
+
+def ready(seed: int = 0, **kw) -> TaskCodec:
+    torch.manual_seed(seed)
+    codec = build_codec("task", SHAPE, **{**KW, **kw}).eval()
+    # spread the entropy models a little so the tables have several symbols
+    with torch.no_grad():
+        for eb in codec.entropy_bottlenecks:
+            eb.quantiles.copy_(torch.tensor([-6.0, 0.0, 6.0]).repeat(codec.latent, 1, 1))
+    codec.update(force=True)
+    return codec
+
+
+def features(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, *SHAPE, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+# --- the arithmetic coder ---------------------------------------------------------------------
+
+@st.composite
+def tables_and_symbols(draw):
+    n = draw(st.integers(0, 40))
+    cdfs, syms = [], []
+    for _ in range(n):
+        k = draw(st.integers(1, 12))  # symbols in this table
+        cuts = sorted(draw(st.sets(st.integers(1, 65535), min_size=k - 1, max_size=k - 1)))
+        cdf = [0, *cuts, 65536]
+        cdfs.append(cdf)
+        syms.append(draw(st.integers(0, k - 1)))
+    return syms, cdfs
+
+
+@settings(max_examples=300, deadline=None)
+@given(tables_and_symbols())
+def test_arith_round_trip_and_length_near_information(case):
+    import math
+
+    syms, cdfs = case
+    data = arith.encode(syms, cdfs)
+    assert arith.decode(data, cdfs) == syms
+    info = -sum(math.log2((c[s + 1] - c[s]) / 65536) for s, c in zip(syms, cdfs))
+    assert len(data) <= math.ceil(info / 8) + 1  # within one byte of the information
+    assert len(data) <= arith.max_bytes(len(syms))
+
+
+@settings(max_examples=300, deadline=None)
+@given(tables_and_symbols(), st.binary(max_size=90))
+def test_arith_decodes_any_bytes_into_range_deterministically(case, junk):
+    _, cdfs = case
+    if len(junk) > arith.max_bytes(len(cdfs)):
+        with pytest.raises(BitstreamError):
+            arith.decode(junk, cdfs)
+        return
+    out = arith.decode(junk, cdfs)
+    assert len(out) == len(cdfs)
+    assert all(0 <= s < len(c) - 1 for s, c in zip(out, cdfs))
+    assert arith.decode(junk, cdfs) == out
+
+
+def test_arith_rejects_bad_tables_and_symbols():
+    with pytest.raises(ConfigError):
+        arith.check_cdf([0, 10, 10, 65536])
+    with pytest.raises(ConfigError):
+        arith.check_cdf([1, 65536])
+    with pytest.raises(ConfigError):
+        arith.encode([3], [[0, 100, 65536]])
+    with pytest.raises(ConfigError):
+        arith.encode([0, 0], [[0, 65536]])
+
+
+# --- the codec --------------------------------------------------------------------------------
+
+def test_every_rate_point_round_trips_and_is_recorded_in_the_header():
+    codec = ready()
+    h = features(5)
+    sizes = []
+    for r in range(codec.rates):
+        streams = codec.compress(h, rate=r)
+        assert [codec.rate_of(s) for s in streams] == [r] * 5
+        again = [Bitstream.from_bytes(s.to_bytes()) for s in streams]
+        out = codec.decompress(again)
+        # the decoder's output equals the forward pass with rounded latents at that rate
+        assert torch.allclose(out, codec(h, rate=r).features, atol=1e-5)
+        sizes.append(sum(len(p) for s in streams for p in s.packets))
+    assert sizes == sorted(sizes)  # the gains start from coarse (rate 0) to fine
+
+
+def test_one_batch_may_mix_rate_points():
+    codec = ready()
+    h = features(4)
+    streams = codec.compress(h[:2], rate=0) + codec.compress(h[2:], rate=3)
+    out = codec.decompress(streams)
+    assert torch.allclose(out[:2], codec.decompress(streams[:2]))
+    assert torch.allclose(out[2:], codec(h[2:], rate=3).features, atol=1e-5)
+
+
+def test_lost_packets_are_concealed_with_the_medians():
+    codec = ready()
+    h = features(2)
+    s = codec.compress(h, rate=2)[0]
+    lost = Bitstream(s.header, [None, *s.packets[1:]])
+    out = codec.decompress([lost])
+    g = codec.groups[0]
+    y = codec.g_a(h[:1]) * codec.gain[2].exp()
+    sym = torch.round(y - codec._medians(2))
+    sym[:, g] = 0
+    want = codec.g_s((sym + codec._medians(2)) * codec.inv_gain[2].exp())
+    assert torch.allclose(out, want, atol=1e-5)
+    all_lost = codec.decompress([Bitstream(s.header, [None] * len(s.packets))])
+    assert torch.isfinite(all_lost).all()
+
+
+def test_bad_input_raises_named_errors():
+    codec = ready()
+    with pytest.raises(ConfigError):
+        codec.compress(features(1), rate=4)
+    with pytest.raises(ConfigError):
+        codec.compress(features(1), rate=True)
+    with pytest.raises(ConfigError):
+        codec.compress(torch.rand(1, 8, 8, 8))
+    with pytest.raises(ConfigError):
+        codec.compress(torch.full((1, *SHAPE), float("nan")))
+    s = codec.compress(features(1), rate=1)[0]
+    for meta in (b"", b"\x09", b"\x01\x01"):
+        bad = Bitstream(Header(s.header.codec, s.header.fingerprint, s.header.tensors, meta),
+                        s.packets)
+        with pytest.raises(BitstreamError):
+            codec.decompress([bad])
+    too_long = Bitstream(s.header, [bytes(64), *s.packets[1:]])
+    with pytest.raises(BitstreamError):
+        codec.decompress([too_long])
+    other = ready(latent=10)
+    with pytest.raises(BitstreamError):
+        other.decompress([s])
+    with pytest.raises(ConfigError):
+        build_codec("task", SHAPE, latent=0)
+    with pytest.raises(ConfigError):
+        build_codec("task", (16, 7, 8))
+    with pytest.raises(ConfigError):
+        TaskCodec(SHAPE, rates=0)
+
+
+def test_huge_finite_features_code_in_bounded_time():
+    import time
+
+    codec = ready()
+    for v in (1e9, -1e20, 3e38):
+        t = time.perf_counter()
+        streams = codec.compress(torch.full((1, *SHAPE), v))
+        assert codec.decompress(streams).shape == (1, *SHAPE)
+        assert time.perf_counter() - t < 5
+
+
+def test_compress_before_update_is_a_config_error():
+    codec = build_codec("task", SHAPE, **KW).eval()
+    with pytest.raises(ConfigError):
+        codec.compress(features(1))
+
+
+def test_stem_starts_from_an_exit_branch():
+    from flowcodec.family import build_family
+
+    fam = build_family("cifar10", width=8)
+    codec = build_codec("task", (16, 16, 16), latent=4, stem=[[32, True], [32, False]], rates=2)
+    assert codec.g_a.load_stem_from(fam.exits[0]) == 4  # conv, BN, conv, BN
+    assert torch.equal(codec.g_a.stem[0].weight, fam.exits[0][0][0].weight)
+
+
+_DECODE = """
+import sys, torch
+from safetensors.torch import save_file
+from flowcodec.bitstream import Bitstream
+from flowcodec.codecs import load_codec
+codec = load_codec(sys.argv[1])
+streams = [Bitstream.from_bytes(open(f, "rb").read()) for f in sys.argv[3:]]
+save_file({"out": codec.decompress(streams).contiguous()}, sys.argv[2])
+"""
+
+
+def test_checkpoint_round_trip_and_fresh_process_determinism(tmp_path):
+    from safetensors.torch import load_file
+
+    codec = ready()
+    path = save_codec(codec, tmp_path / "task", KW, half=False)
+    loaded = load_codec(path)
+    h = features(3, seed=4)
+    files = []
+    for r in (0, 3):
+        streams = codec.compress(h, rate=r)
+        assert [s.to_bytes() for s in loaded.compress(h, rate=r)] == \
+            [s.to_bytes() for s in streams]
+        for i, s in enumerate(streams):
+            f = tmp_path / f"s{r}_{i}.bin"
+            f.write_bytes(s.to_bytes())
+            files.append(str(f))
+    here = codec.decompress([Bitstream.from_bytes(open(f, "rb").read()) for f in files])
+    out = tmp_path / "out.safetensors"
+    subprocess.run([sys.executable, "-c", _DECODE, str(path), str(out), *files], check=True,
+                   timeout=120)  # fmt: skip
+    assert torch.equal(load_file(str(out))["out"], here)
+
+
+def test_training_lowers_the_rate_and_keeps_the_family_untouched(digits, digits_family):
+    from flowcodec.codecs.train_task import TaskTrainConfig, train_task_codec
+
+    fam = digits_family
+    fam.train()
+    flags = [p.requires_grad for p in fam.parameters()]
+    codec = build_codec("task", (16, 8, 8), latent=8, stem=[[16, True]], hidden=32, rates=2)
+    train, test = digits
+    cfg = TaskTrainConfig(lams=(20.0, 0.0), epochs=6, batch_size=64, warmup=0.05, eval_n=300)
+    res = train_task_codec(codec, fam, 3, 1, train, test, cfg, progress=False)
+    assert fam.training and [p.requires_grad for p in fam.parameters()] == flags
+    last = res.history[-1]["eval"]
+    assert last[0]["est_bytes"] < last[1]["est_bytes"]  # the heavier rate weight sends less
+    assert last[1]["accuracy"] > 0.5  # far above chance (0.1) after a few epochs
+
+
+def test_a_rate_point_view_works_where_a_codec_is_expected(digits_family):
+    from flowcodec.codecs.train import evaluate_codec
+
+    codec = ready()
+    low, high = codec.at_rate(0), codec.at_rate(3)
+    h = features(3)
+    assert low.fingerprint == codec.fingerprint and low.encoder is codec.encoder
+    for view, r in ((low, 0), (high, 3)):
+        streams = view.compress(h)
+        assert [codec.rate_of(s) for s in streams] == [r] * 3
+        assert torch.equal(view.decompress(streams), codec.decompress(streams))
+        assert torch.allclose(view(h).features, codec(h, rate=r).features)
+    # evaluate_codec (and so rd / latency) takes the view as it takes any codec
+    with pytest.raises(ConfigError):
+        codec.at_rate(7)
+    head, tail = digits_family.split(3, 1)
+    from flowcodec.data import load_digits
+
+    _, test = load_digits()
+    small = build_codec("task", (16, 8, 8), latent=4, stem=[[16, True]], hidden=16, rates=2)
+    small.fit(head(test.images[:64].float()).detach()).update(force=True)
+    ev = [evaluate_codec(small.at_rate(r), head, tail, test.subset(100)) for r in (0, 1)]
+    assert all(e.n == 100 and e.bytes_per_image > 0 for e in ev)
