@@ -430,3 +430,50 @@ def test_io_helper_reads_jpeg_markers():
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="JPEG", subsampling="4:4:4")
     assert _sof_sampling(buf.getvalue()) == [0x11, 0x11, 0x11]
+
+
+@pytest.mark.parametrize("name,kwargs", [("webp", {"method": 6}),
+                                         ("jpeg", {"subsampling": "4:2:0"}),
+                                         ("jpeg", {"subsampling": "4:4:4"})])  # fmt: skip
+def test_stripped_images_decode_to_the_same_pixels_in_fewer_bytes(name, kwargs):
+    x = _images(6)
+    full = build_codec(name, (3, 16, 16), quality=40, **kwargs)
+    strip = build_codec(name, (3, 16, 16), quality=40, strip=True, **kwargs)
+    sf, ss = full.compress(x), strip.compress(x)
+    # JPEG: standard instead of optimised Huffman tables, entropy coding is lossless
+    assert torch.equal(strip.decompress(ss), full.decompress(sf))
+    saved = [a.nbytes - b.nbytes for a, b in zip(sf, ss, strict=True)]
+    assert min(saved) >= (27 if name == "webp" else 150)
+    assert strip.config()["strip"] is True and strip.fingerprint != full.fingerprint
+    back = [Bitstream.from_compact(s.to_compact(), s.header) for s in ss]
+    assert torch.equal(strip.decompress(back), strip.decompress(ss))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), quality=st.integers(1, 100),
+       name=st.sampled_from(["webp", "jpeg"]))  # fmt: skip
+def test_stripped_headers_are_constant_for_any_image(seed, quality, name):
+    # compress checks every image's headers against the configuration's: it never raises
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(3, 3, 8, 8, generator=g) * 2 - 1) * torch.rand(3, 1, 1, 1, generator=g)
+    codec = build_codec(name, (3, 8, 8), quality=quality, strip=True)
+    assert codec.decompress(codec.compress(x)).shape == x.shape
+
+
+@settings(max_examples=40, deadline=None)
+@given(payload=st.binary(min_size=0, max_size=64), name=st.sampled_from(["webp", "jpeg"]))
+def test_any_stripped_payload_decodes_or_is_a_bitstream_error(payload, name):
+    codec = build_codec(name, (3, 8, 8), quality=50, strip=True)
+    s = codec.compress(torch.zeros(1, 3, 8, 8))[0]
+    try:
+        out = codec.decompress([Bitstream(s.header, [payload])])
+    except BitstreamError:
+        return
+    assert out.shape == (1, 3, 8, 8)
+
+
+def test_strip_is_refused_with_lossless():
+    with pytest.raises(ConfigError):
+        build_codec("webp", (3, 8, 8), quality=50, lossless=True, strip=True)
+    with pytest.raises(ConfigError):
+        build_codec("webp", (3, 8, 8), quality=50, strip=1)

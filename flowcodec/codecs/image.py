@@ -11,11 +11,20 @@ slowest, smallest search; the default stays 4 for compatibility) and JPEG with
 ``optimize=True`` (always on) and the chroma subsampling that costs fewer bytes at a
 given accuracy (``subsampling="4:4:4"`` or ``"4:2:0"``; sweep both, see
 ``experiments/rd_baselines_cifar10.json``).
+
+``strip=True`` sends only what changes from image to image, the way session framing
+sends the flowcodec header once: for WebP the VP8 frame without its RIFF container, start
+code and dimensions (27 bytes less; the receiver rebuilds them), for JPEG the entropy-coded
+scan alone, with libjpeg's standard Huffman tables, so that everything before the scan
+(tables, frame and scan headers, a constant for a given quality, subsampling and size) is
+known to the receiver (``optimize`` would make the Huffman tables differ per image). This
+is what an image codec costs when its constant headers travel once per session.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,6 +38,22 @@ __all__ = ["ImageCodec", "JPEGCodec", "WebPCodec", "SUBSAMPLINGS"]
 
 #: JPEG chroma subsampling modes accepted by ``subsampling``.
 SUBSAMPLINGS = ("4:4:4", "4:2:2", "4:2:0")
+_VP8_START = b"\x9d\x01\x2a"  # start code of a VP8 key frame
+
+
+def _jpeg_split(data: bytes) -> tuple[bytes, bytes]:
+    """``(everything up to the end of the SOS header, the scan data)`` of a baseline JPEG
+    with one scan (the final EOI marker dropped)."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker, length = data[i + 1], int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker == 0xDA:
+            end = i + 2 + length
+            if data[-2:] != b"\xff\xd9" or end > len(data) - 2:
+                break
+            return data[:end], data[end:-2]
+        i += 2 + length
+    raise RuntimeError("not a single-scan JPEG: strip cannot be used")
 
 
 class ImageCodec(FeatureCodec):
@@ -50,6 +75,9 @@ class ImageCodec(FeatureCodec):
     subsampling : str or None
         JPEG only: chroma subsampling, ``"4:4:4"``, ``"4:2:2"`` or ``"4:2:0"`` (``None``:
         Pillow's default, 4:2:0). Ignored for one-channel images.
+    strip : bool
+        Send only the per-image part of the file (see the module docstring); not with
+        ``lossless``.
 
     The encoder options (``method``, ``subsampling``) enter :meth:`config`, and so the
     header fingerprint, only when set, so that streams of the defaults keep their
@@ -65,7 +93,7 @@ class ImageCodec(FeatureCodec):
                  mean: Sequence[float] = (0.5, 0.5, 0.5),
                  std: Sequence[float] = (0.5, 0.5, 0.5),
                  lossless: bool = False, method: int | None = None,
-                 subsampling: str | None = None) -> None:  # fmt: skip
+                 subsampling: str | None = None, strip: bool = False) -> None:  # fmt: skip
         super().__init__(feature_shape)
         c = self.feature_shape[0]
         if len(self.feature_shape) != 3 or c not in (1, 3):
@@ -89,8 +117,12 @@ class ImageCodec(FeatureCodec):
                                   f"got {subsampling!r}")  # fmt: skip
         if lossless and self.format != "WEBP":
             raise ConfigError(f"{self.name}: lossless is a WebP option")
+        if not isinstance(strip, bool) or (strip and lossless):
+            raise ConfigError(f"strip must be a bool and not combined with lossless, "
+                              f"got strip={strip!r}")  # fmt: skip
         self.quality, self.lossless = quality, bool(lossless)
-        self.method, self.subsampling = method, subsampling
+        self.method, self.subsampling, self.strip = method, subsampling, strip
+        self._jpeg_prefix: bytes | None = None
         self.mean_ = tuple(float(v) for v in mean)
         self.std_ = tuple(float(v) for v in std)
 
@@ -101,6 +133,8 @@ class ImageCodec(FeatureCodec):
             cfg["method"] = self.method
         if self.subsampling is not None:
             cfg["subsampling"] = self.subsampling
+        if self.strip:
+            cfg["strip"] = True
         return cfg
 
     def _stats(self, device):
@@ -129,11 +163,47 @@ class ImageCodec(FeatureCodec):
         if self.format == "WEBP":
             kw.update(lossless=self.lossless, method=4 if self.method is None else self.method)
         else:
-            kw.update(optimize=True)
+            kw.update(optimize=not self.strip)
             if self.subsampling is not None and mode == "RGB":
                 kw.update(subsampling=self.subsampling)
         im.save(buf, format=self.format, **kw)
         return buf.getvalue()
+
+    # --- strip: the per-image part of the file, and back ------------------------------
+    def _prefix(self) -> bytes:
+        """JPEG bytes before the scan data (constant for this configuration)."""
+        if self._jpeg_prefix is None:
+            c, h, w = self.feature_shape
+            self._jpeg_prefix = _jpeg_split(self._encode(np.zeros((h, w, c), np.uint8)))[0]
+        return self._jpeg_prefix
+
+    def _strip(self, data: bytes) -> bytes:
+        if self.format == "JPEG":
+            prefix, scan = _jpeg_split(data)
+            if prefix != self._prefix():
+                raise RuntimeError(f"{self.name}: the encoder wrote headers that differ from "
+                                   "this configuration's; strip cannot be used")  # fmt: skip
+            return scan
+        _, h, w = self.feature_shape
+        size = int.from_bytes(data[16:20], "little") if len(data) >= 20 else -1
+        if (data[:4] != b"RIFF" or data[8:16] != b"WEBPVP8 " or size < 10
+                or len(data) != 20 + size + (size & 1)
+                or data[23:30] != _VP8_START + struct.pack("<HH", w, h)):  # fmt: skip
+            raise RuntimeError(f"{self.name}: the encoder did not write a simple lossy WebP; "
+                               "strip cannot be used")  # fmt: skip
+        return data[20:23] + data[30 : 20 + size]
+
+    def _unstrip(self, payload: bytes) -> bytes:
+        if self.format == "JPEG":
+            return self._prefix() + payload + b"\xff\xd9"
+        _, h, w = self.feature_shape
+        if len(payload) < 3:
+            raise BitstreamError(f"{self.name}: stripped WebP payload of {len(payload)} bytes "
+                                 "(at least 3)")  # fmt: skip
+        chunk = payload[:3] + _VP8_START + struct.pack("<HH", w, h) + payload[3:]
+        pad = b"\0" * (len(chunk) & 1)
+        return (b"RIFF" + struct.pack("<I", 12 + len(chunk) + len(pad)) + b"WEBPVP8 "
+                + struct.pack("<I", len(chunk)) + chunk + pad)  # fmt: skip
 
     def _decode(self, data: bytes) -> np.ndarray:
         from PIL import Image
@@ -160,6 +230,9 @@ class ImageCodec(FeatureCodec):
     def compress(self, h: torch.Tensor) -> list[Bitstream]:
         self.check_features(h)
         header = self.make_header(tensors=[TensorSpec("float32", self.feature_shape)])
+        if self.strip:
+            return [Bitstream(header, [self._strip(self._encode(px))])
+                    for px in self.to_pixels(h)]  # fmt: skip
         return [Bitstream(header, [self._encode(px)]) for px in self.to_pixels(h)]
 
     @torch.no_grad()
@@ -168,7 +241,8 @@ class ImageCodec(FeatureCodec):
         out = self.conceal.detach().cpu().expand(len(streams), *self.feature_shape).clone()
         for b, s in enumerate(streams):
             if s.packets[0] is not None:
-                out[b] = self.from_pixels(self._decode(s.packets[0])[None])[0]
+                data = self._unstrip(bytes(s.packets[0])) if self.strip else s.packets[0]
+                out[b] = self.from_pixels(self._decode(data)[None])[0]
         return out
 
 
