@@ -258,3 +258,67 @@ def test_a_rate_point_view_works_where_a_codec_is_expected(digits_family):
     small.fit(head(test.images[:64].float()).detach()).update(force=True)
     ev = [evaluate_codec(small.at_rate(r), head, tail, test.subset(100)) for r in (0, 1)]
     assert all(e.n == 100 and e.bytes_per_image > 0 for e in ev)
+
+
+def test_context_model_round_trips_and_conceals_within_its_groups():
+    codec = ready(context=True)
+    h = features(4, seed=3)
+    for r in (0, 3):
+        streams = codec.compress(h, rate=r)
+        again = [Bitstream.from_bytes(s.to_bytes()) for s in streams]
+        out = codec.decompress(again)
+        # the same reconstruction as the factorized path: only the probabilities differ
+        assert torch.allclose(out, codec(h, rate=r).features, atol=1e-5)
+    s = codec.compress(h[:1], rate=2)[0]
+    one_lost = codec.decompress([Bitstream(s.header, [s.packets[0], None, s.packets[2]])])
+    k = codec.symbols(h[:1], 2).float()
+    k[:, codec.groups[1]] = 0
+    want = codec.g_s((k + codec._medians(2)) * codec.inv_gain[2].exp())
+    assert torch.allclose(one_lost, want, atol=1e-5)  # groups 0 and 2 still decode exactly
+
+
+def test_context_model_mask_sees_only_earlier_channels_of_its_group():
+    from flowcodec.codecs.task import ChannelContext
+
+    groups = [slice(0, 3), slice(3, 5)]
+    ctx = ChannelContext(5, groups, hidden=4)
+    with torch.no_grad():
+        for p in ctx.parameters():
+            p.normal_()
+    k = torch.randn(1, 5, requires_grad=True)
+    mu, sigma = ctx(k)
+    for i in range(5):
+        (g,) = torch.autograd.grad(mu[0, i] + sigma[0, i], k, retain_graph=True)
+        seen = {j for j in range(5) if g[0, j] != 0}
+        allowed = {j for j in range(5) if j < i and any(j in range(s.start, s.stop) and
+                                                        i in range(s.start, s.stop)
+                                                        for s in groups)}  # fmt: skip
+        assert seen <= allowed
+
+
+def test_fit_context_beats_the_factorized_tables(digits, digits_family):
+    from flowcodec.codecs.train_task import fit_context
+
+    head, _ = digits_family.split(3, 1)
+    torch.manual_seed(0)
+    codec = build_codec("task", (16, 8, 8), latent=8, stem=[[16, True]], hidden=16, rates=2,
+                        context=True)
+    train, _ = digits
+    codec.fit(head(train.images[:256].float()).detach())
+    with torch.no_grad():
+        codec.gain.fill_(1.5)  # a few symbols per channel from the random projection
+        for eb in codec.entropy_bottlenecks:  # fit the factorized tables' quantiles
+            opt = torch.optim.Adam([eb.quantiles], lr=0.05)
+            y = (codec.g_a(head(train.images[:512].float())) * codec.gain[0].exp()).detach()
+            with torch.enable_grad():
+                for _ in range(300):
+                    opt.zero_grad()
+                    eb(y.unsqueeze(-1))
+                    eb.loss().backward()
+                    opt.step()
+    codec.update(force=True)
+    report = fit_context(codec, head, train, steps=300, batch_size=256, progress=False)
+    assert all(r["context_bits"] < r["factorized_bits"] for r in report)
+    x = train.images[:5].float()
+    streams = codec.compress(head(x).detach(), rate=1)
+    assert codec.decompress(streams).shape == (5, 16, 8, 8)

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from flowcodec.bitstream import BitstreamError
 from flowcodec.errors import ConfigError
 
-__all__ = ["encode", "decode", "max_bytes", "check_cdf"]
+__all__ = ["encode", "decode", "Decoder", "max_bytes", "check_cdf", "gaussian_cdf"]
 
 
 def max_bytes(n: int, precision: int = 16) -> int:
@@ -76,26 +76,63 @@ def encode(symbols: Sequence[int], cdfs: Sequence[Sequence[int]], precision: int
         nbytes += 1
 
 
+class Decoder:
+    """Incremental form of :func:`decode`, for tables that depend on earlier symbols.
+
+    ``Decoder(data, n)`` then ``n`` calls of ``next(cdf)``; the same bounds hold.
+    """
+
+    def __init__(self, data: bytes, n: int, precision: int = 16) -> None:
+        if len(data) > max_bytes(n, precision):
+            raise BitstreamError(f"arithmetic-coded payload of {len(data)} bytes is longer "
+                                 f"than the {max_bytes(n, precision)} bytes {n} symbols take")
+        total = precision * n
+        shift = total - 8 * len(data)
+        value = int.from_bytes(bytes(data), "big")
+        self._value = value << shift if shift >= 0 else value >> -shift
+        self._low, self._width = 0, 1 << total
+        self._left, self._precision = n, precision
+
+    def next(self, cdf: Sequence[int]) -> int:
+        if self._left <= 0:
+            raise ConfigError("all symbols of this payload were decoded already")
+        self._left -= 1
+        unit = self._width >> self._precision
+        t = (self._value - self._low) // unit
+        s = min(bisect_right(cdf, t) - 1, len(cdf) - 2)
+        self._low += unit * cdf[s]
+        self._width = unit * (cdf[s + 1] - cdf[s])
+        return s
+
+
 def decode(data: bytes, cdfs: Sequence[Sequence[int]], precision: int = 16) -> list[int]:
     """Invert :func:`encode`: exactly ``len(cdfs)`` symbols, each in range of its table.
 
     Raises BitstreamError if ``data`` is longer than any code for that many symbols.
     """
-    n = len(cdfs)
-    total = precision * n
-    if len(data) > max_bytes(n, precision):
-        raise BitstreamError(f"arithmetic-coded payload of {len(data)} bytes is longer "
-                             f"than the {max_bytes(n, precision)} bytes {n} symbols take")
-    value = int.from_bytes(bytes(data), "big")
-    shift = total - 8 * len(data)
-    value = value << shift if shift >= 0 else value >> -shift
-    low, width = 0, 1 << total
-    out = []
-    for cdf in cdfs:
-        unit = width >> precision
-        t = (value - low) // unit
-        s = min(bisect_right(cdf, t) - 1, len(cdf) - 2)
-        out.append(s)
-        low += unit * cdf[s]
-        width = unit * (cdf[s + 1] - cdf[s])
-    return out
+    dec = Decoder(data, len(cdfs), precision)
+    return [dec.next(cdf) for cdf in cdfs]
+
+
+def gaussian_cdf(lo: int, hi: int, mu: float, sigma: float, precision: int = 16) -> list[int]:
+    """Quantised CDF row of a Gaussian ``N(mu, sigma^2)`` discretised to the integers
+    ``lo..hi`` (the tails folded into the end symbols), every symbol at least 1/2**precision.
+
+    Pure float64 arithmetic (``math.erf``), so the same arguments give the same row on any
+    machine: the coder's tables never depend on a BLAS kernel.
+    """
+    import math
+
+    n = hi - lo + 1
+    if n < 1 or n >= 1 << precision or not sigma > 0:
+        raise ConfigError(f"bad discrete Gaussian: {n} symbols, sigma {sigma}")
+    scale = 1 / (sigma * math.sqrt(2))
+    edges = [0.5 * (1 + math.erf((k + 0.5 - mu) * scale)) for k in range(lo, hi)]
+    probs = [b - a for a, b in zip([0.0, *edges], [*edges, 1.0])]
+    spare = (1 << precision) - n
+    freq = [1 + int(p * spare) for p in probs]
+    freq[max(range(n), key=lambda i: probs[i])] += (1 << precision) - sum(freq)
+    cdf = [0]
+    for f in freq:
+        cdf.append(cdf[-1] + f)
+    return cdf

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -54,7 +55,8 @@ from flowcodec.codecs.base import CodecOutput, FeatureCodec, channel_groups, reg
 from flowcodec.codecs.entropy import entropy_bottleneck
 from flowcodec.errors import ConfigError
 
-__all__ = ["TaskCodec", "TaskEncoder", "TaskDecoder"]
+__all__ = ["TaskCodec", "TaskEncoder", "TaskDecoder", "ChannelContext",
+           "discrete_gaussian_likelihood"]
 
 #: Latents are clamped to this magnitude before coding, so that a diverged model or a
 #: hostile input cannot ask the coder for a symbol far outside its tables.
@@ -124,6 +126,74 @@ class TaskDecoder(nn.Module):
         return self.conv(self.mlp(y).view(len(y), *self.base))
 
 
+class ChannelContext(nn.Module):
+    """Channel-wise autoregressive model of the latent symbols: for channel ``i``, a mean and
+    a scale predicted from the symbols of the channels before it *in its own packet group*
+    (so a lost packet never stops another from decoding).
+
+    ``forward(k)`` with ``k`` float ``(B, latent)`` (integer symbols) returns
+    ``(mu, sigma)``, each ``(B, latent)``; output ``i`` depends only on ``k[:, j]`` for
+    earlier ``j`` of the same group (masked weights, as in MADE).
+    """
+
+    def __init__(self, latent: int, groups: Sequence[slice], hidden: int = 16) -> None:
+        super().__init__()
+        self.latent, self.hidden = latent, hidden
+        group_of = torch.zeros(latent, dtype=torch.long)
+        for j, g in enumerate(groups):
+            group_of[g] = j
+        i = torch.arange(latent)
+        # unit block i (hidden units) sees input j < i of the same group
+        see = (i[None, :] < i[:, None]) & (group_of[None, :] == group_of[:, None])
+        self.register_buffer("mask1", see.repeat_interleave(hidden, 0).float())
+        block = torch.block_diag(*[torch.ones(hidden, hidden)] * latent)
+        self.register_buffer("mask2", block)
+        self.register_buffer("mask3", torch.block_diag(*[torch.ones(2, hidden)] * latent))
+        self.l1 = nn.Linear(latent, latent * hidden)
+        self.l2 = nn.Linear(latent * hidden, latent * hidden)
+        self.l3 = nn.Linear(latent * hidden, 2 * latent)
+        with torch.no_grad():
+            self.l3.weight.mul_(0.1)
+            self.l3.bias.zero_()
+
+    def forward(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = nn.functional
+        a = f.relu(f.linear(k, self.l1.weight * self.mask1, self.l1.bias))
+        a = f.relu(f.linear(a, self.l2.weight * self.mask2, self.l2.bias))
+        out = f.linear(a, self.l3.weight * self.mask3, self.l3.bias).view(len(k), self.latent, 2)
+        mu = out[..., 0]
+        sigma = (out[..., 1] + 1.0).exp().clamp(_SIGMA_MIN, _SIGMA_MAX)
+        return mu, sigma
+
+
+_SIGMA_MIN, _SIGMA_MAX, _SIGMA_LEVELS, _MU_STEP = 0.08, 64.0, 96, 1 / 32
+
+
+def _snap(mu: float, sigma: float, lo: int, hi: int) -> tuple[int, int]:
+    """Grid indices of a predicted (mean, scale): what the coder's tables depend on."""
+    m = round(min(max(mu, lo - 1.0), hi + 1.0) / _MU_STEP)
+    span = math.log(_SIGMA_MAX / _SIGMA_MIN)
+    t = (math.log(min(max(sigma, _SIGMA_MIN), _SIGMA_MAX)) - math.log(_SIGMA_MIN)) / span
+    return m, round(t * (_SIGMA_LEVELS - 1))
+
+
+@lru_cache(maxsize=65536)
+def _grid_cdf(lo: int, hi: int, m: int, si: int) -> tuple[int, ...]:
+    sigma = _SIGMA_MIN * (_SIGMA_MAX / _SIGMA_MIN) ** (si / (_SIGMA_LEVELS - 1))
+    return tuple(arith.gaussian_cdf(lo, hi, m * _MU_STEP, sigma))
+
+
+def discrete_gaussian_likelihood(k: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
+                                 lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """P(k) for integer ``k`` in ``[lo, hi]`` under ``N(mu, sigma^2)`` rounded to the integers,
+    tails folded into ``lo`` and ``hi`` (what :func:`arith.gaussian_cdf` quantises)."""
+    upper = torch.special.ndtr((k + 0.5 - mu) / sigma)
+    lower = torch.special.ndtr((k - 0.5 - mu) / sigma)
+    upper = torch.where(k >= hi, torch.ones_like(upper), upper)
+    lower = torch.where(k <= lo, torch.zeros_like(lower), lower)
+    return (upper - lower).clamp_min(1e-9)
+
+
 @register_codec("task")
 class TaskCodec(FeatureCodec):
     """Low-rate task codec: a latent vector, ``rates`` rate points, exact arithmetic coding.
@@ -151,7 +221,8 @@ class TaskCodec(FeatureCodec):
 
     def __init__(self, feature_shape: Sequence[int], latent: int = 32,
                  stem: Sequence[Sequence] | None = None, hidden: int = 512, rates: int = 5,
-                 packets: int = 1, nonneg: bool = True, backend: str = "auto") -> None:  # fmt: skip
+                 packets: int = 1, nonneg: bool = True, backend: str = "auto",
+                 context: bool = False, context_hidden: int = 16) -> None:  # fmt: skip
         super().__init__(feature_shape)
         if len(self.feature_shape) != 3 or any(d % 2 for d in self.feature_shape[1:]):
             raise ConfigError(f"task codec: feature_shape must be (C, H, W) with even H, W, "
@@ -176,12 +247,22 @@ class TaskCodec(FeatureCodec):
         self.inv_gain = nn.Parameter(-span[:, None].repeat(1, self.latent))
         self.entropy_bottlenecks = nn.ModuleList(
             entropy_bottleneck(self.latent, backend) for _ in range(self.rates))
+        self.context = bool(context)
+        if self.context:
+            if not 1 <= int(context_hidden) <= 256:
+                raise ConfigError(f"task codec: context_hidden must be in 1..256, "
+                                  f"got {context_hidden}")  # fmt: skip
+            self.context_hidden = int(context_hidden)
+            self.contexts = nn.ModuleList(ChannelContext(self.latent, self.groups,
+                                                         self.context_hidden)
+                                          for _ in range(self.rates))  # fmt: skip
 
     # --- configuration --------------------------------------------------------------------
     def config(self) -> dict:
         return {**super().config(), "latent": self.latent, "hidden": self.hidden,
                 "stem": [list(s) for s in self.stem_spec], "rates": self.rates,
-                "packets": len(self.groups), "nonneg": self.nonneg}  # fmt: skip
+                "packets": len(self.groups), "nonneg": self.nonneg,
+                **({"context": self.context_hidden} if self.context else {})}  # fmt: skip
 
     @property
     def encoder(self) -> nn.Module:
@@ -231,13 +312,18 @@ class TaskCodec(FeatureCodec):
                 mask[:, g] = lost[:, j : j + 1]
             y_hat = torch.where(mask.to(h.device), self._medians(r).expand_as(y_hat), y_hat)
         feats = self.g_s(y_hat * self.inv_gain[r].exp())
-        return CodecOutput(feats, -torch.log2(lik).flatten(1).sum(1), {"y": lik})
+        bits = -torch.log2(lik).flatten(1).sum(1)
+        if self.context and not self.training and self.entropy_bottlenecks[r]._offset.numel():
+            lo, hi = (t.to(y.device) for t in self.support(r))
+            k = torch.round(y_hat - self._medians(r)).clamp(lo, hi)
+            bits = self.context_bits(k, r)  # what the context coder spends (estimate)
+        return CodecOutput(feats, bits, {"y": lik})
 
     # --- coding ---------------------------------------------------------------------------
     def update(self, force: bool = False) -> bool:
         """Freeze every rate point's CDF tables; returns whether any changed."""
         changed = [bool(eb.update(force=force)) for eb in self.entropy_bottlenecks]
-        self._tables_cache = None
+        self._tables_cache = self._ctx64_cache = None
         return any(changed)
 
     def _tables(self, r: int) -> tuple[list[list[int]], list[int]]:
@@ -258,22 +344,83 @@ class TaskCodec(FeatureCodec):
             cache[r] = (rows, [int(o) for o in offsets])
         return cache[r]
 
+    def support(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lowest and highest symbol ``(latent,)`` each channel can send at rate point ``r``
+        (the frozen factorized tables' range; symbols are clamped to it)."""
+        rows, offsets = self._tables(r)
+        return (torch.tensor(offsets),
+                torch.tensor([o + len(row) - 3 for o, row in zip(offsets, rows)]))  # fmt: skip
+
+    def symbols(self, h: torch.Tensor, r: int) -> torch.Tensor:
+        """Integer symbols ``(B, latent)`` (int64, around the medians, clamped to the
+        support) that ``compress`` sends at rate point ``r``."""
+        y = (self.g_a(h.to(self._device())) * self.gain[r].exp()).clamp(-_CLAMP, _CLAMP)
+        sym = torch.round(y - self._medians(r)).long().cpu()
+        lo, hi = self.support(r)
+        return torch.maximum(torch.minimum(sym, hi), lo)
+
+    def context_bits(self, k: torch.Tensor, r: int) -> torch.Tensor:
+        """Bits ``(B,)`` the context model gives symbols ``k`` at rate point ``r``
+        (differentiable in the context model; an estimate of what ``compress`` sends)."""
+        lo, hi = (t.to(k.device) for t in self.support(r))
+        mu, sigma = self.contexts[r](k.float())
+        lik = discrete_gaussian_likelihood(k.float(), mu, sigma, lo, hi)
+        return -torch.log2(lik).sum(1)
+
+    def _ctx64(self, r: int) -> ChannelContext:
+        import copy
+
+        cache = getattr(self, "_ctx64_cache", None)
+        if cache is None:
+            cache = self._ctx64_cache = {}
+        if r not in cache:
+            cache[r] = copy.deepcopy(self.contexts[r]).to("cpu", torch.float64).eval()
+        return cache[r]
+
+    def _context_rows(self, r: int, k_row: torch.Tensor, lo: list, hi: list) -> list:
+        """Per-channel CDF rows for one sample's symbols (float64, batch of one, snapped
+        to a grid: the same on encoder and decoder)."""
+        mu, sigma = self._ctx64(r)(k_row.to(torch.float64).view(1, -1))
+        return [_grid_cdf(lo[i], hi[i], *_snap(float(mu[0, i]), float(sigma[0, i]), lo[i],
+                                                hi[i])) for i in range(self.latent)]  # fmt: skip
+
     @torch.no_grad()
     def compress(self, h: torch.Tensor, rate: int | None = None) -> list[Bitstream]:
         """One stream per sample at rate point ``rate`` (default the highest)."""
         self.check_features(h)
         r = self._rate(rate)
-        rows, offsets = self._tables(r)
-        dev = self._device()
-        y = (self.g_a(h.to(dev)) * self.gain[r].exp()).clamp(-_CLAMP, _CLAMP)
-        sym = torch.round(y - self._medians(r)).long().cpu()
-        lo = torch.tensor(offsets)
-        hi = torch.tensor([o + len(row) - 3 for o, row in zip(offsets, rows)])
-        idx = (torch.maximum(torch.minimum(sym, hi), lo) - lo).tolist()  # clamp to the tables
+        rows, _ = self._tables(r)
+        k = self.symbols(h, r)
+        lo_t, hi_t = self.support(r)
         header = self.make_header(meta=bytes([r]),
                                   tensors=[TensorSpec("float32", self.feature_shape)])
+        out = []
+        if self.context:
+            lo, hi = lo_t.tolist(), hi_t.tolist()
+            for kb in k:
+                ctx_rows = self._context_rows(r, kb, lo, hi)
+                sym = (kb - lo_t).tolist()
+                out.append(Bitstream(header, [arith.encode(sym[g], ctx_rows[g])
+                                              for g in self.groups]))  # fmt: skip
+            return out
+        idx = (k - lo_t).tolist()
         return [Bitstream(header, [arith.encode(s[g], rows[g]) for g in self.groups])
                 for s in idx]  # fmt: skip
+
+    def _decode_context(self, s: Bitstream, r: int) -> torch.Tensor:
+        lo_t, hi_t = self.support(r)
+        lo, hi = lo_t.tolist(), hi_t.tolist()
+        k = torch.zeros(self.latent, dtype=torch.float64)  # a lost group: symbol 0, the median
+        for g, p in zip(self.groups, s.packets):
+            if p is None:
+                continue
+            dec = arith.Decoder(p, g.stop - g.start)
+            for i in range(g.start, g.stop):
+                mu, sigma = self._ctx64(r)(k.view(1, -1))
+                row = _grid_cdf(lo[i], hi[i], *_snap(float(mu[0, i]), float(sigma[0, i]),
+                                                     lo[i], hi[i]))  # fmt: skip
+                k[i] = lo[i] + dec.next(row)
+        return k.float()
 
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
@@ -283,6 +430,10 @@ class TaskCodec(FeatureCodec):
         for b, s in enumerate(streams):
             r = self.rate_of(s)
             rows, offsets = self._tables(r)
+            if self.context:
+                y_hat[b] = (self._decode_context(s, r).to(dev) + self._medians(r)) \
+                    * self.inv_gain[r].exp()
+                continue
             sym = torch.zeros(self.latent)  # a lost group: symbol 0, the median
             for g, p in zip(self.groups, s.packets):
                 if p is None:
