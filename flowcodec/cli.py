@@ -1,11 +1,4 @@
-"""The ``flowcodec`` command.
-
-    flowcodec demo                   train (or load) the digits family, report each member
-    flowcodec train-family           train a family (CIFAR-10 by default) and save it
-    flowcodec info                   parameters and FLOPs of a family's members
-
-Run ``flowcodec COMMAND --help`` for the options of each.
-"""
+"""The ``flowcodec`` command (``flowcodec --help`` lists its commands in plain words)."""
 
 from __future__ import annotations
 
@@ -15,6 +8,33 @@ import sys
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
+
+DESCRIPTION = """\
+flowcodec runs a neural network split across a device, an edge server and a cloud:
+the device computes the first layers, a codec compresses the hidden features into
+CRC-checked packets, a simulated 5G-style wireless link carries them, and a larger
+model of the same family finishes the task.
+
+commands:
+    demo           the whole flow end to end on the bundled digits set (or CIFAR-10):
+                   accuracy, bytes and latency against SNR over AWGN and Rayleigh fading
+    rd             accuracy against bytes per image for the codecs listed in a config
+    latency        latency and accuracy of the adaptive flow against device-, edge- and
+                   cloud-only baselines, over uplink SNR and bandwidth
+    train-family   train a family of models (CIFAR-10 or digits) and save it
+    align          feed a model from outside the family into the digits family
+    info           parameters, FLOPs and split points of a family
+
+Run `flowcodec COMMAND --help` for what a command does and its options.
+"""
+
+EPILOG = """\
+examples:
+    flowcodec demo                          # about two minutes on a laptop CPU
+    flowcodec rd --config digits            # experiments/rd_digits.json
+    flowcodec latency --config digits --samples 200
+    flowcodec info --family cifar10
+"""
 
 
 def _table(rows: list[dict], cols: list[str]) -> str:
@@ -41,8 +61,14 @@ def cmd_demo(args) -> int:
     import torch
 
     from flowcodec.data import load_dataset
-    from flowcodec.demo import DemoConfig, format_table, run_demo
-    from flowcodec.family import evaluate_family, load_pretrained
+    from flowcodec.demo import (
+        RATE_NOTE,
+        DemoConfig,
+        cached_family_accuracies,
+        format_table,
+        run_demo,
+    )
+    from flowcodec.family import load_pretrained
 
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
@@ -51,18 +77,46 @@ def cmd_demo(args) -> int:
     print(f"flowcodec demo on {args.dataset}: device -> edge -> cloud over an exact 5G-style link")
     fam = load_pretrained(args.dataset, progress=progress)
     _, test = load_dataset(args.dataset)
-    rows = _member_rows(fam, evaluate_family(fam, test))
+    accs = cached_family_accuracies(fam, test, use_cache=not args.no_cache)
+    rows = _member_rows(fam, accs)
     print("\nthe family (each member on its own, no link):")
     print(_table(rows, ["member", "test acc %", "params", "MFLOPs"]))
     (out / "family.json").write_text(json.dumps(rows, indent=2))
     cfg = DemoConfig.quick(args.dataset) if args.quick else DemoConfig(dataset=args.dataset)
-    table, meta = run_demo(cfg, out, progress=progress)
+    table, meta = run_demo(cfg, out, progress=progress, use_cache=not args.no_cache)
     print(f"\nthe flow ({meta['samples']} test samples; exits at confidence >= "
-          f"{cfg.exit_threshold}; uplink {cfg.uplink_symbol_rate:.0e} symbol/s):")
+          f"{cfg.exit_threshold}; uplink {cfg.uplink_symbol_rate:.0e} symbol/s; the MCS is "
+          f"adapted to each SNR and channel for packet loss <= {cfg.target_bler:g} after HARQ "
+          f"with up to {cfg.harq_max_tx} transmissions):")
     print(format_table(table))
+    print(f"{RATE_NOTE}.")
+    cached = " (flows read from the cache; --no-cache recomputes them)" if meta["cached"] else ""
+    _write_run_record(out / "run.json", args, meta, accs)
     print(f"\nwrote {out / 'demo.csv'}, {out / 'demo.png'}, {out / 'family.json'} "
-          f"in {meta['seconds']:.0f} s")
+          f"in {meta['seconds']:.0f} s{cached}")
     return 0
+
+
+def _write_run_record(path: Path, args, meta: dict, accs: list[float]) -> None:
+    """Which run made the figures in a folder: command, date, machine, versions, timing."""
+    import os
+    import platform
+    import time
+
+    import torch
+
+    from flowcodec import __version__
+
+    argv = [a for a in sys.argv[1:]] if Path(sys.argv[0]).name == "flowcodec" else None
+    record = {
+        "command": "flowcodec " + " ".join(argv) if argv else f"flowcodec demo ({vars(args)})",
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+        "threads": args.threads, "flowcodec": __version__, "torch": torch.__version__,
+        "seconds": round(meta["seconds"], 1), "flows_from_cache": meta["cached"],
+        "samples": meta["samples"], "family_test_accuracy": [round(a, 4) for a in accs],
+    }  # fmt: skip
+    path.write_text(json.dumps(record, indent=2))
 
 
 def cmd_train_family(args) -> int:
@@ -123,35 +177,62 @@ def cmd_align(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flowcodec", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    sub = p.add_subparsers(dest="command", required=True)
+    from flowcodec import __version__
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="flowcodec", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=fmt)  # fmt: skip
+    p.add_argument("--version", action="version", version=f"flowcodec {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           title="commands (each has --help)")  # fmt: skip
 
     def common(sp):
         sp.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
         sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
-    d = sub.add_parser("demo", help="the main job: digits family end to end")
+    d = sub.add_parser(
+        "demo", help="the whole flow end to end (digits by default)", formatter_class=fmt,
+        description="Run the whole flow: load (or train once and cache) a 3-member family, "
+        "train a packetised learned codec at three rate points, and send every test sample "
+        "from the device (member 1) over an exact LDPC/QAM link to the edge (member 2) and "
+        "the cloud (member 3) at several SNRs, over AWGN and Rayleigh fading. The link "
+        "adapts its MCS to each SNR and channel to keep the block error rate at a target, "
+        "with HARQ. Prints a table and writes demo.csv and demo.png. Results are cached: a "
+        "second run with the same settings is fast.")  # fmt: skip
     d.add_argument("--out", default="demo_out", help="folder for results (default demo_out)")
-    d.add_argument("--quick", action="store_true", help="reduced run (used by the tests)")
-    d.add_argument("--dataset", default="digits", choices=["digits", "cifar10"])
+    d.add_argument("--quick", action="store_true",
+                   help="a reduced run: two SNRs, one rate point, 120 samples")
+    d.add_argument("--dataset", default="digits", choices=["digits", "cifar10"],
+                   help="digits (bundled, default) or cifar10 (needs $FLOWCODEC_DATA)")
+    d.add_argument("--no-cache", action="store_true",
+                   help="recompute the flows even when cached results exist")
     common(d)
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser("train-family", help="train a family and save it (safetensors + JSON)")
-    t.add_argument("--family", default="cifar10", choices=["cifar10", "digits"])
+    t = sub.add_parser(
+        "train-family", help="train a family and save it (safetensors + JSON)",
+        description="Train a family of early-exit models with its recipe (docs/family.md) "
+        "and save the weights (safetensors) and a JSON record of how they were made.")
+    t.add_argument("--family", default="cifar10", choices=["cifar10", "digits"],
+                   help="which family (default cifar10)")
     t.add_argument("--data", default=None, help="CIFAR-10 folder or tarball ($FLOWCODEC_DATA)")
     t.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
-    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
     t.add_argument("--lr", type=float, default=None, help="override the recipe's peak lr")
-    t.add_argument("--device", default="cpu", help="cpu or cuda:0")
-    t.add_argument("--out", default=None, help="checkpoint path without suffix")
+    t.add_argument("--device", default="cpu", help="cpu (default) or cuda:0")
+    t.add_argument("--out", default=None,
+                   help="checkpoint path without suffix (default FAMILY-family)")
     common(t)
     t.set_defaults(func=cmd_train_family)
 
-    a = sub.add_parser("align", help="feed a non-member model into the digits family")
-    a.add_argument("--point", type=int, default=2, help="split point of the large member")
-    a.add_argument("--seed", type=int, default=0)
+    a = sub.add_parser(
+        "align", help="feed a non-member model into the digits family",
+        description="Train an aligner that maps the features of a small model from "
+        "outside the digits family onto a family member's split point, and report the "
+        "accuracy of each model alone and through the aligner.")
+    a.add_argument("--point", type=int, default=2,
+                   help="split point of the large member (default 2)")
+    a.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     common(a)
     a.set_defaults(func=cmd_align)
 
@@ -160,10 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_parser(sub)
 
     from flowcodec import rd as _rd
+
     _rd.add_parser(sub)
 
-    i = sub.add_parser("info", help="parameters, FLOPs and split points of a family")
-    i.add_argument("--family", default="cifar10")
+    i = sub.add_parser(
+        "info", help="parameters, FLOPs and split points of a family",
+        description="Print each member's parameters and FLOPs, and the feature shape and "
+        "device FLOPs at every split point (built from the architecture: no weights are "
+        "loaded).")
+    i.add_argument("--family", default="cifar10", choices=["cifar10", "digits"],
+                   help="which family (default cifar10)")
     i.set_defaults(func=cmd_info)
     return p
 

@@ -232,8 +232,11 @@ class Flow:
     def run(self, x: torch.Tensor, generator: torch.Generator | None = None) -> FlowResult:
         """Run a batch ``x`` ``(B, *input_shape)`` through the flow."""
         fam = self.family
-        if tuple(x.shape[1:]) != fam.input_shape:
-            raise ConfigError(f"inputs must be (B, *{fam.input_shape}), got {tuple(x.shape)}")
+        if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != fam.input_shape:
+            raise ConfigError(f"inputs must be (B, *{fam.input_shape}), got "
+                              f"{tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+        if x.shape[0] == 0:
+            raise ConfigError("inputs are an empty batch (B = 0); run at least one sample")
         fam.eval()
         b = x.shape[0]
         traces = [SampleTrace("", 0, 0.0) for _ in range(b)]

@@ -30,10 +30,10 @@ LOG_INTERVAL_S = 30.0
 def log_interval() -> float | None:
     """Seconds between redraws for the current standard error; ``None`` for a terminal or
     a notebook (tqdm's own defaults apply)."""
-    from tqdm import auto, std
+    from tqdm import auto
 
-    if auto.tqdm is not std.tqdm:  # a notebook widget: redraws cost no log lines
-        return None
+    if any(c.__name__ == "tqdm_notebook" for c in auto.tqdm.__mro__):
+        return None  # a notebook widget: redraws cost no log lines
     stream = sys.stderr
     try:
         if stream is not None and stream.isatty():

@@ -150,27 +150,67 @@ def _split_fx(model: nn.Module, at: str) -> tuple[nn.Module, nn.Module]:
     return head, tail
 
 
+class _Preserved:
+    """Restores the ``training`` flag of every module and the ``requires_grad`` flag of
+    every parameter of ``modules`` on exit, so a caller's model is left as it was."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        self.modes = [(m, m.training) for root in modules for m in root.modules()]
+        self.grads = [(p, p.requires_grad) for root in modules for p in root.parameters()]
+
+    def __enter__(self) -> _Preserved:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m, mode in self.modes:
+            m.training = mode
+        for p, flag in self.grads:
+            p.requires_grad_(flag)
+
+
 def split_model(model: nn.Module, at: str, example_input: torch.Tensor) -> SplitModel:
     """Cut ``model`` right after module ``at``; ``example_input`` ``(B, ...)`` fixes shapes.
 
-    Raises :class:`SplitError` when the cut cannot be made (the message says why).
+    ``model`` is not changed: its modules keep their modes and parameters their
+    ``requires_grad`` flags (the head and tail share its modules and weights).
+    Raises :class:`SplitError` when the cut cannot be made (the message says why),
+    including when ``example_input`` has no batch dimension.
     """
     if not isinstance(model, nn.Module):
         raise SplitError(f"expected an nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, torch.Tensor) or example_input.ndim < 1:
-        raise SplitError("example_input must be a batched tensor")
+        raise SplitError("example_input must be a batched tensor (B, ...)")
+    if example_input.shape[0] == 0:
+        raise SplitError("example_input is an empty batch; give at least one sample (B >= 1)")
     _check_name(model, at)
     if isinstance(model, nn.Sequential) and at in dict(model.named_children()):
         head, tail = _split_sequential(model, at)
     else:
         head, tail = _split_fx(model, at)
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        h = head(example_input)
-    model.train(was)
-    if not isinstance(h, torch.Tensor):
-        raise SplitError(f"module {at!r} returns {type(h).__name__}, not one tensor")
+    b = example_input.shape[0]
+    with _Preserved(model), torch.no_grad():
+        model.eval()
+        try:
+            h = head(example_input)
+        except Exception as e:  # the model's own error, whatever its kind
+            raise SplitError(
+                f"the model's layers up to {at!r} fail on example_input "
+                f"{tuple(example_input.shape)} ({type(e).__name__}: {e}); example_input must "
+                f"be a batch the model accepts, (B, ...)"
+            ) from e
+        if not isinstance(h, torch.Tensor):
+            raise SplitError(f"module {at!r} returns {type(h).__name__}, not one tensor")
+        try:  # a batch dimension scales with the batch; an unbatched input does not
+            h2 = head(torch.cat([example_input, example_input]))
+        except Exception as e:  # the model rejects a doubled first axis: it is not a batch
+            h2 = e
+    if (h.ndim < 1 or h.shape[0] != b or not isinstance(h2, torch.Tensor)
+            or tuple(h2.shape) != (2 * b, *h.shape[1:])):  # fmt: skip
+        raise SplitError(
+            f"example_input {tuple(example_input.shape)} does not look batched: the first "
+            f"axis must be the batch (B, ...), e.g. x.unsqueeze(0) for one sample "
+            f"(head output {tuple(h.shape)} for it)"
+        )
     return SplitModel(head, tail, tuple(h.shape[1:]), tuple(example_input.shape[1:]), at)
 
 
@@ -181,6 +221,44 @@ class CodecTrainResult:
     distortion: float
     bits: float
     steps: int
+
+
+def _batches(inputs: Iterable):
+    """Cycle ``inputs`` for ever; a one-shot iterator (e.g. a generator) is cycled from the
+    batches it gave on its first pass. Raises ConfigError when it yields nothing."""
+    if isinstance(inputs, torch.Tensor):
+        raise ConfigError("inputs must yield batches (an iterable of x or (x, y)), not one "
+                          "tensor; wrap it in a list: [x]")  # fmt: skip
+    try:
+        it = iter(inputs)
+    except TypeError:
+        raise ConfigError(f"inputs must be an iterable of batches, got "
+                          f"{type(inputs).__name__}") from None  # fmt: skip
+    one_shot = it is inputs
+    seen: list = []
+    count = 0
+    for batch in it:
+        count += 1
+        if one_shot:
+            seen.append(batch)
+        yield batch
+    if not count:
+        raise ConfigError("inputs yielded no batches; train_codec needs at least one")
+    while True:
+        yield from (seen if one_shot else inputs)
+
+
+def _unpack(batch, i: int):
+    x, y = (batch if isinstance(batch, (tuple, list)) else (batch, None))[:2]
+    if not isinstance(x, torch.Tensor) or x.ndim < 1:
+        raise ConfigError(f"batch {i} of inputs: expected a tensor x (B, ...) or (x, y), "
+                          f"got {type(x).__name__}")  # fmt: skip
+    if x.shape[0] == 0:
+        raise ConfigError(f"batch {i} of inputs is empty (B = 0); every batch needs a sample")
+    if y is not None and (not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]):
+        raise ConfigError(f"batch {i} of inputs: labels must be a tensor of {x.shape[0]} "
+                          f"class indices")  # fmt: skip
+    return x, y
 
 
 def train_codec(
@@ -196,34 +274,43 @@ def train_codec(
 ) -> CodecTrainResult:
     """Train ``codec`` at the cut of ``split`` with head and tail frozen.
 
-    ``inputs`` yields ``x`` or ``(x, y)`` batches (it is cycled). Without labels the loss
-    is the KL divergence from the model's own output distribution (distillation), with
-    labels the cross-entropy; plus ``beta`` * feature MSE and ``lam`` * estimated bits per
-    sample (the codec's ``forward`` rate estimate).
+    ``inputs`` yields ``x`` or ``(x, y)`` batches and is cycled (a one-shot iterator such
+    as a generator is cycled from the batches it gave on its first pass, which are kept).
+    Without labels the loss is the KL divergence from the model's own output distribution
+    (distillation), with labels the cross-entropy; plus ``beta`` * feature MSE and ``lam``
+    * estimated bits per sample (the codec's ``forward`` rate estimate).
+
+    The model behind ``split`` is left as it was: its modules' modes and its parameters'
+    ``requires_grad`` flags are restored on return, also when training fails. Empty
+    inputs, empty batches and bad settings raise :class:`~flowcodec.errors.ConfigError`.
     """
     from flowcodec.progress import tqdm
 
-    if steps < 1:
-        raise ConfigError("steps must be positive")
-    for m in (split.head, split.tail):
-        m.eval()
-        for p in m.parameters():
-            p.requires_grad_(False)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
+    if not lam >= 0 or not beta >= 0 or not lr > 0 or not temperature > 0:
+        raise ConfigError(f"lam and beta must be >= 0, lr and temperature > 0; got lam={lam!r}, "
+                          f"beta={beta!r}, lr={lr!r}, temperature={temperature!r}")
     params = [p for p in codec.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the codec has no trainable parameters")
+    with _Preserved(split.head, split.tail):
+        for m in (split.head, split.tail):
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+        return _train_loop(split, codec, params, _batches(inputs), steps, lam, beta, lr,
+                           temperature, tqdm, progress)  # fmt: skip
+
+
+def _train_loop(split, codec, params, batches, steps, lam, beta, lr, temperature, tqdm,
+                progress) -> CodecTrainResult:  # fmt: skip
     opt = torch.optim.Adam(params, lr=lr)
     codec.train()
     hist: list[tuple[float, float]] = []
-    it = iter(())
     bar = tqdm(range(steps), desc="train codec", disable=not progress, leave=False)
-    for _ in bar:
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(inputs)
-            batch = next(it)
-        x, y = (batch if isinstance(batch, (tuple, list)) else (batch, None))[:2]
+    for i in bar:
+        x, y = _unpack(next(batches), i)
         with torch.no_grad():
             h = split.head(x)
             ref = split.tail(h)
@@ -246,7 +333,7 @@ def train_codec(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        hist.append((float(dist), float(bits)))
+        hist.append((float(dist.detach()), float(bits.detach())))
         bar.set_postfix(dist=f"{hist[-1][0]:.3f}", bits=f"{hist[-1][1]:.0f}")
     codec.eval()
     tail = hist[-20:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -26,13 +27,26 @@ def test_tutorial_runs(path, capsys, digits_family):
     before = set(CODECS)
     module = types.ModuleType(f"tutorial_{path.stem}")
     sys.modules[module.__name__] = module  # dataclasses look their module up
+    code = compile(code_of(path), str(path), "exec")
     try:
-        exec(compile(code_of(path), str(path), "exec"), module.__dict__)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            exec(code, module.__dict__)
+            if path.stem == "add_codec":  # a notebook cell run twice registers again
+                exec(code, module.__dict__)
     finally:
         del sys.modules[module.__name__]
         for name in set(CODECS) - before:  # tutorials may register demo codecs
             del CODECS[name]
-    assert capsys.readouterr().out.strip(), "a tutorial should print what it shows"
+    ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+            if "flowcodec" in w.filename or "channels" in w.filename]  # fmt: skip
+    assert not ours, f"a tutorial should run without warnings from the library: {ours}"
+    out = capsys.readouterr().out
+    assert out.strip(), "a tutorial should print what it shows"
+    if path.stem == "add_channel":  # the example's packets must get through its link
+        lost, sent = map(int, re.search(r"(\d+) of (\d+) packets lost", out).groups())
+        assert lost < sent / 2
+        assert float(re.search(r"accuracy ([\d.]+) %", out).group(1)) > 80
 
 
 def test_reproduce_page_names_existing_configs():

@@ -153,6 +153,9 @@ class FeatureCodec(nn.Module):
                 f"{self.name}: features must have shape (B, *{self.feature_shape}), "
                 f"got {tuple(h.shape)}"
             )
+        if h.shape[0] == 0:
+            raise ConfigError(f"{self.name}: features are an empty batch (B = 0); "
+                              "give at least one sample")  # fmt: skip
         if not h.is_floating_point():
             raise ConfigError(f"{self.name}: features must be floating point, got {h.dtype}")
         if not torch.isfinite(h).all():
@@ -201,8 +204,13 @@ def register_codec(name: str):
     """Class decorator adding a codec to :data:`CODECS` (and setting its ``name``)."""
 
     def deco(cls):
-        if name in CODECS:
-            raise ConfigError(f"codec {name!r} is already registered")
+        old = CODECS.get(name)
+        # Running the same definition again (a notebook cell, a reloaded module) replaces
+        # it; another class under a taken name is refused.
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__,
+                                                                       cls.__qualname__):
+            raise ConfigError(f"codec {name!r} is already registered (by "
+                              f"{old.__module__}.{old.__qualname__})")  # fmt: skip
         cls.name = name
         CODECS[name] = cls
         return cls
@@ -214,4 +222,14 @@ def build_codec(name: str, feature_shape: Sequence[int], **kwargs) -> FeatureCod
     """Build a registered codec for features of ``feature_shape``."""
     if name not in CODECS:
         raise ConfigError(f"unknown codec {name!r}; known: {sorted(CODECS)}")
+    import inspect
+
+    try:  # name the codec's arguments instead of a bare TypeError from its constructor
+        inspect.signature(CODECS[name]).bind(feature_shape, **kwargs)
+    except TypeError as e:
+        params = list(inspect.signature(CODECS[name]).parameters.values())[1:]
+        args = ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}"
+                         for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        raise ConfigError(f"codec {name!r}: {e}; it takes feature_shape and {args or 'nothing'}"
+                          ) from None  # fmt: skip
     return CODECS[name](feature_shape, **kwargs)

@@ -82,6 +82,12 @@ def load_pretrained(name: str, train_if_missing: bool | None = None, progress: b
             if path.parent == ZOO_DIR:
                 raise  # a shipped checkpoint that does not load is a bug, not a cache miss
             # a cached checkpoint from an older architecture: train a fresh one below
+    if name not in RECIPES:
+        raise ConfigError(
+            f"no trained family {name!r}: the trained families are {sorted(RECIPES)} "
+            f"(`flowcodec train-family --family` accepts {' or '.join(sorted(RECIPES))}); "
+            f"for another dataset, build and train a family in Python (docs/family.md)"
+        )
     if train_if_missing is None:
         train_if_missing = name == "digits"
     if not train_if_missing:

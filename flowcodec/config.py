@@ -1,0 +1,571 @@
+"""Checking experiment configs (JSON) whole, before any work starts.
+
+``flowcodec rd`` and ``flowcodec latency`` read JSON configs. :func:`validate_rd_config` and
+:func:`validate_latency_config` check every key of such a config against a small schema
+(types, ranges, allowed names, the arguments each named codec takes) and raise one
+:class:`~flowcodec.errors.ConfigError` that lists every problem, each naming the key (as a
+path such as ``codecs[2].kwargs``) and what is allowed. Nothing is loaded, trained or
+measured before the whole config has passed.
+
+The schema is made of a few small dataclasses (:class:`Num`, :class:`Str`, :class:`Bool`,
+:class:`ListOf`, :class:`Obj`, :class:`MapOf`); no schema library is needed.
+
+Example
+-------
+>>> from flowcodec.config import validate_rd_config
+>>> from flowcodec.errors import ConfigError
+>>> try:
+...     validate_rd_config({"dataset": "digits", "family": "digits", "member": 9, "point": 1,
+...                         "codecs": "raw"})
+... except ConfigError as e:
+...     print(e)
+rd config has 2 problems:
+  member: 9 is out of range; allowed: an integer in 1..3 (the digits family has 3 members)
+  codecs: expected a list of codec entries (objects), got str 'raw'
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flowcodec.errors import ConfigError
+
+__all__ = ["Num", "Str", "Bool", "ListOf", "MapOf", "Obj", "Any_", "check", "codec_arguments",
+           "validate_rd_config", "validate_latency_config", "positive_int", "resolve_config",
+           "config_dirs"]  # fmt: skip
+
+
+# --- a small schema ---------------------------------------------------------------------------
+def _show(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _kind(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+class Spec:
+    """One node of a schema: ``check(value, path, errors)`` appends messages to ``errors``."""
+
+    optional: bool = False
+
+    def check(self, value: Any, path: str, errors: list[str]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass
+class Any_(Spec):
+    """Any JSON value (checked elsewhere)."""
+
+    def check(self, value, path, errors):
+        return None
+
+
+@dataclass
+class Num(Spec):
+    """A number; ``integer`` for ints only; ``lo``/``hi`` bounds (``*_open`` excludes them)."""
+
+    integer: bool = False
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    optional: bool = False
+    note: str = ""
+
+    def allowed(self) -> str:
+        what = "an integer" if self.integer else "a number"
+        if self.lo is not None and self.hi is not None:
+            if self.integer and not self.lo_open and not self.hi_open:
+                rng = f" in {self.lo:g}..{self.hi:g}"
+            else:
+                rng = (f" in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
+                       f"{')' if self.hi_open else ']'}")  # fmt: skip
+        elif self.lo is not None:
+            rng = f" {'>' if self.lo_open else '>='} {self.lo:g}"
+        elif self.hi is not None:
+            rng = f" {'<' if self.hi_open else '<='} {self.hi:g}"
+        else:
+            rng = ""
+        return what + rng + (f" ({self.note})" if self.note else "")
+
+    def check(self, value, path, errors):
+        if value is None and self.optional:
+            return
+        ok_type = isinstance(value, int) if self.integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type:
+            errors.append(f"{path}: expected {self.allowed()}, got {_kind(value)} {_show(value)}")
+            return
+        if not math.isfinite(value):
+            errors.append(f"{path}: {value!r} is not finite; allowed: {self.allowed()}")
+            return
+        bad = (self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)) or (
+            self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
+        if bad:
+            errors.append(f"{path}: {value!r} is out of range; allowed: {self.allowed()}")
+
+
+@dataclass
+class Str(Spec):
+    """A string, optionally one of ``choices``."""
+
+    choices: tuple[str, ...] | None = None
+    optional: bool = False
+    what: str = "a string"
+
+    def check(self, value, path, errors):
+        if value is None and self.optional:
+            return
+        if not isinstance(value, str):
+            errors.append(f"{path}: expected {self.what}, got {_kind(value)} {_show(value)}")
+        elif self.choices is not None and value not in self.choices:
+            errors.append(f"{path}: {value!r} is not allowed; allowed: {', '.join(self.choices)}")
+
+
+@dataclass
+class Bool(Spec):
+    optional: bool = False
+
+    def check(self, value, path, errors):
+        if not isinstance(value, bool) and not (value is None and self.optional):
+            errors.append(f"{path}: expected true or false, got {_kind(value)} {_show(value)}")
+
+
+@dataclass
+class ListOf(Spec):
+    """A list of ``item``s with at least ``min_len`` of them."""
+
+    item: Spec
+    min_len: int = 0
+    what: str = "a list"
+    optional: bool = False
+
+    def check(self, value, path, errors):
+        if value is None and self.optional:
+            return
+        if not isinstance(value, list):
+            errors.append(f"{path}: expected {self.what}, got {_kind(value)} {_show(value)}")
+            return
+        if len(value) < self.min_len:
+            errors.append(f"{path}: needs at least {self.min_len} item(s), got {len(value)}")
+        for i, v in enumerate(value):
+            self.item.check(v, f"{path}[{i}]", errors)
+
+
+@dataclass
+class MapOf(Spec):
+    """An object with arbitrary string keys (``keys`` restricts them) and ``value`` values."""
+
+    value: Spec
+    keys: tuple[str, ...] | None = None
+    optional: bool = False
+
+    def check(self, value, path, errors):
+        if value is None and self.optional:
+            return
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected an object, got {_kind(value)} {_show(value)}")
+            return
+        for k, v in value.items():
+            if self.keys is not None and k not in self.keys:
+                errors.append(f"{path}: unknown key {k!r}; allowed: {', '.join(self.keys)}")
+                continue
+            self.value.check(v, f"{path}.{k}", errors)
+
+
+@dataclass
+class Obj(Spec):
+    """An object with known ``fields``; ``required`` ones must be there, others are refused."""
+
+    fields: dict[str, Spec]
+    required: tuple[str, ...] = ()
+    what: str = "an object"
+    optional: bool = False
+    extra: Callable[[dict, str, list[str]], None] | None = None  # further checks
+
+    def check(self, value, path, errors):
+        if value is None and self.optional:
+            return
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected {self.what}, got {_kind(value)} {_show(value)}")
+            return
+        for k in self.required:
+            if k not in value:
+                errors.append(f"{_join(path, k)}: missing (required)")
+        for k, v in value.items():
+            spec = self.fields.get(k)
+            if spec is None:
+                errors.append(f"{_join(path, k)}: unknown key; allowed: "
+                              f"{', '.join(self.fields)}")  # fmt: skip
+                continue
+            spec.check(v, _join(path, k), errors)
+        if self.extra is not None:
+            self.extra(value, path, errors)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def check(value: Any, spec: Spec, what: str) -> None:
+    """Check ``value`` against ``spec``; raise one ConfigError listing every problem."""
+    errors: list[str] = []
+    spec.check(value, "", errors)
+    _raise(errors, what)
+
+
+def _raise(errors: list[str], what: str) -> None:
+    if not errors:
+        return
+    errors = [e[2:] if e.startswith(": ") else e for e in errors]
+    if len(errors) == 1:
+        raise ConfigError(f"{what}: {errors[0]}")
+    raise ConfigError(f"{what} has {len(errors)} problems:\n  " + "\n  ".join(errors))
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer >= 1 (``--n``, ``--samples``)."""
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+# --- what a named codec accepts -----------------------------------------------------------------
+def codec_arguments(name: str) -> tuple[list[str], bool]:
+    """The keyword arguments codec ``name``'s constructor takes (besides ``feature_shape``),
+    and whether it takes any (``**kwargs``)."""
+    from flowcodec.codecs import CODECS
+
+    sig = inspect.signature(CODECS[name])
+    names, var = [], False
+    for p in list(sig.parameters.values())[1:]:  # the first is feature_shape
+        if p.kind is p.VAR_KEYWORD:
+            var = True
+        elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            names.append(p.name)
+    return names, var
+
+
+def _check_codec_kwargs(codec: Any, keys, path: str, errors: list[str]) -> None:
+    from flowcodec.codecs import CODECS
+
+    if not isinstance(codec, str) or codec not in CODECS:
+        return  # reported by the codec's own field
+    allowed, var = codec_arguments(codec)
+    if var:
+        return
+    for k in keys:
+        if k not in allowed:
+            errors.append(f"{path}: codec {codec!r} takes no argument {k!r}; allowed: "
+                          f"{', '.join(allowed) or '(none)'}")  # fmt: skip
+
+
+def _family_members(name: Any) -> int | None:
+    """Members of family ``name`` (from its architecture, no weights), None if unknown."""
+    from flowcodec.family.pretrained import RECIPES
+    from flowcodec.family.zoo import FAMILIES, build_family
+
+    if not isinstance(name, str) or name not in FAMILIES:
+        return None
+    return build_family(name, **RECIPES.get(name, {}).get("family", {})).num_members
+
+
+def _known() -> dict[str, tuple[str, ...]]:
+    from flowcodec.codecs import CODECS
+    from flowcodec.codecs.zoo import list_pretrained
+    from flowcodec.data import DATASETS
+    from flowcodec.family.zoo import FAMILIES
+
+    return {"codecs": tuple(sorted(CODECS)), "pretrained": tuple(list_pretrained()),
+            "datasets": tuple(sorted(DATASETS)), "families": tuple(sorted(FAMILIES))}  # fmt: skip
+
+
+def _train_keys(exclude: tuple[str, ...]) -> tuple[str, ...]:
+    from flowcodec.codecs.train import train_codec
+
+    return tuple(p for p in inspect.signature(train_codec).parameters if p not in exclude)
+
+
+# --- flowcodec rd ------------------------------------------------------------------------------
+def validate_rd_config(cfg: Any, source: str = "rd config") -> dict:
+    """Check a ``flowcodec rd`` config whole; returns it unchanged or raises ConfigError.
+
+    The keys (see ``experiments/rd_*.json``): ``dataset``, ``family``, ``member`` and
+    ``point`` (required), ``codecs`` (required: a non-empty list of entries), ``title``,
+    ``test_subset``, ``fit_samples``, ``seed``, ``channels``. An entry is a baseline
+    (``codec`` with optional ``kwargs``, ``sweep``, ``label``, ``point``, ``fit``), a learned
+    codec trained here (``codec`` + ``train``) or shipped ones (``pretrained``: a list of
+    names); ``group`` names its curve.
+    """
+    known = _known()
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {_kind(cfg)}")
+    k = _family_members(cfg.get("family"))
+    fam_note = f"the {cfg.get('family')} family has {k} members" if k else ""
+    point = Num(integer=True, lo=0, hi=k, note=fam_note) if k else Num(integer=True, lo=0)
+    member = Num(integer=True, lo=1, hi=k, note=fam_note) if k else Num(integer=True, lo=1)
+    codec = Str(choices=known["codecs"], what="a registered codec name")
+    train = Obj({
+        "lam": ListOf(Num(lo=0), min_len=1, what="a list of rate weights (numbers >= 0)"),
+        "epochs": Num(integer=True, lo=1), "beta": Num(lo=0),
+        "drop_prob": Num(lo=0, hi=1, hi_open=True), "flip_prob": Num(lo=0, hi=0.5, hi_open=True),
+        "batch_size": Num(integer=True, lo=1), "lr": Num(lo=0, lo_open=True),
+    }, required=("lam",), what="an object of training settings")  # fmt: skip
+    entry = Obj({
+        "group": Str(), "codec": codec, "label": Str(), "point": point,
+        "kwargs": MapOf(Any_()), "sweep": MapOf(ListOf(Any_(), min_len=1,
+                                                       what="a non-empty list of values")),
+        "fit": Bool(), "train": train,
+        "pretrained": ListOf(Str(choices=known["pretrained"], what="a shipped codec name"),
+                             min_len=1, what="a list of shipped codec names"),
+        "rate_points": ListOf(Num(integer=True, lo=0, hi=254), min_len=1,
+                              what="a list of rate points (ints) of a variable-rate codec"),
+    }, what="a codec entry (an object)", extra=_check_rd_entry)  # fmt: skip
+    chan = Obj({
+        "loss_rate": Num(lo=0, hi=1), "flip_prob": Num(lo=0, hi=0.5), "seed": Num(integer=True),
+        "codecs": ListOf(Str(), min_len=1, what="a list of row labels"),
+    }, required=("codecs",), what="a channel entry (an object)", extra=_check_rd_channel)
+    schema = Obj({
+        "title": Str(), "dataset": Str(choices=known["datasets"]),
+        "family": Str(choices=known["families"]), "member": member, "point": point,
+        "test_subset": Num(integer=True, lo=1, optional=True),
+        "fit_samples": Num(integer=True, lo=1), "seed": Num(integer=True),
+        "codecs": ListOf(entry, min_len=1, what="a list of codec entries (objects)"),
+        "channels": ListOf(chan, what="a list of channel entries (objects)"),
+    }, required=("dataset", "family", "member", "point", "codecs"))  # fmt: skip
+    errors: list[str] = []
+    schema.check(cfg, "", errors)
+    _raise(errors, source)
+    # Labels the channel entries refer to must be made by some codec entry.
+    try:
+        labels = set(_rd_labels(cfg))
+    except (KeyError, ValueError, IndexError) as e:
+        raise ConfigError(f"{source}: a codec entry's label cannot be formatted ({e!r})") from e
+    for i, ch in enumerate(cfg.get("channels", [])):
+        for j, lab in enumerate(ch["codecs"]):
+            if lab not in labels:
+                errors.append(f"channels[{i}].codecs[{j}]: no codec entry makes a row labelled "
+                              f"{lab!r}; labels: {', '.join(sorted(labels))}")  # fmt: skip
+    _raise(errors, source)
+    return cfg
+
+
+def _check_rd_entry(e: dict, path: str, errors: list[str]) -> None:
+    has = [k for k in ("codec", "pretrained") if k in e]
+    if len(has) != 1:
+        errors.append(f"{path}: needs exactly one of 'codec' (a registered codec, built or "
+                      f"trained here) or 'pretrained' (shipped codec names), got "
+                      f"{has or 'neither'}")  # fmt: skip
+        return
+    if "pretrained" in e:
+        for k in ("train", "kwargs", "sweep", "label", "fit"):
+            if k in e:
+                errors.append(f"{path}.{k}: not used with 'pretrained' entries; allowed "
+                              f"there: group, point, pretrained, rate_points")  # fmt: skip
+        return
+    if "rate_points" in e:
+        errors.append(f"{path}.rate_points: only used with 'pretrained' entries")
+    kw = e.get("kwargs", {}) if isinstance(e.get("kwargs"), dict) else {}
+    sw = e.get("sweep", {}) if isinstance(e.get("sweep"), dict) else {}
+    _check_codec_kwargs(e["codec"], list(kw), f"{path}.kwargs", errors)
+    _check_codec_kwargs(e["codec"], list(sw), f"{path}.sweep", errors)
+    if "train" in e and "sweep" in e:
+        errors.append(f"{path}.sweep: a 'train' entry sweeps 'train.lam' instead")
+    label = e.get("label")
+    if isinstance(label, str):
+        names = {"lam"} if "train" in e else set(kw) | set(sw)
+        try:
+            used = {f for _, f, _, _ in string.Formatter().parse(label) if f}
+        except ValueError as err:
+            errors.append(f"{path}.label: {label!r} is not a format string ({err})")
+            return
+        for f in sorted(used - names):
+            errors.append(f"{path}.label: {{{f}}} names no value; allowed: "
+                          f"{', '.join('{' + n + '}' for n in sorted(names)) or 'none'}")
+
+
+def _check_rd_channel(ch: dict, path: str, errors: list[str]) -> None:
+    has = [k for k in ("loss_rate", "flip_prob") if k in ch]
+    if len(has) != 1:
+        errors.append(f"{path}: needs exactly one of 'loss_rate' (i.i.d. packet erasure) or "
+                      f"'flip_prob' (payload bit flips), got {has or 'neither'}")  # fmt: skip
+
+
+def _rd_labels(cfg: dict) -> list[str]:
+    """The row labels an (already checked) rd config makes, as ``flowcodec.rd`` names them."""
+    import itertools
+
+    out = []
+    for e in cfg["codecs"]:
+        if "pretrained" in e and "rate_points" in e:
+            out += [f"{n}@r{r}" for n in e["pretrained"] for r in e["rate_points"]]
+        elif "pretrained" in e:
+            out += e["pretrained"]
+        elif "train" in e:
+            fmt = e.get("label", e["codec"] + "-l{lam}")
+            out += [fmt.format(lam=lam) for lam in e["train"]["lam"]]
+        else:
+            sweep = e.get("sweep", {})
+            for values in itertools.product(*sweep.values()) if sweep else [()]:
+                kw = {**e.get("kwargs", {}), **dict(zip(sweep, values))}
+                out.append(e.get("label", e["codec"]).format(**kw))
+    return out
+
+
+# --- flowcodec latency -------------------------------------------------------------------------
+LATENCY_KEYS = ("dataset", "options", "input_codec", "fixed_split", "member", "samples", "seed",
+                "compute", "delay_s", "symbol_rates", "snrs_db", "reference",
+                "harq_max_tx_baselines", "target_bler", "framing")  # fmt: skip
+
+
+def validate_latency_config(cfg: Any, source: str = "latency config") -> dict:
+    """Check a ``flowcodec latency`` config whole; returns it unchanged or raises ConfigError.
+
+    Required: ``dataset``, ``options`` (a non-empty list of ``{"point", "rate", one of
+    "pretrained" | "checkpoint" | "codec", ...}``), ``input_codec`` (``{"codec", "kwargs"}``)
+    and ``fixed_split`` (``{"point", "rate"}`` of one of the options). Optional: ``member``,
+    ``samples`` (>= 2: half profile the options, half evaluate), ``seed``, ``compute``
+    (FLOP/s of ``device``, ``edge``, ``cloud``), ``delay_s`` (``edge``, ``cloud``),
+    ``symbol_rates``, ``snrs_db``, ``reference`` (``snr_db``, ``symbol_rate``),
+    ``harq_max_tx_baselines``, ``target_bler`` and ``framing`` (``sample`` or ``session``).
+    """
+    known = _known()
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {_kind(cfg)}")
+    k = _family_members(cfg.get("dataset"))
+    note = f"the {cfg.get('dataset')} family has {k} members" if k else ""
+    point = Num(integer=True, lo=0, hi=k, note=note) if k else Num(integer=True, lo=0)
+    member = (Num(integer=True, lo=1, hi=k, note=note, optional=True) if k
+              else Num(integer=True, lo=1, optional=True))  # fmt: skip
+    codec = Str(choices=known["codecs"], what="a registered codec name")
+    train_keys = _train_keys(("codec", "family", "member", "point", "train", "test", "progress",
+                              "cache"))  # fmt: skip
+    option = Obj({
+        "point": point, "rate": Str(), "pretrained": Str(choices=known["pretrained"]),
+        "checkpoint": Str(what="a path to a codec checkpoint"), "codec": codec,
+        "kwargs": MapOf(Any_()), "fit": Bool(), "fit_samples": Num(integer=True, lo=1),
+        "train": MapOf(Any_(), keys=train_keys), "member": member,
+        "rate_point": Num(integer=True, lo=0, hi=254),
+    }, required=("point", "rate"), what="an option (an object)", extra=_check_option)
+    positive = Num(lo=0, lo_open=True)
+    schema = Obj({
+        "dataset": Str(choices=known["datasets"]),
+        "options": ListOf(option, min_len=1, what="a list of options (objects)"),
+        "input_codec": Obj({"codec": Str(choices=("jpeg", "webp")), "kwargs": MapOf(Any_())},
+                           required=("codec",), extra=_check_input_codec),
+        "fixed_split": Obj({"point": point, "rate": Str()}, required=("rate",)),
+        "member": member,
+        "samples": Num(integer=True, lo=2, note="half profile the options, half evaluate"),
+        "seed": Num(integer=True),
+        "compute": MapOf(positive, keys=("device", "edge", "cloud"), optional=True),
+        "delay_s": MapOf(Num(lo=0), keys=("edge", "cloud"), optional=True),
+        "symbol_rates": ListOf(positive, min_len=1, what="a list of positive numbers",
+                               optional=True),
+        "snrs_db": ListOf(Num(), min_len=1, what="a list of SNRs in dB (numbers)",
+                          optional=True),
+        "reference": Obj({"snr_db": Num(), "symbol_rate": positive},
+                         required=("snr_db", "symbol_rate"), optional=True),
+        "harq_max_tx_baselines": Num(integer=True, lo=1),
+        "target_bler": Num(lo=0, hi=1, lo_open=True, hi_open=True),
+        "framing": Str(choices=("sample", "session")),
+    }, required=("dataset", "options", "input_codec", "fixed_split"))  # fmt: skip
+    errors: list[str] = []
+    schema.check(cfg, "", errors)
+    _raise(errors, source)
+    opts = [(int(o["point"]), o["rate"]) for o in cfg["options"]]
+    seen = set()
+    for i, key in enumerate(opts):
+        if key in seen:
+            errors.append(f"options[{i}]: (point {key[0]}, rate {key[1]!r}) appears twice")
+        seen.add(key)
+    fs = cfg["fixed_split"]
+    want = (int(fs.get("point", 1)), fs["rate"])
+    if want not in seen:
+        errors.append(f"fixed_split: (point {want[0]}, rate {want[1]!r}) is not an option; "
+                      f"allowed: {', '.join(f'(point {p}, rate {r!r})' for p, r in opts)}")
+    _raise(errors, source)
+    return cfg
+
+
+def _check_option(o: dict, path: str, errors: list[str]) -> None:
+    has = [k for k in ("pretrained", "checkpoint", "codec") if k in o]
+    if len(has) != 1:
+        errors.append(f"{path}: needs exactly one of 'pretrained' (a shipped codec name), "
+                      f"'checkpoint' (a path) or 'codec' (a registered codec), got "
+                      f"{has or 'neither'}")  # fmt: skip
+        return
+    if "codec" in o and isinstance(o.get("kwargs"), dict):
+        _check_codec_kwargs(o["codec"], list(o["kwargs"]), f"{path}.kwargs", errors)
+    elif "codec" not in o:
+        for k in ("kwargs", "fit", "fit_samples", "train"):
+            if k in o:
+                errors.append(f"{path}.{k}: only used with 'codec' options")
+    if "checkpoint" in o and isinstance(o["checkpoint"], str):
+        from pathlib import Path
+
+        p = Path(o["checkpoint"])
+        if not p.with_suffix(".safetensors").is_file() and not p.is_file():
+            errors.append(f"{path}.checkpoint: no codec checkpoint at {p}(.safetensors)")
+
+
+def _check_input_codec(o: dict, path: str, errors: list[str]) -> None:
+    if isinstance(o.get("kwargs"), dict):
+        _check_codec_kwargs(o.get("codec"), list(o["kwargs"]), f"{_join(path, 'kwargs')}", errors)
+
+
+
+# --- where configs are found -------------------------------------------------------------------
+def config_dirs() -> list:
+    """Folders searched for a config given by name: ``$FLOWCODEC_CONFIGS`` (if set), then the
+    ``experiments`` folder of the source checkout this package was installed from."""
+    import os
+    from pathlib import Path
+
+    dirs = []
+    if os.environ.get("FLOWCODEC_CONFIGS"):
+        dirs.append(Path(os.environ["FLOWCODEC_CONFIGS"]))
+    dirs.append(Path(__file__).resolve().parents[1] / "experiments")
+    return dirs
+
+
+def resolve_config(value: str | None, kind: str):
+    """The config file ``value`` names for command ``kind`` (``"rd"`` or ``"latency"``).
+
+    ``value`` is a path (used as given when it exists), or a name looked up in
+    :func:`config_dirs`: ``"digits"`` means ``{kind}_digits.json``, ``"rd_digits"`` or
+    ``"rd_digits.json"`` that file. ``None`` means ``{kind}_cifar10.json``. Works from any
+    working directory; a miss raises ConfigError listing the configs found.
+    """
+    from pathlib import Path
+
+    if value is None:
+        value = f"{kind}_cifar10.json"
+    p = Path(value)
+    if p.is_file():
+        return p
+    names = [p.name]
+    if not p.name.endswith(".json"):
+        names.append(p.name + ".json")
+    if not p.name.startswith(kind + "_"):
+        names += [f"{kind}_{n}" for n in list(names)]
+    dirs = config_dirs()
+    for d in dirs:
+        for n in names:
+            if (d / n).is_file():
+                return d / n
+    found = sorted({c.name for d in dirs if d.is_dir() for c in d.glob(f"{kind}_*.json")})
+    raise ConfigError(f"{kind} config {value!r} not found (as a path, or by name in "
+                      f"{', '.join(str(d) for d in dirs)}); configs there: "
+                      f"{', '.join(found) or 'none'}")  # fmt: skip
