@@ -190,8 +190,9 @@ import sys, torch
 from safetensors.torch import save_file
 from flowcodec.bitstream import Bitstream
 from flowcodec.codecs import load_codec
+torch.set_num_threads(int(sys.argv[3]))  # float kernels split work by thread count
 codec = load_codec(sys.argv[1])
-streams = [Bitstream.from_bytes(open(f, "rb").read()) for f in sys.argv[3:]]
+streams = [Bitstream.from_bytes(open(f, "rb").read()) for f in sys.argv[4:]]
 save_file({"out": codec.decompress(streams).contiguous()}, sys.argv[2])
 """
 
@@ -214,8 +215,8 @@ def test_checkpoint_round_trip_and_fresh_process_determinism(tmp_path):
             files.append(str(f))
     here = codec.decompress([Bitstream.from_bytes(open(f, "rb").read()) for f in files])
     out = tmp_path / "out.safetensors"
-    subprocess.run([sys.executable, "-c", _DECODE, str(path), str(out), *files], check=True,
-                   timeout=120)  # fmt: skip
+    subprocess.run([sys.executable, "-c", _DECODE, str(path), str(out),
+                    str(torch.get_num_threads()), *files], check=True, timeout=120)  # fmt: skip
     assert torch.equal(load_file(str(out))["out"], here)
 
 
@@ -227,7 +228,8 @@ def test_training_lowers_the_rate_and_keeps_the_family_untouched(digits, digits_
     flags = [p.requires_grad for p in fam.parameters()]
     codec = build_codec("task", (16, 8, 8), latent=8, stem=[[16, True]], hidden=32, rates=2)
     train, test = digits
-    cfg = TaskTrainConfig(lams=(20.0, 0.0), epochs=6, batch_size=64, warmup=0.05, eval_n=300)
+    cfg = TaskTrainConfig(lams=(20.0, 0.0), epochs=20, batch_size=64, warmup=0.05, eval_n=300,
+                          lr=5e-3)
     res = train_task_codec(codec, fam, 3, 1, train, test, cfg, progress=False)
     assert fam.training and [p.requires_grad for p in fam.parameters()] == flags
     last = res.history[-1]["eval"]
@@ -322,3 +324,20 @@ def test_fit_context_beats_the_factorized_tables(digits, digits_family):
     x = train.images[:5].float()
     streams = codec.compress(head(x).detach(), rate=1)
     assert codec.decompress(streams).shape == (5, 16, 8, 8)
+
+
+def test_a_grid_latent_round_trips_with_channel_group_packets():
+    codec = ready(grid=2, latent=6, packets=2)
+    assert codec.n_sym == 24 and codec.groups == [slice(0, 12), slice(12, 24)]
+    h = features(3)
+    for r in (0, 3):
+        streams = codec.compress(h, rate=r)
+        assert torch.allclose(codec.decompress(streams), codec(h, rate=r).features, atol=1e-5)
+    s = codec.compress(h[:1], rate=1)[0]
+    out = codec.decompress([Bitstream(s.header, [None, s.packets[1]])])
+    k = codec.symbols(h[:1], 1).float()
+    k[:, :12] = 0
+    want = codec.g_s((k + codec._medians(1)) * codec._inv_gain(1))
+    assert torch.allclose(out, want, atol=1e-5)
+    with pytest.raises(ConfigError):
+        build_codec("task", SHAPE, grid=2, context=True)

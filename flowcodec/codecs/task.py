@@ -70,8 +70,9 @@ class TaskEncoder(nn.Module):
     max-pool after it); the blocks are followed by global max pooling and a linear map.
     """
 
-    def __init__(self, cin: int, stem: Sequence[Sequence], latent: int) -> None:
+    def __init__(self, cin: int, stem: Sequence[Sequence], latent: int, grid: int = 1) -> None:
         super().__init__()
+        self.grid = grid
         layers: list[nn.Module] = []
         c = cin
         for cout, pool in stem:
@@ -81,11 +82,15 @@ class TaskEncoder(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             c = int(cout)
         self.stem = nn.Sequential(*layers)
-        self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
-        self.proj = nn.Linear(c, latent)
+        if grid == 1:  # a vector: global max pool, linear map
+            self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
+            self.proj = nn.Linear(c, latent)
+        else:  # a small map: max pool to grid x grid, 1x1 convolution
+            self.pool = nn.AdaptiveMaxPool2d(grid)
+            self.proj = nn.Conv2d(c, latent, 1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.pool(self.stem(h)))
+        return self.proj(self.pool(self.stem(h))).flatten(1)
 
     @torch.no_grad()
     def load_stem_from(self, module: nn.Module) -> int:
@@ -194,6 +199,28 @@ def discrete_gaussian_likelihood(k: torch.Tensor, mu: torch.Tensor, sigma: torch
     return (upper - lower).clamp_min(1e-9)
 
 
+class GridDecoder(nn.Module):
+    """Receiver side for a ``(latent, g, g)`` latent map: ``(B, latent * g * g) -> (B, C, H, W)``
+    (a 3x3 convolution, nearest upsampling to ``H x W``, two 3x3 convolutions)."""
+
+    def __init__(self, latent: int, grid: int, shape: Sequence[int], nonneg: bool) -> None:
+        super().__init__()
+        c, h, w = shape
+        self.latent, self.grid = latent, grid
+        layers: list[nn.Module] = [
+            nn.Conv2d(latent, c, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Upsample(size=(h, w), mode="nearest"),
+            nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(c, c, 3, padding=1),
+        ]  # fmt: skip
+        if nonneg:
+            layers.append(nn.ReLU())
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.conv(y.view(len(y), self.latent, self.grid, self.grid))
+
+
 @register_codec("task")
 class TaskCodec(FeatureCodec):
     """Low-rate task codec: a latent vector, ``rates`` rate points, exact arithmetic coding.
@@ -222,7 +249,8 @@ class TaskCodec(FeatureCodec):
     def __init__(self, feature_shape: Sequence[int], latent: int = 32,
                  stem: Sequence[Sequence] | None = None, hidden: int = 512, rates: int = 5,
                  packets: int = 1, nonneg: bool = True, backend: str = "auto",
-                 context: bool = False, context_hidden: int = 16) -> None:  # fmt: skip
+                 context: bool = False, context_hidden: int = 16,
+                 grid: int = 1) -> None:  # fmt: skip
         super().__init__(feature_shape)
         if len(self.feature_shape) != 3 or any(d % 2 for d in self.feature_shape[1:]):
             raise ConfigError(f"task codec: feature_shape must be (C, H, W) with even H, W, "
@@ -236,11 +264,21 @@ class TaskCodec(FeatureCodec):
         stem = [(2 * c, True)] if stem is None else [(int(a), bool(b)) for a, b in stem]
         if not stem or any(not 1 <= a <= 4096 for a, _ in stem):
             raise ConfigError(f"task codec: stem must list (channels in 1..4096, pool), got {stem}")
+        if not 1 <= int(grid) <= 16:
+            raise ConfigError(f"task codec: grid must be in 1..16, got {grid}")
         self.latent, self.hidden, self.rates = int(latent), int(hidden), int(rates)
         self.stem_spec, self.nonneg, self.backend = stem, bool(nonneg), backend
-        self.groups = channel_groups(self.latent, packets)
-        self.g_a = TaskEncoder(c, stem, self.latent)
-        self.g_s = TaskDecoder(self.latent, self.hidden, self.feature_shape, self.nonneg)
+        self.grid = int(grid)
+        self.positions = self.grid * self.grid
+        self.n_sym = self.latent * self.positions  # symbols per sample, channel-major
+        self.channel_groups = channel_groups(self.latent, packets)
+        # packets: groups of latent channels, each with all its positions
+        self.groups = [slice(g.start * self.positions, g.stop * self.positions)
+                       for g in self.channel_groups]  # fmt: skip
+        self.g_a = TaskEncoder(c, stem, self.latent, self.grid)
+        shape, nonneg = self.feature_shape, self.nonneg
+        self.g_s = (TaskDecoder(self.latent, self.hidden, shape, nonneg) if self.grid == 1
+                    else GridDecoder(self.latent, self.grid, shape, nonneg))  # fmt: skip
         # rate point r: y * exp(gain[r]) is rounded; the decoder sees y_hat * exp(inv_gain[r])
         span = torch.linspace(-math.log(4.0), 0.0, self.rates) if self.rates > 1 else torch.zeros(1)
         self.gain = nn.Parameter(span[:, None].repeat(1, self.latent))
@@ -248,6 +286,8 @@ class TaskCodec(FeatureCodec):
         self.entropy_bottlenecks = nn.ModuleList(
             entropy_bottleneck(self.latent, backend) for _ in range(self.rates))
         self.context = bool(context)
+        if self.context and self.grid != 1:
+            raise ConfigError("task codec: the context model is for vector latents (grid=1)")
         if self.context:
             if not 1 <= int(context_hidden) <= 256:
                 raise ConfigError(f"task codec: context_hidden must be in 1..256, "
@@ -261,7 +301,7 @@ class TaskCodec(FeatureCodec):
     def config(self) -> dict:
         return {**super().config(), "latent": self.latent, "hidden": self.hidden,
                 "stem": [list(s) for s in self.stem_spec], "rates": self.rates,
-                "packets": len(self.groups), "nonneg": self.nonneg,
+                "packets": len(self.groups), "nonneg": self.nonneg, "grid": self.grid,
                 **({"context": self.context_hidden} if self.context else {})}  # fmt: skip
 
     @property
@@ -290,8 +330,18 @@ class TaskCodec(FeatureCodec):
                                  f"point in 0..{self.rates - 1}, got {meta.hex() or 'none'}")
         return meta[0]
 
+    def _per_symbol(self, v: torch.Tensor) -> torch.Tensor:
+        """A per-channel vector ``(latent,)`` spread over the positions ``(n_sym,)``."""
+        return v if self.positions == 1 else v.repeat_interleave(self.positions)
+
     def _medians(self, r: int) -> torch.Tensor:
-        return self.entropy_bottlenecks[r].quantiles[:, 0, 1].detach()
+        return self._per_symbol(self.entropy_bottlenecks[r].quantiles[:, 0, 1].detach())
+
+    def _gain(self, r: int) -> torch.Tensor:
+        return self._per_symbol(self.gain[r].exp())
+
+    def _inv_gain(self, r: int) -> torch.Tensor:
+        return self._per_symbol(self.inv_gain[r].exp())
 
     # --- training -------------------------------------------------------------------------
     def forward(self, h: torch.Tensor, rate: int | None = None, drop_prob: float = 0.0,
@@ -301,17 +351,17 @@ class TaskCodec(FeatureCodec):
         highest); ``drop_prob`` replaces whole packets by the medians, i.i.d."""
         self.check_features(h)
         r = self._rate(rate)
-        y = self.g_a(h).float() * self.gain[r].exp()
+        y = self.g_a(h).float() * self._gain(r)
         with torch.autocast(y.device.type, enabled=False):  # likelihoods in float32
-            y_hat, lik = self.entropy_bottlenecks[r](y.unsqueeze(-1))
-        y_hat = y_hat.squeeze(-1)
+            y_hat, lik = self.entropy_bottlenecks[r](y.view(len(y), self.latent, self.positions))
+        y_hat = y_hat.reshape(len(y), self.n_sym)
         if drop_prob > 0:
             lost = torch.rand(len(h), len(self.groups), generator=generator) < drop_prob
-            mask = torch.zeros(len(h), self.latent, dtype=torch.bool)
+            mask = torch.zeros(len(h), self.n_sym, dtype=torch.bool)
             for j, g in enumerate(self.groups):
                 mask[:, g] = lost[:, j : j + 1]
             y_hat = torch.where(mask.to(h.device), self._medians(r).expand_as(y_hat), y_hat)
-        feats = self.g_s(y_hat * self.inv_gain[r].exp())
+        feats = self.g_s(y_hat * self._inv_gain(r))
         bits = -torch.log2(lik).flatten(1).sum(1)
         if self.context and not self.training and self.entropy_bottlenecks[r]._offset.numel():
             lo, hi = (t.to(y.device) for t in self.support(r))
@@ -341,7 +391,9 @@ class TaskCodec(FeatureCodec):
             rows = [row[: int(n)] for row, n in zip(cdf, lengths)]
             for row in rows:
                 arith.check_cdf(row)
-            cache[r] = (rows, [int(o) for o in offsets])
+            n = self.positions  # one table per channel, used at each of its positions
+            cache[r] = ([row for row in rows for _ in range(n)],
+                        [int(o) for o in offsets for _ in range(n)])  # fmt: skip
         return cache[r]
 
     def support(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -352,9 +404,9 @@ class TaskCodec(FeatureCodec):
                 torch.tensor([o + len(row) - 3 for o, row in zip(offsets, rows)]))  # fmt: skip
 
     def symbols(self, h: torch.Tensor, r: int) -> torch.Tensor:
-        """Integer symbols ``(B, latent)`` (int64, around the medians, clamped to the
+        """Integer symbols ``(B, n_sym)`` (int64, around the medians, clamped to the
         support) that ``compress`` sends at rate point ``r``."""
-        y = (self.g_a(h.to(self._device())) * self.gain[r].exp()).clamp(-_CLAMP, _CLAMP)
+        y = (self.g_a(h.to(self._device())) * self._gain(r)).clamp(-_CLAMP, _CLAMP)
         sym = torch.round(y - self._medians(r)).long().cpu()
         lo, hi = self.support(r)
         return torch.maximum(torch.minimum(sym, hi), lo)
@@ -426,22 +478,22 @@ class TaskCodec(FeatureCodec):
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
         self.check_streams(streams, len(self.groups))
         dev = self._device()
-        y_hat = torch.zeros(len(streams), self.latent, device=dev)
+        y_hat = torch.zeros(len(streams), self.n_sym, device=dev)
         for b, s in enumerate(streams):
             r = self.rate_of(s)
             rows, offsets = self._tables(r)
             if self.context:
                 y_hat[b] = (self._decode_context(s, r).to(dev) + self._medians(r)) \
-                    * self.inv_gain[r].exp()
+                    * self._inv_gain(r)
                 continue
-            sym = torch.zeros(self.latent)  # a lost group: symbol 0, the median
+            sym = torch.zeros(self.n_sym)  # a lost group: symbol 0, the median
             for g, p in zip(self.groups, s.packets):
                 if p is None:
                     continue
                 got = arith.decode(p, rows[g])
                 sym[g] = torch.tensor([min(i, len(row) - 3) + o for i, row, o
                                        in zip(got, rows[g], offsets[g])], dtype=torch.float32)
-            y_hat[b] = (sym.to(dev) + self._medians(r)) * self.inv_gain[r].exp()
+            y_hat[b] = (sym.to(dev) + self._medians(r)) * self._inv_gain(r)
         return self.g_s(y_hat).float().cpu()
 
 
