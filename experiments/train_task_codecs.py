@@ -1,7 +1,7 @@
 """Train the low-rate, variable-rate task codecs shipped in the zoo (CPU or GPU).
 
     python -m experiments.train_task_codecs --point 2 --out cifar10-task_p2  # 2 CPU cores
-    python -m experiments.train_task_codecs --point 1 --out cifar10-task_p1
+    python -m experiments.train_task_codecs --point 1 --grid 4 --latent 16 --out cifar10-task_p1
     python -m experiments.train_task_codecs --point 2 --device cuda --epochs 60 --out ...
 
 Builds a :class:`~flowcodec.codecs.task.TaskCodec` at split point ``--point`` of the shipped
@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--point", type=int, choices=sorted(STEMS), required=True)
     ap.add_argument("--latent", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--grid", type=int, default=1,
+                    help="latent map side (1: a vector; 4: a 4x4 map of --latent channels)")
     ap.add_argument("--packets", type=int, default=1)
     ap.add_argument("--lams", type=float, nargs="+", default=[3.0, 1.5, 0.8, 0.4, 0.2],
                     help="rate weight per kbit for each rate point, lowest rate first")
@@ -63,7 +65,8 @@ def main(argv=None) -> int:
     train, test = load_dataset("cifar10")
     shape = tuple(fam.split(3, args.point)[0](torch.zeros(1, 3, 32, 32)).shape[1:])
     kwargs = {"latent": args.latent, "hidden": args.hidden, "stem": STEMS[args.point],
-              "rates": len(args.lams), "packets": args.packets}
+              "rates": len(args.lams), "packets": args.packets,
+              **({"grid": args.grid} if args.grid != 1 else {})}
     codec = build_codec("task", shape, **kwargs)
     if not args.no_init:
         copied = codec.g_a.load_stem_from(fam.exits[args.point - 1])
