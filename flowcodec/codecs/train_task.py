@@ -117,7 +117,7 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
     ``checkpoint`` (a path without suffix) gets the codec's weights (safetensors) and the
     history (JSON) after every epoch, so a long run can be inspected while it trains.
     """
-    from tqdm.auto import tqdm
+    from flowcodec.progress import tqdm
 
     cfg = cfg or TaskTrainConfig(lams=tuple([0.5] * codec.rates))
     cfg.check()
@@ -262,7 +262,7 @@ def fit_context(codec: TaskCodec, head, train: ArrayDataset, steps: int = 1500,
     per rate point, the mean bits per sample under the factorized tables and under the
     context model on those symbols (estimates; real bytes come from ``compress``).
     """
-    from tqdm.auto import tqdm
+    from flowcodec.progress import tqdm
 
     if not codec.context:
         raise ConfigError("fit_context needs a codec built with context=True")
