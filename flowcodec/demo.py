@@ -33,7 +33,8 @@ import torch
 
 from flowcodec.errors import ConfigError
 
-__all__ = ["DemoConfig", "run_demo", "demo_codecs", "adapt_mcs", "LinkChoice"]
+__all__ = ["DemoConfig", "run_demo", "demo_codecs", "adapt_mcs", "LinkChoice", "format_table",
+           "markdown_table", "read_csv"]  # fmt: skip
 
 
 @dataclass
@@ -336,4 +337,32 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"{r['channel']:>8} {r['snr_db']:6.1f} {r['rate_point']:>12} {r['mcs']:3d} "
                      f"{100 * r['accuracy']:6.2f} {r['bytes_per_sample']:6.1f} "
                      f"{r['latency_ms']:10.3f} {mix:>24} {r['uplink_packet_loss']:5.2f}")
+    return "\n".join(lines)
+
+
+def read_csv(path) -> list[dict]:
+    """The rows of a ``demo.csv``, with numbers as numbers."""
+    out = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            row: dict = {}
+            for k, v in r.items():
+                try:
+                    row[k] = int(v) if k in ("mcs", "harq_max_tx") else float(v)
+                except ValueError:
+                    row[k] = v
+            out.append(row)
+    return out
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The demo's table as Markdown (docs/results.md quotes the one made from docs/demo.csv)."""
+    lines = ["| channel | SNR dB | rate point | MCS | accuracy % | bytes/sample | latency ms | "
+             "exits device/edge/cloud | uplink loss |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['channel']} | {r['snr_db']:g} | {r['rate_point']} | {r['mcs']} | "
+            f"{100 * r['accuracy']:.2f} | {r['bytes_per_sample']:.1f} | {r['latency_ms']:.3f} | "
+            f"{r['exit_device']:.2f}/{r['exit_edge']:.2f}/{r['exit_cloud']:.2f} | "
+            f"{r['uplink_packet_loss']:.3f} |")  # fmt: skip
     return "\n".join(lines)

@@ -387,3 +387,47 @@ def test_demo_accuracy_rises_or_holds_with_snr_and_a_warm_rerun_is_fast(tmp_path
 
     with open(tmp_path / "demo.csv") as f:
         assert {"mcs", "target_bler", "expected_loss"} <= set(next(csv.DictReader(f)))
+
+
+# --- item 8: the digits figures in the docs come from one recorded run -------------------------
+def test_docs_quote_the_digits_figures_of_one_recorded_run():
+    """docs/demo_run.json records the run (command, date, machine) behind docs/demo.csv and the
+    digits family's accuracies; README, family.md and results.md quote exactly those."""
+    from flowcodec.demo import markdown_table, read_csv
+
+    run = json.loads((ROOT / "docs" / "demo_run.json").read_text())
+    accs = [f"{100 * a:.2f}" for a in run["family_test_accuracy"]]
+    assert run["command"].startswith("flowcodec demo") and run["date_utc"]
+    readme = (ROOT / "README.md").read_text()
+    family = (ROOT / "docs" / "family.md").read_text()
+    results = (ROOT / "docs" / "results.md").read_text()
+    for doc, text in (("README.md", readme), ("family.md", family), ("results.md", results)):
+        assert " / ".join(f"{a} %" for a in accs) in text or all(
+            f"| {a} %" in text for a in accs), f"{doc} does not quote {accs}"
+        assert "demo_run.json" in text, f"{doc} does not say which run"
+    assert "99.2 % or above" not in readme
+    table = markdown_table(read_csv(ROOT / "docs" / "demo.csv"))
+    assert table in results, "results.md's demo table is not the one made from docs/demo.csv"
+
+
+def test_demo_plot_shows_the_mcs_and_explains_rate_points(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from flowcodec.demo import DemoConfig, _write
+
+    seen = {}
+
+    def savefig(fig, path, **kw):
+        seen["ylabels"] = [a.get_ylabel() for a in fig.axes]
+        seen["title"] = fig._suptitle.get_text()
+        seen["notes"] = [t.get_text() for a in fig.axes for t in a.texts]
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    rows = [{"channel": ch, "snr_db": s, "rate_point": "lam1", "mcs": m, "accuracy": 0.9,
+             "bytes_per_sample": 100.0, "latency_ms": 1.0, "exit_device": 0.9, "exit_edge": 0.05,
+             "exit_cloud": 0.05, "uplink_packet_loss": 0.0}
+            for ch in ("awgn", "rayleigh") for s, m in ((0.0, 3), (10.0, 12))]  # fmt: skip
+    _write(rows, tmp_path, DemoConfig())
+    assert any("MCS" in y for y in seen["ylabels"])
+    assert "12" in seen["notes"] and "3" in seen["notes"]  # each point names its MCS
+    assert "rate weight" in seen["title"]  # what "lam1" means
