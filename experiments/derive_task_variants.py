@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=1500, help="context-model steps per rate point")
     ap.add_argument("--eval", type=int, default=10000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-context", action="store_true",
+                    help="only the one-packet form (grid latents have no context model)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = load_pretrained_codec(args.codec)
@@ -65,11 +67,14 @@ def main(argv=None) -> int:
     data = test if args.eval >= len(test) else test.subset(args.eval, seed=0)
     results = {}
     one, kw1 = rebuild(base, packets=1)
-    ctx, kwc = rebuild(base, packets=1, context=True)
-    t = time.perf_counter()
-    report = fit_context(ctx, head, train, steps=args.steps)
-    fit_s = time.perf_counter() - t
-    for name, codec, kw in ((f"{args.codec}_1p", one, kw1), (f"{args.codec}_ctx", ctx, kwc)):
+    variants = [(f"{args.codec}_1p", one, kw1)]
+    if not args.no_context:
+        ctx, kwc = rebuild(base, packets=1, context=True)
+        t = time.perf_counter()
+        report = fit_context(ctx, head, train, steps=args.steps)
+        fit_s = time.perf_counter() - t
+        variants.append((f"{args.codec}_ctx", ctx, kwc))
+    for name, codec, kw in variants:
         rows = []
         for r in range(codec.rates):
             t = time.perf_counter()

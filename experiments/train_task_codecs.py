@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval", type=int, default=10000, help="test images to score at the end")
     ap.add_argument("--progress-dir", default="runs")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--finalize", action="store_true",
+                    help="do not train: finish a run from its last progress checkpoint "
+                         "(runs/<out>.progress.*), e.g. one stopped by hand")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     fam = load_pretrained("cifar10")
@@ -75,15 +78,18 @@ def main(argv=None) -> int:
                           batch_size=args.batch_size, lr=args.lr, drop_prob=args.drop_prob,
                           bf16=not args.no_bf16, seed=args.seed, time_budget=args.seconds)
     val = test.subset(1000, seed=123)
-    res = train_task_codec(codec, fam, 3, args.point, train, val, cfg, device=args.device,
-                           checkpoint=f"{args.progress_dir}/{args.out}")
+    if args.finalize:
+        res = _resume(codec, f"{args.progress_dir}/{args.out}")
+    else:
+        res = train_task_codec(codec, fam, 3, args.point, train, val, cfg, device=args.device,
+                               checkpoint=f"{args.progress_dir}/{args.out}")
     codec.to("cpu")
     round_half(codec).eval()
     codec.update(force=True)
     head, tail = fam.to("cpu").eval().split(3, args.point)
     data = test if args.eval >= len(test) else test.subset(args.eval, seed=0)
     measured = []
-    for r in range(codec.rates):
+    for r in range(codec.rates if args.eval > 0 else 0):
         ev = evaluate_codec(codec.at_rate(r), head, tail, data)
         measured.append({"rate": r, "accuracy": ev.accuracy, "bytes": ev.bytes_per_image,
                          "session_bytes": ev.session_bytes_per_image,
@@ -102,6 +108,25 @@ def main(argv=None) -> int:
     print(f"saved {path} after {res.seconds:.0f} s, {res.epochs} epochs")
     print(json.dumps(measured))
     return 0
+
+
+def _resume(codec, prefix: str):
+    """Load a run's last per-epoch checkpoint into ``codec``; its history as a result."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from flowcodec.codecs.train_task import TaskTrainResult
+
+    state = load_file(f"{prefix}.progress.safetensors")
+    missing, unexpected = codec.load_state_dict(state, strict=False)
+    if unexpected or any(not k.endswith(("_offset", "_quantized_cdf", "_cdf_length"))
+                         for k in missing):  # fmt: skip
+        raise SystemExit(f"{prefix}: does not fit this codec: {missing} {unexpected}")
+    hist = json.loads(Path(f"{prefix}.progress.json").read_text())["history"]
+    last = hist[-1]
+    return TaskTrainResult(history=hist, seconds=last["seconds"], epochs=len(hist),
+                           steps=last["step"])
 
 
 if __name__ == "__main__":

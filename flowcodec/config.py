@@ -427,7 +427,7 @@ def _rd_labels(cfg: dict) -> list[str]:
 # --- flowcodec latency -------------------------------------------------------------------------
 LATENCY_KEYS = ("dataset", "options", "input_codec", "fixed_split", "member", "samples", "seed",
                 "compute", "delay_s", "symbol_rates", "snrs_db", "reference",
-                "harq_max_tx_baselines", "target_bler", "framing")  # fmt: skip
+                "harq_max_tx_baselines", "target_bler", "framing", "floor_points")  # fmt: skip
 
 
 def validate_latency_config(cfg: Any, source: str = "latency config") -> dict:
@@ -480,6 +480,7 @@ def validate_latency_config(cfg: Any, source: str = "latency config") -> dict:
         "harq_max_tx_baselines": Num(integer=True, lo=1),
         "target_bler": Num(lo=0, hi=1, lo_open=True, hi_open=True),
         "framing": Str(choices=("sample", "session")),
+        "floor_points": Num(lo=0, hi=100, note="accuracy floor: points below cloud only"),
     }, required=("dataset", "options", "input_codec", "fixed_split"))  # fmt: skip
     errors: list[str] = []
     schema.check(cfg, "", errors)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -58,14 +58,17 @@ class LatencyConfig:
     harq_max_tx_baselines: int = 4
     target_bler: float = 0.1
     framing: str = "sample"
+    floor_points: float = 1.0
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyConfig:
+        from flowcodec.config import validate_latency_config
+
         try:
             d = json.loads(Path(path).read_text())
-            return cls(**d)
-        except (OSError, json.JSONDecodeError, TypeError) as e:
+        except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}: not a latency config ({e})") from e
+        return cls(**validate_latency_config(d, f"latency config {path}"))
 
     def __post_init__(self) -> None:
         self.compute = {"device": 20e9, "edge": 2e12, "cloud": 20e12, **(self.compute or {})}
@@ -112,6 +115,11 @@ def load_option_codec(spec: dict, family, train_data=None, progress: bool = True
             codec.update(force=True)
     else:
         raise ConfigError(f"option {spec} names no codec (pretrained, checkpoint or codec)")
+    if "rate_point" in spec:  # one rate point of a variable-rate codec
+        if not hasattr(codec, "at_rate"):
+            raise ConfigError(f"option {spec.get('rate')}: codec {codec.name!r} has no rate "
+                              "points")  # fmt: skip
+        codec = codec.at_rate(int(spec["rate_point"]))
     if tuple(codec.feature_shape) != family.feature_shape(point):
         raise ConfigError(f"option {spec.get('rate')}: codec takes {codec.feature_shape}, "
                           f"point {point} has {family.feature_shape(point)}")  # fmt: skip
@@ -121,6 +129,7 @@ def load_option_codec(spec: dict, family, train_data=None, progress: bool = True
 def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True) -> list[dict]:
     """Run the experiment; writes ``latency.csv``, ``profile.json`` and plots in ``out``."""
     from channels import FastLink, IIDPacketErasure
+    from flowcodec.config import validate_latency_config
     from flowcodec.data import load_dataset
     from flowcodec.family import load_pretrained
     from flowcodec.family.train import accuracy
@@ -128,6 +137,7 @@ def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True) -> list[di
     from flowcodec.policy import Policy, build_profile, link_adaptation_mcs
     from flowcodec.progress import tqdm
 
+    validate_latency_config(asdict(cfg))  # whole, before any work
     out.mkdir(parents=True, exist_ok=True)
     fam = load_pretrained(cfg.dataset, progress=progress)
     member = cfg.member or fam.num_members
@@ -158,7 +168,7 @@ def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True) -> list[di
                     member)], [Hop(in_codec, IIDPacketErasure(0.0), 1e9,
                                    framing=cfg.framing)])  # fmt: skip
     floor_acc = ref_flow.run(x_eval).accuracy(y_eval)
-    floor = floor_acc - 0.01
+    floor = floor_acc - cfg.floor_points / 100
     policy = Policy(profile, floor, comp["device"], comp["edge"], delay["edge"])
     ref = cfg.reference
     fixed_rate = cfg.fixed_split["rate"]
@@ -205,10 +215,44 @@ def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True) -> list[di
                      **_run_option(fam, member, codecs[(dec.point, dec.rate)], dec.point,
                                    dec.threshold, dec.mcs, snr, sym_rate, comp, delay, x_eval,
                                    y_eval, gen, cfg.framing)})  # fmt: skip
+        adaptive = rows[-1]
+        # Edge only with the input codec of least latency that is as accurate as the
+        # adaptive flow's choice (within the profile's standard error).
+        m = _matched_input(policy, dec, snr, sym_rate, len(prof_idx))
+        if m is not None:
+            opt, mcs_m = m
+            rows.append({**base, "scheme": "edge-only-matched", "mcs": mcs_m,
+                         "config": f"input {opt.rate}",
+                         **_run_option(fam, member, codecs[(0, opt.rate)], 0, None, mcs_m, snr,
+                                       sym_rate, comp, delay, x_eval, y_eval, gen,
+                                       cfg.framing)})  # fmt: skip
+            adaptive["speedup_vs_edge_matched"] = rows[-1]["latency_ms"] / adaptive["latency_ms"]
     for r in rows:
         r["cloud_only_clean_accuracy"] = floor_acc
     _write(rows, out)
     return rows
+
+
+def _matched_input(policy, dec, snr, sym_rate, n):
+    """``(option, mcs)`` of the input-codec option (split point 0) of least expected latency
+    whose expected accuracy is at least the decision's, less one standard error of the
+    profile (``n`` samples); the most accurate one if none is. None without such options."""
+    import math
+
+    se = math.sqrt(max(dec.expected_accuracy * (1 - dec.expected_accuracy), 1e-12) / max(n, 1))
+    best, most = None, None
+    for opt in policy.profile.options:
+        if opt.point != 0:
+            continue
+        for mcs in policy.mcs_indices:
+            acc, lat, _ = policy.evaluate(opt, mcs, None, snr, sym_rate)
+            if acc >= dec.expected_accuracy - se and (best is None or lat < best[0]):
+                best = (lat, opt, mcs)
+            if most is None or (acc, -lat) > most[0]:
+                most = ((acc, -lat), opt, mcs)
+    if best is not None:
+        return best[1], best[2]
+    return (most[1], most[2]) if most is not None else None
 
 
 def _best_mcs_for(policy, opt, snr, sym_rate) -> int:
@@ -252,7 +296,8 @@ def _write(rows: list[dict], out: Path) -> None:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    schemes = ["adaptive", "fixed-split", "edge-only", "cloud-only", "device-only"]
+    schemes = ["adaptive", "edge-only-matched", "fixed-split", "edge-only", "cloud-only",
+               "device-only"]  # fmt: skip
     rates = sorted({r["symbol_rate"] for r in rows})
     fig, axes = plt.subplots(2, len(rates), figsize=(5 * len(rates), 7), squeeze=False)
     for j, sr in enumerate(rates):
@@ -285,18 +330,31 @@ def _write(rows: list[dict], out: Path) -> None:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("latency", help="latency and accuracy vs. uplink SNR and bandwidth")
-    p.add_argument("--config", default="experiments/latency_cifar10.json")
-    p.add_argument("--out", default="runs/latency")
-    p.add_argument("--samples", type=int, default=None, help="override the config's samples")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-progress", action="store_true")
+    from flowcodec.config import positive_int
+
+    p = sub.add_parser(
+        "latency", help="latency and accuracy vs. uplink SNR and bandwidth",
+        description="Compare the adaptive flow (the policy picks split point, codec rate, MCS "
+        "and device exit threshold for each SNR) with a fixed split and with device-, edge- "
+        "and cloud-only baselines, over a grid of uplink SNRs and symbol rates. The config is "
+        "checked whole before any work starts. Writes latency.csv, profile.json and plots.")
+    p.add_argument("--config", default=None,
+                   help="JSON config: a path, or a name such as digits or cifar10 for "
+                        "experiments/latency_NAME.json (default: cifar10)")  # fmt: skip
+    p.add_argument("--out", default="runs/latency",
+                   help="folder for results (default runs/latency)")
+    p.add_argument("--samples", type=positive_int, default=None,
+                   help="test samples, >= 2 (default: the config's); half profile, half evaluate")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_cmd)
 
 
 def _cmd(args) -> int:
     torch.set_num_threads(max(1, args.threads))
-    cfg = LatencyConfig.load(args.config)
+    from flowcodec.config import resolve_config
+
+    cfg = LatencyConfig.load(resolve_config(args.config, "latency"))
     if args.samples:
         cfg.samples = args.samples
     rows = run_latency(cfg, Path(args.out), progress=not args.no_progress)

@@ -223,7 +223,7 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
                 # fit the schedule to the epochs the rest of the budget allows at the last
                 # epoch's pace (it may grow back when a slow epoch was an accident)
                 left = int(max(0.0, cfg.time_budget - elapsed) / max(t_epoch, 1e-6))
-                total = min(cfg.epochs, max(epoch + 1, epoch + left)) * per_epoch
+                total = min(cfg.epochs, epoch + left) * per_epoch  # left = 0: stop here
                 bar.total = total
             if step >= total:
                 break
