@@ -341,3 +341,20 @@ def test_a_grid_latent_round_trips_with_channel_group_packets():
     assert torch.allclose(out, want, atol=1e-5)
     with pytest.raises(ConfigError):
         build_codec("task", SHAPE, grid=2, context=True)
+
+
+@pytest.mark.parametrize("name", [n for n in __import__("flowcodec.codecs.zoo", fromlist=["x"])
+                                  .list_pretrained() if n.startswith("cifar10-task")])
+def test_every_rate_point_of_the_shipped_task_codecs(name):
+    from flowcodec.codecs import load_pretrained_codec
+
+    codec = load_pretrained_codec(name)
+    h = torch.rand(4, *codec.feature_shape, generator=torch.Generator().manual_seed(5))
+    sizes = []
+    for r in range(codec.rates):
+        streams = codec.compress(h, rate=r)
+        assert [codec.rate_of(s) for s in streams] == [r] * 4
+        again = [Bitstream.from_bytes(s.to_bytes()) for s in streams]
+        assert torch.allclose(codec.decompress(again), codec(h, rate=r).features, atol=1e-4)
+        sizes.append(sum(len(p) for s in streams for p in s.packets))
+    assert sizes[0] <= sizes[-1]
