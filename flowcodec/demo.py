@@ -150,12 +150,17 @@ def adapt_mcs(packets: list[list[bytes]], snr_db: float, channel_factory, target
 
 
 def _source_digest() -> str:
-    """A digest of the library's source: cached results are dropped when code changes."""
+    """A digest of the code that makes the demo's numbers (this module, the flow and the
+    links) and the library's version: cached results are dropped when they change. After
+    changing other code (a codec's coder, say), run with ``--no-cache``."""
     from pathlib import Path
 
+    from flowcodec import __version__
+
     root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    files = [*root.joinpath("flowcodec").rglob("*.py"), *root.joinpath("channels").rglob("*.py")]
+    h = hashlib.sha256(__version__.encode())
+    files = [root / "flowcodec" / "demo.py", root / "flowcodec" / "pipeline.py",
+             *root.joinpath("channels").glob("*.py")]  # fmt: skip
     for p in sorted(files):
         h.update(p.name.encode())
         h.update(p.read_bytes())
@@ -291,7 +296,7 @@ def _write(rows: list[dict], out: Path, cfg: DemoConfig | None = None) -> None:
         w.writerows(rows)
     chans = sorted({r["channel"] for r in rows})
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.4))
-    for ch, ls in zip(chans, ("-", "--", ":", "-.")):
+    for j, (ch, ls) in enumerate(zip(chans, ("-", "--", ":", "-."))):
         for rp in sorted({r["rate_point"] for r in rows}):
             pts = sorted((r["snr_db"], r) for r in rows
                          if r["channel"] == ch and r["rate_point"] == rp)  # fmt: skip
@@ -301,12 +306,13 @@ def _write(rows: list[dict], out: Path, cfg: DemoConfig | None = None) -> None:
             axes[0].plot(s, acc, ls, marker="o", label=lab)
             for sx, a, p in zip(s, acc, pts):
                 axes[0].annotate(f"{p[1]['mcs']}", (sx, a), textcoords="offset points",
-                                 xytext=(0, 5), fontsize=6, ha="center")  # fmt: skip
+                                 xytext=(0, 5 if j % 2 == 0 else -10), fontsize=6,
+                                 ha="center")  # fmt: skip
             axes[1].plot(s, [p[1]["latency_ms"] for p in pts], ls, marker="o", label=lab)
             axes[2].plot(s, [p[1]["uplink_packet_loss"] for p in pts], ls, marker="o", label=lab)
             axes[3].plot(s, [p[1]["mcs"] for p in pts], ls, marker="o", label=lab)
     axes[0].set(xlabel="uplink SNR (dB)", ylabel="accuracy (%)",
-                title="accuracy (numbers: MCS chosen)")  # fmt: skip
+                title="accuracy (numbers: MCS; above awgn, below fading)")  # fmt: skip
     axes[1].set(xlabel="uplink SNR (dB)", ylabel="mean latency (ms)",
                 title="latency (incl. HARQ retransmissions)")  # fmt: skip
     axes[2].set(xlabel="uplink SNR (dB)", ylabel="uplink packet loss after HARQ (CRC)",
