@@ -11,16 +11,15 @@ SECONDS_PER_CODEC=${SECONDS_PER_CODEC:-2700}
 mkdir -p runs
 # split point 2: a 32-number vector, 5 rate points, 4 packets trained with 10% drops
 $PY -m experiments.train_task_codecs --point 2 --packets 4 --drop-prob 0.1 --epochs 40 \
-    --seconds "$SECONDS_PER_CODEC" --device "$DEVICE" --out cifar10-task_p2
+    --seconds "$SECONDS_PER_CODEC" --device "$DEVICE" --eval 0 --out cifar10-task_p2
 # split point 1: a 16x4x4 latent map, 5 rate points, 4 packets trained with 10% drops
 $PY -m experiments.train_task_codecs --point 1 --grid 4 --latent 16 --packets 4 \
     --drop-prob 0.1 --lams 2.0 1.0 0.5 0.25 0.12 --epochs 40 \
-    --seconds "$SECONDS_PER_CODEC" --device "$DEVICE" --out cifar10-task_p1
+    --seconds "${SECONDS_P1:-2100}" --device "$DEVICE" --eval 0 --out cifar10-task_p1
 # one-packet forms (same weights) and the channel-wise context model at point 2
-$PY -m experiments.derive_task_variants --codec cifar10-task_p2 --point 2
-$PY -m experiments.derive_task_variants --codec cifar10-task_p1 --point 1 --no-context
+$PY -m experiments.derive_task_variants --codec cifar10-task_p2 --point 2 --eval 0
+$PY -m experiments.derive_task_variants --codec cifar10-task_p1 --point 1 --no-context --eval 0
 $PY -m experiments.plot_task_training --out docs/img
-.venv/bin/flowcodec rd --config experiments/rd_task_cifar10.json --out runs/rd_task_cifar10 \
-    --baselines runs/rd_baselines_cifar10/rd.json
+.venv/bin/flowcodec rd --config experiments/rd_task_cifar10.json --out runs/rd_task_cifar10
 .venv/bin/flowcodec latency --config experiments/latency_task_cifar10.json \
     --out runs/latency_task_cifar10
