@@ -10,7 +10,7 @@ STAMP   = $(VENV)/.installed
 # Tests and benchmarks find the CIFAR-10 copy beside the checkout when it is there.
 export FLOWCODEC_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test test-all lint setup clean
+.PHONY: demo test test-all lint setup clean task-codecs
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# Retrain every shipped task codec and regenerate their rd and latency results (CPU, ~2 h).
+task-codecs: $(STAMP)
+	PY=$(BIN)/python bash experiments/make_task_codecs.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
