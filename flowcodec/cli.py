@@ -15,22 +15,12 @@ the device computes the first layers, a codec compresses the hidden features int
 CRC-checked packets, a simulated 5G-style wireless link carries them, and a larger
 model of the same family finishes the task.
 
-commands:
-    demo           the whole flow end to end on the bundled digits set (or CIFAR-10):
-                   accuracy, bytes and latency against SNR over AWGN and Rayleigh fading
-    rd             accuracy against bytes per image for the codecs listed in a config
-    latency        latency and accuracy of the adaptive flow against device-, edge- and
-                   cloud-only baselines, over uplink SNR and bandwidth
-    train-family   train a family of models (CIFAR-10 or digits) and save it
-    align          feed a model from outside the family into the digits family
-    info           parameters, FLOPs and split points of a family
-
-Run `flowcodec COMMAND --help` for what a command does and its options.
+Run "flowcodec COMMAND --help" for what a command does and its options.
 """
 
 EPILOG = """\
 examples:
-    flowcodec demo                          # about two minutes on a laptop CPU
+    flowcodec demo                          # bundled digits set, CPU only; reruns are cached
     flowcodec rd --config digits            # experiments/rd_digits.json
     flowcodec latency --config digits --samples 200
     flowcodec info --family cifar10
@@ -191,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     d = sub.add_parser(
-        "demo", help="the whole flow end to end (digits by default)", formatter_class=fmt,
+        "demo", formatter_class=fmt,
+        help="the whole flow end to end on the bundled digits set (or CIFAR-10): accuracy, "
+        "bytes and latency against SNR over AWGN and Rayleigh fading",
         description="Run the whole flow: load (or train once and cache) a 3-member family, "
         "train a packetised learned codec at three rate points, and send every test sample "
         "from the device (member 1) over an exact LDPC/QAM link to the edge (member 2) and "
@@ -210,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser(
-        "train-family", help="train a family and save it (safetensors + JSON)",
+        "train-family", help="train a family of models (CIFAR-10 or digits) and save it",
         description="Train a family of early-exit models with its recipe (docs/family.md) "
         "and save the weights (safetensors) and a JSON record of how they were made.")
     t.add_argument("--family", default="cifar10", choices=["cifar10", "digits"],
@@ -226,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train_family)
 
     a = sub.add_parser(
-        "align", help="feed a non-member model into the digits family",
+        "align", help="feed a model from outside the family into the digits family",
         description="Train an aligner that maps the features of a small model from "
         "outside the digits family onto a family member's split point, and report the "
         "accuracy of each model alone and through the aligner.")
