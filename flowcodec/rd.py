@@ -187,10 +187,9 @@ def load_config(path: str | Path) -> dict:
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{p} is not valid JSON: {e}") from e
-    for key in ("dataset", "family", "member", "point", "codecs"):
-        if key not in cfg:
-            raise ConfigError(f"{p}: missing key {key!r}")
-    return cfg
+    from flowcodec.config import validate_rd_config
+
+    return validate_rd_config(cfg, f"rd config {p}")
 
 
 def _expand(entry: dict) -> list[tuple[str, dict]]:
@@ -220,11 +219,15 @@ def run_rd(cfg: dict, out: str | Path, progress: bool = True, n: int | None = No
     from flowcodec.codecs import CODECS, build_codec
     from flowcodec.codecs.train import collect_features, evaluate_codec, train_codec
     from flowcodec.codecs.zoo import load_pretrained_codec
+    from flowcodec.config import validate_rd_config
     from flowcodec.data import load_dataset
     from flowcodec.errors import ConfigError
     from flowcodec.family import load_pretrained
     from flowcodec.progress import tqdm
 
+    validate_rd_config(cfg)  # whole, before any work
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f"n (test images) must be an integer >= 1, got {n!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seed = int(cfg.get("seed", 0))
@@ -267,7 +270,7 @@ def run_rd(cfg: dict, out: str | Path, progress: bool = True, n: int | None = No
                                       drop_prob=t.get("drop_prob", 0.0),
                                       flip_prob=t.get("flip_prob", 0.0),
                                       batch_size=t.get("batch_size", 64), lr=t.get("lr", 2e-3),
-                                      seed=seed, progress=False, device=device)  # fmt: skip
+                                      seed=seed, progress=progress, device=device)  # fmt: skip
                     codec.to("cpu").update(force=True)
                     codec.train_history = res.history
                     return codec
@@ -565,7 +568,9 @@ def cmd_rd(args) -> int:
     import torch
 
     torch.set_num_threads(max(1, args.threads))
-    cfg = load_config(args.config)
+    from flowcodec.config import resolve_config
+
+    cfg = load_config(resolve_config(args.config, "rd"))
     rows = run_rd(cfg, args.out, progress=not args.no_progress, n=args.n, device=args.device,
                   baselines=args.baselines)  # fmt: skip
     cols = ("label", "condition", "accuracy", "bytes_per_image", "session_bytes",
@@ -599,10 +604,21 @@ def cmd_rd(args) -> int:
 
 def add_parser(subparsers) -> None:
     """Add the ``rd`` subcommand to the ``flowcodec`` command's subparsers."""
-    p = subparsers.add_parser("rd", help="accuracy vs. bytes per image for the codecs of a config")
-    p.add_argument("--config", required=True, help="JSON config (see experiments/rd_*.json)")
+    from flowcodec.config import positive_int
+
+    p = subparsers.add_parser(
+        "rd", help="accuracy against bytes per image for the codecs listed in a config",
+        description="Measure accuracy against bytes per image (real bytes, headers included) "
+        "for every codec a config lists: baselines built and fitted here, shipped learned "
+        "codecs, and learned codecs trained here over a rate sweep; optionally under packet "
+        "loss or bit flips. The config is checked whole before any work starts. Writes "
+        "rd.csv, rd.json, targets.csv and rd.png.")  # fmt: skip
+    p.add_argument("--config", required=True,
+                   help="JSON config: a path, or a name such as digits or cifar10 for "
+                        "experiments/rd_NAME.json")  # fmt: skip
     p.add_argument("--out", default="runs/rd", help="output folder (default runs/rd)")
-    p.add_argument("--n", type=int, default=None, help="test images (default: the config's)")
+    p.add_argument("--n", type=positive_int, default=None,
+                   help="test images, >= 1 (default: the config's test_subset, else all)")
     p.add_argument("--device", default="cpu", help="device for training entries")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
