@@ -333,7 +333,8 @@ def add_parser(sub) -> None:
     from flowcodec.config import positive_int
 
     p = sub.add_parser(
-        "latency", help="latency and accuracy vs. uplink SNR and bandwidth",
+        "latency", help="latency and accuracy of the adaptive flow against device-, edge- and "
+        "cloud-only baselines, over uplink SNR and bandwidth",
         description="Compare the adaptive flow (the policy picks split point, codec rate, MCS "
         "and device exit threshold for each SNR) with a fixed split and with device-, edge- "
         "and cloud-only baselines, over a grid of uplink SNRs and symbol rates. The config is "
