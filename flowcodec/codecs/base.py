@@ -161,6 +161,15 @@ class FeatureCodec(nn.Module):
         if not torch.isfinite(h).all():
             raise ConfigError(f"{self.name}: features contain NaN or inf")
 
+    def conceal_nonfinite(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` ``(B, *feature_shape)`` with every NaN or inf element replaced by the
+        concealment value (a receiver never hands non-finite features to the tail)."""
+        bad = ~torch.isfinite(out)
+        if not bool(bad.any()):
+            return out
+        fill = torch.nan_to_num(self.conceal.detach().to(out.device, out.dtype), 0.0, 0.0, 0.0)
+        return torch.where(bad, fill.expand_as(out), out)
+
     # --- fitting and freezing -------------------------------------------------------------
     @torch.no_grad()
     def fit(self, features: torch.Tensor) -> FeatureCodec:

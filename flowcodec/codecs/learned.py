@@ -30,11 +30,14 @@ from torch import nn
 from flowcodec.bitstream import Bitstream, BitstreamError, TensorSpec
 from flowcodec.codecs.base import CodecOutput, FeatureCodec, channel_groups, register_codec
 from flowcodec.codecs.entropy import (
+    _decode_planned,
+    _IndexPlan,
     eb_symbols,
     entropy_bottleneck,
     gaussian_conditional,
     rans_decode,
     rans_encode,
+    to_symbols,
 )
 from flowcodec.errors import ConfigError
 
@@ -196,16 +199,16 @@ class FactorizedCodec(LearnedCodec):
         tables = _tables_of(self.entropy_bottleneck)
         m, hh, ww = self.latent_shape
         sym = torch.zeros(len(streams), m, hh, ww, dtype=torch.int32)
+        plans = [_IndexPlan(tables, torch.arange(g.start, g.stop, dtype=torch.int32)
+                            .view(-1, 1, 1).expand(-1, hh, ww)) for g in self.groups]  # fmt: skip
         for b, s in enumerate(streams):
-            for g, p in zip(self.groups, s.packets):
+            for g, plan, p in zip(self.groups, plans, s.packets):
                 if p is None:
                     continue  # symbol 0 = the median: concealment
-                idx = torch.arange(g.start, g.stop, dtype=torch.int32).view(-1, 1, 1)
-                sym[b, g] = rans_decode(self.entropy_bottleneck, p, idx.expand(-1, hh, ww),
-                                        tables)  # fmt: skip
+                sym[b, g] = _decode_planned(tables, p, plan)
         dev = self._device()
         y_hat = sym.to(dev).float() + self._medians().to(dev)
-        return self.g_s(y_hat).float().cpu()
+        return self.conceal_nonfinite(self.g_s(y_hat).float().cpu())
 
 
 @register_codec("hyperprior")
@@ -283,7 +286,7 @@ class HyperpriorCodec(LearnedCodec):
         z_hat = zsym.float() + self.entropy_bottleneck.quantiles[:, 0, 1].view(1, -1, 1, 1)
         means, scales = self._params(z_hat)
         idx = self.gaussian_conditional.build_indexes(scales).cpu()
-        ysym = torch.round(y - means).int().cpu()
+        ysym = to_symbols(y - means).cpu()
         zsym = zsym.cpu()
         zidx = torch.arange(self.hyper, dtype=torch.int32).view(1, -1, 1, 1).expand_as(zsym)
         zt, yt = _tables_of(self.entropy_bottleneck), _tables_of(self.gaussian_conditional)
@@ -305,9 +308,10 @@ class HyperpriorCodec(LearnedCodec):
         zt, yt = _tables_of(self.entropy_bottleneck), _tables_of(self.gaussian_conditional)
         zidx = torch.arange(self.hyper, dtype=torch.int32).view(-1, 1, 1).expand(*zshape)
         zsym = torch.zeros(len(streams), *zshape, dtype=torch.int32)
+        zplan = _IndexPlan(zt, zidx)
         for b, s in enumerate(streams):
             if s.packets[0] is not None:
-                zsym[b] = rans_decode(self.entropy_bottleneck, s.packets[0], zidx, zt)
+                zsym[b] = _decode_planned(zt, s.packets[0], zplan)
         med = self.entropy_bottleneck.quantiles[:, 0, 1].view(1, -1, 1, 1)
         means, scales = self._params(zsym.to(dev).float() + med)
         idx = self.gaussian_conditional.build_indexes(scales).cpu()
@@ -320,7 +324,7 @@ class HyperpriorCodec(LearnedCodec):
                     continue  # concealed by the predicted means
                 sym = rans_decode(self.gaussian_conditional, p, idx[b, g], yt)
                 y_hat[b, g] = sym.to(dev).float() + means[b, g]
-        return self.g_s(y_hat).float().cpu()
+        return self.conceal_nonfinite(self.g_s(y_hat).float().cpu())
 
 
 class _HyperEncoder(nn.Module):
@@ -393,7 +397,7 @@ class BinaryCodec(LearnedCodec):
                 n = (g.stop - g.start) * hh * ww
                 v = np.unpackbits(np.frombuffer(p, dtype=np.uint8))[:n].astype(np.float32)
                 lat[b, g] = torch.from_numpy(2 * v - 1).view(-1, hh, ww)
-        return self.g_s(lat.to(self._device())).float().cpu()
+        return self.conceal_nonfinite(self.g_s(lat.to(self._device())).float().cpu())
 
 
 def flip_bits(stream: Bitstream, prob: float, generator: torch.Generator | None = None

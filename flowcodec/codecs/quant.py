@@ -30,7 +30,9 @@ def uniform_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: 
     """Integer levels ``0..2**bits-1`` of ``x`` clipped to ``[lo, hi]`` (broadcast)."""
     levels = (1 << bits) - 1
     scale = (hi - lo).clamp_min(1e-8) / levels
-    return torch.round(((x - lo) / scale).clamp(0, levels)).to(torch.int64), scale
+    # nan_to_num: a projection of huge finite features can overflow to inf - inf = NaN
+    q = torch.nan_to_num((x - lo) / scale, nan=0.0, posinf=levels, neginf=0.0)
+    return torch.round(q.clamp(0, levels)).to(torch.int64), scale
 
 
 def _zstd_compress(data: bytes, level: int) -> bytes:
@@ -40,11 +42,30 @@ def _zstd_compress(data: bytes, level: int) -> bytes:
 
 
 def _zstd_decompress(data: bytes, size: int) -> bytes:
+    """The ``size`` bytes a zstd frame holds, never allocating more than about ``2 * size``.
+
+    python-zstandard's one-shot ``decompress`` allocates whatever content size the frame
+    header declares (``max_output_size`` is ignored when a size is declared), so a hostile
+    12-byte frame could ask for terabytes. Here the frame header is read first (it must
+    declare exactly ``size``), the window the decoder may allocate is capped by ``size``,
+    and the output is read through a stream with a bounded ``read``.
+    """
+    import io
+
     import zstandard
 
     try:
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
-    except zstandard.ZstdError as e:
+        params = zstandard.get_frame_parameters(bytes(data))
+    except (zstandard.ZstdError, ValueError, TypeError) as e:
+        raise BitstreamError(f"zstd payload has no valid frame header: {e}") from e
+    if params.content_size != size:
+        raise BitstreamError(f"zstd frame declares {params.content_size} bytes, expected {size}")
+    window = 1 << max(zstandard.WINDOWLOG_MIN, (max(size, 1) - 1).bit_length())
+    try:
+        dctx = zstandard.ZstdDecompressor(max_window_size=window)
+        with dctx.stream_reader(io.BytesIO(bytes(data))) as reader:
+            out = reader.read(size + 1)
+    except (zstandard.ZstdError, ValueError, OverflowError, MemoryError) as e:
         raise BitstreamError(f"zstd payload does not decode: {e}") from e
     if len(out) != size:
         raise BitstreamError(f"zstd payload holds {len(out)} bytes, expected {size}")
@@ -140,7 +161,7 @@ class _Quantised(FeatureCodec):
                     raise BitstreamError(f"level {raw.max()} out of range for {self.bits} bits")
                 vals = torch.from_numpy(raw.astype(np.float32)).view(-1, *rest)
                 out[b, g] = vals * scale[0, g] + lo[0, g]
-        return self._from_coded(out)
+        return self.conceal_nonfinite(self._from_coded(out))
 
     def _coded_rest(self) -> tuple[int, ...]:
         return tuple(self.feature_shape[1:])

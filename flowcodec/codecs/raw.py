@@ -66,4 +66,6 @@ class RawCodec(FeatureCodec):
                     raise BitstreamError(f"packet has {len(p)} bytes, expected {want}")
                 vals = np.frombuffer(p, dtype=_NP[self.dtype]).astype(np.float32)
                 out[b, g] = torch.from_numpy(vals.reshape(g.stop - g.start, *rest))
-        return out
+        # A CRC-valid payload may still hold inf/NaN (or float16 overflow of a huge feature):
+        # the tail gets the concealment value there, never a non-finite feature.
+        return self.conceal_nonfinite(out)

@@ -52,7 +52,7 @@ def save_codec(codec: FeatureCodec, path: str | os.PathLike, kwargs: dict,
 
     from safetensors.torch import save_file
 
-    from flowcodec.family.checkpoint import _paths
+    from flowcodec.family.checkpoint import _paths, weights_sha256
 
     weights, meta = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
@@ -64,26 +64,36 @@ def save_codec(codec: FeatureCodec, path: str | os.PathLike, kwargs: dict,
         state[k] = v
     save_file(state, str(weights), metadata={"kind": "codec"})
     cfg = {"name": codec.name, "feature_shape": list(codec.feature_shape), "kwargs": kwargs}
-    meta.write_text(json.dumps({"kind": "codec", "config": cfg, "extra": extra or {}}, indent=1))
+    record = {"kind": "codec", "config": cfg, "extra": extra or {},
+              "sha256": weights_sha256(weights)}  # checked by load_codec  # fmt: skip
+    meta.write_text(json.dumps(record, indent=1))
     return weights
 
 
 def load_codec(path: str | os.PathLike, backend: str = "auto") -> FeatureCodec:
     """Rebuild a codec from its JSON config and load its weights (float32, eval mode)."""
-    from flowcodec.family.checkpoint import load_into, load_state, read_config
+    from flowcodec.codecs.entropy import check_model_tables
+    from flowcodec.family.checkpoint import check_fits, load_into, load_state, read_config
 
     cfg = read_config(path)
     if cfg["kind"] != "codec":
         raise CheckpointError(f"{path} holds a {cfg['kind']!r}, not a codec")
     c = cfg["config"]
+    # The weights first (SHA-256 checked), then the config built on the meta device and
+    # compared with them: nothing is allocated that the weights file does not hold.
+    state = load_state(path)
     try:
         kwargs = dict(c.get("kwargs", {}))
         if "backend" not in kwargs and c["name"] in LEARNED_CODECS:
             kwargs["backend"] = backend
-        codec = build_codec(c["name"], tuple(c["feature_shape"]), **kwargs)
+        shape = tuple(c["feature_shape"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"cannot rebuild codec from {c}: {e}") from e
+    check_fits(lambda: build_codec(c["name"], shape, **kwargs), state, f"codec {c['name']!r}")
+    try:
+        codec = build_codec(c["name"], shape, **kwargs)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"cannot rebuild codec from {c}: {e}") from e
-    state = load_state(path)
     own = codec.state_dict()
     # CDF tables are sized by update(): resize the empty buffers to the saved ones.
     for k, v in state.items():
@@ -91,6 +101,10 @@ def load_codec(path: str | os.PathLike, backend: str = "auto") -> FeatureCodec:
             _set_buffer(codec, k, torch.empty_like(v))
     state = {k: (v.float() if v.dtype == torch.float16 else v) for k, v in state.items()}
     load_into(codec, state, what=f"codec {c['name']!r}")
+    try:
+        check_model_tables(codec)  # before any C++ coder sees them
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     return codec.eval()
 
 
