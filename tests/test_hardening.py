@@ -61,6 +61,12 @@ def ready(name):
     return _READY[name]
 
 
+def _shipped(name):
+    if name not in _READY:
+        _READY[name] = load_pretrained_codec(name)
+    return _READY[name]
+
+
 def _with_packets(codec, packets, seq=0):
     """A CRC-valid stream of ``codec`` carrying ``packets`` (as it crosses a link)."""
     header = codec.compress(_features(1))[0].header
@@ -106,11 +112,11 @@ def test_empty_or_short_rans_packet_is_an_error_for_the_shipped_codec():
             codec.decompress([stream])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(min_size=2, max_size=40).map(lambda b: b * (1 + 64 // len(b))))
 def test_garbage_rans_payload_decodes_the_same_every_time_or_raises(data):
     data = data[: len(data) // 4 * 4]
-    codec = load_pretrained_codec("cifar10-fact_l0p1")
+    codec = _shipped("cifar10-fact_l0p1")
     header = codec.compress(torch.zeros(1, *codec.feature_shape))[0].header
     stream = Bitstream(header, [data])
     outs = []
@@ -257,6 +263,12 @@ def test_save_codec_records_the_hash_and_shipped_checkpoints_carry_one():
         assert len(json.loads(meta.read_text()).get("sha256", "")) == 64, meta.name
 
 
+def _set(t, i, j, v):
+    t = t.clone()
+    t[i, j] = v
+    return t
+
+
 def test_check_tables_rejects_each_kind_of_bad_table():
     cdf = torch.tensor([[0, 100, 65536, 0], [0, 1, 2, 65536]], dtype=torch.int32)
     n = torch.tensor([3, 4], dtype=torch.int32)
@@ -267,9 +279,9 @@ def test_check_tables_rejects_each_kind_of_bad_table():
         (cdf, torch.tensor([2, 4]), o),  # too short
         (cdf, n, torch.tensor([-1, 1 << 30])),  # offset out of range
         (cdf, n[:1], o),  # one length per row
-        (cdf.clone().index_put_((torch.tensor([1]), torch.tensor([2])), torch.tensor(1)), n, o),
-        (cdf.clone().index_put_((torch.tensor([0]), torch.tensor([0])), torch.tensor(5)), n, o),
-        (cdf.clone().index_put_((torch.tensor([0]), torch.tensor([2])), torch.tensor(9)), n, o),
+        (_set(cdf, 1, 2, 1), n, o),  # not increasing
+        (_set(cdf, 0, 0, 5), n, o),  # not starting at 0
+        (_set(cdf, 0, 2, 9), n, o),  # not ending at 2^16
         (cdf.float(), n, o),
     ]
     for c, nn_, oo in bad:

@@ -48,7 +48,10 @@ class RawCodec(FeatureCodec):
     @torch.no_grad()
     def compress(self, h: torch.Tensor) -> list[Bitstream]:
         self.check_features(h)
-        arr = h.detach().to("cpu", torch.float32).numpy().astype(_NP[self.dtype])
+        arr = h.detach().to("cpu", torch.float32).numpy()
+        if self.dtype == "float16":  # saturate instead of overflowing to inf
+            arr = np.clip(arr, -65504.0, 65504.0)
+        arr = arr.astype(_NP[self.dtype])
         header = self.make_header(tensors=[TensorSpec("float32", self.feature_shape)])
         return [Bitstream(header, [a[g].tobytes() for g in self.groups]) for a in arr]
 
