@@ -150,13 +150,11 @@ class ChannelContext(nn.Module):
         i = torch.arange(latent)
         # unit block i (hidden units) sees input j < i of the same group
         see = (i[None, :] < i[:, None]) & (group_of[None, :] == group_of[:, None])
-        self.register_buffer("mask1", see.repeat_interleave(hidden, 0).float())
-        block = torch.block_diag(*[torch.ones(hidden, hidden)] * latent)
-        self.register_buffer("mask2", block)
-        self.register_buffer("mask3", torch.block_diag(*[torch.ones(2, hidden)] * latent))
+        self.register_buffer("mask1", see.repeat_interleave(hidden, 0).float(), persistent=False)
         self.l1 = nn.Linear(latent, latent * hidden)
-        self.l2 = nn.Linear(latent * hidden, latent * hidden)
-        self.l3 = nn.Linear(latent * hidden, 2 * latent)
+        # the layers after the first are block-diagonal: one small MLP per channel
+        self.l2 = nn.Conv1d(latent * hidden, latent * hidden, 1, groups=latent)
+        self.l3 = nn.Conv1d(latent * hidden, 2 * latent, 1, groups=latent)
         with torch.no_grad():
             self.l3.weight.mul_(0.1)
             self.l3.bias.zero_()
@@ -164,8 +162,8 @@ class ChannelContext(nn.Module):
     def forward(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = nn.functional
         a = f.relu(f.linear(k, self.l1.weight * self.mask1, self.l1.bias))
-        a = f.relu(f.linear(a, self.l2.weight * self.mask2, self.l2.bias))
-        out = f.linear(a, self.l3.weight * self.mask3, self.l3.bias).view(len(k), self.latent, 2)
+        a = f.relu(self.l2(a.unsqueeze(-1)))
+        out = self.l3(a).view(len(k), self.latent, 2)
         mu = out[..., 0]
         sigma = (out[..., 1] + 1.0).exp().clamp(_SIGMA_MIN, _SIGMA_MAX)
         return mu, sigma
