@@ -61,7 +61,9 @@ def main(argv=None) -> int:
     sources = []
     for p in sorted(CODEC_ZOO.glob("*.json")):
         d = json.loads(p.read_text())
-        if d.get("config", {}).get("name") == "task" and "train" in d.get("extra", {}):
+        extra = d.get("extra", {})
+        if d.get("config", {}).get("name") == "task" and "train" in extra \
+                and "derived_from" not in extra:  # variants share their parent's training
             sources.append((p.stem, d["extra"]["train"]["history"]))
     for p in args.progress:
         sources.append((Path(p).name.split(".")[0] + " (in progress)",
