@@ -67,7 +67,7 @@ def test_arbitrary_mutation_parse_or_raise(bs, data):
         assert got is None or got == want
 
 
-@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(headers, st.lists(st.binary(min_size=1, max_size=12), min_size=1, max_size=3))
 def test_every_single_bit_flip_in_packets_is_detected(header, packets):
     bs = Bitstream(header, packets)
@@ -89,7 +89,7 @@ def _assert_flips_detected(raw, start, parse, packets):
             assert got is None or got == want
 
 
-@settings(max_examples=40)
+@settings(max_examples=40, deadline=None)
 @given(headers)
 def test_every_single_bit_flip_in_header_is_detected(header):
     raw = Bitstream(header, [b"x"]).to_bytes()
@@ -101,7 +101,7 @@ def test_every_single_bit_flip_in_header_is_detected(header):
 
 
 @pytest.mark.parametrize("framing", ["self-contained", "session"])
-@settings(max_examples=30)
+@settings(max_examples=30, deadline=None)
 @given(bs=streams)
 def test_truncation_at_every_offset_is_detected(framing, bs):
     if framing == "session":
@@ -225,7 +225,8 @@ def test_compact_arbitrary_bytes_parse_or_raise(data):
         assert bs.to_compact() == data
 
 
-@settings(max_examples=40, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(headers, st.lists(st.binary(min_size=1, max_size=140), min_size=1, max_size=3))
 def test_compact_every_single_bit_flip_is_detected(header, packets):
     bs = Bitstream(header, packets)
