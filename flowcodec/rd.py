@@ -253,7 +253,14 @@ def run_rd(cfg: dict, out: str | Path, progress: bool = True, n: int | None = No
     for entry in cfg["codecs"]:
         group = entry.get("group", entry.get("codec", "pretrained"))
         p = int(entry.get("point", point))
-        if "pretrained" in entry:
+        if "pretrained" in entry and "rate_points" in entry:
+            # a variable-rate codec: one row per rate point, all from one checkpoint
+            for name in entry["pretrained"]:
+                for r in entry["rate_points"]:
+                    jobs.append((group, f"{name}@r{r}", p,
+                                 lambda name=name, r=r: load_pretrained_codec(name).at_rate(r),
+                                 "pretrained"))  # fmt: skip
+        elif "pretrained" in entry:
             for name in entry["pretrained"]:
                 jobs.append((group, name, p, lambda name=name: load_pretrained_codec(name),
                              "pretrained"))  # fmt: skip
