@@ -358,3 +358,27 @@ def test_every_rate_point_of_the_shipped_task_codecs(name):
         assert torch.allclose(codec.decompress(again), codec(h, rate=r).features, atol=1e-4)
         sizes.append(sum(len(p) for s in streams for p in s.packets))
     assert sizes[0] <= sizes[-1]
+
+
+def test_latency_matches_the_input_codec_to_the_adaptive_accuracy():
+    from dataclasses import replace
+
+    from flowcodec.latency import _matched_input
+    from flowcodec.policy import Policy, RatePoint, toy_profile
+
+    prof = toy_profile()
+    small = RatePoint(0, "input-small", [40, 200], 0, 0, 2_000_000_000,
+                      {"none": [0.70, 0.4, 0.1]}, {"none": 0.0})  # fmt: skip
+    prof.options.append(small)
+    pol = Policy(prof, accuracy_floor=0.84)
+    dec = pol.decide(snr_db=10.0, symbol_rate=1e6)
+    opt, mcs = _matched_input(pol, dec, 10.0, 1e6, n=400)
+    assert opt.point == 0
+    acc, _, _ = pol.evaluate(opt, mcs, None, 10.0, 1e6)
+    # as accurate as the adaptive choice (within a standard error): not the small image
+    assert opt.rate == "input" and acc >= dec.expected_accuracy - 0.02
+    # when no input option is accurate enough, the most accurate one is used
+    weak = replace(dec, expected_accuracy=0.99)
+    assert _matched_input(pol, weak, 10.0, 1e6, n=400)[0].rate == "input"
+    prof.options = [o for o in prof.options if o.point != 0]
+    assert _matched_input(pol, dec, 10.0, 1e6, n=400) is None
