@@ -31,6 +31,7 @@ Example
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -549,16 +550,30 @@ def rans_encode(model: nn.Module, symbols: torch.Tensor, indexes: torch.Tensor,
     return enc.encode_with_indexes(sym_l, idx_l, cdf, lengths, offsets)
 
 
-_ZEROS = b""
+_PAD = threading.local()
 
 
-def _padded(data: bytes, n_symbols: int) -> bytes:
-    """``data`` followed by zeros past anything the decoder can read for ``n_symbols``."""
-    global _ZEROS
-    pad = 8 + 4 * (64 * n_symbols + 80 * (len(data) // 4 + 1))
-    if len(_ZEROS) < pad:
-        _ZEROS = bytes(max(pad, 2 * len(_ZEROS)))
-    return b"".join((data, memoryview(_ZEROS)[:pad]))
+def _padded(data: bytes, n_symbols: int) -> bytearray:
+    """``data`` followed by zeros past anything the decoder can read for ``n_symbols``.
+
+    The buffer is reused (one per thread and size class): only the payload is written and
+    the previous payload's bytes zeroed, so the padding costs one copy (pybind11's).
+    """
+    need = len(data) + 8 + 4 * (64 * n_symbols + 80 * (len(data) // 4 + 1))
+    size = -(-need // 65536) * 65536
+    bufs = _PAD.__dict__.setdefault("bufs", {})
+    entry = bufs.get(size)
+    if entry is None:
+        if len(bufs) >= 8:
+            bufs.clear()
+        entry = bufs[size] = [bytearray(size), 0]
+    buf, dirty = entry
+    n = len(data)
+    if dirty > n:
+        buf[n:dirty] = bytes(dirty - n)
+    buf[:n] = data
+    entry[1] = n
+    return buf
 
 
 class _IndexPlan:
@@ -583,7 +598,7 @@ def _decode_planned(t: _Tables, data: bytes, plan: _IndexPlan) -> torch.Tensor:
         return torch.zeros(plan.shape, dtype=torch.int32)
     cdf, lengths, offsets = t
     dec = _ext("ans").RansDecoder()
-    vals = np.array(dec.decode_with_indexes(_padded(bytes(data), plan.n), plan.list, cdf,
+    vals = np.array(dec.decode_with_indexes(_padded(data, plan.n), plan.list, cdf,
                                             lengths, offsets), dtype=np.int64)  # fmt: skip
     if ((vals < plan.lo) | (vals > plan.hi)).any():
         raise BitstreamError("rANS payload decodes to symbols outside the coder's range")
