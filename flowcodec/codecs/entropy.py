@@ -560,7 +560,7 @@ def _padded(data: bytes, n_symbols: int) -> bytearray:
     the previous payload's bytes zeroed, so the padding costs one copy (pybind11's).
     """
     need = len(data) + 8 + 4 * (64 * n_symbols + 80 * (len(data) // 4 + 1))
-    size = -(-need // 65536) * 65536
+    size = -(-need // 16384) * 16384
     bufs = _PAD.__dict__.setdefault("bufs", {})
     entry = bufs.get(size)
     if entry is None:
