@@ -14,8 +14,13 @@ def test_latency_experiment_writes_rows_for_every_scheme(tmp_path, digits_family
     cfg["options"] = cfg["options"][:2]
     rows = run_latency(LatencyConfig(**cfg), tmp_path, progress=False)
     schemes = {"adaptive", "fixed-split", "edge-only", "cloud-only", "device-only"}
+    if any(int(o["point"]) == 0 for o in cfg["options"]):
+        schemes.add("edge-only-matched")  # edge only with the input codec matched in accuracy
     assert {r["scheme"] for r in rows} == schemes
     assert len(rows) == 2 * len(schemes)
+    for r in rows:
+        if r["scheme"] == "adaptive" and "edge-only-matched" in schemes:
+            assert r["speedup_vs_edge_matched"] > 0
     with open(tmp_path / "latency.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (tmp_path / "latency_vs_snr.png").stat().st_size > 0
