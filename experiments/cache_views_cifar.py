@@ -1,6 +1,6 @@
 """Cache augmented copies of CIFAR-10 through the frozen part of the shipped family.
 
-    python -m experiments.cache_views_cifar --views 2 --out /tmp/cifar10_views.pt
+    python -m experiments.cache_views_cifar --views 2 --out /tmp/cifar10_views.safetensors
 
 Writes what ``flowcodec.codecs.train.cache_views`` returns for member 3 at split point 1
 (features as float16, labels, member 3's logits), so that several
@@ -18,7 +18,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from flowcodec.codecs.train import cache_views
+    from flowcodec.codecs.train import cache_views, save_views
     from flowcodec.data import load_dataset
     from flowcodec.family import load_pretrained
 
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     head, tail = fam.split(3, 1)
     t0 = time.perf_counter()
     cache = cache_views(head, tail, train, args.views, torch.Generator().manual_seed(args.seed))
-    torch.save(cache, args.out)
+    save_views(cache, args.out)
     print(f"cached {args.views} copies of {len(train)} images in "
           f"{time.perf_counter() - t0:.0f} s -> {args.out}")
     return 0

@@ -69,15 +69,15 @@ def main(argv=None) -> int:
     if args.cache_file and args.views:
         import os
 
-        from flowcodec.codecs.train import cache_views
+        from flowcodec.codecs.train import cache_views, load_views, save_views
 
         if os.path.exists(args.cache_file):
-            cache = torch.load(args.cache_file)[: args.views]
+            cache = load_views(args.cache_file, args.views)
         else:
             head, tail = fam.eval().split(3, 1)
             gen = torch.Generator().manual_seed(args.seed)
             cache = cache_views(head, tail, train, args.views, gen)
-            torch.save(cache, args.cache_file)
+            save_views(cache, args.cache_file)
     res = train_codec(codec, fam, 3, 1, train, None, lam=args.lam, beta=args.beta,
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       drop_prob=args.drop_prob, max_steps=args.steps, seed=args.seed,

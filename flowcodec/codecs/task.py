@@ -118,17 +118,21 @@ class TaskDecoder(nn.Module):
             nn.Linear(latent, hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, math.prod(self.base)), nn.ReLU(inplace=True),
         )  # fmt: skip
-        layers: list[nn.Module] = [
-            nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(c, c, 3, padding=1),
-        ]  # fmt: skip
-        if nonneg:
-            layers.append(nn.ReLU())
-        self.conv = nn.Sequential(*layers)
+        self.conv = nn.Sequential(*_refine(c, nn.Upsample(scale_factor=2, mode="nearest"),
+                                           nonneg))
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.conv(self.mlp(y).view(len(y), *self.base))
+
+
+def _refine(c: int, upsample: nn.Module, nonneg: bool) -> list[nn.Module]:
+    """Both decoders' last layers: upsampling, two 3x3 convolutions (ReLU if ``nonneg``)."""
+    layers: list[nn.Module] = [
+        upsample,
+        nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(c, c, 3, padding=1),
+    ]  # fmt: skip
+    return layers + [nn.ReLU()] if nonneg else layers
 
 
 class ChannelContext(nn.Module):
@@ -205,15 +209,8 @@ class GridDecoder(nn.Module):
         super().__init__()
         c, h, w = shape
         self.latent, self.grid = latent, grid
-        layers: list[nn.Module] = [
-            nn.Conv2d(latent, c, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Upsample(size=(h, w), mode="nearest"),
-            nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(c, c, 3, padding=1),
-        ]  # fmt: skip
-        if nonneg:
-            layers.append(nn.ReLU())
-        self.conv = nn.Sequential(*layers)
+        self.conv = nn.Sequential(nn.Conv2d(latent, c, 3, padding=1), nn.ReLU(inplace=True),
+                                  *_refine(c, nn.Upsample(size=(h, w), mode="nearest"), nonneg))
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.conv(y.view(len(y), self.latent, self.grid, self.grid))

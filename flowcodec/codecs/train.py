@@ -39,7 +39,7 @@ from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
 
 __all__ = ["CodecTrainResult", "CodecEval", "train_codec", "evaluate_codec", "collect_features",
-           "cache_views"]  # fmt: skip
+           "cache_views", "save_views", "load_views"]  # fmt: skip
 
 
 @dataclass
@@ -248,6 +248,26 @@ def cache_views(head, tail, train: ArrayDataset, views: int,
                 bar.update(1)
             out.append((torch.cat(hs), torch.cat(ys), torch.cat(ts)))
     return out
+
+
+_VIEW_PARTS = ("h", "y", "t")  # features (float16), labels, teacher logits
+
+
+def save_views(cache: list, path) -> None:
+    """Write :func:`cache_views` output as safetensors (never pickle)."""
+    from safetensors.torch import save_file
+
+    save_file({f"{i}.{k}": v.contiguous() for i, view in enumerate(cache)
+               for k, v in zip(_VIEW_PARTS, view)}, str(path))  # fmt: skip
+
+
+def load_views(path, views: int | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """Read what :func:`save_views` wrote (the first ``views`` copies)."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    n = len(saved) // len(_VIEW_PARTS)
+    return [tuple(saved[f"{i}.{k}"] for k in _VIEW_PARTS) for i in range(n)][:views]
 
 
 def _cached_batches(view, batch_size, gen, dev):
