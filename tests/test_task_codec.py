@@ -339,8 +339,24 @@ def test_a_grid_latent_round_trips_with_channel_group_packets():
     k[:, :12] = 0
     want = codec.g_s((k + codec._medians(1)) * codec._inv_gain(1))
     assert torch.allclose(out, want, atol=1e-5)
-    with pytest.raises(ConfigError):
-        build_codec("task", SHAPE, grid=2, context=True)
+
+
+def test_a_grid_latent_with_the_context_model_round_trips_and_conceals():
+    codec = ready(grid=2, latent=6, packets=2, context=True)
+    assert codec.contexts[0].latent == codec.n_sym == 24
+    with torch.no_grad():  # a context model that actually depends on earlier symbols
+        for p in codec.contexts.parameters():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(5))
+    h = features(3, seed=4)
+    for r in (0, 3):
+        streams = [Bitstream.from_bytes(s.to_bytes()) for s in codec.compress(h, rate=r)]
+        assert torch.allclose(codec.decompress(streams), codec(h, rate=r).features, atol=1e-5)
+    s = codec.compress(h[:1], rate=2)[0]
+    out = codec.decompress([Bitstream(s.header, [s.packets[0], None])])
+    k = codec.symbols(h[:1], 2).float()
+    k[:, 12:] = 0
+    want = codec.g_s((k + codec._medians(2)) * codec._inv_gain(2))
+    assert torch.allclose(out, want, atol=1e-5)  # the first group still decodes exactly
 
 
 @pytest.mark.parametrize("name", [n for n in __import__("flowcodec.codecs.zoo", fromlist=["x"])

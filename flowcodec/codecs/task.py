@@ -142,7 +142,9 @@ class ChannelContext(nn.Module):
 
     ``forward(k)`` with ``k`` float ``(B, latent)`` (integer symbols) returns
     ``(mu, sigma)``, each ``(B, latent)``; output ``i`` depends only on ``k[:, j]`` for
-    earlier ``j`` of the same group (masked weights, as in MADE).
+    earlier ``j`` of the same group (masked weights, as in MADE). For a grid latent the
+    "channels" here are all its symbols, channel-major (a channel's positions in a row,
+    so each position also sees the earlier positions of its own channel).
     """
 
     def __init__(self, latent: int, groups: Sequence[slice], hidden: int = 16) -> None:
@@ -281,14 +283,12 @@ class TaskCodec(FeatureCodec):
         self.entropy_bottlenecks = nn.ModuleList(
             entropy_bottleneck(self.latent, backend) for _ in range(self.rates))
         self.context = bool(context)
-        if self.context and self.grid != 1:
-            raise ConfigError("task codec: the context model is for vector latents (grid=1)")
         if self.context:
             if not 1 <= int(context_hidden) <= 256:
                 raise ConfigError(f"task codec: context_hidden must be in 1..256, "
                                   f"got {context_hidden}")  # fmt: skip
             self.context_hidden = int(context_hidden)
-            self.contexts = nn.ModuleList(ChannelContext(self.latent, self.groups,
+            self.contexts = nn.ModuleList(ChannelContext(self.n_sym, self.groups,
                                                          self.context_hidden)
                                           for _ in range(self.rates))  # fmt: skip
 
@@ -429,7 +429,7 @@ class TaskCodec(FeatureCodec):
         to a grid: the same on encoder and decoder)."""
         mu, sigma = self._ctx64(r)(k_row.to(torch.float64).view(1, -1))
         return [_grid_cdf(lo[i], hi[i], *_snap(float(mu[0, i]), float(sigma[0, i]), lo[i],
-                                                hi[i])) for i in range(self.latent)]  # fmt: skip
+                                                hi[i])) for i in range(self.n_sym)]  # fmt: skip
 
     @torch.no_grad()
     def compress(self, h: torch.Tensor, rate: int | None = None) -> list[Bitstream]:
@@ -457,7 +457,7 @@ class TaskCodec(FeatureCodec):
     def _decode_context(self, s: Bitstream, r: int) -> torch.Tensor:
         lo_t, hi_t = self.support(r)
         lo, hi = lo_t.tolist(), hi_t.tolist()
-        k = torch.zeros(self.latent, dtype=torch.float64)  # a lost group: symbol 0, the median
+        k = torch.zeros(self.n_sym, dtype=torch.float64)  # a lost group: symbol 0, the median
         for g, p in zip(self.groups, s.packets):
             if p is None:
                 continue

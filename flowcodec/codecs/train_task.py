@@ -299,7 +299,7 @@ def fit_context(codec: TaskCodec, head, train: ArrayDataset, steps: int = 1500,
             lo, hi = codec.support(r)
             rows, _ = codec._tables(r)
             fact = 0.0
-            for i in range(codec.latent):
+            for i in range(codec.n_sym):
                 row = torch.tensor(rows[i], dtype=torch.float64)
                 p = (row[1:] - row[:-1]) / 65536
                 fact += float(-torch.log2(p[(sample[:, i] - lo[i]).long().cpu()]).sum())
