@@ -56,7 +56,10 @@ def main(argv=None) -> int:
     ap.add_argument("--eval", type=int, default=10000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-context", action="store_true",
-                    help="only the one-packet form (grid latents have no context model)")
+                    help="only the one-packet form (no context model)")
+    ap.add_argument("--context-hidden", type=int, default=16,
+                    help="hidden units per symbol of the context model (its size grows with "
+                         "symbols x hidden^2: use fewer for grid latents)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = load_pretrained_codec(args.codec)
@@ -69,7 +72,7 @@ def main(argv=None) -> int:
     one, kw1 = rebuild(base, packets=1)
     variants = [(f"{args.codec}_1p", one, kw1)]
     if not args.no_context:
-        ctx, kwc = rebuild(base, packets=1, context=True)
+        ctx, kwc = rebuild(base, packets=1, context=True, context_hidden=args.context_hidden)
         t = time.perf_counter()
         report = fit_context(ctx, head, train, steps=args.steps)
         fit_s = time.perf_counter() - t
@@ -91,6 +94,8 @@ def main(argv=None) -> int:
             info["context_fit"] = {"steps": args.steps, "seconds": round(fit_s, 1),
                                    "report": report}  # fmt: skip
         kw = {**kw, **({"context": True} if codec.context else {})}
+        if kw.get("context_hidden") == 16:  # the default: keep older configs unchanged
+            kw.pop("context_hidden")
         kw.pop("grid", None) if kw.get("grid") == 1 else None
         save_codec(codec, CODEC_ZOO / name, kw, info)
         results[name] = rows

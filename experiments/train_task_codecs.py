@@ -53,6 +53,15 @@ def main(argv=None) -> int:
     ap.add_argument("--drop-prob", type=float, default=0.0)
     ap.add_argument("--no-bf16", action="store_true", help="train in float32")
     ap.add_argument("--no-init", action="store_true", help="do not start from the exit branch")
+    ap.add_argument("--extra-blocks", type=int, default=0,
+                    help="conv3x3-BN-ReLU blocks (same width, no pooling) added to the encoder's "
+                         "stem after the exit branch's blocks (more device FLOPs)")
+    ap.add_argument("--warm-start", default=None,
+                    help="start from a trained task codec of the zoo (its weights where shapes "
+                         "match; --extra-blocks start as the identity, so step 0 is that codec)")
+    ap.add_argument("--warmup", type=float, default=0.1,
+                    help="share of the steps before the rate term ramps in (0 for a warm start)")
+    ap.add_argument("--stem-lr", type=float, default=5e-4)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -67,15 +76,21 @@ def main(argv=None) -> int:
     fam = load_pretrained("cifar10")
     train, test = load_dataset("cifar10")
     shape = tuple(fam.split(3, args.point)[0](torch.zeros(1, 3, 32, 32)).shape[1:])
-    kwargs = {"latent": args.latent, "hidden": args.hidden, "stem": STEMS[args.point],
+    stem = STEMS[args.point] + [(STEMS[args.point][-1][0], False)] * args.extra_blocks
+    kwargs = {"latent": args.latent, "hidden": args.hidden, "stem": stem,
               "rates": len(args.lams), "packets": args.packets,
               **({"grid": args.grid} if args.grid != 1 else {})}
     codec = build_codec("task", shape, **kwargs)
-    if not args.no_init:
+    if args.warm_start:
+        from flowcodec.codecs.train_task import warm_start
+
+        print(f"warm start: {warm_start(codec, args.warm_start)}")
+    elif not args.no_init:
         copied = codec.g_a.load_stem_from(fam.exits[args.point - 1])
         print(f"encoder stem: {copied} layers from the family's exit {args.point}")
     cfg = TaskTrainConfig(lams=tuple(args.lams), kd=args.kd, beta=args.beta, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, drop_prob=args.drop_prob,
+                          stem_lr=args.stem_lr, warmup=args.warmup,
                           bf16=not args.no_bf16, seed=args.seed, time_budget=args.seconds)
     val = test.subset(1000, seed=123)
     if args.finalize:
@@ -101,6 +116,7 @@ def main(argv=None) -> int:
     extra = {"train": {**asdict(cfg), "device": args.device, "threads": args.threads,
                        "seconds": round(res.seconds, 1), "epochs": res.epochs,
                        "steps": res.steps, "init_from_exit": not args.no_init,
+                       "warm_start": args.warm_start,
                        "history": res.history},
              "measured": measured, "encoder_flops": codec.encoder_flops(),
              "point": args.point, "member": 3}

@@ -398,3 +398,25 @@ def test_latency_matches_the_input_codec_to_the_adaptive_accuracy():
     assert _matched_input(pol, weak, 10.0, 1e6, n=400)[0].rate == "input"
     prof.options = [o for o in prof.options if o.point != 0]
     assert _matched_input(pol, dec, 10.0, 1e6, n=400) is None
+
+
+def test_warm_start_with_an_extra_identity_block_computes_the_source_codec():
+    from flowcodec.codecs.train_task import warm_start
+
+    src = ready(seed=3)
+    with torch.no_grad():  # trained-looking stem statistics, so the copy matters
+        for m in src.g_a.stem.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    deeper = build_codec("task", SHAPE, **{**KW, "stem": [[16, True], [16, False]]})
+    summary = warm_start(deeper, src)
+    assert "g_a.stem.4" in summary and "g_a.stem.5" in summary
+    deeper.eval().update(force=True)
+    h = features(5, seed=7)
+    for r in (0, 3):
+        assert torch.allclose(deeper(h, rate=r).features, src(h, rate=r).features, atol=1e-5)
+    assert deeper.decompress(deeper.compress(h, rate=1)).shape == h.shape
+    wider = build_codec("task", SHAPE, **{**KW, "stem": [[24, True]]})
+    with pytest.raises(ConfigError, match="no identity start"):
+        warm_start(wider, src)

@@ -36,7 +36,7 @@ from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
 
 __all__ = ["TaskTrainConfig", "TaskTrainResult", "train_task_codec", "eval_task_forward",
-           "fit_context"]
+           "fit_context", "warm_start"]
 
 
 @dataclass
@@ -307,3 +307,50 @@ def fit_context(codec: TaskCodec, head, train: ArrayDataset, steps: int = 1500,
                            "context_bits": float(codec.context_bits(sample, r).mean())})
     codec._ctx64_cache = None
     return report
+
+
+@torch.no_grad()
+def warm_start(codec: TaskCodec, source: TaskCodec | str) -> str:
+    """Start ``codec`` from a trained task codec (an object or a zoo name): its weights are
+    copied wherever names and shapes match, and every stem block ``codec`` has in addition
+    starts as the identity (a 3x3 convolution with a centred identity kernel and a
+    BatchNorm that passes its input through; the stem's inputs are non-negative, so the
+    block's ReLU changes nothing). ``codec`` then computes exactly what ``source`` does, and
+    training goes on from there. Returns a one-line summary.
+
+    Raises :class:`ConfigError` for a new layer that has no identity (e.g. a wider block).
+    """
+    if isinstance(source, str):
+        from flowcodec.codecs.zoo import load_pretrained_codec
+
+        name, source = source, load_pretrained_codec(source)
+    else:
+        name = type(source).__name__
+    src = {k: v.float() if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    dst = codec.state_dict()
+    tables = ("_offset", "_quantized_cdf", "_cdf_length")  # rebuilt by update()
+    taken = {k: v for k, v in src.items() if k in dst and v.shape == dst[k].shape}
+    fresh = sorted({k.rsplit(".", 1)[0] for k in dst
+                    if k not in taken and not k.endswith(tables)})  # fmt: skip
+    for mod_name in fresh:
+        m = codec.get_submodule(mod_name)
+        if not (mod_name.startswith("g_a.stem.") and (
+                isinstance(m, torch.nn.BatchNorm2d) or
+                (isinstance(m, torch.nn.Conv2d) and m.in_channels == m.out_channels))):
+            raise ConfigError(f"warm start from {name}: new layer {mod_name} "
+                              f"({type(m).__name__}) has no identity start")  # fmt: skip
+    codec.load_state_dict(taken, strict=False)
+    for mod_name in fresh:
+        m = codec.get_submodule(mod_name)
+        if isinstance(m, torch.nn.Conv2d):
+            m.weight.zero_()
+            for i in range(m.out_channels):
+                m.weight[i, i, m.kernel_size[0] // 2, m.kernel_size[1] // 2] = 1.0
+            if m.bias is not None:
+                m.bias.zero_()
+        else:
+            m.weight.fill_(1.0)
+            m.bias.zero_()
+            m.running_mean.zero_()
+            m.running_var.fill_(1.0 - m.eps)
+    return f"{len(taken)} tensors from {name}; identity start: {', '.join(fresh) or 'none'}"
