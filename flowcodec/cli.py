@@ -24,6 +24,7 @@ examples:
     flowcodec rd --config digits            # experiments/rd_digits.json
     flowcodec latency --config digits --samples 200
     flowcodec info --family cifar10
+    flowcodec serve   (and in another terminal)   flowcodec device --samples 200
 """
 
 
@@ -235,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     from flowcodec import rd as _rd
 
     _rd.add_parser(sub)
+
+    from flowcodec.serve import cli as _serve
+
+    _serve.add_parsers(sub)  # serve, proxy, device (docs/deployment.md)
 
     i = sub.add_parser(
         "info", help="parameters, FLOPs and split points of a family",

@@ -33,6 +33,7 @@ Example
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -142,6 +143,11 @@ class SampleTrace:
     compute_flops: dict[str, int] = field(default_factory=dict)
     compute_time_s: dict[str, float] = field(default_factory=dict)
     hops: list[HopTrace] = field(default_factory=list)
+    #: Set by a remote hop (flowcodec.serve.RemoteHop): why a tier answered in place of
+    #: the next one ("unreachable", "deadline", ...; None: no fallback), and the measured
+    #: seconds from the start of Flow.run to this sample's answer.
+    fallback: str | None = None
+    wall_s: float | None = None
 
     @property
     def latency_s(self) -> float:
@@ -238,6 +244,7 @@ class Flow:
         if x.shape[0] == 0:
             raise ConfigError("inputs are an empty batch (B = 0); run at least one sample")
         fam.eval()
+        t0 = time.perf_counter()
         b = x.shape[0]
         traces = [SampleTrace("", 0, 0.0) for _ in range(b)]
         logits_out: list[torch.Tensor | None] = [None] * b
@@ -246,6 +253,10 @@ class Flow:
         prev = 0
         for t, tier in enumerate(self.tiers):
             if not active:
+                break
+            if t > 0 and getattr(self.hops[t - 1], "remote", False):
+                # A real server computes the tiers from here on (flowcodec.serve.RemoteHop).
+                self.hops[t - 1].finish(self, t - 1, h, active, traces, logits_out, t0)
                 break
             if t > 0:
                 h = self._cross(t - 1, h, active, traces, generator)
@@ -281,8 +292,10 @@ class Flow:
                     traces[i].compute_flops[tier.name] += self._enc_flops[t]
             prev = tier.point
         for tr in traces:
-            tr.compute_time_s = {
-                name: f / self._tier(name).flops_per_s for name, f in tr.compute_flops.items()
+            tr.compute_time_s = {  # times a remote tier measured are kept
+                name: tr.compute_time_s[name] if name in tr.compute_time_s
+                else f / self._tier(name).flops_per_s
+                for name, f in tr.compute_flops.items()
             }
         return FlowResult(torch.stack(logits_out), traces)  # type: ignore[arg-type]
 

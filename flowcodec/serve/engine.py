@@ -1,0 +1,196 @@
+"""The work of one tier on a batch of samples: decode, stages, exit, re-encode.
+
+:class:`TierEngine` is synchronous and holds no network state; the server
+(:mod:`flowcodec.serve.server`) calls it on the batches it forms, and the offline
+throughput baseline of ``experiments/bench_serve.py`` calls the same method on the same
+streams, so serving overhead is measured against exactly the same work.
+
+Example
+-------
+>>> import torch
+>>> from flowcodec.codecs import build_codec
+>>> from flowcodec.family import build_family
+>>> from flowcodec.serve.engine import TierEngine, TierSpec
+>>> fam = build_family("digits").eval()
+>>> codec = build_codec("raw", fam.feature_shape(1))
+>>> eng = TierEngine(fam, TierSpec("edge", point_in=1, point=3), codec)
+>>> streams = codec.compress(fam.features(torch.randn(2, 1, 8, 8), 1))
+>>> [o.kind for o in eng.run(streams)]
+['answer', 'answer']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from flowcodec.bitstream import Bitstream, BitstreamError, Header
+from flowcodec.codecs.base import FeatureCodec
+from flowcodec.errors import ConfigError
+from flowcodec.family.base import EarlyExitFamily, count_flops
+from flowcodec.serve.wire import Request, WireError
+
+__all__ = ["TierSpec", "TierEngine", "Outcome"]
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """One server tier: its name, the split point its input features come from
+    (``point_in``; 0 is the raw input), the point it computes up to, and the confidence
+    at which it answers through the exit there when a next tier exists (``None``: it
+    forwards every sample). A tier without a next tier answers every sample."""
+
+    name: str
+    point_in: int
+    point: int
+    exit_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or len(self.name) > 32 or not self.name.isascii():
+            raise ConfigError("tier name must be 1..32 ASCII characters")
+        if not 0 <= self.point_in < self.point:
+            raise ConfigError(f"tier {self.name!r}: need 0 <= point_in < point, got "
+                              f"{self.point_in}, {self.point}")  # fmt: skip
+        if self.exit_threshold is not None and not 0.0 <= self.exit_threshold <= 1.0:
+            raise ConfigError(f"tier {self.name!r}: exit_threshold must be in [0, 1]")
+
+
+@dataclass
+class Outcome:
+    """What a tier did with one sample.
+
+    ``kind``: ``"answer"`` (``logits``, ``confidence`` from this tier's exit),
+    ``"forward"`` (``next_stream`` for the next tier; ``logits``/``confidence`` hold this
+    tier's exit answer, the fallback when the next tier fails) or ``"error"``
+    (``message``: the stream was refused).
+    """
+
+    kind: str
+    logits: list[float] | None = None
+    confidence: float = 0.0
+    next_stream: Bitstream | None = None
+    message: str = ""
+
+
+class TierEngine:
+    """Decode incoming streams, run stages ``point_in+1..point`` of ``family``, answer
+    through the exit at ``point`` or re-encode with ``next_codec`` for the next tier.
+
+    Parameters
+    ----------
+    family : EarlyExitFamily
+    spec : TierSpec
+    codec : FeatureCodec
+        Decodes the incoming streams (features at ``spec.point_in``).
+    next_codec : FeatureCodec, optional
+        Encodes the features at ``spec.point`` for the next tier; ``None``: this is the
+        last tier and it answers every sample.
+    """
+
+    def __init__(self, family: EarlyExitFamily, spec: TierSpec, codec: FeatureCodec,
+                 next_codec: FeatureCodec | None = None) -> None:  # fmt: skip
+        if spec.point > family.num_members:
+            raise ConfigError(f"tier {spec.name!r}: point {spec.point} over the family's "
+                              f"{family.num_members} members")  # fmt: skip
+        want = family.feature_shape(spec.point_in)
+        if tuple(codec.feature_shape) != want:
+            raise ConfigError(f"tier {spec.name!r}: codec takes {codec.feature_shape}, "
+                              f"point {spec.point_in} has {want}")  # fmt: skip
+        if next_codec is not None and tuple(next_codec.feature_shape) != family.feature_shape(
+                spec.point):  # fmt: skip
+            raise ConfigError(f"tier {spec.name!r}: next codec takes {next_codec.feature_shape},"
+                              f" point {spec.point} has {family.feature_shape(spec.point)}")
+        self.family = family.eval()
+        self.spec = spec
+        self.codec = codec.eval()
+        self.next_codec = next_codec.eval() if next_codec is not None else None
+        self._stages = list(family.stages[spec.point_in : spec.point])
+        self._exit = family.exits[spec.point - 1]
+        stage_flops = sum(count_flops(s, family.feature_shape(p))
+                          for p, s in enumerate(family.stages) if spec.point_in <= p < spec.point)
+        self.exit_flops = count_flops(self._exit, family.feature_shape(spec.point))
+        dec = int(getattr(codec, "decoder_flops", lambda: 0)())
+        self.flops_answer = stage_flops + dec + self.exit_flops
+        enc = next_codec.encoder_flops() if next_codec is not None else 0
+        evaluates_exit = next_codec is None or spec.exit_threshold is not None
+        self.flops_forward = stage_flops + dec + enc + (self.exit_flops if evaluates_exit else 0)
+
+    @property
+    def last(self) -> bool:
+        return self.next_codec is None
+
+    def stream_of(self, req: Request) -> Bitstream:
+        """Rebuild the sample's stream from a request; :class:`WireError` or
+        :class:`BitstreamError` when the header is not this tier's codec configuration or
+        the unit count does not match it."""
+        header, n_packets, size = Header.parse(req.header)
+        if size != len(req.header):
+            raise WireError(f"{len(req.header) - size} trailing bytes after the header")
+        if header.codec != self.codec.name or header.fingerprint != self.codec.fingerprint:
+            raise WireError(f"stream is from codec {header.codec!r} "
+                            f"({header.fingerprint.hex()}), this tier decodes "
+                            f"{self.codec.name!r} ({self.codec.fingerprint.hex()})")  # fmt: skip
+        want = n_packets + (1 if req.framing == "sample" else 0)
+        if len(req.units) != want:
+            raise WireError(f"{len(req.units)} units for a {n_packets}-packet "
+                            f"{req.framing}-framed sample (want {want})")  # fmt: skip
+        return Bitstream.from_units(header, req.units, req.framing, seq=req.seq)
+
+    def _decode(self, streams: Sequence[Bitstream]) -> tuple[torch.Tensor | None, list[str]]:
+        """Decode a batch; a batch the codec refuses is decoded sample by sample so that a
+        bad stream fails alone. Returns the features of the good samples and one message
+        per sample (empty when it decoded)."""
+        try:
+            return self.codec.decompress(list(streams)), [""] * len(streams)
+        except BitstreamError:
+            pass
+        feats, msgs = [], []
+        for s in streams:
+            try:
+                feats.append(self.codec.decompress([s]))
+                msgs.append("")
+            except BitstreamError as e:
+                msgs.append(str(e)[:200] or "refused by the decoder")
+        return (torch.cat(feats) if feats else None), msgs
+
+    @torch.no_grad()
+    def run(self, streams: Sequence[Bitstream]) -> list[Outcome]:
+        """One :class:`Outcome` per stream, in order."""
+        h, msgs = self._decode(streams)
+        out: list[Outcome | None] = [Outcome("error", message=m) if m else None for m in msgs]
+        if h is None:
+            return out  # type: ignore[return-value]
+        for s in self._stages:
+            h = s(h)
+        good = [i for i, m in enumerate(msgs) if not m]
+        # A tier that forwards also computes its exit: its answer is the fallback when the
+        # next tier cannot be reached in time (its FLOPs count only when it is a decision).
+        logits = self._exit(h)
+        conf = logits.softmax(1).amax(1)
+        finite = torch.isfinite(logits).all(1).tolist()
+        for j, i in enumerate(good):  # a decoder's contract is finite features; if not, refuse
+            if not finite[j]:
+                out[i] = Outcome("error", message="non-finite output for this stream")
+        if self.last:
+            for j, i in enumerate(good):
+                if finite[j]:
+                    out[i] = Outcome("answer", logits[j].tolist(), float(conf[j]))
+            return out  # type: ignore[return-value]
+        done = (conf >= self.spec.exit_threshold) if self.spec.exit_threshold is not None else (
+            torch.zeros(len(good), dtype=torch.bool))  # fmt: skip
+        fwd = [j for j in range(len(good)) if finite[j] and not bool(done[j])]
+        next_streams = self.next_codec.compress(h[fwd]) if fwd else []
+        k = 0
+        for j, i in enumerate(good):
+            if not finite[j]:
+                continue
+            if bool(done[j]):
+                out[i] = Outcome("answer", logits[j].tolist(), float(conf[j]))
+                continue
+            ns = next_streams[k]
+            k += 1
+            ns.seq = streams[i].seq  # bind the next hop's packets to the same sample number
+            out[i] = Outcome("forward", logits[j].tolist(), float(conf[j]), next_stream=ns)
+        return out  # type: ignore[return-value]

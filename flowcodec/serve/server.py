@@ -1,0 +1,413 @@
+"""A tier (edge or cloud) as an asyncio gRPC server with dynamic batching.
+
+Each request is one sample (:mod:`flowcodec.serve.wire`). The server
+
+1. parses and checks it on arrival (a malformed request is answered ``INVALID_ARGUMENT``
+   at once and never queued);
+2. puts it in a bounded queue; a full queue answers ``RESOURCE_EXHAUSTED`` at once
+   (back-pressure: the caller falls back or retries, the server's memory stays bounded);
+3. a batcher takes up to ``max_batch`` samples, waiting at most ``max_wait_s`` after the
+   first for more, drops those whose deadline has passed, and runs
+   :meth:`TierEngine.run` on the batch in a worker thread (the event loop keeps
+   accepting meanwhile);
+4. answers through its exit, or forwards the re-encoded features to the next tier's
+   server within what is left of the request's deadline; when the next tier fails or is
+   late it answers through its own exit and the answer says why (``fallback``).
+
+Every request has a deadline: the caller's gRPC deadline, capped by
+``default_deadline_s``. :meth:`TierServer.stop` drains: new requests get ``UNAVAILABLE``
+("draining") while queued and running ones are answered, up to ``grace_s``.
+
+Limits that bound memory whatever the clients send: message size
+(``max_message_bytes``, checked by gRPC from the length prefix before the body is
+read), queue length, concurrent calls (``max_concurrent_rpcs``), and connection age
+(slow senders are cut off after ``max_connection_age_s`` plus a grace period).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+
+from flowcodec.bitstream import BitstreamError
+from flowcodec.errors import ConfigError
+from flowcodec.serve.client import AsyncTierClient, RemoteError
+from flowcodec.serve.engine import TierEngine
+from flowcodec.serve.wire import (
+    Request,
+    WireError,
+    encode_answer,
+    encode_request,
+    parse_answer,
+    parse_request,
+)
+
+__all__ = ["ServeConfig", "TierServer", "ServerThread", "server_options"]
+
+
+@dataclass
+class ServeConfig:
+    """How a tier server listens, batches and bounds its resources.
+
+    ``host`` is 127.0.0.1 unless set (``0.0.0.0`` exposes the server to the network);
+    ``port`` 0 picks a free port. ``tls_cert``/``tls_key`` (PEM bytes) switch on TLS.
+    ``next_address`` is the next tier's server (or a proxy in front of it); ``next_root_cert``
+    its CA for TLS, ``next_server_name`` the name its certificate is checked against.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_batch: int = 16
+    max_wait_s: float = 0.002
+    queue_size: int = 256
+    default_deadline_s: float = 5.0
+    forward_margin_s: float = 0.005
+    max_message_bytes: int = 1 << 20
+    max_concurrent_rpcs: int = 1024
+    max_connection_age_s: float = 300.0
+    connection_grace_s: float = 10.0
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    next_address: str | None = None
+    next_framing: str = "sample"
+    next_root_cert: bytes | None = None
+    next_server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_batch <= 4096:
+            raise ConfigError("max_batch must be in 1..4096")
+        if not 0 <= self.max_wait_s <= 10:
+            raise ConfigError("max_wait_s must be in [0, 10] seconds")
+        if not 1 <= self.queue_size <= 1 << 20:
+            raise ConfigError("queue_size must be in 1..2^20")
+        if not self.default_deadline_s > 0 or self.forward_margin_s < 0:
+            raise ConfigError("default_deadline_s must be positive, forward_margin_s >= 0")
+        if not 64 <= self.max_message_bytes <= 1 << 30:
+            raise ConfigError("max_message_bytes must be in 64..2^30")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both tls_cert and tls_key")
+        if self.next_framing not in ("sample", "session"):
+            raise ConfigError("next_framing must be 'sample' or 'session'")
+
+
+def server_options(cfg: ServeConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", 1 << 20),
+        ("grpc.max_connection_age_ms", int(1000 * cfg.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", int(1000 * cfg.connection_grace_s)),
+        ("grpc.max_concurrent_streams", 256),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+@dataclass
+class _Item:
+    req: Request
+    stream: object
+    deadline: float  # loop time
+    fut: asyncio.Future
+    arrived: float  # perf_counter
+
+
+class TierServer:
+    """Serve one :class:`TierEngine` (see the module docstring).
+
+    Use from asyncio: ``port = await server.start()``, ``await server.stop()``; or from
+    blocking code through :class:`ServerThread`.
+    """
+
+    def __init__(self, engine: TierEngine, config: ServeConfig | None = None) -> None:
+        self.engine = engine
+        self.config = config or ServeConfig()
+        if not engine.last and not self.config.next_address:
+            raise ConfigError(f"tier {engine.spec.name!r} forwards samples: set next_address")
+        self.port: int | None = None
+        self.stats: collections.Counter = collections.Counter()
+        self.batch_sizes: collections.Counter = collections.Counter()
+        self._server = None
+        self._queue: asyncio.Queue | None = None
+        self._batcher: asyncio.Task | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="flowcodec-tier")
+        self._next: AsyncTierClient | None = None
+        self._draining = False
+        self._forwards: set[asyncio.Task] = set()
+
+    # --- life cycle --------------------------------------------------------------------
+    async def start(self) -> int:
+        cfg = self.config
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(cfg.queue_size)
+        self._server = grpc.aio.server(options=server_options(cfg),
+                                       maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+        handler = grpc.method_handlers_generic_handler("flowcodec.Tier", {
+            "Infer": grpc.unary_unary_rpc_method_handler(self._infer),
+            "Stats": grpc.unary_unary_rpc_method_handler(self._stats),
+        })  # fmt: skip
+        self._server.add_generic_rpc_handlers((handler,))
+        addr = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert is not None:
+            creds = grpc.ssl_server_credentials([(cfg.tls_key, cfg.tls_cert)])
+            self.port = self._server.add_secure_port(addr, creds)
+        else:
+            self.port = self._server.add_insecure_port(addr)
+        if not self.port:
+            raise ConfigError(f"cannot listen on {addr}")
+        if cfg.next_address:
+            self._next = AsyncTierClient(cfg.next_address, cfg.next_root_cert,
+                                         cfg.next_server_name)  # fmt: skip
+        self._batcher = asyncio.create_task(self._batch_loop())
+        await self._server.start()
+        return self.port
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting, answer what is queued or running (up to ``grace_s``), close."""
+        self._draining = True
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        if self._forwards:
+            await asyncio.wait(self._forwards, timeout=grace_s)
+        if self._batcher is not None:
+            self._batcher.cancel()
+            try:
+                await self._batcher
+            except asyncio.CancelledError:
+                pass
+        if self._next is not None:
+            await self._next.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def serve_forever(self) -> None:
+        """Run until SIGINT or SIGTERM, then drain and stop."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await self.stop()
+
+    # --- handlers ----------------------------------------------------------------------
+    async def _stats(self, request: bytes, context) -> bytes:
+        return json.dumps({**self.stats, "batch_sizes": dict(self.batch_sizes),
+                           "queued": self._queue.qsize()}).encode()  # fmt: skip
+
+    async def _infer(self, request: bytes, context) -> bytes:
+        self.stats["received"] += 1
+        if self._draining:
+            self.stats["refused_draining"] += 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+        try:
+            req = parse_request(request)
+            stream = self.engine.stream_of(req)
+        except (WireError, BitstreamError) as e:
+            self.stats["rejected"] += 1
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)[:200])
+        loop = self._loop
+        remaining = context.time_remaining()
+        budget = self.config.default_deadline_s
+        if remaining is not None:
+            budget = min(budget, remaining)
+        fut = loop.create_future()
+        item = _Item(req, stream, loop.time() + budget, fut, time.perf_counter())
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.stats["overloaded"] += 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+        try:
+            code, payload = await asyncio.wait_for(fut, timeout=max(0.0, budget))
+        except TimeoutError:
+            self.stats["deadline"] += 1
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed in queue")
+        if code != grpc.StatusCode.OK:
+            self.stats["failed"] += 1
+            await context.abort(code, payload)
+        self.stats["answered"] += 1
+        return payload
+
+    # --- batching ----------------------------------------------------------------------
+    async def _next_batch(self) -> list[_Item]:
+        q, cfg = self._queue, self.config
+        batch = [await q.get()]
+        end = self._loop.time() + cfg.max_wait_s
+        while len(batch) < cfg.max_batch:
+            try:
+                batch.append(q.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            left = end - self._loop.time()
+            if left <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(q.get(), left))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _batch_loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            now = self._loop.time()
+            live = [it for it in batch if not it.fut.done() and it.deadline > now]
+            self.stats["expired_in_queue"] += len(batch) - len(live)
+            if not live:
+                continue
+            self.batch_sizes[len(live)] += 1
+            t0 = time.perf_counter()
+            try:
+                outcomes = await self._loop.run_in_executor(
+                    self._pool, self.engine.run, [it.stream for it in live])
+            except Exception as e:  # a bug must not take the server down: answer INTERNAL
+                self.stats["internal_errors"] += 1
+                for it in live:
+                    _settle(it.fut, grpc.StatusCode.INTERNAL, f"{type(e).__name__}")
+                continue
+            t1 = time.perf_counter()
+            for it, oc in zip(live, outcomes):
+                try:
+                    self._settle_one(it, oc, t0, t1, len(live))
+                except Exception as e:  # one sample's answer must not stop the batcher
+                    self.stats["internal_errors"] += 1
+                    _settle(it.fut, grpc.StatusCode.INTERNAL, f"{type(e).__name__}")
+
+    def _settle_one(self, it: _Item, oc, t0: float, t1: float, batch: int) -> None:
+        base = self._answer_base(it, t0, t1, batch)
+        spec = self.engine.spec
+        if oc.kind == "error":
+            self.stats["rejected"] += 1
+            _settle(it.fut, grpc.StatusCode.INVALID_ARGUMENT, oc.message)
+        elif oc.kind == "answer":
+            base["flops"] = {spec.name: self.engine.flops_answer}
+            _settle(it.fut, grpc.StatusCode.OK, encode_answer(
+                {**base, "exit_tier": spec.name, "exit_point": spec.point,
+                 "confidence": oc.confidence, "logits": oc.logits, "fallback": None}))
+        else:
+            task = asyncio.create_task(self._forward(it, oc, base))
+            self._forwards.add(task)
+            task.add_done_callback(self._forwards.discard)
+
+    def _answer_base(self, it: _Item, t0: float, t1: float, batch: int) -> dict:
+        name = self.engine.spec.name
+        units = [u for u in it.req.units if u is not None]
+        if it.req.link is not None:
+            r = it.req.link
+            hop = {"bits": r.bits, "channel_uses": r.channel_uses, "packets": r.packets,
+                   "packets_lost": r.packets_lost, "header_lost": r.header_lost,
+                   "tx_time_s": r.tx_time_s}  # fmt: skip
+        else:
+            lost = len(it.req.units) - len(units)
+            hop = {"bits": 8 * sum(len(u) for u in units), "channel_uses": 0,
+                   "packets": len(it.req.units), "packets_lost": lost,
+                   "header_lost": it.req.framing == "sample" and it.req.units[0] is None,
+                   "tx_time_s": 0.0}  # fmt: skip
+        return {"rid": it.req.rid, "compute_s": {name: t1 - t0},
+                "queue_s": {name: max(0.0, t0 - it.arrived)}, "batch": {name: batch},
+                "hops": [hop]}  # fmt: skip
+
+    async def _forward(self, it: _Item, oc, base: dict) -> None:
+        try:
+            await self._forward_one(it, oc, base)
+        except Exception as e:  # never leave a caller waiting for its deadline on a bug
+            self.stats["internal_errors"] += 1
+            _settle(it.fut, grpc.StatusCode.INTERNAL, f"{type(e).__name__}")
+
+    async def _forward_one(self, it: _Item, oc, base: dict) -> None:
+        name, spec = self.engine.spec.name, self.engine.spec
+        ns = oc.next_stream
+        units = ns.units(self.config.next_framing)
+        req = Request(it.req.rid, ns.seq, ns.header_bytes(), units, self.config.next_framing)
+        left = it.deadline - self._loop.time() - self.config.forward_margin_s
+        base["flops"] = {name: self.engine.flops_forward}
+        fallback = None
+        self.stats["forwarded"] += 1
+        if left <= 0:
+            fallback = "deadline"
+        else:
+            t0 = time.perf_counter()
+            try:
+                raw = await self._next.infer(encode_request(req), left)
+                down = parse_answer(raw)
+                rtt = time.perf_counter() - t0
+            except RemoteError as e:
+                fallback = e.reason
+            except WireError:
+                fallback = "bad answer"
+        if fallback is not None:
+            self.stats["fallbacks"] += 1
+            _settle(it.fut, grpc.StatusCode.OK, encode_answer(
+                {**base, "exit_tier": name, "exit_point": spec.point,
+                 "confidence": oc.confidence, "logits": oc.logits, "fallback": fallback}))
+            return  # fmt: skip
+        remote_s = sum(down["compute_s"].values()) + sum(down["queue_s"].values())
+        down_hops = down["hops"]
+        if down_hops:  # the forwarding hop as measured here: round trip less remote work
+            down_hops[0]["tx_time_s"] = max(0.0, rtt - remote_s) + down_hops[0]["tx_time_s"]
+        ans = {**down, "rid": it.req.rid,
+               "compute_s": {**base["compute_s"], **down["compute_s"]},
+               "queue_s": {**base["queue_s"], **down["queue_s"]},
+               "batch": {**base["batch"], **down["batch"]},
+               "flops": {**base["flops"], **down["flops"]},
+               "hops": base["hops"] + down_hops}  # fmt: skip
+        _settle(it.fut, grpc.StatusCode.OK, encode_answer(ans))
+
+
+def _settle(fut: asyncio.Future, code, payload) -> None:
+    if not fut.done():
+        fut.set_result((code, payload))
+
+
+class ServerThread:
+    """Run a :class:`TierServer` (or any object with async ``start() -> port`` and
+    ``stop(grace_s)``) on an event loop in a background thread.
+
+    >>> # with ServerThread(TierServer(engine)) as st: client = TierClient(st.address)
+    """
+
+    def __init__(self, server) -> None:
+        self.server = server
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="flowcodec-server")  # fmt: skip
+        self.port: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> ServerThread:
+        """Start the loop and the server (once; a second call does nothing)."""
+        if self.port is not None:
+            return self
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(30)
+        return self
+
+    def call(self, coro, timeout: float | None = 30):
+        """Run ``coro`` on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            self.call(self.server.stop(grace_s), timeout=grace_s + 30)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            if not self._thread.is_alive():
+                self._loop.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop(0.5)
