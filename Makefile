@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,serve]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,serve,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)

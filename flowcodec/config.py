@@ -427,7 +427,8 @@ def _rd_labels(cfg: dict) -> list[str]:
 # --- flowcodec latency -------------------------------------------------------------------------
 LATENCY_KEYS = ("dataset", "options", "input_codec", "fixed_split", "member", "samples", "seed",
                 "compute", "delay_s", "symbol_rates", "snrs_db", "reference",
-                "harq_max_tx_baselines", "target_bler", "framing", "floor_points")  # fmt: skip
+                "harq_max_tx_baselines", "target_bler", "framing", "floor_points",
+                "cell_seeds")  # fmt: skip
 
 
 def validate_latency_config(cfg: Any, source: str = "latency config") -> dict:
@@ -439,7 +440,8 @@ def validate_latency_config(cfg: Any, source: str = "latency config") -> dict:
     ``samples`` (>= 2: half profile the options, half evaluate), ``seed``, ``compute``
     (FLOP/s of ``device``, ``edge``, ``cloud``), ``delay_s`` (``edge``, ``cloud``),
     ``symbol_rates``, ``snrs_db``, ``reference`` (``snr_db``, ``symbol_rate``),
-    ``harq_max_tx_baselines``, ``target_bler`` and ``framing`` (``sample`` or ``session``).
+    ``harq_max_tx_baselines``, ``target_bler``, ``framing`` (``sample`` or ``session``)
+    and ``cell_seeds`` (a generator per grid cell: needed by ``--engine ray``).
     """
     known = _known()
     if not isinstance(cfg, dict):
@@ -481,6 +483,7 @@ def validate_latency_config(cfg: Any, source: str = "latency config") -> dict:
         "target_bler": Num(lo=0, hi=1, lo_open=True, hi_open=True),
         "framing": Str(choices=("sample", "session")),
         "floor_points": Num(lo=0, hi=100, note="accuracy floor: points below cloud only"),
+        "cell_seeds": Bool(),
     }, required=("dataset", "options", "input_codec", "fixed_split"))  # fmt: skip
     errors: list[str] = []
     schema.check(cfg, "", errors)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ class LatencyConfig:
     target_bler: float = 0.1
     framing: str = "sample"
     floor_points: float = 1.0
+    cell_seeds: bool = False
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyConfig:
@@ -126,110 +128,221 @@ def load_option_codec(spec: dict, family, train_data=None, progress: bool = True
     return codec.eval()
 
 
-def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True) -> list[dict]:
-    """Run the experiment; writes ``latency.csv``, ``profile.json`` and plots in ``out``."""
-    from channels import FastLink, IIDPacketErasure
+def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True,
+                engine=None) -> list[dict]:  # fmt: skip
+    """Run the experiment; writes ``latency.csv``, ``profile.json`` and plots in ``out``.
+
+    With ``cfg.cell_seeds`` every (symbol rate, SNR) cell draws its channel from its own
+    generator (seeded by the config's seed and the cell's place in the grid), so cells are
+    independent units; ``engine`` (a :class:`~flowcodec.scale.RayEngine`, which needs
+    ``cell_seeds``) runs each cell as a Ray task that loads the family, data and codecs by
+    name, and gives the same rows as the serial run of the same config. Without
+    ``cell_seeds`` one generator runs through the cells in order (the earlier behaviour).
+    """
     from flowcodec.config import validate_latency_config
-    from flowcodec.data import load_dataset
-    from flowcodec.family import load_pretrained
-    from flowcodec.family.train import accuracy
-    from flowcodec.pipeline import Flow, Hop, Tier
-    from flowcodec.policy import Policy, build_profile, link_adaptation_mcs
-    from flowcodec.progress import tqdm
 
     validate_latency_config(asdict(cfg))  # whole, before any work
+    if engine is not None and not cfg.cell_seeds:
+        raise ConfigError('a latency run on Ray computes grid cells independently: set '
+                          '"cell_seeds": true in the config (each cell then draws its '
+                          'channel from its own generator; a serial run of that config '
+                          'gives the same rows)')  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    fam = load_pretrained(cfg.dataset, progress=progress)
-    member = cfg.member or fam.num_members
-    train, test = load_dataset(cfg.dataset)
-    data = test.subset(min(cfg.samples, len(test)), seed=cfg.seed)
-    half = len(data) // 2
-    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed + 1))
-    prof_idx, eval_idx = idx[:half], idx[half:]
-    prof_data = data.take(prof_idx)
-    x_eval = data.normalize(data.images[eval_idx])
-    y_eval = data.labels[eval_idx]
-
-    codecs = {(int(o["point"]), o["rate"]): load_option_codec(o, fam, train, progress)
-              for o in cfg.options}  # fmt: skip
+    ctx = _LatencyContext(cfg, progress)
     t0 = time.perf_counter()
-    profile = build_profile(fam, member, codecs, prof_data, progress=progress, seed=cfg.seed,
-                            framing=cfg.framing)  # fmt: skip
+    from flowcodec.policy import build_profile
+
+    profile = build_profile(ctx.fam, ctx.member, ctx.codecs, ctx.prof_data, progress=progress,
+                            seed=cfg.seed, framing=cfg.framing)  # fmt: skip
     profile.meta.update(seconds=round(time.perf_counter() - t0, 1))
     profile.save(out / "profile.json")
-    comp, delay = cfg.compute, cfg.delay_s
-
-    input_spec = {"point": 0, "rate": "input", **cfg.input_codec}
-    in_codec = load_option_codec(input_spec, fam, train, progress)
-    probe = in_codec.compress(x_eval[:1])[0]
-    in_bytes = [len(u) for u in probe.units(cfg.framing)]
-    # Cloud-only accuracy on a clean link, through the real codec: the accuracy floor.
-    ref_flow = Flow(fam, [Tier("device", comp["device"], 0), Tier("cloud", comp["cloud"],
-                    member)], [Hop(in_codec, IIDPacketErasure(0.0), 1e9,
-                                   framing=cfg.framing)])  # fmt: skip
-    floor_acc = ref_flow.run(x_eval).accuracy(y_eval)
-    floor = floor_acc - cfg.floor_points / 100
-    policy = Policy(profile, floor, comp["device"], comp["edge"], delay["edge"])
-    ref = cfg.reference
-    fixed_rate = cfg.fixed_split["rate"]
-    fixed_point = int(cfg.fixed_split.get("point", 1))
-    fixed_opt = next(o for o in profile.options if (o.point, o.rate) == (fixed_point, fixed_rate))
-    fixed_mcs = _best_mcs_for(policy, fixed_opt, ref["snr_db"], ref["symbol_rate"])
-
-    rows = []
     grid = [(r, s) for r in cfg.symbol_rates for s in cfg.snrs_db]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    dev_acc = accuracy(fam.member(1), data.take(eval_idx))
-    for sym_rate, snr in tqdm(grid, desc="latency", disable=not progress, leave=False):
-        base = {"symbol_rate": sym_rate, "snr_db": snr}
-        # Device only.
-        rows.append({**base, "scheme": "device-only", "accuracy": dev_acc,
-                     "latency_ms": 1e3 * fam.info()[0].flops / comp["device"],
-                     "bytes": 0, "mcs": "", "config": "member 1", "exit_device": 1.0})  # fmt: skip
-        # Cloud only and edge only: the input image with link adaptation and HARQ.
-        mcs_in = link_adaptation_mcs(in_bytes, snr, cfg.target_bler)
-        for scheme, tier, d in (("cloud-only", "cloud", delay["cloud"]),
-                                ("edge-only", "edge", delay["edge"])):  # fmt: skip
-            link = FastLink(mcs=mcs_in, snr_db=snr, harq_max_tx=cfg.harq_max_tx_baselines,
-                            seed=cfg.seed)  # fmt: skip
-            fl = Flow(fam, [Tier("device", comp["device"], 0), Tier(tier, comp[tier], member)],
-                      [Hop(in_codec, link, sym_rate, d, framing=cfg.framing)])  # fmt: skip
-            r = fl.run(x_eval, generator=gen)
-            rows.append({**base, "scheme": scheme, **_summary(r, y_eval), "mcs": mcs_in,
-                         "config": f"{cfg.input_codec.get('codec')} "
-                                   f"{cfg.input_codec.get('kwargs', {})}"})  # fmt: skip
-        # Fixed split.
-        rows.append({**base, "scheme": "fixed-split", "mcs": fixed_mcs,
-                     "config": f"point {fixed_point}, {fixed_rate}",
-                     **_run_option(fam, member, codecs[(fixed_point, fixed_rate)], fixed_point,
-                                   None, fixed_mcs, snr, sym_rate, comp, delay, x_eval, y_eval,
-                                   gen, cfg.framing)})  # fmt: skip
-        # Adaptive flow.
-        t1 = time.perf_counter()
-        dec = policy.decide(snr, sym_rate)
-        dt = time.perf_counter() - t1
-        rows.append({**base, "scheme": "adaptive", "mcs": dec.mcs,
-                     "config": f"point {dec.point}, {dec.rate}, exit>={dec.threshold}",
-                     "decide_ms": 1e3 * dt, "expected_accuracy": dec.expected_accuracy,
-                     "expected_latency_ms": 1e3 * dec.expected_latency_s,
-                     **_run_option(fam, member, codecs[(dec.point, dec.rate)], dec.point,
-                                   dec.threshold, dec.mcs, snr, sym_rate, comp, delay, x_eval,
-                                   y_eval, gen, cfg.framing)})  # fmt: skip
-        adaptive = rows[-1]
-        # Edge only with the input codec of least latency that is as accurate as the
-        # adaptive flow's choice (within the profile's standard error).
-        m = _matched_input(policy, dec, snr, sym_rate, len(prof_idx))
-        if m is not None:
-            opt, mcs_m = m
-            rows.append({**base, "scheme": "edge-only-matched", "mcs": mcs_m,
-                         "config": f"input {opt.rate}",
-                         **_run_option(fam, member, codecs[(0, opt.rate)], 0, None, mcs_m, snr,
-                                       sym_rate, comp, delay, x_eval, y_eval, gen,
-                                       cfg.framing)})  # fmt: skip
-            adaptive["speedup_vs_edge_matched"] = rows[-1]["latency_ms"] / adaptive["latency_ms"]
-    for r in rows:
-        r["cloud_only_clean_accuracy"] = floor_acc
+    if engine is not None:
+        rows = _run_latency_ray(cfg, grid, out, engine)
+    else:
+        from flowcodec.progress import tqdm
+
+        setup = ctx.setup(profile)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        rows = []
+        for i, (sym_rate, snr) in enumerate(tqdm(grid, desc="latency", disable=not progress,
+                                                 leave=False)):  # fmt: skip
+            if cfg.cell_seeds:
+                gen = _cell_generator(cfg.seed, i)
+            rows += _cell_rows(cfg, ctx, setup, sym_rate, snr, gen)
     _write(rows, out)
+    return rows
+
+
+def _cell_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of grid cell ``index`` (``cell_seeds``): independent of the others."""
+    return torch.Generator().manual_seed(1_000_003 * (int(seed) + 1) + int(index))
+
+
+class _LatencyContext:
+    """What every cell of a latency run shares: the family, the data halves and the
+    options' codecs (built, fitted or trained once per process)."""
+
+    def __init__(self, cfg: LatencyConfig, progress: bool) -> None:
+        from flowcodec.data import load_dataset
+        from flowcodec.family import load_pretrained
+
+        self.cfg = cfg
+        self.fam = fam = load_pretrained(cfg.dataset, progress=progress)
+        self.member = cfg.member or fam.num_members
+        train, test = load_dataset(cfg.dataset)
+        data = test.subset(min(cfg.samples, len(test)), seed=cfg.seed)
+        half = len(data) // 2
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed + 1))
+        self.prof_idx, self.eval_idx = idx[:half], idx[half:]
+        self.prof_data = data.take(self.prof_idx)
+        self.eval_data = data.take(self.eval_idx)
+        self.x_eval = data.normalize(data.images[self.eval_idx])
+        self.y_eval = data.labels[self.eval_idx]
+        self.codecs = {(int(o["point"]), o["rate"]): load_option_codec(o, fam, train, progress)
+                       for o in cfg.options}  # fmt: skip
+        input_spec = {"point": 0, "rate": "input", **cfg.input_codec}
+        self.in_codec = load_option_codec(input_spec, fam, train, progress)
+        probe = self.in_codec.compress(self.x_eval[:1])[0]
+        self.in_bytes = [len(u) for u in probe.units(cfg.framing)]
+        self._setup = None
+
+    def setup(self, profile) -> dict:
+        """Accuracy floor, policy, fixed split and device-only accuracy (deterministic)."""
+        if self._setup is not None and self._setup["profile"] is profile:
+            return self._setup
+        from channels import IIDPacketErasure
+        from flowcodec.family.train import accuracy
+        from flowcodec.pipeline import Flow, Hop, Tier
+        from flowcodec.policy import Policy
+
+        cfg, fam, comp, delay = self.cfg, self.fam, self.cfg.compute, self.cfg.delay_s
+        # Cloud-only accuracy on a clean link, through the real codec: the accuracy floor.
+        ref_flow = Flow(fam, [Tier("device", comp["device"], 0), Tier("cloud", comp["cloud"],
+                        self.member)], [Hop(self.in_codec, IIDPacketErasure(0.0), 1e9,
+                                            framing=cfg.framing)])  # fmt: skip
+        floor_acc = ref_flow.run(self.x_eval).accuracy(self.y_eval)
+        floor = floor_acc - cfg.floor_points / 100
+        policy = Policy(profile, floor, comp["device"], comp["edge"], delay["edge"])
+        ref = cfg.reference
+        fixed_rate = cfg.fixed_split["rate"]
+        fixed_point = int(cfg.fixed_split.get("point", 1))
+        fixed_opt = next(o for o in profile.options
+                         if (o.point, o.rate) == (fixed_point, fixed_rate))  # fmt: skip
+        fixed_mcs = _best_mcs_for(policy, fixed_opt, ref["snr_db"], ref["symbol_rate"])
+        dev_acc = accuracy(fam.member(1), self.eval_data)
+        self._setup = dict(profile=profile, floor_acc=floor_acc, policy=policy,
+                           fixed_rate=fixed_rate, fixed_point=fixed_point, fixed_mcs=fixed_mcs,
+                           dev_acc=dev_acc)  # fmt: skip
+        return self._setup
+
+
+def _cell_rows(cfg: LatencyConfig, ctx: _LatencyContext, setup: dict, sym_rate: float,
+               snr: float, gen: torch.Generator) -> list[dict]:  # fmt: skip
+    """Every scheme's row at one (symbol rate, SNR) cell of the grid."""
+    from channels import FastLink
+    from flowcodec.pipeline import Flow, Hop, Tier
+    from flowcodec.policy import link_adaptation_mcs
+
+    fam, member, comp, delay = ctx.fam, ctx.member, cfg.compute, cfg.delay_s
+    x_eval, y_eval, codecs = ctx.x_eval, ctx.y_eval, ctx.codecs
+    policy, fixed_point, fixed_rate = setup["policy"], setup["fixed_point"], setup["fixed_rate"]
+    fixed_mcs = setup["fixed_mcs"]
+    rows = []
+    base = {"symbol_rate": sym_rate, "snr_db": snr}
+    # Device only.
+    rows.append({**base, "scheme": "device-only", "accuracy": setup["dev_acc"],
+                 "latency_ms": 1e3 * fam.info()[0].flops / comp["device"],
+                 "bytes": 0, "mcs": "", "config": "member 1", "exit_device": 1.0})  # fmt: skip
+    # Cloud only and edge only: the input image with link adaptation and HARQ.
+    mcs_in = link_adaptation_mcs(ctx.in_bytes, snr, cfg.target_bler)
+    for scheme, tier, d in (("cloud-only", "cloud", delay["cloud"]),
+                            ("edge-only", "edge", delay["edge"])):  # fmt: skip
+        link = FastLink(mcs=mcs_in, snr_db=snr, harq_max_tx=cfg.harq_max_tx_baselines,
+                        seed=cfg.seed)  # fmt: skip
+        fl = Flow(fam, [Tier("device", comp["device"], 0), Tier(tier, comp[tier], member)],
+                  [Hop(ctx.in_codec, link, sym_rate, d, framing=cfg.framing)])  # fmt: skip
+        r = fl.run(x_eval, generator=gen)
+        rows.append({**base, "scheme": scheme, **_summary(r, y_eval), "mcs": mcs_in,
+                     "config": f"{cfg.input_codec.get('codec')} "
+                               f"{cfg.input_codec.get('kwargs', {})}"})  # fmt: skip
+    # Fixed split.
+    rows.append({**base, "scheme": "fixed-split", "mcs": fixed_mcs,
+                 "config": f"point {fixed_point}, {fixed_rate}",
+                 **_run_option(fam, member, codecs[(fixed_point, fixed_rate)], fixed_point,
+                               None, fixed_mcs, snr, sym_rate, comp, delay, x_eval, y_eval,
+                               gen, cfg.framing)})  # fmt: skip
+    # Adaptive flow.
+    t1 = time.perf_counter()
+    dec = policy.decide(snr, sym_rate)
+    dt = time.perf_counter() - t1
+    rows.append({**base, "scheme": "adaptive", "mcs": dec.mcs,
+                 "config": f"point {dec.point}, {dec.rate}, exit>={dec.threshold}",
+                 "decide_ms": 1e3 * dt, "expected_accuracy": dec.expected_accuracy,
+                 "expected_latency_ms": 1e3 * dec.expected_latency_s,
+                 **_run_option(fam, member, codecs[(dec.point, dec.rate)], dec.point,
+                               dec.threshold, dec.mcs, snr, sym_rate, comp, delay, x_eval,
+                               y_eval, gen, cfg.framing)})  # fmt: skip
+    adaptive = rows[-1]
+    # Edge only with the input codec of least latency that is as accurate as the
+    # adaptive flow's choice (within the profile's standard error).
+    m = _matched_input(policy, dec, snr, sym_rate, len(ctx.prof_idx))
+    if m is not None:
+        opt, mcs_m = m
+        rows.append({**base, "scheme": "edge-only-matched", "mcs": mcs_m,
+                     "config": f"input {opt.rate}",
+                     **_run_option(fam, member, codecs[(0, opt.rate)], 0, None, mcs_m, snr,
+                                   sym_rate, comp, delay, x_eval, y_eval, gen,
+                                   cfg.framing)})  # fmt: skip
+        adaptive["speedup_vs_edge_matched"] = rows[-1]["latency_ms"] / adaptive["latency_ms"]
+    for r in rows:
+        r["cloud_only_clean_accuracy"] = setup["floor_acc"]
+    return rows
+
+
+#: Contexts kept by a Ray worker between the cells it runs (by config).
+_WORKER_CONTEXTS: dict = {}
+
+
+def latency_unit(cfg_dict: dict, profile_dict: dict, index: int) -> list[dict]:
+    """One grid cell of a latency run, as a Ray task runs it: the family, data and codecs
+    are loaded by name once per worker process; the profile comes from the driver (a small
+    JSON object)."""
+    from flowcodec.policy import Profile, RatePoint
+
+    key = json.dumps(cfg_dict, sort_keys=True)
+    if key not in _WORKER_CONTEXTS:
+        _WORKER_CONTEXTS.clear()
+        _WORKER_CONTEXTS[key] = (_LatencyContext(LatencyConfig(**cfg_dict), False), {})
+    ctx, profiles = _WORKER_CONTEXTS[key]
+    pkey = json.dumps(profile_dict, sort_keys=True)
+    if pkey not in profiles:
+        profiles.clear()
+        d = profile_dict
+        profiles[pkey] = Profile([RatePoint(**o) for o in d["options"]], d["loss_grid"],
+                                 d.get("meta", {}))  # fmt: skip
+    setup = ctx.setup(profiles[pkey])
+    cfg = ctx.cfg
+    grid = [(r, s) for r in cfg.symbol_rates for s in cfg.snrs_db]
+    sym_rate, snr = grid[index]
+    return _cell_rows(cfg, ctx, setup, sym_rate, snr, _cell_generator(cfg.seed, index))
+
+
+def _run_latency_ray(cfg: LatencyConfig, grid: list, out: Path, engine) -> list[dict]:
+    """The grid cells of a latency run on a Ray engine; rows in the serial run's order."""
+    from flowcodec.scale.ray_engine import SweepFailed, write_failures
+
+    cfg_dict = asdict(cfg)
+    profile_dict = json.loads((out / "profile.json").read_text())
+    labels = [f"{r:g} symbol/s, {s:g} dB" for r, s in grid]
+    args = [(cfg_dict, profile_dict, i) for i in range(len(grid))]
+    results, failures = engine.map(latency_unit, args, labels, desc="latency (ray)")
+    rows = [row for res in results if res is not None for row in res]
+    if failures:
+        if rows:
+            _write(rows, out)
+        write_failures(failures, out / "failures.json")
+        raise SweepFailed(failures, rows, out)
     return rows
 
 
@@ -348,6 +461,9 @@ def add_parser(sub) -> None:
                    help="test samples, >= 2 (default: the config's); half profile, half evaluate")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from flowcodec.scale.ray_engine import add_engine_arguments
+
+    add_engine_arguments(p)
     p.set_defaults(func=_cmd)
 
 
@@ -358,7 +474,24 @@ def _cmd(args) -> int:
     cfg = LatencyConfig.load(resolve_config(args.config, "latency"))
     if args.samples:
         cfg.samples = args.samples
-    rows = run_latency(cfg, Path(args.out), progress=not args.no_progress)
+    from flowcodec.scale.ray_engine import SweepFailed, engine_from_args
+
+    engine = engine_from_args(args)
+    try:
+        if engine is not None:
+            engine.start()
+        rows = run_latency(cfg, Path(args.out), progress=not args.no_progress, engine=engine)
+    except SweepFailed as e:
+        for f in e.failures:
+            print(f"failed: {f}", file=sys.stderr)
+        print(f"{len(e.rows)} rows written to {Path(args.out) / 'latency.csv'}; the failed "
+              f"cells are in {Path(args.out) / 'failures.json'}", file=sys.stderr)
+        return 1
+    finally:
+        if engine is not None:
+            print(f"ray: start-up {engine.stats.startup_s:.1f} s, {engine.stats.units} units "
+                  f"in {engine.stats.wall_s:.1f} s", file=sys.stderr)
+            engine.close()
     ref = cfg.reference
     print(f"cloud-only accuracy on a clean link: {100 * rows[0]['cloud_only_clean_accuracy']:.2f}"
           f" %  (accuracy floor for the adaptive flow: 1 point below)")

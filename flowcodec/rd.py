@@ -40,6 +40,7 @@ import csv
 import itertools
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -204,8 +205,8 @@ def _expand(entry: dict) -> list[tuple[str, dict]]:
 
 
 def run_rd(cfg: dict, out: str | Path, progress: bool = True, n: int | None = None,
-           device: str = "cpu", family=None,
-           baselines: str | Path | None = None) -> list[RDRow]:  # fmt: skip
+           device: str = "cpu", family=None, baselines: str | Path | None = None,
+           engine=None) -> list[RDRow]:  # fmt: skip
     """Run every entry of ``cfg``; write CSV, JSON and plots under ``out``; return the rows.
 
     ``family`` (optional) replaces the trained family named in the config (tests).
@@ -213,42 +214,101 @@ def run_rd(cfg: dict, out: str | Path, progress: bool = True, n: int | None = No
     number of test images; its clean rows (not its reference) whose labels this run does
     not have are added to the returned rows, the outputs and the comparison (``source``
     is prefixed with ``"baselines:"``).
+    ``engine`` (optional): a :class:`~flowcodec.scale.RayEngine`; every codec entry or
+    sweep point (with its channel rows) and the reference become Ray tasks that load the
+    family and data by name, and the rows are the serial run's (same seeds). A unit that
+    raises is reported with its label in ``failures.json`` and a
+    :class:`~flowcodec.scale.SweepFailed` after the other rows are written.
     """
-    import torch
-
-    from flowcodec.codecs import CODECS, build_codec
-    from flowcodec.codecs.train import collect_features, evaluate_codec, train_codec
-    from flowcodec.codecs.zoo import load_pretrained_codec
     from flowcodec.config import validate_rd_config
-    from flowcodec.data import load_dataset
     from flowcodec.errors import ConfigError
-    from flowcodec.family import load_pretrained
     from flowcodec.progress import tqdm
 
     validate_rd_config(cfg)  # whole, before any work
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ConfigError(f"n (test images) must be an integer >= 1, got {n!r}")
+    if engine is not None and family is not None:
+        raise ConfigError("a Ray engine loads the family by its name in every task: "
+                          "family= is for serial runs")  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    seed = int(cfg.get("seed", 0))
-    fam = family if family is not None else load_pretrained(cfg["family"], progress=progress)
-    train, test = load_dataset(cfg["dataset"])
-    n = n or cfg.get("test_subset")
-    if n and n < len(test):
-        test = test.subset(int(n), seed=seed)
-    extra = _check_baselines(baselines, cfg, len(test)) if baselines else []
-    member, point = int(cfg["member"]), int(cfg["point"])
-    member_flops = fam.info()[member - 1].flops
-    fit_n = int(cfg.get("fit_samples", 2000))
-    heads, fits = {}, {}
+    ctx = _RDContext(cfg, n, progress, family)
+    extra = _check_baselines(baselines, cfg, len(ctx.test)) if baselines else []
+    jobs = _build_jobs(cfg, ctx, progress, device)
+    if engine is not None:
+        rows, histories = _run_rd_ray(cfg, ctx, jobs, out, n, device, engine)
+    else:
+        rows: list[RDRow] = [_reference_row(ctx)]
+        histories = {}
+        built = {}
+        memos: dict[str, _Memo] = {}
 
-    def split(p):
-        if p not in heads:
-            heads[p] = fam.split(member, p)
-            fits[p] = collect_features(heads[p][0], train, n=fit_n)
-        return heads[p]
+        def memo(module, role):
+            # one cache per role, for the latest module (a split point's head features)
+            if role not in memos or memos[role].module is not module:
+                memos[role] = _Memo(module)
+            return memos[role]
 
-    # each job: (group, label, builder) where builder returns a ready codec
+        bar = tqdm(jobs, desc="rd", disable=not progress)
+        for job in bar:
+            bar.set_postfix_str(job[1])
+            row, codec, hist = _measure(ctx, job, memo)
+            built[job[1]] = (codec, job[2], row)
+            if hist is not None:
+                histories[job[1]] = hist
+            rows.append(row)
+            _write_csv(out / "rd.csv", rows)
+        chan = []
+        for label, (codec, p, row) in built.items():
+            chan += _channel_rows(cfg, ctx, label, codec, p, row.group, row.source)
+        rows += [r for _, r in sorted(chan, key=lambda c: c[0])]
+    have = {r.label for r in rows}
+    rows += [r for r in extra if r.label not in have]
+    write_outputs(rows, out, cfg, histories)
+    return rows
+
+
+class _RDContext:
+    """What every unit of an rd run shares: the family, the data, the split heads and the
+    baselines' fitting features (built lazily per split point)."""
+
+    def __init__(self, cfg: dict, n: int | None, progress: bool, family=None) -> None:
+        from flowcodec.data import load_dataset
+        from flowcodec.family import load_pretrained
+
+        self.seed = int(cfg.get("seed", 0))
+        self.fam = family if family is not None else load_pretrained(cfg["family"],
+                                                                     progress=progress)
+        self.train, test = load_dataset(cfg["dataset"])
+        n = n or cfg.get("test_subset")
+        if n and n < len(test):
+            test = test.subset(int(n), seed=self.seed)
+        self.test = test
+        self.member, self.point = int(cfg["member"]), int(cfg["point"])
+        self.member_flops = self.fam.info()[self.member - 1].flops
+        self.fit_n = int(cfg.get("fit_samples", 2000))
+        self.heads: dict = {}
+        self.fits: dict = {}
+
+    def split(self, p):
+        from flowcodec.codecs.train import collect_features
+
+        if p not in self.heads:
+            self.heads[p] = self.fam.split(self.member, p)
+            self.fits[p] = collect_features(self.heads[p][0], self.train, n=self.fit_n)
+        return self.heads[p]
+
+
+def _build_jobs(cfg: dict, ctx: _RDContext, progress: bool, device: str) -> list[tuple]:
+    """``(group, label, point, builder, source)`` for every codec entry and sweep point, in
+    the config's order; ``builder()`` returns a ready codec."""
+    from flowcodec.codecs import CODECS, build_codec
+    from flowcodec.codecs.train import train_codec
+    from flowcodec.codecs.zoo import load_pretrained_codec
+    from flowcodec.errors import ConfigError
+
+    fam, member, seed, point, train = ctx.fam, ctx.member, ctx.seed, ctx.point, ctx.train
+    fits = ctx.fits
     jobs = []
     for entry in cfg["codecs"]:
         group = entry.get("group", entry.get("codec", "pretrained"))
@@ -300,66 +360,124 @@ def run_rd(cfg: dict, out: str | Path, progress: bool = True, n: int | None = No
                     return codec.fit(fits[p]) if entry.get("fit", True) else codec
 
                 jobs.append((group, label, p, build, "baseline"))
+    return jobs
 
-    rows: list[RDRow] = []
-    histories = {}
-    head, tail = split(point)
+
+def _reference_row(ctx: _RDContext) -> RDRow:
+    """The uncompressed member at the config's split point."""
+    fam, point = ctx.fam, ctx.point
+    head, tail = ctx.split(point)
     ref_t = time.perf_counter()
-    ref_acc = _reference_accuracy(head, tail, test)
-    rows.append(RDRow("uncompressed", "reference", "none", point, "clean", ref_acc, 0.0, 0.0,
-                      0.0, None, None, fam.head_flops(point) / 1e6,
-                      100 * fam.head_flops(point) / member_flops, len(test),
-                      round(time.perf_counter() - ref_t, 1), "reference"))  # fmt: skip
-    built = {}
-    memos: dict[str, _Memo] = {}
+    ref_acc = _reference_accuracy(head, tail, ctx.test)
+    return RDRow("uncompressed", "reference", "none", point, "clean", ref_acc, 0.0, 0.0,
+                 0.0, None, None, fam.head_flops(point) / 1e6,
+                 100 * fam.head_flops(point) / ctx.member_flops, len(ctx.test),
+                 round(time.perf_counter() - ref_t, 1), "reference")  # fmt: skip
 
-    def memo(module, role):
-        # one cache per role, for the latest module (a split point's head features)
-        if role not in memos or memos[role].module is not module:
-            memos[role] = _Memo(module)
-        return memos[role]
 
-    bar = tqdm(jobs, desc="rd", disable=not progress)
-    for group, label, p, build, source in bar:
-        bar.set_postfix_str(label)
-        head, tail = split(p)
+def _measure(ctx: _RDContext, job: tuple, memo=None) -> tuple:
+    """Build (train, fit) one job's codec and measure its clean row: ``(row, codec,
+    train history or None)``. ``memo(module, role)`` may wrap the frozen head and tail."""
+    import torch
+
+    from flowcodec.codecs.train import evaluate_codec
+
+    group, label, p, build, source = job
+    head, tail = ctx.split(p)
+    t0 = time.perf_counter()
+    torch.manual_seed(ctx.seed)
+    codec = build().eval()
+    recv = _receiver(codec, tail)
+    if memo is not None:
+        head, recv = memo(head, "head"), memo(recv, "tail")
+    ev = evaluate_codec(codec, head, recv, ctx.test)
+    row = _row(label, group, codec, p, "clean", ev, ctx.fam, ctx.member_flops, t0, source)
+    return row, codec, getattr(codec, "train_history", None)
+
+
+def _channel_rows(cfg: dict, ctx: _RDContext, label: str, codec, p: int, group: str,
+                  source: str) -> list[tuple[tuple[int, int], RDRow]]:  # fmt: skip
+    """The rows of ``label`` under each of the config's ``channels`` that list it, with
+    their place in the serial order: ``((channel index, position in its list), row)``."""
+    import torch
+
+    from flowcodec.codecs.train import evaluate_codec
+
+    out = []
+    for ci, ch in enumerate(cfg.get("channels", [])):
+        if label not in ch["codecs"]:
+            continue
+        pos = ch["codecs"].index(label)
+        gen_seed = int(ch.get("seed", ctx.seed))
+        head, tail = ctx.split(p)
+        tail = _receiver(codec, tail)
         t0 = time.perf_counter()
-        torch.manual_seed(seed)
-        codec = build().eval()
-        built[label] = (codec, p)
-        if hasattr(codec, "train_history"):
-            histories[label] = codec.train_history
-        ev = evaluate_codec(codec, memo(head, "head"), memo(_receiver(codec, tail), "tail"),
-                            test)  # fmt: skip
-        rows.append(_row(label, group, codec, p, "clean", ev, fam, member_flops, t0, source))
-        _write_csv(out / "rd.csv", rows)
-    for ch in cfg.get("channels", []):
-        gen_seed = int(ch.get("seed", seed))
-        for label in ch["codecs"]:
-            if label not in built:
-                continue
-            codec, p = built[label]
-            head, tail = split(p)
-            tail = _receiver(codec, tail)
-            t0 = time.perf_counter()
-            if "loss_rate" in ch:
-                cond = f"iid loss {ch['loss_rate']:g}"
-                channel = _erasure(ch["loss_rate"], gen_seed)
-                ev = evaluate_codec(codec, head, tail, test, channel=channel)
-            else:
-                from flowcodec.codecs.learned import flip_bits
+        if "loss_rate" in ch:
+            cond = f"iid loss {ch['loss_rate']:g}"
+            channel = _erasure(ch["loss_rate"], gen_seed)
+            ev = evaluate_codec(codec, head, tail, ctx.test, channel=channel)
+        else:
+            from flowcodec.codecs.learned import flip_bits
 
-                g = torch.Generator().manual_seed(gen_seed)
-                prob = float(ch["flip_prob"])
-                cond = f"bsc {prob:g}"
-                ev = evaluate_codec(codec, head, tail, test,
-                                    transform=lambda s, g=g, prob=prob: flip_bits(s, prob, g))
-            rows.append(_row(label, built_group(rows, label), codec, p, cond, ev, fam,
-                             member_flops, t0, _source(rows, label)))  # fmt: skip
-    have = {r.label for r in rows}
-    rows += [r for r in extra if r.label not in have]
-    write_outputs(rows, out, cfg, histories)
-    return rows
+            g = torch.Generator().manual_seed(gen_seed)
+            prob = float(ch["flip_prob"])
+            cond = f"bsc {prob:g}"
+            ev = evaluate_codec(codec, head, tail, ctx.test,
+                                transform=lambda s, g=g, prob=prob: flip_bits(s, prob, g))
+        out.append(((ci, pos), _row(label, group, codec, p, cond, ev, ctx.fam,
+                                    ctx.member_flops, t0, source)))  # fmt: skip
+    return out
+
+
+#: Contexts kept by a Ray worker between the units it runs (by config and test size).
+_WORKER_CONTEXTS: dict = {}
+
+
+def rd_unit(cfg: dict, n: int | None, index: int, device: str = "cpu") -> dict:
+    """One unit of an rd run, as a Ray task runs it: ``index`` -1 is the reference row,
+    ``index`` i >= 0 the i-th job (codec entry or sweep point) with its channel rows.
+    The family and data are loaded by name once per worker process."""
+    key = (json.dumps(cfg, sort_keys=True), n)
+    if key not in _WORKER_CONTEXTS:
+        _WORKER_CONTEXTS.clear()  # one run's context at a time
+        _WORKER_CONTEXTS[key] = _RDContext(cfg, n, progress=False)
+    ctx = _WORKER_CONTEXTS[key]
+    if index < 0:
+        return {"row": _reference_row(ctx), "history": None, "channels": []}
+    jobs = _build_jobs(cfg, ctx, False, device)
+    job = jobs[index]
+    row, codec, hist = _measure(ctx, job)
+    chan = _channel_rows(cfg, ctx, job[1], codec, job[2], row.group, row.source)
+    return {"row": row, "history": hist, "channels": chan}
+
+
+def _run_rd_ray(cfg, ctx, jobs, out: Path, n, device, engine) -> tuple[list, dict]:
+    """The units of an rd run on a Ray engine; rows in the serial run's order."""
+    from flowcodec.scale.ray_engine import SweepFailed, write_failures
+
+    labels = ["uncompressed (reference)"] + [f"{j[1]} (point {j[2]})" for j in jobs]
+    args = [(cfg, n, i - 1, device) for i in range(len(jobs) + 1)]
+    # trained entries take longest: submit them first so no worker idles at the end
+    order = sorted(range(len(args)), key=lambda i: (i == 0 or jobs[i - 1][4] != "trained", i))
+    done: dict[int, dict] = {}
+
+    def partial(i, res):
+        done[i] = res
+        _write_csv(out / "rd.csv", [done[k]["row"] for k in sorted(done)])
+
+    results, failures = engine.map(rd_unit, args, labels, order=order, on_result=partial,
+                                   desc="rd (ray)")  # fmt: skip
+    ok = [r for r in results if r is not None]
+    rows = [r["row"] for r in ok]
+    chan = [c for r in ok for c in r["channels"]]
+    rows += [row for _, row in sorted(chan, key=lambda c: c[0])]
+    histories = {r["row"].label: r["history"] for r in ok if r["history"] is not None}
+    if failures:
+        if rows:
+            write_outputs(rows, out, cfg, histories)
+        write_failures(failures, out / "failures.json")
+        raise SweepFailed(failures, rows, out)
+    return rows, histories
 
 
 def _check_baselines(path: str | Path, cfg: dict, n: int | None = None) -> list[RDRow]:
@@ -421,20 +539,6 @@ def _receiver(codec, tail):
     import torch
 
     return torch.nn.Identity() if getattr(codec, "answers", False) else tail
-
-
-def _source(rows: list[RDRow], label: str) -> str:
-    for r in rows:
-        if r.label == label:
-            return r.source
-    return "baseline"
-
-
-def built_group(rows: list[RDRow], label: str) -> str:
-    for r in rows:
-        if r.label == label:
-            return r.group
-    return "?"
 
 
 def _erasure(loss_rate: float, seed: int):
@@ -576,10 +680,26 @@ def cmd_rd(args) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     from flowcodec.config import resolve_config
+    from flowcodec.scale.ray_engine import SweepFailed, engine_from_args
 
     cfg = load_config(resolve_config(args.config, "rd"))
-    rows = run_rd(cfg, args.out, progress=not args.no_progress, n=args.n, device=args.device,
-                  baselines=args.baselines)  # fmt: skip
+    engine = engine_from_args(args)
+    try:
+        if engine is not None:
+            engine.start()
+        rows = run_rd(cfg, args.out, progress=not args.no_progress, n=args.n,
+                      device=args.device, baselines=args.baselines, engine=engine)  # fmt: skip
+    except SweepFailed as e:
+        for f in e.failures:
+            print(f"failed: {f}", file=sys.stderr)
+        print(f"{len(e.rows)} rows written to {Path(args.out) / 'rd.csv'}; the failed units "
+              f"are in {Path(args.out) / 'failures.json'}", file=sys.stderr)
+        return 1
+    finally:
+        if engine is not None:
+            print(f"ray: start-up {engine.stats.startup_s:.1f} s, {engine.stats.units} units "
+                  f"in {engine.stats.wall_s:.1f} s", file=sys.stderr)
+            engine.close()
     cols = ("label", "condition", "accuracy", "bytes_per_image", "session_bytes",
             "device_mflops", "device_flops_pct")  # fmt: skip
     print("  ".join(f"{c:>18}" for c in cols))
@@ -629,6 +749,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="device for training entries")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from flowcodec.scale.ray_engine import add_engine_arguments
+
+    add_engine_arguments(p)
     p.add_argument("--baselines", default=None, metavar="RD_JSON",
                    help="rd.json of an earlier run on the same test set (e.g. of "
                         "experiments/rd_baselines_cifar10.json): its rows join this run's "

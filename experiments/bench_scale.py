@@ -1,0 +1,115 @@
+"""Serial against Ray on this machine: the digits rd sweep side by side, and Ray's costs.
+
+    flock /work/helpers/cpu.lock .venv/bin/python -m experiments.bench_scale --out runs/scale
+
+1. ``flowcodec rd --config digits`` (serial, ``--threads 2``) and the same command with
+   ``--engine ray --workers 2``, each as a fresh process, wall time of the whole command
+   (start-up, family and data loading, Ray's start and stop included); the rows of the two
+   ``rd.json`` compared field by field (all but ``seconds``, the time a row took).
+2. Ray's own costs: seconds to start a local instance (and to stop it), and milliseconds
+   per task for empty units (``--tasks`` of them through :meth:`RayEngine.map` on 2
+   workers: the throughput cost; and one at a time: the round trip).
+
+Writes ``OUT/bench_scale.json`` and prints a Markdown table (docs/scale.md). Measure with
+the cores free (through the CPU lock): the figures mean nothing on a loaded machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _noop(i):
+    return i
+
+
+def _run(cmd: list[str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return wall, p.stderr
+
+
+def _rows(path: Path) -> list[dict]:
+    rows = json.loads(path.read_text())["rows"]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/scale")
+    ap.add_argument("--config", default="digits", help="rd config (default digits)")
+    ap.add_argument("--n", type=int, default=None, help="test images (default: the config's)")
+    ap.add_argument("--tasks", type=int, default=200, help="empty tasks for the overhead")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each rd command")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    exe = [sys.executable, "-m", "flowcodec.cli", "rd", "--config", args.config,
+           "--no-progress"] + (["--n", str(args.n)] if args.n else [])  # fmt: skip
+    res: dict = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                 "load_before": os.getloadavg()[0], "serial_s": [], "ray_s": [],
+                 "ray_startup_in_command_s": []}  # fmt: skip
+    for _ in range(args.repeats):
+        wall, _ = _run(exe + ["--out", str(out / "serial"), "--threads", "2"])
+        res["serial_s"].append(round(wall, 2))
+        wall, err = _run(exe + ["--out", str(out / "ray"), "--engine", "ray", "--workers", "2"])
+        res["ray_s"].append(round(wall, 2))
+        m = re.search(r"ray: start-up ([\d.]+) s", err)
+        res["ray_startup_in_command_s"].append(float(m.group(1)) if m else None)
+    a, b = _rows(out / "serial" / "rd.json"), _rows(out / "ray" / "rd.json")
+    diff = [(x["label"], x["condition"], k, x[k], y[k]) for x, y in zip(a, b) for k in x
+            if x[k] != y[k]]  # fmt: skip
+    res.update(rows=len(a), identical_rows=len(a) == len(b) and not diff, row_differences=diff)
+    res["ratio"] = round(min(res["ray_s"]) / min(res["serial_s"]), 3)
+
+    # Ray's own costs, in this process.
+    from flowcodec.scale.ray_engine import RayEngine
+
+    eng = RayEngine(workers=2, progress=False)
+    eng.start()
+    res["startup_s"] = round(eng.stats.startup_s, 2)
+    eng.map(_noop, [(i,) for i in range(4)])  # workers up and warm
+    t0 = time.perf_counter()
+    eng.map(_noop, [(i,) for i in range(args.tasks)])
+    res["ms_per_task_batch"] = round(1e3 * (time.perf_counter() - t0) / args.tasks, 2)
+    t0 = time.perf_counter()
+    for i in range(20):
+        eng.map(_noop, [(i,)])
+    res["ms_per_task_round_trip"] = round(1e3 * (time.perf_counter() - t0) / 20, 2)
+    t0 = time.perf_counter()
+    eng.close()
+    res["shutdown_s"] = round(time.perf_counter() - t0, 2)
+    res["load_after"] = os.getloadavg()[0]
+    (out / "bench_scale.json").write_text(json.dumps(res, indent=1))
+    print(f"| what | serial | Ray, 2 local workers |\n|---|---|---|\n"
+          f"| `flowcodec rd --config {args.config}` wall time (s) | "
+          f"{min(res['serial_s']):.1f} | {min(res['ray_s']):.1f} "
+          f"({res['ratio']:.2f}x of serial) |\n"
+          f"| rows | {res['rows']} | identical: {res['identical_rows']} |\n"
+          f"| Ray start-up of a local instance (s) | - | {res['startup_s']:.2f} "
+          f"(in the command: {res['ray_startup_in_command_s']}) |\n"
+          f"| Ray stop (s) | - | {res['shutdown_s']:.2f} |\n"
+          f"| per task, {args.tasks} empty tasks on 2 workers (ms) | - | "
+          f"{res['ms_per_task_batch']:.2f} |\n"
+          f"| per task, one at a time (round trip, ms) | - | "
+          f"{res['ms_per_task_round_trip']:.2f} |")  # fmt: skip
+    if diff:
+        print("row differences:", diff[:10])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
