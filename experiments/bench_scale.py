@@ -2,10 +2,12 @@
 
     flock /work/helpers/cpu.lock .venv/bin/python -m experiments.bench_scale --out runs/scale
 
-1. ``flowcodec rd --config digits`` (serial, ``--threads 2``) and the same command with
+1. ``flowcodec rd --config digits`` serially (``--threads 2``, the default, which is the
+   baseline; and ``--threads 1``, the thread count of a Ray unit) and the same command with
    ``--engine ray --workers 2``, each as a fresh process, wall time of the whole command
-   (start-up, family and data loading, Ray's start and stop included); the rows of the two
-   ``rd.json`` compared field by field (all but ``seconds``, the time a row took).
+   (start-up, family and data loading, Ray's start and stop included); the rows of each
+   serial ``rd.json`` compared with Ray's field by field (all but ``seconds``, the time a
+   row took).
 2. Ray's own costs: seconds to start a local instance (and to stop it), and milliseconds
    per task for empty units (``--tasks`` of them through :meth:`RayEngine.map` on 2
    workers: the throughput cost; and one at a time: the round trip).
@@ -53,6 +55,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=None, help="test images (default: the config's)")
     ap.add_argument("--tasks", type=int, default=200, help="empty tasks for the overhead")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each rd command")
+    ap.add_argument("--serial-threads", type=int, nargs="+", default=[2, 1],
+                    help="--threads of the serial runs; the first is the baseline (2, the "
+                         "command's default); a Ray unit runs with one thread")  # fmt: skip
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,20 +65,28 @@ def main(argv=None) -> int:
            "--no-progress"] + (["--n", str(args.n)] if args.n else [])  # fmt: skip
     res: dict = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                  "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-                 "load_before": os.getloadavg()[0], "serial_s": [], "ray_s": [],
-                 "ray_startup_in_command_s": []}  # fmt: skip
+                 "load_before": os.getloadavg()[0], "ray_s": [],
+                 "ray_startup_in_command_s": [], "serial": {}}  # fmt: skip
     for _ in range(args.repeats):
-        wall, _ = _run(exe + ["--out", str(out / "serial"), "--threads", "2"])
-        res["serial_s"].append(round(wall, 2))
+        for t in args.serial_threads:
+            wall, _ = _run(exe + ["--out", str(out / f"serial_t{t}"), "--threads", str(t)])
+            res["serial"].setdefault(str(t), {"s": []})["s"].append(round(wall, 2))
         wall, err = _run(exe + ["--out", str(out / "ray"), "--engine", "ray", "--workers", "2"])
         res["ray_s"].append(round(wall, 2))
         m = re.search(r"ray: start-up ([\d.]+) s", err)
         res["ray_startup_in_command_s"].append(float(m.group(1)) if m else None)
-    a, b = _rows(out / "serial" / "rd.json"), _rows(out / "ray" / "rd.json")
-    diff = [(x["label"], x["condition"], k, x[k], y[k]) for x, y in zip(a, b) for k in x
-            if x[k] != y[k]]  # fmt: skip
-    res.update(rows=len(a), identical_rows=len(a) == len(b) and not diff, row_differences=diff)
-    res["ratio"] = round(min(res["ray_s"]) / min(res["serial_s"]), 3)
+    b = _rows(out / "ray" / "rd.json")
+    for t in args.serial_threads:
+        a = _rows(out / f"serial_t{t}" / "rd.json")
+        diff = [(x["label"], x["condition"], k, x[k], y[k]) for x, y in zip(a, b) for k in x
+                if x[k] != y[k]]  # fmt: skip
+        res["serial"][str(t)].update(
+            rows=len(a), identical_rows=len(a) == len(b) and not diff,
+            rows_differing=len({(d[0], d[1]) for d in diff}), row_differences=diff[:20],
+            ratio=round(min(res["ray_s"]) / min(res["serial"][str(t)]["s"]), 3))  # fmt: skip
+    base = res["serial"][str(args.serial_threads[0])]
+    res.update(serial_s=base["s"], rows=base["rows"], identical_rows=base["identical_rows"],
+               ratio=base["ratio"])  # fmt: skip
 
     # Ray's own costs, in this process.
     from flowcodec.scale.ray_engine import RayEngine
@@ -98,7 +111,8 @@ def main(argv=None) -> int:
           f"| `flowcodec rd --config {args.config}` wall time (s) | "
           f"{min(res['serial_s']):.1f} | {min(res['ray_s']):.1f} "
           f"({res['ratio']:.2f}x of serial) |\n"
-          f"| rows | {res['rows']} | identical: {res['identical_rows']} |\n"
+          f"| rows ({res['rows']}) identical to serial --threads "
+          f"{args.serial_threads[0]} | - | {res['identical_rows']} |\n"
           f"| Ray start-up of a local instance (s) | - | {res['startup_s']:.2f} "
           f"(in the command: {res['ray_startup_in_command_s']}) |\n"
           f"| Ray stop (s) | - | {res['shutdown_s']:.2f} |\n"
@@ -106,8 +120,10 @@ def main(argv=None) -> int:
           f"{res['ms_per_task_batch']:.2f} |\n"
           f"| per task, one at a time (round trip, ms) | - | "
           f"{res['ms_per_task_round_trip']:.2f} |")  # fmt: skip
-    if diff:
-        print("row differences:", diff[:10])
+    for t, r in res["serial"].items():
+        print(f"serial --threads {t}: {min(r['s']):.1f} s; Ray / serial = {r['ratio']:.2f}; "
+              f"identical rows: {r['identical_rows']} ({r['rows_differing']} of {r['rows']} "
+              f"differ){'; e.g. ' + str(r['row_differences'][:3]) if r['row_differences'] else ''}")
     return 0
 
 
