@@ -237,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _rd.add_parser(sub)
 
+    from flowcodec import snr as _snr
+
+    _snr.add_parser(sub)
+
     from flowcodec.serve import cli as _serve
 
     _serve.add_parsers(sub)  # serve, proxy, device (docs/deployment.md)

@@ -105,6 +105,17 @@ class Hop:
             raise ConfigError("symbol_rate must be positive")
         if self.delay_s < 0:
             raise ConfigError("delay_s must be non-negative")
+        if getattr(self.codec, "sends_symbols", False):
+            # An analog (JSCC) codec: the link is a channels.AnalogChannel, the SNR is
+            # required (the codec's side information), channel uses set the time.
+            from channels import AnalogChannel
+
+            if not isinstance(self.link, AnalogChannel):
+                raise ConfigError("a hop with an analog (JSCC) codec needs a "
+                                  "channels.AnalogChannel as its link")  # fmt: skip
+            if self.snr_db is None:
+                raise ConfigError("a hop with an analog (JSCC) codec needs snr_db")
+            return
         if not callable(getattr(self.link, "transmit", None)):
             raise ConfigError("link must have a transmit(packets, ...) method")
         if self.framing not in ("sample", "session"):
@@ -306,6 +317,8 @@ class Flow:
                generator) -> torch.Tensor:  # fmt: skip
         """Compress, transmit and decompress the features of ``active`` samples on hop t."""
         hop = self.hops[t]
+        if getattr(hop.codec, "sends_symbols", False):
+            return self._cross_analog(t, h, active, traces, generator)
         streams = hop.codec.compress(h)
         units: list[bytes] = []
         spans = []
@@ -335,3 +348,16 @@ class Flow:
                 tx_time_s=cu / hop.symbol_rate + hop.delay_s,
             ))  # fmt: skip
         return hop.codec.decompress(received).to(h.device)
+
+    def _cross_analog(self, t: int, h: torch.Tensor, active: list[int],
+                      traces: list[SampleTrace], generator) -> torch.Tensor:  # fmt: skip
+        """Hop t with an analog (JSCC) codec: symbols through the hop's channel at its SNR,
+        as many channel uses as the codec's schedule picks; no bits, no packets."""
+        hop = self.hops[t]
+        feats, tx = hop.codec.transmit(h, hop.link, hop.snr_db, None, generator)
+        for j, i in enumerate(active):
+            cu = int(hop.link.channel_uses(int(tx.uses[j])))
+            traces[i].hops.append(HopTrace(bits=0, channel_uses=cu, packets=0, packets_lost=0,
+                                           header_lost=False,
+                                           tx_time_s=cu / hop.symbol_rate + hop.delay_s))
+        return feats.to(h.device)

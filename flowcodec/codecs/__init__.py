@@ -6,7 +6,7 @@ codec does).
 """
 
 from flowcodec.codecs import exit as _exit  # noqa: F401  (registers exit-top1, exit-topk)
-from flowcodec.codecs import image, learned, quant, raw, task  # noqa: F401  (register codecs)
+from flowcodec.codecs import image, jscc, learned, quant, raw, task  # noqa: F401  (register codecs)
 from flowcodec.codecs.base import (
     CODECS,
     CodecOutput,
@@ -17,6 +17,7 @@ from flowcodec.codecs.base import (
     register_codec,
 )
 from flowcodec.codecs.image import JPEGCodec, WebPCodec
+from flowcodec.codecs.jscc import JSCCCodec
 from flowcodec.codecs.learned import BinaryCodec, FactorizedCodec, HyperpriorCodec, flip_bits
 from flowcodec.codecs.quant import PCACodec, QuantCodec
 from flowcodec.codecs.raw import RawCodec
@@ -34,6 +35,7 @@ __all__ = [
     "FeatureCodec",
     "HyperpriorCodec",
     "JPEGCodec",
+    "JSCCCodec",
     "PCACodec",
     "QuantCodec",
     "RawCodec",
