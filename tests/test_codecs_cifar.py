@@ -28,7 +28,8 @@ def cifar():
     return fam, next(test.batches(32))
 
 
-SHIPPED = [n for n in list_pretrained() if n.startswith("cifar10-")]
+# JSCC codecs send channel symbols, not bytes: tests/test_jscc.py covers them
+SHIPPED = [n for n in list_pretrained() if n.startswith("cifar10-") and "jscc" not in n]
 
 
 def test_codecs_are_shipped():

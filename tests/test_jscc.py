@@ -305,3 +305,20 @@ def test_a_hop_carries_an_analog_codec_and_channel_uses_set_the_time():
         Hop(codec, IIDPacketErasure(0.1), symbol_rate=1e6, snr_db=0.0)
     with pytest.raises(ConfigError, match="snr_db"):
         Hop(codec, AWGN(), symbol_rate=1e6)
+
+
+def test_the_shipped_jscc_codec_loads_sends_and_fits_on_the_device():
+    from flowcodec.codecs import load_pretrained_codec
+    from flowcodec.family import build_family
+
+    codec = load_pretrained_codec("cifar10-jscc_p2")
+    fam = build_family("cifar10")
+    assert codec.feature_shape == fam.feature_shape(2) and codec.symbols == 16
+    info = fam.info()
+    assert fam.head_flops(2) + codec.encoder_flops() <= 1.05 * info[1].flops
+    h = torch.rand(3, *codec.feature_shape, generator=gen(0))
+    for snr in (-5.0, 20.0):
+        tx = codec.encode(h, snr)
+        assert tx.uses.tolist() == [codec.uses_for(snr)] * 3
+        assert torch.allclose(tx.symbols.abs().square().sum(1), tx.uses.float(), rtol=1e-5)
+    assert codec.uses_for(-5.0) >= codec.uses_for(20.0)  # fewer symbols on a good channel
