@@ -115,22 +115,54 @@ def cmd_train_family(args) -> int:
 
     from flowcodec.family import save_family
     from flowcodec.family.pretrained import train_recipe
+    from flowcodec.scale.ddp import PeerLost, from_env, state_paths
 
-    if args.device.startswith("cuda"):
+    dist = from_env(args.device)  # under torchrun: this rank's place (docs/scale.md)
+    device = dist.device(args.device)
+    if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
     else:
         torch.set_num_threads(max(1, args.threads))
     pairs = (("epochs", args.epochs), ("seed", args.seed), ("lr", args.lr))
     overrides = {k: v for k, v in pairs if v is not None}
-    fam, res = train_recipe(args.family, device=args.device, progress=not args.no_progress,
-                            data_root=args.data, **overrides)  # fmt: skip
+    out = args.out or f"{args.family}-family"
+    resumed = _saved_epoch(out) if args.resume else None
+    try:
+        fam, res = train_recipe(args.family, device=device,
+                                progress=not args.no_progress and dist.is_main,
+                                data_root=args.data, dist=dist, checkpoint=out,
+                                resume=args.resume, **overrides)  # fmt: skip
+    except PeerLost as e:
+        print(f"flowcodec train-family: error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        dist.close()
+    if not dist.is_main:
+        return 0
     fam.to("cpu")
-    hw = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
-    path = save_family(fam, args.out or f"{args.family}-family", res, hardware=hw,
-                       **overrides)  # fmt: skip
+    hw = torch.cuda.get_device_name(0) if device.startswith("cuda") else "CPU"
+    if dist.world > 1:
+        hw = f"{dist.world} x {hw} (torchrun, DDP)"
+        overrides["ranks"] = dist.world
+    if resumed:
+        overrides["resumed_from_epoch"] = resumed
+    path = save_family(fam, out, res, hardware=hw, **overrides)
+    for f in state_paths(out):  # finished: nothing left to resume
+        f.unlink(missing_ok=True)
     print(_table(_member_rows(fam, res.accuracies), ["member", "test acc %", "params", "MFLOPs"]))
     print(f"trained in {res.seconds:.1f} s on {hw}; saved {path}")
     return 0
+
+
+def _saved_epoch(out) -> int | None:
+    """The last completed epoch of the training state at ``out`` (None: no state)."""
+    from flowcodec.scale.ddp import state_paths
+
+    meta = state_paths(out)[1]
+    try:
+        return int(json.loads(meta.read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def cmd_info(args) -> int:
@@ -214,7 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None, help="override the recipe's peak lr")
     t.add_argument("--device", default="cpu", help="cpu (default) or cuda:0")
     t.add_argument("--out", default=None,
-                   help="checkpoint path without suffix (default FAMILY-family)")
+                   help="checkpoint path without suffix (default FAMILY-family); the training "
+                        "state after each epoch goes to OUT.state.* (for --resume), removed "
+                        "when training ends")  # fmt: skip
+    t.add_argument("--resume", action="store_true",
+                   help="continue from OUT.state.* (the last completed epoch) if it exists")
     common(t)
     t.set_defaults(func=cmd_train_family)
 
@@ -240,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     from flowcodec import snr as _snr
 
     _snr.add_parser(sub)
+
+    from flowcodec.scale import train_codec_cmd
+
+    train_codec_cmd.add_parser(sub)  # train-codec (docs/scale.md)
 
     from flowcodec.serve import cli as _serve
 

@@ -105,6 +105,7 @@ def train_codec(
     temperature: float = 2.0,
     views: int = 0,
     cache: list | None = None,
+    dist=None,
 ) -> CodecTrainResult:
     """Train ``codec`` at split ``point`` of ``family`` for the tail of ``member``.
 
@@ -116,9 +117,14 @@ def train_codec(
     on the true features; ``views`` caches that many augmented copies of the frozen part's
     outputs (see the module notes); ``cache`` passes such copies made earlier by
     :func:`cache_views` (for several codecs at the same split, or saved to disk). The codec
-    is left in eval mode on ``device``.
+    is left in eval mode on ``device``. ``dist`` (a :class:`flowcodec.scale.ddp.Dist`, from
+    ``from_env()`` under torchrun): this process trains on its share of every global batch
+    with DistributedDataParallel; rank 0 draws the progress bar (docs/scale.md).
     """
     from flowcodec.progress import tqdm
+    from flowcodec.scale.ddp import Dist
+
+    dist = dist or Dist()
 
     if epochs < 1 or lam < 0 or beta < 0 or kd < 0 or views < 0 or temperature <= 0:
         raise ConfigError("epochs must be >= 1, lam, beta, kd and views >= 0, temperature > 0")
@@ -147,7 +153,9 @@ def train_codec(
     warmup = min(200, total // 10)
     res = CodecTrainResult()
     step = 0
-    bar = tqdm(total=total, desc=f"train {codec.name}", disable=not progress, leave=False)
+    model = dist.wrap(codec)  # the aux loss reaches the quantiles in the same backward
+    bar = tqdm(total=total, desc=f"train {codec.name}", disable=not progress or not dist.is_main,
+               leave=False)  # fmt: skip
     epoch = 0
     t_cache = time.perf_counter()
     if cache is None and views:
@@ -168,7 +176,8 @@ def train_codec(
             for g in opt.param_groups[:1]:
                 g["lr"] = _lr_at(step, total, lr, warmup)
             fp = float(torch.rand((), generator=gen)) * flip_prob if flip_prob else 0.0
-            out = codec(h, drop_prob=drop_prob, flip_prob=fp, generator=gen)
+            h, y, t_logits = dist.shard(h, y, t_logits)
+            out = model(h, drop_prob=drop_prob, flip_prob=fp, generator=gen)
             logits = tail(out.features)
             task = F.cross_entropy(logits, y)
             kd_loss = _kd_loss(logits, t_logits, temperature) if kd else torch.zeros(())
@@ -188,12 +197,18 @@ def train_codec(
             step += 1
             bar.update(1)
         epoch += 1
+        if dist.active:  # the epoch's means over every rank's samples
+            keys = list(sums)
+            tot = dist.all_sum([sums[k] for k in keys] + [float(seen)])
+            sums, seen = dict(zip(keys, tot[:-1])), int(tot[-1])
         rec = {"epoch": epoch, **{k: v / max(1, seen) for k, v in sums.items()},
                "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
         res.history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", kbits=f"{rec['kbits']:.2f}")
         if time_budget is not None and epoch == 1 and step < total:
             per_epoch = time.perf_counter() - start
+            if dist.active:  # every rank must stop at the same step
+                per_epoch = max(dist.all_max([per_epoch]))
             fit = max(1, int(time_budget / max(per_epoch, 1e-6)))
             new_total = min(total, fit * steps_per_epoch)
             if new_total < total:

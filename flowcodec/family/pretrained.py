@@ -58,8 +58,12 @@ def save_family(family: EarlyExitFamily, path: str | os.PathLike, result: TrainR
 
 
 def train_recipe(name: str, device: str = "cpu", progress: bool = True, data_root=None,
+                 dist=None, checkpoint=None, resume: bool = False,
                  **overrides) -> tuple[EarlyExitFamily, TrainResult]:  # fmt: skip
-    """Train family ``name`` with its recipe (``overrides`` change TrainConfig fields)."""
+    """Train family ``name`` with its recipe (``overrides`` change TrainConfig fields).
+
+    ``dist``, ``checkpoint`` and ``resume`` are passed to :func:`train_family` (training
+    under torchrun, and resuming from the last saved epoch)."""
     if name not in RECIPES:
         raise ConfigError(f"no recipe for family {name!r}; known: {sorted(RECIPES)}")
     kwargs = {"root": data_root} if name == "cifar10" else {}
@@ -68,7 +72,8 @@ def train_recipe(name: str, device: str = "cpu", progress: bool = True, data_roo
                          "progress": progress})  # fmt: skip
     torch.manual_seed(cfg.seed)  # the initial weights too: same seed, same family
     fam = build_family(name, **RECIPES[name]["family"])
-    return fam, train_family(fam, train, test, cfg)
+    return fam, train_family(fam, train, test, cfg, dist=dist, checkpoint=checkpoint,
+                             resume=resume)  # fmt: skip
 
 
 def load_pretrained(name: str, train_if_missing: bool | None = None, progress: bool = True,

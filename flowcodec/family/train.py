@@ -83,10 +83,24 @@ def train_family(
     train: ArrayDataset,
     test: ArrayDataset | None = None,
     config: TrainConfig | None = None,
+    dist=None,
+    checkpoint=None,
+    resume: bool = False,
+    on_epoch=None,
 ) -> TrainResult:
-    """Train all exits jointly; returns test accuracy per member (if ``test`` is given)."""
-    from flowcodec.progress import tqdm
+    """Train all exits jointly; returns test accuracy per member (if ``test`` is given).
 
+    ``dist`` (a :class:`flowcodec.scale.ddp.Dist`, from ``from_env()`` under torchrun):
+    this process trains its share of every global batch in DistributedDataParallel; rank 0
+    draws the progress bar and writes the state. ``checkpoint`` (a path without suffix):
+    the training state is written there after every epoch; with ``resume`` a saved state
+    is loaded and training continues after its last epoch (docs/scale.md).
+    ``on_epoch(record)`` is called after every epoch with its history record.
+    """
+    from flowcodec.progress import tqdm
+    from flowcodec.scale.ddp import Dist, load_state, save_state
+
+    dist = dist or Dist()
     cfg = config or TrainConfig()
     weights = cfg.exit_weights or [1.0] * family.num_members
     if len(weights) != family.num_members:
@@ -116,13 +130,39 @@ def train_family(
     wsum = sum(weights)
     history = []
     start = time.perf_counter()
-    bar = tqdm(total=total, desc="train family", disable=not cfg.progress, leave=False)
-    for epoch in range(cfg.epochs):
+    first = 0
+    if checkpoint is not None and resume:
+        saved = load_state(checkpoint, family, opt, sched, gen)
+        if saved is not None:
+            first, history = int(saved["epoch"]), list(saved["history"])
+    model = dist.wrap(family)
+    bar = tqdm(total=total, initial=first * steps_per_epoch, desc="train family",
+               disable=not cfg.progress or not dist.is_main, leave=False)  # fmt: skip
+    try:
+        _epochs(first, cfg, train, gen, dev, dist, model, family, weights, wsum, crit, use_amp,
+                opt, sched, bar, history, checkpoint, on_epoch, save_state)  # fmt: skip
+    except RuntimeError as e:
+        from flowcodec.scale.ddp import PeerLost, lost_message
+
+        if not dist.active or isinstance(e, PeerLost):
+            raise
+        raise PeerLost(lost_message(dist, e)) from e  # a collective failed: a rank stopped
+    bar.close()
+    seconds = time.perf_counter() - start
+    accs = evaluate_family(family, test, device=dev) if test is not None else []
+    family.eval()
+    return TrainResult(accs, seconds, history)
+
+
+def _epochs(first, cfg, train, gen, dev, dist, model, family, weights, wsum, crit, use_amp,
+            opt, sched, bar, history, checkpoint, on_epoch, save_state) -> None:  # fmt: skip
+    for epoch in range(first, cfg.epochs):
         run_loss, seen = 0.0, 0
         for x, y in train.batches(cfg.batch_size, shuffle=True, train=True, generator=gen,
                                   device=dev):  # fmt: skip
+            x, y = dist.shard(x, y)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                outs = family(x)
+                outs = model(x)
                 loss = sum(w * crit(o.float(), y) for w, o in zip(weights, outs)) / wsum
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -131,11 +171,13 @@ def train_family(
             run_loss += loss.item() * len(y)
             seen += len(y)
             bar.update(1)
+        run_loss, seen = dist.all_sum([run_loss, float(seen)])
         rec = {"epoch": epoch + 1, "loss": run_loss / seen}
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
-    bar.close()
-    seconds = time.perf_counter() - start
-    accs = evaluate_family(family, test, device=dev) if test is not None else []
-    family.eval()
-    return TrainResult(accs, seconds, history)
+        if checkpoint is not None and dist.is_main:
+            save_state(checkpoint, family, opt, sched, gen, epoch + 1, history,
+                       {"world": dist.world})  # fmt: skip
+        dist.barrier()
+        if on_epoch is not None:
+            on_epoch(rec)
