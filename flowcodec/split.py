@@ -8,6 +8,16 @@ naming the reason: no such module, the module is called more than once, the mode
 cannot be traced, or a value other than the module's output crosses the cut (a skip
 connection around it).
 
+Transformers: cuts between the layers of ``nn.TransformerEncoder`` are traced through a
+layer-by-layer form of its forward (its own has data-dependent control flow);
+``leaf_modules=`` keeps any other untraceable submodule whole. The split reports the
+*layout* of what crosses (:data:`LAYOUTS`: ``"chw"``, ``"hwc"``, ``"tokens"``,
+``"vector"``, ``"other"``), read from the last module with weights before the cut (a
+convolution or batch norm: channels first; a linear layer or layer norm: channels last),
+and ``split.feature_shape`` carries it (:class:`FeatureShape`), so codecs built on it check
+it. Channels-last maps (swin's ``(H, W, C)``) are moved channels-first at the cut by
+default, an exact permute on each side.
+
 :func:`train_codec` trains any :class:`~flowcodec.codecs.FeatureCodec` at the cut against
 the model's own outputs (distillation; cross-entropy when labels are given), and
 :meth:`SplitModel.flow` runs the coded model over any link with per-sample traces.
@@ -28,38 +38,120 @@ True
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
 from flowcodec.errors import ConfigError, SplitError
 
-__all__ = ["SplitModel", "split_model", "train_codec", "CodecTrainResult"]
+__all__ = ["SplitModel", "split_model", "train_codec", "CodecTrainResult", "FeatureShape",
+           "LAYOUTS", "layout_of"]  # fmt: skip
+
+#: Feature layouts a split reports (per sample, no batch axis).
+LAYOUTS = {
+    "chw": "channels-first map (C, H, W)",
+    "hwc": "channels-last map (H, W, C)",
+    "tokens": "token sequence (N, D)",
+    "vector": "one vector (D,)",
+    "other": "anything else (channels first along axis 0)",
+}
+
+
+class FeatureShape(tuple):
+    """A per-sample feature shape that also says its :data:`LAYOUTS` entry.
+
+    It compares and hashes as the plain tuple, so ``split.feature_shape == (128, 8, 8)``;
+    codecs built on it (``build_codec(name, split.feature_shape)``) read ``layout`` and
+    refuse a layout they cannot code instead of guessing the channel axis.
+
+    >>> s = FeatureShape((8, 8, 192), "hwc")
+    >>> s == (8, 8, 192), s.layout
+    (True, 'hwc')
+    """
+
+    layout: str
+
+    def __new__(cls, shape, layout: str):
+        if layout not in LAYOUTS:
+            raise ConfigError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+        self = super().__new__(cls, (int(d) for d in shape))
+        self.layout = layout
+        return self
+
+    def __repr__(self) -> str:
+        return f"FeatureShape({tuple(self)}, layout={self.layout!r})"
+
+    def __getnewargs__(self):
+        return (tuple(self), self.layout)
+
+
+def layout_of(feature_shape) -> str | None:
+    """The layout ``feature_shape`` declares (a :class:`FeatureShape`), or None."""
+    return getattr(feature_shape, "layout", None)
+
+
+def _encoder_forward(tracer: fx.Tracer, enc: nn.TransformerEncoder, args, kwargs):
+    """``nn.TransformerEncoder.forward`` written out layer by layer for tracing.
+
+    Its own forward checks masks and the nested-tensor fast path with data-dependent
+    branches; without a mask or padding mask it computes ``norm(layer_n(...layer_1(src)))``,
+    which is what is traced here (each layer one call, so cuts between layers work).
+    """
+    names = ("src", "mask", "src_key_padding_mask", "is_causal")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    extra = [k for k, v in bound.items() if k != "src" and v is not None and v is not False]
+    if extra:
+        raise SplitError(f"cannot cut inside nn.TransformerEncoder called with {extra}: "
+                         "only the mask-free call (encoder(src)) is traced layer by layer; "
+                         "keep it whole with leaf_modules=[...] and cut before or after it")
+    x = bound["src"]
+    for layer in enc.layers:
+        x = tracer.call_module(layer, layer.forward, (x,), {})
+    if enc.norm is not None:
+        x = tracer.call_module(enc.norm, enc.norm.forward, (x,), {})
+    return x
 
 
 class _CutTracer(fx.Tracer):
-    """Keeps the module being cut at as one call; everything else traces as usual."""
+    """Keeps the module being cut at as one call (and ``leaf_modules``); traces into the
+    parents of the cut, ``nn.TransformerEncoder`` layer by layer."""
 
-    def __init__(self, at: str) -> None:
+    def __init__(self, at: str, leaf_names: frozenset = frozenset(),
+                 leaf_types: tuple = ()) -> None:  # fmt: skip
         super().__init__()
         self.at = at
+        self.leaf_names, self.leaf_types = leaf_names, leaf_types
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname == self.at:
             return True
         if self.at.startswith(qualname + "."):
             return False  # trace into the parents of the cut
+        if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
         return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if isinstance(m, nn.TransformerEncoder) and not self.is_leaf_module(
+                m, self.path_of_module(m)):  # fmt: skip
+            return _encoder_forward(self, m, args, kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
 
 @dataclass
 class SplitModel:
     """A model cut in two: ``head`` (device) and ``tail`` (receiver).
 
-    ``feature_shape`` is the per-sample shape of what crosses the cut, ``input_shape``
-    that of the inputs it was traced with.
+    ``feature_shape`` is the per-sample shape of what crosses the cut (a
+    :class:`FeatureShape`: its ``layout`` is also ``split.layout``), ``input_shape`` that
+    of the inputs it was traced with. ``native_layout`` is the layout the model itself
+    produces at the cut: ``"hwc"`` with ``layout == "chw"`` means the split moved the
+    channel axis first (an exact permute at the end of the head and its inverse at the
+    start of the tail).
     """
 
     head: nn.Module
@@ -67,6 +159,12 @@ class SplitModel:
     feature_shape: tuple[int, ...]
     input_shape: tuple[int, ...]
     at: str
+    native_layout: str = field(default="other")
+
+    @property
+    def layout(self) -> str:
+        """The :data:`LAYOUTS` entry of what crosses the cut."""
+        return layout_of(self.feature_shape) or "other"
 
     def as_family(self):
         """A two-stage :class:`~flowcodec.family.EarlyExitFamily` (head, tail) whose last
@@ -104,13 +202,36 @@ def _split_sequential(model: nn.Sequential, at: str) -> tuple[nn.Module, nn.Modu
     return model[: i + 1], model[i + 1 :]
 
 
-def _split_fx(model: nn.Module, at: str) -> tuple[nn.Module, nn.Module]:
+def _leaves(model: nn.Module, at: str, leaf_modules) -> tuple[frozenset, tuple]:
+    names, types = set(), []
+    for item in leaf_modules or ():
+        if isinstance(item, type) and issubclass(item, nn.Module):
+            types.append(item)
+        elif isinstance(item, str):
+            _check_name(model, item)
+            if at.startswith(item + "."):
+                raise SplitError(f"leaf_modules holds {item!r}, which contains the cut {at!r}: "
+                                 "a module kept whole cannot be cut inside")  # fmt: skip
+            names.add(item)
+        else:
+            raise SplitError(f"leaf_modules takes module names or nn.Module classes, got "
+                             f"{item!r}")  # fmt: skip
+    return frozenset(names), tuple(types)
+
+
+def _split_fx(model: nn.Module, at: str, leaf_modules=None) -> tuple[nn.Module, nn.Module]:
+    names, types = _leaves(model, at, leaf_modules)
     try:
-        graph = _CutTracer(at).trace(model)
+        graph = _CutTracer(at, names, types).trace(model)
+    except SplitError:
+        raise
     except Exception as e:  # fx raises many kinds (TraceError, TypeError, ...)
         raise SplitError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "
-            "data-dependent control flow prevents a graph cut"
+            "data-dependent control flow prevents a graph cut. If it is inside a submodule "
+            "the cut does not need to enter, keep that submodule whole: "
+            "split_model(..., leaf_modules=['name.of.module'] or [ModuleClass]); cuts "
+            "between the layers of nn.TransformerEncoder work as they are"
         ) from e
     nodes = list(graph.nodes)
     cuts = [n for n in nodes if n.op == "call_module" and n.target == at]
@@ -168,13 +289,91 @@ class _Preserved:
             p.requires_grad_(flag)
 
 
-def split_model(model: nn.Module, at: str, example_input: torch.Tensor) -> SplitModel:
+_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+          nn.modules.instancenorm._InstanceNorm)  # fmt: skip
+_LAST = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention, nn.TransformerEncoderLayer,
+         nn.TransformerDecoderLayer)  # fmt: skip
+
+
+def _channel_axis(model: nn.Module, head: nn.Module, x: torch.Tensor, feat: torch.Tensor):
+    """``"first"``, ``"last"`` or None: the channel axis of ``feat`` as the last module with
+    weights that ran in ``head(x)`` sees it, when that module's output is ``feat``'s shape."""
+    seen: list = []
+
+    def hook(m, _inp, out):
+        if isinstance(out, tuple) and out:  # attention returns (output, weights)
+            out = out[0]
+        if isinstance(out, torch.Tensor):
+            seen.append((m, tuple(out.shape)))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if any(True for _ in m.parameters(recurse=False)) or isinstance(m, _LAST)]
+    try:
+        head(x)
+    finally:
+        for h in handles:
+            h.remove()
+    for m, shape in reversed(seen):
+        if isinstance(m, _FIRST + _LAST):
+            if shape != tuple(feat.shape):
+                return None
+            return "first" if isinstance(m, _FIRST) else "last"
+    return None
+
+
+def _layout(axis: str | None, shape: tuple[int, ...], at: str) -> str:
+    nd = len(shape)
+    if nd == 1:
+        return "vector"
+    if axis is None:
+        guess = {2: "tokens", 3: "chw"}.get(nd, "other")
+        if nd in (2, 3):
+            warnings.warn(f"split at {at!r}: cannot tell the channel axis of features {shape} "
+                          f"(no convolution, norm or linear layer ends the head); assuming "
+                          f"{LAYOUTS[guess]}; pass layout= to split_model to say which",
+                          stacklevel=3)  # fmt: skip
+        return guess
+    if nd == 2:
+        return "tokens" if axis == "last" else "other"
+    if nd == 3:
+        return "hwc" if axis == "last" else "chw"
+    return "other"
+
+
+class _Permute(nn.Module):
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(*self.dims)
+
+
+def split_model(model: nn.Module, at: str, example_input: torch.Tensor,
+                leaf_modules: Iterable | None = None, layout: str | None = None,
+                channels_first: bool = True) -> SplitModel:  # fmt: skip
     """Cut ``model`` right after module ``at``; ``example_input`` ``(B, ...)`` fixes shapes.
 
     ``model`` is not changed: its modules keep their modes and parameters their
     ``requires_grad`` flags (the head and tail share its modules and weights).
     Raises :class:`SplitError` when the cut cannot be made (the message says why),
     including when ``example_input`` has no batch dimension.
+
+    Parameters
+    ----------
+    leaf_modules : iterable of str or nn.Module classes, optional
+        Submodules (by name or class) that torch.fx keeps as one call instead of tracing
+        into them: the way past data-dependent control flow inside a submodule the cut
+        does not enter. ``nn.TransformerEncoder`` needs nothing: cuts between its layers
+        are traced through a layer-by-layer form of its forward.
+    layout : str, optional
+        The :data:`LAYOUTS` entry of the features at the cut, if the detected one is wrong
+        (it is read from the last module with weights before the cut).
+    channels_first : bool
+        Move channels-last maps ``(H, W, C)`` channels-first at the cut (exact: a permute
+        closes the head and its inverse opens the tail), so the ``(C, H, W)`` codecs apply;
+        ``split.native_layout`` stays ``"hwc"``. With False the split keeps ``(H, W, C)``,
+        which the token codecs take as ``H * W`` tokens.
     """
     if not isinstance(model, nn.Module):
         raise SplitError(f"expected an nn.Module, got {type(model).__name__}")
@@ -182,11 +381,14 @@ def split_model(model: nn.Module, at: str, example_input: torch.Tensor) -> Split
         raise SplitError("example_input must be a batched tensor (B, ...)")
     if example_input.shape[0] == 0:
         raise SplitError("example_input is an empty batch; give at least one sample (B >= 1)")
+    if layout is not None and layout not in LAYOUTS:
+        raise SplitError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
     _check_name(model, at)
-    if isinstance(model, nn.Sequential) and at in dict(model.named_children()):
+    if isinstance(model, nn.Sequential) and at in dict(model.named_children()) \
+            and not leaf_modules:  # fmt: skip
         head, tail = _split_sequential(model, at)
     else:
-        head, tail = _split_fx(model, at)
+        head, tail = _split_fx(model, at, leaf_modules)
     b = example_input.shape[0]
     with _Preserved(model), torch.no_grad():
         model.eval()
@@ -204,6 +406,7 @@ def split_model(model: nn.Module, at: str, example_input: torch.Tensor) -> Split
             h2 = head(torch.cat([example_input, example_input]))
         except Exception as e:  # the model rejects a doubled first axis: it is not a batch
             h2 = e
+        axis = _channel_axis(model, head, example_input, h) if layout is None else None
     if (h.ndim < 1 or h.shape[0] != b or not isinstance(h2, torch.Tensor)
             or tuple(h2.shape) != (2 * b, *h.shape[1:])):  # fmt: skip
         raise SplitError(
@@ -211,7 +414,15 @@ def split_model(model: nn.Module, at: str, example_input: torch.Tensor) -> Split
             f"axis must be the batch (B, ...), e.g. x.unsqueeze(0) for one sample "
             f"(head output {tuple(h.shape)} for it)"
         )
-    return SplitModel(head, tail, tuple(h.shape[1:]), tuple(example_input.shape[1:]), at)
+    shape = tuple(h.shape[1:])
+    native = layout or _layout(axis, shape, at)
+    if native == "hwc" and channels_first:
+        head = nn.Sequential(head, _Permute(0, 3, 1, 2))
+        tail = nn.Sequential(_Permute(0, 2, 3, 1), tail)
+        return SplitModel(head, tail, FeatureShape((shape[2], shape[0], shape[1]), "chw"),
+                          tuple(example_input.shape[1:]), at, native)  # fmt: skip
+    return SplitModel(head, tail, FeatureShape(shape, native), tuple(example_input.shape[1:]),
+                      at, native)  # fmt: skip
 
 
 @dataclass
@@ -293,7 +504,10 @@ def train_codec(
                           f"beta={beta!r}, lr={lr!r}, temperature={temperature!r}")
     params = [p for p in codec.parameters() if p.requires_grad]
     if not params:
-        raise ConfigError("the codec has no trainable parameters")
+        raise ConfigError(f"codec {getattr(codec, 'name', type(codec).__name__)!r} has no "
+                          "trainable parameters, so there is nothing to train: use it as it is "
+                          "(codec.fit(features) sets its statistics), or train a learned codec "
+                          "('factorized', 'hyperprior', or 'token-prune' for token features)")
     with _Preserved(split.head, split.tail):
         for m in (split.head, split.tail):
             m.eval()

@@ -96,13 +96,22 @@ class FeatureCodec(nn.Module):
     name: str = "base"
     encoder_site: str = "device"
     decoder_site: str = "receiver"
+    #: Feature layouts (``flowcodec.split.LAYOUTS``) the codec can code; None: any. A
+    #: ``feature_shape`` that declares another layout (``split.feature_shape`` does) is
+    #: refused, so a codec never takes the wrong axis for the channels.
+    layouts: tuple[str, ...] | None = None
 
     def __init__(self, feature_shape: Sequence[int]) -> None:
         super().__init__()
         shape = tuple(int(d) for d in feature_shape)
         if not shape or any(d <= 0 for d in shape):
             raise ConfigError(f"feature_shape must be positive ints, got {feature_shape!r}")
+        layout = getattr(feature_shape, "layout", None)
+        if layout is not None and self.layouts is not None and layout not in self.layouts:
+            raise ConfigError(_layout_refusal(self.name, shape, layout, self.layouts))
         self.feature_shape = shape
+        #: the declared layout, or the codec's own when ``feature_shape`` declares none
+        self.layout = layout or (self.layouts[0] if self.layouts else None)
         # Value used where a packet was lost (per element); set by ``fit`` from training
         # features (their mean), zeros until then.
         self.register_buffer("conceal", torch.zeros(shape))
@@ -204,6 +213,16 @@ class FeatureCodec(nn.Module):
 
         enc = self.encoder
         return 0 if enc is None else count_flops(enc, self.feature_shape)
+
+
+def _layout_refusal(name: str, shape: tuple, layout: str, layouts: tuple) -> str:
+    hint = {
+        "hwc": "split_model(..., channels_first=True) moves the channels first at the cut "
+               "(exactly), or a token codec ('token-prune') takes (H, W, C) as H*W tokens",
+        "tokens": "use a token codec ('token-prune'), or 'raw' / 'quant'",
+    }.get(layout, "pass features in a layout it takes")
+    return (f"codec {name!r} codes layouts {list(layouts)}, but the features {shape} are "
+            f"{layout!r}; {hint}")
 
 
 CODECS: dict[str, Callable[..., FeatureCodec]] = {}

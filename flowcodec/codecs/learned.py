@@ -98,6 +98,8 @@ class LearnedCodec(FeatureCodec):
         (training without CompressAI installed; same state-dict keys).
     """
 
+    layouts = ("chw",)
+
     def __init__(self, feature_shape: Sequence[int], latent: int = 32, hidden: int = 64,
                  packets: int = 1, nonneg: bool = True, backend: str = "auto") -> None:  # fmt: skip
         super().__init__(feature_shape)

@@ -213,6 +213,8 @@ class PCACodec(_Quantised):
     True
     """
 
+    layouts = ("chw",)
+
     def __init__(self, feature_shape: Sequence[int], rank: int = 8, bits: int = 6,
                  packets: int = 1, level: int = 10, percentile: float = 0.1) -> None:  # fmt: skip
         shape = tuple(int(d) for d in feature_shape)
@@ -220,7 +222,7 @@ class PCACodec(_Quantised):
             raise ConfigError(f"pca needs (C, H, W) features, got {shape}")
         if not 1 <= rank <= shape[0]:
             raise ConfigError(f"rank must be in 1..{shape[0]}, got {rank}")
-        super().__init__(shape, bits, packets, level, rank, percentile)
+        super().__init__(feature_shape, bits, packets, level, rank, percentile)
         self.rank = int(rank)
         self.register_buffer("mean", torch.zeros(shape[0]))
         self.register_buffer("components", torch.eye(shape[0])[:rank].clone())  # (rank, C)

@@ -243,6 +243,8 @@ class TaskCodec(FeatureCodec):
         Entropy-model implementation (both give the same tables; see ``entropy``).
     """
 
+    layouts = ("chw",)
+
     def __init__(self, feature_shape: Sequence[int], latent: int = 32,
                  stem: Sequence[Sequence] | None = None, hidden: int = 512, rates: int = 5,
                  packets: int = 1, nonneg: bool = True, backend: str = "auto",

@@ -1,0 +1,347 @@
+"""Token codecs: compress token features ``(N, D)`` (a transformer's hidden state) by
+sending only the tokens that matter, entropy-coded.
+
+:class:`TokenPruneCodec` (``"token-prune"``):
+
+- a learned scorer rates every token; the tokens whose score is above ``threshold`` are
+  kept (the first, a class token, always when ``keep_first``), so the kept count varies
+  per sample;
+- each kept token is mapped to a small latent (``latent`` values), quantised and
+  rANS-coded with a factorized entropy model (an ``EntropyBottleneck`` over the latent
+  channels);
+- token ``i`` travels in packet ``i % packets``; each packet starts with the positions of
+  its kept tokens (:func:`encode_positions`: the count, then the subset's rank among all
+  subsets of that size, in ``ceil(log2(n + 1)) + ceil(log2 C(n, k))`` bits), followed by
+  the rANS payload of their latents. A packet decodes on its own, so a lost packet loses
+  its tokens, not the sample;
+- at the receiver, every position whose token was pruned or lost gets a learned fill
+  vector for that position, so the tail sees ``N`` tokens in the order it expects.
+
+Channels-last maps ``(H, W, C)`` (swin) are taken as ``H * W`` tokens of width ``C``.
+``forward(h, drop_prob=0.0, generator=None)`` is differentiable: the keep decision is a
+hard threshold with a straight-through sigmoid gradient, and the rate estimate counts the
+kept tokens' latent bits plus the exact position bits.
+
+Example
+-------
+>>> import torch
+>>> codec = TokenPruneCodec((17, 32), latent=8, packets=2).eval()
+>>> out = codec(torch.randn(3, 17, 32))
+>>> tuple(out.features.shape), tuple(out.bits.shape)
+((3, 17, 32), (3,))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from flowcodec.bitstream import Bitstream, BitstreamError, TensorSpec
+from flowcodec.codecs.base import CodecOutput, FeatureCodec, register_codec
+from flowcodec.codecs.entropy import (
+    _decode_planned,
+    _IndexPlan,
+    _tables,
+    eb_symbols,
+    entropy_bottleneck,
+    rans_encode,
+)
+from flowcodec.errors import ConfigError
+
+__all__ = ["TokenPruneCodec", "encode_positions", "decode_positions", "position_bits",
+           "MAX_TOKENS"]  # fmt: skip
+
+#: Largest token count a token codec takes (bounds every position code).
+MAX_TOKENS = 1 << 14
+
+
+# --- position coding -----------------------------------------------------------------------
+def _count_bits(n: int) -> int:
+    return n.bit_length()  # k in 0..n
+
+
+def position_bits(k: int, n: int) -> int:
+    """Bits of the position code of ``k`` kept positions among ``n`` (before byte padding)."""
+    return _count_bits(n) + (math.comb(n, k) - 1).bit_length()
+
+
+def encode_positions(positions: Sequence[int], n: int) -> bytes:
+    """Code a set of distinct positions in ``0..n-1`` as bytes.
+
+    The count ``k`` takes ``bit_length(n)`` bits, then the set's rank among the
+    ``C(n, k)`` sets of that size (combinatorial number system) takes
+    ``bit_length(C(n, k) - 1)`` bits, packed big-endian into whole bytes. The code is
+    self-delimiting: :func:`decode_positions` returns how many bytes it used.
+    """
+    if not 1 <= n <= MAX_TOKENS:
+        raise ConfigError(f"position range n must be in 1..{MAX_TOKENS}, got {n}")
+    pos = sorted(int(p) for p in positions)
+    if len(set(pos)) != len(pos) or (pos and (pos[0] < 0 or pos[-1] >= n)):
+        raise ConfigError(f"positions must be distinct values in 0..{n - 1}, got {positions}")
+    k = len(pos)
+    rank = sum(math.comb(p, j + 1) for j, p in enumerate(pos))
+    rb = (math.comb(n, k) - 1).bit_length()
+    total = _count_bits(n) + rb
+    nbytes = -(-total // 8)
+    value = ((k << rb) | rank) << (8 * nbytes - total)
+    return value.to_bytes(nbytes, "big")
+
+
+def decode_positions(data: bytes, n: int) -> tuple[list[int], int]:
+    """Inverse of :func:`encode_positions`: ``(sorted positions, bytes used)``.
+
+    Raises :class:`BitstreamError` when ``data`` is too short, holds a count above ``n``
+    or a rank outside ``0..C(n, k) - 1``, or its padding bits are not zero (so every set
+    has exactly one code).
+    """
+    if not 1 <= n <= MAX_TOKENS:
+        raise ConfigError(f"position range n must be in 1..{MAX_TOKENS}, got {n}")
+    kb = _count_bits(n)
+    head = -(-kb // 8)
+    if len(data) < head:
+        raise BitstreamError(f"position code needs {head} bytes, got {len(data)}")
+    k = int.from_bytes(data[:head], "big") >> (8 * head - kb)
+    if k > n:
+        raise BitstreamError(f"position code says {k} tokens of {n}")
+    rb = (math.comb(n, k) - 1).bit_length()
+    total = kb + rb
+    nbytes = -(-total // 8)
+    if len(data) < nbytes:
+        raise BitstreamError(f"position code needs {nbytes} bytes, got {len(data)}")
+    word = int.from_bytes(data[:nbytes], "big")
+    pad = 8 * nbytes - total
+    if word & ((1 << pad) - 1):
+        raise BitstreamError("position code has nonzero padding bits")
+    rank = (word >> pad) & ((1 << rb) - 1)
+    if rank >= math.comb(n, k):
+        raise BitstreamError(f"position rank {rank} is out of range for {k} of {n}")
+    out = []
+    c = n
+    for j in range(k, 0, -1):  # largest c with C(c, j) <= rank, then the next from below
+        c -= 1
+        while math.comb(c, j) > rank:
+            c -= 1
+        out.append(c)
+        rank -= math.comb(c, j)
+    return out[::-1], nbytes
+
+
+# --- the codec -----------------------------------------------------------------------------
+class _TokenEncoder(nn.Module):
+    """What the device runs: the scorer and the latent transform, per token."""
+
+    def __init__(self, codec: TokenPruneCodec) -> None:
+        super().__init__()
+        self.scorer, self.g_a = codec.scorer, codec.g_a
+        self.n, self.d = codec.n_tokens, codec.width
+
+    def forward(self, h):
+        t = h.reshape(h.shape[0], self.n, self.d)
+        return self.scorer(t), self.g_a(t)
+
+
+@register_codec("token-prune")
+class TokenPruneCodec(FeatureCodec):
+    """Importance-based token pruning with a factorized entropy model over kept tokens.
+
+    Inputs: ``h`` float ``(B, N, D)`` (or ``(B, H, W, C)``, taken as ``H * W`` tokens).
+    ``forward`` returns a :class:`CodecOutput` (features of the input's shape, estimated
+    bits ``(B,)``, likelihoods ``{"y": (B, latent, N)}``, and ``kept``, a bool
+    ``(B, N)`` of the tokens sent, as the attribute ``codec.last_kept``). ``compress``
+    returns ``B`` streams of ``packets`` packets (after ``update()``); ``decompress``
+    returns float32 features with pruned and lost tokens replaced by the learned fill.
+
+    Parameters
+    ----------
+    feature_shape : (N, D) or (H, W, C)
+        Token features (layout ``"tokens"``) or a channels-last map (``"hwc"``).
+    latent : int
+        Latent values per kept token.
+    hidden : int
+        Width of the scorer's, encoder's and decoder's hidden layers.
+    packets : int
+        Packets per sample; token ``i`` travels in packet ``i % packets``.
+    keep_first : bool
+        Always send token 0 (a class token).
+    threshold : float
+        Score logit above which a token is kept.
+    backend : {"auto", "compressai", "torch"}
+        Entropy-model implementation (see :mod:`flowcodec.codecs.entropy`).
+    """
+
+    layouts = ("tokens", "hwc")
+
+    def __init__(self, feature_shape: Sequence[int], latent: int = 16, hidden: int = 64,
+                 packets: int = 2, keep_first: bool = True, threshold: float = 0.0,
+                 backend: str = "auto") -> None:  # fmt: skip
+        super().__init__(feature_shape)
+        shape = self.feature_shape
+        if len(shape) not in (2, 3):
+            raise ConfigError(f"token-prune takes (N, D) tokens or an (H, W, C) map, got {shape}")
+        self.layout = "tokens" if len(shape) == 2 else "hwc"
+        self.n_tokens, self.width = math.prod(shape[:-1]), shape[-1]
+        if self.n_tokens > MAX_TOKENS:
+            raise ConfigError(f"token-prune takes at most {MAX_TOKENS} tokens, got {self.n_tokens}")
+        if latent < 1 or hidden < 1:
+            raise ConfigError("latent and hidden must be positive")
+        if not 1 <= packets <= self.n_tokens:
+            raise ConfigError(f"packets must be in 1..{self.n_tokens}, got {packets}")
+        if not math.isfinite(threshold):
+            raise ConfigError(f"threshold must be finite, got {threshold}")
+        self.latent, self.hidden, self.packets = int(latent), int(hidden), int(packets)
+        self.keep_first, self.threshold = bool(keep_first), float(threshold)
+        self.backend = backend
+        d = self.width
+        self.scorer = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden), nn.GELU(),
+                                    nn.Linear(hidden, 1))  # fmt: skip
+        nn.init.constant_(self.scorer[-1].bias, 2.0)  # start by keeping every token
+        self.g_a = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, latent))
+        self.g_s_in = nn.Linear(latent, hidden)
+        self.pos = nn.Parameter(torch.zeros(self.n_tokens, hidden))
+        self.g_s_out = nn.Sequential(nn.GELU(), nn.Linear(hidden, d))
+        self.fill = nn.Parameter(torch.zeros(self.n_tokens, d))
+        self.entropy_bottleneck = entropy_bottleneck(self.latent, backend)
+        self._plans: dict = {}
+
+    def config(self) -> dict:
+        return {**super().config(), "latent": self.latent, "hidden": self.hidden,
+                "packets": self.packets, "keep_first": self.keep_first,
+                "threshold": self.threshold}  # fmt: skip
+
+    @property
+    def encoder(self) -> nn.Module:
+        return _TokenEncoder(self)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Auxiliary loss fitting the entropy bottleneck's quantiles."""
+        return self.entropy_bottleneck.loss()
+
+    def update(self, force: bool = False) -> bool:
+        """Freeze the CDF tables; returns whether they changed."""
+        self._plans = {}
+        return bool(self.entropy_bottleneck.update(force=force))
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor) -> TokenPruneCodec:
+        """Set the concealment value and the fill tokens to the training features' mean."""
+        super().fit(features)
+        self.fill.copy_(self.conceal.reshape(self.n_tokens, self.width))
+        return self
+
+    # --- pieces ----------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return self.fill.device
+
+    def _tokens(self, h: torch.Tensor) -> torch.Tensor:
+        return h.reshape(h.shape[0], self.n_tokens, self.width)
+
+    def _keep(self, logits: torch.Tensor) -> torch.Tensor:
+        keep = logits > self.threshold
+        if self.keep_first:
+            keep[:, 0] = True
+        return keep
+
+    def _synth(self, y_hat: torch.Tensor) -> torch.Tensor:
+        """Latents ``(B, N, M)`` -> tokens ``(B, N, D)``."""
+        return self.g_s_out(self.g_s_in(y_hat) + self.pos)
+
+    def _candidates(self, p: int) -> range:
+        return range(p, self.n_tokens, self.packets)
+
+    def _position_bits(self, keep: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(keep.shape[0])
+        for b, row in enumerate(keep.tolist()):
+            for p in range(self.packets):
+                cand = self._candidates(p)
+                k = sum(row[i] for i in cand)
+                out[b] += 8 * -(-position_bits(k, len(cand)) // 8)
+        return out
+
+    def _medians(self) -> torch.Tensor:
+        return self.entropy_bottleneck.quantiles[:, 0, 1].detach()
+
+    # --- the three calls -------------------------------------------------------------------
+    def forward(self, h: torch.Tensor, drop_prob: float = 0.0, flip_prob: float = 0.0,
+                generator: torch.Generator | None = None) -> CodecOutput:  # fmt: skip
+        self.check_features(h)
+        t = self._tokens(h)
+        logits = self.scorer(t).squeeze(-1)
+        keep = self._keep(logits.detach())
+        soft = torch.sigmoid(logits - self.threshold)
+        m = keep.float() + soft - soft.detach()  # hard forward, sigmoid gradient
+        if self.keep_first:
+            m = torch.cat([torch.ones_like(m[:, :1]), m[:, 1:]], 1)
+        y_hat, lik = self.entropy_bottleneck(self.g_a(t).transpose(1, 2))  # (B, M, N)
+        tok_bits = -torch.log2(lik).sum(1)  # (B, N)
+        bits = (m * tok_bits).sum(1) + self._position_bits(keep).to(h.device)
+        if drop_prob > 0:
+            lost = torch.rand(len(h), self.packets, generator=generator) < drop_prob
+            idx = torch.arange(self.n_tokens) % self.packets
+            m = m * (~lost[:, idx]).to(m.device, m.dtype)
+        rec = self._synth(y_hat.transpose(1, 2))
+        out = m[..., None] * rec + (1 - m[..., None]) * self.fill
+        self.last_kept = keep
+        return CodecOutput(out.reshape(h.shape), bits, {"y": lik})
+
+    @torch.no_grad()
+    def compress(self, h: torch.Tensor) -> list[Bitstream]:
+        self.check_features(h)
+        t = self._tokens(h.to(self._device()).float())
+        keep = self._keep(self.scorer(t).squeeze(-1)).cpu()
+        sym = eb_symbols(self.entropy_bottleneck, self.g_a(t).transpose(1, 2)).cpu()  # B,M,N
+        tables = _tables(self.entropy_bottleneck)
+        header = self.make_header(tensors=[TensorSpec("float32", self.feature_shape)])
+        chan = torch.arange(self.latent, dtype=torch.int32)
+        out = []
+        for b in range(len(t)):
+            packets = []
+            for p in range(self.packets):
+                cand = self._candidates(p)
+                local = [j for j, i in enumerate(cand) if keep[b, i]]
+                data = encode_positions(local, len(cand))
+                if local:
+                    pos = torch.tensor([cand[j] for j in local])
+                    s = sym[b][:, pos].T  # (k, M), token-major
+                    data += rans_encode(self.entropy_bottleneck, s, chan.expand_as(s), tables)
+                packets.append(data)
+            out.append(Bitstream(header, packets))
+        return out
+
+    def _plan(self, tables, k: int) -> _IndexPlan:
+        plan = self._plans.get(k)
+        if plan is None:
+            idx = torch.arange(self.latent, dtype=torch.int32).expand(k, self.latent)
+            plan = self._plans[k] = _IndexPlan(tables, idx)
+        return plan
+
+    @torch.no_grad()
+    def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
+        self.check_streams(streams, self.packets)
+        tables = _tables(self.entropy_bottleneck)
+        n, m = self.n_tokens, self.latent
+        sym = torch.zeros(len(streams), n, m, dtype=torch.int32)
+        got = torch.zeros(len(streams), n, dtype=torch.bool)
+        for b, s in enumerate(streams):
+            for p, data in enumerate(s.packets):
+                if data is None:
+                    continue  # lost: its tokens get the fill
+                cand = self._candidates(p)
+                local, used = decode_positions(data, len(cand))
+                rest = data[used:]
+                if not local:
+                    if rest:
+                        raise BitstreamError(f"token packet {p}: {len(rest)} bytes after a "
+                                             "position code with no tokens")  # fmt: skip
+                    continue
+                pos = torch.tensor([cand[j] for j in local])
+                sym[b, pos] = _decode_planned(tables, bytes(rest), self._plan(tables, len(local)))
+                got[b, pos] = True
+        dev = self._device()
+        y_hat = sym.to(dev).float() + self._medians().to(dev)
+        rec = self._synth(y_hat)
+        out = torch.where(got.to(dev)[..., None], rec, self.fill.detach())
+        out = out.float().cpu().reshape(len(streams), *self.feature_shape)
+        return self.conceal_nonfinite(out)
