@@ -103,18 +103,17 @@ def test_seeded_training_repeats_bit_for_bit(digits, digits_family):
     from flowcodec.codecs.jscc_train import JSCCTrainConfig, train_jscc
 
     states = []
-    for _ in range(2):
+    for noise in (1, 2):
+        torch.manual_seed(0)  # the same starting weights
         codec = build_codec("jscc", digits_family.feature_shape(2), symbols=4,
                             stem=[[32, True]], hidden=16, film=8, levels=[2, 4])  # fmt: skip
-        torch.manual_seed(123)  # train_jscc seeds itself: this must not matter
+        torch.manual_seed(noise)  # train_jscc seeds itself: the global RNG must not matter
         cfg = JSCCTrainConfig(epochs=1, batch_size=64, max_steps=3, seed=7,
                               channels={"awgn": 1.0, "rayleigh": 1.0})  # fmt: skip
         train_jscc(codec, digits_family, 3, 2, digits[0], None, cfg, progress=False)
         states.append(codec.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    assert any(not torch.equal(states[0][k], build_codec(
-        "jscc", digits_family.feature_shape(2), symbols=4, stem=[[32, True]], hidden=16,
-        film=8, levels=[2, 4]).state_dict()[k]) for k in states[0] if "film" in k)
+    assert bool(states[0]["film_a.net.2.weight"].abs().sum() > 0)  # trained (it starts at 0)
 
 
 def test_snr_side_information_changes_the_symbols_and_the_features():
