@@ -75,6 +75,8 @@ def main(argv=None) -> int:
         res["ray_s"].append(round(wall, 2))
         m = re.search(r"ray: start-up ([\d.]+) s", err)
         res["ray_startup_in_command_s"].append(float(m.group(1)) if m else None)
+        res.setdefault("ray_summary", []).extend(
+            line for line in err.splitlines() if line.startswith("ray: "))  # fmt: skip
     b = _rows(out / "ray" / "rd.json")
     for t in args.serial_threads:
         a = _rows(out / f"serial_t{t}" / "rd.json")
@@ -120,6 +122,8 @@ def main(argv=None) -> int:
           f"{res['ms_per_task_batch']:.2f} |\n"
           f"| per task, one at a time (round trip, ms) | - | "
           f"{res['ms_per_task_round_trip']:.2f} |")  # fmt: skip
+    for line in res.get("ray_summary", []):
+        print(line)
     for t, r in res["serial"].items():
         print(f"serial --threads {t}: {min(r['s']):.1f} s; Ray / serial = {r['ratio']:.2f}; "
               f"identical rows: {r['identical_rows']} ({r['rows_differing']} of {r['rows']} "

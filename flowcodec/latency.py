@@ -489,8 +489,7 @@ def _cmd(args) -> int:
         return 1
     finally:
         if engine is not None:
-            print(f"ray: start-up {engine.stats.startup_s:.1f} s, {engine.stats.units} units "
-                  f"in {engine.stats.wall_s:.1f} s", file=sys.stderr)
+            print(f"ray: {engine.stats.summary()}", file=sys.stderr)
             engine.close()
     ref = cfg.reference
     print(f"cloud-only accuracy on a clean link: {100 * rows[0]['cloud_only_clean_accuracy']:.2f}"

@@ -697,8 +697,7 @@ def cmd_rd(args) -> int:
         return 1
     finally:
         if engine is not None:
-            print(f"ray: start-up {engine.stats.startup_s:.1f} s, {engine.stats.units} units "
-                  f"in {engine.stats.wall_s:.1f} s", file=sys.stderr)
+            print(f"ray: {engine.stats.summary()}", file=sys.stderr)
             engine.close()
     cols = ("label", "condition", "accuracy", "bytes_per_image", "session_bytes",
             "device_mflops", "device_flops_pct")  # fmt: skip

@@ -103,7 +103,17 @@ class EngineStats:
     units: int = 0
     wall_s: float = 0.0
     unit_seconds: dict[int, float] = field(default_factory=dict)
-    attempts: dict[int, int] = field(default_factory=dict)
+    #: per unit: (start, end) in seconds after its map() began, as the worker saw them
+    unit_span: dict[int, tuple[float, float]] = field(default_factory=dict)
+    workers_seen: set = field(default_factory=set)
+
+    def summary(self) -> str:
+        """One line: start-up, units, wall time, time inside units and the first start."""
+        inside = sum(self.unit_seconds.values())
+        first = min((a for a, _ in self.unit_span.values()), default=0.0)
+        return (f"start-up {self.startup_s:.1f} s, {self.units} units in {self.wall_s:.1f} s "
+                f"({inside:.1f} s inside units on {len(self.workers_seen)} worker processes; "
+                f"the first unit started {first:.1f} s after submission)")
 
 
 def _run_unit(fn: Callable, args: tuple, threads: int) -> tuple:
@@ -111,9 +121,10 @@ def _run_unit(fn: Callable, args: tuple, threads: int) -> tuple:
     import torch
 
     torch.set_num_threads(max(1, threads))
+    start = time.time()
     t0 = time.perf_counter()
     out = fn(*args)
-    return out, time.perf_counter() - t0, os.getpid()
+    return out, time.perf_counter() - t0, os.getpid(), start, time.time()
 
 
 class RayEngine:
@@ -214,6 +225,7 @@ class RayEngine:
             num_cpus=self.cpus_per_unit, num_gpus=self.gpus_per_unit,
             max_retries=self.max_retries, retry_exceptions=False)  # fmt: skip
         t0 = time.perf_counter()
+        t_wall = time.time()
         fn_ref = ray.put(fn)
         pending = {remote.remote(fn_ref, tuple(args[i]), self.threads): i for i in order}
         results: list = [None] * n
@@ -225,12 +237,14 @@ class RayEngine:
                 for ref in done:
                     i = pending.pop(ref)
                     try:
-                        out, secs, _pid = ray.get(ref)
+                        out, secs, pid, begin, end = ray.get(ref)
                     except Exception as e:  # RayTaskError, WorkerCrashedError, ...
                         failures.append(_failure(i, labels[i], e))
                     else:
                         results[i] = out
                         self.stats.unit_seconds[i] = secs
+                        self.stats.unit_span[i] = (begin - t_wall, end - t_wall)
+                        self.stats.workers_seen.add(pid)
                         if on_result is not None:
                             on_result(i, out)
                     bar.update(1)
