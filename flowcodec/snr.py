@@ -484,6 +484,8 @@ def plot(rows: list[SNRRow], cfg: dict, out: Path) -> None:
     chans = cfg["channels"]
     fig, axes = plt.subplots(1, len(chans), figsize=(5.5 * len(chans), 4.2), squeeze=False)
     big = max(cfg["budgets"])
+    # fast-link budgets drawn: those also run on the exact link, and the largest
+    shown = set((cfg.get("digital") or {}).get("exact_budgets", [])) | {big}
     for ax, ch in zip(axes[0], chans):
         series: dict[str, list] = {}
         for r in rows:
@@ -491,7 +493,7 @@ def plot(rows: list[SNRRow], cfg: dict, out: Path) -> None:
                 continue
             if r.scheme == "jscc":
                 key = f"{r.label} ({r.detail}{', ' + r.link if r.link != 'analog' else ''})"
-            elif r.budget in (min(cfg["budgets"]), big) or r.link == "exact":
+            elif r.budget in shown or r.link == "exact":
                 key = f"{r.label} {r.link} link, <= {r.budget} uses"
             else:
                 continue
@@ -537,6 +539,12 @@ def plot(rows: list[SNRRow], cfg: dict, out: Path) -> None:
 
 
 # --- the command ------------------------------------------------------------------------
+def replot(run: str | Path) -> None:
+    """Redraw ``snr.png`` and ``uses.png`` of a finished run from its ``snr.json``."""
+    rec = json.loads((Path(run) / "snr.json").read_text())
+    plot([SNRRow(**r) for r in rec["rows"]], rec["config"], Path(run))
+
+
 def cmd_snr(args) -> int:
     torch.set_num_threads(max(1, args.threads))
     cfg = load_config(args.config)
