@@ -174,8 +174,11 @@ class RayEngine:
             if self.address:
                 ray.init(address=self.address, **kwargs)
             else:
+                # Ray runs its workers at niceness 15 by default: below the command that
+                # started them, so a loaded machine starves them. Give them the driver's.
                 ray.init(num_cpus=self.workers, num_gpus=0 if not self.gpus_per_unit else None,
-                         include_dashboard=False, **kwargs)  # fmt: skip
+                         include_dashboard=False,
+                         _system_config={"worker_niceness": os.nice(0)}, **kwargs)  # fmt: skip
         except Exception as e:  # Ray raises plain Exception / ConnectionError here
             where = f"join the Ray cluster at {self.address}" if self.address else (
                 f"start a local Ray instance with {self.workers} CPUs")
