@@ -275,3 +275,30 @@ def test_training_prunes_tokens_under_a_rate_penalty():
         codec(torch.randn(64, 9, 8, generator=g))
     kept = codec.last_kept.float().mean(0)
     assert kept[0] == 1.0 and kept[1:].mean() < 0.5, kept
+
+
+_CACHE: dict = {}
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 3), st.sampled_from([1, 2, 5]),
+       st.floats(-4.0, 4.0), st.booleans(), st.floats(0.1, 30.0))  # fmt: skip
+def test_round_trip_over_kept_sets_packets_and_scales(seed, batch, packets, threshold, first,
+                                                      scale):  # fmt: skip
+    if packets not in _CACHE:
+        _CACHE[packets] = _ready(packets=packets)
+    codec = _CACHE[packets]
+    codec.threshold, codec.keep_first = threshold, first
+    h = scale * _tokens(batch, seed=seed)
+    streams = [Bitstream.from_bytes(s.to_bytes()) for s in codec.compress(h)]
+    with torch.no_grad():
+        ref = codec(h).features
+    kept = codec.last_kept
+    out = codec.decompress(streams)
+    assert torch.allclose(out, ref, atol=1e-4 * max(1.0, scale))
+    assert torch.equal(out[~kept], codec.fill.detach().expand_as(out)[~kept])
+    for b, s in enumerate(streams):  # each packet's position code names its kept tokens
+        for p, data in enumerate(s.packets):
+            local, _ = decode_positions(data, len(range(p, SHAPE[0], packets)))
+            assert [p + packets * j for j in local] == [i for i in range(p, SHAPE[0], packets)
+                                                        if kept[b, i]]  # fmt: skip
