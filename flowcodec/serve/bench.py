@@ -148,6 +148,7 @@ class LoadResult:
     failed: int = 0
     duplicates: int = 0
     latencies_s: list[float] = field(default_factory=list)
+    fail_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -159,7 +160,9 @@ class LoadResult:
                 "failed": self.failed, "duplicates": self.duplicates,
                 "throughput_per_s": round(self.throughput, 1),
                 "p50_ms": round(1e3 * percentile(self.latencies_s, 0.5), 3),
-                "p99_ms": round(1e3 * percentile(self.latencies_s, 0.99), 3)}  # fmt: skip
+                "p99_ms": round(1e3 * percentile(self.latencies_s, 0.99), 3),
+                "fail_reasons": ";".join(f"{k}={v}" for k, v in
+                                         sorted(self.fail_reasons.items()))}  # fmt: skip
 
 
 async def _send(client, pool, i, rid_seen, res: LoadResult, timeout: float, t_sched: float):
@@ -177,6 +180,7 @@ async def _send(client, pool, i, rid_seen, res: LoadResult, timeout: float, t_sc
             res.refused += 1
         else:
             res.failed += 1
+            res.fail_reasons[e.reason] = res.fail_reasons.get(e.reason, 0) + 1
         return
     if ans["rid"] != rid or rid in rid_seen:
         res.duplicates += 1
