@@ -309,9 +309,30 @@ def test_default_latency_config_resolves_outside_the_checkout(tmp_path, monkeypa
         resolve_config("nope", "latency")
 
 
-def test_rd_shows_training_progress():
-    text = (ROOT / "flowcodec" / "rd.py").read_text()
-    assert "progress=False" not in text
+def test_rd_passes_its_progress_flag_to_codec_training(monkeypatch):
+    # the serial rd run shows training progress unless told not to (Ray workers never draw)
+    import flowcodec.codecs.train as train_mod
+    from flowcodec import rd
+    from flowcodec.config import resolve_config
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(*args, progress=None, **kwargs):
+        seen.append(progress)
+        raise Stop
+
+    monkeypatch.setattr(train_mod, "train_codec", fake_train)
+    cfg = rd.load_config(resolve_config("rd_digits", "rd"))
+    ctx = rd._RDContext(cfg, 20, progress=False)
+    for flag in (True, False):
+        jobs = rd._build_jobs(cfg, ctx, flag, "cpu")
+        build = next(job[3] for job in jobs if job[4] == "trained")
+        with pytest.raises(Stop):
+            build()
+    assert seen == [True, False]
 
 
 # --- item 9: progress bars fit for logs --------------------------------------------------------
