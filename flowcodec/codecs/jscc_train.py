@@ -22,10 +22,9 @@ Example
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 
 from flowcodec.codecs.jscc import JSCCCodec
 from flowcodec.codecs.train import _kd_loss, _lr_at, collect_features
+from flowcodec.codecs.train_task import save_progress
 from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
 
@@ -242,7 +242,7 @@ def train_jscc(codec: JSCCCodec, family, member: int, point: int, train: ArrayDa
                 bar.write(f"epoch {epoch}: loss {rec.get('loss', 0):.3f} "
                           f"task {rec.get('task', 0):.3f} {rec['seconds']:.0f}s {ev}")
             if checkpoint is not None:
-                _save_progress(codec, cfg, res, checkpoint)
+                save_progress(codec, cfg, res, checkpoint)
             elapsed = time.perf_counter() - start
             t_epoch, epoch_start = elapsed - epoch_start, elapsed
             if cfg.time_budget is not None and epoch < cfg.epochs:
@@ -261,14 +261,3 @@ def train_jscc(codec: JSCCCodec, family, member: int, point: int, train: ArrayDa
         family.train(was_training)
         for p, f in zip(family.parameters(), flags):
             p.requires_grad_(f)
-
-
-def _save_progress(codec: JSCCCodec, cfg: JSCCTrainConfig, res: JSCCTrainResult, path) -> None:
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in codec.state_dict().items()}
-    save_file(state, str(path.with_suffix(".progress.safetensors")))
-    path.with_suffix(".progress.json").write_text(json.dumps(
-        {"config": asdict(cfg), "history": res.history}, indent=1))

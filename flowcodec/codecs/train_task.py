@@ -36,7 +36,7 @@ from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
 
 __all__ = ["TaskTrainConfig", "TaskTrainResult", "train_task_codec", "eval_task_forward",
-           "fit_context", "warm_start"]
+           "fit_context", "warm_start", "save_progress"]
 
 
 @dataclass
@@ -215,7 +215,7 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
                 bar.write(f"epoch {epoch}: loss {rec['loss']:.3f} task {rec['task']:.3f} "
                           f"kd {rec['kd']:.3f} {rec['seconds']:.0f}s {ev}")
             if checkpoint is not None:
-                _save_progress(codec, cfg, res, checkpoint)
+                save_progress(codec, cfg, res, checkpoint)
             elapsed = time.perf_counter() - start
             t_epoch = elapsed - epoch_start
             epoch_start = elapsed
@@ -239,7 +239,9 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
             p.requires_grad_(f)
 
 
-def _save_progress(codec: TaskCodec, cfg: TaskTrainConfig, res: TaskTrainResult, path) -> None:
+def save_progress(codec, cfg, res, path) -> None:
+    """Write a training run's weights (safetensors; empty tables left out) and its config and
+    history (JSON) to ``<path>.progress.*``: what ``--finalize`` resumes from."""
     from safetensors.torch import save_file
 
     path = Path(path)
