@@ -33,7 +33,7 @@ import grpc
 from flowcodec.errors import ConfigError
 from flowcodec.pipeline import packet_bits_per_symbol
 from flowcodec.serve.client import AsyncTierClient, RemoteError
-from flowcodec.serve.server import ServeConfig, server_options
+from flowcodec.serve.server import ServeConfig, bind, server_options
 from flowcodec.serve.wire import LinkReport, Request, WireError, encode_request, parse_request
 
 __all__ = ["LinkProxy"]
@@ -95,14 +95,7 @@ class LinkProxy:
         handler = grpc.method_handlers_generic_handler("flowcodec.Tier", {
             "Infer": grpc.unary_unary_rpc_method_handler(self._infer)})  # fmt: skip
         self._server.add_generic_rpc_handlers((handler,))
-        addr = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert is not None:
-            creds = grpc.ssl_server_credentials([(cfg.tls_key, cfg.tls_cert)])
-            self.port = self._server.add_secure_port(addr, creds)
-        else:
-            self.port = self._server.add_insecure_port(addr)
-        if not self.port:
-            raise ConfigError(f"cannot listen on {addr}")
+        self.port = bind(self._server, cfg)
         await self._server.start()
         return self.port
 

@@ -109,6 +109,20 @@ def server_options(cfg: ServeConfig) -> list[tuple[str, int]]:
     ]
 
 
+def bind(server: grpc.aio.Server, cfg: ServeConfig) -> int:
+    """Add ``cfg``'s listening port to ``server`` (TLS when ``cfg.tls_cert`` is set); the
+    port bound, or :class:`ConfigError` when nothing could listen there."""
+    addr = f"{cfg.host}:{cfg.port}"
+    if cfg.tls_cert is not None:
+        creds = grpc.ssl_server_credentials([(cfg.tls_key, cfg.tls_cert)])
+        port = server.add_secure_port(addr, creds)
+    else:
+        port = server.add_insecure_port(addr)
+    if not port:
+        raise ConfigError(f"cannot listen on {addr}")
+    return port
+
+
 @dataclass
 class _Item:
     req: Request
@@ -153,14 +167,7 @@ class TierServer:
             "Stats": grpc.unary_unary_rpc_method_handler(self._stats),
         })  # fmt: skip
         self._server.add_generic_rpc_handlers((handler,))
-        addr = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert is not None:
-            creds = grpc.ssl_server_credentials([(cfg.tls_key, cfg.tls_cert)])
-            self.port = self._server.add_secure_port(addr, creds)
-        else:
-            self.port = self._server.add_insecure_port(addr)
-        if not self.port:
-            raise ConfigError(f"cannot listen on {addr}")
+        self.port = bind(self._server, cfg)
         if cfg.next_address:
             self._next = AsyncTierClient(cfg.next_address, cfg.next_root_cert,
                                          cfg.next_server_name)  # fmt: skip
