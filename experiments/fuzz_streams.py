@@ -78,6 +78,10 @@ def _codecs():
             print(f"skip {name}: {type(e).__name__}: {e}", file=sys.stderr)
             continue
         out.append((name, codec))
+    torch.manual_seed(0)  # a multi-view task codec: two views' packets in one stream
+    views = build_codec("task", SHAPE, latent=8, hidden=16, packets=2, views=2).fit(fit).eval()
+    views.update(force=True)
+    out.append(("task-views2", views))
     for name in SHIPPED:
         if name in list_pretrained():
             out.append((name, load_pretrained_codec(name)))
@@ -116,7 +120,7 @@ def _worker(label: str, seed: int, n_cases: int, conn) -> None:
     torch.set_num_threads(1)
     codec = dict(_codecs_cached())[label]
     rng = random.Random(seed)
-    shape = codec.feature_shape
+    shape = codec.input_shape
     g = torch.Generator().manual_seed(seed)
     genuine = codec.compress(torch.relu(torch.randn(4, *shape, generator=g)))
     for i, s in enumerate(genuine):

@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     ap.add_argument("--point", type=int, choices=sorted(STEMS), required=True)
     ap.add_argument("--latent", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--views", type=int, default=1,
+                    help="input views coded per image (2: the image and its mirror image; "
+                         "the receiver averages the features decoded from each)")
     ap.add_argument("--grid", type=int, default=1,
                     help="latent map side (1: a vector; 4: a 4x4 map of --latent channels)")
     ap.add_argument("--packets", type=int, default=1)
@@ -79,7 +82,8 @@ def main(argv=None) -> int:
     stem = STEMS[args.point] + [(STEMS[args.point][-1][0], False)] * args.extra_blocks
     kwargs = {"latent": args.latent, "hidden": args.hidden, "stem": stem,
               "rates": len(args.lams), "packets": args.packets,
-              **({"grid": args.grid} if args.grid != 1 else {})}
+              **({"grid": args.grid} if args.grid != 1 else {}),
+              **({"views": args.views} if args.views != 1 else {})}
     codec = build_codec("task", shape, **kwargs)
     if args.warm_start:
         from flowcodec.codecs.train_task import warm_start

@@ -332,6 +332,7 @@ def validate_rd_config(cfg: Any, source: str = "rd config") -> dict:
                              min_len=1, what="a list of shipped codec names"),
         "rate_points": ListOf(Num(integer=True, lo=0, hi=254), min_len=1,
                               what="a list of rate points (ints) of a variable-rate codec"),
+        "views": Num(integer=True, lo=1, hi=4),
     }, what="a codec entry (an object)", extra=_check_rd_entry)  # fmt: skip
     chan = Obj({
         "loss_rate": Num(lo=0, hi=1), "flip_prob": Num(lo=0, hi=0.5), "seed": Num(integer=True),
@@ -373,8 +374,12 @@ def _check_rd_entry(e: dict, path: str, errors: list[str]) -> None:
         for k in ("train", "kwargs", "sweep", "label", "fit"):
             if k in e:
                 errors.append(f"{path}.{k}: not used with 'pretrained' entries; allowed "
-                              f"there: group, point, pretrained, rate_points")  # fmt: skip
+                              f"there: group, point, pretrained, rate_points, views")  # fmt: skip
+        if "views" in e and "rate_points" not in e:
+            errors.append(f"{path}.views: only used with a task codec's 'rate_points'")
         return
+    if "views" in e:
+        errors.append(f"{path}.views: only used with 'pretrained' task codecs")
     if "rate_points" in e:
         errors.append(f"{path}.rate_points: only used with 'pretrained' entries")
     kw = e.get("kwargs", {}) if isinstance(e.get("kwargs"), dict) else {}
@@ -410,7 +415,8 @@ def _rd_labels(cfg: dict) -> list[str]:
     out = []
     for e in cfg["codecs"]:
         if "pretrained" in e and "rate_points" in e:
-            out += [f"{n}@r{r}" for n in e["pretrained"] for r in e["rate_points"]]
+            v = f"-v{e['views']}" if e.get("views", 1) != 1 else ""
+            out += [f"{n}{v}@r{r}" for n in e["pretrained"] for r in e["rate_points"]]
         elif "pretrained" in e:
             out += e["pretrained"]
         elif "train" in e:

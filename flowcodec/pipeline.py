@@ -228,6 +228,11 @@ class Flow:
         if not 1 <= points[-1] <= family.num_members or points[0] < 0:
             raise ConfigError(f"split points must lie in 0..{family.num_members}, last >= 1")
         for t, hop in enumerate(self.hops):
+            if getattr(hop.codec, "views", 1) > 1 and (t > 0 or getattr(hop, "remote", False)):
+                raise ConfigError(
+                    f"hop {t}: a codec of {hop.codec.views} input views needs the input "
+                    f"image, which only the first tier has, and runs only on a simulated "
+                    f"first hop (not after tier 0, not on a RemoteHop)")  # fmt: skip
             want = family.feature_shape(points[t])
             if tuple(hop.codec.feature_shape) != want:
                 raise ConfigError(
@@ -269,6 +274,8 @@ class Flow:
                 # A real server computes the tiers from here on (flowcodec.serve.RemoteHop).
                 self.hops[t - 1].finish(self, t - 1, h, active, traces, logits_out, t0)
                 break
+            if t > 0 and getattr(self.hops[t - 1].codec, "views", 1) > 1:
+                h = self._add_views(x, h, active, traces)
             if t > 0:
                 h = self._cross(t - 1, h, active, traces, generator)
             # Compute this tier's stages.
@@ -309,6 +316,26 @@ class Flow:
                 for name, f in tr.compute_flops.items()
             }
         return FlowResult(torch.stack(logits_out), traces)  # type: ignore[arg-type]
+
+    def _add_views(self, x: torch.Tensor, h: torch.Tensor, active: list[int],
+                   traces: list[SampleTrace]) -> torch.Tensor:  # fmt: skip
+        """For a multi-view codec on the first hop: the device also runs its stages on
+        the other views of its inputs (flowcodec.codecs.task.VIEWS) and stacks their
+        features after ``h`` on the channel axis; their FLOPs go to the device."""
+        from flowcodec.codecs.task import VIEWS
+
+        views = self.hops[0].codec.views
+        point = self.tiers[0].point
+        extra = []
+        for view in list(VIEWS.values())[1:views]:
+            z = view(x[active])
+            for s in self.family.stages[:point]:
+                z = s(z)
+            extra.append(z)
+        cost = (views - 1) * sum(self._stage_flops[:point])
+        for i in active:
+            traces[i].compute_flops[self.tiers[0].name] += cost
+        return torch.cat([h, *extra], 1)
 
     def _tier(self, name: str) -> Tier:
         return next(t for t in self.tiers if t.name == name)

@@ -299,6 +299,18 @@ class _RDContext:
         return self.heads[p]
 
 
+def _with_views(codec, views: int):
+    """``codec`` set to code ``views`` input views (a task codec's inference setting)."""
+    if views != 1:
+        from flowcodec.codecs.task import TaskCodec
+        from flowcodec.errors import ConfigError
+
+        if not isinstance(codec, TaskCodec):
+            raise ConfigError(f"'views' needs a task codec, got {type(codec).__name__}")
+        codec.set_views(views)
+    return codec
+
+
 def _build_jobs(cfg: dict, ctx: _RDContext, progress: bool, device: str) -> list[tuple]:
     """``(group, label, point, builder, source)`` for every codec entry and sweep point, in
     the config's order; ``builder()`` returns a ready codec."""
@@ -315,10 +327,14 @@ def _build_jobs(cfg: dict, ctx: _RDContext, progress: bool, device: str) -> list
         p = int(entry.get("point", point))
         if "pretrained" in entry and "rate_points" in entry:
             # a variable-rate codec: one row per rate point, all from one checkpoint
+            # "views": V codes V views of each input with it (task codecs; no new weights)
+            views = int(entry.get("views", 1))
+            suffix = f"-v{views}" if views != 1 else ""
             for name in entry["pretrained"]:
                 for r in entry["rate_points"]:
-                    jobs.append((group, f"{name}@r{r}", p,
-                                 lambda name=name, r=r: load_pretrained_codec(name).at_rate(r),
+                    jobs.append((group, f"{name}{suffix}@r{r}", p,
+                                 lambda name=name, r=r, v=views: _with_views(
+                                     load_pretrained_codec(name), v).at_rate(r),
                                  "pretrained"))  # fmt: skip
         elif "pretrained" in entry:
             for name in entry["pretrained"]:
@@ -564,7 +580,8 @@ def _reference_accuracy(head, tail, data) -> float:
 
 def _row(label, group, codec, p, cond, ev, fam, member_flops, t0,
          source="baseline") -> RDRow:  # fmt: skip
-    dev = fam.head_flops(p) + codec.encoder_flops()
+    # a multi-view codec runs the device's head once per view (and its encoder too)
+    dev = getattr(codec, "views", 1) * fam.head_flops(p) + codec.encoder_flops()
     over = None
     if ev.est_bytes_per_image:
         over = round(100 * (ev.payload_bytes_per_image / ev.est_bytes_per_image - 1), 3)

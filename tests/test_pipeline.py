@@ -11,6 +11,7 @@ from flowcodec.bitstream import PACKET_OVERHEAD
 from flowcodec.codecs import build_codec
 from flowcodec.errors import ConfigError
 from flowcodec.family import EarlyExitFamily, build_family
+from flowcodec.family.base import count_flops
 from flowcodec.pipeline import Flow, Hop, Tier
 
 
@@ -153,3 +154,38 @@ def test_bad_configurations_are_named():
              [Hop(raw, IIDPacketErasure(0), 1)])  # fmt: skip
     with pytest.raises(ConfigError, match="inputs must be"):
         two_tier(fam, IIDPacketErasure(0))[0].run(torch.randn(2, 5))
+
+
+def test_a_multi_view_codec_on_the_first_hop_gets_the_views_from_the_device():
+    from flowcodec.codecs.task import view_features
+
+    fam = build_family("digits").eval()
+    torch.manual_seed(0)
+    shape = fam.feature_shape(1)
+    codec = build_codec("task", shape, latent=4, stem=[[shape[0], True]], hidden=16, rates=2,
+                        packets=2, views=2).eval()
+    one = build_codec("task", shape, latent=4, stem=[[shape[0], True]], hidden=16, rates=2,
+                      packets=2).eval()
+    one.load_state_dict(codec.state_dict())  # the same weights; one view or two
+    codec.update(force=True)
+    one.update(force=True)
+    tiers = [Tier("device", 1e9, point=1), Tier("cloud", 1e12, point=3)]
+    x = torch.randn(3, *fam.input_shape)
+    flows = [Flow(fam, tiers, [Hop(c, IIDPacketErasure(0.0), symbol_rate=1e6)])
+             for c in (codec, one)]  # fmt: skip
+    res, res_one = flows[0].run(x), flows[1].run(x)
+    head, tail = fam.split(3, 1)
+    want = tail(codec.decompress(codec.compress(view_features(head, x, 2))))
+    assert torch.allclose(res.logits, want, atol=1e-5)
+    head_flops = count_flops(fam.stages[0], fam.input_shape)
+    for tr, tr1 in zip(res.traces, res_one.traces):
+        # the second view runs the device's stage once more and its encoder once more
+        extra = head_flops + one.encoder_flops()
+        assert tr.compute_flops["device"] == tr1.compute_flops["device"] + extra
+        assert tr.hops[0].packets == tr1.hops[0].packets  # a packet per group, both views
+        assert tr.hops[0].bits > tr1.hops[0].bits
+    with pytest.raises(ConfigError, match="input views"):
+        Flow(fam, [Tier("device", 1e9, 1), Tier("edge", 1e10, 2), Tier("cloud", 1e12, 3)],
+             [Hop(build_codec("raw", shape), IIDPacketErasure(0.0), symbol_rate=1e6),
+              Hop(build_codec("task", fam.feature_shape(2), latent=4, hidden=16, views=2),
+                  IIDPacketErasure(0.0), symbol_rate=1e6)])  # fmt: skip

@@ -420,3 +420,49 @@ def test_warm_start_with_an_extra_identity_block_computes_the_source_codec():
     wider = build_codec("task", SHAPE, **{**KW, "stem": [[24, True]]})
     with pytest.raises(ConfigError, match="no identity start"):
         warm_start(wider, src)
+
+
+def test_a_multi_view_codec_trains_codes_each_view_and_averages(digits, digits_family):
+    """views=2: the device codes its features of the image and of its mirror image (packet
+    j carries latent group j of both); the receiver averages the two decoded feature maps."""
+    from flowcodec.codecs.task import view_features
+    from flowcodec.codecs.train import evaluate_codec
+    from flowcodec.codecs.train_task import TaskTrainConfig, eval_task_forward, train_task_codec
+
+    train, test = digits
+    fam = digits_family
+    codec = build_codec("task", (16, 8, 8), latent=6, stem=[[16, True]], hidden=32, rates=2,
+                        packets=2, views=2)
+    assert codec.input_shape == (32, 8, 8) and codec.config()["views"] == 2
+    cfg = TaskTrainConfig(lams=(5.0, 0.0), epochs=20, batch_size=64, warmup=0.05, eval_n=300,
+                          lr=5e-3)
+    train_task_codec(codec, fam, 3, 1, train, None, cfg, progress=False)
+    codec.eval().update(force=True)
+    head, tail = fam.eval().split(3, 1)
+    x = test.images[:5].float()
+    h = codec.device_features(head, x)
+    assert torch.equal(h, view_features(head, x, 2))
+    assert torch.equal(h[:, 16:], head(torch.flip(x, dims=[-1])))
+    streams = codec.compress(h, rate=1)
+    assert [len(s.packets) for s in streams] == [2] * 5  # one per group, whatever the views
+    out = codec.decompress(streams)
+    assert out.shape == (5, 16, 8, 8)
+    assert torch.allclose(out, codec(h, rate=1).features, atol=1e-5)
+    # each view alone decodes to what a one-view decode of its symbols gives; the stream
+    # of two views decodes to their mean
+    one = [codec.g_s((codec.symbols(h, 1)[v::2].float() + codec._medians(1))
+                      * codec._inv_gain(1)) for v in range(2)]  # fmt: skip
+    assert torch.allclose(out, (one[0] + one[1]) / 2, atol=1e-5)
+    # a lost packet (group 1 of both views) is concealed by the medians, not an error
+    lossy = [Bitstream(s.header, [s.packets[0], None]) for s in streams]
+    k = codec.symbols(h, 1).float()
+    k[:, 3:] = 0  # latent 6 in 2 groups: symbols 3.. are group 1
+    conceal = codec.g_s((k + codec._medians(1)) * codec._inv_gain(1))
+    assert torch.allclose(codec.decompress(lossy), conceal.view(5, 2, 16, 8, 8).mean(1), atol=1e-5)
+    # single-view features are refused with the shape views need
+    with pytest.raises(ConfigError, match="2 views"):
+        codec.compress(head(x))
+    # evaluate_codec and the training-time evaluation compute the views themselves
+    ev = evaluate_codec(codec.at_rate(1), head, tail, test.subset(200, seed=0))
+    fw = eval_task_forward(codec, head, tail, test.subset(200, seed=0), 200)
+    assert ev.accuracy > 0.5 and abs(ev.accuracy - fw[1]["accuracy"]) <= 0.02

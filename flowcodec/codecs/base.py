@@ -181,6 +181,16 @@ class FeatureCodec(nn.Module):
 
     # --- fitting and freezing -------------------------------------------------------------
     @torch.no_grad()
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample of what ``compress`` takes (``feature_shape``, except for
+        codecs that code several views of the input, e.g. a multi-view task codec)."""
+        return self.feature_shape
+
+    def device_features(self, head, x: torch.Tensor) -> torch.Tensor:
+        """What the device computes from inputs ``x`` for ``compress``: ``head(x)``."""
+        return head(x)
+
     def fit(self, features: torch.Tensor) -> FeatureCodec:
         """Fit statistics from training features ``(N, *feature_shape)``; returns self."""
         self.check_features(features)

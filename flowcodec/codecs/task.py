@@ -56,11 +56,40 @@ from flowcodec.codecs.entropy import entropy_bottleneck
 from flowcodec.errors import ConfigError
 
 __all__ = ["TaskCodec", "TaskEncoder", "TaskDecoder", "ChannelContext",
-           "discrete_gaussian_likelihood"]
+           "discrete_gaussian_likelihood", "VIEWS", "view_features"]
 
 #: Latents are clamped to this magnitude before coding, so that a diverged model or a
 #: hostile input cannot ask the coder for a symbol far outside its tables.
 _CLAMP = 1e4
+
+
+def _shift(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """``x`` moved by ``(dx, dy)`` pixels (right, down), zeros shifted in."""
+    p = max(abs(dx), abs(dy))
+    h, w = x.shape[-2:]
+    padded = torch.nn.functional.pad(x, (p, p, p, p))
+    return padded[..., p - dy : p - dy + h, p - dx : p - dx + w]
+
+
+#: The input views a multi-view task codec codes, in order (``views=V`` uses the first V):
+#: the input, its mirror image, and the two moved by 2 pixels. Each view's features are
+#: coded alone; the receiver averages the features it decodes from them.
+VIEWS = {
+    "identity": lambda x: x,
+    "flip": lambda x: torch.flip(x, dims=[-1]),
+    "shift": lambda x: _shift(x, 2, 2),
+    "flip-shift": lambda x: torch.flip(_shift(x, -2, -2), dims=[-1]),
+}
+
+
+def view_features(head, x: torch.Tensor, views: int) -> torch.Tensor:
+    """The device's features of the first ``views`` of :data:`VIEWS` of images ``x``
+    ``(B, 3, H, W)``, stacked on the channel axis: ``(B, views * C, h, w)``, what a task
+    codec built with ``views`` takes."""
+    if not 1 <= int(views) <= len(VIEWS):
+        raise ConfigError(f"views must be in 1..{len(VIEWS)}, got {views}")
+    fns = list(VIEWS.values())[: int(views)]
+    return torch.cat([head(f(x)) for f in fns], 1)
 
 
 class TaskEncoder(nn.Module):
@@ -249,8 +278,11 @@ class TaskCodec(FeatureCodec):
                  stem: Sequence[Sequence] | None = None, hidden: int = 512, rates: int = 5,
                  packets: int = 1, nonneg: bool = True, backend: str = "auto",
                  context: bool = False, context_hidden: int = 16,
-                 grid: int = 1) -> None:  # fmt: skip
+                 grid: int = 1, views: int = 1) -> None:  # fmt: skip
         super().__init__(feature_shape)
+        if not 1 <= int(views) <= len(VIEWS):
+            raise ConfigError(f"task codec: views must be in 1..{len(VIEWS)}, got {views}")
+        self.views = int(views)
         if len(self.feature_shape) != 3 or any(d % 2 for d in self.feature_shape[1:]):
             raise ConfigError(f"task codec: feature_shape must be (C, H, W) with even H, W, "
                               f"got {self.feature_shape}")  # fmt: skip
@@ -299,11 +331,64 @@ class TaskCodec(FeatureCodec):
         return {**super().config(), "latent": self.latent, "hidden": self.hidden,
                 "stem": [list(s) for s in self.stem_spec], "rates": self.rates,
                 "packets": len(self.groups), "nonneg": self.nonneg, "grid": self.grid,
-                **({"context": self.context_hidden} if self.context else {})}  # fmt: skip
+                **({"context": self.context_hidden} if self.context else {}),
+                **({"views": self.views} if self.views > 1 else {})}  # fmt: skip
 
     @property
     def encoder(self) -> nn.Module:
         return self.g_a
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample of what ``compress`` takes: ``feature_shape`` with
+        ``views`` times its channels (the views' features stacked, see :func:`view_features`)."""
+        c, *rest = self.feature_shape
+        return (self.views * c, *rest)
+
+    def check_features(self, h: torch.Tensor) -> None:
+        if self.views == 1:
+            return super().check_features(h)
+        if isinstance(h, torch.Tensor) and (h.ndim != 4 or tuple(h.shape[1:]) != self.input_shape):
+            raise ConfigError(
+                f"task codec with {self.views} views: features must have shape "
+                f"(B, *{self.input_shape}), the features of the input's {self.views} views "
+                f"stacked on the channel axis (flowcodec.codecs.task.view_features(head, x, "
+                f"{self.views})), got {tuple(h.shape)}")  # fmt: skip
+        c = self.feature_shape[0]
+        for v in range(self.views):  # the remaining checks, view by view
+            super().check_features(h[:, v * c : (v + 1) * c])
+
+    def set_views(self, views: int) -> TaskCodec:
+        """Code ``views`` input views from now on (no weights change: the same encoder
+        codes each view, the receiver averages what it decodes). Returns self."""
+        if not 1 <= int(views) <= len(VIEWS):
+            raise ConfigError(f"task codec: views must be in 1..{len(VIEWS)}, got {views}")
+        self.views = int(views)
+        return self
+
+    def device_features(self, head, x: torch.Tensor) -> torch.Tensor:
+        """What the device computes from inputs ``x`` for ``compress``: ``head(x)``, or
+        with ``views > 1`` the stacked features of the views (:func:`view_features`)."""
+        return head(x) if self.views == 1 else view_features(head, x, self.views)
+
+    def encoder_flops(self) -> int:
+        """FLOPs per sample of the device-side encoder (once per view; the extra views
+        also run the device's head once more each, which this does not count)."""
+        return self.views * super().encoder_flops()
+
+    def fit(self, features: torch.Tensor) -> TaskCodec:
+        """Concealment statistics from one view's training features ``(N, *feature_shape)``."""
+        FeatureCodec.check_features(self, features)
+        self.conceal.copy_(features.float().mean(0))
+        return self
+
+    def _by_view(self, h: torch.Tensor) -> torch.Tensor:
+        """``(B, V*C, H, W)`` -> ``(B*V, C, H, W)``, sample-major."""
+        return h.reshape(len(h) * self.views, *self.feature_shape)
+
+    def _merge_views(self, f: torch.Tensor) -> torch.Tensor:
+        """Decoded features ``(B*V, C, H, W)`` -> their mean over views ``(B, C, H, W)``."""
+        return f if self.views == 1 else f.reshape(-1, self.views, *f.shape[1:]).mean(1)
 
     def aux_loss(self) -> torch.Tensor:
         """Quantile-fitting loss of every rate point's entropy model."""
@@ -348,6 +433,7 @@ class TaskCodec(FeatureCodec):
         highest); ``drop_prob`` replaces whole packets by the medians, i.i.d."""
         self.check_features(h)
         r = self._rate(rate)
+        h = self._by_view(h)
         y = self.g_a(h).float() * self._gain(r)
         with torch.autocast(y.device.type, enabled=False):  # likelihoods in float32
             y_hat, lik = self.entropy_bottlenecks[r](y.view(len(y), self.latent, self.positions))
@@ -358,13 +444,13 @@ class TaskCodec(FeatureCodec):
             for j, g in enumerate(self.groups):
                 mask[:, g] = lost[:, j : j + 1]
             y_hat = torch.where(mask.to(h.device), self._medians(r).expand_as(y_hat), y_hat)
-        feats = self.g_s(y_hat * self._inv_gain(r))
+        feats = self._merge_views(self.g_s(y_hat * self._inv_gain(r)))
         bits = -torch.log2(lik).flatten(1).sum(1)
         if self.context and not self.training and self.entropy_bottlenecks[r]._offset.numel():
             lo, hi = (t.to(y.device) for t in self.support(r))
             k = torch.round(y_hat - self._medians(r)).clamp(lo, hi)
             bits = self.context_bits(k, r)  # what the context coder spends (estimate)
-        return CodecOutput(feats, bits, {"y": lik})
+        return CodecOutput(feats, bits.reshape(-1, self.views).sum(1), {"y": lik})
 
     # --- coding ---------------------------------------------------------------------------
     def update(self, force: bool = False) -> bool:
@@ -401,9 +487,10 @@ class TaskCodec(FeatureCodec):
                 torch.tensor([o + len(row) - 3 for o, row in zip(offsets, rows)]))  # fmt: skip
 
     def symbols(self, h: torch.Tensor, r: int) -> torch.Tensor:
-        """Integer symbols ``(B, n_sym)`` (int64, around the medians, clamped to the
-        support) that ``compress`` sends at rate point ``r``."""
-        y = (self.g_a(h.to(self._device())) * self._gain(r)).clamp(-_CLAMP, _CLAMP)
+        """Integer symbols ``(B * views, n_sym)`` (int64, around the medians, clamped to
+        the support; sample-major) that ``compress`` sends at rate point ``r``."""
+        h = self._by_view(h.to(self._device()))
+        y = (self.g_a(h) * self._gain(r)).clamp(-_CLAMP, _CLAMP)
         sym = torch.round(y - self._medians(r)).long().cpu()
         lo, hi = self.support(r)
         return torch.maximum(torch.minimum(sym, hi), lo)
@@ -443,55 +530,62 @@ class TaskCodec(FeatureCodec):
         lo_t, hi_t = self.support(r)
         header = self.make_header(meta=bytes([r]),
                                   tensors=[TensorSpec("float32", self.feature_shape)])
+        # packet j carries group j of every view, views in order (so a sample has as many
+        # packets as groups, whatever its views; a lost packet loses that group of each)
+        lo, hi = lo_t.tolist(), hi_t.tolist()
         out = []
-        if self.context:
-            lo, hi = lo_t.tolist(), hi_t.tolist()
-            for kb in k:
-                ctx_rows = self._context_rows(r, kb, lo, hi)
-                sym = (kb - lo_t).tolist()
-                out.append(Bitstream(header, [arith.encode(sym[g], ctx_rows[g])
-                                              for g in self.groups]))  # fmt: skip
-            return out
-        idx = (k - lo_t).tolist()
-        return [Bitstream(header, [arith.encode(s[g], rows[g]) for g in self.groups])
-                for s in idx]  # fmt: skip
+        for b in range(len(h)):
+            ks = k[b * self.views : (b + 1) * self.views]
+            syms = [(kv - lo_t).tolist() for kv in ks]
+            tabs = [self._context_rows(r, kv, lo, hi) for kv in ks] if self.context \
+                else [rows] * self.views
+            out.append(Bitstream(header, [
+                arith.encode([x for v in range(self.views) for x in syms[v][g]],
+                             [row for v in range(self.views) for row in tabs[v][g]])
+                for g in self.groups]))  # fmt: skip
+        return out
 
-    def _decode_context(self, s: Bitstream, r: int) -> torch.Tensor:
+    def _decode_context(self, packets: Sequence[bytes | None], r: int) -> torch.Tensor:
+        """Symbols ``(views, n_sym)`` of one sample; each symbol's table comes from the
+        context model given its view's symbols decoded so far."""
         lo_t, hi_t = self.support(r)
         lo, hi = lo_t.tolist(), hi_t.tolist()
-        k = torch.zeros(self.n_sym, dtype=torch.float64)  # a lost group: symbol 0, the median
-        for g, p in zip(self.groups, s.packets):
+        # a lost group: symbol 0, the median
+        k = torch.zeros(self.views, self.n_sym, dtype=torch.float64)
+        for g, p in zip(self.groups, packets):
             if p is None:
                 continue
-            dec = arith.Decoder(p, g.stop - g.start)
-            for i in range(g.start, g.stop):
-                mu, sigma = self._ctx64(r)(k.view(1, -1))
-                row = _grid_cdf(lo[i], hi[i], *_snap(float(mu[0, i]), float(sigma[0, i]),
-                                                     lo[i], hi[i]))  # fmt: skip
-                k[i] = lo[i] + dec.next(row)
+            dec = arith.Decoder(p, self.views * (g.stop - g.start))
+            for v in range(self.views):
+                for i in range(g.start, g.stop):
+                    mu, sigma = self._ctx64(r)(k[v].view(1, -1))
+                    row = _grid_cdf(lo[i], hi[i], *_snap(float(mu[0, i]), float(sigma[0, i]),
+                                                         lo[i], hi[i]))  # fmt: skip
+                    k[v, i] = lo[i] + dec.next(row)
         return k.float()
 
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
         self.check_streams(streams, len(self.groups))
         dev = self._device()
-        y_hat = torch.zeros(len(streams), self.n_sym, device=dev)
+        v_n = self.views
+        y_hat = torch.zeros(len(streams) * v_n, self.n_sym, device=dev)
         for b, s in enumerate(streams):
             r = self.rate_of(s)
             rows, offsets = self._tables(r)
             if self.context:
-                y_hat[b] = (self._decode_context(s, r).to(dev) + self._medians(r)) \
-                    * self._inv_gain(r)
-                continue
-            sym = torch.zeros(self.n_sym)  # a lost group: symbol 0, the median
-            for g, p in zip(self.groups, s.packets):
-                if p is None:
-                    continue
-                got = arith.decode(p, rows[g])
-                sym[g] = torch.tensor([min(i, len(row) - 3) + o for i, row, o
-                                       in zip(got, rows[g], offsets[g])], dtype=torch.float32)
-            y_hat[b] = (sym.to(dev) + self._medians(r)) * self._inv_gain(r)
-        return self.g_s(y_hat).float().cpu()
+                sym = self._decode_context(s.packets, r)
+            else:
+                sym = torch.zeros(v_n, self.n_sym)  # a lost group: symbol 0, the median
+                for g, p in zip(self.groups, s.packets):
+                    if p is None:
+                        continue
+                    got = arith.decode(p, rows[g] * v_n)
+                    vals = [min(i, len(row) - 3) + o for i, row, o
+                            in zip(got, rows[g] * v_n, offsets[g] * v_n)]  # fmt: skip
+                    sym[:, g] = torch.tensor(vals, dtype=torch.float32).view(v_n, -1)
+            y_hat[b * v_n : (b + 1) * v_n] = (sym.to(dev) + self._medians(r)) * self._inv_gain(r)
+        return self._merge_views(self.g_s(y_hat).float()).cpu()
 
 
 class RatePoint(FeatureCodec):
@@ -531,6 +625,23 @@ class RatePoint(FeatureCodec):
 
     def rate_of(self, stream: Bitstream) -> int:
         return self.base.rate_of(stream)
+
+    @property
+    def views(self) -> int:
+        return self.base.views
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.base.input_shape
+
+    def check_features(self, h: torch.Tensor) -> None:
+        self.base.check_features(h)
+
+    def device_features(self, head, x: torch.Tensor) -> torch.Tensor:
+        return self.base.device_features(head, x)
+
+    def encoder_flops(self) -> int:
+        return self.base.encoder_flops()
 
     def aux_loss(self) -> torch.Tensor:
         return self.base.aux_loss()

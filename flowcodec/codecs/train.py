@@ -336,7 +336,7 @@ def evaluate_codec(codec: FeatureCodec, head, tail, data: ArrayDataset, batch_si
     has_est = bool(getattr(codec, "entropy_bottleneck", None) is not None)
     for x, y in tqdm(data.batches(batch_size), total=math.ceil(len(data) / batch_size),
                      disable=not progress, leave=False, desc=f"eval {codec.name}"):  # fmt: skip
-        h = head(x)
+        h = codec.device_features(head, x)
         streams = codec.compress(h)
         nbytes += sum(len(s.to_bytes()) for s in streams)
         session += sum(s.compact_nbytes for s in streams)

@@ -99,7 +99,7 @@ def eval_task_forward(codec: TaskCodec, head, tail, data: ArrayDataset, n: int |
         for x, y in data.batches(500, device=device):
             if n is not None and seen >= n:
                 break
-            o = codec(head(x), rate=r)
+            o = codec(codec.device_features(head, x), rate=r)
             correct += int((tail(o.features).argmax(1) == y).sum())
             bits += float(o.bits.sum())
             seen += len(y)
@@ -147,6 +147,7 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
                                 {"params": stem, "lr": cfg.stem_lr},
                                 {"params": aux, "lr": 1e-2}])  # fmt: skip
         base_lrs = [cfg.lr, cfg.stem_lr]
+        views = getattr(codec, "views", 1)
         per_epoch = len(train) // cfg.batch_size
         total = cfg.epochs * per_epoch
         res = TaskTrainResult()
@@ -172,15 +173,19 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
                 drop = cfg.drop_prob if float(torch.rand((), generator=gen)) < cfg.drop_share \
                     else 0.0
                 with torch.no_grad(), torch.autocast(**amp):
-                    h = head(x)
-                    teacher = tail(h).float() if cfg.kd else None
+                    # the views' features (B, V*C, H, W); V = 1: head(x)
+                    h = codec.device_features(head, x)
+                    per_view = h.reshape(len(h) * views, -1, *h.shape[2:])  # (B*V, C, H, W)
+                    teacher = (tail(per_view).float().reshape(len(h), views, -1).mean(1)
+                               if cfg.kd else None)  # fmt: skip
+                    target = per_view.float().reshape(len(h), views, *per_view.shape[1:]).mean(1)
                 h = h.float()
                 with torch.autocast(**amp):
                     out = codec(h, rate=r, drop_prob=drop, generator=gen)
                     logits = tail(out.features).float()
                 task = F.cross_entropy(logits, y)
                 kd = _kd_loss(logits, teacher, cfg.temperature) if cfg.kd else logits.new_zeros(())
-                distill = F.mse_loss(out.features.float(), h) / power
+                distill = F.mse_loss(out.features.float(), target) / power
                 kbits = out.bits.mean() / 1000
                 loss = task + cfg.kd * kd + cfg.beta * distill + ramp * cfg.lams[r] * kbits
                 opt.zero_grad(set_to_none=True)
@@ -278,7 +283,7 @@ def fit_context(codec: TaskCodec, head, train: ArrayDataset, steps: int = 1500,
             for x, _y in tqdm(train.batches(500, shuffle=True, train=True, generator=gen,
                                             device=dev), disable=not progress, leave=False,
                               desc="context symbols"):  # fmt: skip
-                h = head(x).float()
+                h = codec.device_features(head, x).float()
                 for r in range(codec.rates):
                     ks[r].append(codec.symbols(h, r))
     report = []
