@@ -109,7 +109,7 @@ def load_codec(path: str | os.PathLike, backend: str = "auto") -> FeatureCodec:
 
 
 # registry names of the learned codecs
-LEARNED_CODECS = ("factorized", "hyperprior", "binary", "task", "token-prune")
+LEARNED_CODECS = ("factorized", "hyperprior", "binary", "task", "token-prune", "token-merge")
 
 
 def _set_buffer(module: torch.nn.Module, key: str, value: torch.Tensor) -> None:

@@ -1,0 +1,450 @@
+"""Token merging codec: compress token features ``(N, D)`` by merging similar tokens with
+density-peaks clustering (DPC-KNN) and sending one entropy-coded latent per cluster.
+
+:class:`TokenMergeCodec` (``"token-merge"``):
+
+- **Clustering (DPC-KNN).** For each sample, every token gets a density from its
+  ``neighbors`` nearest tokens (``exp(-mean d^2)``, distances scaled by ``1/sqrt(D)``) and
+  a distance to the nearest denser token (the densest token takes its largest distance).
+  The ``clusters`` tokens with the largest density x distance are the centres and every
+  token joins its nearest centre. With ``keep_first`` token 0 (a class token) is a cluster
+  of its own and the others form ``clusters - 1`` clusters. ``K = clusters`` is fixed per
+  codec, that is per rate point.
+- **Merging.** Each cluster's token is the mean of its members, weighted by
+  ``exp(score)`` from a learned scorer when ``weighted`` (the scorer starts at zero: a
+  plain mean).
+- **Canonical labels.** Clusters are numbered by their first (lowest) position; cluster
+  ``c`` travels in packet ``c % packets``.
+- **Packets.** Packet ``p`` holds its clusters' member positions (the union of those
+  positions by :func:`~flowcodec.codecs.token.encode_positions`, then which of the
+  packet's clusters each member belongs to by :func:`encode_assignment`) and the rANS
+  payload of its clusters' latents under a factorized prior (an ``EntropyBottleneck``
+  over the latent channels). A packet decodes on its own: a lost packet loses its
+  clusters, whose positions get a learned fill, not the sample.
+- **Restoration.** Each position gets its cluster's decoded hidden vector plus a learned
+  embedding of the position, mapped back to width ``D``, so the tail sees ``N`` tokens in
+  the order it expects.
+
+The clustering is computed on detached features (it is a discrete choice); ``forward`` is
+differentiable through the merge weights, the latent transform and the decoder. Its rate
+estimate counts the clusters' latent bits plus the exact bits of the position and
+assignment codes.
+
+Example
+-------
+>>> import torch
+>>> codec = TokenMergeCodec((17, 32), clusters=6, latent=8, packets=2).eval()
+>>> out = codec(torch.randn(3, 17, 32))
+>>> tuple(out.features.shape), tuple(codec.last_labels.shape)
+((3, 17, 32), (3, 17))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from flowcodec.bitstream import Bitstream, BitstreamError, TensorSpec
+from flowcodec.codecs.base import CodecOutput, FeatureCodec, register_codec
+from flowcodec.codecs.entropy import (
+    _decode_planned,
+    _IndexPlan,
+    _tables,
+    eb_symbols,
+    entropy_bottleneck,
+    rans_encode,
+)
+from flowcodec.codecs.token import MAX_TOKENS, decode_positions, encode_positions, position_bits
+from flowcodec.errors import ConfigError
+
+__all__ = ["TokenMergeCodec", "dpc_knn", "encode_assignment", "decode_assignment",
+           "assignment_bits"]  # fmt: skip
+
+
+# --- the assignment code -------------------------------------------------------------------
+def _radix_bound(m: int, k: int) -> int:
+    """Largest product of radices over ``m`` labels with ``k`` clusters: prod min(t+1, k)."""
+    if k <= 1:
+        return 1
+    return math.factorial(min(m, k)) * k ** max(0, m - k)
+
+
+def assignment_bits(m: int, k: int) -> int:
+    """Bits of the assignment code of ``m`` members to ``k`` clusters (before padding)."""
+    return (_radix_bound(m, k) - 1).bit_length()
+
+
+def _check_mk(m: int, k: int) -> None:
+    if not 1 <= k <= m <= MAX_TOKENS:
+        raise ConfigError(f"assignment of m members to k clusters needs 1 <= k <= m <= "
+                          f"{MAX_TOKENS}, got m={m}, k={k}")  # fmt: skip
+
+
+def encode_assignment(labels: Sequence[int], k: int) -> bytes:
+    """Code a canonical assignment of ``m = len(labels)`` members to ``k`` clusters.
+
+    ``labels`` must be a restricted growth string: clusters numbered by first appearance
+    (``labels[0] == 0``, each label at most one above the largest before it) using every
+    label ``0..k-1``. Member ``t`` can then only take ``r_t = min(opened + 1, k)`` values
+    (``opened``: clusters seen before it), so the labels are one mixed-radix integer
+    ``sum_t label_t * prod_{s<t} r_s``, written big-endian in
+    ``bit_length(prod_t min(t + 1, k) - 1)`` bits and zero-padded to whole bytes. That is
+    ``log2(k!) + (m - k) log2(k)`` bits at most, against ``m * ceil(log2 k)`` for plain
+    fixed-width labels. ``(m, k)`` are known to the decoder, so the code is
+    self-delimiting.
+    """
+    labels = [int(v) for v in labels]
+    m = len(labels)
+    _check_mk(m, k)
+    value, mult, opened = 0, 1, 0
+    for t, v in enumerate(labels):
+        r = min(opened + 1, k)
+        if not 0 <= v < r:
+            raise ConfigError(f"labels must be a restricted growth string over {k} clusters; "
+                              f"label {v} at member {t} (allowed 0..{r - 1})")  # fmt: skip
+        value += v * mult
+        mult *= r
+        opened += v == opened
+    if opened != k:
+        raise ConfigError(f"labels use {opened} clusters, not {k}")
+    total = assignment_bits(m, k)
+    nbytes = -(-total // 8)
+    return (value << (8 * nbytes - total)).to_bytes(nbytes, "big")
+
+
+def decode_assignment(data: bytes, m: int, k: int) -> tuple[list[int], int]:
+    """Inverse of :func:`encode_assignment`: ``(labels, bytes used)``.
+
+    Raises :class:`BitstreamError` when ``data`` is too short, its padding bits are not
+    zero, the value does not fit the radices its own labels imply, or it uses fewer than
+    ``k`` clusters (so every assignment has exactly one code).
+    """
+    _check_mk(m, k)
+    total = assignment_bits(m, k)
+    nbytes = -(-total // 8)
+    if len(data) < nbytes:
+        raise BitstreamError(f"assignment code needs {nbytes} bytes, got {len(data)}")
+    word = int.from_bytes(data[:nbytes], "big")
+    pad = 8 * nbytes - total
+    if word & ((1 << pad) - 1):
+        raise BitstreamError("assignment code has nonzero padding bits")
+    value = word >> pad
+    labels, opened = [], 0
+    for _ in range(m):
+        r = min(opened + 1, k)
+        value, v = divmod(value, r)
+        labels.append(v)
+        opened += v == opened
+    if value:
+        raise BitstreamError("assignment code is out of range for its labels")
+    if opened != k:
+        raise BitstreamError(f"assignment code uses {opened} clusters, not {k}")
+    return labels, nbytes
+
+
+# --- DPC-KNN -------------------------------------------------------------------------------
+@torch.no_grad()
+def dpc_knn(x: torch.Tensor, clusters: int, neighbors: int = 5) -> torch.Tensor:
+    """Cluster each sample's tokens ``x`` ``(B, n, D)`` into ``clusters`` groups.
+
+    Density-peaks clustering with a k-nearest-neighbour density: ``rho_i =
+    exp(-mean_j d_ij^2)`` over the ``neighbors`` nearest tokens ``j``, ``delta_i`` = the
+    distance to the nearest denser token (ties in density are broken by position, the
+    lower first; the densest token takes its largest distance), centres = the
+    ``clusters`` tokens with the largest ``rho * delta``, and every token joins its nearest
+    centre. Distances are Euclidean over ``sqrt(D)``, in float64, computed pairwise (no
+    matrix-product shortcut), so a sample's clusters do not depend on its batch.
+
+    Returns int64 labels ``(B, n)``, numbered by each cluster's first position.
+    """
+    b, n, d = x.shape
+    if not 1 <= clusters <= n:
+        raise ConfigError(f"clusters must be in 1..{n}, got {clusters}")
+    xd = x.detach().double()
+    dist = torch.cdist(xd, xd, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(d)
+    kn = min(int(neighbors), n - 1)
+    if kn > 0:
+        near = dist.topk(kn + 1, dim=-1, largest=False).values[..., 1:]
+        density = torch.exp(-near.pow(2).mean(-1))
+    else:
+        density = torch.ones(b, n, dtype=xd.dtype, device=xd.device)
+    order = torch.argsort(density, dim=1, descending=True, stable=True)
+    ar = torch.arange(n, device=xd.device).expand(b, n)
+    rank = torch.empty_like(order).scatter_(1, order, ar)
+    denser = rank[:, None, :] < rank[:, :, None]  # [b, i, j]: j is denser than i
+    delta = torch.where(denser, dist, torch.full_like(dist, math.inf)).amin(-1)
+    delta = torch.where(torch.isinf(delta), dist.amax(-1), delta)
+    score = density * delta
+    centres = torch.argsort(score, dim=1, descending=True, stable=True)[:, :clusters]
+    to_c = dist.gather(2, centres[:, None, :].expand(b, n, clusters))
+    lab = to_c.argmin(-1)
+    lab.scatter_(1, centres, torch.arange(clusters, device=xd.device).expand(b, clusters))
+    first = torch.full((b, clusters), n, dtype=torch.int64, device=xd.device)
+    first.scatter_reduce_(1, lab, ar, reduce="amin")
+    inv = torch.argsort(torch.argsort(first, dim=1), dim=1)
+    return inv.gather(1, lab)
+
+
+# --- the codec -----------------------------------------------------------------------------
+class _MergeEncoder(nn.Module):
+    """What the device runs: clustering, the weighted merge and the latent transform."""
+
+    def __init__(self, codec: TokenMergeCodec) -> None:
+        super().__init__()
+        self.codec = codec
+
+    def forward(self, h):
+        merged, _ = self.codec._merge(self.codec._tokens(h))
+        return self.codec.g_a(merged)
+
+
+@register_codec("token-merge")
+class TokenMergeCodec(FeatureCodec):
+    """DPC-KNN token merging with a factorized entropy model over the merged tokens.
+
+    Inputs: ``h`` float ``(B, N, D)`` (or ``(B, H, W, C)``, taken as ``H * W`` tokens).
+    ``forward`` returns a :class:`CodecOutput` (features of the input's shape, estimated
+    bits ``(B,)``, likelihoods ``{"y": (B, latent, clusters)}``) and keeps the cluster
+    labels ``(B, N)`` as ``codec.last_labels``. ``compress`` returns ``B`` streams of
+    ``packets`` packets (after ``update()``); ``decompress`` returns float32 features with
+    the positions of lost clusters replaced by the learned fill.
+
+    Parameters
+    ----------
+    feature_shape : (N, D) or (H, W, C)
+        Token features (layout ``"tokens"``) or a channels-last map (``"hwc"``).
+    clusters : int
+        ``K``, the number of merged tokens sent per sample (the rate point), class token
+        included when ``keep_first``.
+    neighbors : int
+        ``k`` of the k-nearest-neighbour density.
+    latent : int
+        Latent values per merged token.
+    hidden : int
+        Width of the encoder's and decoder's hidden layers.
+    packets : int
+        Packets per sample (at most ``clusters``); cluster ``c`` travels in packet
+        ``c % packets``.
+    keep_first : bool
+        Token 0 (a class token) is a cluster of its own.
+    weighted : bool
+        Merge with learned importance weights (else plain means).
+    backend : {"auto", "compressai", "torch"}
+        Entropy-model implementation (see :mod:`flowcodec.codecs.entropy`).
+    """
+
+    layouts = ("tokens", "hwc")
+
+    def __init__(self, feature_shape: Sequence[int], clusters: int = 8, neighbors: int = 5,
+                 latent: int = 16, hidden: int = 64, packets: int = 2, keep_first: bool = True,
+                 weighted: bool = True, backend: str = "auto") -> None:  # fmt: skip
+        super().__init__(feature_shape)
+        shape = self.feature_shape
+        if len(shape) not in (2, 3):
+            raise ConfigError(f"token-merge takes (N, D) tokens or an (H, W, C) map, got {shape}")
+        self.layout = "tokens" if len(shape) == 2 else "hwc"
+        self.n_tokens, self.width = math.prod(shape[:-1]), shape[-1]
+        n = self.n_tokens
+        if n > MAX_TOKENS:
+            raise ConfigError(f"token-merge takes at most {MAX_TOKENS} tokens, got {n}")
+        lo = 2 if keep_first else 1
+        if keep_first and n < 2:
+            raise ConfigError("keep_first needs at least 2 tokens")
+        if not isinstance(clusters, int) or not lo <= clusters <= n:
+            raise ConfigError(f"clusters must be an int in {lo}..{n}, got {clusters!r}")
+        if not isinstance(neighbors, int) or neighbors < 1:
+            raise ConfigError(f"neighbors must be a positive int, got {neighbors!r}")
+        if latent < 1 or hidden < 1:
+            raise ConfigError("latent and hidden must be positive")
+        if not 1 <= packets <= clusters:
+            raise ConfigError(f"packets must be in 1..{clusters} (clusters), got {packets}")
+        self.clusters, self.neighbors = int(clusters), int(neighbors)
+        self.latent, self.hidden, self.packets = int(latent), int(hidden), int(packets)
+        self.keep_first, self.weighted, self.backend = bool(keep_first), bool(weighted), backend
+        d = self.width
+        self.scorer = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))
+        nn.init.zeros_(self.scorer[1].weight)
+        nn.init.zeros_(self.scorer[1].bias)
+        self.g_a = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, latent))
+        self.g_s_in = nn.Linear(latent, hidden)
+        self.pos = nn.Parameter(torch.zeros(n, hidden))
+        self.g_s_out = nn.Sequential(nn.GELU(), nn.Linear(hidden, d))
+        self.fill = nn.Parameter(torch.zeros(n, d))
+        self.entropy_bottleneck = entropy_bottleneck(self.latent, backend)
+        self._plans: dict = {}
+
+    def config(self) -> dict:
+        return {**super().config(), "clusters": self.clusters, "neighbors": self.neighbors,
+                "latent": self.latent, "hidden": self.hidden, "packets": self.packets,
+                "keep_first": self.keep_first, "weighted": self.weighted}  # fmt: skip
+
+    @property
+    def encoder(self) -> nn.Module:
+        return _MergeEncoder(self)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Auxiliary loss fitting the entropy bottleneck's quantiles."""
+        return self.entropy_bottleneck.loss()
+
+    def update(self, force: bool = False) -> bool:
+        """Freeze the CDF tables; returns whether they changed."""
+        self._plans = {}
+        return bool(self.entropy_bottleneck.update(force=force))
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor) -> TokenMergeCodec:
+        """Set the concealment value and the fill tokens to the training features' mean."""
+        super().fit(features)
+        self.fill.copy_(self.conceal.reshape(self.n_tokens, self.width))
+        return self
+
+    # --- pieces ----------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return self.fill.device
+
+    def _tokens(self, h: torch.Tensor) -> torch.Tensor:
+        return h.reshape(h.shape[0], self.n_tokens, self.width)
+
+    def cluster(self, t: torch.Tensor) -> torch.Tensor:
+        """Canonical cluster labels ``(B, N)`` of tokens ``t`` ``(B, N, D)``."""
+        if not self.keep_first:
+            return dpc_knn(t, self.clusters, self.neighbors)
+        rest = dpc_knn(t[:, 1:], self.clusters - 1, self.neighbors) + 1
+        return torch.cat([torch.zeros_like(rest[:, :1]), rest], 1)
+
+    def _merge(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(merged (B, K, D), labels (B, N))``: each cluster's (weighted) mean token."""
+        lab = self.cluster(t)
+        a = nn.functional.one_hot(lab, self.clusters).to(t.dtype)  # (B, N, K)
+        if self.weighted:
+            w = torch.exp(self.scorer(t).squeeze(-1).clamp(-20.0, 20.0))
+            a = a * w[..., None]
+        merged = torch.einsum("bnk,bnd->bkd", a, t) / a.sum(1)[..., None]
+        return merged, lab
+
+    def _restore(self, y_hat: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        """Latents ``(B, K, M)`` and labels ``(B, N)`` -> tokens ``(B, N, D)``."""
+        hid = self.g_s_in(y_hat)
+        per_pos = hid.gather(1, lab[..., None].expand(-1, -1, hid.shape[-1]))
+        return self.g_s_out(per_pos + self.pos)
+
+    def _cluster_ids(self, p: int) -> range:
+        return range(p, self.clusters, self.packets)
+
+    def _side_bits(self, lab: torch.Tensor) -> torch.Tensor:
+        """Exact bits of the position and assignment codes, per sample."""
+        pk = lab.cpu() % self.packets
+        out = torch.zeros(lab.shape[0])
+        for b in range(lab.shape[0]):
+            counts = torch.bincount(pk[b], minlength=self.packets).tolist()
+            for p, m in enumerate(counts):
+                k = len(self._cluster_ids(p))
+                out[b] += 8 * (-(-position_bits(m, self.n_tokens) // 8)
+                               - (-assignment_bits(m, k) // 8))  # fmt: skip
+        return out
+
+    def _medians(self) -> torch.Tensor:
+        return self.entropy_bottleneck.quantiles[:, 0, 1].detach()
+
+    # --- the three calls -------------------------------------------------------------------
+    def forward(self, h: torch.Tensor, drop_prob: float = 0.0, flip_prob: float = 0.0,
+                generator: torch.Generator | None = None) -> CodecOutput:  # fmt: skip
+        self.check_features(h)
+        t = self._tokens(h)
+        merged, lab = self._merge(t)
+        y_hat, lik = self.entropy_bottleneck(self.g_a(merged).transpose(1, 2))  # (B, M, K)
+        bits = -torch.log2(lik).sum((1, 2)) + self._side_bits(lab).to(h.device)
+        rec = self._restore(y_hat.transpose(1, 2), lab)
+        if drop_prob > 0:
+            lost = torch.rand(len(h), self.packets, generator=generator) < drop_prob
+            lost_pos = lost.gather(1, lab.cpu() % self.packets).to(h.device)  # (B, N)
+            rec = torch.where(lost_pos[..., None], self.fill.to(rec.dtype), rec)
+        self.last_labels = lab
+        return CodecOutput(rec.reshape(h.shape), bits, {"y": lik})
+
+    @torch.no_grad()
+    def compress(self, h: torch.Tensor) -> list[Bitstream]:
+        self.check_features(h)
+        t = self._tokens(h.to(self._device()).float())
+        merged, lab = self._merge(t)
+        sym = eb_symbols(self.entropy_bottleneck, self.g_a(merged).transpose(1, 2)).cpu()
+        lab = lab.cpu()
+        tables = _tables(self.entropy_bottleneck)
+        header = self.make_header(tensors=[TensorSpec("float32", self.feature_shape)])
+        chan = torch.arange(self.latent, dtype=torch.int32)
+        out = []
+        for b in range(len(t)):
+            row = lab[b]
+            packets = []
+            for p in range(self.packets):
+                ids = torch.tensor(list(self._cluster_ids(p)))
+                members = (row % self.packets == p).nonzero().squeeze(1)
+                local = (row[members] // self.packets).tolist()  # canonical within the packet
+                data = encode_positions(members.tolist(), self.n_tokens)
+                data += encode_assignment(local, len(ids))
+                s = sym[b][:, ids].T  # (k, M), cluster-major
+                data += rans_encode(self.entropy_bottleneck, s, chan.expand_as(s), tables)
+                packets.append(data)
+            out.append(Bitstream(header, packets))
+        return out
+
+    def _plan(self, tables, k: int) -> _IndexPlan:
+        plan = self._plans.get(k)
+        if plan is None:
+            idx = torch.arange(self.latent, dtype=torch.int32).expand(k, self.latent)
+            plan = self._plans[k] = _IndexPlan(tables, idx)
+        return plan
+
+    def _read_packet(self, tables, p: int, data: bytes):
+        """``(members, global labels, symbols (k, M))`` of packet ``p``."""
+        k = len(self._cluster_ids(p))
+        members, used = decode_positions(data, self.n_tokens)
+        if len(members) < k:
+            raise BitstreamError(f"token-merge packet {p}: {len(members)} positions for {k} "
+                                 "clusters")  # fmt: skip
+        local, used2 = decode_assignment(data[used:], len(members), k)
+        start = used + used2
+        sym = _decode_planned(tables, bytes(data[start:]), self._plan(tables, k))
+        return members, [p + self.packets * j for j in local], sym
+
+    @torch.no_grad()
+    def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
+        self.check_streams(streams, self.packets)
+        tables = _tables(self.entropy_bottleneck)
+        n, kk = self.n_tokens, self.clusters
+        sym = torch.zeros(len(streams), kk, self.latent, dtype=torch.int32)
+        lab = torch.full((len(streams), n), -1, dtype=torch.int64)
+        for b, s in enumerate(streams):
+            for p, data in enumerate(s.packets):
+                if data is None:
+                    continue  # lost: its clusters' positions get the fill
+                members, glob, psym = self._read_packet(tables, p, data)
+                pos = torch.tensor(members, dtype=torch.int64)
+                if bool((lab[b, pos] >= 0).any()):
+                    raise BitstreamError(f"token-merge packet {p} names positions that another "
+                                         "packet holds")  # fmt: skip
+                lab[b, pos] = torch.tensor(glob, dtype=torch.int64)
+                sym[b, list(self._cluster_ids(p))] = psym
+            if all(d is not None for d in s.packets):
+                self._check_canonical(lab[b])
+        dev = self._device()
+        y_hat = sym.to(dev).float() + self._medians().to(dev)
+        got = lab >= 0
+        rec = self._restore(y_hat, lab.clamp(min=0).to(dev))
+        out = torch.where(got.to(dev)[..., None], rec, self.fill.detach())
+        out = out.float().cpu().reshape(len(streams), *self.feature_shape)
+        return self.conceal_nonfinite(out)
+
+    def _check_canonical(self, row: torch.Tensor) -> None:
+        """A complete stream covers every position, clusters numbered by first position."""
+        if bool((row < 0).any()):
+            raise BitstreamError("token-merge stream leaves positions without a cluster")
+        first = torch.full((self.clusters,), self.n_tokens, dtype=torch.int64)
+        first.scatter_reduce_(0, row, torch.arange(self.n_tokens), reduce="amin")
+        if not bool((first[1:] > first[:-1]).all()):
+            raise BitstreamError("token-merge clusters are not numbered by first position")
+        if self.keep_first and not bool((row[1:] != 0).all()):
+            raise BitstreamError("token-merge: the class token shares its cluster")
