@@ -362,10 +362,10 @@ def test_training_at_a_vit_cut_lowers_the_loss():
     held = _images(32, 99)
     codec.eval()
     before = _kl(split, codec, held)
-    res = train_codec(split, codec, batches, steps=60, lam=1e-4, lr=3e-3, progress=False)
-    assert res.steps == 60
+    res = train_codec(split, codec, batches, steps=20, lam=1e-4, lr=3e-3, progress=False)
+    assert res.steps == 20
     after = _kl(split, codec, held)
-    assert after < 0.7 * before, (before, after)
+    assert after < 0.5 * before, (before, after)  # about 14.0 -> 2.9 here
     codec.update(force=True)
     streams = codec.compress(split.head(held))
     with torch.no_grad():
