@@ -271,6 +271,23 @@ def test_random_packets_decode_or_raise_bitstream_error(junk, slot):
     assert out.shape == (1, *SHAPE) and bool(torch.isfinite(out).all())
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 1), st.integers(0, 10**6), st.integers(1, 255), st.integers(0, 8))
+def test_damaged_packets_decode_or_raise_bitstream_error(slot, where, mask, cut):
+    """A valid packet with one byte changed and its tail cut (a CRC-valid forgery)."""
+    codec = _CACHE.setdefault("hostile", _ready())
+    s = _CACHE.setdefault("stream", codec.compress(_tokens(1, seed=13))[0])
+    packets = list(s.packets)
+    data = bytearray(packets[slot])
+    data[where % len(data)] ^= mask
+    packets[slot] = bytes(data[:len(data) - cut])
+    try:
+        out = codec.decompress([Bitstream(s.header, packets)])
+    except BitstreamError:
+        return
+    assert out.shape == (1, *SHAPE) and bool(torch.isfinite(out).all())
+
+
 def test_checkpoint_round_trip(tmp_path):
     codec = _ready()
     path = save_codec(codec, tmp_path / "merge", KW, half=False)
