@@ -43,6 +43,7 @@ KWARGS = {
     "factorized": dict(latent=8, hidden=16, packets=2),
     "hyperprior": dict(latent=8, hidden=16, packets=2, hyper=4),
     "binary": dict(latent=4, hidden=16, packets=2),
+    "token-merge": dict(clusters=8, latent=8, hidden=16, packets=2),
 }
 SHIPPED = ["cifar10-fact_l0p1", "cifar10-robust_l0p1", "cifar10-hyper_l0p1",
            "cifar10-binary_m16"]  # fmt: skip
