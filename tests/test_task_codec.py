@@ -466,3 +466,16 @@ def test_a_multi_view_codec_trains_codes_each_view_and_averages(digits, digits_f
     ev = evaluate_codec(codec.at_rate(1), head, tail, test.subset(200, seed=0))
     fw = eval_task_forward(codec, head, tail, test.subset(200, seed=0), 200)
     assert ev.accuracy > 0.5 and abs(ev.accuracy - fw[1]["accuracy"]) <= 0.02
+
+
+def test_every_codec_takes_its_feature_shape_unless_it_codes_views():
+    head = torch.nn.Conv2d(3, 16, 3, padding=1)
+    x = torch.rand(2, 3, 8, 8)
+    for name, kw in (("raw", {}), ("quant", {"bits": 4}), ("task", {"latent": 4, "hidden": 8})):
+        codec = build_codec(name, (16, 8, 8), **kw)
+        assert codec.input_shape == (16, 8, 8)
+        assert torch.equal(codec.device_features(head, x), head(x))
+    multi = build_codec("task", (16, 8, 8), latent=4, hidden=8, views=3)
+    assert multi.input_shape == (48, 8, 8) and multi.set_views(1).input_shape == (16, 8, 8)
+    with pytest.raises(ConfigError):
+        multi.set_views(5)

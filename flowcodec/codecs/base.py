@@ -180,7 +180,6 @@ class FeatureCodec(nn.Module):
         return torch.where(bad, fill.expand_as(out), out)
 
     # --- fitting and freezing -------------------------------------------------------------
-    @torch.no_grad()
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one sample of what ``compress`` takes (``feature_shape``, except for
@@ -191,6 +190,7 @@ class FeatureCodec(nn.Module):
         """What the device computes from inputs ``x`` for ``compress``: ``head(x)``."""
         return head(x)
 
+    @torch.no_grad()
     def fit(self, features: torch.Tensor) -> FeatureCodec:
         """Fit statistics from training features ``(N, *feature_shape)``; returns self."""
         self.check_features(features)
