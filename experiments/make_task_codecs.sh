@@ -21,5 +21,8 @@ $PY -m experiments.derive_task_variants --codec cifar10-task_p2 --point 2 --eval
 $PY -m experiments.derive_task_variants --codec cifar10-task_p1 --point 1 --no-context --eval 0
 $PY -m experiments.plot_task_training --out docs/img
 .venv/bin/flowcodec rd --config experiments/rd_task_cifar10.json --out runs/rd_task_cifar10
+# the point-2 context codec coding 1, 2 or 4 views of each input (no training)
+.venv/bin/flowcodec rd --config experiments/rd_task_views_cifar10.json \
+    --out runs/rd_task_views_cifar10
 .venv/bin/flowcodec latency --config experiments/latency_task_cifar10.json \
     --out runs/latency_task_cifar10
