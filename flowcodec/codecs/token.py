@@ -51,8 +51,8 @@ from flowcodec.codecs.entropy import (
 )
 from flowcodec.errors import ConfigError
 
-__all__ = ["TokenPruneCodec", "encode_positions", "decode_positions", "position_bits",
-           "MAX_TOKENS"]  # fmt: skip
+__all__ = ["TokenPruneCodec", "TokenCodecBase", "encode_positions", "decode_positions",
+           "position_bits", "MAX_TOKENS"]  # fmt: skip
 
 #: Largest token count a token codec takes (bounds every position code).
 MAX_TOKENS = 1 << 14
@@ -143,8 +143,77 @@ class _TokenEncoder(nn.Module):
         return self.scorer(t), self.g_a(t)
 
 
+class TokenCodecBase(FeatureCodec):
+    """What the token codecs share: ``(N, D)`` tokens or an ``(H, W, C)`` map taken as
+    ``H * W`` tokens, a per-token latent transform and synthesis with a position
+    embedding, a learned fill for the positions not received, and one factorized entropy
+    model whose rANS decode plans are cached per symbol count."""
+
+    layouts = ("tokens", "hwc")
+
+    def _init_tokens(self, name: str) -> None:
+        """Check the feature shape; set ``layout``, ``n_tokens`` and ``width``."""
+        shape = self.feature_shape
+        if len(shape) not in (2, 3):
+            raise ConfigError(f"{name} takes (N, D) tokens or an (H, W, C) map, got {shape}")
+        self.layout = "tokens" if len(shape) == 2 else "hwc"
+        self.n_tokens, self.width = math.prod(shape[:-1]), shape[-1]
+        if self.n_tokens > MAX_TOKENS:
+            raise ConfigError(f"{name} takes at most {MAX_TOKENS} tokens, got {self.n_tokens}")
+
+    def _init_transforms(self, latent: int, hidden: int, backend: str) -> None:
+        """The latent transform, the synthesis, the fill and the entropy model."""
+        d = self.width
+        self.g_a = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, latent))
+        self.g_s_in = nn.Linear(latent, hidden)
+        self.pos = nn.Parameter(torch.zeros(self.n_tokens, hidden))
+        self.g_s_out = nn.Sequential(nn.GELU(), nn.Linear(hidden, d))
+        self.fill = nn.Parameter(torch.zeros(self.n_tokens, d))
+        self.entropy_bottleneck = entropy_bottleneck(latent, backend)
+        self._plans: dict = {}
+
+    def aux_loss(self) -> torch.Tensor:
+        """Auxiliary loss fitting the entropy bottleneck's quantiles."""
+        return self.entropy_bottleneck.loss()
+
+    def update(self, force: bool = False) -> bool:
+        """Freeze the CDF tables; returns whether they changed."""
+        self._plans = {}
+        return bool(self.entropy_bottleneck.update(force=force))
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor) -> TokenCodecBase:
+        """Set the concealment value and the fill tokens to the training features' mean."""
+        super().fit(features)
+        self.fill.copy_(self.conceal.reshape(self.n_tokens, self.width))
+        return self
+
+    def _device(self) -> torch.device:
+        return self.fill.device
+
+    def _tokens(self, h: torch.Tensor) -> torch.Tensor:
+        return h.reshape(h.shape[0], self.n_tokens, self.width)
+
+    def _medians(self) -> torch.Tensor:
+        return self.entropy_bottleneck.quantiles[:, 0, 1].detach()
+
+    def _plan(self, tables, k: int) -> _IndexPlan:
+        plan = self._plans.get(k)
+        if plan is None:
+            idx = torch.arange(self.latent, dtype=torch.int32).expand(k, self.latent)
+            plan = self._plans[k] = _IndexPlan(tables, idx)
+        return plan
+
+    def _with_fill(self, rec: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
+        """Decoded tokens ``rec`` ``(B, N, D)`` where ``got``, the fill elsewhere, as
+        float32 features of the input's shape (non-finite values concealed)."""
+        out = torch.where(got.to(rec.device)[..., None], rec, self.fill.detach())
+        out = out.float().cpu().reshape(len(rec), *self.feature_shape)
+        return self.conceal_nonfinite(out)
+
+
 @register_codec("token-prune")
-class TokenPruneCodec(FeatureCodec):
+class TokenPruneCodec(TokenCodecBase):
     """Importance-based token pruning with a factorized entropy model over kept tokens.
 
     Inputs: ``h`` float ``(B, N, D)`` (or ``(B, H, W, C)``, taken as ``H * W`` tokens).
@@ -172,19 +241,11 @@ class TokenPruneCodec(FeatureCodec):
         Entropy-model implementation (see :mod:`flowcodec.codecs.entropy`).
     """
 
-    layouts = ("tokens", "hwc")
-
     def __init__(self, feature_shape: Sequence[int], latent: int = 16, hidden: int = 64,
                  packets: int = 2, keep_first: bool = True, threshold: float = 0.0,
                  backend: str = "auto") -> None:  # fmt: skip
         super().__init__(feature_shape)
-        shape = self.feature_shape
-        if len(shape) not in (2, 3):
-            raise ConfigError(f"token-prune takes (N, D) tokens or an (H, W, C) map, got {shape}")
-        self.layout = "tokens" if len(shape) == 2 else "hwc"
-        self.n_tokens, self.width = math.prod(shape[:-1]), shape[-1]
-        if self.n_tokens > MAX_TOKENS:
-            raise ConfigError(f"token-prune takes at most {MAX_TOKENS} tokens, got {self.n_tokens}")
+        self._init_tokens("token-prune")
         if latent < 1 or hidden < 1:
             raise ConfigError("latent and hidden must be positive")
         if not 1 <= packets <= self.n_tokens:
@@ -198,13 +259,7 @@ class TokenPruneCodec(FeatureCodec):
         self.scorer = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden), nn.GELU(),
                                     nn.Linear(hidden, 1))  # fmt: skip
         nn.init.constant_(self.scorer[-1].bias, 2.0)  # start by keeping every token
-        self.g_a = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, latent))
-        self.g_s_in = nn.Linear(latent, hidden)
-        self.pos = nn.Parameter(torch.zeros(self.n_tokens, hidden))
-        self.g_s_out = nn.Sequential(nn.GELU(), nn.Linear(hidden, d))
-        self.fill = nn.Parameter(torch.zeros(self.n_tokens, d))
-        self.entropy_bottleneck = entropy_bottleneck(self.latent, backend)
-        self._plans: dict = {}
+        self._init_transforms(self.latent, hidden, backend)
 
     def config(self) -> dict:
         return {**super().config(), "latent": self.latent, "hidden": self.hidden,
@@ -215,29 +270,7 @@ class TokenPruneCodec(FeatureCodec):
     def encoder(self) -> nn.Module:
         return _TokenEncoder(self)
 
-    def aux_loss(self) -> torch.Tensor:
-        """Auxiliary loss fitting the entropy bottleneck's quantiles."""
-        return self.entropy_bottleneck.loss()
-
-    def update(self, force: bool = False) -> bool:
-        """Freeze the CDF tables; returns whether they changed."""
-        self._plans = {}
-        return bool(self.entropy_bottleneck.update(force=force))
-
-    @torch.no_grad()
-    def fit(self, features: torch.Tensor) -> TokenPruneCodec:
-        """Set the concealment value and the fill tokens to the training features' mean."""
-        super().fit(features)
-        self.fill.copy_(self.conceal.reshape(self.n_tokens, self.width))
-        return self
-
     # --- pieces ----------------------------------------------------------------------------
-    def _device(self) -> torch.device:
-        return self.fill.device
-
-    def _tokens(self, h: torch.Tensor) -> torch.Tensor:
-        return h.reshape(h.shape[0], self.n_tokens, self.width)
-
     def _keep(self, logits: torch.Tensor) -> torch.Tensor:
         keep = logits > self.threshold
         if self.keep_first:
@@ -259,9 +292,6 @@ class TokenPruneCodec(FeatureCodec):
                 k = sum(row[i] for i in cand)
                 out[b] += 8 * -(-position_bits(k, len(cand)) // 8)
         return out
-
-    def _medians(self) -> torch.Tensor:
-        return self.entropy_bottleneck.quantiles[:, 0, 1].detach()
 
     # --- the three calls -------------------------------------------------------------------
     def forward(self, h: torch.Tensor, drop_prob: float = 0.0, flip_prob: float = 0.0,
@@ -310,13 +340,6 @@ class TokenPruneCodec(FeatureCodec):
             out.append(Bitstream(header, packets))
         return out
 
-    def _plan(self, tables, k: int) -> _IndexPlan:
-        plan = self._plans.get(k)
-        if plan is None:
-            idx = torch.arange(self.latent, dtype=torch.int32).expand(k, self.latent)
-            plan = self._plans[k] = _IndexPlan(tables, idx)
-        return plan
-
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
         self.check_streams(streams, self.packets)
@@ -341,7 +364,4 @@ class TokenPruneCodec(FeatureCodec):
                 got[b, pos] = True
         dev = self._device()
         y_hat = sym.to(dev).float() + self._medians().to(dev)
-        rec = self._synth(y_hat)
-        out = torch.where(got.to(dev)[..., None], rec, self.fill.detach())
-        out = out.float().cpu().reshape(len(streams), *self.feature_shape)
-        return self.conceal_nonfinite(out)
+        return self._with_fill(self._synth(y_hat), got)

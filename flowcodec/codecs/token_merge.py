@@ -48,16 +48,20 @@ import torch
 from torch import nn
 
 from flowcodec.bitstream import Bitstream, BitstreamError, TensorSpec
-from flowcodec.codecs.base import CodecOutput, FeatureCodec, register_codec
+from flowcodec.codecs.base import CodecOutput, register_codec
 from flowcodec.codecs.entropy import (
     _decode_planned,
-    _IndexPlan,
     _tables,
     eb_symbols,
-    entropy_bottleneck,
     rans_encode,
 )
-from flowcodec.codecs.token import MAX_TOKENS, decode_positions, encode_positions, position_bits
+from flowcodec.codecs.token import (
+    MAX_TOKENS,
+    TokenCodecBase,
+    decode_positions,
+    encode_positions,
+    position_bits,
+)
 from flowcodec.errors import ConfigError
 
 __all__ = ["TokenMergeCodec", "dpc_knn", "encode_assignment", "decode_assignment",
@@ -202,7 +206,7 @@ class _MergeEncoder(nn.Module):
 
 
 @register_codec("token-merge")
-class TokenMergeCodec(FeatureCodec):
+class TokenMergeCodec(TokenCodecBase):
     """DPC-KNN token merging with a factorized entropy model over the merged tokens.
 
     Inputs: ``h`` float ``(B, N, D)`` (or ``(B, H, W, C)``, taken as ``H * W`` tokens).
@@ -236,20 +240,12 @@ class TokenMergeCodec(FeatureCodec):
         Entropy-model implementation (see :mod:`flowcodec.codecs.entropy`).
     """
 
-    layouts = ("tokens", "hwc")
-
     def __init__(self, feature_shape: Sequence[int], clusters: int = 8, neighbors: int = 5,
                  latent: int = 16, hidden: int = 64, packets: int = 2, keep_first: bool = True,
                  weighted: bool = True, backend: str = "auto") -> None:  # fmt: skip
         super().__init__(feature_shape)
-        shape = self.feature_shape
-        if len(shape) not in (2, 3):
-            raise ConfigError(f"token-merge takes (N, D) tokens or an (H, W, C) map, got {shape}")
-        self.layout = "tokens" if len(shape) == 2 else "hwc"
-        self.n_tokens, self.width = math.prod(shape[:-1]), shape[-1]
+        self._init_tokens("token-merge")
         n = self.n_tokens
-        if n > MAX_TOKENS:
-            raise ConfigError(f"token-merge takes at most {MAX_TOKENS} tokens, got {n}")
         lo = 2 if keep_first else 1
         if keep_first and n < 2:
             raise ConfigError("keep_first needs at least 2 tokens")
@@ -268,13 +264,7 @@ class TokenMergeCodec(FeatureCodec):
         self.scorer = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))
         nn.init.zeros_(self.scorer[1].weight)
         nn.init.zeros_(self.scorer[1].bias)
-        self.g_a = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, latent))
-        self.g_s_in = nn.Linear(latent, hidden)
-        self.pos = nn.Parameter(torch.zeros(n, hidden))
-        self.g_s_out = nn.Sequential(nn.GELU(), nn.Linear(hidden, d))
-        self.fill = nn.Parameter(torch.zeros(n, d))
-        self.entropy_bottleneck = entropy_bottleneck(self.latent, backend)
-        self._plans: dict = {}
+        self._init_transforms(self.latent, hidden, backend)
 
     def config(self) -> dict:
         return {**super().config(), "clusters": self.clusters, "neighbors": self.neighbors,
@@ -285,29 +275,7 @@ class TokenMergeCodec(FeatureCodec):
     def encoder(self) -> nn.Module:
         return _MergeEncoder(self)
 
-    def aux_loss(self) -> torch.Tensor:
-        """Auxiliary loss fitting the entropy bottleneck's quantiles."""
-        return self.entropy_bottleneck.loss()
-
-    def update(self, force: bool = False) -> bool:
-        """Freeze the CDF tables; returns whether they changed."""
-        self._plans = {}
-        return bool(self.entropy_bottleneck.update(force=force))
-
-    @torch.no_grad()
-    def fit(self, features: torch.Tensor) -> TokenMergeCodec:
-        """Set the concealment value and the fill tokens to the training features' mean."""
-        super().fit(features)
-        self.fill.copy_(self.conceal.reshape(self.n_tokens, self.width))
-        return self
-
     # --- pieces ----------------------------------------------------------------------------
-    def _device(self) -> torch.device:
-        return self.fill.device
-
-    def _tokens(self, h: torch.Tensor) -> torch.Tensor:
-        return h.reshape(h.shape[0], self.n_tokens, self.width)
-
     def cluster(self, t: torch.Tensor) -> torch.Tensor:
         """Canonical cluster labels ``(B, N)`` of tokens ``t`` ``(B, N, D)``."""
         if not self.keep_first:
@@ -345,9 +313,6 @@ class TokenMergeCodec(FeatureCodec):
                 out[b] += 8 * (-(-position_bits(m, self.n_tokens) // 8)
                                - (-assignment_bits(m, k) // 8))  # fmt: skip
         return out
-
-    def _medians(self) -> torch.Tensor:
-        return self.entropy_bottleneck.quantiles[:, 0, 1].detach()
 
     # --- the three calls -------------------------------------------------------------------
     def forward(self, h: torch.Tensor, drop_prob: float = 0.0, flip_prob: float = 0.0,
@@ -391,13 +356,6 @@ class TokenMergeCodec(FeatureCodec):
             out.append(Bitstream(header, packets))
         return out
 
-    def _plan(self, tables, k: int) -> _IndexPlan:
-        plan = self._plans.get(k)
-        if plan is None:
-            idx = torch.arange(self.latent, dtype=torch.int32).expand(k, self.latent)
-            plan = self._plans[k] = _IndexPlan(tables, idx)
-        return plan
-
     def _read_packet(self, tables, p: int, data: bytes):
         """``(members, global labels, symbols (k, M))`` of packet ``p``."""
         k = len(self._cluster_ids(p))
@@ -432,11 +390,7 @@ class TokenMergeCodec(FeatureCodec):
                 self._check_canonical(lab[b])
         dev = self._device()
         y_hat = sym.to(dev).float() + self._medians().to(dev)
-        got = lab >= 0
-        rec = self._restore(y_hat, lab.clamp(min=0).to(dev))
-        out = torch.where(got.to(dev)[..., None], rec, self.fill.detach())
-        out = out.float().cpu().reshape(len(streams), *self.feature_shape)
-        return self.conceal_nonfinite(out)
+        return self._with_fill(self._restore(y_hat, lab.clamp(min=0).to(dev)), lab >= 0)
 
     def _check_canonical(self, row: torch.Tensor) -> None:
         """A complete stream covers every position, clusters numbered by first position."""
