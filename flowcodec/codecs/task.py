@@ -280,9 +280,7 @@ class TaskCodec(FeatureCodec):
                  context: bool = False, context_hidden: int = 16,
                  grid: int = 1, views: int = 1) -> None:  # fmt: skip
         super().__init__(feature_shape)
-        if not 1 <= int(views) <= len(VIEWS):
-            raise ConfigError(f"task codec: views must be in 1..{len(VIEWS)}, got {views}")
-        self.views = int(views)
+        self.set_views(views)
         if len(self.feature_shape) != 3 or any(d % 2 for d in self.feature_shape[1:]):
             raise ConfigError(f"task codec: feature_shape must be (C, H, W) with even H, W, "
                               f"got {self.feature_shape}")  # fmt: skip
