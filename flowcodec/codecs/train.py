@@ -106,6 +106,9 @@ def train_codec(
     views: int = 0,
     cache: list | None = None,
     dist=None,
+    checkpoint=None,
+    resume: bool = False,
+    on_epoch=None,
 ) -> CodecTrainResult:
     """Train ``codec`` at split ``point`` of ``family`` for the tail of ``member``.
 
@@ -120,9 +123,13 @@ def train_codec(
     is left in eval mode on ``device``. ``dist`` (a :class:`flowcodec.scale.ddp.Dist`, from
     ``from_env()`` under torchrun): this process trains on its share of every global batch
     with DistributedDataParallel; rank 0 draws the progress bar (docs/scale.md).
+    ``checkpoint`` (a path without suffix): rank 0 writes the training state there after
+    every epoch (:func:`flowcodec.scale.ddp.save_state`); with ``resume`` a saved state is
+    loaded and training continues after its last epoch, ending where the uninterrupted run
+    would have. ``on_epoch(record)`` is called after every epoch with its history record.
     """
     from flowcodec.progress import tqdm
-    from flowcodec.scale.ddp import Dist
+    from flowcodec.scale.ddp import Dist, load_state, save_state
 
     dist = dist or Dist()
 
@@ -162,6 +169,13 @@ def train_codec(
         cache = cache_views(head, tail, train, views, gen, dev, progress)
     views = len(cache) if cache else 0
     res.cache_seconds = time.perf_counter() - t_cache
+    if checkpoint is not None and resume:
+        saved = load_state(checkpoint, codec, opt, None, gen)
+        if saved is not None:
+            epoch, res.history = int(saved["epoch"]), list(saved["history"])
+            step, total = int(saved["extra"]["step"]), int(saved["extra"]["total"])
+            bar.total, bar.n = total, step
+            bar.refresh()
     start = time.perf_counter()  # the time budget counts training steps, not the cache
     while step < total:
         sums = {"loss": 0.0, "task": 0.0, "kd": 0.0, "distill": 0.0, "kbits": 0.0}
@@ -214,6 +228,13 @@ def train_codec(
             if new_total < total:
                 total = new_total
                 bar.total = total
+        if checkpoint is not None:
+            if dist.is_main:
+                save_state(checkpoint, codec, opt, None, gen, epoch, res.history,
+                           {"world": dist.world, "step": step, "total": total})  # fmt: skip
+            dist.barrier()
+        if on_epoch is not None:
+            on_epoch(rec)
     bar.close()
     res.seconds = time.perf_counter() - start
     res.epochs = epoch

@@ -8,6 +8,13 @@ checkpoint (safetensors + JSON, loadable with ``load_codec``) and prints the res
     flowcodec train-codec --family digits --point 1 --codec factorized \\
         --kwargs '{"latent": 8, "hidden": 32}' --lam 1.0 --epochs 10 --out runs/codec
     torchrun --standalone --nproc-per-node 2 -m flowcodec.cli train-codec ... --threads 1
+
+Rank 0 writes the training state after every epoch to ``OUT.state.safetensors`` and
+``OUT.state.json`` (codec weights, optimizer tensors, generator states, epoch, history:
+:func:`flowcodec.scale.ddp.save_state`). ``--resume`` continues after the last completed
+epoch and ends where the uninterrupted run would have; the state files are removed once
+the codec is saved. ``torchrun --max-restarts 3 ... train-codec --resume`` restarts a job
+whose rank died from its last epoch by itself.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ def _cmd(args) -> int:
     from flowcodec.data import load_dataset
     from flowcodec.errors import ConfigError
     from flowcodec.family import load_pretrained
-    from flowcodec.scale.ddp import PeerLost, from_env
+    from flowcodec.scale.ddp import PeerLost, from_env, lost_message, state_paths
 
     try:
         kwargs = json.loads(args.kwargs)
@@ -39,6 +46,7 @@ def _cmd(args) -> int:
     device = dist.device(args.device)
     if not device.startswith("cuda"):
         torch.set_num_threads(max(1, args.threads))
+    resumed = _saved_epoch(args.out) if args.resume else None
     try:
         fam = load_pretrained(args.family, progress=False)
         member = args.member or fam.num_members
@@ -49,8 +57,12 @@ def _cmd(args) -> int:
                           beta=args.beta, epochs=args.epochs, device=device,
                           drop_prob=args.drop_prob, batch_size=args.batch_size, lr=args.lr,
                           seed=args.seed, progress=not args.no_progress and dist.is_main,
-                          dist=dist)  # fmt: skip
-    except PeerLost as e:
+                          dist=dist, checkpoint=args.out, resume=args.resume)  # fmt: skip
+    except (PeerLost, RuntimeError) as e:
+        if not isinstance(e, PeerLost):
+            if not dist.active:
+                raise
+            e = PeerLost(lost_message(dist, e))  # a collective failed: a rank stopped
         print(f"flowcodec train-codec: error: {e}", file=sys.stderr)
         return 3
     finally:
@@ -64,11 +76,29 @@ def _cmd(args) -> int:
              "epochs": res.epochs, "seed": args.seed, "ranks": dist.world,
              "test_accuracy": ev.accuracy, "bytes_per_image": ev.bytes_per_image,
              "history": res.history, "train_seconds": round(res.seconds, 1)}  # fmt: skip
+    if resumed:
+        extra["resumed_from_epoch"] = resumed
     path = save_codec(codec, args.out, kwargs, extra=extra, half=False)
+    for f in state_paths(args.out):  # finished: nothing left to resume
+        f.unlink(missing_ok=True)
     print(f"{args.codec} at point {args.point}: {100 * ev.accuracy:.2f}% at "
           f"{ev.bytes_per_image:.1f} B/image (measured), trained in {res.seconds:.1f} s on "
           f"{dist.world} process(es); saved {path}")  # fmt: skip
     return 0
+
+
+def _saved_epoch(out) -> int | None:
+    """The last completed epoch of the training state at ``out`` (None: no state)."""
+    from flowcodec.errors import CheckpointError
+    from flowcodec.scale.ddp import state_paths
+
+    meta = state_paths(out)[1]
+    if not meta.is_file():
+        return None
+    try:
+        return int(json.loads(meta.read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{meta}: not a training state ({e})") from e
 
 
 def add_parser(sub) -> None:
@@ -101,4 +131,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="checkpoint path without suffix")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the training state OUT.state.* written after the "
+                        "last completed epoch (after a killed run or rank)")  # fmt: skip
     p.set_defaults(func=_cmd)
