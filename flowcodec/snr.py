@@ -64,7 +64,7 @@ class SNRRow:
 
 
 _TOP = {"title", "dataset", "family", "member", "point", "samples", "seed", "snrs", "channels",
-        "budgets", "jscc", "digital", "uses_plot_snrs", "coherence"}  # fmt: skip
+        "budgets", "jscc", "digital", "uses_plot_snrs", "coherence", "entry_seeds"}  # fmt: skip
 
 
 def _num_list(cfg: dict, key: str, where: str, integer: bool = False) -> list:
@@ -161,6 +161,9 @@ def validate_config(cfg: dict, where: str = "snr config") -> dict:
     ups = cfg.get("uses_plot_snrs", [])
     if not isinstance(ups, list) or any(v not in snrs for v in ups):
         raise ConfigError(f"{where}: 'uses_plot_snrs' must list SNRs of 'snrs', got {ups!r}")
+    if not isinstance(cfg.get("entry_seeds", False), bool):
+        raise ConfigError(f"{where}: 'entry_seeds' must be true or false, "
+                          f"got {cfg['entry_seeds']!r}")  # fmt: skip
     return cfg
 
 
@@ -218,39 +221,54 @@ def _accuracy_of(tail, feats: torch.Tensor, y: torch.Tensor, bs: int = 1000) -> 
     return torch.cat(out)
 
 
-@torch.no_grad()
-def _jscc_rows(codec, label, hs, y, tail, cfg, entry, channels, progress) -> list[SNRRow]:
-    from flowcodec.codecs.jscc_train import make_channel
-    from flowcodec.progress import tqdm
-
-    rows = []
+def _jscc_jobs(cfg: dict, entry: dict) -> list[tuple]:
+    """The cells of a JSCC entry, in order: ``(channel, snr, uses or None)``. A cell's
+    place ``j`` in this list seeds its channel and its generator."""
     uses_spec = entry.get("uses", "schedule")
+    return [(c, s, u) for c in entry.get("channels", cfg["channels"]) for s in cfg["snrs"]
+            for u in ([None] if uses_spec == "schedule" else uses_spec)]  # fmt: skip
+
+
+@torch.no_grad()
+def _jscc_cell(codec, label, hs, y, tail, cfg, entry, ch_name, snr, u, j) -> SNRRow | None:
+    """The row of one cell (``j``: its place in :func:`_jscc_jobs`); ``None`` when the
+    codec has fewer than ``u`` symbols."""
+    from flowcodec.codecs.jscc_train import make_channel
+
+    if u is not None and u > codec.symbols:
+        return None
     told = entry.get("told_snr")
     uncoded = bool(entry.get("uncoded", False))
     seed = int(cfg.get("seed", 0))
-    jobs = [(c, s, u) for c in channels for s in cfg["snrs"]
-            for u in ([None] if uses_spec == "schedule" else uses_spec)]  # fmt: skip
+    ch = make_channel(ch_name, seed=seed + j, coherence=int(cfg.get("coherence", 1)))
+    gen = torch.Generator().manual_seed(seed + 1000 + j)
+    told_s = float(snr) if told is None else float(told)
+    correct, spent = [], 0
+    for i in range(0, len(y), 500):
+        h = hs[i:i + 500]
+        if uncoded:
+            f, tx = codec.send_uncoded(h, ch, told_s, u, gen, true_snr_db=float(snr))
+        else:
+            f, tx = codec.transmit(h, ch, told_s, u, gen, true_snr_db=float(snr))
+        correct.append(tail(f).argmax(1) == y[i:i + 500])
+        spent += tx.channel_uses
+    acc = float(torch.cat(correct).float().mean())
+    return SNRRow("jscc", label, ch_name, "uncoded" if uncoded else "analog", float(snr),
+                  None if told is None else float(told), u, spent / len(y), acc, len(y),
+                  "schedule" if u is None else f"{u} uses")  # fmt: skip
+
+
+@torch.no_grad()
+def _jscc_rows(codec, label, hs, y, tail, cfg, entry, channels, progress) -> list[SNRRow]:
+    from flowcodec.progress import tqdm
+
+    rows = []
+    jobs = _jscc_jobs(cfg, {**entry, "channels": channels})
     for j, (ch_name, snr, u) in enumerate(tqdm(jobs, desc=f"jscc {label}", leave=False,
                                                disable=not progress)):  # fmt: skip
-        if u is not None and u > codec.symbols:
-            continue
-        ch = make_channel(ch_name, seed=seed + j, coherence=int(cfg.get("coherence", 1)))
-        gen = torch.Generator().manual_seed(seed + 1000 + j)
-        told_s = float(snr) if told is None else float(told)
-        correct, spent = [], 0
-        for i in range(0, len(y), 500):
-            h = hs[i:i + 500]
-            if uncoded:
-                f, tx = codec.send_uncoded(h, ch, told_s, u, gen, true_snr_db=float(snr))
-            else:
-                f, tx = codec.transmit(h, ch, told_s, u, gen, true_snr_db=float(snr))
-            correct.append(tail(f).argmax(1) == y[i:i + 500])
-            spent += tx.channel_uses
-        acc = float(torch.cat(correct).float().mean())
-        rows.append(SNRRow("jscc", label, ch_name, "uncoded" if uncoded else "analog",
-                           float(snr), None if told is None else float(told),
-                           u, spent / len(y), acc, len(y),
-                           "schedule" if u is None else f"{u} uses"))  # fmt: skip
+        row = _jscc_cell(codec, label, hs, y, tail, cfg, entry, ch_name, snr, u, j)
+        if row is not None:
+            rows.append(row)
     return rows
 
 
@@ -283,22 +301,20 @@ def best_digital(acc: dict) -> tuple:
     return max(acc, key=lambda k: (acc[k], -k[1], -k[0]))
 
 
-def _digital_rows(tables, cfg, dcfg, channels, progress) -> list[SNRRow]:
-    from channels import ExactLink, FastLink, get_mcs
-    from channels.link import plan_packet
-    from flowcodec.codecs.jscc_train import make_channel
-    from flowcodec.progress import tqdm
+def _digital_jobs(cfg: dict) -> list[tuple]:
+    """The cells of the digital chain, in order: ``(channel, snr)``; a cell's place ``j``
+    seeds its channel and link."""
+    return [(c, s) for c in cfg["channels"] for s in cfg["snrs"]]
 
-    seed = int(cfg.get("seed", 0))
-    label = dcfg.get("label", "separation")
-    mcs_list = dcfg.get("mcs", list(range(29)))
-    budgets = sorted(cfg["budgets"])
-    coh = int(cfg.get("coherence", 1))
-    rows = []
-    # channel uses per image of each (rate point, mcs): flat channels, one use per symbol
+
+def _digital_uses(tables, dcfg) -> dict:
+    """Channel uses per image of each (rate point, mcs): flat channels, one use per symbol."""
+    from channels import get_mcs
+    from channels.link import plan_packet
+
     uses = {}
     for r, t in tables.items():
-        for m in mcs_list:
+        for m in dcfg.get("mcs", list(range(29))):
             mcs = get_mcs(m)
             per_len = {}
             for p in t["payloads"]:
@@ -306,47 +322,80 @@ def _digital_rows(tables, cfg, dcfg, channels, progress) -> list[SNRRow]:
                     plan = plan_packet(len(p), mcs)
                     per_len[len(p)] = plan.num_cb * plan.n // mcs.modulation_order
             uses[r, m] = torch.tensor([per_len[len(p)] for p in t["payloads"]])
-    jobs = [(c, s) for c in channels for s in cfg["snrs"]]
+    return uses
+
+
+def _digital_cell(tables, uses, cfg, dcfg, ch_name, snr, j) -> list[SNRRow]:
+    """The separation rows of one (channel, SNR) cell, ``j`` its place in
+    :func:`_digital_jobs`: one per budget on the fast link, and the exact-link rows."""
+    from channels import ExactLink, FastLink, get_mcs
+    from flowcodec.codecs.jscc_train import make_channel
+
+    seed = int(cfg.get("seed", 0))
+    label = dcfg.get("label", "separation")
+    mcs_list = dcfg.get("mcs", list(range(29)))
+    coh = int(cfg.get("coherence", 1))
+    rows = []
+    delivered = {}
+    for r, t in tables.items():
+        for m in mcs_list:
+            ch = make_channel(ch_name, seed=seed + j, coherence=coh)
+            link = FastLink(mcs=m, channel=ch, snr_db=float(snr), seed=seed + j)
+            got, _ = link.transmit(t["payloads"])
+            delivered[r, m] = torch.tensor([g is not None for g in got])
+    for b in sorted(cfg["budgets"]):
+        acc, per = {}, {}
+        for (r, m), d in delivered.items():
+            t = tables[r]
+            fits = uses[r, m] <= b
+            good = torch.where(fits & d, t["ok"], t["conceal"])
+            acc[r, m] = float(good.float().mean())
+            per[r, m] = float(torch.where(fits, uses[r, m], 0).float().mean())
+        r, m = best_digital(acc)
+        fit_share = float((uses[r, m] <= b).float().mean())
+        rows.append(SNRRow("separation", label, ch_name, "fast", float(snr), None, b,
+                           per[r, m], acc[r, m], len(tables[r]["ok"]),
+                           f"rate point {r}, {get_mcs(m).name}, {100 * fit_share:.0f}% fit"))
+        if b in dcfg.get("exact_budgets", []):
+            n = min(int(dcfg.get("exact_samples", 500)), len(tables[r]["ok"]))
+            t = tables[r]
+            ch = make_channel(ch_name, seed=seed + j, coherence=coh)
+            link = ExactLink(mcs=m, channel=ch, snr_db=float(snr), seed=seed + j)
+            fits = (uses[r, m][:n] <= b)
+            sent = [p for p, f in zip(t["payloads"][:n], fits.tolist()) if f]
+            ok_exact = torch.zeros(n, dtype=torch.bool)
+            if sent:
+                got, _ = link.transmit(sent)
+                idx = torch.nonzero(fits).squeeze(1)
+                for i, g, p in zip(idx.tolist(), got, sent):
+                    ok_exact[i] = g == p  # delivered and correct (CRC passed)
+            good = torch.where(ok_exact, t["ok"][:n], t["conceal"][:n])
+            rows.append(SNRRow("separation", label, ch_name, "exact", float(snr), None, b,
+                               float(torch.where(fits, uses[r, m][:n], 0).float().mean()),
+                               float(good.float().mean()), n,
+                               f"rate point {r}, {get_mcs(m).name} (the fast link's pick)"))
+    return rows
+
+
+def _digital_base_rows(tables, dcfg, n: int) -> list[SNRRow]:
+    """One row per rate point with no channel: the accuracy of the decoded packets."""
+    label = dcfg.get("label", "separation")
+    return [SNRRow("separation", f"{label} r{r} (no channel)", "none", "none", math.nan, None,
+                   None, 0.0, float(t["ok"].float().mean()), n,
+                   f"payload {sum(map(len, t['payloads'])) / n:.2f} B")
+            for r, t in tables.items()]  # fmt: skip
+
+
+def _digital_rows(tables, cfg, dcfg, channels, progress) -> list[SNRRow]:
+    from flowcodec.progress import tqdm
+
+    label = dcfg.get("label", "separation")
+    uses = _digital_uses(tables, dcfg)
+    jobs = _digital_jobs({**cfg, "channels": channels})
+    rows = []
     for j, (ch_name, snr) in enumerate(tqdm(jobs, desc=f"digital {label}", leave=False,
                                             disable=not progress)):  # fmt: skip
-        delivered = {}
-        for r, t in tables.items():
-            for m in mcs_list:
-                ch = make_channel(ch_name, seed=seed + j, coherence=coh)
-                link = FastLink(mcs=m, channel=ch, snr_db=float(snr), seed=seed + j)
-                got, _ = link.transmit(t["payloads"])
-                delivered[r, m] = torch.tensor([g is not None for g in got])
-        for b in budgets:
-            acc, per = {}, {}
-            for (r, m), d in delivered.items():
-                t = tables[r]
-                fits = uses[r, m] <= b
-                good = torch.where(fits & d, t["ok"], t["conceal"])
-                acc[r, m] = float(good.float().mean())
-                per[r, m] = float(torch.where(fits, uses[r, m], 0).float().mean())
-            r, m = best_digital(acc)
-            fit_share = float((uses[r, m] <= b).float().mean())
-            rows.append(SNRRow("separation", label, ch_name, "fast", float(snr), None, b,
-                               per[r, m], acc[r, m], len(tables[r]["ok"]),
-                               f"rate point {r}, {get_mcs(m).name}, {100 * fit_share:.0f}% fit"))
-            if b in dcfg.get("exact_budgets", []):
-                n = min(int(dcfg.get("exact_samples", 500)), len(tables[r]["ok"]))
-                t = tables[r]
-                ch = make_channel(ch_name, seed=seed + j, coherence=coh)
-                link = ExactLink(mcs=m, channel=ch, snr_db=float(snr), seed=seed + j)
-                fits = (uses[r, m][:n] <= b)
-                sent = [p for p, f in zip(t["payloads"][:n], fits.tolist()) if f]
-                ok_exact = torch.zeros(n, dtype=torch.bool)
-                if sent:
-                    got, _ = link.transmit(sent)
-                    idx = torch.nonzero(fits).squeeze(1)
-                    for i, g, p in zip(idx.tolist(), got, sent):
-                        ok_exact[i] = g == p  # delivered and correct (CRC passed)
-                good = torch.where(ok_exact, t["ok"][:n], t["conceal"][:n])
-                rows.append(SNRRow("separation", label, ch_name, "exact", float(snr), None, b,
-                                   float(torch.where(fits, uses[r, m][:n], 0).float().mean()),
-                                   float(good.float().mean()), n,
-                                   f"rate point {r}, {get_mcs(m).name} (the fast link's pick)"))
+        rows += _digital_cell(tables, uses, cfg, dcfg, ch_name, snr, j)
     return rows
 
 
@@ -375,37 +424,134 @@ def _train_digital(d, fam, cfg, train, progress):
     return codec
 
 
-def run_snr(cfg: dict, out: str | Path, n: int | None = None, progress: bool = True,
-            write: bool = True) -> list[SNRRow]:  # fmt: skip
-    """Run a (validated) config; write ``snr.csv``, ``snr.json`` and the plots to ``out``."""
-    from flowcodec.data import load_dataset
-    from flowcodec.family import load_pretrained
+class _Context:
+    """What every unit of a run needs, loaded by name: the family (eval mode), the data,
+    the split, the test images' head features ``hs`` and labels ``y``, and the reference
+    accuracy. Codecs loaded by name and the digital chain's tables are kept for the next
+    unit (a Ray worker keeps one context between the units it runs)."""
 
+    def __init__(self, cfg: dict, n: int | None, progress: bool):
+        from flowcodec.data import load_dataset
+        from flowcodec.family import load_pretrained
+
+        self.fam = load_pretrained(cfg["family"], progress=progress).eval()
+        self.train, test = load_dataset(cfg["dataset"])
+        n = n or cfg.get("samples")
+        self.data = test if n is None or n >= len(test) else \
+            test.subset(n, seed=int(cfg.get("seed", 0)))
+        self.head, self.tail = self.fam.split(cfg["member"], cfg["point"])
+        with torch.no_grad():
+            xs, ys = zip(*self.data.batches(500))
+            self.hs = torch.cat([self.head(x).float() for x in xs])
+            self.y = torch.cat(ys)
+            self.ref = float(_accuracy_of(self.tail, self.hs, self.y).float().mean())
+        self._loaded: dict = {}
+        self._tables: dict = {}
+
+    def reference(self, cfg: dict) -> SNRRow:
+        return SNRRow("reference", f"member {cfg['member']} uncompressed", "none", "none",
+                      math.nan, None, None, 0.0, self.ref, len(self.y))  # fmt: skip
+
+    def load(self, spec: str):
+        if spec not in self._loaded:
+            self._loaded[spec] = _load_codec(spec)
+        return self._loaded[spec]
+
+    def tables(self, codec, dcfg: dict) -> tuple[dict, dict]:
+        """The digital chain's tables (:func:`_digital_tables`) and channel uses
+        (:func:`_digital_uses`) for ``codec``, kept by the codec's weights."""
+        rps = dcfg.get("rate_points", list(range(getattr(codec, "rates", 1))))
+        key = (_fingerprint(codec), json.dumps(dcfg, sort_keys=True))
+        if key not in self._tables:
+            self._tables.clear()
+            tables = _digital_tables(codec, self.hs, self.y, self.tail, rps)
+            self._tables[key] = (tables, _digital_uses(tables, dcfg))
+        return self._tables[key]
+
+
+def _fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's state (names, shapes, bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        h.update(f"{k}{tuple(v.shape)}{v.dtype}".encode())
+        h.update(v.view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def _entry_seed(cfg: dict, k: int) -> int:
+    """With ``"entry_seeds": true``: the seed of the torch generator a trained entry's codec
+    is initialised from (``k``: the JSCC entry, or ``len(cfg["jscc"])`` for the digital
+    chain), made from the config's seed and the entry's kind and label, so adding,
+    removing or moving other entries does not change it."""
+    import zlib
+
+    jscc = cfg.get("jscc", [])
+    name = f"jscc:{jscc[k]['label']}" if k < len(jscc) else \
+        f"digital:{cfg['digital'].get('label', 'separation')}"
+    return (int(cfg.get("seed", 0)) * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+
+
+def _train_entry(ctx: _Context, cfg: dict, k: int, progress: bool):
+    """Train JSCC entry ``k`` (or the digital chain's codec, ``k == len(cfg["jscc"])``)."""
+    jscc = cfg.get("jscc", [])
+    if cfg.get("entry_seeds"):
+        torch.manual_seed(_entry_seed(cfg, k))
+    if k < len(jscc):
+        return _train_jscc_entry(jscc[k], ctx.fam, cfg, ctx.train, ctx.data, progress)
+    return _train_digital(cfg["digital"], ctx.fam, cfg, ctx.train, progress)
+
+
+def _jscc_source(cfg: dict, k: int) -> tuple[str, object]:
+    """Where JSCC entry ``k``'s codec comes from: ``("train", entry index)`` or
+    ``("load", name or path)``, following ``"@label"`` references."""
+    jscc = cfg["jscc"]
+    e = jscc[k]
+    while str(e.get("codec", "")).startswith("@"):
+        k = next(i for i, o in enumerate(jscc) if o["label"] == e["codec"][1:])
+        e = jscc[k]
+    return ("load", e["codec"]) if "codec" in e else ("train", k)
+
+
+def _check_jscc(codec, e: dict) -> None:
+    if getattr(codec, "name", None) != "jscc":
+        raise ConfigError(f"jscc entry {e['label']!r}: {e.get('codec')} is not a jscc codec")
+
+
+def run_snr(cfg: dict, out: str | Path, n: int | None = None, progress: bool = True,
+            write: bool = True, engine=None) -> list[SNRRow]:  # fmt: skip
+    """Run a (validated) config; write ``snr.csv``, ``snr.json`` and the plots to ``out``.
+
+    ``engine`` (a :class:`~flowcodec.scale.RayEngine`) runs the units of the sweep as Ray
+    tasks (docs/scale.md): first the reference and the training of every ``"train"``
+    entry, then every cell (a JSCC entry's (channel, SNR, uses); the digital chain's
+    (channel, SNR), and its rows without a channel). Each loads the family, data and
+    shipped codecs by name; a trained codec is put in Ray's object store once. The rows
+    are the serial run's, in its order. A config that trains needs ``"entry_seeds":
+    true`` (each trained codec is then initialised from its own seed, so it does not
+    depend on the entries trained before it). A unit that raises is reported with its
+    sweep point; the rest complete, their rows are written with ``failures.json``, and
+    :class:`~flowcodec.scale.SweepFailed` is raised.
+    """
     start = time.perf_counter()
     cfg = validate_config(cfg)
     out = Path(out)
-    fam = load_pretrained(cfg["family"], progress=progress).eval()
-    train, test = load_dataset(cfg["dataset"])
-    n = n or cfg.get("samples")
-    data = test if n is None or n >= len(test) else test.subset(n, seed=int(cfg.get("seed", 0)))
-    head, tail = fam.split(cfg["member"], cfg["point"])
-    with torch.no_grad():
-        xs, ys = zip(*data.batches(500))
-        hs = torch.cat([head(x).float() for x in xs])
-        y = torch.cat(ys)
-        ref = float(_accuracy_of(tail, hs, y).float().mean())
-    rows = [SNRRow("reference", f"member {cfg['member']} uncompressed", "none", "none",
-                   math.nan, None, None, 0.0, ref, len(y))]  # fmt: skip
+    if engine is not None:
+        return _run_snr_ray(cfg, out, n, engine, start, write)
+    ctx = _Context(cfg, n, progress)
+    hs, y, tail = ctx.hs, ctx.y, ctx.tail
+    rows = [ctx.reference(cfg)]
     made: dict = {}
-    for e in cfg.get("jscc", []):
+    for k, e in enumerate(cfg.get("jscc", [])):
         if str(e.get("codec", "")).startswith("@"):  # a codec of an earlier entry
             codec = made[e["codec"][1:]]
         else:
             codec = _load_codec(e["codec"]) if "codec" in e else \
-                _train_jscc_entry(e, fam, cfg, train, data, progress)
+                _train_entry(ctx, cfg, k, progress)
         made[e["label"]] = codec
-        if getattr(codec, "name", None) != "jscc":
-            raise ConfigError(f"jscc entry {e['label']!r}: {e.get('codec')} is not a jscc codec")
+        _check_jscc(codec, e)
         rows += _jscc_rows(codec.eval(), e["label"], hs, y, tail, cfg, e,
                            e.get("channels", cfg["channels"]), progress)
         if write:
@@ -413,15 +559,144 @@ def run_snr(cfg: dict, out: str | Path, n: int | None = None, progress: bool = T
     d = cfg.get("digital")
     if d is not None:
         codec = _load_codec(d["codec"]) if "codec" in d else \
-            _train_digital(d, fam, cfg, train, progress)
+            _train_entry(ctx, cfg, len(cfg.get("jscc", [])), progress)
         rps = d.get("rate_points", list(range(getattr(codec, "rates", 1))))
         tables = _digital_tables(codec, hs, y, tail, rps)
-        label = d.get("label", "separation")
-        for r, t in tables.items():
-            rows.append(SNRRow("separation", f"{label} r{r} (no channel)", "none", "none",
-                               math.nan, None, None, 0.0, float(t["ok"].float().mean()),
-                               len(y), f"payload {sum(map(len, t['payloads'])) / len(y):.2f} B"))
+        rows += _digital_base_rows(tables, d, len(y))
         rows += _digital_rows(tables, cfg, d, cfg["channels"], progress)
+    if write:
+        _write(rows, cfg, out, start)
+        plot(rows, cfg, out)
+    return rows
+
+
+# --- the sweep on Ray -------------------------------------------------------------------------
+#: The context a Ray worker keeps between the units it runs (one run's at a time).
+_WORKER_CONTEXTS: dict = {}
+
+
+def snr_unit(cfg: dict, n: int | None, kind: str, index, codec=None):
+    """One unit of an ``snr`` sweep, as a Ray task runs it. The family, data and shipped
+    codecs are loaded by name, once per worker process; ``codec`` is a codec trained by an
+    earlier unit (Ray hands it over from its object store).
+
+    ``kind``: ``"reference"`` (returns ``[row]``), ``"train"`` (``index``: the entry;
+    returns the trained codec), ``"jscc"`` (``index = (entry, cell)``), ``"digital-base"``
+    or ``"digital"`` (``index``: the cell); these return their rows.
+    """
+    key = json.dumps([cfg, n], sort_keys=True)
+    if key not in _WORKER_CONTEXTS:
+        _WORKER_CONTEXTS.clear()
+        _WORKER_CONTEXTS[key] = _Context(cfg, n, progress=False)
+    ctx = _WORKER_CONTEXTS[key]
+    if kind == "reference":
+        return [ctx.reference(cfg)]
+    if kind == "train":
+        return _train_entry(ctx, cfg, int(index), progress=False)
+    if kind == "jscc":
+        k, j = index
+        e = cfg["jscc"][k]
+        if codec is None:
+            how, spec = _jscc_source(cfg, k)
+            if how != "load":
+                raise ConfigError(f"jscc entry {e['label']!r}: its trained codec was not given")
+            codec = ctx.load(spec)
+        _check_jscc(codec, e)
+        ch_name, snr, u = _jscc_jobs(cfg, e)[j]
+        row = _jscc_cell(codec.eval(), e["label"], ctx.hs, ctx.y, ctx.tail, cfg, e, ch_name,
+                         snr, u, j)  # fmt: skip
+        return [] if row is None else [row]
+    d = cfg["digital"]
+    if codec is None:
+        if "codec" not in d:
+            raise ConfigError("digital: its trained codec was not given")
+        codec = ctx.load(d["codec"])
+    tables, uses = ctx.tables(codec, d)
+    if kind == "digital-base":
+        return _digital_base_rows(tables, d, len(ctx.y))
+    if kind == "digital":
+        ch_name, snr = _digital_jobs(cfg)[index]
+        return _digital_cell(tables, uses, cfg, d, ch_name, snr, index)
+    raise ValueError(f"unknown snr unit kind {kind!r}")
+
+
+def ray_trained_entries(cfg: dict) -> list[int]:
+    """The entries a config trains (JSCC entry indices; ``len(cfg["jscc"])`` for the
+    digital chain), checked for a run on Ray: a config that trains needs
+    ``"entry_seeds": true``."""
+    jscc = cfg.get("jscc", [])
+    d = cfg.get("digital")
+    trains = [k for k, e in enumerate(jscc) if "train" in e]
+    if d is not None and "train" in d:
+        trains.append(len(jscc))
+    if trains and not cfg.get("entry_seeds"):
+        raise ConfigError('--engine ray: this config trains codecs, so it needs '
+                          '"entry_seeds": true (each trained codec is then initialised from '
+                          'its own seed, in the serial run too; docs/scale.md)')  # fmt: skip
+    return trains
+
+
+def _run_snr_ray(cfg: dict, out: Path, n, engine, start: float, write: bool) -> list[SNRRow]:
+    """The units of a run on a Ray engine, in two rounds (the reference and the training,
+    then the cells); the rows in the serial run's order."""
+    from flowcodec.scale.ray_engine import SweepFailed, UnitFailure, write_failures
+
+    jscc = cfg.get("jscc", [])
+    d = cfg.get("digital")
+    trains = ray_trained_entries(cfg)
+
+    def name(k: int) -> str:
+        return jscc[k]["label"] if k < len(jscc) else d.get("label", "separation")
+
+    # round 1: the reference row, and every codec trained here
+    args = [(cfg, n, "reference", 0)] + [(cfg, n, "train", k) for k in trains]
+    labels = ["reference"] + [f"train {name(k)}" for k in trains]
+    res, failures = engine.map(snr_unit, args, labels, order=list(range(len(args)))[::-1],
+                               desc="snr: reference and training (ray)")  # fmt: skip
+    ref_rows = res[0] or []
+    trained = {k: engine.put(c) for k, c in zip(trains, res[1:]) if c is not None}
+    # round 2: the cells, as (args, label), listed in the serial run's order
+    cells, skipped = [], []
+    for k, e in enumerate(jscc):
+        how, src = _jscc_source(cfg, k)
+        extra = ()
+        if how == "train":
+            if src not in trained:
+                skipped.append(f"{e['label']} (its codec, entry {name(src)!r}, was not trained)")
+                continue
+            extra = (trained[src],)
+        for j, (c, s, u) in enumerate(_jscc_jobs(cfg, e)):
+            cells.append(((cfg, n, "jscc", (k, j)) + extra,
+                          f"{e['label']}: {c}, {s:g} dB" + ("" if u is None else f", {u} uses")))
+    if d is not None:
+        extra = ()
+        if "train" in d:
+            if len(jscc) in trained:
+                extra = (trained[len(jscc)],)
+            else:
+                skipped.append(f"{name(len(jscc))} (its codec was not trained)")
+        if "codec" in d or extra:
+            cells.append(((cfg, n, "digital-base", 0) + extra,
+                          f"{name(len(jscc))}: no channel"))
+            for j, (c, s) in enumerate(_digital_jobs(cfg)):
+                cells.append(((cfg, n, "digital", j) + extra,
+                              f"{name(len(jscc))}: {c}, {s:g} dB"))
+    # the digital cells (a link per rate point and MCS) are the longest: submit them first
+    order = sorted(range(len(cells)), key=lambda i: (cells[i][0][2] != "digital", i))
+    res2, fail2 = engine.map(snr_unit, [c[0] for c in cells], [c[1] for c in cells],
+                             order=order, desc="snr: cells (ray)")  # fmt: skip
+    n1 = len(args)
+    failures += [UnitFailure(f.index + n1, f.label, f.error, f.traceback) for f in fail2]
+    failures += [UnitFailure(-1, s, "not run: no codec") for s in skipped]
+    rows = list(ref_rows)
+    for r in res2:  # the cells were listed in the serial run's order
+        rows += r or []
+    if failures:
+        if write and rows:
+            _write(rows, cfg, out, start)
+        out.mkdir(parents=True, exist_ok=True)
+        write_failures(failures, out / "failures.json")
+        raise SweepFailed(failures, rows, out)
     if write:
         _write(rows, cfg, out, start)
         plot(rows, cfg, out)
@@ -546,9 +821,29 @@ def replot(run: str | Path) -> None:
 
 
 def cmd_snr(args) -> int:
+    import sys
+
+    from flowcodec.scale.ray_engine import SweepFailed, engine_from_args
+
     torch.set_num_threads(max(1, args.threads))
     cfg = load_config(args.config)
-    rows = run_snr(cfg, args.out, n=args.n, progress=not args.no_progress)
+    engine = engine_from_args(args)
+    if engine is not None:
+        ray_trained_entries(cfg)  # refuse before starting Ray
+    try:
+        if engine is not None:
+            engine.start()
+        rows = run_snr(cfg, args.out, n=args.n, progress=not args.no_progress, engine=engine)
+    except SweepFailed as e:
+        for f in e.failures:
+            print(f"failed: {f}", file=sys.stderr)
+        print(f"{len(e.rows)} rows written to {Path(args.out) / 'snr.csv'}; the failed units "
+              f"are in {Path(args.out) / 'failures.json'}", file=sys.stderr)  # fmt: skip
+        return 1
+    finally:
+        if engine is not None:
+            print(f"ray: {engine.stats.summary()}", file=sys.stderr)
+            engine.close()
     ref = rows[0]
     print(f"reference: {ref.label} {100 * ref.accuracy:.2f}% on {ref.n} test images")
     for r in rows[1:]:
@@ -584,4 +879,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--n", type=int, default=None, help="test images (default: the config's)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from flowcodec.scale.ray_engine import add_engine_arguments
+
+    add_engine_arguments(p)
     p.set_defaults(func=cmd_snr)

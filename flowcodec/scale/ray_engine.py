@@ -116,8 +116,10 @@ class EngineStats:
                 f"the first unit started {first:.1f} s after submission)")
 
 
-def _run_unit(fn: Callable, args: tuple, threads: int) -> tuple:
-    """The body of every Ray task: fix the thread count, run the unit, time it."""
+def _run_unit(fn: Callable, threads: int, *args) -> tuple:
+    """The body of every Ray task: fix the thread count, run the unit, time it. The unit's
+    arguments travel as the task's own, so an object put with :meth:`RayEngine.put` arrives
+    as its value."""
     import torch
 
     torch.set_num_threads(max(1, threads))
@@ -202,6 +204,14 @@ class RayEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def put(self, obj):
+        """Put ``obj`` in Ray's object store once; pass the returned reference among a
+        unit's arguments to :meth:`map` and the unit gets ``obj`` (e.g. a codec trained by
+        an earlier unit, handed to many units without pickling it for each)."""
+        if self._ray is None:
+            self.start()
+        return self._ray.put(obj)
+
     # -- running units ---------------------------------------------------------------------
     def map(self, fn: Callable, args: Sequence[tuple], labels: Sequence[str] | None = None,
             order: Sequence[int] | None = None, on_result: Callable | None = None,
@@ -230,7 +240,7 @@ class RayEngine:
         t0 = time.perf_counter()
         t_wall = time.time()
         fn_ref = ray.put(fn)
-        pending = {remote.remote(fn_ref, tuple(args[i]), self.threads): i for i in order}
+        pending = {remote.remote(fn_ref, self.threads, *args[i]): i for i in order}
         results: list = [None] * n
         failures: list[UnitFailure] = []
         self.stats.units += n
