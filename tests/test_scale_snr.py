@@ -92,6 +92,9 @@ def test_ray_rows_equal_the_serial_rows_field_for_field(engine, tmp_path, digits
     # the reference and 2 trainings, then every cell a unit of its own: 8 + 2 JSCC cells,
     # the rows without a channel, 2 x 2 digital cells
     assert engine.stats.units - units == 3 + 10 + 1 + 4
+    # the two rounds keep their own timings: every unit's time is there
+    assert set(range(units, engine.stats.units)) <= set(engine.stats.unit_seconds)
+    assert [m[1] for m in engine.stats.maps[-2:]] == [3, 15]
 
 
 def test_a_failing_unit_is_reported_with_its_sweep_point_and_the_rest_completes(

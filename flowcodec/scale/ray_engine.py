@@ -96,8 +96,10 @@ def write_failures(failures: list[UnitFailure], path) -> None:
 @dataclass
 class EngineStats:
     """What a run on the engine cost: ``startup_s`` (starting or joining Ray),
-    ``units`` run, ``unit_seconds`` (time inside each unit, by index), ``wall_s`` of
-    :meth:`RayEngine.map` and ``retries`` observed (units that ran more than once)."""
+    ``units`` run, ``unit_seconds`` (time inside each unit, by its number among all the
+    units this engine ran: a second :meth:`RayEngine.map` continues the numbering),
+    ``wall_s`` of :meth:`RayEngine.map` (all calls; ``maps``: each call's description, units
+    and wall time)."""
 
     startup_s: float = 0.0
     units: int = 0
@@ -106,14 +108,20 @@ class EngineStats:
     #: per unit: (start, end) in seconds after its map() began, as the worker saw them
     unit_span: dict[int, tuple[float, float]] = field(default_factory=dict)
     workers_seen: set = field(default_factory=set)
+    maps: list = field(default_factory=list)
 
     def summary(self) -> str:
-        """One line: start-up, units, wall time, time inside units and the first start."""
+        """One line: start-up, units, wall time, time inside units, the first unit's start
+        after the first submission, and each map() call when there were several."""
         inside = sum(self.unit_seconds.values())
-        first = min((a for a, _ in self.unit_span.values()), default=0.0)
+        first_map = range(self.maps[0][1]) if self.maps else range(0)
+        first = min((self.unit_span[i][0] for i in first_map if i in self.unit_span),
+                    default=0.0)  # fmt: skip
+        calls = "" if len(self.maps) < 2 else "; " + ", ".join(
+            f"{d}: {n} units in {w:.1f} s" for d, n, w in self.maps)
         return (f"start-up {self.startup_s:.1f} s, {self.units} units in {self.wall_s:.1f} s "
                 f"({inside:.1f} s inside units on {len(self.workers_seen)} worker processes; "
-                f"the first unit started {first:.1f} s after submission)")
+                f"the first unit started {first:.1f} s after submission{calls})")
 
 
 def _run_unit(fn: Callable, threads: int, *args) -> tuple:
@@ -243,6 +251,7 @@ class RayEngine:
         pending = {remote.remote(fn_ref, self.threads, *args[i]): i for i in order}
         results: list = [None] * n
         failures: list[UnitFailure] = []
+        base = self.stats.units  # this call's units continue the engine's numbering
         self.stats.units += n
         with tqdm(total=n, desc=desc, disable=not self.progress) as bar:
             while pending:
@@ -255,14 +264,15 @@ class RayEngine:
                         failures.append(_failure(i, labels[i], e))
                     else:
                         results[i] = out
-                        self.stats.unit_seconds[i] = secs
-                        self.stats.unit_span[i] = (begin - t_wall, end - t_wall)
+                        self.stats.unit_seconds[base + i] = secs
+                        self.stats.unit_span[base + i] = (begin - t_wall, end - t_wall)
                         self.stats.workers_seen.add(pid)
                         if on_result is not None:
                             on_result(i, out)
                     bar.update(1)
                     bar.set_postfix_str(labels[i])
         self.stats.wall_s += time.perf_counter() - t0
+        self.stats.maps.append((desc, n, time.perf_counter() - t0))
         failures.sort(key=lambda f: f.index)
         return results, failures
 
