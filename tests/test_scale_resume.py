@@ -5,11 +5,19 @@ uninterrupted run (single process, digits)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 import flowcodec.scale.ddp as ddp
 from flowcodec.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ARGS = ["train-codec", "--family", "digits", "--point", "1", "--codec", "factorized",
         "--kwargs", '{"latent": 4, "hidden": 16}', "--epochs", "2", "--lam", "0.5",
@@ -78,3 +86,49 @@ def test_resume_refuses_a_damaged_state_and_starts_fresh_without_one(
     # --resume with no state trains from the start
     assert main(ARGS + ["--epochs", "1", "--out", str(out), "--resume"]) == 0
     assert "resumed_from_epoch" not in json.loads((tmp_path / "c.json").read_text())["extra"]
+
+
+def _ranks_of_job(job_pid: int) -> dict[int, int]:
+    """``{rank: pid}`` of the worker processes torchrun (``job_pid``) started."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        rank = next((int(kv[5:]) for kv in env if kv.startswith(b"RANK=")), None)
+        if parent == job_pid and rank is not None:
+            found[rank] = int(proc.name)
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_torchrun_rank_stops_codec_training_and_resume_continues_it(
+        tmp_path, digits_family):  # fmt: skip
+    out = tmp_path / "codec"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "flowcodec.cli", *ARGS, "--epochs", "30", "--out", str(out)]
+    job = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    meta = ddp.state_paths(out)[1]
+    deadline = time.time() + 300
+    while not meta.is_file() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.1)
+    assert meta.is_file(), "no epoch finished in time"
+    os.kill(_ranks_of_job(job.pid)[1], signal.SIGKILL)
+    log, _ = job.communicate(timeout=300)
+    assert job.returncode != 0
+    assert "SIGKILL" in log or "Signal 9" in log or "exitcode: -9" in log, log[-3000:]
+    done = json.loads(meta.read_text())["epoch"]
+    assert 1 <= done < 30 and not Path(f"{out}.safetensors").exists()
+    again = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, timeout=600,
+                           capture_output=True, text=True)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    extra = json.loads(Path(f"{out}.json").read_text())["extra"]
+    assert extra["resumed_from_epoch"] == done and extra["ranks"] == 2
+    assert extra["epochs"] == 30 and len(extra["history"]) == 30
+    assert not meta.exists()
