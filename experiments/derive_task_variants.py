@@ -43,7 +43,12 @@ def main(argv=None) -> int:
 
     from flowcodec.codecs.train import evaluate_codec
     from flowcodec.codecs.train_task import fit_context
-    from flowcodec.codecs.zoo import CODEC_ZOO, load_pretrained_codec, save_codec
+    from flowcodec.codecs.zoo import (
+        CODEC_ZOO,
+        load_pretrained_codec,
+        save_codec,
+        save_codec_variant,
+    )
     from flowcodec.data import load_dataset
     from flowcodec.family import load_pretrained
     from flowcodec.family.checkpoint import read_config
@@ -97,7 +102,10 @@ def main(argv=None) -> int:
         if kw.get("context_hidden") == 16:  # the default: keep older configs unchanged
             kw.pop("context_hidden")
         kw.pop("grid", None) if kw.get("grid") == 1 else None
-        save_codec(codec, CODEC_ZOO / name, kw, info)
+        if codec.context:
+            save_codec(codec, CODEC_ZOO / name, kw, info)
+        else:  # the same weights as --codec: a JSON-only variant that loads them
+            save_codec_variant(codec, CODEC_ZOO / name, args.codec, kw, info)
         results[name] = rows
     print(json.dumps(results))
     return 0

@@ -24,5 +24,12 @@ $PY -m experiments.plot_task_training --out docs/img
 # the point-2 context codec coding 1, 2 or 4 views of each input (no training)
 .venv/bin/flowcodec rd --config experiments/rd_task_views_cifar10.json \
     --out runs/rd_task_views_cifar10
+# split point 1 lifted from the point-2 context codec: the trunk's stage copied into the
+# encoder, the decoder followed by a Lift, only the decoder trained (about 40 minutes)
+$PY -m experiments.train_task_codecs --point 1 --lift-from cifar10-task_p2_ctx \
+    --lams 3.0 1.5 0.8 0.4 0.2 --epochs 12 --seconds 2400 --lr 2e-3 --stem-lr 2e-4 \
+    --device "$DEVICE" --eval 0 --out cifar10-task_p1_lift
+.venv/bin/flowcodec rd --config experiments/rd_task_lift_cifar10.json \
+    --out runs/rd_task_lift_cifar10
 .venv/bin/flowcodec latency --config experiments/latency_task_cifar10.json \
     --out runs/latency_task_cifar10

@@ -3,6 +3,8 @@
     python -m experiments.train_task_codecs --point 2 --out cifar10-task_p2  # 2 CPU cores
     python -m experiments.train_task_codecs --point 1 --grid 4 --latent 16 --out cifar10-task_p1
     python -m experiments.train_task_codecs --point 2 --device cuda --epochs 60 --out ...
+    python -m experiments.train_task_codecs --point 1 --lift-from cifar10-task_p2_ctx \
+        --epochs 12 --stem-lr 2e-4 --out cifar10-task_p1_lift  # decoder only, 40 min
 
 Builds a :class:`~flowcodec.codecs.task.TaskCodec` at split point ``--point`` of the shipped
 CIFAR-10 family, starts its encoder's stem from the family's exit branch at that point
@@ -62,6 +64,11 @@ def main(argv=None) -> int:
     ap.add_argument("--warm-start", default=None,
                     help="start from a trained task codec of the zoo (its weights where shapes "
                          "match; --extra-blocks start as the identity, so step 0 is that codec)")
+    ap.add_argument("--lift-from", default=None,
+                    help="a trained task codec of the zoo at a later split point: build the "
+                         "codec at --point from it (its encoder after a copy of the trunk's "
+                         "stages in between, its decoder followed by a Lift back to --point's "
+                         "shape) and train only the decoder, so its bytes are the source's")
     ap.add_argument("--warmup", type=float, default=0.1,
                     help="share of the steps before the rate term ramps in (0 for a warm start)")
     ap.add_argument("--stem-lr", type=float, default=5e-4)
@@ -84,8 +91,17 @@ def main(argv=None) -> int:
               "rates": len(args.lams), "packets": args.packets,
               **({"grid": args.grid} if args.grid != 1 else {}),
               **({"views": args.views} if args.views != 1 else {})}
-    codec = build_codec("task", shape, **kwargs)
-    if args.warm_start:
+    if args.lift_from:
+        from flowcodec.codecs.train_task import lift_codec
+
+        codec, kwargs = lift_codec(args.lift_from, fam, args.point)
+        print(f"lift from {args.lift_from} to point {args.point}: stem {kwargs['stem']} "
+              f"(the symbols equal the source's at every rate point)")
+    else:
+        codec = build_codec("task", shape, **kwargs)
+    if args.lift_from:
+        pass
+    elif args.warm_start:
         from flowcodec.codecs.train_task import warm_start
 
         print(f"warm start: {warm_start(codec, args.warm_start)}")
@@ -95,7 +111,8 @@ def main(argv=None) -> int:
     cfg = TaskTrainConfig(lams=tuple(args.lams), kd=args.kd, beta=args.beta, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, drop_prob=args.drop_prob,
                           stem_lr=args.stem_lr, warmup=args.warmup,
-                          bf16=not args.no_bf16, seed=args.seed, time_budget=args.seconds)
+                          bf16=not args.no_bf16, seed=args.seed, time_budget=args.seconds,
+                          decoder_only=bool(args.lift_from))
     val = test.subset(1000, seed=123)
     if args.finalize:
         res = _resume(codec, f"{args.progress_dir}/{args.out}")
@@ -120,11 +137,16 @@ def main(argv=None) -> int:
     extra = {"train": {**asdict(cfg), "device": args.device, "threads": args.threads,
                        "seconds": round(res.seconds, 1), "epochs": res.epochs,
                        "steps": res.steps, "init_from_exit": not args.no_init,
-                       "warm_start": args.warm_start,
+                       "warm_start": args.warm_start, "lift_from": args.lift_from,
                        "history": res.history},
              "measured": measured, "encoder_flops": codec.encoder_flops(),
              "point": args.point, "member": 3}
-    path = save_codec(codec, CODEC_ZOO / args.out, kwargs, extra)
+    if args.lift_from:  # the tensors it shares with its source are loaded from there
+        from flowcodec.codecs.zoo import save_codec_variant
+
+        path = save_codec_variant(codec, CODEC_ZOO / args.out, args.lift_from, kwargs, extra)
+    else:
+        path = save_codec(codec, CODEC_ZOO / args.out, kwargs, extra)
     print(f"saved {path} after {res.seconds:.0f} s, {res.epochs} epochs")
     print(json.dumps(measured))
     return 0

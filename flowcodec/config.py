@@ -526,7 +526,8 @@ def _check_option(o: dict, path: str, errors: list[str]) -> None:
         from pathlib import Path
 
         p = Path(o["checkpoint"])
-        if not p.with_suffix(".safetensors").is_file() and not p.is_file():
+        if not any(q.is_file() for q in (p, p.with_suffix(".safetensors"),
+                                          p.with_suffix(".json"))):  # fmt: skip
             errors.append(f"{path}.checkpoint: no codec checkpoint at {p}(.safetensors)")
 
 

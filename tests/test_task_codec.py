@@ -479,3 +479,121 @@ def test_every_codec_takes_its_feature_shape_unless_it_codes_views():
     assert multi.input_shape == (48, 8, 8) and multi.set_views(1).input_shape == (16, 8, 8)
     with pytest.raises(ConfigError):
         multi.set_views(5)
+
+
+# --- a codec at an early split point lifted from a later one; zoo variants ---------------------
+
+
+def _source_at_point2(digits_family) -> TaskCodec:
+    shape = digits_family.feature_shape(2)
+    torch.manual_seed(3)
+    codec = build_codec("task", shape, latent=6, stem=[[32, True]], hidden=16, rates=2).eval()
+    with torch.no_grad():
+        for eb in codec.entropy_bottlenecks:
+            eb.quantiles.copy_(torch.tensor([-4.0, 0.0, 4.0]).repeat(codec.latent, 1, 1))
+    codec.update(force=True)
+    return codec
+
+
+def test_a_lifted_codec_sends_the_source_symbols_and_feeds_the_earlier_tail(digits, digits_family):
+    from flowcodec.codecs.train_task import lift_codec
+
+    fam = digits_family
+    fam.train()
+    source = _source_at_point2(fam)
+    codec, kwargs = lift_codec(source, fam, 1)
+    assert fam.training  # left as it was
+    assert kwargs["via"] == list(source.feature_shape) and kwargs["stem"][-1] == [32, True]
+    x = digits[1].images[:5].float()
+    fam.eval()
+    h1, h2 = fam.split(3, 1)[0](x), fam.split(3, 2)[0](x)
+    for r in range(2):
+        ours, theirs = codec.compress(h1, rate=r), source.compress(h2, rate=r)
+        assert [s.packets for s in ours] == [s.packets for s in theirs]
+        out = codec.decompress([Bitstream.from_bytes(s.to_bytes()) for s in ours])
+        assert out.shape == (5, *fam.feature_shape(1))
+        assert torch.allclose(out, codec(h1, rate=r).features, atol=1e-5)
+    # the lift runs after the source's decoder: the tail from point 1 takes what it makes
+    assert fam.split(3, 1)[1](out).shape == (5, 10)
+
+
+def test_training_only_the_decoder_keeps_the_bytes(digits, digits_family):
+    from flowcodec.codecs.train_task import TaskTrainConfig, lift_codec, train_task_codec
+
+    fam = digits_family
+    codec, _ = lift_codec(_source_at_point2(fam), fam, 1)
+    x = digits[1].images[:8].float()
+    h1 = fam.eval().split(3, 1)[0](x)
+    before = {k: v.clone() for k, v in codec.state_dict().items()}
+    streams = [s.to_bytes() for s in codec.compress(h1, rate=1)]
+    cfg = TaskTrainConfig(lams=(1.0, 1.0), epochs=1, batch_size=64, eval_every=0,
+                          decoder_only=True)  # fmt: skip
+    train_task_codec(codec, fam, 3, 1, digits[0], None, cfg, progress=False)
+    after = codec.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("g_s.", "inv_gain", "conceal")) for k in moved), moved
+    assert any(k.startswith("g_s.1.") for k in moved)  # the lift trained
+    assert [s.to_bytes() for s in codec.compress(h1, rate=1)] == streams
+    assert all(p.requires_grad for p in codec.parameters())  # flags restored
+
+
+def test_a_stem_cannot_copy_layers_it_does_not_have():
+    from flowcodec.codecs.train_task import stage_stem
+
+    entries, layers = stage_stem([torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(), torch.nn.MaxPool2d(2))])  # fmt: skip
+    assert entries == [[8, True]] and len(layers) == 2
+    with pytest.raises(ConfigError, match="GELU"):
+        stage_stem([torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GELU())])
+    with pytest.raises(ConfigError, match="stem"):
+        build_codec("task", SHAPE, stem=[["res"]])
+
+
+def test_zoo_variants_share_tensors_and_are_pinned(tmp_path, digits_family):
+    import json
+
+    from flowcodec.codecs.train_task import lift_codec
+    from flowcodec.codecs.zoo import save_codec_variant
+    from flowcodec.errors import CheckpointError
+
+    codec = ready()
+    save_codec(codec, tmp_path / "base", KW)
+    base = load_codec(tmp_path / "base")
+    one = build_codec("task", SHAPE, **{**KW, "packets": 1}).eval()
+    tables = ("_offset", "_quantized_cdf", "_cdf_length")
+    one.load_state_dict({k: v for k, v in base.state_dict().items() if not k.endswith(tables)},
+                        strict=False)  # fmt: skip
+    one.update(force=True)
+    meta = save_codec_variant(one, tmp_path / "base_1p", "base", {**KW, "packets": 1})
+    assert not (tmp_path / "base_1p.safetensors").exists()  # every tensor shared
+    loaded = load_codec(tmp_path / "base_1p")
+    assert len(loaded.groups) == 1
+    h = features(2)
+    assert torch.equal(loaded.decompress(loaded.compress(h)), one.decompress(one.compress(h)))
+    # a lifted codec shares its source's tensors and keeps the rest (stage copy, lift)
+    src = _source_at_point2(digits_family)
+    save_codec(src, tmp_path / "src", {"latent": 6, "stem": [[32, True]], "hidden": 16,
+                                       "rates": 2})  # fmt: skip
+    lifted, kw = lift_codec(load_codec(tmp_path / "src"), digits_family, 1)
+    save_codec_variant(lifted, tmp_path / "lifted", "src", kw)
+    rec = json.loads((tmp_path / "lifted.json").read_text())
+    assert "entropy_bottlenecks.0._quantized_cdf" in rec["shared"]
+    assert (tmp_path / "lifted.safetensors").is_file()
+    back = load_codec(tmp_path / "lifted")
+    h1 = torch.rand(2, *digits_family.feature_shape(1))
+    assert [s.to_bytes() for s in back.compress(h1)] == [s.to_bytes() for s in lifted.compress(h1)]
+    # the source changes: the variant refuses to load; a name outside the folder is refused
+    raw = bytearray((tmp_path / "base.safetensors").read_bytes())
+    raw[-1] ^= 1
+    (tmp_path / "base.safetensors").write_bytes(bytes(raw))
+    from flowcodec.family.checkpoint import record_sha256
+
+    record_sha256(tmp_path / "base")
+    with pytest.raises(CheckpointError, match="changed since"):
+        load_codec(tmp_path / "base_1p")
+    rec = json.loads(meta.read_text())
+    rec["weights_of"] = "../base"
+    meta.write_text(json.dumps(rec))
+    with pytest.raises(CheckpointError, match="same folder"):
+        load_codec(tmp_path / "base_1p")

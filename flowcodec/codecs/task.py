@@ -55,7 +55,7 @@ from flowcodec.codecs.base import CodecOutput, FeatureCodec, channel_groups, reg
 from flowcodec.codecs.entropy import entropy_bottleneck
 from flowcodec.errors import ConfigError
 
-__all__ = ["TaskCodec", "TaskEncoder", "TaskDecoder", "ChannelContext",
+__all__ = ["TaskCodec", "TaskEncoder", "TaskDecoder", "Lift", "ChannelContext",
            "discrete_gaussian_likelihood", "VIEWS", "view_features"]
 
 #: Latents are clamped to this magnitude before coding, so that a diverged model or a
@@ -105,6 +105,9 @@ class TaskEncoder(nn.Module):
         layers: list[nn.Module] = []
         c = cin
         for cout, pool in stem:
+            if cout == "res":  # a residual block at constant width (the family's stages)
+                layers.append(_Residual(c))
+                continue
             layers += [nn.Conv2d(c, int(cout), 3, padding=1, bias=False),
                        nn.BatchNorm2d(int(cout)), nn.ReLU(inplace=True)]  # fmt: skip
             if pool:
@@ -134,6 +137,46 @@ class TaskEncoder(nn.Module):
             b.load_state_dict(a.state_dict())
             copied += 1
         return copied
+
+
+class _Residual(nn.Module):
+    """``x + f(x)``, ``f`` two conv3x3-BN-ReLU layers at ``c`` channels: the residual block
+    of the CIFAR-10 family's stages, so a stem can start as a copy of a trunk stage."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.f = nn.Sequential(*(nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False),
+                                               nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+                                 for _ in range(2)))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(x)
+
+
+def _stem_entry(entry: Sequence) -> tuple:
+    """A stem entry as stored: ``(channels, pool)`` or ``("res", 0)``."""
+    a, b = entry
+    return ("res", 0) if a == "res" else (int(a), bool(b))
+
+
+class Lift(nn.Module):
+    """Receiver side, after a decoder that rebuilds features of shape ``via`` (a later split
+    point's): ``(B, *via) -> (B, *shape)``, a 3x3 convolution, nearest upsampling by the
+    ratio of the sides and two 3x3 convolutions, so that the tail from the earlier split
+    point can run on them."""
+
+    def __init__(self, via: Sequence[int], shape: Sequence[int], nonneg: bool) -> None:
+        super().__init__()
+        cv, hv, wv = via
+        c, h, w = shape
+        self.conv = nn.Sequential(nn.Conv2d(cv, cv, 3, padding=1), nn.ReLU(inplace=True),
+                                  nn.Upsample(scale_factor=(h // hv, w // wv), mode="nearest"),
+                                  nn.Conv2d(cv, c, 3, padding=1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(c, c, 3, padding=1),
+                                  *([nn.ReLU()] if nonneg else []))  # fmt: skip
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.conv(f)
 
 
 class TaskDecoder(nn.Module):
@@ -257,9 +300,11 @@ class TaskCodec(FeatureCodec):
         Features at the split point; ``H`` and ``W`` even.
     latent : int
         Length of the latent vector (the most numbers a sample sends).
-    stem : sequence of (channels, pool)
+    stem : sequence of (channels, pool) or ("res", 0)
         The encoder's conv blocks; default one block of ``2 * C`` channels with pooling
-        (the shape of the CIFAR-10 family's exit branch at split point 2).
+        (the shape of the CIFAR-10 family's exit branch at split point 2). ``("res", 0)``
+        is a residual block at the current width (two conv-BN-ReLU layers and a skip, as in
+        the family's trunk), so that a stem can start as a copy of the trunk's next stage.
     hidden : int
         Width of the decoder's first linear layer.
     rates : int
@@ -270,6 +315,11 @@ class TaskCodec(FeatureCodec):
         End the decoder with a ReLU (features after ReLU / max-pool are non-negative).
     backend : {"auto", "compressai", "torch"}
         Entropy-model implementation (both give the same tables; see ``entropy``).
+    via : (C', H', W') or None
+        Decode to features of this shape (a later split point's, e.g. ``(128, 8, 8)``), then
+        :class:`Lift` them to ``feature_shape``. With a stem that copies the trunk's stages
+        in between, a codec at an early split point can start from a trained codec of a
+        later one (``experiments/train_task_codecs.py --lift-from``).
     """
 
     layouts = ("chw",)
@@ -278,7 +328,8 @@ class TaskCodec(FeatureCodec):
                  stem: Sequence[Sequence] | None = None, hidden: int = 512, rates: int = 5,
                  packets: int = 1, nonneg: bool = True, backend: str = "auto",
                  context: bool = False, context_hidden: int = 16,
-                 grid: int = 1, views: int = 1) -> None:  # fmt: skip
+                 grid: int = 1, views: int = 1,
+                 via: Sequence[int] | None = None) -> None:  # fmt: skip
         super().__init__(feature_shape)
         self.set_views(views)
         if len(self.feature_shape) != 3 or any(d % 2 for d in self.feature_shape[1:]):
@@ -290,11 +341,23 @@ class TaskCodec(FeatureCodec):
         if not 1 <= int(rates) <= 255:
             raise ConfigError(f"task codec: rates must be in 1..255, got {rates}")
         c = self.feature_shape[0]
-        stem = [(2 * c, True)] if stem is None else [(int(a), bool(b)) for a, b in stem]
-        if not stem or any(not 1 <= a <= 4096 for a, _ in stem):
+        try:
+            stem = [(2 * c, True)] if stem is None else [_stem_entry(e) for e in stem]
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"task codec: stem must list (channels, pool) or ('res', 0) "
+                              f"entries, got {stem}") from e  # fmt: skip
+        if not stem or any(a != "res" and not 1 <= a <= 4096 for a, _ in stem):
             raise ConfigError(f"task codec: stem must list (channels in 1..4096, pool), got {stem}")
         if not 1 <= int(grid) <= 16:
             raise ConfigError(f"task codec: grid must be in 1..16, got {grid}")
+        if via is not None:
+            via = tuple(int(d) for d in via)
+            if (len(via) != 3 or int(grid) != 1 or min(via) < 1 or via[1] % 2 or via[2] % 2
+                    or self.feature_shape[1] % via[1] or self.feature_shape[2] % via[2]):
+                raise ConfigError(f"task codec: via must be (C, H, W) with even H, W dividing "
+                                  f"the feature map's sides, and grid 1; got via={via}, "
+                                  f"grid={grid}, features {self.feature_shape}")  # fmt: skip
+        self.via = via
         self.latent, self.hidden, self.rates = int(latent), int(hidden), int(rates)
         self.stem_spec, self.nonneg, self.backend = stem, bool(nonneg), backend
         self.grid = int(grid)
@@ -306,8 +369,12 @@ class TaskCodec(FeatureCodec):
                        for g in self.channel_groups]  # fmt: skip
         self.g_a = TaskEncoder(c, stem, self.latent, self.grid)
         shape, nonneg = self.feature_shape, self.nonneg
-        self.g_s = (TaskDecoder(self.latent, self.hidden, shape, nonneg) if self.grid == 1
-                    else GridDecoder(self.latent, self.grid, shape, nonneg))  # fmt: skip
+        if self.via is not None:  # rebuild a later split point's features, then lift them
+            self.g_s = nn.Sequential(TaskDecoder(self.latent, self.hidden, self.via, nonneg),
+                                     Lift(self.via, shape, nonneg))  # fmt: skip
+        else:
+            self.g_s = (TaskDecoder(self.latent, self.hidden, shape, nonneg) if self.grid == 1
+                        else GridDecoder(self.latent, self.grid, shape, nonneg))  # fmt: skip
         # rate point r: y * exp(gain[r]) is rounded; the decoder sees y_hat * exp(inv_gain[r])
         span = torch.linspace(-math.log(4.0), 0.0, self.rates) if self.rates > 1 else torch.zeros(1)
         self.gain = nn.Parameter(span[:, None].repeat(1, self.latent))
@@ -330,7 +397,8 @@ class TaskCodec(FeatureCodec):
                 "stem": [list(s) for s in self.stem_spec], "rates": self.rates,
                 "packets": len(self.groups), "nonneg": self.nonneg, "grid": self.grid,
                 **({"context": self.context_hidden} if self.context else {}),
-                **({"views": self.views} if self.views > 1 else {})}  # fmt: skip
+                **({"views": self.views} if self.views > 1 else {}),
+                **({"via": list(self.via)} if self.via is not None else {})}  # fmt: skip
 
     @property
     def encoder(self) -> nn.Module:
@@ -388,6 +456,13 @@ class TaskCodec(FeatureCodec):
         """Decoded features ``(B*V, C, H, W)`` -> their mean over views ``(B, C, H, W)``."""
         return f if self.views == 1 else f.reshape(-1, self.views, *f.shape[1:]).mean(1)
 
+    def _synthesize(self, y_hat: torch.Tensor) -> torch.Tensor:
+        """Dequantised latents ``(B*V, n_sym)`` -> features ``(B, C, H, W)``: the decoder,
+        the mean over views (with ``via``: of the later point's features, before the lift)."""
+        if self.via is None:
+            return self._merge_views(self.g_s(y_hat))
+        return self.g_s[1](self._merge_views(self.g_s[0](y_hat)))
+
     def aux_loss(self) -> torch.Tensor:
         """Quantile-fitting loss of every rate point's entropy model."""
         return sum(eb.loss() for eb in self.entropy_bottlenecks)
@@ -442,7 +517,7 @@ class TaskCodec(FeatureCodec):
             for j, g in enumerate(self.groups):
                 mask[:, g] = lost[:, j : j + 1]
             y_hat = torch.where(mask.to(h.device), self._medians(r).expand_as(y_hat), y_hat)
-        feats = self._merge_views(self.g_s(y_hat * self._inv_gain(r)))
+        feats = self._synthesize(y_hat * self._inv_gain(r))
         bits = -torch.log2(lik).flatten(1).sum(1)
         if self.context and not self.training and self.entropy_bottlenecks[r]._offset.numel():
             lo, hi = (t.to(y.device) for t in self.support(r))
@@ -583,7 +658,7 @@ class TaskCodec(FeatureCodec):
                             in zip(got, rows[g] * v_n, offsets[g] * v_n)]  # fmt: skip
                     sym[:, g] = torch.tensor(vals, dtype=torch.float32).view(v_n, -1)
             y_hat[b * v_n : (b + 1) * v_n] = (sym.to(dev) + self._medians(r)) * self._inv_gain(r)
-        return self._merge_views(self.g_s(y_hat).float()).cpu()
+        return self._synthesize(y_hat).float().cpu()
 
 
 class RatePoint(FeatureCodec):

@@ -36,7 +36,7 @@ from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
 
 __all__ = ["TaskTrainConfig", "TaskTrainResult", "train_task_codec", "eval_task_forward",
-           "fit_context", "warm_start", "save_progress"]
+           "fit_context", "warm_start", "save_progress", "stage_stem", "lift_codec"]
 
 
 @dataclass
@@ -59,6 +59,9 @@ class TaskTrainConfig:
     time_budget: float | None = None
     eval_every: int = 1
     eval_n: int = 1000
+    # train only the receiver's decoder (new layers at lr, the rest of it at stem_lr): the
+    # encoder, gains and entropy models stay frozen in eval mode, so the bytes do not change
+    decoder_only: bool = False
 
     @property
     def rates(self) -> int:
@@ -130,6 +133,7 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
     gen = torch.Generator().manual_seed(cfg.seed)
     was_training = family.training
     flags = [p.requires_grad for p in family.parameters()]
+    codec_flags = [p.requires_grad for p in codec.parameters()]
     family.to(dev).eval()
     for p in family.parameters():
         p.requires_grad_(False)
@@ -139,10 +143,21 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
         codec.to("cpu").fit(feats)
         power = float(feats.pow(2).mean())
         codec.to(dev)
-        stem = [p for n, p in codec.named_parameters() if n.startswith("g_a.stem")]
-        aux = [p for n, p in codec.named_parameters() if n.endswith("quantiles")]
-        seen_ids = {id(p) for p in stem + aux}
-        main = [p for p in codec.parameters() if id(p) not in seen_ids]
+        if cfg.decoder_only:  # main: the decoder's last module (e.g. a Lift); stem: the rest
+            for p in codec.parameters():
+                p.requires_grad_(False)
+            dec = list(codec.g_s.children())
+            main = list((dec[-1] if len(dec) > 1 else codec.g_s).parameters())
+            ids = {id(p) for p in main}
+            stem = [p for p in codec.g_s.parameters() if id(p) not in ids] + [codec.inv_gain]
+            aux = []
+            for p in main + stem:
+                p.requires_grad_(True)
+        else:
+            stem = [p for n, p in codec.named_parameters() if n.startswith("g_a.stem")]
+            aux = [p for n, p in codec.named_parameters() if n.endswith("quantiles")]
+            seen_ids = {id(p) for p in stem + aux}
+            main = [p for p in codec.parameters() if id(p) not in seen_ids]
         opt = torch.optim.Adam([{"params": main, "lr": cfg.lr},
                                 {"params": stem, "lr": cfg.stem_lr},
                                 {"params": aux, "lr": 1e-2}])  # fmt: skip
@@ -157,7 +172,11 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
         epoch_start = 0.0
         step = 0
         for epoch in range(1, cfg.epochs + 1):
-            codec.train()
+            if cfg.decoder_only:  # rounded latents, frozen encoder; only g_s trains
+                codec.eval()
+                codec.g_s.train()
+            else:
+                codec.train()
             for m in codec.g_a.stem.modules():  # keep the stem's BN statistics fixed
                 if isinstance(m, torch.nn.BatchNorm2d):
                     m.eval()
@@ -187,9 +206,10 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
                 kd = _kd_loss(logits, teacher, cfg.temperature) if cfg.kd else logits.new_zeros(())
                 distill = F.mse_loss(out.features.float(), target) / power
                 kbits = out.bits.mean() / 1000
-                loss = task + cfg.kd * kd + cfg.beta * distill + ramp * cfg.lams[r] * kbits
+                rate_w = 0.0 if cfg.decoder_only else ramp * cfg.lams[r]  # frozen rate
+                loss = task + cfg.kd * kd + cfg.beta * distill + rate_w * kbits
                 opt.zero_grad(set_to_none=True)
-                (loss + codec.aux_loss()).backward()
+                (loss if cfg.decoder_only else loss + codec.aux_loss()).backward()
                 torch.nn.utils.clip_grad_norm_(main + stem, 5.0)
                 opt.step()
                 b = len(y)
@@ -241,6 +261,8 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
     finally:
         family.train(was_training)
         for p, f in zip(family.parameters(), flags):
+            p.requires_grad_(f)
+        for p, f in zip(codec.parameters(), codec_flags):
             p.requires_grad_(f)
 
 
@@ -361,3 +383,110 @@ def warm_start(codec: TaskCodec, source: TaskCodec | str) -> str:
             m.running_mean.zero_()
             m.running_var.fill_(1.0 - m.eps)
     return f"{len(taken)} tensors from {name}; identity start: {', '.join(fresh) or 'none'}"
+
+
+def stage_stem(stages) -> tuple[list, list]:
+    """Task-codec stem entries that compute a family's trunk ``stages`` (modules made of
+    conv3x3-BN-ReLU layers, 2x2 max-pools and residual blocks), and the stages' conv/BN
+    layers in the order the stem holds them. ConfigError for any other layer."""
+    from torch import nn
+
+    from flowcodec.family.zoo import Residual
+
+    entries: list = []
+    layers: list = []
+
+    def walk(m: nn.Module) -> None:
+        if isinstance(m, Residual):
+            entries.append(["res", 0])
+            layers.extend(x for x in m.modules() if isinstance(x, (nn.Conv2d, nn.BatchNorm2d)))
+        elif isinstance(m, nn.Sequential):
+            for child in m.children():
+                walk(child)
+        elif isinstance(m, nn.Conv2d):
+            entries.append([m.out_channels, False])
+            layers.append(m)
+        elif isinstance(m, nn.MaxPool2d) and entries and entries[-1][0] != "res":
+            entries[-1][1] = True
+        elif isinstance(m, nn.BatchNorm2d):
+            layers.append(m)
+        elif not isinstance(m, nn.ReLU):
+            raise ConfigError(f"a task codec's stem cannot copy a {type(m).__name__} layer")
+
+    for stage in stages:
+        walk(stage)
+    return entries, layers
+
+
+@torch.no_grad()
+def lift_codec(source: TaskCodec | str, family, point: int) -> tuple[TaskCodec, dict]:
+    """A task codec at split ``point`` of ``family`` built from a trained task codec of a
+    later split point (an object or a zoo name): its stem is a copy of the trunk's stages in
+    between followed by the source's stem, its entropy models and gains are the source's,
+    and its decoder is the source's followed by a fresh
+    :class:`~flowcodec.codecs.task.Lift` back to ``point``'s shape. It sends exactly the
+    source's symbols (checked here on random inputs; ConfigError otherwise), so training
+    only its decoder (``TaskTrainConfig(decoder_only=True)``) keeps the source's bytes.
+    Returns ``(codec, kwargs)``, the kwargs that rebuild it."""
+
+    if isinstance(source, str):
+        from flowcodec.codecs.zoo import load_pretrained_codec
+
+        source = load_pretrained_codec(source)
+    source = source.float().eval()
+    if source.grid != 1 or source.via is not None:
+        raise ConfigError("lift_codec: the source must have a vector latent and no lift")
+    was_training = family.training
+    family.eval()
+    try:
+        return _lift(source, family, point)
+    finally:
+        family.train(was_training)
+
+
+def _lift(source: TaskCodec, family, point: int) -> tuple[TaskCodec, dict]:
+    from flowcodec.codecs import build_codec
+
+    x = torch.rand(4, *family.input_shape, generator=torch.Generator().manual_seed(0))
+    n = len(family.stages)
+    shapes = [tuple(family.feature_shape(q)) for q in range(n)]
+    later = [q for q in range(point + 1, n) if shapes[q] == tuple(source.feature_shape)]
+    if not 0 <= point < n or not later:
+        raise ConfigError(f"lift_codec: the source's features {source.feature_shape} are at no "
+                          f"split point of the family after {point}")  # fmt: skip
+    q = later[0]
+    entries, layers = stage_stem(list(family.stages[point:q]))
+    kwargs = {k: v for k, v in source.config().items() if k not in ("name", "feature_shape")}
+    if "context" in kwargs:
+        kwargs["context_hidden"] = kwargs.pop("context")
+        kwargs["context"] = True
+    kwargs.update(stem=entries + [list(e) for e in source.stem_spec],
+                  via=list(source.feature_shape))  # fmt: skip
+    codec = build_codec("task", shapes[point], **kwargs)
+    theirs = layers + [m for m in source.g_a.stem.modules()
+                       if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]  # fmt: skip
+    ours = [m for m in codec.g_a.stem.modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]  # fmt: skip
+    if [type(m) for m in ours] != [type(m) for m in theirs] or any(
+            a.weight.shape != b.weight.shape for a, b in zip(ours, theirs)):
+        raise ConfigError("lift_codec: the stages' layers do not line up with the stem")
+    for a, b in zip(ours, theirs):
+        a.load_state_dict(b.state_dict())
+    codec.g_a.proj.load_state_dict(source.g_a.proj.state_dict())
+    codec.g_s[0].load_state_dict(source.g_s.state_dict())
+    tables = ("_offset", "_quantized_cdf", "_cdf_length")  # rebuilt by update()
+    rest = {k: v for k, v in source.state_dict().items()
+            if k.startswith(("gain", "inv_gain", "entropy_bottlenecks.", "contexts."))
+            and not k.endswith(tables)}  # fmt: skip
+    codec.load_state_dict(rest, strict=False)
+    codec.conceal.zero_()
+    codec.update(force=True)
+    codec.eval()
+    h1 = family.split(n, point)[0](x)
+    h2 = family.split(n, q)[0](x)
+    for r in range(codec.rates):
+        if not torch.equal(codec.symbols(h1, r), source.symbols(h2, r)):
+            raise ConfigError(f"lift_codec: the built encoder does not send the source's "
+                              f"symbols at rate point {r} (a stage layer it cannot copy?)")
+    return codec, kwargs
+

@@ -7,6 +7,11 @@ are stored as float16 (``half=True``); entropy-model parameters and tables stay 
 The codec is evaluated *after* such rounding, so the numbers reported for a shipped
 codec are the numbers of the shipped weights.
 
+A *variant* shares tensors with another checkpoint beside it (:func:`save_codec_variant`):
+its JSON names it (``"weights_of"``, pinned by that checkpoint's SHA-256) and maps its
+tensor names to that checkpoint's (``"shared"``); a safetensors file of its own holds the
+rest, if any. The one-packet form of a codec is a JSON file alone.
+
 Example
 -------
 >>> from flowcodec.codecs.zoo import list_pretrained
@@ -24,8 +29,8 @@ import torch
 from flowcodec.codecs.base import FeatureCodec, build_codec
 from flowcodec.errors import CheckpointError
 
-__all__ = ["CODEC_ZOO", "save_codec", "load_codec", "list_pretrained", "load_pretrained_codec",
-           "round_half"]  # fmt: skip
+__all__ = ["CODEC_ZOO", "save_codec", "save_codec_variant", "load_codec", "list_pretrained",
+           "load_pretrained_codec", "round_half"]  # fmt: skip
 
 CODEC_ZOO = Path(__file__).resolve().parent.parent / "zoo" / "codecs"
 
@@ -70,6 +75,83 @@ def save_codec(codec: FeatureCodec, path: str | os.PathLike, kwargs: dict,
     return weights
 
 
+def save_codec_variant(codec: FeatureCodec, path: str | os.PathLike, weights_of: str,
+                       kwargs: dict, extra: dict | None = None) -> Path:  # fmt: skip
+    """Write ``codec`` as a variant of the checkpoint ``weights_of`` beside ``path``: every
+    tensor of its state (as :func:`save_codec` would store it) that equals one of
+    ``weights_of``'s is loaded from there (the JSON maps the names); the rest, if any, go
+    to its own safetensors file. Returns the JSON's path."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from flowcodec.family.checkpoint import _paths, load_state, read_config, weights_sha256
+
+    weights, meta = _paths(path)
+    src = meta.parent / _variant_name(weights_of)
+    index: dict = {}
+    for k, v in load_state(src).items():
+        index.setdefault((v.dtype, tuple(v.shape), v.numpy().tobytes()), k)
+    shared, own = {}, {}
+    for k, v in codec.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        if v.is_floating_point() and not _is_exact(k):
+            v = v.half()
+        hit = index.get((v.dtype, tuple(v.shape), v.numpy().tobytes()))
+        if hit is None:
+            own[k] = v
+        else:
+            shared[k] = hit
+    cfg = {"name": codec.name, "feature_shape": list(codec.feature_shape), "kwargs": kwargs}
+    record = {"kind": "codec", "config": cfg, "extra": extra or {}, "weights_of": weights_of,
+              "weights_of_sha256": read_config(src)["sha256"], "shared": shared}  # fmt: skip
+    if own:
+        save_file(own, str(weights), metadata={"kind": "codec"})
+        record["sha256"] = weights_sha256(weights)
+    elif weights.is_file():
+        weights.unlink()
+    meta.write_text(json.dumps(record, indent=1))
+    return meta
+
+
+def _variant_state(path, cfg: dict) -> dict[str, torch.Tensor]:
+    """The state of a variant checkpoint: the tensors it shares with ``weights_of`` (that
+    checkpoint's SHA-256 checked against the one recorded), plus its own file's."""
+    from flowcodec.family.checkpoint import _paths, load_state, read_config
+
+    weights, meta = _paths(path)
+    src = meta.parent / _variant_name(cfg["weights_of"])
+    if read_config(src).get("sha256") != cfg.get("weights_of_sha256"):
+        raise CheckpointError(f"{meta}: variant of {cfg['weights_of']}, whose weights have "
+                              f"changed since (SHA-256 differs)")  # fmt: skip
+    shared = cfg.get("shared")
+    if not isinstance(shared, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                               for k, v in shared.items()):  # fmt: skip
+        raise CheckpointError(f"{meta}: 'shared' must map tensor names to tensor names")
+    theirs = load_state(src)
+    missing = sorted(set(shared.values()) - theirs.keys())
+    if missing:
+        raise CheckpointError(f"{meta}: shares tensors {missing[:3]} that "
+                              f"{cfg['weights_of']} does not hold")  # fmt: skip
+    state = {k: theirs[v] for k, v in shared.items()}
+    if "sha256" in cfg:
+        own = load_state(path)
+        both = sorted(own.keys() & state.keys())
+        if both:
+            raise CheckpointError(f"{meta}: tensors {both[:3]} both shared and its own")
+        state.update(own)
+    return state
+
+
+def _variant_name(name) -> str:
+    """A ``weights_of`` entry: a checkpoint name in the same folder, nothing else."""
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name):
+        raise CheckpointError(f"weights_of must name a checkpoint in the same folder, got {name!r}")
+    return name
+
+
 def load_codec(path: str | os.PathLike, backend: str = "auto") -> FeatureCodec:
     """Rebuild a codec from its JSON config and load its weights (float32, eval mode)."""
     from flowcodec.codecs.entropy import check_model_tables
@@ -81,7 +163,10 @@ def load_codec(path: str | os.PathLike, backend: str = "auto") -> FeatureCodec:
     c = cfg["config"]
     # The weights first (SHA-256 checked), then the config built on the meta device and
     # compared with them: nothing is allocated that the weights file does not hold.
-    state = load_state(path)
+    if "weights_of" in cfg:  # a variant: tensors of another checkpoint, pinned by SHA-256
+        state = _variant_state(path, cfg)
+    else:
+        state = load_state(path)
     try:
         kwargs = dict(c.get("kwargs", {}))
         if "backend" not in kwargs and c["name"] in LEARNED_CODECS:
@@ -124,12 +209,12 @@ def list_pretrained() -> list[str]:
     """Names of the codec checkpoints shipped in ``flowcodec/zoo/codecs``."""
     if not CODEC_ZOO.is_dir():
         return []
-    return sorted(p.stem for p in CODEC_ZOO.glob("*.safetensors"))
+    return sorted(p.stem for p in CODEC_ZOO.glob("*.json"))
 
 
 def load_pretrained_codec(name: str, backend: str = "auto") -> FeatureCodec:
     """Load a shipped codec by name (see :func:`list_pretrained`)."""
     path = CODEC_ZOO / name
-    if not path.with_suffix(".safetensors").is_file():
+    if not path.with_suffix(".json").is_file():
         raise CheckpointError(f"no shipped codec {name!r}; available: {list_pretrained()}")
     return load_codec(path, backend=backend)
