@@ -35,6 +35,7 @@ from flowcodec.progress import tqdm
 from flowcodec.serve.bench import closed_loop, open_loop, request_pool, spawn
 from flowcodec.serve.cli import build_codec_from_args
 from flowcodec.serve.engine import TierEngine, TierSpec
+from flowcodec.serve.server import freeze_heap
 from flowcodec.serve.wire import parse_request
 
 
@@ -80,6 +81,7 @@ def main() -> None:
     data = test.subset(min(args.pool, len(test)), seed=0)
     pool = request_pool(fam, codec, data.normalize(data.images), args.point)
     engine = TierEngine(fam, TierSpec("edge", args.point, k), codec)
+    freeze_heap()  # the load generator's full collections would stall its sends too
     offline = offline_throughput(engine, pool, args.max_batch, max(2.0, args.seconds))
     print(f"offline decode + tail (batch {args.max_batch}, {args.threads} thread): "
           f"{offline:.0f} samples/s", flush=True)  # fmt: skip

@@ -10,9 +10,15 @@ The same configuration twice, sample by sample (batch 1, one device):
 - simulated: `Flow` with a `Hop` over a FastLink with the same seed, and tier FLOP/s
   calibrated on this machine: the device's FLOPs over the measured time of its head and
   encoder at batch 1, the edge's FLOPs over the measured time of `TierEngine.run` at
-  batch 1 (decode, stages, exit).
+  batch 1 (decode, stages, exit). Its hop carries a per-sample transport overhead
+  (`Hop.overhead_s`: serialisation, the two gRPC legs device -> proxy -> edge, the proxy's
+  and the edge's thread hand-offs, the answer's way back), measured on this machine
+  before the real run like the compute times: the same device, proxy and edge with the
+  link's time set to zero (`--symbol-rate 1e15 --delay-ms 0`), mean wall time less the
+  calibrated compute. The link itself and its losses are not part of that figure.
 
-Target: mean latencies within 10 %. Writes `--out` (JSON) and prints a table.
+Target: mean latencies within 10 %. Writes `--out` (JSON) and prints a table; the
+simulator without the transport overhead (link + compute only) is reported beside it.
 
     flock /work/helpers/cpu.lock .venv/bin/python experiments/bench_serve_sim.py
 """
@@ -36,6 +42,7 @@ from flowcodec.progress import tqdm
 from flowcodec.serve.bench import spawn
 from flowcodec.serve.engine import TierEngine, TierSpec
 from flowcodec.serve.remote import RemoteHop
+from flowcodec.serve.server import freeze_heap
 
 
 def median_time(fn, repeats: int) -> float:
@@ -58,6 +65,8 @@ def main() -> None:
     ap.add_argument("--max-wait-ms", type=float, default=0.0,
                     help="the edge's batching wait (one device: nothing to wait for)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calib-samples", type=int, default=100,
+                    help="samples of the zero-time-link run that measures the transport")
     ap.add_argument("--out", default="runs/bench_serve/sim_check.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -83,12 +92,31 @@ def main() -> None:
     print(f"calibrated: device {1e3 * dev_s:.3f} ms ({dev_flops / dev_s / 1e9:.2f} GFLOP/s), "
           f"edge {1e3 * edge_s:.3f} ms ({edge_flops / edge_s / 1e9:.2f} GFLOP/s)", flush=True)
 
+    freeze_heap()  # the device process: no full-collection stalls inside a sample
     link_args = ["--link", "fast", "--mcs", str(args.mcs), "--snr-db", str(args.snr_db),
                  "--symbol-rate", str(args.symbol_rate), "--delay-ms", str(args.delay_ms),
                  "--seed", str(args.seed)]  # fmt: skip
     edge = spawn("serve", ["--family", "digits", "--point-in", "1", "--point", "3",
                            "--codec-kwargs", kw, "--max-wait-ms", str(args.max_wait_ms)])
     try:
+        # Transport overhead: the same chain with a link that takes no time.
+        zero = link_args[:-6] + ["--symbol-rate", "1e15", "--delay-ms", "0", "--seed",
+                                 str(args.seed + 1)]  # fmt: skip
+        calib = spawn("proxy", ["--upstream", edge.address, *zero])
+        try:
+            hop = RemoteHop(codec, calib.address, deadline_s=5.0, first_seq=0)
+            flow = Flow(fam, tiers, [hop])
+            flow.run(x1)
+            n_cal = min(args.calib_samples, len(x))
+            cal = [flow.run(x[i : i + 1]).traces[0]
+                   for i in tqdm(range(n_cal), desc="transport")]  # fmt: skip
+            hop.close()
+        finally:
+            calib.stop()
+        overhead_s = statistics.mean(t.wall_s - dev_s - edge_s - t.hops[0].tx_time_s
+                                     for t in cal)  # fmt: skip
+        print(f"transport overhead (zero-time link, {n_cal} samples): "
+              f"{1e3 * overhead_s:.3f} ms per sample", flush=True)
         proxy = spawn("proxy", ["--upstream", edge.address, *link_args])
         try:
             hop = RemoteHop(codec, proxy.address, deadline_s=5.0, first_seq=0)
@@ -101,12 +129,16 @@ def main() -> None:
             proxy.stop()
     finally:
         edge.stop()
-    sim_flow = Flow(fam, tiers, [Hop(codec, FastLink(mcs=args.mcs, snr_db=args.snr_db,
-                                                     seed=args.seed), args.symbol_rate,
-                                     args.delay_ms / 1e3)])  # fmt: skip
-    # The same samples in the same order as the real run (its warm-up sample first).
-    sim_flow.run(x1)
-    sim = [sim_flow.run(x[i : i + 1]).traces[0] for i in range(len(x))]
+    def simulate(overhead: float) -> list:
+        link = FastLink(mcs=args.mcs, snr_db=args.snr_db, seed=args.seed)
+        sim_flow = Flow(fam, tiers, [Hop(codec, link, args.symbol_rate, args.delay_ms / 1e3,
+                                         overhead_s=overhead)])  # fmt: skip
+        # The same samples in the same order as the real run (its warm-up sample first).
+        sim_flow.run(x1)
+        return [sim_flow.run(x[i : i + 1]).traces[0] for i in range(len(x))]
+
+    sim = simulate(overhead_s)
+    bare = [1e3 * t.latency_s for t in simulate(0.0)]
     fallbacks = sum(t.fallback is not None for t in real)
     # Losses are drawn alike; channel uses differ by a byte's worth where the real run's
     # sample number needs a longer varint in the header (seq >= 128) than the simulator's 0.
@@ -116,7 +148,7 @@ def main() -> None:
     uses_sim = statistics.mean(t.hops[0].channel_uses for t in sim)
     real_ms = [1e3 * t.wall_s for t in real]
     sim_ms = [1e3 * t.latency_s for t in sim]
-    link_ms = [1e3 * t.hops[0].tx_time_s for t in sim]
+    link_ms = [1e3 * (t.hops[0].tx_time_s - overhead_s) for t in sim]
     mean_real, mean_sim = statistics.mean(real_ms), statistics.mean(sim_ms)
     summary = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
@@ -125,6 +157,10 @@ def main() -> None:
         "edge_max_wait_ms": args.max_wait_ms,
         "device_ms": round(1e3 * dev_s, 3), "edge_ms": round(1e3 * edge_s, 3),
         "mean_link_ms": round(statistics.mean(link_ms), 3),
+        "transport_overhead_ms": round(1e3 * overhead_s, 3), "calib_samples": n_cal,
+        "mean_sim_without_transport_ms": round(statistics.mean(bare), 3),
+        "real_over_sim_without_transport": round(statistics.mean(real_ms)
+                                                 / statistics.mean(bare), 4),
         "mean_real_ms": round(mean_real, 3), "mean_sim_ms": round(mean_sim, 3),
         "real_over_sim": round(mean_real / mean_sim, 4),
         "p50_real_ms": round(statistics.median(real_ms), 3),

@@ -12,7 +12,8 @@ tier with lost packets concealed, and continued there. The last tier always answ
 Latency is accounted per sample as if it were processed alone: compute time is the
 sample's FLOPs on each tier divided by that tier's FLOP/s (an assumption, see
 :data:`DEFAULT_TIERS`), transmission time is the channel uses its packets took
-(retransmissions included) divided by the hop's symbol rate, plus the hop's fixed delay.
+(retransmissions included) divided by the hop's symbol rate, plus the hop's fixed delay
+and its per-sample transport overhead (``Hop.overhead_s``, 0 unless set).
 No queueing is modelled.
 
 Example
@@ -91,6 +92,10 @@ class Hop:
     ``snr_db`` is passed to links that take one (None: the link's own). ``framing`` is
     ``"sample"`` (every sample sends its header as a link packet ahead of its packets) or
     ``"session"`` (the header went once at session set-up; see ``Bitstream.units``).
+    ``overhead_s`` is a fixed per-sample cost of getting the sample onto and off the hop
+    outside the link itself (serialisation, the RPC stack and any relay on the hosts), added
+    to every sample's transmission time; 0 models the link alone. A real deployment's figure
+    is measured, e.g. by ``experiments/bench_serve_sim.py`` (docs/deployment.md).
     """
 
     codec: FeatureCodec
@@ -99,12 +104,15 @@ class Hop:
     delay_s: float = 0.0
     snr_db: float | None = None
     framing: str = "sample"
+    overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.symbol_rate > 0:
             raise ConfigError("symbol_rate must be positive")
         if self.delay_s < 0:
             raise ConfigError("delay_s must be non-negative")
+        if not self.overhead_s >= 0:
+            raise ConfigError("overhead_s must be non-negative")
         if getattr(self.codec, "sends_symbols", False):
             # An analog (JSCC) codec: the link is a channels.AnalogChannel, the SNR is
             # required (the codec's side information), channel uses set the time.
@@ -372,7 +380,7 @@ class Flow:
                 bits=8 * sum(len(u) for u in units[start : start + n]), channel_uses=cu,
                 packets=n, packets_lost=sum(p is None for p in got),
                 header_lost=hop.framing == "sample" and got[0] is None,
-                tx_time_s=cu / hop.symbol_rate + hop.delay_s,
+                tx_time_s=cu / hop.symbol_rate + hop.delay_s + hop.overhead_s,
             ))  # fmt: skip
         return hop.codec.decompress(received).to(h.device)
 
@@ -385,6 +393,6 @@ class Flow:
         for j, i in enumerate(active):
             cu = int(hop.link.channel_uses(int(tx.uses[j])))
             traces[i].hops.append(HopTrace(bits=0, channel_uses=cu, packets=0, packets_lost=0,
-                                           header_lost=False,
-                                           tx_time_s=cu / hop.symbol_rate + hop.delay_s))
+                                           header_lost=False, tx_time_s=cu / hop.symbol_rate
+                                           + hop.delay_s + hop.overhead_s))
         return feats.to(h.device)

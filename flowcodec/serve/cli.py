@@ -82,7 +82,7 @@ def cmd_serve(args) -> int:
 
     from flowcodec.family import load_pretrained
     from flowcodec.serve.engine import TierEngine, TierSpec
-    from flowcodec.serve.server import TierServer
+    from flowcodec.serve.server import TierServer, freeze_heap
 
     torch.set_num_threads(max(1, args.threads))
     fam = load_pretrained(args.family, progress=not args.no_progress)
@@ -94,6 +94,7 @@ def cmd_serve(args) -> int:
                                            args.next_codec_kwargs, args.next_codec_checkpoint)
     spec = TierSpec(args.tier, args.point_in, args.point, args.exit_threshold)
     server = TierServer(TierEngine(fam, spec, codec, next_codec), _serve_config(args))
+    freeze_heap()  # the model is loaded: keep full collections off it (a latency tail)
 
     async def main() -> None:
         port = await server.start()
@@ -124,10 +125,12 @@ def cmd_proxy(args) -> int:
     import signal
 
     from flowcodec.serve.proxy import LinkProxy
+    from flowcodec.serve.server import freeze_heap
 
     proxy = LinkProxy(args.upstream, _make_link(args), args.symbol_rate, args.delay_ms / 1e3,
                       config=_serve_config(args),
                       upstream_root_cert=_read(args.upstream_ca))  # fmt: skip
+    freeze_heap()
 
     async def main() -> None:
         port = await proxy.start()

@@ -26,6 +26,7 @@ cannot know which bytes form a packet of the codec; here the loss is per link un
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -37,6 +38,12 @@ from flowcodec.serve.server import ServeConfig, bind, server_options
 from flowcodec.serve.wire import LinkReport, Request, WireError, encode_request, parse_request
 
 __all__ = ["LinkProxy"]
+
+#: The last part of a hold (seconds) is slept by a timer thread, not by the event loop.
+_FINE_S = 0.002
+#: Timer threads: each holds one sample for at most _FINE_S, so a few cover many devices
+#: (a sample that finds them all busy waits for one: late by under _FINE_S).
+_TIMER_THREADS = 8
 
 _STATUS = {"unreachable": grpc.StatusCode.UNAVAILABLE,
            "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -81,6 +88,7 @@ class LinkProxy:
         self.config = config or ServeConfig()
         self._up_tls = (upstream_root_cert, upstream_server_name)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="flowcodec-link")
+        self._timers = ThreadPoolExecutor(_TIMER_THREADS, thread_name_prefix="flowcodec-hold")
         self._busy_until: dict[str, float] = {}
         self.stats: dict[str, int] = {"received": 0, "forwarded": 0, "rejected": 0,
                                       "units": 0, "units_lost": 0}  # fmt: skip
@@ -103,6 +111,19 @@ class LinkProxy:
         await self._server.stop(grace_s)
         await self._client.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._timers.shutdown(wait=False, cancel_futures=True)
+
+    async def _hold_until(self, when: float) -> None:
+        """Wait until loop time ``when``. asyncio's timers wake up to a millisecond late
+        (epoll's timeout is in whole milliseconds, rounded up), which a link of a few
+        milliseconds would feel: the loop sleeps until ``_FINE_S`` before ``when``, and a
+        timer thread sleeps the rest with the kernel's finer clock."""
+        left = when - self._loop.time()
+        if left > _FINE_S:
+            await asyncio.sleep(left - _FINE_S)
+            left = when - self._loop.time()
+        if left > 0:
+            await self._loop.run_in_executor(self._timers, time.sleep, left)
 
     def _transmit(self, units: list[bytes]) -> tuple[list, int]:
         kwargs = {"snr_db": self.snr_db} if self.snr_db is not None else {}
@@ -140,11 +161,9 @@ class LinkProxy:
                             packets=len(req.units), packets_lost=lost,
                             header_lost=req.framing == "sample" and delivered[0] is None,
                             tx_time_s=tx)  # fmt: skip
-        wait = arrived + tx - self._loop.time()
-        if wait > 0:
-            await asyncio.sleep(wait)
         out = encode_request(Request(req.rid, req.seq, req.header, delivered, req.framing,
                                      report))  # fmt: skip
+        await self._hold_until(arrived + tx)
         remaining = context.time_remaining()
         timeout = self.config.default_deadline_s if remaining is None else remaining
         try:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import json
 import signal
 import threading
@@ -50,7 +51,20 @@ from flowcodec.serve.wire import (
     parse_request,
 )
 
-__all__ = ["ServeConfig", "TierServer", "ServerThread", "server_options"]
+__all__ = ["ServeConfig", "TierServer", "ServerThread", "server_options", "freeze_heap"]
+
+
+def freeze_heap() -> int:
+    """For a serving process, once it has loaded its model: collect, then move every
+    object allocated so far out of the garbage collector's reach (:func:`gc.freeze`);
+    returns how many. Python's full collections, which run now and then under load,
+    would otherwise walk the hundreds of thousands of objects that torch and the model
+    hold, one stall of tens to hundreds of milliseconds each: a latency tail. Only the
+    process's owner should call this (the ``flowcodec serve``/``proxy``/``device``
+    commands and the benchmarks do); a library call never does."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 @dataclass
@@ -229,9 +243,14 @@ class TierServer:
         except asyncio.QueueFull:
             self.stats["overloaded"] += 1
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+        # A timer settles the future at the deadline (cheaper per request than wait_for,
+        # which wraps every wait in a task of its own).
+        timer = loop.call_at(item.deadline, _settle, fut, _EXPIRED, "")
         try:
-            code, payload = await asyncio.wait_for(fut, timeout=max(0.0, budget))
-        except TimeoutError:
+            code, payload = await fut
+        finally:
+            timer.cancel()
+        if code is _EXPIRED:
             self.stats["deadline"] += 1
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed in queue")
         if code != grpc.StatusCode.OK:
@@ -365,6 +384,10 @@ class TierServer:
                "flops": {**base["flops"], **down["flops"]},
                "hops": base["hops"] + down_hops}  # fmt: skip
         _settle(it.fut, grpc.StatusCode.OK, encode_answer(ans))
+
+
+#: The code a request's future is settled with when its deadline passes before its answer.
+_EXPIRED = object()
 
 
 def _settle(fut: asyncio.Future, code, payload) -> None:
