@@ -47,15 +47,20 @@ from flowcodec.codecs.entropy import (
     _tables,
     eb_symbols,
     entropy_bottleneck,
+    gaussian_conditional,
     rans_encode,
+    to_symbols,
 )
 from flowcodec.errors import ConfigError
 
 __all__ = ["TokenPruneCodec", "TokenCodecBase", "encode_positions", "decode_positions",
-           "position_bits", "MAX_TOKENS"]  # fmt: skip
+           "position_bits", "MAX_TOKENS", "PRIORS"]  # fmt: skip
 
 #: Largest token count a token codec takes (bounds every position code).
 MAX_TOKENS = 1 << 14
+
+#: Entropy models a token codec can code its latents with (``prior=``).
+PRIORS = ("factorized", "hyperprior")
 
 
 # --- position coding -----------------------------------------------------------------------
@@ -161,16 +166,56 @@ class TokenCodecBase(FeatureCodec):
         if self.n_tokens > MAX_TOKENS:
             raise ConfigError(f"{name} takes at most {MAX_TOKENS} tokens, got {self.n_tokens}")
 
-    def _init_transforms(self, latent: int, hidden: int, backend: str) -> None:
-        """The latent transform, the synthesis, the fill and the entropy model."""
+    def _init_transforms(self, latent: int, hidden: int, backend: str,
+                         prior: str = "factorized", hyper: int = 8) -> None:  # fmt: skip
+        """The latent transform, the synthesis, the fill and the entropy model(s).
+
+        ``prior="factorized"``: one ``EntropyBottleneck`` over the ``latent`` channels
+        (built in the same order as before the option existed, so checkpoints and
+        streams are unchanged). ``prior="hyperprior"``: ``entropy_bottleneck`` codes the
+        ``hyper`` side values ``z`` instead, ``h_a`` maps the mean and max of the
+        sample's sent token latents to ``z``, ``h_s`` maps ``z`` to a per-channel mean
+        and scale, and ``gaussian_conditional`` codes the token latents with them.
+        """
+        if prior not in PRIORS:
+            raise ConfigError(f"prior must be one of {PRIORS}, got {prior!r}")
+        if prior == "hyperprior" and (not isinstance(hyper, int) or hyper < 1):
+            raise ConfigError(f"hyper must be a positive int, got {hyper!r}")
+        self.prior = prior
         d = self.width
         self.g_a = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, latent))
         self.g_s_in = nn.Linear(latent, hidden)
         self.pos = nn.Parameter(torch.zeros(self.n_tokens, hidden))
         self.g_s_out = nn.Sequential(nn.GELU(), nn.Linear(hidden, d))
         self.fill = nn.Parameter(torch.zeros(self.n_tokens, d))
-        self.entropy_bottleneck = entropy_bottleneck(latent, backend)
+        if prior == "factorized":
+            self.entropy_bottleneck = entropy_bottleneck(latent, backend)
+        else:
+            self.hyper = int(hyper)
+            self.entropy_bottleneck = entropy_bottleneck(self.hyper, backend)
+            self.h_a = nn.Sequential(nn.Linear(2 * latent, hidden), nn.GELU(),
+                                     nn.Linear(hidden, self.hyper))  # fmt: skip
+            self.h_s = nn.Sequential(nn.Linear(self.hyper, hidden), nn.GELU(),
+                                     nn.Linear(hidden, 2 * latent))  # fmt: skip
+            with torch.no_grad():  # start at scale 1 (not at the 0.11 bound)
+                self.h_s[-1].bias[latent:] = 1.0
+            self.gaussian_conditional = gaussian_conditional(backend)
         self._plans: dict = {}
+
+    def _prior_config(self) -> dict:
+        """Config keys of the prior (none for the factorized default: fingerprints kept)."""
+        if self.prior == "factorized":
+            return {}
+        return {"prior": self.prior, "hyper": self.hyper}
+
+    @property
+    def _hyper(self) -> bool:
+        return self.prior == "hyperprior"
+
+    @property
+    def _nz(self) -> int:
+        """Packets ahead of the token packets: 1 (``z``) with the hyperprior, else 0."""
+        return 1 if self._hyper else 0
 
     def aux_loss(self) -> torch.Tensor:
         """Auxiliary loss fitting the entropy bottleneck's quantiles."""
@@ -179,7 +224,96 @@ class TokenCodecBase(FeatureCodec):
     def update(self, force: bool = False) -> bool:
         """Freeze the CDF tables; returns whether they changed."""
         self._plans = {}
-        return bool(self.entropy_bottleneck.update(force=force))
+        changed = bool(self.entropy_bottleneck.update(force=force))
+        if self._hyper:
+            gc = self.gaussian_conditional
+            if force or gc._offset.numel() == 0:
+                gc.update()
+                changed = True
+        return changed
+
+    # --- the latent entropy model (either prior) -------------------------------------------
+    def _y_model(self) -> nn.Module:
+        return self.gaussian_conditional if self._hyper else self.entropy_bottleneck
+
+    @staticmethod
+    def _pool(y: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
+        """Mean and max over the sent tokens of latents ``y`` ``(B, M, K)``; ``sent`` is a
+        0/1 ``(B, K)`` mask. A sample with no sent token pools to zeros."""
+        w = sent.to(y.dtype)[:, None, :]
+        mean = (y * w).sum(-1) / w.sum(-1).clamp(min=1.0)
+        mx = torch.where(w > 0, y, torch.full_like(y, -math.inf)).amax(-1)
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+        return torch.cat([mean, mx], 1)
+
+    def _params(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel means and scales ``(B, M)`` from ``z_hat`` ``(B, Z)``, one sample at
+        a time (so the scale indexes cannot depend on the batch a sample is in)."""
+        out = torch.cat([self.h_s(z_hat[b:b + 1]) for b in range(len(z_hat))])
+        means, scales = out.chunk(2, 1)
+        return means, scales
+
+    def _latent_forward(self, y: torch.Tensor, sent: torch.Tensor):
+        """``(y_hat, likelihoods (B, M, K), z bits (B,), extra likelihoods)`` of latents
+        ``y`` ``(B, M, K)`` of which the tokens in ``sent`` ``(B, K)`` are sent."""
+        if not self._hyper:
+            y_hat, lik = self.entropy_bottleneck(y)
+            return y_hat, lik, torch.zeros(len(y), device=y.device), {}
+        z = self.h_a(self._pool(y, sent.detach()))
+        z_hat, z_lik = self.entropy_bottleneck(z[..., None])  # (B, Z, 1)
+        means, scales = self._params(z_hat[..., 0])
+        y_hat, lik = self.gaussian_conditional(y, scales[..., None].expand_as(y),
+                                               means[..., None].expand_as(y))  # fmt: skip
+        return y_hat, lik, -torch.log2(z_lik).sum((1, 2)), {"z": z_lik}
+
+    def _latent_symbols(self, y: torch.Tensor, sent: torch.Tensor):
+        """What ``compress`` codes: ``(symbols (B, M, K), CDF indexes (B, M), z packets)``;
+        the z packets are one rANS string per sample, or ``None`` (factorized)."""
+        chan = torch.arange(self.latent, dtype=torch.int32)
+        if not self._hyper:
+            sym = eb_symbols(self.entropy_bottleneck, y).cpu()
+            return sym, chan.expand(len(y), -1), None
+        eb = self.entropy_bottleneck
+        zsym = eb_symbols(eb, self.h_a(self._pool(y, sent))[..., None])  # (B, Z, 1)
+        means, scales = self._params(zsym[..., 0].float() + self._medians())
+        idx = self.gaussian_conditional.build_indexes(scales).cpu()
+        sym = to_symbols(y - means[..., None]).cpu()
+        zsym = zsym[..., 0].cpu()
+        zt = _tables(eb)
+        zidx = torch.arange(self.hyper, dtype=torch.int32)
+        zpk = [rans_encode(eb, zsym[b], zidx, zt) for b in range(len(y))]
+        return sym, idx, zpk
+
+    def _read_z(self, streams: Sequence[Bitstream]):
+        """Decoder side: ``(centres (B, M), CDF indexes (B, M), z received (B,))``. A
+        latent decodes to its symbol plus its centre (the factorized medians, or the
+        predicted means). With the hyperprior, a sample whose z packet is lost has no
+        indexes: its token packets are not read and the whole sample gets the fill."""
+        n = len(streams)
+        chan = torch.arange(self.latent, dtype=torch.int32)
+        dev = self._device()
+        if not self._hyper:
+            cen = self._medians().to(dev).expand(n, -1)
+            return cen, chan.expand(n, -1), torch.ones(n, dtype=torch.bool)
+        eb = self.entropy_bottleneck
+        zt = _tables(eb)
+        plan = self._plans.get("z")
+        if plan is None:
+            plan = self._plans["z"] = _IndexPlan(zt, torch.arange(self.hyper, dtype=torch.int32))
+        zsym = torch.zeros(n, self.hyper, dtype=torch.int32)
+        have = torch.tensor([s.packets[0] is not None for s in streams])
+        for b, s in enumerate(streams):
+            if have[b]:
+                zsym[b] = _decode_planned(zt, s.packets[0], plan)
+        means, scales = self._params(zsym.to(dev).float() + self._medians().to(dev))
+        return means, self.gaussian_conditional.build_indexes(scales).cpu(), have
+
+    def _decode_tokens(self, tables, data: bytes, idx: torch.Tensor, k: int) -> torch.Tensor:
+        """Symbols ``(k, M)`` of ``k`` tokens from a rANS payload, channel indexes ``idx``
+        ``(M,)`` (plans cached per count for the factorized prior)."""
+        if not self._hyper:
+            return _decode_planned(tables, data, self._plan(tables, k))
+        return _decode_planned(tables, data, _IndexPlan(tables, idx.expand(k, -1)))
 
     @torch.no_grad()
     def fit(self, features: torch.Tensor) -> TokenCodecBase:
@@ -239,11 +373,19 @@ class TokenPruneCodec(TokenCodecBase):
         Score logit above which a token is kept.
     backend : {"auto", "compressai", "torch"}
         Entropy-model implementation (see :mod:`flowcodec.codecs.entropy`).
+    prior : {"factorized", "hyperprior"}
+        Entropy model of the kept tokens' latents. ``"hyperprior"`` adds a packet 0
+        holding ``z`` (``hyper`` values from the mean and max of the kept latents) that
+        sets a per-channel Gaussian (mean, scale) for the token packets ``1..packets``;
+        a lost ``z`` packet conceals the whole sample with the fill.
+    hyper : int
+        Side values ``z`` per sample (hyperprior only).
     """
 
     def __init__(self, feature_shape: Sequence[int], latent: int = 16, hidden: int = 64,
                  packets: int = 2, keep_first: bool = True, threshold: float = 0.0,
-                 backend: str = "auto") -> None:  # fmt: skip
+                 backend: str = "auto", prior: str = "factorized",
+                 hyper: int = 8) -> None:  # fmt: skip
         super().__init__(feature_shape)
         self._init_tokens("token-prune")
         if latent < 1 or hidden < 1:
@@ -259,12 +401,12 @@ class TokenPruneCodec(TokenCodecBase):
         self.scorer = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden), nn.GELU(),
                                     nn.Linear(hidden, 1))  # fmt: skip
         nn.init.constant_(self.scorer[-1].bias, 2.0)  # start by keeping every token
-        self._init_transforms(self.latent, hidden, backend)
+        self._init_transforms(self.latent, hidden, backend, prior, hyper)
 
     def config(self) -> dict:
         return {**super().config(), "latent": self.latent, "hidden": self.hidden,
                 "packets": self.packets, "keep_first": self.keep_first,
-                "threshold": self.threshold}  # fmt: skip
+                "threshold": self.threshold, **self._prior_config()}  # fmt: skip
 
     @property
     def encoder(self) -> nn.Module:
@@ -304,30 +446,34 @@ class TokenPruneCodec(TokenCodecBase):
         m = keep.float() + soft - soft.detach()  # hard forward, sigmoid gradient
         if self.keep_first:
             m = torch.cat([torch.ones_like(m[:, :1]), m[:, 1:]], 1)
-        y_hat, lik = self.entropy_bottleneck(self.g_a(t).transpose(1, 2))  # (B, M, N)
+        y_hat, lik, z_bits, extra = self._latent_forward(self.g_a(t).transpose(1, 2), keep)
         tok_bits = -torch.log2(lik).sum(1)  # (B, N)
-        bits = (m * tok_bits).sum(1) + self._position_bits(keep).to(h.device)
+        bits = (m * tok_bits).sum(1) + self._position_bits(keep).to(h.device) + z_bits
         if drop_prob > 0:
             lost = torch.rand(len(h), self.packets, generator=generator) < drop_prob
             idx = torch.arange(self.n_tokens) % self.packets
-            m = m * (~lost[:, idx]).to(m.device, m.dtype)
+            lost = lost[:, idx]
+            if self._hyper:  # a lost z packet loses every token of the sample
+                lost = lost | (torch.rand(len(h), 1, generator=generator) < drop_prob)
+            m = m * (~lost).to(m.device, m.dtype)
         rec = self._synth(y_hat.transpose(1, 2))
         out = m[..., None] * rec + (1 - m[..., None]) * self.fill
         self.last_kept = keep
-        return CodecOutput(out.reshape(h.shape), bits, {"y": lik})
+        return CodecOutput(out.reshape(h.shape), bits, {"y": lik, **extra})
 
     @torch.no_grad()
     def compress(self, h: torch.Tensor) -> list[Bitstream]:
         self.check_features(h)
         t = self._tokens(h.to(self._device()).float())
-        keep = self._keep(self.scorer(t).squeeze(-1)).cpu()
-        sym = eb_symbols(self.entropy_bottleneck, self.g_a(t).transpose(1, 2)).cpu()  # B,M,N
-        tables = _tables(self.entropy_bottleneck)
+        keep = self._keep(self.scorer(t).squeeze(-1))
+        sym, cidx, zpk = self._latent_symbols(self.g_a(t).transpose(1, 2), keep)  # B,M,N
+        keep = keep.cpu()
+        model = self._y_model()
+        tables = _tables(model)
         header = self.make_header(tensors=[TensorSpec("float32", self.feature_shape)])
-        chan = torch.arange(self.latent, dtype=torch.int32)
         out = []
         for b in range(len(t)):
-            packets = []
+            packets = [] if zpk is None else [zpk[b]]
             for p in range(self.packets):
                 cand = self._candidates(p)
                 local = [j for j, i in enumerate(cand) if keep[b, i]]
@@ -335,20 +481,23 @@ class TokenPruneCodec(TokenCodecBase):
                 if local:
                     pos = torch.tensor([cand[j] for j in local])
                     s = sym[b][:, pos].T  # (k, M), token-major
-                    data += rans_encode(self.entropy_bottleneck, s, chan.expand_as(s), tables)
+                    data += rans_encode(model, s, cidx[b].expand_as(s), tables)
                 packets.append(data)
             out.append(Bitstream(header, packets))
         return out
 
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
-        self.check_streams(streams, self.packets)
-        tables = _tables(self.entropy_bottleneck)
+        self.check_streams(streams, self._nz + self.packets)
+        tables = _tables(self._y_model())
+        centre, cidx, have_z = self._read_z(streams)
         n, m = self.n_tokens, self.latent
         sym = torch.zeros(len(streams), n, m, dtype=torch.int32)
         got = torch.zeros(len(streams), n, dtype=torch.bool)
         for b, s in enumerate(streams):
-            for p, data in enumerate(s.packets):
+            if not have_z[b]:
+                continue  # no z, no scales: the whole sample gets the fill
+            for p, data in enumerate(s.packets[self._nz:]):
                 if data is None:
                     continue  # lost: its tokens get the fill
                 cand = self._candidates(p)
@@ -360,8 +509,8 @@ class TokenPruneCodec(TokenCodecBase):
                                              "position code with no tokens")  # fmt: skip
                     continue
                 pos = torch.tensor([cand[j] for j in local])
-                sym[b, pos] = _decode_planned(tables, bytes(rest), self._plan(tables, len(local)))
+                sym[b, pos] = self._decode_tokens(tables, bytes(rest), cidx[b], len(local))
                 got[b, pos] = True
         dev = self._device()
-        y_hat = sym.to(dev).float() + self._medians().to(dev)
+        y_hat = sym.to(dev).float() + centre[:, None, :]
         return self._with_fill(self._synth(y_hat), got)

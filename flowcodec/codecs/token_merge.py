@@ -49,12 +49,7 @@ from torch import nn
 
 from flowcodec.bitstream import Bitstream, BitstreamError, TensorSpec
 from flowcodec.codecs.base import CodecOutput, register_codec
-from flowcodec.codecs.entropy import (
-    _decode_planned,
-    _tables,
-    eb_symbols,
-    rans_encode,
-)
+from flowcodec.codecs.entropy import _tables, rans_encode
 from flowcodec.codecs.token import (
     MAX_TOKENS,
     TokenCodecBase,
@@ -238,11 +233,19 @@ class TokenMergeCodec(TokenCodecBase):
         Merge with learned importance weights (else plain means).
     backend : {"auto", "compressai", "torch"}
         Entropy-model implementation (see :mod:`flowcodec.codecs.entropy`).
+    prior : {"factorized", "hyperprior"}
+        Entropy model of the merged tokens' latents. ``"hyperprior"`` adds a packet 0
+        holding ``z`` (``hyper`` values from the mean and max of the cluster latents) that
+        sets a per-channel Gaussian (mean, scale) for the cluster packets
+        ``1..packets``; a lost ``z`` packet conceals the whole sample with the fill.
+    hyper : int
+        Side values ``z`` per sample (hyperprior only).
     """
 
     def __init__(self, feature_shape: Sequence[int], clusters: int = 8, neighbors: int = 5,
                  latent: int = 16, hidden: int = 64, packets: int = 2, keep_first: bool = True,
-                 weighted: bool = True, backend: str = "auto") -> None:  # fmt: skip
+                 weighted: bool = True, backend: str = "auto", prior: str = "factorized",
+                 hyper: int = 8) -> None:  # fmt: skip
         super().__init__(feature_shape)
         self._init_tokens("token-merge")
         n = self.n_tokens
@@ -264,12 +267,13 @@ class TokenMergeCodec(TokenCodecBase):
         self.scorer = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))
         nn.init.zeros_(self.scorer[1].weight)
         nn.init.zeros_(self.scorer[1].bias)
-        self._init_transforms(self.latent, hidden, backend)
+        self._init_transforms(self.latent, hidden, backend, prior, hyper)
 
     def config(self) -> dict:
         return {**super().config(), "clusters": self.clusters, "neighbors": self.neighbors,
                 "latent": self.latent, "hidden": self.hidden, "packets": self.packets,
-                "keep_first": self.keep_first, "weighted": self.weighted}  # fmt: skip
+                "keep_first": self.keep_first, "weighted": self.weighted,
+                **self._prior_config()}  # fmt: skip
 
     @property
     def encoder(self) -> nn.Module:
@@ -320,30 +324,34 @@ class TokenMergeCodec(TokenCodecBase):
         self.check_features(h)
         t = self._tokens(h)
         merged, lab = self._merge(t)
-        y_hat, lik = self.entropy_bottleneck(self.g_a(merged).transpose(1, 2))  # (B, M, K)
-        bits = -torch.log2(lik).sum((1, 2)) + self._side_bits(lab).to(h.device)
+        every = torch.ones(len(h), self.clusters, device=h.device)
+        y_hat, lik, z_bits, extra = self._latent_forward(self.g_a(merged).transpose(1, 2), every)
+        bits = -torch.log2(lik).sum((1, 2)) + self._side_bits(lab).to(h.device) + z_bits
         rec = self._restore(y_hat.transpose(1, 2), lab)
         if drop_prob > 0:
             lost = torch.rand(len(h), self.packets, generator=generator) < drop_prob
-            lost_pos = lost.gather(1, lab.cpu() % self.packets).to(h.device)  # (B, N)
-            rec = torch.where(lost_pos[..., None], self.fill.to(rec.dtype), rec)
+            lost_pos = lost.gather(1, lab.cpu() % self.packets)  # (B, N)
+            if self._hyper:  # a lost z packet loses every cluster of the sample
+                lost_pos = lost_pos | (torch.rand(len(h), 1, generator=generator) < drop_prob)
+            rec = torch.where(lost_pos.to(h.device)[..., None], self.fill.to(rec.dtype), rec)
         self.last_labels = lab
-        return CodecOutput(rec.reshape(h.shape), bits, {"y": lik})
+        return CodecOutput(rec.reshape(h.shape), bits, {"y": lik, **extra})
 
     @torch.no_grad()
     def compress(self, h: torch.Tensor) -> list[Bitstream]:
         self.check_features(h)
         t = self._tokens(h.to(self._device()).float())
         merged, lab = self._merge(t)
-        sym = eb_symbols(self.entropy_bottleneck, self.g_a(merged).transpose(1, 2)).cpu()
+        every = torch.ones(len(t), self.clusters, device=t.device)
+        sym, cidx, zpk = self._latent_symbols(self.g_a(merged).transpose(1, 2), every)
         lab = lab.cpu()
-        tables = _tables(self.entropy_bottleneck)
+        model = self._y_model()
+        tables = _tables(model)
         header = self.make_header(tensors=[TensorSpec("float32", self.feature_shape)])
-        chan = torch.arange(self.latent, dtype=torch.int32)
         out = []
         for b in range(len(t)):
             row = lab[b]
-            packets = []
+            packets = [] if zpk is None else [zpk[b]]
             for p in range(self.packets):
                 ids = torch.tensor(list(self._cluster_ids(p)))
                 members = (row % self.packets == p).nonzero().squeeze(1)
@@ -351,13 +359,14 @@ class TokenMergeCodec(TokenCodecBase):
                 data = encode_positions(members.tolist(), self.n_tokens)
                 data += encode_assignment(local, len(ids))
                 s = sym[b][:, ids].T  # (k, M), cluster-major
-                data += rans_encode(self.entropy_bottleneck, s, chan.expand_as(s), tables)
+                data += rans_encode(model, s, cidx[b].expand_as(s), tables)
                 packets.append(data)
             out.append(Bitstream(header, packets))
         return out
 
-    def _read_packet(self, tables, p: int, data: bytes):
-        """``(members, global labels, symbols (k, M))`` of packet ``p``."""
+    def _read_packet(self, tables, p: int, data: bytes, cidx: torch.Tensor):
+        """``(members, global labels, symbols (k, M))`` of token packet ``p`` (channel
+        CDF indexes ``cidx`` ``(M,)``)."""
         k = len(self._cluster_ids(p))
         members, used = decode_positions(data, self.n_tokens)
         if len(members) < k:
@@ -365,31 +374,35 @@ class TokenMergeCodec(TokenCodecBase):
                                  "clusters")  # fmt: skip
         local, used2 = decode_assignment(data[used:], len(members), k)
         start = used + used2
-        sym = _decode_planned(tables, bytes(data[start:]), self._plan(tables, k))
+        sym = self._decode_tokens(tables, bytes(data[start:]), cidx, k)
         return members, [p + self.packets * j for j in local], sym
 
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
-        self.check_streams(streams, self.packets)
-        tables = _tables(self.entropy_bottleneck)
+        self.check_streams(streams, self._nz + self.packets)
+        tables = _tables(self._y_model())
+        centre, cidx, have_z = self._read_z(streams)
         n, kk = self.n_tokens, self.clusters
         sym = torch.zeros(len(streams), kk, self.latent, dtype=torch.int32)
         lab = torch.full((len(streams), n), -1, dtype=torch.int64)
         for b, s in enumerate(streams):
-            for p, data in enumerate(s.packets):
+            if not have_z[b]:
+                continue  # no z, no scales: the whole sample gets the fill
+            tok = s.packets[self._nz:]
+            for p, data in enumerate(tok):
                 if data is None:
                     continue  # lost: its clusters' positions get the fill
-                members, glob, psym = self._read_packet(tables, p, data)
+                members, glob, psym = self._read_packet(tables, p, data, cidx[b])
                 pos = torch.tensor(members, dtype=torch.int64)
                 if bool((lab[b, pos] >= 0).any()):
                     raise BitstreamError(f"token-merge packet {p} names positions that another "
                                          "packet holds")  # fmt: skip
                 lab[b, pos] = torch.tensor(glob, dtype=torch.int64)
                 sym[b, list(self._cluster_ids(p))] = psym
-            if all(d is not None for d in s.packets):
+            if all(d is not None for d in tok):
                 self._check_canonical(lab[b])
         dev = self._device()
-        y_hat = sym.to(dev).float() + self._medians().to(dev)
+        y_hat = sym.to(dev).float() + centre[:, None, :]
         return self._with_fill(self._restore(y_hat, lab.clamp(min=0).to(dev)), lab >= 0)
 
     def _check_canonical(self, row: torch.Tensor) -> None:
