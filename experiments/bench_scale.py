@@ -109,6 +109,7 @@ def main(argv=None) -> int:
                ratio=base["ratio"])  # fmt: skip
 
     if args.skip_costs:
+        res["load_after"] = os.getloadavg()[0]
         (out / "bench_scale.json").write_text(json.dumps(res, indent=1))
         for line in res.get("ray_summary", []):
             print(line)
