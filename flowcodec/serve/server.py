@@ -9,7 +9,8 @@ Each request is one sample (:mod:`flowcodec.serve.wire`). The server
 3. a batcher takes up to ``max_batch`` samples, waiting at most ``max_wait_s`` after the
    first for more, drops those whose deadline has passed, and runs
    :meth:`TierEngine.run` on the batch in a worker thread (the event loop keeps
-   accepting meanwhile);
+   accepting meanwhile); the next batch is formed while one computes and waits behind
+   it, so the worker does not idle while the loop answers;
 4. answers through its exit, or forwards the re-encoded features to the next tier's
    server within what is left of the request's deadline; when the next tier fails or is
    late it answers through its own exit and the answer says why (``fallback``).
@@ -168,6 +169,7 @@ class TierServer:
         self._next: AsyncTierClient | None = None
         self._draining = False
         self._forwards: set[asyncio.Task] = set()
+        self._batches: set[asyncio.Task] = set()
 
     # --- life cycle --------------------------------------------------------------------
     async def start(self) -> int:
@@ -202,6 +204,8 @@ class TierServer:
                 await self._batcher
             except asyncio.CancelledError:
                 pass
+        for task in list(self._batches):  # answered by now unless grace ran out
+            task.cancel()
         if self._next is not None:
             await self._next.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -280,30 +284,52 @@ class TierServer:
         return batch
 
     async def _batch_loop(self) -> None:
+        # Two batches in flight: while the worker computes one, the next is formed and
+        # queued behind it, so the worker goes from batch to batch without waiting for the
+        # event loop to answer the last one. A slot is taken before a batch is formed, so
+        # with both in flight the queue keeps filling the next batch.
+        slots = asyncio.Semaphore(_BATCHES_IN_FLIGHT)
         while True:
-            batch = await self._next_batch()
+            await slots.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                slots.release()
+                raise
             now = self._loop.time()
             live = [it for it in batch if not it.fut.done() and it.deadline > now]
             self.stats["expired_in_queue"] += len(batch) - len(live)
             if not live:
+                slots.release()
                 continue
-            self.batch_sizes[len(live)] += 1
-            t0 = time.perf_counter()
+            task = asyncio.create_task(self._run_batch(live))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+            task.add_done_callback(lambda _: slots.release())
+
+    def _timed_run(self, streams: list) -> tuple[list, float, float]:
+        """The engine on one batch, in the worker thread; its compute time is measured
+        there (the wait behind another batch is queueing, not compute)."""
+        t0 = time.perf_counter()
+        out = self.engine.run(streams)
+        return out, t0, time.perf_counter()
+
+    async def _run_batch(self, live: list[_Item]) -> None:
+        self.batch_sizes[len(live)] += 1
+        try:
+            outcomes, t0, t1 = await self._loop.run_in_executor(
+                self._pool, self._timed_run, [it.stream for it in live])
+        except Exception as e:  # a bug must not take the server down: answer INTERNAL
+            self.stats["internal_errors"] += 1
+            for it in live:
+                _settle(it.fut, grpc.StatusCode.INTERNAL, f"{type(e).__name__}")
+            return
+        for it, oc in zip(live, outcomes):
             try:
-                outcomes = await self._loop.run_in_executor(
-                    self._pool, self.engine.run, [it.stream for it in live])
-            except Exception as e:  # a bug must not take the server down: answer INTERNAL
+                self._settle_one(it, oc, t0, t1, len(live))
+            except Exception as e:  # one sample's answer must not stop the others
                 self.stats["internal_errors"] += 1
-                for it in live:
-                    _settle(it.fut, grpc.StatusCode.INTERNAL, f"{type(e).__name__}")
-                continue
-            t1 = time.perf_counter()
-            for it, oc in zip(live, outcomes):
-                try:
-                    self._settle_one(it, oc, t0, t1, len(live))
-                except Exception as e:  # one sample's answer must not stop the batcher
-                    self.stats["internal_errors"] += 1
-                    _settle(it.fut, grpc.StatusCode.INTERNAL, f"{type(e).__name__}")
+                _settle(it.fut, grpc.StatusCode.INTERNAL, f"{type(e).__name__}")
 
     def _settle_one(self, it: _Item, oc, t0: float, t1: float, batch: int) -> None:
         base = self._answer_base(it, t0, t1, batch)
@@ -385,6 +411,9 @@ class TierServer:
                "hops": base["hops"] + down_hops}  # fmt: skip
         _settle(it.fut, grpc.StatusCode.OK, encode_answer(ans))
 
+
+#: Batches in flight at once: one computing, one formed and waiting behind it.
+_BATCHES_IN_FLIGHT = 2
 
 #: The code a request's future is settled with when its deadline passes before its answer.
 _EXPIRED = object()
