@@ -1,0 +1,346 @@
+"""The hyperprior option of the token codecs (``prior="hyperprior"``): stream layout,
+packet loss (token packets and the z packet), checkpoints, determinism and hostile input."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flowcodec.bitstream import Bitstream, BitstreamError
+from flowcodec.codecs import build_codec, load_codec, save_codec
+from flowcodec.codecs.entropy import check_model_tables
+from flowcodec.codecs.token import decode_positions
+from flowcodec.errors import ConfigError
+
+SHAPE = (17, 32)
+KW = {
+    "token-prune": dict(latent=8, hidden=32, packets=3, prior="hyperprior", hyper=4),
+    "token-merge": dict(clusters=7, latent=8, hidden=32, packets=3, prior="hyperprior",
+                        hyper=4),
+}  # fmt: skip
+NAMES = tuple(KW)
+
+
+def _tokens(n=4, seed=0, shape=SHAPE):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g)
+
+
+def _ready(name, **over):
+    torch.manual_seed(0)
+    codec = build_codec(name, SHAPE, **{**KW[name], **over})
+    codec.fit(_tokens(32, seed=1)).eval()
+    codec.update(force=True)
+    return codec
+
+
+_CACHE: dict = {}
+
+
+def _cached(name, packets=3):
+    key = (name, packets)
+    if key not in _CACHE:
+        _CACHE[key] = _ready(name, packets=packets)
+    return _CACHE[key]
+
+
+def _fill(codec, b):
+    return codec.fill.detach().expand(b, -1, -1)
+
+
+def _lost_positions(codec, p, labels=None):
+    """Positions whose token travels in token packet ``p``."""
+    if labels is None:  # token-prune: token i in packet i % packets
+        return torch.arange(codec.n_tokens) % codec.packets == p
+    return labels % codec.packets == p
+
+
+# --- layout and round trip -----------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_round_trip_equals_forward_with_z_in_packet_0(name):
+    codec = _ready(name)
+    h = _tokens(5, seed=2)
+    streams = codec.compress(h)
+    assert all(len(s.packets) == 1 + codec.packets for s in streams)
+    again = [Bitstream.from_bytes(s.to_bytes()) for s in streams]
+    out = codec.decompress(again)
+    with torch.no_grad():
+        ref = codec(h)
+    assert torch.allclose(out, ref.features, atol=1e-5)
+    assert set(ref.likelihoods) == {"y", "z"} and ref.likelihoods["z"].shape == (5, 4, 1)
+    # packet 0 is the z rANS string (whole words), the rest start with position codes
+    assert all(len(s.packets[0]) >= 8 and len(s.packets[0]) % 4 == 0 for s in streams)
+    # the rate estimate counts z: within a few bytes per packet of the real size
+    real = torch.tensor([8.0 * sum(len(p) for p in s.packets) for s in streams])
+    assert bool((ref.bits < real).all()), (ref.bits, real)
+    assert bool((real - ref.bits < 8 * 16 * len(streams[0].packets)).all())
+
+
+def test_factorized_default_is_untouched_and_fingerprints_differ():
+    torch.manual_seed(0)
+    plain = build_codec("token-prune", SHAPE, latent=8, hidden=32, packets=3)
+    torch.manual_seed(0)
+    named = build_codec("token-prune", SHAPE, latent=8, hidden=32, packets=3,
+                        prior="factorized")  # fmt: skip
+    assert "prior" not in plain.config() and plain.config() == named.config()
+    sd_a, sd_b = plain.state_dict(), named.state_dict()
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert not any(k.startswith(("h_a", "h_s", "gaussian")) for k in sd_a)
+    hyper = _ready("token-prune")
+    assert hyper.fingerprint != plain.fingerprint
+    plain.fit(_tokens(32, seed=1)).eval()
+    plain.update(force=True)
+    s = plain.compress(_tokens(1))
+    with pytest.raises(BitstreamError, match="fingerprint"):
+        hyper.decompress(s)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scales_follow_the_sample(name):
+    """z carries a per-sample statistic: a sample of larger tokens gets larger scales."""
+    codec = _ready(name)
+    with torch.no_grad():  # make the latent track the input and h_s read it through z
+        small, large = 0.05 * _tokens(1, seed=3), 20.0 * _tokens(1, seed=3)
+        sc = []
+        for h in (small, large):
+            y = codec.g_a(codec._tokens(h)).transpose(1, 2)
+            z = codec.h_a(codec._pool(y, torch.ones(1, y.shape[-1])))
+            sc.append(codec._params(torch.round(z))[1])
+    # a random h_s need not order them, but the two samples must get different scales
+    assert not torch.equal(sc[0], sc[1])
+
+
+# --- packet loss -----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_lost_z_conceals_only_its_sample(name):
+    codec = _ready(name)
+    h = _tokens(3, seed=6)
+    streams = codec.compress(h)
+    full = codec.decompress(streams)
+    damaged = [Bitstream(streams[1].header, [None, *streams[1].packets[1:]])]
+    out = codec.decompress([streams[0], *damaged, streams[2]])
+    assert torch.equal(out[1], codec.fill.detach())
+    assert torch.equal(out[[0, 2]], full[[0, 2]])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("p", [0, 1, 2])
+def test_lost_token_packet_loses_its_tokens_not_the_sample(name, p):
+    codec = _ready(name)
+    h = _tokens(3, seed=7)
+    streams = codec.compress(h)
+    full = codec.decompress(streams)
+    pk = [list(s.packets) for s in streams]
+    for row in pk:
+        row[1 + p] = None
+    lossy = codec.decompress([Bitstream(s.header, row) for s, row in zip(streams, pk)])
+    with torch.no_grad():
+        codec(h)
+    labels = getattr(codec, "last_labels", None) if name == "token-merge" else None
+    for b in range(3):
+        lost = _lost_positions(codec, p, None if labels is None else labels[b])
+        assert lost.any()
+        assert torch.equal(lossy[b, ~lost], full[b, ~lost])
+        assert torch.equal(lossy[b, lost], codec.fill.detach()[lost])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_drops_z_with_a_generator(name):
+    codec = _ready(name)
+    h = _tokens(64, seed=8)
+    with torch.no_grad():
+        a = codec(h, drop_prob=0.5, generator=torch.Generator().manual_seed(1)).features
+        b = codec(h, drop_prob=0.5, generator=torch.Generator().manual_seed(1)).features
+        c = codec(h).features
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    whole = (a == _fill(codec, 64)).flatten(1).all(1)
+    assert 0 < int(whole.sum()) < 64  # some samples lost z (or every token packet)
+
+
+# --- hostile streams and bad config --------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_streams_and_config_raise_documented_errors(name):
+    codec = _ready(name)
+    s = codec.compress(_tokens(1))[0]
+    with pytest.raises(BitstreamError, match="packets"):
+        codec.decompress([Bitstream(s.header, s.packets[1:])])  # the factorized count
+    for z in (s.packets[0][:4], s.packets[0] + b"\x00\x00", b""):  # not whole words / short
+        with pytest.raises(BitstreamError):
+            codec.decompress([Bitstream(s.header, [z, *s.packets[1:]])])
+    with pytest.raises(BitstreamError):
+        codec.decompress([Bitstream(s.header, [s.packets[0], s.packets[1][:-5],
+                                               *s.packets[2:]])])  # fmt: skip
+    for kw in (dict(prior="gaussian"), dict(hyper=0), dict(hyper=2.5)):
+        with pytest.raises(ConfigError):
+            build_codec(name, SHAPE, **{**KW[name], **kw})
+    with pytest.raises(ConfigError):
+        codec.compress(torch.full((1, *SHAPE), math.nan))
+
+
+def test_tables_are_validated():
+    codec = _ready("token-prune")
+    check_model_tables(codec)
+    with torch.no_grad():
+        codec.gaussian_conditional._quantized_cdf[0, 1] = 0  # no longer strictly increasing
+    with pytest.raises(ConfigError, match="gaussian_conditional"):
+        check_model_tables(codec)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(NAMES), st.integers(0, 2**31 - 1), st.integers(0, 3),
+       st.integers(0, 255), st.integers(0, 40))  # fmt: skip
+def test_damaged_packets_decode_to_finite_features_or_raise(name, seed, pk, byte, cut):
+    codec = _cached(name)
+    s = codec.compress(_tokens(1, seed=seed % 1000))[0]
+    packets = list(s.packets)
+    data = bytearray(packets[pk])
+    if cut and cut < len(data):
+        data = data[:-cut]
+    else:
+        data[seed % len(data)] ^= byte or 1
+    packets[pk] = bytes(data)
+    try:
+        out = codec.decompress([Bitstream(s.header, packets)])
+    except BitstreamError:
+        return
+    assert out.shape == (1, *SHAPE) and bool(torch.isfinite(out).all())
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 3), st.sampled_from([1, 2, 5]),
+       st.floats(-4.0, 4.0), st.booleans(), st.floats(0.1, 30.0))  # fmt: skip
+def test_prune_round_trip_over_kept_sets_packets_and_scales(seed, batch, packets, threshold,
+                                                            first, scale):  # fmt: skip
+    codec = _cached("token-prune", packets)
+    codec.threshold, codec.keep_first = threshold, first
+    h = scale * _tokens(batch, seed=seed)
+    streams = [Bitstream.from_bytes(s.to_bytes()) for s in codec.compress(h)]
+    with torch.no_grad():
+        ref = codec(h).features
+    kept = codec.last_kept
+    out = codec.decompress(streams)
+    assert torch.allclose(out, ref, atol=1e-4 * max(1.0, scale))
+    assert torch.equal(out[~kept], _fill(codec, batch)[~kept])
+    for b, s in enumerate(streams):  # token packet p names its kept tokens; z comes first
+        assert len(s.packets) == 1 + packets
+        for p, data in enumerate(s.packets[1:]):
+            local, _ = decode_positions(data, len(range(p, SHAPE[0], packets)))
+            assert [p + packets * j for j in local] == [i for i in range(p, SHAPE[0], packets)
+                                                        if kept[b, i]]  # fmt: skip
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 3), st.sampled_from([1, 3]),
+       st.floats(0.1, 30.0), st.lists(st.booleans(), min_size=4, max_size=4))
+def test_merge_round_trip_under_any_loss_pattern(seed, batch, packets, scale, keep):
+    codec = _cached("token-merge", packets)
+    h = scale * _tokens(batch, seed=seed)
+    streams = [Bitstream.from_bytes(s.to_bytes()) for s in codec.compress(h)]
+    full = codec.decompress(streams)
+    with torch.no_grad():
+        ref = codec(h).features
+    labels = codec.last_labels
+    assert torch.allclose(full, ref, atol=1e-4 * max(1.0, scale))
+    keep = keep[: 1 + packets]
+    lossy = codec.decompress([Bitstream(s.header, [d if k else None for d, k in
+                                                   zip(s.packets, keep)]) for s in streams])
+    for b in range(batch):
+        if not keep[0]:  # no z: the whole sample is the fill
+            assert torch.equal(lossy[b], codec.fill.detach())
+            continue
+        lost = ~torch.tensor(keep[1:])[labels[b] % packets]
+        assert torch.equal(lossy[b, ~lost], full[b, ~lost])
+        assert torch.equal(lossy[b, lost], codec.fill.detach()[lost])
+
+
+# --- checkpoints and determinism -----------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpoint_round_trip(tmp_path, name):
+    codec = _ready(name)
+    path = save_codec(codec, tmp_path / "tok", KW[name], half=False)
+    loaded = load_codec(path)
+    assert loaded.config() == codec.config() and loaded.prior == "hyperprior"
+    h = _tokens(3, seed=9)
+    streams = codec.compress(h)
+    assert [s.to_bytes() for s in loaded.compress(h)] == [s.to_bytes() for s in streams]
+    assert torch.equal(loaded.decompress(streams), codec.decompress(streams))
+
+
+_DECODE = """
+import sys, torch
+from safetensors.torch import save_file
+from flowcodec.bitstream import Bitstream
+from flowcodec.codecs.zoo import load_codec
+codec = load_codec(sys.argv[1])
+streams = [Bitstream.from_bytes(open(p, "rb").read()) for p in sys.argv[3:]]
+save_file({"out": codec.decompress(streams).contiguous()}, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_decoding_is_deterministic_in_a_fresh_process(tmp_path, name):
+    from safetensors.torch import load_file
+
+    codec = _ready(name)
+    path = save_codec(codec, tmp_path / "tok", KW[name], half=False)
+    streams = codec.compress(_tokens(3, seed=10))
+    files = []
+    for i, s in enumerate(streams):
+        f = tmp_path / f"s{i}.bin"
+        f.write_bytes(s.to_bytes())
+        files.append(str(f))
+    out = tmp_path / "out.safetensors"
+    subprocess.run([sys.executable, "-c", _DECODE, str(path), str(out), *files], check=True,
+                   timeout=300)  # fmt: skip
+    assert torch.equal(load_file(str(out))["out"], load_codec(path).decompress(streams))
+
+
+def test_a_sample_decodes_the_same_in_any_batch():
+    codec = _ready("token-prune")
+    h = _tokens(6, seed=11)
+    streams = codec.compress(h)
+    together = codec.decompress(streams)
+    alone = torch.cat([codec.decompress([s]) for s in streams])
+    assert torch.equal(together, alone)
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss_and_z_learns_the_sample_scale():
+    """A short rate-distortion training on tokens whose scale varies per sample: the loss
+    falls, and the predicted scales of loud samples end above those of quiet ones."""
+    torch.manual_seed(0)
+    codec = build_codec("token-merge", (9, 8), clusters=4, latent=4, hidden=16, packets=1,
+                        prior="hyperprior", hyper=2)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(codec.parameters(), 1e-2)
+    codec.train()
+
+    def batch():
+        loud = torch.rand(32, 1, 1, generator=g) < 0.5
+        return torch.randn(32, 9, 8, generator=g) * torch.where(loud, 4.0, 0.25), loud
+
+    losses = []
+    for _ in range(150):
+        h, _ = batch()
+        out = codec(h)
+        loss = (out.features - h).pow(2).mean() + 1e-3 * out.bits.mean()
+        opt.zero_grad()
+        (loss + codec.aux_loss()).backward()
+        opt.step()
+        losses.append(float(loss))
+    assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), (losses[:10], losses[-10:])
+    codec.eval()
+    with torch.no_grad():
+        h, loud = batch()
+        merged, _ = codec._merge(codec._tokens(h))
+        y = codec.g_a(merged).transpose(1, 2)
+        z = codec.h_a(codec._pool(y, torch.ones(32, 4)))
+        scales = codec._params(torch.round(z))[1].clamp(min=0.11).mean(1)
+    loud = loud.flatten()
+    assert scales[loud].mean() > scales[~loud].mean(), (scales, loud)
