@@ -88,6 +88,11 @@ def _codecs():
                        stem=[["res", 0], [32, True]], via=[32, 4, 4]).fit(fit).eval()
     lift.update(force=True)
     out.append(("task-lift", lift))
+    torch.manual_seed(0)  # token-merge with the hyperprior: z in packet 0, clusters after it
+    tmh = build_codec("token-merge", SHAPE, clusters=8, latent=8, hidden=16, packets=2,
+                      prior="hyperprior", hyper=4).fit(fit).eval()  # fmt: skip
+    tmh.update(force=True)
+    out.append(("token-merge-hyper", tmh))
     for name in SHIPPED:
         if name in list_pretrained():
             out.append((name, load_pretrained_codec(name)))
