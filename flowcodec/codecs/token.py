@@ -17,6 +17,11 @@ sending only the tokens that matter, entropy-coded.
 - at the receiver, every position whose token was pruned or lost gets a learned fill
   vector for that position, so the tail sees ``N`` tokens in the order it expects.
 
+Both token codecs (:class:`TokenCodecBase`) take ``prior="hyperprior"``: side values ``z``
+from the mean and max of the sent token latents travel in an extra packet 0 and set a
+per-channel Gaussian (mean, scale) for the latents in the token packets, which stay
+independently decodable; a lost ``z`` packet conceals the whole sample with the fill.
+
 Channels-last maps ``(H, W, C)`` (swin) are taken as ``H * W`` tokens of width ``C``.
 ``forward(h, drop_prob=0.0, generator=None)`` is differentiable: the keep decision is a
 hard threshold with a straight-through sigmoid gradient, and the rate estimate counts the
