@@ -276,7 +276,9 @@ def _cell_rows(cfg: LatencyConfig, ctx: _LatencyContext, setup: dict, sym_rate: 
     t1 = time.perf_counter()
     dec = policy.decide(snr, sym_rate)
     dt = time.perf_counter() - t1
-    rows.append({**base, "scheme": "adaptive", "mcs": dec.mcs,
+    # An analog (JSCC) choice has no MCS: it runs through an analog hop (AWGN at the SNR).
+    rows.append({**base, "scheme": "adaptive", "mcs": "" if dec.mcs is None else dec.mcs,
+                 "kind": dec.kind,
                  "config": f"point {dec.point}, {dec.rate}, exit>={dec.threshold}",
                  "decide_ms": 1e3 * dt, "expected_accuracy": dec.expected_accuracy,
                  "expected_latency_ms": 1e3 * dec.expected_latency_s,
@@ -355,7 +357,7 @@ def _matched_input(policy, dec, snr, sym_rate, n):
     se = math.sqrt(max(dec.expected_accuracy * (1 - dec.expected_accuracy), 1e-12) / max(n, 1))
     best, most = None, None
     for opt in policy.profile.options:
-        if opt.point != 0:
+        if opt.point != 0 or opt.is_analog:
             continue
         for mcs in policy.mcs_indices:
             acc, lat, _ = policy.evaluate(opt, mcs, None, snr, sym_rate)
@@ -368,9 +370,11 @@ def _matched_input(policy, dec, snr, sym_rate, n):
     return (most[1], most[2]) if most is not None else None
 
 
-def _best_mcs_for(policy, opt, snr, sym_rate) -> int:
+def _best_mcs_for(policy, opt, snr, sym_rate) -> int | None:
     """The MCS of least expected latency that keeps the floor; if none does, the MCS of
-    highest expected accuracy (the fastest among equals)."""
+    highest expected accuracy (the fastest among equals). None for an analog option."""
+    if opt.is_analog:
+        return None
     scored = [(policy.evaluate(opt, m, None, snr, sym_rate), m) for m in policy.mcs_indices]
     ok = [(lat, m) for (acc, lat, _), m in scored if acc >= policy.floor]
     if ok:
@@ -386,13 +390,21 @@ def _summary(res, y) -> dict:
 
 def _run_option(fam, member, codec, point, threshold, mcs, snr, sym_rate, comp, delay, x, y,
                 gen, framing="sample") -> dict:  # fmt: skip
-    from channels import FastLink
+    from channels import AWGN, FastLink
     from flowcodec.pipeline import Flow, Hop, Tier
 
-    link = FastLink(mcs=mcs, snr_db=snr, harq_max_tx=1, seed=0)
     tiers = [Tier("device", comp["device"], point, threshold if point >= 1 else None),
              Tier("edge", comp["edge"], member)]  # fmt: skip
-    hop = Hop(codec, link, sym_rate, delay["edge"], framing=framing)
+    if getattr(codec, "sends_symbols", False):
+        # An analog (JSCC) option: its symbols through AWGN at the SNR, no MCS.
+        if mcs is not None:
+            raise ConfigError("an analog (JSCC) option takes no MCS")
+        hop = Hop(codec, AWGN(), sym_rate, delay["edge"], snr_db=snr)
+    else:
+        if mcs is None:
+            raise ConfigError("a digital option needs an MCS")
+        link = FastLink(mcs=mcs, snr_db=snr, harq_max_tx=1, seed=0)
+        hop = Hop(codec, link, sym_rate, delay["edge"], framing=framing)
     res = Flow(fam, tiers, [hop]).run(x, generator=gen)
     return _summary(res, y)
 

@@ -8,6 +8,13 @@ exhaustively for the configuration of least expected latency whose expected accu
 stays above a floor, given the uplink's SNR and symbol rate; it re-decides whenever the
 SNR changes (:meth:`Policy.track`).
 
+Options are **digital** (a byte-making codec whose packets go through CRC + LDPC + QAM at
+an MCS the policy picks; accuracy measured per packet loss rate) or **analog** (a JSCC
+codec, ``sends_symbols``: features straight to channel symbols, no MCS and no packet loss;
+accuracy measured per SNR of ``snr_grid`` over AWGN, channel uses per sample from the
+codec's schedule). The policy compares both kinds at the decision's SNR; a decision says
+which it took (``Decision.kind``, ``mcs=None`` for analog).
+
 The packet loss rate of an MCS at an SNR comes from the same BLER tables that
 ``channels.FastLink`` draws from, so a decision and its simulation agree.
 
@@ -48,11 +55,15 @@ __all__ = [
     "link_adaptation_mcs",
     "toy_profile",
     "LOSS_GRID",
+    "SNR_GRID",
     "THRESHOLDS",
 ]
 
 #: Packet loss rates at which profiles are measured (accuracy is interpolated between).
 LOSS_GRID = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
+#: SNRs (dB, AWGN) at which analog (JSCC) options are measured (accuracy is interpolated
+#: between, and held at the ends outside the grid).
+SNR_GRID = (-5.0, -2.5, 0.0, 2.5, 5.0, 7.5, 10.0, 12.5, 15.0, 17.5, 20.0)
 #: Exit thresholds tried (``None``: the device never answers itself).
 THRESHOLDS: tuple[float | None, ...] = (None, 0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5)
 
@@ -64,6 +75,14 @@ class RatePoint:
     ``packet_bytes`` are the link packets one sample sends (header first), measured;
     ``accuracy[threshold][loss index]`` is the flow's accuracy; ``exit_fraction[threshold]``
     the share answered on the device; FLOPs are per sample.
+
+    An analog option (``kind="analog"``, a JSCC codec) sends no packets
+    (``packet_bytes=[]``): ``accuracy[threshold][i]`` is the accuracy at ``snr_grid[i]`` dB
+    (AWGN, the codec told the true SNR); ``analog_uses`` is the most channel uses one sample
+    takes and ``uses_schedule`` the codec's ``[min_snr_db, channel uses]`` steps (the uses at
+    an SNR are those of the last step not above it; below every step, the first one's).
+    The defaults describe a digital option, so profiles saved before analog options existed
+    load unchanged.
     """
 
     point: int
@@ -74,10 +93,45 @@ class RatePoint:
     remote_flops: int  # decoder + rest of the large member
     accuracy: dict[str, list[float]]
     exit_fraction: dict[str, float]
+    kind: str = "digital"
+    analog_uses: int = 0
+    snr_grid: list[float] = field(default_factory=list)
+    uses_schedule: list[list[float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("digital", "analog"):
+            raise ConfigError(f"option kind must be 'digital' or 'analog', got {self.kind!r}")
+        if self.kind == "analog":
+            n = len(self.snr_grid)
+            if n == 0 or any(b <= a for a, b in zip(self.snr_grid, self.snr_grid[1:])):
+                raise ConfigError(f"analog option {self.point}/{self.rate}: snr_grid must be "
+                                  f"a non-empty increasing list, got {self.snr_grid}")  # fmt: skip
+            if any(len(v) != n for v in self.accuracy.values()):
+                raise ConfigError(f"analog option {self.point}/{self.rate}: every accuracy "
+                                  f"list needs one value per snr_grid entry ({n})")  # fmt: skip
+            if not self.analog_uses >= 1:
+                raise ConfigError(f"analog option {self.point}/{self.rate}: analog_uses must "
+                                  f"be at least 1, got {self.analog_uses}")  # fmt: skip
 
     @property
     def bytes_per_sample(self) -> int:
         return sum(self.packet_bytes)
+
+    @property
+    def is_analog(self) -> bool:
+        return self.kind == "analog"
+
+    def uses_at(self, snr_db: float) -> int:
+        """Channel uses per sample of an analog option at ``snr_db`` (its schedule's step,
+        or ``analog_uses`` without one)."""
+        if not self.uses_schedule:
+            return int(self.analog_uses)
+        steps = sorted((float(s), int(n)) for s, n in self.uses_schedule)
+        n = steps[0][1]
+        for s, k in steps:
+            if snr_db >= s:
+                n = k
+        return n
 
 
 def _tkey(t: float | None) -> str:
@@ -156,17 +210,22 @@ def _channel_uses(nbytes: int, mcs) -> int:
 
 @dataclass
 class Decision:
-    """What the policy chose, and what it expects."""
+    """What the policy chose, and what it expects.
+
+    ``kind`` is ``"digital"`` (packets at MCS ``mcs``) or ``"analog"`` (a JSCC codec's
+    symbols: ``mcs`` is None, ``packet_loss`` 0, ``channel_uses`` the uses per sample)."""
 
     point: int
     rate: str
-    mcs: int
+    mcs: int | None
     threshold: float | None
     expected_accuracy: float
     expected_latency_s: float
     packet_loss: float
     feasible: bool
     decide_time_s: float = 0.0
+    kind: str = "digital"
+    channel_uses: int = 0
 
 
 class Policy:
@@ -196,13 +255,24 @@ class Policy:
         self.dev_fps, self.rem_fps, self.delay = device_flops_per_s, remote_flops_per_s, delay_s
         self.mcs_indices = list(mcs_indices)
 
-    def evaluate(self, opt: RatePoint, mcs: int, threshold: float | None, snr_db: float,
-                 symbol_rate: float) -> tuple[float, float, float]:  # fmt: skip
-        """(expected accuracy, expected latency in s, packet loss) of one configuration."""
-        loss = float(np.mean([packet_loss_rate(b, mcs, snr_db) for b in opt.packet_bytes]))
-        acc = float(np.interp(loss, self.profile.loss_grid, opt.accuracy[_tkey(threshold)]))
+    def evaluate(self, opt: RatePoint, mcs: int | None, threshold: float | None,
+                 snr_db: float, symbol_rate: float) -> tuple[float, float, float]:  # fmt: skip
+        """(expected accuracy, expected latency in s, packet loss) of one configuration.
+
+        For an analog option ``mcs`` is ignored (pass None): the accuracy is interpolated
+        over its ``snr_grid`` at ``snr_db`` and the transmission takes its channel uses at
+        that SNR over ``symbol_rate``; packet loss is 0."""
         ex = opt.exit_fraction[_tkey(threshold)]
         dev = opt.device_flops + (opt.exit_flops if threshold is not None else 0)
+        if opt.is_analog:
+            acc = float(np.interp(snr_db, opt.snr_grid, opt.accuracy[_tkey(threshold)]))
+            remote = (opt.uses_at(snr_db) / symbol_rate + self.delay
+                      + opt.remote_flops / self.rem_fps)  # fmt: skip
+            return acc, dev / self.dev_fps + (1 - ex) * remote, 0.0
+        if mcs is None:
+            raise ConfigError(f"digital option {opt.point}/{opt.rate} needs an MCS")
+        loss = float(np.mean([packet_loss_rate(b, mcs, snr_db) for b in opt.packet_bytes]))
+        acc = float(np.interp(loss, self.profile.loss_grid, opt.accuracy[_tkey(threshold)]))
         uses = sum(channel_uses(b, mcs) for b in opt.packet_bytes)
         remote = uses / symbol_rate + self.delay + opt.remote_flops / self.rem_fps
         return acc, dev / self.dev_fps + (1 - ex) * remote, loss
@@ -216,11 +286,16 @@ class Policy:
         for opt in self.profile.options:
             thresholds = [None] if opt.point == 0 else [
                 None if k == "none" else float(k) for k in opt.exit_fraction]  # fmt: skip
-            mcs_list = self.mcs_indices if opt.packet_bytes else [self.mcs_indices[0]]
+            if opt.is_analog:
+                mcs_list: list[int | None] = [None]
+            else:
+                mcs_list = self.mcs_indices if opt.packet_bytes else [self.mcs_indices[0]]
             for mcs in mcs_list:
                 for thr in thresholds:
                     acc, lat, loss = self.evaluate(opt, mcs, thr, snr_db, symbol_rate)
-                    d = Decision(opt.point, opt.rate, mcs, thr, acc, lat, loss, acc >= self.floor)
+                    d = Decision(opt.point, opt.rate, mcs, thr, acc, lat, loss, acc >= self.floor,
+                                 kind=opt.kind,
+                                 channel_uses=opt.uses_at(snr_db) if opt.is_analog else 0)
                     if d.feasible and (best is None or lat < best.expected_latency_s):
                         best = d
                     if fallback is None or (acc, -lat) > (fallback.expected_accuracy,
@@ -228,6 +303,10 @@ class Policy:
                         fallback = d
         out = best or fallback
         assert out is not None
+        if out.kind == "digital" and out.mcs is not None:
+            opt = next(o for o in self.profile.options if (o.point, o.rate, o.kind)
+                       == (out.point, out.rate, "digital"))  # fmt: skip
+            out.channel_uses = sum(channel_uses(b, out.mcs) for b in opt.packet_bytes)
         out.decide_time_s = time.perf_counter() - t0
         return out
 
@@ -248,6 +327,7 @@ def build_profile(
     seed: int = 0,
     progress: bool = True,
     framing: str = "sample",
+    snr_grid: Sequence[float] = SNR_GRID,
 ) -> Profile:
     """Measure a profile of ``family`` member ``member`` on ``data`` (an ArrayDataset).
 
@@ -255,6 +335,10 @@ def build_profile(
     point. Each sample's link packets (``Bitstream.units(framing)``: with the default
     ``"sample"`` framing the header is one of them) are dropped i.i.d. at each loss rate of
     ``loss_grid``; the receiver conceals what is lost.
+
+    An analog (JSCC) codec (``sends_symbols``) is profiled as an analog option: each batch
+    is sent through ``channels.AWGN`` at every SNR of ``snr_grid`` (the codec told the true
+    SNR, channel uses from its schedule), noise drawn from the profile's seeded generator.
     """
     from flowcodec.bitstream import Bitstream
     from flowcodec.family.base import count_flops
@@ -263,11 +347,18 @@ def build_profile(
     fam = family.eval()
     gen = torch.Generator().manual_seed(seed)
     out = []
-    bar = tqdm(total=len(options) * len(loss_grid), desc="profile", disable=not progress,
-               leave=False)  # fmt: skip
+    snr_grid = [float(s) for s in snr_grid]
+    if any(not math.isfinite(s) for s in snr_grid) or snr_grid != sorted(set(snr_grid)):
+        raise ConfigError(f"snr_grid must be finite and strictly increasing, got {snr_grid}")
+    analog = {k: bool(getattr(c, "sends_symbols", False)) for k, c in options.items()}
+    if any(analog.values()) and not snr_grid:
+        raise ConfigError("analog (JSCC) options need a non-empty snr_grid")
+    total = sum(len(snr_grid) if analog[k] else len(loss_grid) for k in options)
+    bar = tqdm(total=total, desc="profile", disable=not progress, leave=False)
     for (point, rate), codec in options.items():
         head, tail = fam.split(member, point)
-        exit_ok, exit_conf, remote_ok = [], [], {loss: [] for loss in loss_grid}
+        grid = snr_grid if analog[(point, rate)] else list(loss_grid)
+        exit_ok, exit_conf, remote_ok = [], [], {g: [] for g in grid}
         packet_bytes = None
         for x, y in data.batches(batch_size):
             h = head(x)
@@ -275,6 +366,13 @@ def build_profile(
                 lg = fam.exits[point - 1](h)
                 exit_conf.append(lg.softmax(1).amax(1))
                 exit_ok.append(lg.argmax(1) == y)
+            if analog[(point, rate)]:
+                from channels import AWGN
+
+                for snr in grid:
+                    feats, _ = codec.transmit(h, AWGN(), snr, None, gen)
+                    remote_ok[snr].append(tail(feats).argmax(1) == y)
+                continue
             streams = codec.compress(h)
             if packet_bytes is None:
                 s = streams[0]
@@ -287,25 +385,35 @@ def build_profile(
                     got = [None if d else u for d, u in zip(drop, us)]
                     rec.append(Bitstream.from_units(s.header, got, framing))
                 remote_ok[loss].append(tail(codec.decompress(rec)).argmax(1) == y)
-        for _ in loss_grid:
-            bar.update(1)
-        r_ok = {loss: torch.cat(v).float() for loss, v in remote_ok.items()}
+        bar.update(len(grid))
+        r_ok = {g: torch.cat(v).float() for g, v in remote_ok.items()}
         accuracy, exit_fraction = {}, {}
         for thr in thresholds if point >= 1 else [None]:
             if thr is None:
-                took = torch.zeros_like(r_ok[loss_grid[0]], dtype=torch.bool)
+                took = torch.zeros_like(r_ok[grid[0]], dtype=torch.bool)
                 e_ok = took.float()
             else:
                 took = torch.cat(exit_conf) >= thr
                 e_ok = torch.cat(exit_ok).float()
             exit_fraction[_tkey(thr)] = float(took.float().mean())
             accuracy[_tkey(thr)] = [
-                float(torch.where(took, e_ok, r_ok[loss]).mean()) for loss in loss_grid
+                float(torch.where(took, e_ok, r_ok[g]).mean()) for g in grid
             ]
         dev_flops = (fam.head_flops(point) if point else 0) + codec.encoder_flops()
         exit_flops = count_flops(fam.exits[point - 1], fam.feature_shape(point)) if point else 0
         rem = count_flops(tail, fam.feature_shape(point))
         rem += getattr(codec, "decoder_flops", lambda: 0)()
+        if analog[(point, rate)]:
+            from channels import AWGN
+
+            ch = AWGN()
+            # The codec's schedule (a first step at -inf is written finite: JSON).
+            sched = [[s if math.isfinite(s) else -1e9, ch.channel_uses(n)]
+                     for s, n in codec.schedule]  # fmt: skip
+            out.append(RatePoint(point, rate, [], dev_flops, exit_flops, rem, accuracy,
+                                 exit_fraction, "analog", ch.channel_uses(codec.symbols),
+                                 list(snr_grid), sched))  # fmt: skip
+            continue
         out.append(RatePoint(point, rate, packet_bytes or [], dev_flops, exit_flops, rem,
                              accuracy, exit_fraction))  # fmt: skip
     bar.close()
