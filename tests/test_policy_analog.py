@@ -248,3 +248,25 @@ def test_latency_runs_an_analog_choice_through_an_analog_hop(measured, small_dat
     ana = next(o for o in prof.options if o.is_analog)
     assert _best_mcs_for(pol, ana, 10.0, 1e6) is None
     assert _matched_input(pol, pol.decide(10.0, 1e6), 10.0, 1e6, 100) is None
+
+
+@pytest.mark.slow
+def test_a_trained_analog_option_gains_accuracy_with_snr(digits, digits_family, small_data):
+    from flowcodec.codecs.jscc_train import JSCCTrainConfig, train_jscc
+
+    fam = digits_family.eval()
+    torch.manual_seed(0)
+    codec = build_codec("jscc", fam.feature_shape(POINT), symbols=8, stem=[[32, True]],
+                        hidden=32, film=8, levels=[4, 8])  # fmt: skip
+    cfg = JSCCTrainConfig(epochs=12, batch_size=64, seed=0, lr=3e-3, stem_lr=3e-3,
+                          channels={"awgn": 1.0}, eval_n=64)  # fmt: skip
+    train_jscc(codec, fam, fam.num_members, POINT, digits[0], None, cfg, progress=False)
+    kw = dict(thresholds=(None,), snr_grid=(-10.0, 0.0, 20.0), progress=False)
+    opts = {(POINT, "jscc"): codec.eval()}
+    a, b = (build_profile(fam, fam.num_members, opts, small_data, seed=s, **kw).options[0]
+            for s in (0, 1))  # fmt: skip
+    acc = a.accuracy["none"]
+    assert acc[0] + 0.3 < acc[2]  # graceful: more SNR, more accuracy
+    assert a.accuracy != b.accuracy  # another seed, another noise draw
+    pol = Policy(Profile([a], list(LOSS_GRID)), accuracy_floor=0.5 * (acc[0] + acc[2]))
+    assert [d.feasible for d in pol.track([-10.0, 20.0], 1e6)] == [False, True]
