@@ -405,7 +405,12 @@ def _run_option(fam, member, codec, point, threshold, mcs, snr, sym_rate, comp, 
             raise ConfigError("a digital option needs an MCS")
         link = FastLink(mcs=mcs, snr_db=snr, harq_max_tx=1, seed=0)
         hop = Hop(codec, link, sym_rate, delay["edge"], framing=framing)
-    res = Flow(fam, tiers, [hop]).run(x, generator=gen)
+    was_training = codec.training
+    flow = Flow(fam, tiers, [hop])
+    # Flow counts the codec's FLOPs, which can leave a JSCC codec in training mode (its
+    # encoder wrapper is a fresh module): run it in the mode it came in.
+    codec.train(was_training)
+    res = flow.run(x, generator=gen)
     return _summary(res, y)
 
 

@@ -399,10 +399,14 @@ def build_profile(
             accuracy[_tkey(thr)] = [
                 float(torch.where(took, e_ok, r_ok[g]).mean()) for g in grid
             ]
+        # Counting FLOPs may leave a codec in training mode (a JSCC codec's encoder wrapper
+        # is a fresh module, and count_flops restores *its* mode): keep the caller's.
+        was_training = codec.training
         dev_flops = (fam.head_flops(point) if point else 0) + codec.encoder_flops()
         exit_flops = count_flops(fam.exits[point - 1], fam.feature_shape(point)) if point else 0
         rem = count_flops(tail, fam.feature_shape(point))
         rem += getattr(codec, "decoder_flops", lambda: 0)()
+        codec.train(was_training)
         if analog[(point, rate)]:
             from channels import AWGN
 

@@ -43,7 +43,7 @@ def _jscc(fam, seed=0):
 @pytest.fixture(scope="module")
 def measured(digits_family, small_data):
     fam = digits_family.eval()
-    codecs = {(POINT, "raw"): build_codec("raw", fam.feature_shape(POINT), dtype="float16"),
+    codecs = {(POINT, "raw"): build_codec("raw", fam.feature_shape(POINT), dtype="float16").eval(),
               (POINT, "jscc"): _jscc(fam)}  # fmt: skip
     kw = dict(thresholds=(None, 0.9), snr_grid=(-5.0, 5.0, 20.0, 60.0), progress=False,
               batch_size=60, seed=3, loss_grid=(0.0, 0.5, 1.0))  # fmt: skip
@@ -54,6 +54,7 @@ def measured(digits_family, small_data):
 def test_build_profile_measures_analog_options_on_the_snr_grid(measured, small_data):
     fam, codecs, prof, _ = measured
     dig, ana = prof.options
+    assert not any(c.training for c in codecs.values())  # profiling keeps the eval mode
     assert (dig.kind, dig.snr_grid, dig.analog_uses, dig.uses_schedule) == ("digital", [], 0, [])
     assert dig.packet_bytes and len(dig.accuracy["none"]) == 3 == len(prof.loss_grid)
     assert ana.kind == "analog" and ana.is_analog and ana.packet_bytes == []
@@ -65,6 +66,7 @@ def test_build_profile_measures_analog_options_on_the_snr_grid(measured, small_d
     # The device exit does not depend on the codec: same share for both options.
     assert ana.exit_fraction == dig.exit_fraction and 0 < ana.exit_fraction["0.9"] < 1
     assert ana.device_flops == fam.head_flops(POINT) + codecs[(POINT, "jscc")].encoder_flops()
+    codecs[(POINT, "jscc")].eval()  # counting FLOPs leaves a JSCC codec in training mode
     # At 60 dB the channel adds (almost) nothing: the accuracy is the noiseless decode's.
     head, tail = fam.split(fam.num_members, POINT)
     codec = codecs[(POINT, "jscc")]
@@ -227,12 +229,14 @@ def test_latency_runs_an_analog_choice_through_an_analog_hop(measured, small_dat
     from flowcodec.latency import _best_mcs_for, _matched_input, _run_option
 
     fam, codecs, prof, _ = measured
+    codecs[(POINT, "jscc")].eval()
     comp, delay = {"device": 1e9, "edge": 1e12}, {"edge": 0.002}
     x, y = small_data.normalize(small_data.images), small_data.labels
     g = torch.Generator().manual_seed(0)
     out = _run_option(fam, fam.num_members, codecs[(POINT, "jscc")], POINT, None, None, 12.0,
                       1e6, comp, delay, x, y, g)  # fmt: skip
     assert out["bytes"] == 0 and 0 <= out["accuracy"] <= 1
+    assert not codecs[(POINT, "jscc")].training  # the flow ran (and left) it in eval mode
     # The schedule's uses set the time: 8 below 10 dB, 4 from there (1000 symbol/s).
     slow = [_run_option(fam, fam.num_members, codecs[(POINT, "jscc")], POINT, None, None, s,
                         1e3, comp, delay, x, y, g)["latency_ms"] for s in (0.0, 12.0)]  # fmt: skip
@@ -270,3 +274,11 @@ def test_a_trained_analog_option_gains_accuracy_with_snr(digits, digits_family, 
     assert a.accuracy != b.accuracy  # another seed, another noise draw
     pol = Policy(Profile([a], list(LOSS_GRID)), accuracy_floor=0.5 * (acc[0] + acc[2]))
     assert [d.feasible for d in pol.track([-10.0, 20.0], 1e6)] == [False, True]
+    # The latency run's analog hop scores what the profile measured (same images).
+    from flowcodec.latency import _run_option
+
+    x, y = small_data.normalize(small_data.images), small_data.labels
+    run = _run_option(fam, fam.num_members, codec, POINT, None, None, 20.0, 1e6,
+                      {"device": 1e9, "edge": 1e12}, {"edge": 0.0}, x, y,
+                      torch.Generator().manual_seed(0))  # fmt: skip
+    assert run["accuracy"] == pytest.approx(acc[2], abs=0.05)
