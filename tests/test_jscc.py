@@ -321,3 +321,10 @@ def test_the_shipped_jscc_codec_loads_sends_and_fits_on_the_device():
         assert tx.uses.tolist() == [codec.uses_for(snr)] * 3
         assert torch.allclose(tx.symbols.abs().square().sum(1), tx.uses.float(), rtol=1e-5)
     assert codec.uses_for(-5.0) >= codec.uses_for(20.0)  # fewer symbols on a good channel
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_counting_encoder_flops_keeps_the_codec_in_its_mode(mode):
+    codec = build_codec("jscc", SHAPE, **KW).train(mode)
+    assert codec.encoder_flops() > 0
+    assert codec.training is mode and all(m.training is mode for m in codec.modules())

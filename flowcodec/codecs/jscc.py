@@ -158,6 +158,9 @@ class _DeviceEncoder(nn.Module):
     def __init__(self, codec: JSCCCodec) -> None:
         super().__init__()
         self.codec = codec
+        # a fresh module starts in training mode; take the codec's, so that whoever sets
+        # this wrapper's mode and restores it (count_flops) restores the codec's own
+        self.training = codec.training
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.codec.encode(h, snr_db=10.0).symbols
