@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     ap.add_argument("--queue", type=int, default=512)
+    ap.add_argument("--batches-in-flight", type=int, default=2, help="the server's (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (server and offline)")
     ap.add_argument("--pool", type=int, default=512, help="distinct test samples")
     ap.add_argument("--out", default="runs/bench_serve")
@@ -90,7 +91,8 @@ def main() -> None:
                              "--point", str(k), "--codec", args.codec, "--codec-kwargs",
                              args.codec_kwargs, "--max-batch", str(args.max_batch),
                              "--max-wait-ms", str(args.max_wait_ms), "--queue",
-                             str(args.queue)], threads=args.threads)  # fmt: skip
+                             str(args.queue), "--batches-in-flight",
+                             str(args.batches_in_flight)], threads=args.threads)  # fmt: skip
     rows: list[dict] = []
     try:
         asyncio.run(closed_loop(server.address, pool, 8, 1.0))  # warm up
@@ -119,7 +121,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "family": args.family, "point": args.point, "codec": args.codec,
         "codec_kwargs": args.codec_kwargs, "max_batch": args.max_batch,
-        "max_wait_ms": args.max_wait_ms, "offline_per_s": round(offline, 1),
+        "max_wait_ms": args.max_wait_ms, "batches_in_flight": args.batches_in_flight,
+        "offline_per_s": round(offline, 1),
         "saturation_per_s": round(sat.throughput, 1), "serving_ratio": round(ratio, 3),
         "worst_p99_over_p50_below_half_load": round(worst, 2),
         "requests_sent": sent, "requests_accounted": accounted, "answered_twice": dup,

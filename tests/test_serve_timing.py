@@ -132,3 +132,21 @@ def test_freeze_heap_takes_the_loaded_objects_out_of_the_collector():
     frozen, tracked = int(out[0]), int(out[1])
     assert frozen > 10_000 and tracked < frozen / 100  # a full collection walks only new ones
     assert gc.get_freeze_count() == 0  # (run in a child: this process is left as it was)
+
+
+def test_batches_in_flight_is_checked_and_one_still_answers_everything():
+    with pytest.raises(ConfigError, match="batches_in_flight"):
+        ServeConfig(batches_in_flight=0)
+    codec = build_codec("raw", FAM.feature_shape(1))
+    streams = codec.compress(FAM.features(torch.randn(24, 1, 8, 8), 1))
+    reqs = [encode_request(Request(i, i, s.header_bytes(), s.units("sample")))
+            for i, s in enumerate(streams)]  # fmt: skip
+    for k in (1, 3):
+        server = TierServer(TierEngine(FAM, TierSpec("edge", 1, 3), codec),
+                            ServeConfig(max_batch=4, batches_in_flight=k))  # fmt: skip
+        with ServerThread(server) as srv, TierClient(srv.address) as client:
+            futs = [client.infer_future(r, 10.0) for r in reqs]
+            rids = [parse_answer(client.result(f))["rid"] for f in futs]
+        assert rids == list(range(24))
+        assert sum(n * c for n, c in server.batch_sizes.items()) == 24
+        assert max(server.batch_sizes) <= 4

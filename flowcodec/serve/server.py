@@ -82,6 +82,7 @@ class ServeConfig:
     port: int = 0
     max_batch: int = 16
     max_wait_s: float = 0.002
+    batches_in_flight: int = 2
     queue_size: int = 256
     default_deadline_s: float = 5.0
     forward_margin_s: float = 0.005
@@ -101,6 +102,8 @@ class ServeConfig:
             raise ConfigError("max_batch must be in 1..4096")
         if not 0 <= self.max_wait_s <= 10:
             raise ConfigError("max_wait_s must be in [0, 10] seconds")
+        if not 1 <= self.batches_in_flight <= 16:
+            raise ConfigError("batches_in_flight must be in 1..16")
         if not 1 <= self.queue_size <= 1 << 20:
             raise ConfigError("queue_size must be in 1..2^20")
         if not self.default_deadline_s > 0 or self.forward_margin_s < 0:
@@ -284,11 +287,11 @@ class TierServer:
         return batch
 
     async def _batch_loop(self) -> None:
-        # Two batches in flight: while the worker computes one, the next is formed and
+        # Two batches in flight (by default): while the worker computes one, the next is formed and
         # queued behind it, so the worker goes from batch to batch without waiting for the
         # event loop to answer the last one. A slot is taken before a batch is formed, so
         # with both in flight the queue keeps filling the next batch.
-        slots = asyncio.Semaphore(_BATCHES_IN_FLIGHT)
+        slots = asyncio.Semaphore(self.config.batches_in_flight)
         while True:
             await slots.acquire()
             try:
@@ -411,9 +414,6 @@ class TierServer:
                "hops": base["hops"] + down_hops}  # fmt: skip
         _settle(it.fut, grpc.StatusCode.OK, encode_answer(ans))
 
-
-#: Batches in flight at once: one computing, one formed and waiting behind it.
-_BATCHES_IN_FLIGHT = 2
 
 #: The code a request's future is settled with when its deadline passes before its answer.
 _EXPIRED = object()
