@@ -13,9 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowcodec.bitstream import Bitstream, BitstreamError
-from flowcodec.codecs import build_codec, load_codec, save_codec
+from flowcodec.codecs import arith, build_codec, load_codec, save_codec
 from flowcodec.codecs.entropy import check_model_tables
-from flowcodec.codecs.token import decode_positions
+from flowcodec.codecs.token import (
+    ARITH_PRECISION,
+    ESCAPE_RANGE,
+    _arith_tables,
+    _to_index,
+    arith_decode,
+    arith_encode,
+    decode_positions,
+)
 from flowcodec.errors import ConfigError
 
 SHAPE = (17, 32)
@@ -74,8 +82,13 @@ def test_round_trip_equals_forward_with_z_in_packet_0(name):
         ref = codec(h)
     assert torch.allclose(out, ref.features, atol=1e-5)
     assert set(ref.likelihoods) == {"y", "z"} and ref.likelihoods["z"].shape == (5, 4, 1)
-    # packet 0 is the z rANS string (whole words), the rest start with position codes
-    assert all(len(s.packets[0]) >= 8 and len(s.packets[0]) % 4 == 0 for s in streams)
+    # packet 0 is z, arithmetic-coded: never longer than 2 bytes per value, and here
+    # (untrained, 4 values) well under rANS's 8-byte minimum
+    assert all(len(s.packets[0]) <= arith.max_bytes(codec.hyper, ARITH_PRECISION) for s in streams)
+    assert max(len(s.packets[0]) for s in streams) < 8
+    zt = arith_decode(codec.entropy_bottleneck, streams[0].packets[0],
+                      torch.arange(codec.hyper, dtype=torch.int32))  # fmt: skip
+    assert zt.shape == (codec.hyper,)
     # the rate estimate counts z: within a few bytes per packet of the real size
     real = torch.tensor([8.0 * sum(len(p) for p in s.packets) for s in streams])
     assert bool((ref.bits < real).all()), (ref.bits, real)
@@ -170,11 +183,17 @@ def test_bad_streams_and_config_raise_documented_errors(name):
     s = codec.compress(_tokens(1))[0]
     with pytest.raises(BitstreamError, match="packets"):
         codec.decompress([Bitstream(s.header, s.packets[1:])])  # the factorized count
-    for z in (s.packets[0][:4], s.packets[0] + b"\x00\x00", b""):  # not whole words / short
-        with pytest.raises(BitstreamError):
+    cap = arith.max_bytes(codec.hyper, ARITH_PRECISION)
+    too_long = s.packets[0] + bytes(cap + 1 - len(s.packets[0]))
+    for z in (too_long, bytes(64)):  # longer than any code of `hyper` symbols
+        with pytest.raises(BitstreamError, match="longer"):
             codec.decompress([Bitstream(s.header, [z, *s.packets[1:]])])
-    with pytest.raises(BitstreamError):
-        codec.decompress([Bitstream(s.header, [s.packets[0], s.packets[1][:-5],
+    for z in (b"", s.packets[0][:1], b"\xff"):  # short codes are codes: finite features
+        out = codec.decompress([Bitstream(s.header, [z, *s.packets[1:]])])
+        assert bool(torch.isfinite(out).all())
+    # a token payload longer than any code of its symbols (16 x 5 bytes per token)
+    with pytest.raises(BitstreamError, match="longer"):
+        codec.decompress([Bitstream(s.header, [s.packets[0], s.packets[1] + bytes(16 * 5 * 8),
                                                *s.packets[2:]])])  # fmt: skip
     for kw in (dict(prior="gaussian"), dict(hyper=0), dict(hyper=2.5)):
         with pytest.raises(ConfigError):
@@ -190,6 +209,87 @@ def test_tables_are_validated():
         codec.gaussian_conditional._quantized_cdf[0, 1] = 0  # no longer strictly increasing
     with pytest.raises(ConfigError, match="gaussian_conditional"):
         check_model_tables(codec)
+    with pytest.raises(ConfigError):  # the coder re-checks a changed table before using it
+        codec.compress(_tokens(1))
+
+
+def test_damaged_z_table_is_refused_by_the_arithmetic_coder():
+    codec = _ready("token-prune")
+    s = codec.compress(_tokens(1))[0]
+    with torch.no_grad():
+        eb = codec.entropy_bottleneck
+        eb._quantized_cdf[0, 2] = eb._quantized_cdf[0, 1]  # a zero-frequency symbol
+    for call in (lambda: codec.compress(_tokens(1)), lambda: codec.decompress([s])):
+        with pytest.raises(ConfigError):
+            call()
+
+
+# --- the arithmetic coder on the frozen tables ---------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(("z", "y")), st.lists(st.integers(-60, 60), min_size=0, max_size=40),
+       st.integers(0, 2**31 - 1), st.booleans())  # fmt: skip
+def test_arith_round_trip_on_frozen_tables_is_exact_and_near_the_information(which, syms,
+                                                                             seed, far):
+    codec = _cached("token-prune")
+    if which == "z":
+        model, rows = codec.entropy_bottleneck, codec.hyper
+    else:
+        model, rows = codec.gaussian_conditional, codec.gaussian_conditional._offset.numel()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(rows, (len(syms),), generator=g, dtype=torch.int32)
+    sym = torch.tensor(syms, dtype=torch.int64)
+    if far and len(syms):  # an outlier at the escape range's edge, and one beyond it
+        sym[0] = -(ESCAPE_RANGE + 10**6)
+        sym[-1] = ESCAPE_RANGE
+    data = arith_encode(model, sym, idx)
+    assert len(data) <= arith.max_bytes(len(syms), ARITH_PRECISION)
+    back = arith_decode(model, data, idx).long()
+    off = model._offset.reshape(-1)[idx.long()]
+    top = off + model._cdf_length.reshape(-1)[idx.long()] - 3
+    want = torch.maximum(torch.minimum(sym, top + ESCAPE_RANGE), off - ESCAPE_RANGE)
+    assert torch.equal(back, want)  # exact within the escape range, clamped beyond
+    # at most one byte over the information content under the coder's own tables
+    rows_, offs_ = _arith_tables(model)
+    bits = 0.0
+    for v, i in zip(back.tolist(), idx.tolist()):
+        row = rows_[i]
+        j = _to_index(v, offs_[i], offs_[i] + len(row.base) - 2)
+        bits -= math.log2((row[j + 1] - row[j]) / 2**ARITH_PRECISION)
+    assert 8 * len(data) <= bits + 8
+    # an in-range symbol costs exactly what CompressAI's 16-bit row gives it
+    cdf = model._quantized_cdf
+    r0 = int(idx[0]) if len(syms) else 0
+    lo16 = [int(c) for c in cdf[r0, : int(model._cdf_length.reshape(-1)[r0])]]
+    row = rows_[r0]
+    assert [row[j] >> (ARITH_PRECISION - 16) for j in range(len(lo16) - 1)] == lo16[:-1]
+
+
+def test_hyperprior_token_packets_are_arithmetic_coded_and_factorized_stays_rans():
+    from flowcodec.codecs.entropy import _tables, eb_symbols, rans_encode
+
+    codec = _ready("token-prune", packets=1, threshold=-1e6)
+    s = codec.compress(_tokens(1))[0]
+    local, used = decode_positions(s.packets[1], SHAPE[0])
+    assert len(local) == SHAPE[0]
+    with torch.no_grad():
+        t = codec._tokens(_tokens(1))
+        y = codec.g_a(t).transpose(1, 2)
+        sym, cidx, _ = codec._latent_symbols(y, torch.ones(1, SHAPE[0]))
+    s_k = sym[0].T
+    assert s.packets[1][used:] == arith_encode(codec.gaussian_conditional, s_k,
+                                               cidx[0].expand_as(s_k))  # fmt: skip
+    torch.manual_seed(0)
+    plain = build_codec("token-prune", SHAPE, latent=8, hidden=32, packets=1,
+                        threshold=-1e6).fit(_tokens(32, seed=1)).eval()  # fmt: skip
+    plain.update(force=True)
+    p = plain.compress(_tokens(1))[0]
+    assert len(p.packets) == 1
+    _, used = decode_positions(p.packets[0], SHAPE[0])
+    eb = plain.entropy_bottleneck
+    with torch.no_grad():
+        ps = eb_symbols(eb, plain.g_a(plain._tokens(_tokens(1))).transpose(1, 2))[0].T
+    idx = torch.arange(plain.latent, dtype=torch.int32).expand_as(ps)
+    assert p.packets[0][used:] == rans_encode(eb, ps, idx, _tables(eb))
 
 
 @settings(max_examples=30, deadline=None)

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from flowcodec.bitstream import Bitstream, BitstreamError, TensorSpec
+from flowcodec.codecs import arith
 from flowcodec.codecs.base import CodecOutput, FeatureCodec, register_codec
 from flowcodec.codecs.entropy import (
     _decode_planned,
@@ -69,6 +70,116 @@ PRIORS = ("factorized", "hyperprior")
 
 
 # --- position coding -----------------------------------------------------------------------
+#: Precision (bits) of the arithmetic coder's tables in the token codecs: CompressAI's
+#: 16-bit rows scaled up by 2**24, which leaves room to split each row's escape bin into
+#: ``2 * ESCAPE_RANGE`` outlier symbols (see :class:`_EscapedRow`).
+ARITH_PRECISION = 40
+
+#: How far outside its row's support a symbol can be coded exactly (further is clamped).
+ESCAPE_RANGE = 1 << 20
+
+
+class _EscapedRow(Sequence):
+    """A CompressAI CDF row (``L`` entries at 16 bits: symbols ``0 .. L - 3`` and an escape
+    bin) as an :data:`ARITH_PRECISION`-bit row in which the escape bin is split evenly into
+    ``2 * ESCAPE_RANGE`` outlier symbols: index ``L - 2 + 2 * (d - 1)`` is ``d`` below the
+    support, the next one ``d`` above. The in-range symbols keep their exact probabilities.
+    Entries are computed on demand (the row is never materialised)."""
+
+    __slots__ = ("base", "start", "step", "n")
+
+    def __init__(self, row: Sequence[int]) -> None:
+        shift = ARITH_PRECISION - 16
+        self.base = [int(c) << shift for c in row[:-1]]
+        self.start = self.base[-1]  # the escape bin's start
+        self.step = ((1 << ARITH_PRECISION) - self.start) // (2 * ESCAPE_RANGE)
+        self.n = len(self.base) + 2 * ESCAPE_RANGE  # entries
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if i < 0:
+            i += self.n
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        k = len(self.base) - 1
+        if i <= k:
+            return self.base[i]
+        if i == self.n - 1:
+            return 1 << ARITH_PRECISION
+        return self.start + (i - k) * self.step
+
+
+def _arith_tables(model: nn.Module) -> tuple[list[_EscapedRow], list[int]]:
+    """``model``'s frozen CDF rows for the exact arithmetic coder (each cut to its length,
+    checked by :func:`arith.check_cdf`, escape bin split into outliers) and their offsets,
+    cached per version of the tables. A row of ``L`` entries codes the symbols ``offset ..
+    offset + L - 3`` at their table probabilities and up to :data:`ESCAPE_RANGE` beyond
+    either end from the escape bin's mass.
+
+    Step ``((1 << 40) - start) // 2**21 >= 2**3`` because every escape bin holds at least
+    one 16-bit unit, so every outlier symbol has a non-zero frequency."""
+    t = _tables(model)  # validates the tables (ConfigError) and caches per version
+    cached = model.__dict__.get("_flowcodec_arith")
+    if cached is not None and cached[0] is t:
+        return cached[1]
+    cdf, lengths, offsets = t
+    rows = []
+    for row, n in zip(cdf, lengths):
+        row = row[: int(n)]
+        arith.check_cdf(row)
+        rows.append(_EscapedRow(row))
+    out = (rows, [int(o) for o in offsets])
+    model.__dict__["_flowcodec_arith"] = (t, out)
+    return out
+
+
+def _to_index(s: int, off: int, top: int) -> int:
+    if s < off:
+        return top - off + 1 + 2 * (min(off - s, ESCAPE_RANGE) - 1)
+    if s > top:
+        return top - off + 2 + 2 * (min(s - top, ESCAPE_RANGE) - 1)
+    return s - off
+
+
+def _from_index(v: int, off: int, top: int) -> int:
+    k = v - (top - off + 1)
+    if k < 0:
+        return v + off
+    return off - (k // 2 + 1) if k % 2 == 0 else top + k // 2 + 1
+
+
+def arith_encode(model: nn.Module, symbols: torch.Tensor, indexes: torch.Tensor) -> bytes:
+    """Arithmetic-code integer ``symbols`` with CDF rows ``indexes`` of ``model``'s frozen
+    tables. At most one byte above the information content; no state flush, so a few
+    likely symbols take a byte or two. A symbol outside its row's support is coded from
+    the escape bin's mass (clamped :data:`ESCAPE_RANGE` beyond it)."""
+    rows, offs = _arith_tables(model)
+    idx = indexes.reshape(-1).tolist()
+    sym = symbols.reshape(-1).tolist()
+    if len(sym) != len(idx):
+        raise ConfigError(f"{len(sym)} symbols but {len(idx)} indexes")
+    vals = [_to_index(int(s), offs[i], offs[i] + len(rows[i].base) - 2)
+            for s, i in zip(sym, idx)]  # fmt: skip
+    return arith.encode(vals, [rows[i] for i in idx], ARITH_PRECISION)
+
+
+def arith_decode(model: nn.Module, data: bytes, indexes: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`arith_encode`: int32 symbols shaped like ``indexes``. Any payload
+    up to ``arith.max_bytes(n, ARITH_PRECISION)`` bytes decodes to in-range symbols;
+    a longer one raises :class:`BitstreamError`."""
+    if not isinstance(data, bytes | bytearray):
+        raise BitstreamError(f"packet payload must be bytes, got {type(data).__name__}")
+    rows, offs = _arith_tables(model)
+    idx = indexes.reshape(-1).tolist()
+    vals = arith.decode(bytes(data), [rows[i] for i in idx], ARITH_PRECISION)
+    out = [_from_index(v, offs[i], offs[i] + len(rows[i].base) - 2) for v, i in zip(vals, idx)]
+    return torch.tensor(out, dtype=torch.int32).reshape(indexes.shape)
+
+
 def _count_bits(n: int) -> int:
     return n.bit_length()  # k in 0..n
 
@@ -284,9 +395,8 @@ class TokenCodecBase(FeatureCodec):
         idx = self.gaussian_conditional.build_indexes(scales).cpu()
         sym = to_symbols(y - means[..., None]).cpu()
         zsym = zsym[..., 0].cpu()
-        zt = _tables(eb)
         zidx = torch.arange(self.hyper, dtype=torch.int32)
-        zpk = [rans_encode(eb, zsym[b], zidx, zt) for b in range(len(y))]
+        zpk = [arith_encode(eb, zsym[b], zidx) for b in range(len(y))]
         return sym, idx, zpk
 
     def _read_z(self, streams: Sequence[Bitstream]):
@@ -301,23 +411,34 @@ class TokenCodecBase(FeatureCodec):
             cen = self._medians().to(dev).expand(n, -1)
             return cen, chan.expand(n, -1), torch.ones(n, dtype=torch.bool)
         eb = self.entropy_bottleneck
-        zt = _tables(eb)
-        plan = self._plans.get("z")
-        if plan is None:
-            plan = self._plans["z"] = _IndexPlan(zt, torch.arange(self.hyper, dtype=torch.int32))
+        zidx = torch.arange(self.hyper, dtype=torch.int32)
         zsym = torch.zeros(n, self.hyper, dtype=torch.int32)
         have = torch.tensor([s.packets[0] is not None for s in streams])
         for b, s in enumerate(streams):
             if have[b]:
-                zsym[b] = _decode_planned(zt, s.packets[0], plan)
+                zsym[b] = arith_decode(eb, s.packets[0], zidx)
         means, scales = self._params(zsym.to(dev).float() + self._medians().to(dev))
         return means, self.gaussian_conditional.build_indexes(scales).cpu(), have
 
+    #: How the hyperprior codes the token latents: ``"arith"`` (exact arithmetic coding
+    #: with the scale-indexed rows) or ``"rans"``. A development switch for
+    #: ``experiments/token_prior_rd.py`` (streams of the two are not interchangeable and
+    #: the config does not record it); the factorized prior always uses rANS.
+    _token_coder = "arith"
+
+    def _encode_tokens(self, model, tables, s: torch.Tensor, idx: torch.Tensor) -> bytes:
+        """Payload of token latents ``s`` ``(k, M)`` with CDF indexes ``idx`` ``(M,)``."""
+        if self._hyper and self._token_coder == "arith":
+            return arith_encode(model, s, idx.expand_as(s))
+        return rans_encode(model, s, idx.expand_as(s), tables)
+
     def _decode_tokens(self, tables, data: bytes, idx: torch.Tensor, k: int) -> torch.Tensor:
-        """Symbols ``(k, M)`` of ``k`` tokens from a rANS payload, channel indexes ``idx``
+        """Symbols ``(k, M)`` of ``k`` tokens from a payload, channel indexes ``idx``
         ``(M,)`` (plans cached per count for the factorized prior)."""
         if not self._hyper:
             return _decode_planned(tables, data, self._plan(tables, k))
+        if self._token_coder == "arith":
+            return arith_decode(self._y_model(), data, idx.expand(k, -1))
         return _decode_planned(tables, data, _IndexPlan(tables, idx.expand(k, -1)))
 
     @torch.no_grad()
@@ -486,7 +607,7 @@ class TokenPruneCodec(TokenCodecBase):
                 if local:
                     pos = torch.tensor([cand[j] for j in local])
                     s = sym[b][:, pos].T  # (k, M), token-major
-                    data += rans_encode(model, s, cidx[b].expand_as(s), tables)
+                    data += self._encode_tokens(model, tables, s, cidx[b])
                 packets.append(data)
             out.append(Bitstream(header, packets))
         return out

@@ -49,7 +49,7 @@ from torch import nn
 
 from flowcodec.bitstream import Bitstream, BitstreamError, TensorSpec
 from flowcodec.codecs.base import CodecOutput, register_codec
-from flowcodec.codecs.entropy import _tables, rans_encode
+from flowcodec.codecs.entropy import _tables
 from flowcodec.codecs.token import (
     MAX_TOKENS,
     TokenCodecBase,
@@ -359,7 +359,7 @@ class TokenMergeCodec(TokenCodecBase):
                 data = encode_positions(members.tolist(), self.n_tokens)
                 data += encode_assignment(local, len(ids))
                 s = sym[b][:, ids].T  # (k, M), cluster-major
-                data += rans_encode(model, s, cidx[b].expand_as(s), tables)
+                data += self._encode_tokens(model, tables, s, cidx[b])
                 packets.append(data)
             out.append(Bitstream(header, packets))
         return out
