@@ -17,6 +17,7 @@ import atexit
 import functools
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -149,6 +150,7 @@ def main() -> None:
         with open(logs[r]) as fh:
             for tag, a, b in json.load(fh):
                 ev.setdefault(tag, []).append((a, b))
+    shutil.rmtree(tmp, ignore_errors=True)
     n = len(x)
     if len(sent) != n or len(got) != n or any(len(v) < n for v in ev.values()):
         raise RuntimeError(f"timestamps missing: {n} samples, {len(sent)} sent, {len(got)} "
