@@ -444,3 +444,24 @@ def test_training_lowers_the_loss_and_z_learns_the_sample_scale():
         scales = codec._params(torch.round(z))[1].clamp(min=0.11).mean(1)
     loud = loud.flatten()
     assert scales[loud].mean() > scales[~loud].mean(), (scales, loud)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_development_coder_switches_round_trip_to_the_same_features(name):
+    hyper = _ready(name)
+    torch.manual_seed(0)
+    kw = {k: v for k, v in KW[name].items() if k not in ("prior", "hyper")}
+    plain = build_codec(name, SHAPE, **kw).fit(_tokens(32, seed=1)).eval()
+    plain.update(force=True)
+    h = _tokens(3, seed=5)
+    for codec, attr, other in ((hyper, "_token_coder", "rans"),
+                               (plain, "_factorized_coder", "arith")):  # fmt: skip
+        ref_streams = codec.compress(h)
+        ref = codec.decompress(ref_streams)
+        setattr(codec, attr, other)
+        try:
+            alt = codec.compress(h)
+            assert torch.equal(codec.decompress(alt), ref)
+        finally:
+            delattr(codec, attr)
+        assert [s.packets for s in alt] != [s.packets for s in ref_streams]

@@ -420,25 +420,30 @@ class TokenCodecBase(FeatureCodec):
         means, scales = self._params(zsym.to(dev).float() + self._medians().to(dev))
         return means, self.gaussian_conditional.build_indexes(scales).cpu(), have
 
-    #: How the hyperprior codes the token latents: ``"arith"`` (exact arithmetic coding
-    #: with the scale-indexed rows) or ``"rans"``. A development switch for
-    #: ``experiments/token_prior_rd.py`` (streams of the two are not interchangeable and
-    #: the config does not record it); the factorized prior always uses rANS.
+    #: How the token latents are coded: ``"arith"`` (exact arithmetic coding, the
+    #: hyperprior's default, with the scale-indexed rows) or ``"rans"`` (the factorized
+    #: default, so its streams are byte for byte what they were). Development switches for
+    #: ``experiments/token_prior_rd.py``: streams of the two are not interchangeable and
+    #: the config does not record them.
     _token_coder = "arith"
+    _factorized_coder = "rans"
+
+    def _coder(self) -> str:
+        return self._token_coder if self._hyper else self._factorized_coder
 
     def _encode_tokens(self, model, tables, s: torch.Tensor, idx: torch.Tensor) -> bytes:
         """Payload of token latents ``s`` ``(k, M)`` with CDF indexes ``idx`` ``(M,)``."""
-        if self._hyper and self._token_coder == "arith":
+        if self._coder() == "arith":
             return arith_encode(model, s, idx.expand_as(s))
         return rans_encode(model, s, idx.expand_as(s), tables)
 
     def _decode_tokens(self, tables, data: bytes, idx: torch.Tensor, k: int) -> torch.Tensor:
         """Symbols ``(k, M)`` of ``k`` tokens from a payload, channel indexes ``idx``
-        ``(M,)`` (plans cached per count for the factorized prior)."""
+        ``(M,)`` (rANS plans cached per count for the factorized prior)."""
+        if self._coder() == "arith":
+            return arith_decode(self._y_model(), data, idx.expand(k, -1))
         if not self._hyper:
             return _decode_planned(tables, data, self._plan(tables, k))
-        if self._token_coder == "arith":
-            return arith_decode(self._y_model(), data, idx.expand(k, -1))
         return _decode_planned(tables, data, _IndexPlan(tables, idx.expand(k, -1)))
 
     @torch.no_grad()
