@@ -21,6 +21,9 @@ Both token codecs (:class:`TokenCodecBase`) take ``prior="hyperprior"``: side va
 from the mean and max of the sent token latents travel in an extra packet 0 and set a
 per-channel Gaussian (mean, scale) for the latents in the token packets, which stay
 independently decodable; a lost ``z`` packet conceals the whole sample with the fill.
+The hyperprior's packets are coded with the exact arithmetic coder
+(:func:`arith_encode`: no rANS state flush, so ``z`` takes a byte or two); the factorized
+default stays rANS-coded.
 
 Channels-last maps ``(H, W, C)`` (swin) are taken as ``H * W`` tokens of width ``C``.
 ``forward(h, drop_prob=0.0, generator=None)`` is differentiable: the keep decision is a
