@@ -51,3 +51,39 @@ def digits_family():
     from flowcodec.family import load_pretrained
 
     return load_pretrained("digits", progress=False)
+
+
+_DECODE = """
+import sys, torch
+from safetensors.torch import save_file
+from flowcodec.bitstream import Bitstream
+from flowcodec.codecs.zoo import load_codec
+torch.set_num_threads(int(sys.argv[3]))  # float sums depend on the thread count
+codec = load_codec(sys.argv[1])
+streams = [Bitstream.from_bytes(open(p, "rb").read()) for p in sys.argv[4:]]
+save_file({"out": codec.decompress(streams).contiguous()}, sys.argv[2])
+"""
+
+
+@pytest.fixture
+def decode_in_fresh_process(tmp_path):
+    """``decode(checkpoint_path, streams)``: the streams written to files, read back and
+    decoded by the checkpoint in a new Python process (same thread count); returns its
+    output tensor, to compare with this process's."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def decode(path, streams) -> torch.Tensor:
+        files = []
+        for i, s in enumerate(streams):
+            f = tmp_path / f"fresh_{i}.bin"
+            f.write_bytes(s.to_bytes())
+            files.append(str(f))
+        out = tmp_path / "fresh_out.safetensors"
+        subprocess.run([sys.executable, "-c", _DECODE, str(path), str(out),
+                        str(torch.get_num_threads()), *files], check=True, timeout=300)  # fmt: skip
+        return load_file(str(out))["out"]
+
+    return decode

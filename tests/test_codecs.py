@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -264,39 +262,15 @@ def test_encoder_flops_are_reported():
         assert cls.encoder_site == "device" and cls.decoder_site == "receiver"
 
 
-_DECODE = """
-import sys, torch
-from safetensors.torch import save_file
-from flowcodec.bitstream import Bitstream
-from flowcodec.codecs.zoo import load_codec
-torch.set_num_threads(int(sys.argv[3]))  # float sums depend on the thread count
-codec = load_codec(sys.argv[1])
-streams = [Bitstream.from_bytes(open(p, "rb").read()) for p in sys.argv[4:]]
-save_file({"out": codec.decompress(streams).contiguous()}, sys.argv[2])
-"""
-
-
 @pytest.mark.parametrize("name", ["factorized", "hyperprior"])
-def test_decoding_is_deterministic_in_a_fresh_process(name, tmp_path):
-    from safetensors.torch import load_file
-
+def test_decoding_is_deterministic_in_a_fresh_process(name, tmp_path, decode_in_fresh_process):
     codec = ready(name)
     path = save_codec(codec, tmp_path / name, FEATURE_CODECS[name], half=False)
     loaded = load_codec(path)
     h = features(3, seed=9)
     streams = codec.compress(h)
     assert [s.to_bytes() for s in loaded.compress(h)] == [s.to_bytes() for s in streams]
-    files = []
-    for i, s in enumerate(streams):
-        f = tmp_path / f"s{i}.bin"
-        f.write_bytes(s.to_bytes())
-        files.append(str(f))
-    here = codec.decompress(streams)
-    out = tmp_path / "out.safetensors"
-    threads = str(torch.get_num_threads())
-    subprocess.run([sys.executable, "-c", _DECODE, str(path), str(out), threads, *files],
-                   check=True, timeout=300)  # fmt: skip
-    assert torch.equal(load_file(str(out))["out"], here)
+    assert torch.equal(decode_in_fresh_process(path, streams), codec.decompress(streams))
 
 
 def test_checkpoint_rejects_other_architecture(tmp_path):

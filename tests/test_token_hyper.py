@@ -4,8 +4,6 @@ packet loss (token packets and the z packet), checkpoints, determinism and hosti
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -372,33 +370,13 @@ def test_checkpoint_round_trip(tmp_path, name):
     assert torch.equal(loaded.decompress(streams), codec.decompress(streams))
 
 
-_DECODE = """
-import sys, torch
-from safetensors.torch import save_file
-from flowcodec.bitstream import Bitstream
-from flowcodec.codecs.zoo import load_codec
-codec = load_codec(sys.argv[1])
-streams = [Bitstream.from_bytes(open(p, "rb").read()) for p in sys.argv[3:]]
-save_file({"out": codec.decompress(streams).contiguous()}, sys.argv[2])
-"""
-
-
 @pytest.mark.parametrize("name", NAMES)
-def test_decoding_is_deterministic_in_a_fresh_process(tmp_path, name):
-    from safetensors.torch import load_file
-
+def test_decoding_is_deterministic_in_a_fresh_process(tmp_path, decode_in_fresh_process, name):
     codec = _ready(name)
     path = save_codec(codec, tmp_path / "tok", KW[name], half=False)
     streams = codec.compress(_tokens(3, seed=10))
-    files = []
-    for i, s in enumerate(streams):
-        f = tmp_path / f"s{i}.bin"
-        f.write_bytes(s.to_bytes())
-        files.append(str(f))
-    out = tmp_path / "out.safetensors"
-    subprocess.run([sys.executable, "-c", _DECODE, str(path), str(out), *files], check=True,
-                   timeout=300)  # fmt: skip
-    assert torch.equal(load_file(str(out))["out"], load_codec(path).decompress(streams))
+    assert torch.equal(decode_in_fresh_process(path, streams),
+                       load_codec(path).decompress(streams))
 
 
 def test_a_sample_decodes_the_same_in_any_batch():

@@ -5,8 +5,6 @@ checkpoints, determinism in a fresh process, and training at a ViT cut."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -298,34 +296,15 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(loaded.decompress(streams), codec.decompress(streams))
 
 
-_DECODE = """
-import sys, torch
-from safetensors.torch import save_file
-from flowcodec.bitstream import Bitstream
-from flowcodec.codecs.zoo import load_codec
-codec = load_codec(sys.argv[1])
-streams = [Bitstream.from_bytes(open(p, "rb").read()) for p in sys.argv[3:]]
-save_file({"out": codec.decompress(streams).contiguous()}, sys.argv[2])
-"""
-
-
-def test_encoding_and_decoding_are_deterministic_in_a_fresh_process(tmp_path):
-    from safetensors.torch import load_file
-
+def test_encoding_and_decoding_are_deterministic_in_a_fresh_process(tmp_path,
+                                                                   decode_in_fresh_process):
     codec = _ready()
     path = save_codec(codec, tmp_path / "merge", KW, half=False)
     h = _tokens(3, seed=10)
     streams = codec.compress(h)
     assert [s.to_bytes() for s in codec.compress(h)] == [s.to_bytes() for s in streams]
-    files = []
-    for i, s in enumerate(streams):
-        f = tmp_path / f"s{i}.bin"
-        f.write_bytes(s.to_bytes())
-        files.append(str(f))
-    out = tmp_path / "out.safetensors"
-    subprocess.run([sys.executable, "-c", _DECODE, str(path), str(out), *files], check=True,
-                   timeout=300)  # fmt: skip
-    assert torch.equal(load_file(str(out))["out"], load_codec(path).decompress(streams))
+    assert torch.equal(decode_in_fresh_process(path, streams),
+                       load_codec(path).decompress(streams))
 
 
 _CACHE: dict = {}
