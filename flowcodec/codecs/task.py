@@ -54,6 +54,7 @@ from flowcodec.codecs import arith
 from flowcodec.codecs.base import CodecOutput, FeatureCodec, channel_groups, register_codec
 from flowcodec.codecs.entropy import entropy_bottleneck
 from flowcodec.errors import ConfigError
+from flowcodec.family.zoo import Residual
 
 __all__ = ["TaskCodec", "TaskEncoder", "TaskDecoder", "Lift", "ChannelContext",
            "discrete_gaussian_likelihood", "VIEWS", "view_features"]
@@ -106,7 +107,7 @@ class TaskEncoder(nn.Module):
         c = cin
         for cout, pool in stem:
             if cout == "res":  # a residual block at constant width (the family's stages)
-                layers.append(_Residual(c))
+                layers.append(Residual(c))
                 continue
             layers += [nn.Conv2d(c, int(cout), 3, padding=1, bias=False),
                        nn.BatchNorm2d(int(cout)), nn.ReLU(inplace=True)]  # fmt: skip
@@ -137,20 +138,6 @@ class TaskEncoder(nn.Module):
             b.load_state_dict(a.state_dict())
             copied += 1
         return copied
-
-
-class _Residual(nn.Module):
-    """``x + f(x)``, ``f`` two conv3x3-BN-ReLU layers at ``c`` channels: the residual block
-    of the CIFAR-10 family's stages, so a stem can start as a copy of a trunk stage."""
-
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.f = nn.Sequential(*(nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False),
-                                               nn.BatchNorm2d(c), nn.ReLU(inplace=True))
-                                 for _ in range(2)))  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.f(x)
 
 
 def _stem_entry(entry: Sequence) -> tuple:
