@@ -50,6 +50,16 @@ def round_half(codec: FeatureCodec) -> FeatureCodec:
     return codec
 
 
+def _stored_state(codec: FeatureCodec, half: bool) -> dict[str, torch.Tensor]:
+    """``codec``'s state as a checkpoint stores it: on the CPU, contiguous, the transforms'
+    float weights as float16 when ``half`` (entropy models and concealment stay exact)."""
+    state = {}
+    for k, v in codec.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        state[k] = v.half() if half and v.is_floating_point() and not _is_exact(k) else v
+    return state
+
+
 def save_codec(codec: FeatureCodec, path: str | os.PathLike, kwargs: dict,
                extra: dict | None = None, half: bool = True) -> Path:  # fmt: skip
     """Write ``codec`` (call ``update()`` first) with the kwargs that rebuild it."""
@@ -61,13 +71,7 @@ def save_codec(codec: FeatureCodec, path: str | os.PathLike, kwargs: dict,
 
     weights, meta = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    state = {}
-    for k, v in codec.state_dict().items():
-        v = v.detach().cpu().contiguous()
-        if half and v.is_floating_point() and not _is_exact(k):
-            v = v.half()
-        state[k] = v
-    save_file(state, str(weights), metadata={"kind": "codec"})
+    save_file(_stored_state(codec, half), str(weights), metadata={"kind": "codec"})
     cfg = {"name": codec.name, "feature_shape": list(codec.feature_shape), "kwargs": kwargs}
     record = {"kind": "codec", "config": cfg, "extra": extra or {},
               "sha256": weights_sha256(weights)}  # checked by load_codec  # fmt: skip
@@ -93,10 +97,7 @@ def save_codec_variant(codec: FeatureCodec, path: str | os.PathLike, weights_of:
     for k, v in load_state(src).items():
         index.setdefault((v.dtype, tuple(v.shape), v.numpy().tobytes()), k)
     shared, own = {}, {}
-    for k, v in codec.state_dict().items():
-        v = v.detach().cpu().contiguous()
-        if v.is_floating_point() and not _is_exact(k):
-            v = v.half()
+    for k, v in _stored_state(codec, half=True).items():
         hit = index.get((v.dtype, tuple(v.shape), v.numpy().tobytes()))
         if hit is None:
             own[k] = v
