@@ -183,6 +183,25 @@ def arith_decode(model: nn.Module, data: bytes, indexes: torch.Tensor) -> torch.
     return torch.tensor(out, dtype=torch.int32).reshape(indexes.shape)
 
 
+def pack_bits(value: int, total: int) -> bytes:
+    """A ``total``-bit non-negative ``value``, big-endian, zero-padded to whole bytes."""
+    nbytes = -(-total // 8)
+    return (value << (8 * nbytes - total)).to_bytes(nbytes, "big")
+
+
+def unpack_bits(data: bytes, total: int, what: str) -> int:
+    """Inverse of :func:`pack_bits` on the first bytes of ``data``; BitstreamError naming
+    ``what`` when ``data`` is too short or the padding bits are not zero."""
+    nbytes = -(-total // 8)
+    if len(data) < nbytes:
+        raise BitstreamError(f"{what} needs {nbytes} bytes, got {len(data)}")
+    word = int.from_bytes(data[:nbytes], "big")
+    pad = 8 * nbytes - total
+    if word & ((1 << pad) - 1):
+        raise BitstreamError(f"{what} has nonzero padding bits")
+    return word >> pad
+
+
 def _count_bits(n: int) -> int:
     return n.bit_length()  # k in 0..n
 
@@ -208,10 +227,7 @@ def encode_positions(positions: Sequence[int], n: int) -> bytes:
     k = len(pos)
     rank = sum(math.comb(p, j + 1) for j, p in enumerate(pos))
     rb = (math.comb(n, k) - 1).bit_length()
-    total = _count_bits(n) + rb
-    nbytes = -(-total // 8)
-    value = ((k << rb) | rank) << (8 * nbytes - total)
-    return value.to_bytes(nbytes, "big")
+    return pack_bits((k << rb) | rank, _count_bits(n) + rb)
 
 
 def decode_positions(data: bytes, n: int) -> tuple[list[int], int]:
@@ -233,13 +249,7 @@ def decode_positions(data: bytes, n: int) -> tuple[list[int], int]:
     rb = (math.comb(n, k) - 1).bit_length()
     total = kb + rb
     nbytes = -(-total // 8)
-    if len(data) < nbytes:
-        raise BitstreamError(f"position code needs {nbytes} bytes, got {len(data)}")
-    word = int.from_bytes(data[:nbytes], "big")
-    pad = 8 * nbytes - total
-    if word & ((1 << pad) - 1):
-        raise BitstreamError("position code has nonzero padding bits")
-    rank = (word >> pad) & ((1 << rb) - 1)
+    rank = unpack_bits(data, total, "position code") & ((1 << rb) - 1)
     if rank >= math.comb(n, k):
         raise BitstreamError(f"position rank {rank} is out of range for {k} of {n}")
     out = []

@@ -55,7 +55,9 @@ from flowcodec.codecs.token import (
     TokenCodecBase,
     decode_positions,
     encode_positions,
+    pack_bits,
     position_bits,
+    unpack_bits,
 )
 from flowcodec.errors import ConfigError
 
@@ -109,9 +111,7 @@ def encode_assignment(labels: Sequence[int], k: int) -> bytes:
         opened += v == opened
     if opened != k:
         raise ConfigError(f"labels use {opened} clusters, not {k}")
-    total = assignment_bits(m, k)
-    nbytes = -(-total // 8)
-    return (value << (8 * nbytes - total)).to_bytes(nbytes, "big")
+    return pack_bits(value, assignment_bits(m, k))
 
 
 def decode_assignment(data: bytes, m: int, k: int) -> tuple[list[int], int]:
@@ -124,13 +124,7 @@ def decode_assignment(data: bytes, m: int, k: int) -> tuple[list[int], int]:
     _check_mk(m, k)
     total = assignment_bits(m, k)
     nbytes = -(-total // 8)
-    if len(data) < nbytes:
-        raise BitstreamError(f"assignment code needs {nbytes} bytes, got {len(data)}")
-    word = int.from_bytes(data[:nbytes], "big")
-    pad = 8 * nbytes - total
-    if word & ((1 << pad) - 1):
-        raise BitstreamError("assignment code has nonzero padding bits")
-    value = word >> pad
+    value = unpack_bits(data, total, "assignment code")
     labels, opened = [], 0
     for _ in range(m):
         r = min(opened + 1, k)
