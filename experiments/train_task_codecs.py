@@ -99,15 +99,13 @@ def main(argv=None) -> int:
               f"(the symbols equal the source's at every rate point)")
     else:
         codec = build_codec("task", shape, **kwargs)
-    if args.lift_from:
-        pass
-    elif args.warm_start:
-        from flowcodec.codecs.train_task import warm_start
+        if args.warm_start:
+            from flowcodec.codecs.train_task import warm_start
 
-        print(f"warm start: {warm_start(codec, args.warm_start)}")
-    elif not args.no_init:
-        copied = codec.g_a.load_stem_from(fam.exits[args.point - 1])
-        print(f"encoder stem: {copied} layers from the family's exit {args.point}")
+            print(f"warm start: {warm_start(codec, args.warm_start)}")
+        elif not args.no_init:
+            copied = codec.g_a.load_stem_from(fam.exits[args.point - 1])
+            print(f"encoder stem: {copied} layers from the family's exit {args.point}")
     cfg = TaskTrainConfig(lams=tuple(args.lams), kd=args.kd, beta=args.beta, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, drop_prob=args.drop_prob,
                           stem_lr=args.stem_lr, warmup=args.warmup,
