@@ -455,7 +455,7 @@ def _lift(source: TaskCodec, family, point: int) -> tuple[TaskCodec, dict]:
         raise ConfigError(f"lift_codec: the source's features {source.feature_shape} are at no "
                           f"split point of the family after {point}")  # fmt: skip
     q = later[0]
-    entries, layers = stage_stem(list(family.stages[point:q]))
+    entries, _ = stage_stem(list(family.stages[point:q]))
     kwargs = {k: v for k, v in source.config().items() if k not in ("name", "feature_shape")}
     if "context" in kwargs:
         kwargs["context_hidden"] = kwargs.pop("context")
@@ -463,15 +463,13 @@ def _lift(source: TaskCodec, family, point: int) -> tuple[TaskCodec, dict]:
     kwargs.update(stem=entries + [list(e) for e in source.stem_spec],
                   via=list(source.feature_shape))  # fmt: skip
     codec = build_codec("task", shapes[point], **kwargs)
-    theirs = layers + [m for m in source.g_a.stem.modules()
-                       if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]  # fmt: skip
+    # the stages' conv/BN layers, then the source's stem, into the stem in order
+    copied = codec.g_a.load_stem_from(torch.nn.ModuleList([*family.stages[point:q],
+                                                           source.g_a.stem]))  # fmt: skip
     ours = [m for m in codec.g_a.stem.modules()
             if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]  # fmt: skip
-    if [type(m) for m in ours] != [type(m) for m in theirs] or any(
-            a.weight.shape != b.weight.shape for a, b in zip(ours, theirs)):
+    if copied != len(ours):
         raise ConfigError("lift_codec: the stages' layers do not line up with the stem")
-    for a, b in zip(ours, theirs):
-        a.load_state_dict(b.state_dict())
     codec.g_a.proj.load_state_dict(source.g_a.proj.state_dict())
     codec.g_s[0].load_state_dict(source.g_s.state_dict())
     tables = ("_offset", "_quantized_cdf", "_cdf_length")  # rebuilt by update()
