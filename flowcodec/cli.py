@@ -235,11 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser(
-        "train-family", help="train a family of models (CIFAR-10 or digits) and save it",
+        "train-family", help="train a family of models (CIFAR-10 CNN or ViT, digits) and save it",
         description="Train a family of early-exit models with its recipe (docs/family.md) "
         "and save the weights (safetensors) and a JSON record of how they were made.")
-    t.add_argument("--family", default="cifar10", choices=["cifar10", "digits"],
-                   help="which family (default cifar10)")
+    t.add_argument("--family", default="cifar10", choices=["cifar10", "cifar10-vit", "digits"],
+                   help="which family (default cifar10; cifar10-vit is the early-exit ViT, "
+                        "docs/family.md)")  # fmt: skip
     t.add_argument("--data", default=None, help="CIFAR-10 folder or tarball ($FLOWCODEC_DATA)")
     t.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     t.add_argument("--seed", type=int, default=None, help="override the recipe's seed")

@@ -1,9 +1,11 @@
 """Familial models: members of different sizes with aligned hidden features.
 
-See :mod:`flowcodec.family.base` for the contract (members, split points) and
-:mod:`flowcodec.family.zoo` for the registered families.
+See :mod:`flowcodec.family.base` for the contract (members, split points),
+:mod:`flowcodec.family.zoo` for the registered CNN families and
+:mod:`flowcodec.family.vit` for the early-exit ViT.
 """
 
+from flowcodec.family import vit as _vit  # noqa: F401  (registers cifar10-vit)
 from flowcodec.family.aligner import Aligner, AlignResult, train_aligner
 from flowcodec.family.base import EarlyExitFamily, Head, Member, MemberInfo, Tail, count_flops
 from flowcodec.family.checkpoint import load_family, save_checkpoint

@@ -120,6 +120,10 @@ class EarlyExitFamily(nn.Module):
         Per-sample input shape, e.g. ``(3, 32, 32)``.
     config : dict
         The builder name and arguments (saved with checkpoints, used to rebuild).
+    layout : str
+        What crosses a split point after stage 1 or later (a ``flowcodec.split.LAYOUTS``
+        entry): ``"chw"`` maps for the CNN families, ``"tokens"`` for the ViT family, whose
+        ``feature_shape`` then says so (codecs read it and refuse what they cannot code).
 
     Calling the family returns the logits of every exit, ``list[(B, classes)]``, computed
     in one pass over the trunk (what joint training needs).
@@ -131,6 +135,7 @@ class EarlyExitFamily(nn.Module):
         exits: list[nn.Module],
         input_shape: tuple[int, ...],
         config: dict | None = None,
+        layout: str = "chw",
     ) -> None:
         super().__init__()
         if len(stages) != len(exits) or not stages:
@@ -139,6 +144,7 @@ class EarlyExitFamily(nn.Module):
         self.exits = nn.ModuleList(exits)
         self.input_shape = tuple(input_shape)
         self.config = dict(config or {})
+        self.layout = layout
 
     @property
     def num_members(self) -> int:
@@ -193,7 +199,11 @@ class EarlyExitFamily(nn.Module):
             self.eval()
             h = self.features(torch.zeros((1, *self.input_shape), device=p.device), point)
             self.train(was)
-        return tuple(h.shape[1:])
+        if point == 0 or self.layout == "chw":
+            return tuple(h.shape[1:])
+        from flowcodec.split import FeatureShape
+
+        return FeatureShape(h.shape[1:], self.layout)
 
     def info(self) -> list[MemberInfo]:
         """Parameters and FLOPs of every member, smallest first."""

@@ -49,14 +49,21 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def save_checkpoint(
-    module: nn.Module, path: str | os.PathLike, kind: str, config: dict, extra: dict | None = None
+    module: nn.Module, path: str | os.PathLike, kind: str, config: dict, extra: dict | None = None,
+    half: bool = False,
 ) -> Path:
-    """Write the module's state dict and its JSON config; returns the weights' path."""
+    """Write the module's state dict and its JSON config; returns the weights' path.
+
+    ``half`` stores floating-point tensors as float16 (half the bytes; loading copies them
+    back into the module's float32 parameters, so the loaded module computes with the
+    rounded weights: measure it after a round trip)."""
     from safetensors.torch import save_file
 
     weights, meta = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     save_file(state, str(weights), metadata={"kind": kind})
     record = {"kind": kind, "config": config, "extra": extra or {},
               "sha256": weights_sha256(weights)}  # fmt: skip

@@ -36,6 +36,16 @@ RECIPES: dict[str, dict] = {
         "train": dict(epochs=40, batch_size=512, lr=0.2, weight_decay=5e-4, optimizer="sgd",
                       label_smoothing=0.1),  # fmt: skip
     },
+    # Sized for 2 CPU cores in under 90 minutes (docs/family.md): the stem starts as the
+    # trained cifar10 family's first stage, and its member 3 is the distillation teacher.
+    "cifar10-vit": {
+        "family": {"dim": 128, "heads": 4, "mlp_ratio": 2, "depths": [2, 2, 2]},
+        "data": "cifar10",
+        "teacher": "cifar10",
+        "stem_from": "cifar10",
+        "train": dict(epochs=12, batch_size=128, lr=1e-3, weight_decay=0.05, optimizer="adamw",
+                      amp=True, distill=0.5, temperature=4.0),  # fmt: skip
+    },
 }
 
 
@@ -48,13 +58,16 @@ def pretrained_path(name: str) -> Path:
 
 
 def save_family(family: EarlyExitFamily, path: str | os.PathLike, result: TrainResult | None = None,
-                **extra) -> Path:  # fmt: skip
-    """Save a family's weights (safetensors) and config (JSON) with its measured figures."""
+                half: bool = False, **extra) -> Path:  # fmt: skip
+    """Save a family's weights (safetensors) and config (JSON) with its measured figures.
+    ``half``: store the weights as float16 (see :func:`save_checkpoint`)."""
     info = {"members": [vars(m) for m in family.info()]}
     if result is not None:
         info.update(test_accuracy=result.accuracies, train_seconds=round(result.seconds, 1))
+    if half:
+        info["stored_as"] = "float16"
     info.update(extra)
-    return save_checkpoint(family, path, "family", family.config, info)
+    return save_checkpoint(family, path, "family", family.config, info, half=half)
 
 
 def train_recipe(name: str, device: str = "cpu", progress: bool = True, data_root=None,
@@ -66,14 +79,24 @@ def train_recipe(name: str, device: str = "cpu", progress: bool = True, data_roo
     under torchrun, and resuming from the last saved epoch)."""
     if name not in RECIPES:
         raise ConfigError(f"no recipe for family {name!r}; known: {sorted(RECIPES)}")
-    kwargs = {"root": data_root} if name == "cifar10" else {}
-    train, test = load_dataset(name, **kwargs)
-    cfg = TrainConfig(**{**RECIPES[name]["train"], **overrides, "device": device,
+    recipe = RECIPES[name]
+    data = recipe.get("data", name)
+    kwargs = {"root": data_root} if data == "cifar10" else {}
+    train, test = load_dataset(data, **kwargs)
+    cfg = TrainConfig(**{**recipe["train"], **overrides, "device": device,
                          "progress": progress})  # fmt: skip
     torch.manual_seed(cfg.seed)  # the initial weights too: same seed, same family
-    fam = build_family(name, **RECIPES[name]["family"])
+    fam = build_family(name, **recipe["family"])
+    teacher = None
+    if recipe.get("teacher"):
+        tfam = load_pretrained(recipe["teacher"], progress=progress)
+        teacher = tfam.member(tfam.num_members)
+    if recipe.get("stem_from"):
+        from flowcodec.family.vit import copy_stem
+
+        copy_stem(fam, load_pretrained(recipe["stem_from"], progress=progress))
     return fam, train_family(fam, train, test, cfg, dist=dist, checkpoint=checkpoint,
-                             resume=resume)  # fmt: skip
+                             resume=resume, teacher=teacher)  # fmt: skip
 
 
 def load_pretrained(name: str, train_if_missing: bool | None = None, progress: bool = True,

@@ -34,10 +34,15 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    amp: bool | None = None  # bfloat16 autocast; None: on CUDA only (it also helps on CPUs)
+    distill: float = 0.0  # weight of the teacher's soft targets (needs train_family(teacher=))
+    temperature: float = 4.0  # softmax temperature of the distillation term
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError("epochs, batch_size and lr must be positive")
+        if not 0.0 <= self.distill <= 1.0 or not self.temperature > 0:
+            raise ConfigError("distill must be in [0, 1] and temperature positive")
         if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
 
@@ -87,6 +92,7 @@ def train_family(
     checkpoint=None,
     resume: bool = False,
     on_epoch=None,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
     """Train all exits jointly; returns test accuracy per member (if ``test`` is given).
 
@@ -96,6 +102,10 @@ def train_family(
     the training state is written there after every epoch; with ``resume`` a saved state
     is loaded and training continues after its last epoch (docs/scale.md).
     ``on_epoch(record)`` is called after every epoch with its history record.
+    ``teacher`` (a module mapping the same inputs to logits, kept frozen in eval mode) with
+    ``config.distill = a > 0``: every exit's loss is ``(1 - a) CE + a T^2 KL(teacher_T ||
+    exit_T)`` at temperature ``T`` (Hinton et al.'s distillation), on the same augmented
+    batch.
     """
     from flowcodec.progress import tqdm
     from flowcodec.scale.ddp import Dist, load_state, save_state
@@ -105,6 +115,8 @@ def train_family(
     weights = cfg.exit_weights or [1.0] * family.num_members
     if len(weights) != family.num_members:
         raise ConfigError(f"exit_weights needs {family.num_members} values, got {len(weights)}")
+    if cfg.distill > 0 and teacher is None:
+        raise ConfigError("config.distill > 0 needs a teacher module")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     dev = torch.device(cfg.device)
@@ -125,8 +137,8 @@ def train_family(
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25, anneal_strategy="linear"
     )
-    crit = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    use_amp = dev.type == "cuda"
+    crit = _criterion(cfg, teacher, dev)
+    use_amp = dev.type == "cuda" if cfg.amp is None else bool(cfg.amp)
     wsum = sum(weights)
     history = []
     start = time.perf_counter()
@@ -154,6 +166,26 @@ def train_family(
     return TrainResult(accs, seconds, history)
 
 
+def _criterion(cfg: TrainConfig, teacher: nn.Module | None, dev: torch.device):
+    """``crit(logits, labels, inputs)``: cross-entropy, mixed with distillation if asked."""
+    ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    if teacher is None or cfg.distill == 0:
+        return lambda o, y, x: ce(o, y)
+    teacher = teacher.to(dev).eval().requires_grad_(False)
+    a, t = cfg.distill, cfg.temperature
+    cache: dict = {}
+
+    def crit(o, y, x):
+        if cache.get("x") is not x:  # one teacher pass per batch, shared by every exit
+            with torch.no_grad():
+                cache.update(x=x, p=torch.log_softmax(teacher(x).float() / t, 1))
+        kd = nn.functional.kl_div(torch.log_softmax(o / t, 1), cache["p"], log_target=True,
+                                  reduction="batchmean")  # fmt: skip
+        return (1 - a) * ce(o, y) + a * t * t * kd
+
+    return crit
+
+
 def _epochs(first, cfg, train, gen, dev, dist, model, family, weights, wsum, crit, use_amp,
             opt, sched, bar, history, checkpoint, on_epoch, save_state) -> None:  # fmt: skip
     for epoch in range(first, cfg.epochs):
@@ -163,7 +195,7 @@ def _epochs(first, cfg, train, gen, dev, dist, model, family, weights, wsum, cri
             x, y = dist.shard(x, y)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
                 outs = model(x)
-                loss = sum(w * crit(o.float(), y) for w, o in zip(weights, outs)) / wsum
+                loss = sum(w * crit(o.float(), y, x) for w, o in zip(weights, outs)) / wsum
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
