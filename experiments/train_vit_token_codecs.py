@@ -24,15 +24,19 @@ from pathlib import Path
 #: name -> (codec registry name, constructor kwargs, train_codec kwargs)
 MODELS: dict[str, tuple[str, dict, dict]] = {
     "merge_k2": ("token-merge", {"clusters": 2, "latent": 8, "hidden": 64, "packets": 1},
-                 {"lam": 1.0}),
+                 {"lam": 0.5}),
     "merge_k4": ("token-merge", {"clusters": 4, "latent": 8, "hidden": 64, "packets": 1},
-                 {"lam": 1.0}),
+                 {"lam": 0.5}),
     "merge_k8": ("token-merge", {"clusters": 8, "latent": 8, "hidden": 64, "packets": 1},
-                 {"lam": 1.0}),
-    "prune": ("token-prune", {"latent": 8, "hidden": 64, "packets": 1}, {"lam": 1.0}),
+                 {"lam": 0.5}),
+    "prune": ("token-prune", {"latent": 8, "hidden": 64, "packets": 1}, {"lam": 0.5}),
     # every token kept (the threshold is below any logit): the all-token learned codec
     "all": ("token-prune", {"latent": 8, "hidden": 64, "packets": 1, "threshold": -1e9},
-            {"lam": 1.0}),
+            {"lam": 0.5}),
+    # the (C, H, W) factorized codec on the tokens laid out as a 128 x 10 x 8 map
+    "map_fact": ("token-map", {"inner": "factorized",
+                               "inner_kwargs": {"latent": 32, "hidden": 64, "packets": 1}},
+                 {"lam": 0.5}),
 }  # fmt: skip
 
 FAMILY, MEMBER = "cifar10-vit", 3

@@ -446,14 +446,16 @@ def validate_latency_config(cfg: Any, source: str = "latency config") -> dict:
     ``samples`` (>= 2: half profile the options, half evaluate), ``seed``, ``compute``
     (FLOP/s of ``device``, ``edge``, ``cloud``), ``delay_s`` (``edge``, ``cloud``),
     ``symbol_rates``, ``snrs_db``, ``reference`` (``snr_db``, ``symbol_rate``),
-    ``harq_max_tx_baselines``, ``target_bler``, ``framing`` (``sample`` or ``session``)
-    and ``cell_seeds`` (a generator per grid cell: needed by ``--engine ray``).
+    ``harq_max_tx_baselines``, ``target_bler``, ``framing`` (``sample`` or ``session``),
+    ``cell_seeds`` (a generator per grid cell: needed by ``--engine ray``) and ``family``
+    (a trained family for the dataset, e.g. ``cifar10-vit``; default: the dataset's name).
     """
     known = _known()
     if not isinstance(cfg, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {_kind(cfg)}")
-    k = _family_members(cfg.get("dataset"))
-    note = f"the {cfg.get('dataset')} family has {k} members" if k else ""
+    fam_name = cfg.get("family", cfg.get("dataset"))
+    k = _family_members(fam_name)
+    note = f"the {fam_name} family has {k} members" if k else ""
     point = Num(integer=True, lo=0, hi=k, note=note) if k else Num(integer=True, lo=0)
     member = (Num(integer=True, lo=1, hi=k, note=note, optional=True) if k
               else Num(integer=True, lo=1, optional=True))  # fmt: skip
@@ -490,6 +492,7 @@ def validate_latency_config(cfg: Any, source: str = "latency config") -> dict:
         "framing": Str(choices=("sample", "session")),
         "floor_points": Num(lo=0, hi=100, note="accuracy floor: points below cloud only"),
         "cell_seeds": Bool(),
+        "family": Str(choices=known["families"]),
     }, required=("dataset", "options", "input_codec", "fixed_split"))  # fmt: skip
     errors: list[str] = []
     schema.check(cfg, "", errors)

@@ -61,6 +61,7 @@ class LatencyConfig:
     framing: str = "sample"
     floor_points: float = 1.0
     cell_seeds: bool = False
+    family: str | None = None  # the trained family (default: the one named like the dataset)
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyConfig:
@@ -188,7 +189,7 @@ class _LatencyContext:
         from flowcodec.family import load_pretrained
 
         self.cfg = cfg
-        self.fam = fam = load_pretrained(cfg.dataset, progress=progress)
+        self.fam = fam = load_pretrained(cfg.family or cfg.dataset, progress=progress)
         self.member = cfg.member or fam.num_members
         train, test = load_dataset(cfg.dataset)
         data = test.subset(min(cfg.samples, len(test)), seed=cfg.seed)
