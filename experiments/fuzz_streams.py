@@ -44,7 +44,10 @@ KWARGS = {
     "hyperprior": dict(latent=8, hidden=16, packets=2, hyper=4),
     "binary": dict(latent=4, hidden=16, packets=2),
     "token-merge": dict(clusters=8, latent=8, hidden=16, packets=2),
+    "token-map": dict(inner="factorized", inner_kwargs=dict(latent=8, hidden=16, packets=2)),
 }
+#: codecs that take (N, D) tokens: fuzzed on 17 tokens (a class token and a 4x4 grid)
+TOKEN_SHAPES = {"token-map": (17, 16)}
 SHIPPED = ["cifar10-fact_l0p1", "cifar10-robust_l0p1", "cifar10-hyper_l0p1",
            "cifar10-binary_m16"]  # fmt: skip
 MUTATIONS = ["flip", "flip2", "byte", "truncate", "extend", "random", "empty", "zstd_bomb",
@@ -62,7 +65,7 @@ def _codecs():
     g = torch.Generator().manual_seed(1)
     fit = torch.relu(torch.randn(32, *SHAPE, generator=g))
     for name in sorted(CODECS):
-        shape = (3, 16, 16) if name in ("jpeg", "webp") else SHAPE
+        shape = (3, 16, 16) if name in ("jpeg", "webp") else TOKEN_SHAPES.get(name, SHAPE)
         kwargs = dict(KWARGS.get(name, {}))
         if name.startswith("exit-"):  # device-answer codecs need the device's exit branch
             torch.manual_seed(0)

@@ -173,7 +173,8 @@ def cmd_info(args) -> int:
             for m in fam.info()]  # fmt: skip
     print(_table(rows, ["member", "params", "MFLOPs"]))
     for p in range(1, fam.num_members + 1):
-        print(f"split point {p}: features {fam.feature_shape(p)}, "
+        shape = fam.feature_shape(p)
+        print(f"split point {p}: features {tuple(shape)} ({getattr(shape, 'layout', 'chw')}), "
               f"head {fam.head_flops(p) / 1e6:.2f} MFLOPs")  # fmt: skip
     return 0
 
@@ -291,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print each member's parameters and FLOPs, and the feature shape and "
         "device FLOPs at every split point (built from the architecture: no weights are "
         "loaded).")
-    i.add_argument("--family", default="cifar10", choices=["cifar10", "digits"],
+    i.add_argument("--family", default="cifar10", choices=["cifar10", "cifar10-vit", "digits"],
                    help="which family (default cifar10)")
     i.set_defaults(func=cmd_info)
     return p
