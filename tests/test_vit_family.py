@@ -119,3 +119,32 @@ def test_shipped_vit_family_loads_and_is_accurate(cifar10):
     fam = load_pretrained("cifar10-vit")
     accs = evaluate_family(fam, cifar10[1].subset(1000, seed=0))
     assert accs[0] < accs[2] and accs[2] >= 0.75, accs
+
+
+def _vit_codecs() -> list[str]:
+    from flowcodec.codecs.zoo import list_pretrained
+
+    return [n for n in list_pretrained() if n.startswith("cifar10vit-")]
+
+
+@pytest.mark.skipif(not (ZOO_DIR / "cifar10-vit-family.json").is_file(),
+                    reason="the ViT family is not in this checkout's zoo")
+@pytest.mark.data
+@pytest.mark.parametrize("name", _vit_codecs())
+def test_shipped_vit_token_codecs_round_trip(cifar10, name):
+    """Every shipped ViT token codec decodes what it sends (equal to forward in eval mode),
+    on real tokens of the shipped family, and a lost packet is concealed, not fatal."""
+    from flowcodec.codecs.zoo import load_pretrained_codec
+    from flowcodec.family import load_pretrained
+
+    fam = load_pretrained("cifar10-vit")
+    codec = load_pretrained_codec(name).eval()
+    x, _ = next(cifar10[1].batches(16))
+    with torch.no_grad():
+        h = fam.features(x, 2)
+        want = codec(h).features
+    streams = codec.compress(h)
+    torch.testing.assert_close(codec.decompress(streams), want, atol=1e-4, rtol=1e-4)
+    streams[0].packets[0] = None
+    got = codec.decompress(streams)
+    assert got.shape == h.shape and torch.isfinite(got).all()
