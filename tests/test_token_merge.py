@@ -239,10 +239,17 @@ def test_hostile_streams_raise_bitstream_errors():
         codec.decompress([_ready(clusters=5).compress(_tokens(1))[0]])
     with pytest.raises(BitstreamError, match="packets"):
         codec.decompress([Bitstream(s.header, [p0])])
+    with pytest.raises(BitstreamError, match="class token"):
+        codec.decompress([Bitstream(s.header, [p1, p0])])  # packet 0 without token 0
+    # without keep_first both packets share one code: swapped or repeated packets decode
+    # on their own, and the stream as a whole is refused
+    free = _ready(keep_first=False)
+    f0, f1 = free.compress(_tokens(1, seed=12))[0].packets
+    hdr = free.compress(_tokens(1, seed=12))[0].header
     with pytest.raises(BitstreamError, match="another packet"):
-        codec.decompress([Bitstream(s.header, [p0, p0])])  # positions claimed twice
+        free.decompress([Bitstream(hdr, [f0, f0])])  # positions claimed twice
     with pytest.raises(BitstreamError, match="numbered"):
-        codec.decompress([Bitstream(s.header, [p1, p0])])  # both decode, order is wrong
+        free.decompress([Bitstream(hdr, [f1, f0])])  # both decode, order is wrong
     with pytest.raises(BitstreamError):
         codec.decompress([Bitstream(s.header, [p0[:-3], p1])])  # truncated payload
     with pytest.raises(BitstreamError):
@@ -368,3 +375,24 @@ def test_training_at_a_vit_cut_lowers_the_loss():
         assert torch.allclose(codec.decompress(streams), codec(split.head(held)).features,
                               atol=1e-4)  # fmt: skip
     assert all(m.training is False for m in model.modules())
+
+
+def test_keep_first_codes_the_class_token_alone_for_free():
+    """With keep_first, token 0 is cluster 0 by construction: packet 0's assignment code
+    covers only the other members, so K = 2 sends the partition in no bits at all, and
+    the exact side bits of forward's rate are the stream's."""
+    from flowcodec.codecs.token import encode_positions
+
+    n = SHAPE[0]
+    codec = _ready(clusters=2, packets=1)
+    t = _tokens(3, seed=4)
+    side = codec._side_bits(codec.cluster(t))
+    assert side.tolist() == [8.0 * len(encode_positions(range(n), n))] * 3
+    for s in codec.compress(t):
+        assert s.packets[0].startswith(encode_positions(range(n), n))
+    k4 = _ready(clusters=4, packets=1)
+    lab = k4.cluster(t)
+    want = -(-assignment_bits(n - 1, 3) // 8) + len(encode_positions(range(n), n))
+    assert k4._side_bits(lab).tolist() == [8.0 * want] * 3
+    torch.testing.assert_close(k4.decompress(k4.compress(t)), k4(t).features, atol=1e-5,
+                               rtol=1e-5)  # fmt: skip

@@ -267,6 +267,7 @@ class TokenMergeCodec(TokenCodecBase):
         return {**super().config(), "clusters": self.clusters, "neighbors": self.neighbors,
                 "latent": self.latent, "hidden": self.hidden, "packets": self.packets,
                 "keep_first": self.keep_first, "weighted": self.weighted,
+                **({"first_alone": True} if self.keep_first else {}),
                 **self._prior_config()}  # fmt: skip
 
     @property
@@ -300,6 +301,11 @@ class TokenMergeCodec(TokenCodecBase):
     def _cluster_ids(self, p: int) -> range:
         return range(p, self.clusters, self.packets)
 
+    def _first_alone(self, p: int) -> bool:
+        """Packet ``p`` holds cluster 0, which is token 0 alone (``keep_first``): its
+        assignment code covers only the other members and clusters."""
+        return self.keep_first and p == 0
+
     def _side_bits(self, lab: torch.Tensor) -> torch.Tensor:
         """Exact bits of the position and assignment codes, per sample."""
         pk = lab.cpu() % self.packets
@@ -308,8 +314,9 @@ class TokenMergeCodec(TokenCodecBase):
             counts = torch.bincount(pk[b], minlength=self.packets).tolist()
             for p, m in enumerate(counts):
                 k = len(self._cluster_ids(p))
+                mm, kk = (m - 1, k - 1) if self._first_alone(p) else (m, k)
                 out[b] += 8 * (-(-position_bits(m, self.n_tokens) // 8)
-                               - (-assignment_bits(m, k) // 8))  # fmt: skip
+                               - (-assignment_bits(mm, kk) // 8 if kk else 0))  # fmt: skip
         return out
 
     # --- the three calls -------------------------------------------------------------------
@@ -351,7 +358,10 @@ class TokenMergeCodec(TokenCodecBase):
                 members = (row % self.packets == p).nonzero().squeeze(1)
                 local = (row[members] // self.packets).tolist()  # canonical within the packet
                 data = encode_positions(members.tolist(), self.n_tokens)
-                data += encode_assignment(local, len(ids))
+                if not self._first_alone(p):
+                    data += encode_assignment(local, len(ids))
+                elif len(ids) > 1:  # position 0 is cluster 0 by construction: code the rest
+                    data += encode_assignment([v - 1 for v in local[1:]], len(ids) - 1)
                 s = sym[b][:, ids].T  # (k, M), cluster-major
                 data += self._encode_tokens(model, tables, s, cidx[b])
                 packets.append(data)
@@ -366,7 +376,15 @@ class TokenMergeCodec(TokenCodecBase):
         if len(members) < k:
             raise BitstreamError(f"token-merge packet {p}: {len(members)} positions for {k} "
                                  "clusters")  # fmt: skip
-        local, used2 = decode_assignment(data[used:], len(members), k)
+        if not self._first_alone(p):
+            local, used2 = decode_assignment(data[used:], len(members), k)
+        else:
+            if members[0] != 0 or (k == 1 and len(members) != 1):
+                raise BitstreamError(f"token-merge packet {p}: the class token is not a "
+                                     "cluster of its own")  # fmt: skip
+            rest, used2 = (decode_assignment(data[used:], len(members) - 1, k - 1)
+                           if k > 1 else ([], 0))  # fmt: skip
+            local = [0] + [v + 1 for v in rest]
         start = used + used2
         sym = self._decode_tokens(tables, bytes(data[start:]), cidx, k)
         return members, [p + self.packets * j for j in local], sym
