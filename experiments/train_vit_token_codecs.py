@@ -29,6 +29,9 @@ MODELS: dict[str, tuple[str, dict, dict]] = {
                  {"lam": 0.5}),
     "merge_k8": ("token-merge", {"clusters": 8, "latent": 8, "hidden": 64, "packets": 1},
                  {"lam": 0.5}),
+    # a wider latent (16 values per merged token, the class token's included)
+    "merge_k8_l16": ("token-merge", {"clusters": 8, "latent": 16, "hidden": 64, "packets": 1},
+                     {"lam": 0.5}),
     "prune": ("token-prune", {"latent": 8, "hidden": 64, "packets": 1}, {"lam": 0.5}),
     # every token kept (the threshold is below any logit): the all-token learned codec
     "all": ("token-prune", {"latent": 8, "hidden": 64, "packets": 1, "threshold": -1e9},

@@ -492,7 +492,7 @@ def validate_latency_config(cfg: Any, source: str = "latency config") -> dict:
         "framing": Str(choices=("sample", "session")),
         "floor_points": Num(lo=0, hi=100, note="accuracy floor: points below cloud only"),
         "cell_seeds": Bool(),
-        "family": Str(choices=known["families"]),
+        "family": Str(choices=known["families"], optional=True),
     }, required=("dataset", "options", "input_codec", "fixed_split"))  # fmt: skip
     errors: list[str] = []
     schema.check(cfg, "", errors)

@@ -348,6 +348,19 @@ def test_every_encoder_returns_or_raises_a_named_error_for_any_magnitude(name, v
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("value", [6868074240.0, -6868074240.0, 1e38])
+def test_hyperprior_decodes_its_own_stream_of_huge_features(value):
+    """z's symbols are clamped to their table's range before they set y's scales (found by
+    the property test above: the encoder used unclamped z, the decoder the clamped one,
+    and y's tables no longer matched)."""
+    codec = ready("hyperprior")
+    g = torch.Generator().manual_seed(0)
+    h = _features(2, seed=0)
+    h = torch.where(torch.rand(h.shape, generator=g) < 0.5, torch.full_like(h, value), h)
+    out = codec.decompress([Bitstream.from_bytes(s.to_bytes()) for s in codec.compress(h)])
+    assert torch.isfinite(out).all()
+
+
 # --- hole 6: non-finite decoded features -------------------------------------------------------
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_raw_stream_of_inf_and_nan_decodes_to_concealment_not_non_finite(dtype):

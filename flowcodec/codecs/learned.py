@@ -284,14 +284,19 @@ class HyperpriorCodec(LearnedCodec):
         dev = self._device()
         y = self.g_a(h.to(dev))
         z = self.h_a(y)
-        zsym = eb_symbols(self.entropy_bottleneck, z)
+        zt, yt = _tables_of(self.entropy_bottleneck), _tables_of(self.gaussian_conditional)
+        # z's symbols as the coder will send them (clamped to each table's range), so the
+        # scales that index y's tables are the ones the decoder computes from what it reads
+        lo = torch.as_tensor(zt.lo[: self.hyper], device=dev).view(1, -1, 1, 1)
+        hi = torch.as_tensor(zt.hi[: self.hyper], device=dev).view(1, -1, 1, 1)
+        zsym = torch.minimum(torch.maximum(eb_symbols(self.entropy_bottleneck, z).long(), lo),
+                             hi).int()  # fmt: skip
         z_hat = zsym.float() + self.entropy_bottleneck.quantiles[:, 0, 1].view(1, -1, 1, 1)
         means, scales = self._params(z_hat)
         idx = self.gaussian_conditional.build_indexes(scales).cpu()
         ysym = to_symbols(y - means).cpu()
         zsym = zsym.cpu()
         zidx = torch.arange(self.hyper, dtype=torch.int32).view(1, -1, 1, 1).expand_as(zsym)
-        zt, yt = _tables_of(self.entropy_bottleneck), _tables_of(self.gaussian_conditional)
         header = self._header()
         out = []
         for b in range(len(ysym)):
