@@ -31,7 +31,7 @@ def _codecs(train_mean, train_std, fit):
         ("webp-q90", build_codec("webp", (3, 32, 32), quality=90, mean=train_mean,
                                  std=train_std), 0),
     ]  # fmt: skip
-    for name in ("cifar10-fact_l0p1", "cifar10-hyper_l0p1", "cifar10-robust_l0p1",
+    for name in ("cifar10-fact_l0p1", "cifar10-robust_l0p1",
                  "cifar10-binary_m16"):  # fmt: skip
         if name in list_pretrained():
             out.append((name.removeprefix("cifar10-"), load_pretrained_codec(name), 1))

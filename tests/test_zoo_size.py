@@ -1,18 +1,14 @@
-"""The shipped zoo (family and codec checkpoints in the wheel) stays under 34 MB.
-
-The limit was 30 MB with one family; the ViT family (float16, about 2 MB) and its token
-codecs raised it to 34 MB. A wheel that size is still far below PyPI's 100 MB default.
-"""
+"""The shipped zoo (family and codec checkpoints in the wheel) stays under 30 MB."""
 
 from pathlib import Path
 
 import flowcodec
 
 ZOO = Path(flowcodec.__file__).parent / "zoo"
-LIMIT = 34_000_000  # bytes
+LIMIT = 30_000_000  # bytes
 
 
-def test_the_shipped_zoo_is_under_34_mb():
+def test_the_shipped_zoo_is_under_30_mb():
     files = [p for p in ZOO.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")]
     assert files, f"no checkpoints under {ZOO}"
     total = sum(p.stat().st_size for p in files)
