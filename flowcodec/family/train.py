@@ -167,21 +167,20 @@ def train_family(
 
 
 def _criterion(cfg: TrainConfig, teacher: nn.Module | None, dev: torch.device):
-    """``crit(logits, labels, inputs)``: cross-entropy, mixed with distillation if asked."""
+    """``crit(exit_logits, labels, inputs)`` -> one loss per exit: cross-entropy, mixed with
+    distillation from one teacher pass per batch if asked."""
     ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     if teacher is None or cfg.distill == 0:
-        return lambda o, y, x: ce(o, y)
+        return lambda outs, y, x: [ce(o, y) for o in outs]
+    from flowcodec.codecs.train import _kd_loss
+
     teacher = teacher.to(dev).eval().requires_grad_(False)
     a, t = cfg.distill, cfg.temperature
-    cache: dict = {}
 
-    def crit(o, y, x):
-        if cache.get("x") is not x:  # one teacher pass per batch, shared by every exit
-            with torch.no_grad():
-                cache.update(x=x, p=torch.log_softmax(teacher(x).float() / t, 1))
-        kd = nn.functional.kl_div(torch.log_softmax(o / t, 1), cache["p"], log_target=True,
-                                  reduction="batchmean")  # fmt: skip
-        return (1 - a) * ce(o, y) + a * t * t * kd
+    def crit(outs, y, x):
+        with torch.no_grad():
+            soft = teacher(x).float()
+        return [(1 - a) * ce(o, y) + a * _kd_loss(o, soft, t) for o in outs]
 
     return crit
 
@@ -195,7 +194,8 @@ def _epochs(first, cfg, train, gen, dev, dist, model, family, weights, wsum, cri
             x, y = dist.shard(x, y)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
                 outs = model(x)
-                loss = sum(w * crit(o.float(), y, x) for w, o in zip(weights, outs)) / wsum
+                losses = crit([o.float() for o in outs], y, x)
+                loss = sum(w * v for w, v in zip(weights, losses)) / wsum
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
