@@ -449,20 +449,44 @@ def _channel_rows(cfg: dict, ctx: _RDContext, label: str, codec, p: int, group: 
 _WORKER_CONTEXTS: dict = {}
 
 
+def _worker_context(cfg: dict, n: int | None) -> tuple:
+    """This worker process's context for a run and its memo of the frozen modules (as the
+    serial run keeps one), built once per run."""
+    key = (json.dumps(cfg, sort_keys=True), n)
+    if key not in _WORKER_CONTEXTS:
+        _WORKER_CONTEXTS.clear()  # one run's context at a time
+        memos: dict = {}
+
+        def memo(module, role):
+            if role not in memos or memos[role].module is not module:
+                memos[role] = _Memo(module)
+            return memos[role]
+
+        _WORKER_CONTEXTS[key] = (_RDContext(cfg, n, progress=False), memo)
+    return _WORKER_CONTEXTS[key]
+
+
+def rd_warm(cfg: dict, n: int | None, device: str = "cpu") -> int:
+    """A Ray worker's warm-up before its first unit: import, load the family and data, and
+    split the family (with the baselines' fitting features) at every point the config
+    uses. Returns the number of split points prepared."""
+    ctx, _ = _worker_context(cfg, n)
+    points = {ctx.point} | {job[2] for job in _build_jobs(cfg, ctx, False, device)}
+    for p in sorted(points):
+        ctx.split(p)
+    return len(points)
+
+
 def rd_unit(cfg: dict, n: int | None, index: int, device: str = "cpu") -> dict:
     """One unit of an rd run, as a Ray task runs it: ``index`` -1 is the reference row,
     ``index`` i >= 0 the i-th job (codec entry or sweep point) with its channel rows.
     The family and data are loaded by name once per worker process."""
-    key = (json.dumps(cfg, sort_keys=True), n)
-    if key not in _WORKER_CONTEXTS:
-        _WORKER_CONTEXTS.clear()  # one run's context at a time
-        _WORKER_CONTEXTS[key] = _RDContext(cfg, n, progress=False)
-    ctx = _WORKER_CONTEXTS[key]
+    ctx, memo = _worker_context(cfg, n)
     if index < 0:
         return {"row": _reference_row(ctx), "history": None, "channels": []}
     jobs = _build_jobs(cfg, ctx, False, device)
     job = jobs[index]
-    row, codec, hist = _measure(ctx, job)
+    row, codec, hist = _measure(ctx, job, memo)
     chan = _channel_rows(cfg, ctx, job[1], codec, job[2], row.group, row.source)
     return {"row": row, "history": hist, "channels": chan}
 
@@ -693,17 +717,21 @@ def plot_channel(rows: list[RDRow], path: Path) -> None:
 
 
 def cmd_rd(args) -> int:
-    import torch
-
-    torch.set_num_threads(max(1, args.threads))
-    from flowcodec.config import resolve_config
+    from flowcodec.config import resolve_config, validate_rd_config
     from flowcodec.scale.ray_engine import SweepFailed, engine_from_args
 
     cfg = load_config(resolve_config(args.config, "rd"))
+    validate_rd_config(cfg)  # a bad config fails before Ray starts
     engine = engine_from_args(args)
+    if engine is not None:
+        # Ray starts in the background while this process imports torch and loads the
+        # family and data; then each worker warms up (the same loading) side by side
+        engine.start(background=True)
+        engine.warm(rd_warm, cfg, args.n, args.device)
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
     try:
-        if engine is not None:
-            engine.start()
         rows = run_rd(cfg, args.out, progress=not args.no_progress, n=args.n,
                       device=args.device, baselines=args.baselines, engine=engine)  # fmt: skip
     except SweepFailed as e:

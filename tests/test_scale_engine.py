@@ -33,6 +33,14 @@ def test_without_ray_the_engine_says_how_to_install_it(monkeypatch):
     assert "flowcodec[ray]" in INSTALL_HINT
 
 
+def test_a_start_in_the_background_raises_its_error_where_the_engine_is_used(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError in the thread
+    eng = RayEngine(workers=2, progress=False).start(background=True)
+    with pytest.raises(RuntimeError, match=r"pip install 'flowcodec\[ray\]'"):
+        eng.map(abs, [(-1,)])
+    eng.close()  # nothing was started: closing is a no-op
+
+
 @pytest.mark.parametrize("workers", [0, -1, 1.5, True])
 def test_engine_workers_must_be_a_positive_integer(workers):
     with pytest.raises(ConfigError, match="workers"):

@@ -72,6 +72,26 @@ def test_a_unit_whose_worker_dies_on_every_try_is_reported_and_the_rest_complete
     assert results == [None] and failures[0].label == "doomed" and ok == [4]
 
 
+def _sleep_then_pid(seconds):
+    import time
+
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_warm_up_runs_on_each_worker_before_the_units_and_its_error_is_not_raised(engine):
+    eng = RayEngine(workers=2, progress=False).start(background=True)  # the running instance
+    eng.warm(_sleep_then_pid, 0.3)
+    eng.warm(_square, 3)  # raises in the worker: the units still run
+    results, failures = eng.map(_square, [(i,) for i in range(4) if i != 3])
+    assert failures == [] and results == [0, 1, 4]
+    eng._collect_warm(wait=True)
+    assert eng.stats.warm_s >= 0.3
+    assert "warm-up" in eng.stats.summary()
+    eng.close()
+    assert ray.is_initialized()  # a caller's instance is left running
+
+
 def _rd_cfg():
     cfg = json.loads(open("experiments/rd_digits.json").read())
     keep = {"quant+zstd", "pca+quant+zstd", "jpeg (input)", "robust 4 packets (learned)"}

@@ -29,6 +29,7 @@ Example
 from __future__ import annotations
 
 import os
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -102,6 +103,8 @@ class EngineStats:
     and wall time)."""
 
     startup_s: float = 0.0
+    #: the longest warm-up unit (:meth:`RayEngine.warm`), 0 without one
+    warm_s: float = 0.0
     units: int = 0
     wall_s: float = 0.0
     unit_seconds: dict[int, float] = field(default_factory=dict)
@@ -119,7 +122,8 @@ class EngineStats:
                     default=0.0)  # fmt: skip
         calls = "" if len(self.maps) < 2 else "; " + ", ".join(
             f"{d}: {n} units in {w:.1f} s" for d, n, w in self.maps)
-        return (f"start-up {self.startup_s:.1f} s, {self.units} units in {self.wall_s:.1f} s "
+        warm = f", warm-up {self.warm_s:.1f} s per worker" if self.warm_s else ""
+        return (f"start-up {self.startup_s:.1f} s{warm}, {self.units} units in {self.wall_s:.1f} s "
                 f"({inside:.1f} s inside units on {len(self.workers_seen)} worker processes; "
                 f"the first unit started {first:.1f} s after submission{calls})")
 
@@ -166,17 +170,84 @@ class RayEngine:
         self.stats = EngineStats()
         self._started = False
         self._ray = None
+        self._thread = None  # a start in the background (start(background=True))
+        self._start_error: BaseException | None = None
+        self._warm: list = []  # warm-up units not yet submitted
+        self._lock = threading.Lock()
+        self._warm_refs: list = []
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> RayEngine:
-        """Start a local Ray instance (or join ``address``); records ``stats.startup_s``."""
+    def start(self, background: bool = False) -> RayEngine:
+        """Start a local Ray instance (or join ``address``); records ``stats.startup_s``.
+
+        ``background=True`` returns at once and starts Ray in a thread, so the caller can
+        load its own data meanwhile (Ray's start is mostly waiting for its helper
+        processes); :meth:`map`, :meth:`put` and :meth:`wait_started` wait for it, and an
+        error in the start is raised there. Units given to :meth:`warm` are submitted as
+        soon as Ray is up.
+        """
+        if self._thread is not None or self._started:
+            return self
+        if not background:
+            self._start()
+            return self
+
+        def run():
+            try:
+                self._start()
+            except BaseException as e:  # raised again by wait_started, in the caller
+                self._start_error = e
+
+        self._thread = threading.Thread(target=run, name="ray-start", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_started(self) -> None:
+        """Wait for a start in the background; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._start_error is not None:
+            err, self._start_error = self._start_error, None
+            raise err
+        if self._ray is None:
+            self._start()
+        self._submit_warm()
+
+    def warm(self, fn: Callable, *args) -> None:
+        """Run ``fn(*args)`` once on each of the local instance's ``workers`` worker
+        processes, before any unit: a cache warm-up (import torch and flowcodec, load the
+        family and data into the worker's cache) that overlaps what the driver does
+        before it submits the units. Each warm-up task takes one unit's CPUs, so the
+        ``workers`` of them start side by side in separate processes, and the units run
+        in those processes afterwards. Its time is ``stats.warm_s``; an error in a warm-up
+        is not raised (the units meet it again and report it)."""
+        with self._lock:
+            self._warm.append((fn, args))
+        if self._ray is not None and self._ray.is_initialized():
+            self._submit_warm()  # else the start submits it
+
+    def _submit_warm(self) -> None:
+        """Submit the warm-ups not yet submitted (from the caller or the start thread)."""
+        with self._lock:
+            pending, self._warm = self._warm, []
+            if not pending:
+                return
+            remote = self._ray.remote(_run_unit).options(
+                num_cpus=self.cpus_per_unit, num_gpus=self.gpus_per_unit, max_retries=0)
+            n = 1 if self.address else self.workers
+            for fn, args in pending:
+                self._warm_refs += [remote.remote(fn, self.threads, *args) for _ in range(n)]
+
+    def _start(self) -> None:
         try:
             import ray
         except ImportError as e:
             raise RuntimeError(INSTALL_HINT) from e
         self._ray = ray
         if ray.is_initialized():  # a caller's own instance: use it, leave it running
-            return self
+            self._submit_warm()
+            return
         env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
         t0 = time.perf_counter()
         kwargs = dict(log_to_driver=False, runtime_env={"env_vars": env} if env else None)
@@ -190,6 +261,7 @@ class RayEngine:
                          include_dashboard=False,
                          _system_config={"worker_niceness": os.nice(0)}, **kwargs)  # fmt: skip
         except Exception as e:  # Ray raises plain Exception / ConnectionError here
+            self._ray = None
             where = f"join the Ray cluster at {self.address}" if self.address else (
                 f"start a local Ray instance with {self.workers} CPUs")
             raise RuntimeError(
@@ -198,13 +270,33 @@ class RayEngine:
                 f"or start a cluster with `ray start --head` and pass --address") from e
         self.stats.startup_s = time.perf_counter() - t0
         self._started = True
-        return self
+        self._submit_warm()
 
     def close(self) -> None:
         """Stop the local instance this engine started (a joined cluster keeps running)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._collect_warm(wait=False)
         if self._started and self._ray is not None:
             self._ray.shutdown()
         self._started = False
+
+    def _collect_warm(self, wait: bool) -> None:
+        """Record the finished warm-ups' time in ``stats.warm_s`` (``wait``: wait for all)."""
+        if not self._warm_refs or self._ray is None:
+            return
+        ray = self._ray
+        done, rest = ray.wait(self._warm_refs, num_returns=len(self._warm_refs),
+                              timeout=None if wait else 0)  # fmt: skip
+        for ref in done:
+            try:
+                _, secs, pid, _, _ = ray.get(ref)
+            except Exception:  # the units report the same error
+                continue
+            self.stats.warm_s = max(self.stats.warm_s, secs)
+            self.stats.workers_seen.add(pid)
+        self._warm_refs = list(rest)
 
     def __enter__(self) -> RayEngine:
         return self.start()
@@ -216,8 +308,7 @@ class RayEngine:
         """Put ``obj`` in Ray's object store once; pass the returned reference among a
         unit's arguments to :meth:`map` and the unit gets ``obj`` (e.g. a codec trained by
         an earlier unit, handed to many units without pickling it for each)."""
-        if self._ray is None:
-            self.start()
+        self.wait_started()
         return self._ray.put(obj)
 
     # -- running units ---------------------------------------------------------------------
@@ -234,8 +325,7 @@ class RayEngine:
         """
         from flowcodec.progress import tqdm
 
-        if self._ray is None:
-            self.start()
+        self.wait_started()
         ray = self._ray
         n = len(args)
         labels = list(labels) if labels is not None else [f"unit {i}" for i in range(n)]
@@ -272,6 +362,7 @@ class RayEngine:
                     bar.update(1)
                     bar.set_postfix_str(labels[i])
         self.stats.wall_s += time.perf_counter() - t0
+        self._collect_warm(wait=False)
         self.stats.maps.append((desc, n, time.perf_counter() - t0))
         failures.sort(key=lambda f: f.index)
         return results, failures
