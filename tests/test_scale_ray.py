@@ -198,3 +198,27 @@ def test_the_cli_runs_rd_on_ray_and_reports_start_up(tmp_path, digits_family, ca
     err = capsys.readouterr().err
     assert "ray: start-up" in err and "3 units" in err
     assert ray.is_initialized()
+
+
+_FRESH_START = """
+import time
+from flowcodec.scale.ray_engine import RayEngine
+eng = RayEngine(workers=1, progress=False).start(background=True)
+eng.wait_started()
+time.sleep(3)  # the start thread would have ended by now
+results, failures = eng.map(abs, [(-2,), (5,)])
+eng.close()
+print("results", results, len(failures))
+"""
+
+
+def test_a_background_start_keeps_its_own_instance_alive_until_close(engine):
+    # Ray's helper processes get a parent-death signal bound to the thread that started
+    # them: a start thread that ended at once took the fresh instance down with it. The
+    # module's instance is running here, so the fresh one is started in a new process.
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _FRESH_START], capture_output=True,
+                         text=True, timeout=240)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "results [2, 5] 0" in out.stdout

@@ -171,6 +171,8 @@ class RayEngine:
         self._started = False
         self._ray = None
         self._thread = None  # a start in the background (start(background=True))
+        self._up = threading.Event()  # set when the background start has finished
+        self._release = threading.Event()  # lets the start thread end (in close)
         self._start_error: BaseException | None = None
         self._warm: list = []  # warm-up units not yet submitted
         self._lock = threading.Lock()
@@ -197,6 +199,12 @@ class RayEngine:
                 self._start()
             except BaseException as e:  # raised again by wait_started, in the caller
                 self._start_error = e
+            finally:
+                self._up.set()
+            # Ray's helper processes (GCS, raylet) are started with a parent-death signal,
+            # which Linux sends when the *thread* that started them ends, not the process:
+            # so this thread lives until close() has shut Ray down.
+            self._release.wait()
 
         self._thread = threading.Thread(target=run, name="ray-start", daemon=True)
         self._thread.start()
@@ -205,8 +213,7 @@ class RayEngine:
     def wait_started(self) -> None:
         """Wait for a start in the background; raise its error if it failed."""
         if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+            self._up.wait()
         if self._start_error is not None:
             err, self._start_error = self._start_error, None
             raise err
@@ -275,12 +282,15 @@ class RayEngine:
     def close(self) -> None:
         """Stop the local instance this engine started (a joined cluster keeps running)."""
         if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+            self._up.wait()
         self._collect_warm(wait=False)
         if self._started and self._ray is not None:
             self._ray.shutdown()
         self._started = False
+        if self._thread is not None:  # after the shutdown: the start thread may now end
+            self._release.set()
+            self._thread.join()
+            self._thread = None
 
     def _collect_warm(self, wait: bool) -> None:
         """Record the finished warm-ups' time in ``stats.warm_s`` (``wait``: wait for all)."""
