@@ -6,10 +6,17 @@ In one run, on the same machine and with the same thread count:
    of `--max-batch` pre-encoded samples, in this process: samples per second;
 2. saturation: the server in a child process, N=64 devices keeping 2 requests each in
    flight (closed loop): answers per second, and its ratio to (1) (target: >= 0.8);
+   with `--samples-per-request S` above 1, a second saturation phase where each call is
+   an `InferBatch` of S samples (`--sat-devices` devices x `--sat-in-flight` calls; by
+   default 64 // S devices, so about as many samples are outstanding as in the
+   single-sample phase): samples per second and its ratio to (1);
 3. offered load: for each N in `--devices`, Poisson arrivals at fractions of the
    saturation throughput (open loop): throughput, p50 and p99 latency (from the scheduled
    send time to the answer), and every request counted: answered, refused (queue full),
    failed, answered twice.
+
+`--pin` pins the server to CPU 1 and this process (the load generator) to CPU 0, so
+that the two do not share a core (skipped, with a note, where affinity is unsupported).
 
 Writes `OUT/bench_serve_FAMILY.csv` and `.json` and the plot `--plot`. Run it with the
 cores free (through the CPU lock):
@@ -23,6 +30,7 @@ import argparse
 import asyncio
 import csv
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -32,11 +40,11 @@ import torch
 from flowcodec.data import load_dataset
 from flowcodec.family import load_pretrained
 from flowcodec.progress import tqdm
-from flowcodec.serve.bench import closed_loop, open_loop, request_pool, spawn
+from flowcodec.serve.bench import closed_loop, open_loop, pin_to_cpu, request_pool, spawn
 from flowcodec.serve.cli import build_codec_from_args
 from flowcodec.serve.engine import TierEngine, TierSpec
 from flowcodec.serve.server import freeze_heap
-from flowcodec.serve.wire import parse_request
+from flowcodec.serve.wire import MAX_BATCH_SAMPLES, parse_request
 
 
 def offline_throughput(engine: TierEngine, pool: list[bytes], batch: int,
@@ -67,9 +75,24 @@ def main() -> None:
     ap.add_argument("--batches-in-flight", type=int, default=2, help="the server's (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (server and offline)")
     ap.add_argument("--pool", type=int, default=512, help="distinct test samples")
+    ap.add_argument("--samples-per-request", type=int, default=1, metavar="S",
+                    help="samples per call in a second saturation phase (InferBatch); "
+                    "1 (default): single-sample calls only, as before")
+    ap.add_argument("--sat-devices", type=int, default=0,
+                    help="devices of the S-sample saturation phase (default 64 // S)")
+    ap.add_argument("--sat-in-flight", type=int, default=2,
+                    help="calls each device keeps in flight there (default 2)")
+    ap.add_argument("--pin", action="store_true",
+                    help="pin the server to CPU 1 and the load generator to CPU 0")
     ap.add_argument("--out", default="runs/bench_serve")
     ap.add_argument("--plot", default=None, help="default docs/img/serve_load_FAMILY.png")
     args = ap.parse_args()
+    spr = args.samples_per_request
+    if not 1 <= spr <= MAX_BATCH_SAMPLES:
+        ap.error(f"--samples-per-request must be in 1..{MAX_BATCH_SAMPLES}")
+    if args.sat_devices < 0 or args.sat_in_flight < 1:
+        ap.error("--sat-devices must be >= 0 (0: 64 // S) and --sat-in-flight >= 1")
+    sat_devices = args.sat_devices or max(1, 64 // spr)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,8 +115,20 @@ def main() -> None:
                              args.codec_kwargs, "--max-batch", str(args.max_batch),
                              "--max-wait-ms", str(args.max_wait_ms), "--queue",
                              str(args.queue), "--batches-in-flight",
-                             str(args.batches_in_flight)], threads=args.threads)  # fmt: skip
+                             str(args.batches_in_flight), "--max-samples-per-request",
+                             str(max(64, spr))], threads=args.threads)  # fmt: skip
+    pinned = "off"
+    if args.pin:
+        why = pin_to_cpu(server.proc.pid, 1)
+        if why is None and (why := pin_to_cpu(os.getpid(), 0)) is not None:
+            why = f"server on CPU 1, but the load generator not pinned: {why}"
+        pinned = "server CPU 1, load generator CPU 0" if why is None else f"skipped: {why}"
+        print(f"--pin: {pinned}", flush=True)
+    if spr > 1 and sat_devices * args.sat_in_flight * spr > args.queue:
+        print(f"note: {sat_devices} x {args.sat_in_flight} calls of {spr} samples exceed the "
+              f"queue of {args.queue}: calls that do not fit are refused (and counted)")
     rows: list[dict] = []
+    sat_b = None
     try:
         asyncio.run(closed_loop(server.address, pool, 8, 1.0))  # warm up
         sat = asyncio.run(closed_loop(server.address, pool, 64, max(3.0, args.seconds)))
@@ -101,6 +136,15 @@ def main() -> None:
         print(f"saturation (64 devices x 2 in flight): {sat.throughput:.0f} answers/s "
               f"= {ratio:.2f} of offline; p50 {sat.row()['p50_ms']} ms", flush=True)
         rows.append({"phase": "saturation", "load": "", **sat.row()})
+        if spr > 1:
+            sat_b = asyncio.run(closed_loop(server.address, pool, sat_devices,
+                                            max(3.0, args.seconds), args.sat_in_flight,
+                                            samples_per_request=spr))  # fmt: skip
+            print(f"saturation ({sat_devices} devices x {args.sat_in_flight} calls of {spr} "
+                  f"samples): {sat_b.throughput:.0f} samples/s = "
+                  f"{sat_b.throughput / offline:.2f} of offline; p50 "
+                  f"{sat_b.row()['p50_ms']} ms", flush=True)  # fmt: skip
+            rows.append({"phase": "saturation_batched", "load": "", **sat_b.row()})
         grid = [(int(n), float(f)) for n in args.devices.split(",")
                 for f in args.loads.split(",")]  # fmt: skip
         for n, f in tqdm(grid, desc="load points"):
@@ -122,8 +166,13 @@ def main() -> None:
         "family": args.family, "point": args.point, "codec": args.codec,
         "codec_kwargs": args.codec_kwargs, "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms, "batches_in_flight": args.batches_in_flight,
-        "offline_per_s": round(offline, 1),
+        "offline_per_s": round(offline, 1), "queue": args.queue, "pinned": pinned,
         "saturation_per_s": round(sat.throughput, 1), "serving_ratio": round(ratio, 3),
+        "samples_per_request": spr,
+        "saturation_batched_per_s": round(sat_b.throughput, 1) if sat_b else None,
+        "serving_ratio_batched": round(sat_b.throughput / offline, 3) if sat_b else None,
+        "saturation_batched_calls": (f"{sat_devices} devices x {args.sat_in_flight} calls"
+                                     if sat_b else None),
         "worst_p99_over_p50_below_half_load": round(worst, 2),
         "requests_sent": sent, "requests_accounted": accounted, "answered_twice": dup,
     }  # fmt: skip
@@ -155,6 +204,9 @@ def _plot(rows: list[dict], summary: dict, path: Path) -> None:
                    label=f"p99, N={n}")  # fmt: skip
     ax[0].axhline(summary["offline_per_s"], color="k", ls=":", label="offline batched")
     ax[0].axhline(summary["saturation_per_s"], color="gray", ls="--", label="saturation")
+    if summary.get("saturation_batched_per_s"):
+        ax[0].axhline(summary["saturation_batched_per_s"], color="gray", ls="-.",
+                      label=f"saturation, {summary['samples_per_request']} samples/call")
     ax[0].set(xlabel="offered load (samples/s)", ylabel="answers/s",
               title=f"{summary['family']}: throughput")  # fmt: skip
     ax[1].set(xlabel="offered load (samples/s)", ylabel="latency (ms)", yscale="log",

@@ -18,7 +18,7 @@ _WHERE = {
     "Outcome": "engine", "TierEngine": "engine", "TierSpec": "engine",
     "LinkProxy": "proxy", "RemoteHop": "remote",
     "ServeConfig": "server", "ServerThread": "server", "TierServer": "server",
-    "LinkReport": "wire", "Request": "wire", "WireError": "wire",
+    "LinkReport": "wire", "Request": "wire", "SampleError": "wire", "WireError": "wire",
 }  # fmt: skip
 
 
@@ -37,6 +37,7 @@ __all__ = [
     "RemoteError",
     "RemoteHop",
     "Request",
+    "SampleError",
     "ServeConfig",
     "ServerThread",
     "TierClient",

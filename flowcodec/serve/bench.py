@@ -7,7 +7,11 @@
   device's work is not what a server benchmark measures);
 - :func:`open_loop` offers Poisson arrivals from ``N`` devices at a given total rate and
   :func:`closed_loop` keeps a fixed number of requests in flight; both count every
-  request (answered, refused, failed) and record the latency of each answer.
+  request (answered, refused, failed) and record the latency of each answer. With
+  ``samples_per_request=S`` above 1 each call is an ``InferBatch`` of ``S`` samples, and
+  every figure still counts samples (a call refused whole counts ``S`` refusals);
+- :func:`pin_to_cpu` pins a process (every thread of it) to one CPU, so that a server
+  and its load generator do not share a core.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import time
 from dataclasses import dataclass, field
 
 __all__ = ["Child", "spawn", "free_port", "request_pool", "LoadResult", "open_loop",
-           "closed_loop", "percentile", "rss_kib", "hostile_messages", "SlowSenders"]  # fmt: skip
+           "closed_loop", "percentile", "rss_kib", "hostile_messages", "SlowSenders",
+           "pin_to_cpu"]  # fmt: skip
 
 
 def free_port() -> int:
@@ -89,6 +94,31 @@ class Child:
         return "".join(self.log) + (out or "")
 
 
+def pin_to_cpu(pid: int, cpu: int) -> str | None:
+    """Pin process ``pid``, every thread it has now, to CPU ``cpu`` (threads it starts
+    later inherit the pin from the thread that starts them). Returns ``None`` when done,
+    or why nothing was pinned: no ``os.sched_setaffinity`` on this platform, ``cpu`` not
+    among the CPUs this process may use, or the kernel refused."""
+    if not hasattr(os, "sched_setaffinity"):
+        return "CPU affinity is not supported on this platform"
+    allowed = os.sched_getaffinity(0)
+    if cpu not in allowed:
+        return f"CPU {cpu} is not among the usable CPUs {sorted(allowed)}"
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:  # no /proc: the main thread only
+        tids = [pid]
+    try:
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, {cpu})
+            except ProcessLookupError:  # a thread that ended meanwhile
+                pass
+    except OSError as e:
+        return f"sched_setaffinity refused: {e}"
+    return None
+
+
 def spawn(command: str, args: list[str], port: int | None = None, threads: int = 1,
           timeout: float = 120.0) -> Child:  # fmt: skip
     """Start ``flowcodec COMMAND ARGS --port PORT`` and wait for its "listening" line."""
@@ -149,13 +179,15 @@ class LoadResult:
     duplicates: int = 0
     latencies_s: list[float] = field(default_factory=list)
     fail_reasons: dict[str, int] = field(default_factory=dict)
+    samples_per_request: int = 1
 
     @property
     def throughput(self) -> float:
         return self.answered / self.seconds if self.seconds > 0 else 0.0
 
     def row(self) -> dict:
-        return {"devices": self.devices, "offered_per_s": round(self.offered_per_s, 1),
+        return {"devices": self.devices, "samples_per_request": self.samples_per_request,
+                "offered_per_s": round(self.offered_per_s, 1),
                 "sent": self.sent, "answered": self.answered, "refused": self.refused,
                 "failed": self.failed, "duplicates": self.duplicates,
                 "throughput_per_s": round(self.throughput, 1),
@@ -190,29 +222,87 @@ async def _send(client, pool, i, rid_seen, res: LoadResult, timeout: float, t_sc
     res.latencies_s.append(time.perf_counter() - t_sched)
 
 
+async def _send_batch(client, pool, i, size: int, rid_seen, res: LoadResult, timeout: float,
+                      t_sched: float):  # fmt: skip
+    """One ``InferBatch`` call of ``size`` samples (pool entries ``i, i+1, ...``), each
+    with a request id of its own; every sample is counted as :func:`_send` counts one."""
+    from flowcodec.serve.client import RemoteError
+    from flowcodec.serve.wire import WireError
+
+    rids = list(range(res.sent, res.sent + size))
+    res.sent += size
+    reqs = []
+    for j, rid in enumerate(rids):
+        base = pool[(i + j) % len(pool)]
+        reqs.append(base[:5] + struct.pack("<Q", rid) + base[13:])  # the request id (wire.py)
+    try:
+        entries = await client.infer_batch(reqs, timeout)
+    except (RemoteError, WireError) as e:
+        reason = e.reason if isinstance(e, RemoteError) else "bad answer"
+        if reason == "overloaded":
+            res.refused += size
+        else:
+            res.failed += size
+            res.fail_reasons[reason] = res.fail_reasons.get(reason, 0) + size
+        return
+    took = time.perf_counter() - t_sched
+    for rid, ans in zip(rids, entries):
+        if isinstance(ans, RemoteError):
+            res.failed += 1
+            res.fail_reasons[ans.reason] = res.fail_reasons.get(ans.reason, 0) + 1
+        elif ans["rid"] != rid or rid in rid_seen:
+            res.duplicates += 1
+        else:
+            rid_seen.add(rid)
+            res.answered += 1
+            res.latencies_s.append(took)
+
+
+def _sender(samples_per_request: int):
+    """The coroutine function that sends one call: single-sample calls exactly as before
+    ``samples_per_request`` existed, else batch calls."""
+    from flowcodec.errors import ConfigError
+    from flowcodec.serve.wire import MAX_BATCH_SAMPLES
+
+    if not 1 <= samples_per_request <= MAX_BATCH_SAMPLES:
+        raise ConfigError(f"samples_per_request must be in 1..{MAX_BATCH_SAMPLES}")
+    if samples_per_request == 1:
+        return _send
+
+    async def send(client, pool, i, rid_seen, res, timeout, t_sched):
+        await _send_batch(client, pool, i, samples_per_request, rid_seen, res, timeout,
+                          t_sched)  # fmt: skip
+
+    return send
+
+
 async def open_loop(address: str, pool: list[bytes], devices: int, rate: float,
-                    seconds: float, timeout: float = 5.0, seed: int = 0) -> LoadResult:  # fmt: skip
-    """Each of ``devices`` devices sends Poisson arrivals at ``rate / devices`` per second
-    for ``seconds``; latency counts from the scheduled send time (so a late sender does not
-    hide queueing). Returns when every request has its answer or error."""
+                    seconds: float, timeout: float = 5.0, seed: int = 0,
+                    samples_per_request: int = 1) -> LoadResult:  # fmt: skip
+    """Each of ``devices`` devices sends Poisson arrivals at ``rate / devices`` samples per
+    second for ``seconds`` (in calls of ``samples_per_request`` samples, so calls arrive
+    at that rate divided by it); latency counts from the scheduled send time (so a late
+    sender does not hide queueing). Returns when every request has its answer or error."""
     from flowcodec.serve.client import AsyncTierClient
 
+    send = _sender(samples_per_request)
     clients = [AsyncTierClient(address) for _ in range(min(devices, 8))]
-    res = LoadResult(devices, rate, seconds)
+    res = LoadResult(devices, rate, seconds, samples_per_request=samples_per_request)
+    call_rate = rate / devices / samples_per_request
     seen: set[int] = set()
     tasks: list[asyncio.Task] = []
     start = time.perf_counter()
 
     async def device(d: int) -> None:
         rng = random.Random(seed * 1000 + d)
-        t = start + rng.expovariate(rate / devices)
+        t = start + rng.expovariate(call_rate)
         while t < start + seconds:
             delay = t - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_send(clients[d % len(clients)], pool, res.sent + d,
-                                                   seen, res, timeout, t)))  # fmt: skip
-            t += rng.expovariate(rate / devices)
+            tasks.append(asyncio.create_task(send(clients[d % len(clients)], pool, res.sent + d,
+                                                  seen, res, timeout, t)))  # fmt: skip
+            t += rng.expovariate(call_rate)
 
     await asyncio.gather(*(device(d) for d in range(devices)))
     if tasks:
@@ -224,20 +314,22 @@ async def open_loop(address: str, pool: list[bytes], devices: int, rate: float,
 
 
 async def closed_loop(address: str, pool: list[bytes], devices: int, seconds: float,
-                      in_flight: int = 2, timeout: float = 10.0) -> LoadResult:  # fmt: skip
-    """``devices`` devices each keep ``in_flight`` requests outstanding for ``seconds``
-    (saturation throughput)."""
+                      in_flight: int = 2, timeout: float = 10.0,
+                      samples_per_request: int = 1) -> LoadResult:  # fmt: skip
+    """``devices`` devices each keep ``in_flight`` calls of ``samples_per_request``
+    samples outstanding for ``seconds`` (saturation throughput, in samples per second)."""
     from flowcodec.serve.client import AsyncTierClient
 
+    send = _sender(samples_per_request)
     clients = [AsyncTierClient(address) for _ in range(min(devices, 8))]
-    res = LoadResult(devices, float("nan"), seconds)
+    res = LoadResult(devices, float("nan"), seconds, samples_per_request=samples_per_request)
     seen: set[int] = set()
     start = time.perf_counter()
 
     async def lane(k: int) -> None:
         while time.perf_counter() - start < seconds:
-            await _send(clients[k % len(clients)], pool, res.sent, seen, res, timeout,
-                        time.perf_counter())  # fmt: skip
+            await send(clients[k % len(clients)], pool, res.sent, seen, res, timeout,
+                       time.perf_counter())  # fmt: skip
 
     await asyncio.gather(*(lane(k) for k in range(devices * in_flight)))
     res.seconds = time.perf_counter() - start

@@ -69,6 +69,7 @@ def _serve_config(args):
     return ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch,
                        max_wait_s=args.max_wait_ms / 1e3, queue_size=args.queue,
                        batches_in_flight=getattr(args, "batches_in_flight", 2),
+                       max_samples_per_request=getattr(args, "max_samples_per_request", 64),
                        default_deadline_s=args.deadline_s, tls_cert=_read(args.tls_cert),
                        tls_key=_read(args.tls_key), next_address=getattr(args, "next", None),
                        next_framing=getattr(args, "next_framing", "sample"),
@@ -272,6 +273,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--batches-in-flight", type=int, default=2,
                    help="batches formed ahead of the worker: 1 forms the next only when the "
                    "last is answered (default 2)")
+    s.add_argument("--max-samples-per-request", type=int, default=64,
+                   help="most samples in one InferBatch call (default 64)")
     s.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     s.add_argument("--no-progress", action="store_true", help="hide progress bars")
     s.set_defaults(func=cmd_serve)

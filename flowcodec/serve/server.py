@@ -1,6 +1,7 @@
 """A tier (edge or cloud) as an asyncio gRPC server with dynamic batching.
 
-Each request is one sample (:mod:`flowcodec.serve.wire`). The server
+Each ``Infer`` request is one sample (:mod:`flowcodec.serve.wire`); an ``InferBatch``
+request carries several (up to ``max_samples_per_request``), see below. The server
 
 1. parses and checks it on arrival (a malformed request is answered ``INVALID_ARGUMENT``
    at once and never queued);
@@ -15,14 +16,29 @@ Each request is one sample (:mod:`flowcodec.serve.wire`). The server
    server within what is left of the request's deadline; when the next tier fails or is
    late it answers through its own exit and the answer says why (``fallback``).
 
+A batch call's samples are parsed one by one: bad framing (magic, count, lengths,
+trailing bytes) refuses the whole call ``INVALID_ARGUMENT``; a sample whose own envelope
+or stream is bad gets a per-sample error entry and the others are served. The valid
+samples go into the same queue as single-sample requests, so they batch with other
+clients' samples, and all of them or none: when the queue cannot take them all, the
+call is refused ``RESOURCE_EXHAUSTED`` with none of them queued (a device's frames stay
+together, and the caller falls back or retries as for one sample). The call's deadline
+covers all its samples; a sample still unanswered when it passes gets a per-sample
+``"deadline"`` entry, and the others are answered (when every sample of the call missed
+it, the call fails ``DEADLINE_EXCEEDED``, as a single-sample call does). The answer lists
+every sample in request order. The counters (``Stats``) count samples, whichever call
+carried them: ``received``, ``answered``, ``rejected``, ``overloaded``, ``deadline``,
+``failed``; ``batch_calls`` and ``batch_rejected`` (bad framing) count calls.
+
 Every request has a deadline: the caller's gRPC deadline, capped by
 ``default_deadline_s``. :meth:`TierServer.stop` drains: new requests get ``UNAVAILABLE``
 ("draining") while queued and running ones are answered, up to ``grace_s``.
 
 Limits that bound memory whatever the clients send: message size
 (``max_message_bytes``, checked by gRPC from the length prefix before the body is
-read), queue length, concurrent calls (``max_concurrent_rpcs``), and connection age
-(slow senders are cut off after ``max_connection_age_s`` plus a grace period).
+read), queue length, samples per call (``max_samples_per_request``), concurrent calls
+(``max_concurrent_rpcs``), and connection age (slow senders are cut off after
+``max_connection_age_s`` plus a grace period).
 """
 
 from __future__ import annotations
@@ -41,14 +57,19 @@ import grpc
 
 from flowcodec.bitstream import BitstreamError
 from flowcodec.errors import ConfigError
-from flowcodec.serve.client import AsyncTierClient, RemoteError
+from flowcodec.serve.client import AsyncTierClient, RemoteError, reason_of
 from flowcodec.serve.engine import TierEngine
 from flowcodec.serve.wire import (
+    MAX_BATCH_ANSWER_BYTES,
+    MAX_BATCH_SAMPLES,
     Request,
+    SampleError,
     WireError,
     encode_answer,
+    encode_batch_answer,
     encode_request,
     parse_answer,
+    parse_batch,
     parse_request,
 )
 
@@ -76,6 +97,9 @@ class ServeConfig:
     ``port`` 0 picks a free port. ``tls_cert``/``tls_key`` (PEM bytes) switch on TLS.
     ``next_address`` is the next tier's server (or a proxy in front of it); ``next_root_cert``
     its CA for TLS, ``next_server_name`` the name its certificate is checked against.
+    ``max_samples_per_request`` caps an ``InferBatch`` call's samples (a call over it is
+    refused whole); a call with more valid samples than ``queue_size`` can never be
+    queued and is always refused ``RESOURCE_EXHAUSTED``.
     """
 
     host: str = "127.0.0.1"
@@ -88,6 +112,7 @@ class ServeConfig:
     forward_margin_s: float = 0.005
     max_message_bytes: int = 1 << 20
     max_concurrent_rpcs: int = 1024
+    max_samples_per_request: int = 64
     max_connection_age_s: float = 300.0
     connection_grace_s: float = 10.0
     tls_cert: bytes | None = None
@@ -110,6 +135,8 @@ class ServeConfig:
             raise ConfigError("default_deadline_s must be positive, forward_margin_s >= 0")
         if not 64 <= self.max_message_bytes <= 1 << 30:
             raise ConfigError("max_message_bytes must be in 64..2^30")
+        if not 1 <= self.max_samples_per_request <= MAX_BATCH_SAMPLES:
+            raise ConfigError(f"max_samples_per_request must be in 1..{MAX_BATCH_SAMPLES}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both tls_cert and tls_key")
         if self.next_framing not in ("sample", "session"):
@@ -119,7 +146,7 @@ class ServeConfig:
 def server_options(cfg: ServeConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
-        ("grpc.max_send_message_length", 1 << 20),
+        ("grpc.max_send_message_length", MAX_BATCH_ANSWER_BYTES),
         ("grpc.max_connection_age_ms", int(1000 * cfg.max_connection_age_s)),
         ("grpc.max_connection_age_grace_ms", int(1000 * cfg.connection_grace_s)),
         ("grpc.max_concurrent_streams", 256),
@@ -183,6 +210,7 @@ class TierServer:
                                        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
         handler = grpc.method_handlers_generic_handler("flowcodec.Tier", {
             "Infer": grpc.unary_unary_rpc_method_handler(self._infer),
+            "InferBatch": grpc.unary_unary_rpc_method_handler(self._infer_batch),
             "Stats": grpc.unary_unary_rpc_method_handler(self._stats),
         })  # fmt: skip
         self._server.add_generic_rpc_handlers((handler,))
@@ -232,19 +260,13 @@ class TierServer:
         if self._draining:
             self.stats["refused_draining"] += 1
             await context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+        deadline = self._deadline(context)
         try:
-            req = parse_request(request)
-            stream = self.engine.stream_of(req)
+            item = self._item(request, deadline)
         except (WireError, BitstreamError) as e:
             self.stats["rejected"] += 1
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)[:200])
-        loop = self._loop
-        remaining = context.time_remaining()
-        budget = self.config.default_deadline_s
-        if remaining is not None:
-            budget = min(budget, remaining)
-        fut = loop.create_future()
-        item = _Item(req, stream, loop.time() + budget, fut, time.perf_counter())
+        loop, fut = self._loop, item.fut
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -265,6 +287,89 @@ class TierServer:
             await context.abort(code, payload)
         self.stats["answered"] += 1
         return payload
+
+    def _deadline(self, context) -> float:
+        """The call's deadline in loop time: the caller's, capped by default_deadline_s."""
+        remaining = context.time_remaining()
+        budget = self.config.default_deadline_s
+        if remaining is not None:
+            budget = min(budget, remaining)
+        return self._loop.time() + budget
+
+    def _item(self, envelope: bytes, deadline: float) -> _Item:
+        """A queue item for one sample's envelope; :class:`WireError` or
+        :class:`BitstreamError` when the envelope or its stream is refused."""
+        req = parse_request(envelope)
+        stream = self.engine.stream_of(req)
+        return _Item(req, stream, deadline, self._loop.create_future(), time.perf_counter())
+
+    async def _infer_batch(self, request: bytes, context) -> bytes:
+        """Several samples in one call (see the module docstring for what is refused
+        whole and what per sample)."""
+        self.stats["batch_calls"] += 1
+        try:
+            envelopes = parse_batch(request, self.config.max_samples_per_request)
+        except WireError as e:
+            self.stats["batch_rejected"] += 1
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)[:200])
+        n = len(envelopes)
+        self.stats["received"] += n
+        if self._draining:
+            self.stats["refused_draining"] += n
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+        deadline = self._deadline(context)
+        entries: list = []  # per sample: its _Item, or the SampleError it was refused with
+        items: list[_Item] = []
+        for i, env in enumerate(envelopes):
+            try:
+                it = self._item(env, deadline)
+            except (WireError, BitstreamError) as e:
+                self.stats["rejected"] += 1
+                entries.append(SampleError("rejected", f"sample {i}: {e}"[:200]))
+                continue
+            entries.append(it)
+            items.append(it)
+        q = self._queue
+        if items and q.maxsize - q.qsize() < len(items):
+            # All or none: nothing is queued, so no sample of a refused call is computed.
+            self.stats["overloaded"] += len(items)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"queue full: {len(items)} samples, room for "
+                                f"{q.maxsize - q.qsize()} of {q.maxsize}")  # fmt: skip
+        for it in items:  # no await in between: the room checked above is still there
+            q.put_nowait(it)
+        if items:
+            # One timer for the call: it settles every unanswered sample at the deadline.
+            timer = self._loop.call_at(deadline, _expire, [it.fut for it in items])
+            try:
+                await asyncio.gather(*(it.fut for it in items))
+            finally:
+                timer.cancel()
+        answer = []
+        expired = 0
+        for e in entries:
+            if isinstance(e, SampleError):
+                answer.append(e)
+                continue
+            code, payload = e.fut.result()
+            if code is _EXPIRED:
+                self.stats["deadline"] += 1
+                expired += 1
+                answer.append(SampleError("deadline", "deadline passed before the answer"))
+            elif code != grpc.StatusCode.OK:
+                self.stats["failed"] += 1
+                answer.append(SampleError(reason_of(code, payload), str(payload)[:200]))
+            else:
+                self.stats["answered"] += 1
+                answer.append(payload)
+        if expired == n:  # nothing to say per sample: fail as a single-sample call does
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                "deadline passed before any sample's answer")  # fmt: skip
+        try:
+            return encode_batch_answer(answer)
+        except WireError as e:  # answers too large together: nothing sensible to send
+            self.stats["internal_errors"] += 1
+            await context.abort(grpc.StatusCode.INTERNAL, str(e)[:200])
 
     # --- batching ----------------------------------------------------------------------
     async def _next_batch(self) -> list[_Item]:
@@ -422,6 +527,11 @@ _EXPIRED = object()
 def _settle(fut: asyncio.Future, code, payload) -> None:
     if not fut.done():
         fut.set_result((code, payload))
+
+
+def _expire(futs: list[asyncio.Future]) -> None:
+    for fut in futs:
+        _settle(fut, _EXPIRED, "")
 
 
 class ServerThread:
