@@ -29,6 +29,12 @@ MODELS: dict[str, tuple[str, dict, dict]] = {
                  {"lam": 0.5}),
     "merge_k8": ("token-merge", {"clusters": 8, "latent": 8, "hidden": 64, "packets": 1},
                  {"lam": 0.5}),
+    # cluster sizes instead of the assignment (order="sizes": the ViT tail does not depend on
+    # the order of the patch tokens), at two rate weights
+    "merge_k8_sizes": ("token-merge", {"clusters": 8, "latent": 8, "hidden": 64, "packets": 1,
+                                       "order": "sizes"}, {"lam": 1.0}),
+    "merge_k8_sizes_r2": ("token-merge", {"clusters": 8, "latent": 8, "hidden": 64,
+                                          "packets": 1, "order": "sizes"}, {"lam": 2.0}),
     # a wider latent (16 values per merged token, the class token's included)
     "merge_k8_l16": ("token-merge", {"clusters": 8, "latent": 16, "hidden": 64, "packets": 1},
                      {"lam": 0.5}),
@@ -63,6 +69,9 @@ def main(argv=None) -> int:
     ap.add_argument("--test-samples", type=int, default=None,
                     help="estimate accuracy on a subset of the test set (default: all)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", default=None, metavar="PATH",
+                    help="keep the cached views in this safetensors file: read it when it "
+                         "exists (with at least --views views), else write it")  # fmt: skip
     ap.add_argument("--family-from", default=None,
                     help="a family checkpoint path instead of the shipped cifar10-vit")
     args = ap.parse_args(argv)
@@ -70,7 +79,7 @@ def main(argv=None) -> int:
     import torch
 
     from flowcodec.codecs import build_codec
-    from flowcodec.codecs.train import cache_views, train_codec
+    from flowcodec.codecs.train import cache_views, load_views, save_views, train_codec
     from flowcodec.codecs.zoo import save_codec
     from flowcodec.data import load_dataset
     from flowcodec.family import load_family, load_pretrained
@@ -86,8 +95,21 @@ def main(argv=None) -> int:
         test = test.subset(args.test_samples, seed=0)
     head, tail = fam.split(MEMBER, args.point)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        cache = cache_views(head, tail, train, args.views, torch.Generator().manual_seed(0))
+    cache = None
+    if args.cache and Path(args.cache).exists():
+        cache = load_views(args.cache, args.views)
+        if len(cache) < args.views or len(cache[0][1]) != len(train):
+            print(f"{args.cache} holds {len(cache)} view(s) of {len(cache[0][1])} samples, "
+                  f"not {args.views} of {len(train)}: computing them again", flush=True)
+            cache = None
+        else:
+            print(f"read {args.views} cached view(s) from {args.cache}", flush=True)
+    if cache is None:
+        with torch.no_grad():
+            cache = cache_views(head, tail, train, args.views,
+                                torch.Generator().manual_seed(0))  # fmt: skip
+        if args.cache:
+            save_views(cache, args.cache)
     print(f"cached {args.views} view(s) of {len(train)} samples in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
     for name in args.only or list(MODELS):

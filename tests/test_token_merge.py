@@ -18,8 +18,11 @@ from flowcodec.codecs.token_merge import (
     TokenMergeCodec,
     assignment_bits,
     decode_assignment,
+    decode_sizes,
     dpc_knn,
     encode_assignment,
+    encode_sizes,
+    size_bits,
 )
 from flowcodec.errors import ConfigError
 from flowcodec.split import split_model, train_codec
@@ -396,3 +399,119 @@ def test_keep_first_codes_the_class_token_alone_for_free():
     assert k4._side_bits(lab).tolist() == [8.0 * want] * 3
     torch.testing.assert_close(k4.decompress(k4.compress(t)), k4(t).features, atol=1e-5,
                                rtol=1e-5)  # fmt: skip
+
+
+# --- order="sizes" -------------------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 80).flatmap(lambda m: st.tuples(
+    st.just(m), st.sets(st.integers(1, max(1, m - 1)), max_size=m - 1))), st.booleans())
+def test_size_code_round_trips_and_is_self_delimiting(m_cuts, with_bound):
+    m, cuts = m_cuts
+    ends = sorted(c for c in cuts if c < m) + [m]
+    sizes = [e - b for b, e in zip([0] + ends[:-1], ends)]
+    n = m + 3 if with_bound else None
+    data = encode_sizes(sizes, n)
+    assert len(data) == -(-size_bits(m, len(sizes), n) // 8)
+    got, used = decode_sizes(data + b"\xff\x01", len(sizes), m=None if n else m, n=n)
+    assert got == sizes and used == len(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 70), st.binary(max_size=12))
+def test_size_decoder_takes_any_bytes_and_is_canonical(k, n, data):
+    if k > n:
+        return
+    try:
+        sizes, used = decode_sizes(data, k, n=n)
+    except BitstreamError:
+        return
+    assert len(sizes) == k and min(sizes) >= 1 and sum(sizes) <= n
+    assert encode_sizes(sizes, n) == data[:used]  # one code per composition
+
+
+def test_size_code_is_tiny_against_the_assignment_code():
+    # the ViT's 64 patch tokens in 7 clusters (K = 8 with the class token alone)
+    assert size_bits(64, 7) == 27 and assignment_bits(64, 7) > 160
+    with pytest.raises(ConfigError):
+        encode_sizes([3, 0, 2])
+    with pytest.raises(BitstreamError, match="size code"):
+        decode_sizes(b"", 3, n=10)
+
+
+@pytest.mark.parametrize("packets,prior", [(1, "factorized"), (3, "factorized"),
+                                           (2, "hyperprior")])  # fmt: skip
+def test_sizes_order_round_trips_and_sends_fewer_bytes(packets, prior):
+    h = _tokens(5, seed=21)
+    sizes = _ready(order="sizes", packets=packets, prior=prior)
+    pos = _ready(packets=packets, prior=prior)
+    out = sizes(h).features
+    streams = sizes.compress(h)
+    assert torch.equal(sizes.decompress(streams), out)
+    nbytes = [sum(len(p) for p in s.packets) for s in streams]
+    assert all(a < b for a, b in zip(nbytes, [sum(len(p) for p in s.packets)
+                                              for s in pos.compress(h)]))  # fmt: skip
+    assert sizes.config()["order"] == "sizes" and "order" not in pos.config()
+
+
+def test_sizes_order_gives_the_same_tokens_in_another_order():
+    """With no position embedding the two orders restore the same multiset of tokens,
+    the class token first; so a ViT tail (attention, class-token readout) answers the
+    same from either."""
+    from flowcodec.family import build_family
+
+    torch.manual_seed(0)
+    fam = build_family("cifar10-vit", dim=32, heads=2, depths=[1, 1, 1]).eval()
+    _, tail = fam.split(3, 2)
+    h = 30 * _tokens(4, seed=5, shape=(65, 32))  # latents that do not all round to 0
+    a = _ready(shape=(65, 32), order="sizes", clusters=8)
+    b = _ready(shape=(65, 32), clusters=8)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        b.pos.zero_()
+    ta, tb = a(h).features, b(h).features
+    assert not torch.allclose(ta, tb)  # other positions ...
+    assert torch.allclose(ta.sort(1).values, tb.sort(1).values, atol=1e-6)  # ... same tokens
+    assert torch.allclose(ta[:, 0], tb[:, 0])
+    with torch.no_grad():
+        assert torch.allclose(tail(ta), tail(tb), atol=1e-5)
+
+
+def test_sizes_order_lost_packets_get_the_fill_and_the_class_token_keeps_slot_0():
+    h = _tokens(2, seed=8)
+    codec = _ready(order="sizes", packets=3)
+    full = codec.decompress(codec.compress(h))
+    s = codec.compress(h)[0]
+    lost1 = codec.decompress([Bitstream(s.header, [s.packets[0], None, s.packets[2]])])[0]
+    assert torch.equal(lost1[0], full[0, 0])  # cluster 0 is in packet 0: still in slot 0
+    n_lost = int((lost1 != full[0]).any(-1).sum())
+    assert n_lost >= 1 and torch.equal(lost1[-n_lost:], codec.fill.detach()[-n_lost:])
+    lost0 = codec.decompress([Bitstream(s.header, [None, s.packets[1], s.packets[2]])])[0]
+    assert torch.equal(lost0[0], codec.fill.detach()[0])
+    # forward's simulated loss follows the same layout
+    g = torch.Generator().manual_seed(3)
+    sim = codec(h, drop_prob=0.5, generator=g).features
+    assert sim.shape == h.shape and bool(torch.isfinite(sim).all())
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2), st.binary(max_size=40))
+def test_sizes_order_random_packets_decode_or_raise_bitstream_error(slot, junk):
+    codec = _CACHE.setdefault("sizes", _ready(order="sizes", packets=3))
+    s = _CACHE.setdefault("sizes_stream", codec.compress(_tokens(1, seed=13))[0])
+    packets = list(s.packets)
+    packets[slot] = junk
+    try:
+        out = codec.decompress([Bitstream(s.header, packets)])
+    except BitstreamError:
+        return
+    assert out.shape == (1, *SHAPE) and bool(torch.isfinite(out).all())
+
+
+def test_sizes_order_checkpoint_round_trip_and_refuses_positions_streams(tmp_path):
+    codec = _ready(order="sizes")
+    path = save_codec(codec, tmp_path / "merge_sizes", {**KW, "order": "sizes"}, half=False)
+    loaded = load_codec(path)
+    h = _tokens(3, seed=9)
+    assert [s.to_bytes() for s in loaded.compress(h)] == [s.to_bytes() for s in codec.compress(h)]
+    with pytest.raises(BitstreamError):  # another configuration's fingerprint
+        codec.decompress(_ready().compress(h))

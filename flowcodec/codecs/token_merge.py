@@ -62,7 +62,7 @@ from flowcodec.codecs.token import (
 from flowcodec.errors import ConfigError
 
 __all__ = ["TokenMergeCodec", "dpc_knn", "encode_assignment", "decode_assignment",
-           "assignment_bits"]  # fmt: skip
+           "assignment_bits", "encode_sizes", "decode_sizes", "size_bits"]  # fmt: skip
 
 
 # --- the assignment code -------------------------------------------------------------------
@@ -136,6 +136,74 @@ def decode_assignment(data: bytes, m: int, k: int) -> tuple[list[int], int]:
     if opened != k:
         raise BitstreamError(f"assignment code uses {opened} clusters, not {k}")
     return labels, nbytes
+
+
+# --- the size code (order="sizes") --------------------------------------------------------
+def size_bits(m: int, k: int, n: int | None = None) -> int:
+    """Bits of the size code of ``k`` cluster sizes summing to ``m`` (before padding);
+    with ``n`` the total ``m`` is written too (``bit_length(n)`` bits)."""
+    return (0 if n is None else n.bit_length()) + (math.comb(m - 1, k - 1) - 1).bit_length()
+
+
+def encode_sizes(sizes: Sequence[int], n: int | None = None) -> bytes:
+    """Code ``k = len(sizes)`` positive cluster sizes (their order kept) as bytes.
+
+    The sizes are a composition of ``m = sum(sizes)`` into ``k`` parts, that is the
+    ``k - 1`` cut points ``s_1, s_1 + s_2, ...`` in ``1..m-1``; their rank among the
+    ``C(m - 1, k - 1)`` such sets (combinatorial number system) takes
+    ``bit_length(C(m - 1, k - 1) - 1)`` bits. The decoder knows ``k``. With ``n`` (an
+    upper bound it also knows), ``m`` is written first in ``bit_length(n)`` bits; without
+    it the decoder must know ``m``. Big-endian, zero-padded to whole bytes. For example 7
+    sizes summing to 64 take 27 bits (4 bytes), where the assignment of 64 positions to 7
+    clusters takes 173 bits.
+    """
+    sizes = [int(v) for v in sizes]
+    k, m = len(sizes), sum(sizes)
+    if k < 1 or min(sizes) < 1:
+        raise ConfigError(f"sizes must be one or more positive ints, got {sizes}")
+    if n is not None and not m <= n <= MAX_TOKENS:
+        raise ConfigError(f"sizes sum to {m}, above their bound {n}")
+    cuts = [sum(sizes[: j + 1]) - 1 for j in range(k - 1)]  # distinct, in 0..m-2
+    rank = sum(math.comb(c, j + 1) for j, c in enumerate(cuts))
+    rb = (math.comb(m - 1, k - 1) - 1).bit_length()
+    value = rank if n is None else (m << rb) | rank
+    return pack_bits(value, size_bits(m, k, n))
+
+
+def decode_sizes(data: bytes, k: int, m: int | None = None,
+                 n: int | None = None) -> tuple[list[int], int]:  # fmt: skip
+    """Inverse of :func:`encode_sizes`: ``(sizes, bytes used)``. Give the total ``m``
+    when it was not written, else its bound ``n``. Raises :class:`BitstreamError` for a
+    short code, nonzero padding, a total below ``k`` or above ``n``, or a rank out of
+    range (so every composition has exactly one code)."""
+    if (m is None) == (n is None):
+        raise ConfigError("decode_sizes needs exactly one of m (the total) and n (its bound)")
+    if not 1 <= k <= MAX_TOKENS:
+        raise ConfigError(f"k must be in 1..{MAX_TOKENS}, got {k}")
+    if m is None:
+        nb = n.bit_length()
+        head = -(-nb // 8)
+        if len(data) < head:
+            raise BitstreamError(f"size code needs {head} bytes, got {len(data)}")
+        m = int.from_bytes(data[:head], "big") >> (8 * head - nb)
+        if not k <= m <= n:
+            raise BitstreamError(f"size code says {m} tokens in {k} clusters (at most {n})")
+    elif not k <= m <= MAX_TOKENS:
+        raise ConfigError(f"{k} clusters cannot hold {m} tokens")
+    total = size_bits(m, k, n)
+    rb = (math.comb(m - 1, k - 1) - 1).bit_length()
+    rank = unpack_bits(data, total, "size code") & ((1 << rb) - 1)
+    if rank >= math.comb(m - 1, k - 1):
+        raise BitstreamError(f"size rank {rank} is out of range for {k} clusters of {m}")
+    cuts, c = [], m - 1
+    for j in range(k - 1, 0, -1):  # the largest c with C(c, j) <= rank, from above
+        c -= 1
+        while math.comb(c, j) > rank:
+            c -= 1
+        cuts.append(c + 1)
+        rank -= math.comb(c, j)
+    ends = cuts[::-1] + [m]
+    return [e - b for b, e in zip([0] + ends[:-1], ends)], -(-total // 8)
 
 
 # --- DPC-KNN -------------------------------------------------------------------------------
@@ -234,12 +302,23 @@ class TokenMergeCodec(TokenCodecBase):
         ``1..packets``; a lost ``z`` packet conceals the whole sample with the fill.
     hyper : int
         Side values ``z`` per sample (hyperprior only).
+    order : {"positions", "sizes"}
+        What the stream says about where the merged tokens go. ``"positions"`` (the
+        default) codes each token's cluster, and the decoder puts every cluster's token
+        back at its members' positions. ``"sizes"`` codes only each cluster's size (4
+        bytes instead of about 21 for ``K = 8`` of 65 tokens), and the decoder lays the
+        clusters out one after another, cluster ``c`` repeated ``size_c`` times (token 0
+        stays first with ``keep_first``): only for a tail whose answer does not depend on
+        the order of the tokens after the first, such as attention blocks with the
+        position embedding added before the split and a class-token readout (the
+        ``cifar10-vit`` family). For such a tail, attention over the repeated tokens is
+        attention over the ``K`` merged tokens weighted by their sizes.
     """
 
     def __init__(self, feature_shape: Sequence[int], clusters: int = 8, neighbors: int = 5,
                  latent: int = 16, hidden: int = 64, packets: int = 2, keep_first: bool = True,
                  weighted: bool = True, backend: str = "auto", prior: str = "factorized",
-                 hyper: int = 8) -> None:  # fmt: skip
+                 hyper: int = 8, order: str = "positions") -> None:  # fmt: skip
         super().__init__(feature_shape)
         self._init_tokens("token-merge")
         n = self.n_tokens
@@ -254,6 +333,9 @@ class TokenMergeCodec(TokenCodecBase):
             raise ConfigError("latent and hidden must be positive")
         if not 1 <= packets <= clusters:
             raise ConfigError(f"packets must be in 1..{clusters} (clusters), got {packets}")
+        if order not in ("positions", "sizes"):
+            raise ConfigError(f"order must be 'positions' or 'sizes', got {order!r}")
+        self.order = order
         self.clusters, self.neighbors = int(clusters), int(neighbors)
         self.latent, self.hidden, self.packets = int(latent), int(hidden), int(packets)
         self.keep_first, self.weighted, self.backend = bool(keep_first), bool(weighted), backend
@@ -268,6 +350,7 @@ class TokenMergeCodec(TokenCodecBase):
                 "latent": self.latent, "hidden": self.hidden, "packets": self.packets,
                 "keep_first": self.keep_first, "weighted": self.weighted,
                 **({"first_alone": True} if self.keep_first else {}),
+                **({"order": "sizes"} if self.order == "sizes" else {}),
                 **self._prior_config()}  # fmt: skip
 
     @property
@@ -293,10 +376,26 @@ class TokenMergeCodec(TokenCodecBase):
         return merged, lab
 
     def _restore(self, y_hat: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
-        """Latents ``(B, K, M)`` and labels ``(B, N)`` -> tokens ``(B, N, D)``."""
+        """Latents ``(B, K, M)`` and each output token's cluster ``(B, N)`` -> tokens
+        ``(B, N, D)`` (with the position embedding when the order is ``"positions"``)."""
         hid = self.g_s_in(y_hat)
         per_pos = hid.gather(1, lab[..., None].expand(-1, -1, hid.shape[-1]))
-        return self.g_s_out(per_pos + self.pos)
+        return self.g_s_out(per_pos + self.pos if self.order == "positions" else per_pos)
+
+    def _slots(self, lab: torch.Tensor, lost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``order="sizes"``: each output slot's cluster and whether it is lost, from the
+        labels ``(B, N)`` and the lost clusters ``(B, K)``. The received clusters come
+        first, in cluster order, each repeated by its size, then the lost ones' slots;
+        with ``keep_first`` slot 0 is cluster 0 (received or not), as in the decoder."""
+        k = self.clusters
+        key = lab + k * lost.gather(1, lab).long()
+        if self.keep_first:
+            key[:, 0] = -1
+        key = key.sort(dim=1).values
+        slot_lost = key >= k
+        if self.keep_first:
+            slot_lost[:, 0] = lost[:, 0]
+        return key.clamp(min=0) % k, slot_lost
 
     def _cluster_ids(self, p: int) -> range:
         return range(p, self.clusters, self.packets)
@@ -306,10 +405,27 @@ class TokenMergeCodec(TokenCodecBase):
         assignment code covers only the other members and clusters."""
         return self.keep_first and p == 0
 
+    def _size_args(self, p: int) -> tuple[list[int], int | None, int | None]:
+        """``order="sizes"``: packet ``p``'s clusters that its size code covers, and the
+        total (known when there is one packet) or its bound."""
+        ids = list(self._cluster_ids(p))[1 if self._first_alone(p) else 0:]
+        if self.packets == 1:
+            return ids, self.n_tokens - int(self.keep_first), None
+        return ids, None, self.n_tokens
+
     def _side_bits(self, lab: torch.Tensor) -> torch.Tensor:
-        """Exact bits of the position and assignment codes, per sample."""
-        pk = lab.cpu() % self.packets
+        """Exact bits of the position and assignment (or size) codes, per sample."""
         out = torch.zeros(lab.shape[0])
+        if self.order == "sizes":
+            for b in range(lab.shape[0]):
+                counts = torch.bincount(lab[b].cpu(), minlength=self.clusters).tolist()
+                for p in range(self.packets):
+                    ids, m, n = self._size_args(p)
+                    if ids:
+                        sz = [counts[c] for c in ids]
+                        out[b] += 8 * -(-size_bits(sum(sz), len(sz), n) // 8)
+            return out
+        pk = lab.cpu() % self.packets
         for b in range(lab.shape[0]):
             counts = torch.bincount(pk[b], minlength=self.packets).tolist()
             for p, m in enumerate(counts):
@@ -328,6 +444,19 @@ class TokenMergeCodec(TokenCodecBase):
         every = torch.ones(len(h), self.clusters, device=h.device)
         y_hat, lik, z_bits, extra = self._latent_forward(self.g_a(merged).transpose(1, 2), every)
         bits = -torch.log2(lik).sum((1, 2)) + self._side_bits(lab).to(h.device) + z_bits
+        if self.order == "sizes":
+            lost = torch.zeros(len(h), self.clusters, dtype=torch.bool)
+            if drop_prob > 0:
+                pk = torch.rand(len(h), self.packets, generator=generator) < drop_prob
+                lost = pk[:, torch.arange(self.clusters) % self.packets]
+                if self._hyper:
+                    lost = lost | (torch.rand(len(h), 1, generator=generator) < drop_prob)
+            slot, slot_lost = self._slots(lab, lost.to(lab.device))
+            rec = self._restore(y_hat.transpose(1, 2), slot)
+            if drop_prob > 0:
+                rec = torch.where(slot_lost[..., None], self.fill.to(rec.dtype), rec)
+            self.last_labels = lab
+            return CodecOutput(rec.reshape(h.shape), bits, {"y": lik, **extra})
         rec = self._restore(y_hat.transpose(1, 2), lab)
         if drop_prob > 0:
             lost = torch.rand(len(h), self.packets, generator=generator) < drop_prob
@@ -355,6 +484,13 @@ class TokenMergeCodec(TokenCodecBase):
             packets = [] if zpk is None else [zpk[b]]
             for p in range(self.packets):
                 ids = torch.tensor(list(self._cluster_ids(p)))
+                if self.order == "sizes":
+                    cov, m, n = self._size_args(p)
+                    counts = torch.bincount(row, minlength=self.clusters)
+                    data = encode_sizes([int(counts[c]) for c in cov], n) if cov else b""
+                    data += self._encode_tokens(model, tables, sym[b][:, ids].T, cidx[b])
+                    packets.append(data)
+                    continue
                 members = (row % self.packets == p).nonzero().squeeze(1)
                 local = (row[members] // self.packets).tolist()  # canonical within the packet
                 data = encode_positions(members.tolist(), self.n_tokens)
@@ -367,6 +503,45 @@ class TokenMergeCodec(TokenCodecBase):
                 packets.append(data)
             out.append(Bitstream(header, packets))
         return out
+
+    def _read_sizes(self, tables, p: int, data: bytes, cidx: torch.Tensor):
+        """``order="sizes"``: ``(sizes of the packet's clusters, symbols (k, M))``."""
+        k = len(self._cluster_ids(p))
+        cov, m, n = self._size_args(p)
+        sizes, used = decode_sizes(data, len(cov), m=m, n=n) if cov else ([], 0)
+        if len(cov) < k:  # cluster 0, the class token alone
+            sizes = [1] + sizes
+        return sizes, self._decode_tokens(tables, bytes(data[used:]), cidx, k)
+
+    def _decompress_sizes(self, streams, tables, centre, cidx, have_z) -> torch.Tensor:
+        n, kk = self.n_tokens, self.clusters
+        sym = torch.zeros(len(streams), kk, self.latent, dtype=torch.int32)
+        slot = torch.full((len(streams), n), -1, dtype=torch.int64)
+        for b, s in enumerate(streams):
+            if not have_z[b]:
+                continue  # no z, no scales: the whole sample gets the fill
+            tok = s.packets[self._nz:]
+            sizes = {}
+            for p, data in enumerate(tok):
+                if data is not None:
+                    sz, psym = self._read_sizes(tables, p, data, cidx[b])
+                    sizes.update(zip(self._cluster_ids(p), sz))
+                    sym[b, list(self._cluster_ids(p))] = psym
+            total = sum(sizes.values())
+            if total > n or (len(sizes) == kk and total != n):
+                raise BitstreamError(f"token-merge cluster sizes add up to {total}, not {n}")
+            at = 0
+            if self.keep_first:  # slot 0 is the class token's, received or not
+                slot[b, 0] = 0 if 0 in sizes else -1
+                at = 1
+            for c in sorted(sizes):
+                if self.keep_first and c == 0:
+                    continue
+                slot[b, at:at + sizes[c]] = c
+                at += sizes[c]
+        dev = self._device()
+        y_hat = sym.to(dev).float() + centre[:, None, :]
+        return self._with_fill(self._restore(y_hat, slot.clamp(min=0).to(dev)), slot >= 0)
 
     def _read_packet(self, tables, p: int, data: bytes, cidx: torch.Tensor):
         """``(members, global labels, symbols (k, M))`` of token packet ``p`` (channel
@@ -394,6 +569,8 @@ class TokenMergeCodec(TokenCodecBase):
         self.check_streams(streams, self._nz + self.packets)
         tables = _tables(self._y_model())
         centre, cidx, have_z = self._read_z(streams)
+        if self.order == "sizes":
+            return self._decompress_sizes(streams, tables, centre, cidx, have_z)
         n, kk = self.n_tokens, self.clusters
         sym = torch.zeros(len(streams), kk, self.latent, dtype=torch.int32)
         lab = torch.full((len(streams), n), -1, dtype=torch.int64)
