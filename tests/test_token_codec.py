@@ -280,3 +280,36 @@ def test_round_trip_over_kept_sets_packets_and_scales(seed, batch, packets, thre
             local, _ = decode_positions(data, len(range(p, SHAPE[0], packets)))
             assert [p + packets * j for j in local] == [i for i in range(p, SHAPE[0], packets)
                                                         if kept[b, i]]  # fmt: skip
+
+
+# --- coder="arith" -------------------------------------------------------------------------
+def test_the_arithmetic_coder_option_round_trips_with_fewer_bytes_and_the_same_weights():
+    h = 4 * _tokens(5, seed=31)
+    rans, arith = _ready(threshold=-1e9), _ready(threshold=-1e9, coder="arith")
+    assert all(torch.equal(a, b) for a, b in zip(rans.state_dict().values(),
+                                                 arith.state_dict().values()))  # fmt: skip
+    streams = arith.compress(h)
+    assert torch.equal(arith.decompress(streams), arith(h).features)
+    assert torch.equal(arith(h).features, rans(h).features)  # same model, other bytes
+    n_arith = sum(len(s.to_compact()) for s in streams)
+    n_rans = sum(len(s.to_compact()) for s in rans.compress(h))
+    assert n_arith < n_rans
+    assert arith.config()["coder"] == "arith" and "coder" not in rans.config()
+    with pytest.raises(BitstreamError):  # the fingerprint tells the two apart
+        arith.decompress(rans.compress(h))
+    with pytest.raises(ConfigError, match="coder"):
+        build_codec("token-prune", SHAPE, coder="huffman")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2), st.binary(max_size=40))
+def test_arithmetic_coded_random_packets_decode_or_raise_bitstream_error(slot, junk):
+    codec = _CACHE.setdefault("arith", _ready(coder="arith"))
+    s = _CACHE.setdefault("arith_stream", codec.compress(_tokens(1, seed=13))[0])
+    packets = list(s.packets)
+    packets[slot] = junk
+    try:
+        out = codec.decompress([Bitstream(s.header, packets)])
+    except BitstreamError:
+        return
+    assert out.shape == (1, *SHAPE) and bool(torch.isfinite(out).all())

@@ -296,7 +296,8 @@ class TokenCodecBase(FeatureCodec):
             raise ConfigError(f"{name} takes at most {MAX_TOKENS} tokens, got {self.n_tokens}")
 
     def _init_transforms(self, latent: int, hidden: int, backend: str,
-                         prior: str = "factorized", hyper: int = 8) -> None:  # fmt: skip
+                         prior: str = "factorized", hyper: int = 8,
+                         coder: str | None = None) -> None:  # fmt: skip
         """The latent transform, the synthesis, the fill and the entropy model(s).
 
         ``prior="factorized"``: one ``EntropyBottleneck`` over the ``latent`` channels
@@ -308,6 +309,10 @@ class TokenCodecBase(FeatureCodec):
         """
         if prior not in PRIORS:
             raise ConfigError(f"prior must be one of {PRIORS}, got {prior!r}")
+        if coder not in (None, "rans", "arith"):
+            raise ConfigError(f"coder must be 'rans' or 'arith' (or None: the prior's "
+                              f"default), got {coder!r}")  # fmt: skip
+        self._coder_choice = coder
         if prior == "hyperprior" and (not isinstance(hyper, int) or hyper < 1):
             raise ConfigError(f"hyper must be a positive int, got {hyper!r}")
         self.prior = prior
@@ -332,10 +337,14 @@ class TokenCodecBase(FeatureCodec):
         self._plans: dict = {}
 
     def _prior_config(self) -> dict:
-        """Config keys of the prior (none for the factorized default: fingerprints kept)."""
+        """Config keys of the prior and the coder (none for the defaults: fingerprints
+        kept)."""
+        default = "arith" if self._hyper else "rans"
+        coder = self._coder_choice
+        extra = {"coder": coder} if coder is not None and coder != default else {}
         if self.prior == "factorized":
-            return {}
-        return {"prior": self.prior, "hyper": self.hyper}
+            return extra
+        return {"prior": self.prior, "hyper": self.hyper, **extra}
 
     @property
     def _hyper(self) -> bool:
@@ -442,6 +451,8 @@ class TokenCodecBase(FeatureCodec):
     _factorized_coder = "rans"
 
     def _coder(self) -> str:
+        if self._coder_choice is not None:
+            return self._coder_choice
         return self._token_coder if self._hyper else self._factorized_coder
 
     def _encode_tokens(self, model, tables, s: torch.Tensor, idx: torch.Tensor) -> bytes:
@@ -524,12 +535,17 @@ class TokenPruneCodec(TokenCodecBase):
         a lost ``z`` packet conceals the whole sample with the fill.
     hyper : int
         Side values ``z`` per sample (hyperprior only).
+    coder : {None, "rans", "arith"}
+        How the token latents are coded: CompressAI's rANS (the factorized prior's
+        default), or the exact arithmetic coder of :mod:`flowcodec.codecs.arith` (the
+        hyperprior's default), which has no 4-byte state flush. The trained weights are
+        the same for both; only the streams differ.
     """
 
     def __init__(self, feature_shape: Sequence[int], latent: int = 16, hidden: int = 64,
                  packets: int = 2, keep_first: bool = True, threshold: float = 0.0,
                  backend: str = "auto", prior: str = "factorized",
-                 hyper: int = 8) -> None:  # fmt: skip
+                 hyper: int = 8, coder: str | None = None) -> None:  # fmt: skip
         super().__init__(feature_shape)
         self._init_tokens("token-prune")
         if latent < 1 or hidden < 1:
@@ -545,7 +561,7 @@ class TokenPruneCodec(TokenCodecBase):
         self.scorer = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden), nn.GELU(),
                                     nn.Linear(hidden, 1))  # fmt: skip
         nn.init.constant_(self.scorer[-1].bias, 2.0)  # start by keeping every token
-        self._init_transforms(self.latent, hidden, backend, prior, hyper)
+        self._init_transforms(self.latent, hidden, backend, prior, hyper, coder)
 
     def config(self) -> dict:
         return {**super().config(), "latent": self.latent, "hidden": self.hidden,

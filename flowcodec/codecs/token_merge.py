@@ -313,12 +313,15 @@ class TokenMergeCodec(TokenCodecBase):
         position embedding added before the split and a class-token readout (the
         ``cifar10-vit`` family). For such a tail, attention over the repeated tokens is
         attention over the ``K`` merged tokens weighted by their sizes.
+    coder : {None, "rans", "arith"}
+        How the merged tokens' latents are coded (see :class:`TokenPruneCodec`).
     """
 
     def __init__(self, feature_shape: Sequence[int], clusters: int = 8, neighbors: int = 5,
                  latent: int = 16, hidden: int = 64, packets: int = 2, keep_first: bool = True,
                  weighted: bool = True, backend: str = "auto", prior: str = "factorized",
-                 hyper: int = 8, order: str = "positions") -> None:  # fmt: skip
+                 hyper: int = 8, order: str = "positions",
+                 coder: str | None = None) -> None:  # fmt: skip
         super().__init__(feature_shape)
         self._init_tokens("token-merge")
         n = self.n_tokens
@@ -343,7 +346,7 @@ class TokenMergeCodec(TokenCodecBase):
         self.scorer = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))
         nn.init.zeros_(self.scorer[1].weight)
         nn.init.zeros_(self.scorer[1].bias)
-        self._init_transforms(self.latent, hidden, backend, prior, hyper)
+        self._init_transforms(self.latent, hidden, backend, prior, hyper, coder)
 
     def config(self) -> dict:
         return {**super().config(), "clusters": self.clusters, "neighbors": self.neighbors,
