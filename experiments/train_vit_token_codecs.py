@@ -30,11 +30,13 @@ MODELS: dict[str, tuple[str, dict, dict]] = {
     "merge_k8": ("token-merge", {"clusters": 8, "latent": 8, "hidden": 64, "packets": 1},
                  {"lam": 0.5}),
     # cluster sizes instead of the assignment (order="sizes": the ViT tail does not depend on
-    # the order of the patch tokens), at two rate weights
+    # the order of the patch tokens), at three rate weights
     "merge_k8_sizes": ("token-merge", {"clusters": 8, "latent": 8, "hidden": 64, "packets": 1,
                                        "order": "sizes"}, {"lam": 1.0}),
     "merge_k8_sizes_r2": ("token-merge", {"clusters": 8, "latent": 8, "hidden": 64,
                                           "packets": 1, "order": "sizes"}, {"lam": 2.0}),
+    "merge_k8_sizes_r03": ("token-merge", {"clusters": 8, "latent": 8, "hidden": 64,
+                                           "packets": 1, "order": "sizes"}, {"lam": 0.3}),
     # a wider latent (16 values per merged token, the class token's included)
     "merge_k8_l16": ("token-merge", {"clusters": 8, "latent": 16, "hidden": 64, "packets": 1},
                      {"lam": 0.5}),
