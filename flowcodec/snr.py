@@ -8,8 +8,10 @@ and two kinds of entries:
   name or a checkpoint path, or ``"train"`` to train one here). Each is measured at every
   SNR and channel at each of its ``"uses"`` (channel-use counts, or ``"schedule"``: what
   its schedule picks per SNR), optionally told a fixed ``"told_snr"`` whatever the channel
-  (SNR mismatch), and through the exact link's QAM modulator without channel coding
-  (``"uncoded": true``, discrete codecs);
+  (SNR mismatch), through the exact link's QAM modulator without channel coding
+  (``"uncoded": true``, discrete codecs), and coding ``"views"`` input views (1..4) into
+  each transmission (:class:`~flowcodec.codecs.jscc.JSCCCodec`'s ``views``; the same
+  channel uses, the device runs its layers once per view);
 - ``"digital"``: the separation chain: a learned codec (``"codec"``: a shipped task codec
   with one packet, or ``"train"``) at each of its rate points, its payload bytes sent as
   one transport block (CRC16 + 5G LDPC + QAM) at every MCS of ``"mcs"``. For each channel,
@@ -114,7 +116,8 @@ def validate_config(cfg: dict, where: str = "snr config") -> dict:
         w = f"{where}: jscc[{i}]"
         if not isinstance(e, dict) or not isinstance(e.get("label"), str):
             raise ConfigError(f"{w}: must be an object with a 'label'")
-        extra = set(e) - {"label", "codec", "train", "uses", "told_snr", "uncoded", "channels"}
+        extra = set(e) - {"label", "codec", "train", "uses", "told_snr", "uncoded", "channels",
+                          "views"}  # fmt: skip
         if extra:
             raise ConfigError(f"{w}: unknown keys {sorted(extra)}")
         if ("codec" in e) == ("train" in e):
@@ -129,6 +132,9 @@ def validate_config(cfg: dict, where: str = "snr config") -> dict:
                 isinstance(a, bool) or not isinstance(a, int) or a < 1 for a in u)):
             raise ConfigError(f"{w}: 'uses' must be 'schedule' or a list of ints >= 1, "
                               f"got {u!r}")  # fmt: skip
+        v = e.get("views", 1)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 4:
+            raise ConfigError(f"{w}: 'views' must be an int in 1..4, got {v!r}")
         t = e.get("told_snr")
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))):
             raise ConfigError(f"{w}: 'told_snr' must be a number, got {t!r}")
@@ -447,6 +453,18 @@ class _Context:
             self.ref = float(_accuracy_of(self.tail, self.hs, self.y).float().mean())
         self._loaded: dict = {}
         self._tables: dict = {}
+        self._views: dict = {1: self.hs}
+
+    def view_features(self, views: int) -> torch.Tensor:
+        """The test images' features of their first ``views`` input views, stacked on the
+        channel axis (what a JSCC codec coding ``views`` views takes); kept."""
+        from flowcodec.codecs.task import view_features
+
+        if views not in self._views:
+            with torch.no_grad():
+                self._views[views] = torch.cat([view_features(self.head, x, views).float()
+                                                for x, _ in self.data.batches(500)])
+        return self._views[views]
 
     def reference(self, cfg: dict) -> SNRRow:
         return SNRRow("reference", f"member {cfg['member']} uncompressed", "none", "none",
@@ -515,6 +533,17 @@ def _jscc_source(cfg: dict, k: int) -> tuple[str, object]:
     return ("load", e["codec"]) if "codec" in e else ("train", k)
 
 
+def _with_views(codec, e: dict):
+    """``(codec, views)`` for entry ``e``: with a ``"views"`` key, a shallow copy of the
+    codec (the same weights) set to code that many input views; otherwise the codec as it
+    is."""
+    import copy
+
+    if "views" not in e or e["views"] == codec.views:
+        return codec, codec.views
+    return copy.copy(codec).set_views(int(e["views"])), int(e["views"])
+
+
 def _check_jscc(codec, e: dict) -> None:
     if getattr(codec, "name", None) != "jscc":
         raise ConfigError(f"jscc entry {e['label']!r}: {e.get('codec')} is not a jscc codec")
@@ -552,8 +581,9 @@ def run_snr(cfg: dict, out: str | Path, n: int | None = None, progress: bool = T
                 _train_entry(ctx, cfg, k, progress)
         made[e["label"]] = codec
         _check_jscc(codec, e)
-        rows += _jscc_rows(codec.eval(), e["label"], hs, y, tail, cfg, e,
-                           e.get("channels", cfg["channels"]), progress)
+        codec, views = _with_views(codec, e)
+        rows += _jscc_rows(codec.eval(), e["label"], ctx.view_features(views), y, tail, cfg,
+                           e, e.get("channels", cfg["channels"]), progress)  # fmt: skip
         if write:
             _write(rows, cfg, out, start)
     d = cfg.get("digital")
@@ -602,9 +632,10 @@ def snr_unit(cfg: dict, n: int | None, kind: str, index, codec=None):
                 raise ConfigError(f"jscc entry {e['label']!r}: its trained codec was not given")
             codec = ctx.load(spec)
         _check_jscc(codec, e)
+        codec, views = _with_views(codec, e)
         ch_name, snr, u = _jscc_jobs(cfg, e)[j]
-        row = _jscc_cell(codec.eval(), e["label"], ctx.hs, ctx.y, ctx.tail, cfg, e, ch_name,
-                         snr, u, j)  # fmt: skip
+        row = _jscc_cell(codec.eval(), e["label"], ctx.view_features(views), ctx.y, ctx.tail,
+                         cfg, e, ch_name, snr, u, j)  # fmt: skip
         return [] if row is None else [row]
     d = cfg["digital"]
     if codec is None:

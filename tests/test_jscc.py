@@ -328,3 +328,58 @@ def test_counting_encoder_flops_keeps_the_codec_in_its_mode(mode):
     codec = build_codec("jscc", SHAPE, **KW).train(mode)
     assert codec.encoder_flops() > 0
     assert codec.training is mode and all(m.training is mode for m in codec.modules())
+
+
+# --- several input views in one transmission -------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["analog", "qam16"])
+def test_views_fuse_into_one_transmission_of_the_same_channel_uses(kind):
+    """views=2 takes both views' features stacked on the channel axis and sends as many
+    symbols as one view (unit energy per symbol); identical views send what one sends."""
+    one = make(constellation=kind)
+    two = make(constellation=kind, views=2)
+    assert two.input_shape == (32, 8, 8) and two.config()["views"] == 2
+    assert "views" not in one.config()
+    h, g = features(4), features(4, seed=9)
+    same = two.encode(torch.cat([h, h], 1), 5.0, 6)
+    assert torch.allclose(same.symbols, one.encode(h, 5.0, 6).symbols, atol=1e-6)
+    tx = two.encode(torch.cat([h, g], 1), 5.0, torch.tensor([1, 3, 6, 8]))
+    assert tx.symbols.shape == (4, 8) and tx.uses.tolist() == [1, 3, 6, 8]
+    energy = tx.symbols.abs().square().sum(1)
+    if kind == "analog":
+        assert torch.allclose(energy, torch.tensor([1.0, 3.0, 6.0, 8.0]), rtol=1e-5)
+        # the mean of the views' unit-power symbols, back to unit power
+        a, b = one.encode(h, 5.0, 6).symbols, one.encode(g, 5.0, 6).symbols
+        m = (a + b) / 2
+        m = m * (6 / m.abs().square().sum(1, keepdim=True)).sqrt()
+        assert torch.allclose(two.encode(torch.cat([h, g], 1), 5.0, 6).symbols, m, atol=1e-5)
+    assert not tx.symbols[~tx.mask].abs().any()
+    feats, _ = two.transmit(torch.cat([h, g], 1), AWGN(), 5.0, None, gen(1))
+    assert feats.shape == (4, *SHAPE)  # one view's features at the receiver
+
+
+def test_views_check_the_stacked_shape_and_keep_the_weights():
+    codec = make(views=3)
+    with pytest.raises(ConfigError, match="3 views"):
+        codec.encode(features(2), 5.0)
+    with pytest.raises(ConfigError, match="views"):
+        codec.set_views(5)
+    with pytest.raises(ConfigError, match="views"):
+        make(views=0)
+    before = {k: v.clone() for k, v in codec.state_dict().items()}
+    assert codec.set_views(1).input_shape == SHAPE
+    assert all(torch.equal(before[k], v) for k, v in codec.state_dict().items())
+    codec.fit(features(6))  # concealment from one view's features
+    assert torch.allclose(codec.conceal, features(6).float().mean(0))
+    assert make(views=2).encoder_flops() == 2 * make().encoder_flops()
+
+
+def test_views_round_trip_in_a_checkpoint(tmp_path):
+    codec = make(views=2)
+    save_codec(codec, tmp_path / "v", {**KW, "views": 2}, half=False)
+    back = load_codec(tmp_path / "v")
+    assert back.views == 2 and back.config() == codec.config()
+    h = torch.cat([features(3), features(3, seed=4)], 1)
+    a, _ = codec.transmit(h, AWGN(), 0.0, None, gen(3))
+    b, _ = back.transmit(h, AWGN(), 0.0, None, gen(3))
+    assert torch.equal(a, b)

@@ -21,6 +21,7 @@ TINY = {
                               "levels": [2, 4]},
                    "epochs": 1, "batch_size": 64, "max_steps": 2}},
         {"label": "j told", "codec": "@j", "uses": [4], "told_snr": 10, "channels": ["awgn"]},
+        {"label": "j 2 views", "codec": "@j", "uses": [4], "views": 2, "channels": ["awgn"]},
         {"label": "q", "uses": [4], "uncoded": True, "channels": ["awgn"],
          "train": {"kwargs": {"symbols": 4, "stem": [[32, True]], "hidden": 16, "film": 8,
                               "constellation": "qam16"},
@@ -47,6 +48,8 @@ def test_shipped_configs_validate():
     (("member",), 4, "member"),
     (("jscc", 0, "uses"), [0], "uses"),
     (("jscc", 1, "codec"), "@nobody", "earlier"),
+    (("jscc", 1, "views"), 5, "views"),
+    (("jscc", 1, "views"), True, "views"),
     (("jscc", 0, "train", "epochz"), 3, "epochz"),
     (("jscc", 0, "train", "kwargs", "symbols"), 0, "symbols"),
     (("digital", "mcs"), [29], "mcs"),
@@ -74,8 +77,11 @@ def test_a_small_digits_run_writes_rows_csv_and_plots(tmp_path, digits_family):
     ref = rows[0]
     assert ref.scheme == "reference" and 0 < ref.accuracy <= 1 and ref.n == 40
     jscc = [r for r in rows if r.scheme == "jscc"]
-    # j: 2 channels x 2 SNRs x 2 uses; j told: 2 SNRs; q (uncoded): 2 SNRs
-    assert len(jscc) == 8 + 2 + 2
+    # j: 2 channels x 2 SNRs x 2 uses; j told, j 2 views, q (uncoded): 2 SNRs each
+    assert len(jscc) == 8 + 2 + 2 + 2
+    views = [r for r in jscc if r.label == "j 2 views"]
+    assert [r.uses for r in views] == [4.0, 4.0]  # one view's channel uses
+    assert [r.snr_db for r in views] == [-5.0, 10.0] and all(r.n == 40 for r in views)
     assert {r.uses for r in jscc if r.label == "j"} == {2.0, 4.0}
     assert all(r.told_snr_db == 10.0 for r in jscc if r.label == "j told")
     assert all(r.link == "uncoded" for r in jscc if r.label == "q")

@@ -57,7 +57,7 @@ from torch import nn
 
 from flowcodec.bitstream import Bitstream, BitstreamError, TensorSpec
 from flowcodec.codecs.base import CodecOutput, FeatureCodec, register_codec
-from flowcodec.codecs.task import TaskDecoder, TaskEncoder
+from flowcodec.codecs.task import MultiView, TaskDecoder, TaskEncoder
 from flowcodec.errors import ConfigError
 
 __all__ = ["JSCCCodec", "JSCCOutput", "Transmission", "FiLM", "constellation_points",
@@ -153,7 +153,8 @@ class JSCCOutput(CodecOutput):
 
 class _DeviceEncoder(nn.Module):
     """The device half as a plain module ``(B, C, H, W) -> (B, symbols)`` complex (at
-    10 dB, every symbol sent): what :meth:`FeatureCodec.encoder_flops` counts."""
+    10 dB, every symbol sent, one view): what :meth:`FeatureCodec.encoder_flops` counts
+    (once per view)."""
 
     def __init__(self, codec: JSCCCodec) -> None:
         super().__init__()
@@ -163,11 +164,11 @@ class _DeviceEncoder(nn.Module):
         self.training = codec.training
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.codec.encode(h, snr_db=10.0).symbols
+        return self.codec._encode_views(h, 10.0, None, None, views=1).symbols
 
 
 @register_codec("jscc")
-class JSCCCodec(FeatureCodec):
+class JSCCCodec(MultiView, FeatureCodec):
     """Analog or discrete JSCC codec with SNR side information and variable length.
 
     Parameters
@@ -196,6 +197,14 @@ class JSCCCodec(FeatureCodec):
         Hidden width of the FiLM networks.
     tau : float
         Gumbel-softmax temperature (discrete codecs, training).
+    views : int
+        Input views the device codes into one transmission (1..4, the first of
+        :data:`flowcodec.codecs.task.VIEWS`: the input, its mirror image, the two shifted
+        by 2 pixels): the encoder runs on each view's features (stacked on the channel
+        axis, :func:`~flowcodec.codecs.task.view_features`) and sends the mean of their
+        unit-power symbols, scaled back to unit power (discrete codecs: the point the mean
+        of their logits picks). The channel uses and the receiver are those of one view;
+        :meth:`set_views` changes it without touching the weights.
     """
 
     #: A :class:`~flowcodec.pipeline.Hop` sends this codec's symbols through an analog
@@ -206,8 +215,9 @@ class JSCCCodec(FeatureCodec):
                  stem: Sequence[Sequence] | None = None, hidden: int = 512, nonneg: bool = True,
                  constellation: str = "analog", levels: Sequence[int] | None = None,
                  schedule: Sequence[Sequence] | None = None, film: int = 64,
-                 tau: float = 1.0) -> None:  # fmt: skip
+                 tau: float = 1.0, views: int = 1) -> None:  # fmt: skip
         super().__init__(feature_shape)
+        self.set_views(views)
         if len(self.feature_shape) != 3 or any(d % 2 for d in self.feature_shape[1:]):
             raise ConfigError(f"jscc codec: feature_shape must be (C, H, W) with even H, W, "
                               f"got {self.feature_shape}")  # fmt: skip
@@ -260,7 +270,8 @@ class JSCCCodec(FeatureCodec):
         return {**super().config(), "symbols": self.symbols, "hidden": self.hidden,
                 "stem": [list(s) for s in self.stem_spec], "nonneg": self.nonneg,
                 "constellation": self.constellation, "levels": self.levels,
-                "schedule": [[s, n] for s, n in self.schedule], "film": self.film}  # fmt: skip
+                "schedule": [[s, n] for s, n in self.schedule], "film": self.film,
+                **({"views": self.views} if self.views > 1 else {})}  # fmt: skip
 
     @property
     def encoder(self) -> nn.Module:
@@ -324,26 +335,37 @@ class JSCCCodec(FeatureCodec):
     # --- the two halves -------------------------------------------------------------------
     def encode(self, h: torch.Tensor, snr_db=10.0, uses=None,
                generator: torch.Generator | None = None) -> Transmission:  # fmt: skip
-        """Device half: features ``(B, C, H, W)`` to a :class:`Transmission`.
+        """Device half: features ``(B, *input_shape)`` (``(B, C, H, W)``, or the views'
+        features stacked on the channel axis) to a :class:`Transmission`.
 
         ``snr_db``: float or ``(B,)``; ``uses``: int or ``(B,)`` (default: the schedule's
         choice at each sample's SNR). ``generator`` draws the Gumbel noise (discrete codecs
         in training mode)."""
         self.check_features(h)
-        h = h.to(self._device())
-        snr = self._snr(snr_db, len(h))
+        return self._encode_views(h.to(self._device()), snr_db, uses, generator, self.views)
+
+    def _encode_views(self, h: torch.Tensor, snr_db, uses, generator,
+                      views: int) -> Transmission:  # fmt: skip
+        b = len(h)
+        snr = self._snr(snr_db, b)
         n = self._uses(uses, snr)
-        cond = self._cond(snr, n)
+        if views > 1:
+            h = h.reshape(b * views, *self.feature_shape)
+        rep = (lambda t: t.repeat_interleave(views, 0)) if views > 1 else (lambda t: t)
         z = self.g_a.pool(self.g_a.stem(h))
-        y = self.g_a.proj(self.film_a(z, cond)).float()
+        y = self.g_a.proj(self.film_a(z, self._cond(rep(snr), rep(n)))).float()
         mask = torch.arange(self.symbols, device=y.device)[None, :] < n[:, None]
         if not self.discrete:
             x = torch.view_as_complex(y.view(len(y), self.symbols, 2).contiguous())
-            x = x * mask
-            energy = x.abs().square().sum(1, keepdim=True)
-            x = x * (n[:, None].float() / energy.clamp_min(_EPS)).sqrt()
+            x = x * rep(mask)
+            x = x * (rep(n)[:, None].float() / _energy(x)).sqrt()
+            if views > 1:  # the views' unit-power symbols, averaged, back to unit power
+                x = x.view(b, views, self.symbols).mean(1)
+                x = x * (n[:, None].float() / _energy(x)).sqrt()
             return Transmission(x.to(torch.complex64), n, snr)
         logits = y.view(len(y), self.symbols, _M)
+        if views > 1:
+            logits = logits.view(b, views, self.symbols, _M).mean(1)
         pts = torch.view_as_real(self.points())  # (M, 2)
         idx = logits.argmax(-1)
         hard = nn.functional.one_hot(idx, _M).to(logits.dtype)
@@ -542,6 +564,11 @@ class JSCCCodec(FeatureCodec):
                 mine[k].copy_(v)
                 copied.append(k)
         return copied
+
+
+def _energy(x: torch.Tensor) -> torch.Tensor:
+    """``(B, 1)``: each row's symbol energy, kept away from zero."""
+    return x.abs().square().sum(1, keepdim=True).clamp_min(_EPS)
 
 
 def _bad_int(v, lo: int, hi: int) -> bool:
