@@ -3,6 +3,7 @@
     python -m experiments.train_jscc --out cifar10-jscc_p2 --seconds 1500      # 2 CPU cores
     python -m experiments.train_jscc --constellation qam16 --init runs/cifar10-jscc_p2 \\
         --out cifar10-jscc16_p2 --seconds 600 --no-zoo
+    python -m experiments.train_jscc --views 4 --init cifar10-jscc_p2 --out cifar10-jscc_p2v4
 
 Builds a :class:`~flowcodec.codecs.jscc.JSCCCodec` (``--symbols`` complex channel uses at
 most, FiLM by the SNR and the channel uses), warm-starts it from a trained codec
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--stem", type=int, default=256, help="encoder stem channels")
     ap.add_argument("--levels", type=int, nargs="+", default=[4, 8, 12, 16])
+    ap.add_argument("--views", type=int, default=1, choices=[1, 2, 3, 4],
+                    help="input views coded into each transmission (JSCCCodec views)")
     ap.add_argument("--constellation", default="analog",
                     choices=["analog", "qam16", "psk16", "learned16"])
     ap.add_argument("--init", default="cifar10-task_p2",
@@ -79,7 +82,8 @@ def main(argv=None) -> int:
     head, tail = fam.split(3, args.point)
     shape = tuple(fam.feature_shape(args.point))
     kwargs = {"symbols": args.symbols, "hidden": args.hidden, "stem": [[args.stem, True]],
-              "constellation": args.constellation, "levels": args.levels}  # fmt: skip
+              "constellation": args.constellation, "levels": args.levels,
+              **({"views": args.views} if args.views > 1 else {})}  # fmt: skip
     codec = build_codec("jscc", shape, **kwargs)
     init_note = None
     if args.init:

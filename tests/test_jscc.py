@@ -383,3 +383,21 @@ def test_views_round_trip_in_a_checkpoint(tmp_path):
     a, _ = codec.transmit(h, AWGN(), 0.0, None, gen(3))
     b, _ = back.transmit(h, AWGN(), 0.0, None, gen(3))
     assert torch.equal(a, b)
+
+
+def test_training_with_views_sends_every_view_and_evaluates(digits, digits_family):
+    """train_jscc and eval_jscc hand a multi-view codec the stacked features of its views
+    (device_features); the distillation target stays the input's own features."""
+    from flowcodec.codecs.jscc_train import JSCCTrainConfig, eval_jscc, train_jscc
+
+    torch.manual_seed(0)
+    codec = build_codec("jscc", digits_family.feature_shape(2), symbols=4, stem=[[32, True]],
+                        hidden=16, film=8, levels=[2, 4], views=2)  # fmt: skip
+    before = {k: v.clone() for k, v in codec.state_dict().items()}
+    cfg = JSCCTrainConfig(epochs=1, batch_size=64, max_steps=2, seed=1, channels={"awgn": 1.0})
+    train_jscc(codec, digits_family, 3, 2, digits[0], None, cfg, progress=False)
+    assert codec.views == 2
+    assert any(not torch.equal(before[k], v) for k, v in codec.state_dict().items())
+    head, tail = digits_family.split(3, 2)
+    res = eval_jscc(codec, head, tail, digits[1], [10.0], uses=4, n=50)
+    assert res[0]["uses"] == 4.0 and 0.0 <= res[0]["accuracy"] <= 1.0

@@ -126,8 +126,8 @@ def eval_jscc(codec: JSCCCodec, head, tail, data: ArrayDataset, snrs, channel="a
         for x, y in data.batches(500, device=device):
             if n is not None and seen >= n:
                 break
-            feats, tx = codec.transmit(head(x).float(), ch, float(s), uses, gen,
-                                       true_snr_db=true)  # fmt: skip
+            h = codec.device_features(head, x).float()
+            feats, tx = codec.transmit(h, ch, float(s), uses, gen, true_snr_db=true)
             correct += int((tail(feats).argmax(1) == y).sum())
             seen += len(y)
             spent += tx.channel_uses
@@ -169,6 +169,7 @@ def train_jscc(codec: JSCCCodec, family, member: int, point: int, train: ArrayDa
         if not bool(codec.conceal.abs().sum()):
             codec.to("cpu").fit(feats)
         power = float(feats.pow(2).mean())
+        c = feats.shape[1]  # one view's channels
         codec.to(dev)
         stem = [p for n, p in codec.named_parameters() if n.startswith("g_a.stem")]
         ids = {id(p) for p in stem}
@@ -206,11 +207,12 @@ def train_jscc(codec: JSCCCodec, family, member: int, point: int, train: ArrayDa
                     snr = lo + (hi - lo) * torch.rand(b, generator=gen)
                 uses = levels[torch.randint(len(levels), (b,), generator=gen)]
                 with torch.no_grad(), torch.autocast(**amp):
-                    h = head(x)
+                    hv = codec.device_features(head, x)  # with views: all of them, stacked
+                    h = hv[:, :c]  # the input's own features: the teacher's, the target
                     teacher = tail(h).float() if cfg.kd else None
-                h = h.float()
+                h, hv = h.float(), hv.float()
                 with torch.autocast(**amp):
-                    out = codec(h, snr.to(dev), chans[name], uses.to(dev), gen)
+                    out = codec(hv, snr.to(dev), chans[name], uses.to(dev), gen)
                     logits = tail(out.features).float()
                 task = F.cross_entropy(logits, y)
                 kd = _kd_loss(logits, teacher, cfg.temperature) if cfg.kd else logits.new_zeros(())
