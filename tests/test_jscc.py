@@ -401,3 +401,30 @@ def test_training_with_views_sends_every_view_and_evaluates(digits, digits_famil
     head, tail = digits_family.split(3, 2)
     res = eval_jscc(codec, head, tail, digits[1], [10.0], uses=4, n=50)
     assert res[0]["uses"] == 4.0 and 0.0 <= res[0]["accuracy"] <= 1.0
+
+
+def test_a_hop_carries_a_multi_view_codec_with_one_views_channel_uses():
+    """A flow whose first hop is a views=2 JSCC codec: the device runs its stages on the
+    mirror image too (its FLOPs), the hop spends one view's channel uses, and the logits
+    are the tail of the fused transmission."""
+    from flowcodec.codecs.task import view_features
+    from flowcodec.family import build_family
+    from flowcodec.pipeline import Flow, Hop, Tier
+
+    fam = build_family("digits").eval()
+    torch.manual_seed(0)
+    two = build_codec("jscc", fam.feature_shape(2), symbols=8, stem=[[32, True]], hidden=16,
+                      film=8, views=2).eval()  # fmt: skip
+    one = build_codec("jscc", fam.feature_shape(2), symbols=8, stem=[[32, True]], hidden=16,
+                      film=8).eval()  # fmt: skip
+    one.load_state_dict(two.state_dict())
+    x = torch.randn(3, *fam.input_shape, generator=gen(0))
+    tiers = [Tier("device", 1e9, point=2), Tier("cloud", 1e12, point=3)]
+    res, res1 = (Flow(fam, tiers, [Hop(c, AWGN(), symbol_rate=1e6, snr_db=30.0)]).run(
+        x, generator=gen(1)) for c in (two, one))  # fmt: skip
+    head, tail = fam.split(3, 2)
+    feats, _ = two.transmit(view_features(head, x, 2), AWGN(), 30.0, None, gen(1))
+    assert torch.allclose(res.logits, tail(feats), atol=1e-4)
+    for tr, tr1 in zip(res.traces, res1.traces):
+        assert tr.hops[0].channel_uses == tr1.hops[0].channel_uses == 8
+        assert tr.compute_flops["device"] > tr1.compute_flops["device"]
