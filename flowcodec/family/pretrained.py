@@ -21,7 +21,7 @@ from flowcodec.family.train import TrainConfig, TrainResult, train_family
 from flowcodec.family.zoo import build_family
 
 __all__ = ["RECIPES", "ZOO_DIR", "pretrained_path", "save_family", "load_pretrained",
-           "train_recipe"]  # fmt: skip
+           "train_recipe", "grow_recipe"]  # fmt: skip
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
 
@@ -35,6 +35,10 @@ RECIPES: dict[str, dict] = {
         "family": {"width": 32},
         "train": dict(epochs=40, batch_size=512, lr=0.2, weight_decay=5e-4, optimizer="sgd",
                       label_smoothing=0.1),  # fmt: skip
+        # ``train-family --grow xl``: members 1 and 2 kept, a wide member 3 trained on their
+        # frozen trunk (flowcodec.family.grow; docs/family.md), sized for 2 CPU cores.
+        "grow": dict(epochs=10, batch_size=256, lr=0.15, weight_decay=5e-4, views=6, pad=2,
+                     label_smoothing=0.2),  # fmt: skip
     },
     # Sized for 2 CPU cores in under 90 minutes (docs/family.md): the stem starts as the
     # trained cifar10 family's first stage, and its member 3 is the distillation teacher.
@@ -97,6 +101,28 @@ def train_recipe(name: str, device: str = "cpu", progress: bool = True, data_roo
         copy_stem(fam, load_pretrained(recipe["stem_from"], progress=progress))
     return fam, train_family(fam, train, test, cfg, dist=dist, checkpoint=checkpoint,
                              resume=resume, teacher=teacher)  # fmt: skip
+
+
+def grow_recipe(name: str, kind: str, device: str = "cpu", progress: bool = True,
+                data_root=None, checkpoint=None, resume: bool = False, source=None,
+                **overrides):  # fmt: skip
+    """Grow the trained family ``name``: keep its members but the last, and train a new last
+    member of kind ``kind`` (``cifar10(cloud=kind)``) on their frozen trunk with the recipe's
+    ``grow`` settings (``overrides`` change :class:`GrowConfig` fields). ``source``: the
+    family to grow (default: the trained ``name``). Returns ``(family, GrowResult)``."""
+    from flowcodec.family.grow import GrowConfig, grow_member
+
+    recipe = RECIPES.get(name, {})
+    if "grow" not in recipe:
+        raise ConfigError(f"no grow recipe for family {name!r}; families that can grow: "
+                          f"{sorted(k for k, v in RECIPES.items() if 'grow' in v)}")  # fmt: skip
+    train, test = load_dataset(recipe.get("data", name), root=data_root)
+    src = source if source is not None else load_pretrained(name, progress=progress)
+    cfg = GrowConfig(**{**recipe["grow"], **overrides, "device": device, "progress": progress})
+    torch.manual_seed(cfg.seed)
+    kw = {k: v for k, v in src.config.items() if k != "name"}
+    fam = build_family(name, **{**kw, "cloud": kind})
+    return fam, grow_member(src, fam, train, test, cfg, checkpoint=checkpoint, resume=resume)
 
 
 def load_pretrained(name: str, train_if_missing: bool | None = None, progress: bool = True,

@@ -2,7 +2,9 @@
 
 - ``digits``: three members for 1x8x8 digits (about 5 k, 20 k and 120 k parameters).
 - ``cifar10``: three members of a ResNet-9-style trunk for 3x32x32 images, width ``w``
-  (default 32: about 0.2 M, 0.5 M and 1.6 M parameters).
+  (default 32: about 0.2 M, 0.5 M and 1.6 M parameters). ``cloud="xl"`` makes the last
+  stage and exit a much wider one (:func:`cloud_stage`): member 3 then runs at the edge or
+  in the cloud, while stages 1 and 2 (what the device members run) are unchanged.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from torch import nn
 from flowcodec.errors import ConfigError
 from flowcodec.family.base import EarlyExitFamily
 
-__all__ = ["FAMILIES", "register_family", "build_family", "digits_family", "cifar10_family"]
+__all__ = ["FAMILIES", "register_family", "build_family", "digits_family", "cifar10_family",
+           "cloud_stage", "CLOUD_STAGES"]
 
 FAMILIES: dict[str, Callable[..., EarlyExitFamily]] = {}
 
@@ -86,8 +89,37 @@ def digits_family(classes: int = 10) -> EarlyExitFamily:
     return EarlyExitFamily(stages, exits, (1, 8, 8))
 
 
+class Scale(nn.Module):
+    """Multiply by a fixed factor (keeps a wide max-pooled exit's first logits small, so
+    SGD at the usual learning rates does not diverge in its first steps)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+#: Widths of the large last stages (``cifar10(cloud=...)``), as multiples of ``width``.
+CLOUD_STAGES = {"xl": (6, 12)}
+
+
+def cloud_stage(cin: int, w: int, classes: int, kind: str = "xl") -> tuple[nn.Module, nn.Module]:
+    """A wide last stage and its exit for a 8x8 map of ``cin`` channels: a conv to ``a*w``
+    channels, a residual pair at 8x8, a pooled conv to ``b*w`` channels and a residual pair
+    at 4x4, then a global max pool and a linear layer (``(a, b) = CLOUD_STAGES[kind]``)."""
+    if kind not in CLOUD_STAGES:
+        raise ConfigError(f"unknown cloud stage {kind!r}; known: {sorted(CLOUD_STAGES)}")
+    a, b = (m * w for m in CLOUD_STAGES[kind])
+    stage = nn.Sequential(conv_bn(cin, a), Residual(a), conv_bn(a, b, pool=True), Residual(b))
+    exit_ = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(b, classes),
+                          Scale(0.125))  # fmt: skip
+    return stage, exit_
+
+
 @register_family("cifar10")
-def cifar10_family(width: int = 32, classes: int = 10) -> EarlyExitFamily:
+def cifar10_family(width: int = 32, classes: int = 10, cloud: str | None = None) -> EarlyExitFamily:
     w = width
     stages = [
         nn.Sequential(conv_bn(3, w), conv_bn(w, 2 * w, pool=True)),  # 2w x 16 x 16
@@ -102,4 +134,6 @@ def cifar10_family(width: int = 32, classes: int = 10) -> EarlyExitFamily:
             nn.Linear(8 * w, 4 * w), nn.ReLU(inplace=True), nn.Linear(4 * w, classes),
         ),  # fmt: skip
     ]
+    if cloud is not None:
+        stages[2], exits[2] = cloud_stage(4 * w, w, classes, cloud)
     return EarlyExitFamily(stages, exits, (3, 32, 32))

@@ -1,0 +1,255 @@
+"""Grow a family: train a new, larger last member on the frozen shared trunk.
+
+The device members (stages ``1..p`` and their exits) are copied from a trained family and
+never change, so their accuracy, their FLOPs and every codec trained on their features stay
+valid. Only the new last stage and its exit are trained, from the features at split point
+``p``. Because the trunk is frozen, those features are computed once, for a fixed number
+of augmented copies of the training set (random crops and flips), and cached as float16;
+every epoch then draws, for each image, one of its cached copies. On 2 CPU cores this makes
+an epoch cost only the new stage's forward and backward passes.
+
+Example
+-------
+>>> from flowcodec.family.grow import GrowConfig
+>>> GrowConfig(epochs=2, views=2).views
+2
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flowcodec.data import ArrayDataset, crop_flip
+from flowcodec.errors import ConfigError
+from flowcodec.family.base import EarlyExitFamily
+
+__all__ = ["GrowConfig", "GrowResult", "grow_member", "cache_trunk_views"]
+
+
+@dataclass
+class GrowConfig:
+    """How to train the new last stage.
+
+    SGD with Nesterov momentum, a linear warm-up over ``warmup`` of the steps then a linear
+    decay to zero, label smoothing, and an exponential moving average of the weights
+    (``ema``, 0 turns it off) that is what gets evaluated and saved.
+    """
+
+    epochs: int = 16
+    batch_size: int = 512
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.2
+    warmup: float = 0.15
+    ema: float = 0.98
+    views: int = 8
+    pad: int = 2
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    time_budget_s: float | None = None
+
+    def __post_init__(self) -> None:
+        bad = [k for k in ("epochs", "batch_size", "views") if getattr(self, k) < 1]
+        if not self.lr > 0:
+            bad.append("lr")
+        if not 0 <= self.ema < 1:
+            bad.append("ema")
+        if not 0 <= self.warmup < 1:
+            bad.append("warmup")
+        if self.pad < 0:
+            bad.append("pad")
+        if bad:
+            raise ConfigError(f"GrowConfig: bad value for {', '.join(bad)} "
+                              "(epochs, batch_size, views >= 1; lr > 0; ema, warmup in [0, 1); pad >= 0)")  # fmt: skip
+
+
+@dataclass
+class GrowResult:
+    """Test accuracy of every member after growing, the epochs done and the wall time."""
+
+    accuracies: list[float]
+    seconds: float
+    epochs_done: int
+    history: list[dict] = field(default_factory=list)
+
+
+@torch.no_grad()
+def cache_trunk_views(head: nn.Module, data: ArrayDataset, views: int, pad: int,
+                      generator: torch.Generator, device="cpu", progress=True,
+                      batch_size: int = 500) -> torch.Tensor:  # fmt: skip
+    """``(views, N, *feature)`` float16 features of ``views`` augmented copies of ``data``
+    (view 0 is flipped for no image and not shifted; the others are random crops and
+    flips)."""
+    from flowcodec.progress import tqdm
+
+    head = head.to(device).eval()
+    cl = torch.device(device).type == "cpu"  # channels-last convolutions are faster on CPU
+    if cl:
+        head = copy.deepcopy(head).to(memory_format=torch.channels_last)
+    n = len(data)
+    out = None
+    with tqdm(total=views * math.ceil(n / batch_size), desc="cache trunk features",
+              disable=not progress, leave=False) as bar:  # fmt: skip
+        for v in range(views):
+            for start in range(0, n, batch_size):
+                xb = data.images[start : start + batch_size].to(device)
+                if v > 0:
+                    xb = crop_flip(xb, generator, pad=pad) if pad else _flip(xb, generator)
+                xb = data.normalize(xb)
+                if cl:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                h = head(xb).half().cpu()
+                if out is None:
+                    out = torch.empty((views, n, *h.shape[1:]), dtype=torch.float16)
+                out[v, start : start + len(h)] = h
+                bar.update(1)
+    return out
+
+
+def _flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(len(x), generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None].to(x.device), x.flip(3), x)
+
+
+def _lr_at(step: int, total: int, cfg: GrowConfig) -> float:
+    w = max(1, int(cfg.warmup * total))
+    if step < w:
+        return cfg.lr * (step + 1) / w
+    return cfg.lr * max(0.0, (total - step) / max(1, total - w))
+
+
+@torch.no_grad()
+def _accuracy(tail: nn.Module, feats: torch.Tensor, labels: torch.Tensor, dev,
+              batch_size: int = 1000) -> float:  # fmt: skip
+    was = tail.training
+    tail.eval()
+    correct = 0
+    for s in range(0, len(labels), batch_size):
+        h = feats[s : s + batch_size].to(dev).float().contiguous(memory_format=torch.channels_last)
+        correct += int((tail(h).argmax(1) == labels[s : s + batch_size].to(dev)).sum())
+    tail.train(was)
+    return correct / len(labels)
+
+
+def grow_member(
+    source: EarlyExitFamily,
+    target: EarlyExitFamily,
+    train: ArrayDataset,
+    test: ArrayDataset | None = None,
+    config: GrowConfig | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    on_epoch=None,
+) -> GrowResult:
+    """Copy ``source``'s stages and exits ``1..k-1`` into ``target`` (a family of the same
+    trunk whose member ``k`` is new and larger) and train ``target``'s last stage and exit
+    on the frozen features after stage ``k-1``.
+
+    ``checkpoint`` (a path without suffix): the training state is written there after every
+    epoch, and with ``resume`` a saved state is loaded and training continues after its
+    last epoch. ``config.time_budget_s`` stops after the epoch that crosses it (resume to
+    go on). Returns the test accuracy of every member of ``target``.
+    """
+    from flowcodec.progress import tqdm
+    from flowcodec.scale.ddp import load_state, save_state
+
+    cfg = config or GrowConfig()
+    k = target.num_members
+    if source.num_members != k:
+        raise ConfigError(f"source has {source.num_members} members, target {k}: they must "
+                          "share every stage but the last")  # fmt: skip
+    p = k - 1
+    for i in range(p):
+        target.stages[i].load_state_dict(source.stages[i].state_dict())
+        target.exits[i].load_state_dict(source.exits[i].state_dict())
+    dev = torch.device(cfg.device)
+    target.to(dev)
+    head, _ = target.split(k, p)
+    head.eval().requires_grad_(False)
+    tail = nn.Sequential(target.stages[p], target.exits[p]).to(dev)
+    tail = tail.to(memory_format=torch.channels_last).train()
+    ema = torch.optim.swa_utils.AveragedModel(
+        tail, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema),
+        use_buffers=True) if cfg.ema > 0 else None  # fmt: skip
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start = time.perf_counter()
+    feats = cache_trunk_views(head, train, cfg.views, cfg.pad, gen, dev, cfg.progress)
+    labels = train.labels
+    test_feats = (cache_trunk_views(head, test, 1, 0, gen, dev, cfg.progress)[0]
+                  if test is not None else None)  # fmt: skip
+
+    decay = [q for q in tail.parameters() if q.ndim > 1]
+    no_decay = [q for q in tail.parameters() if q.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)  # fmt: skip
+    n = len(labels)
+    steps = n // cfg.batch_size
+    total = cfg.epochs * steps
+    crit = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    history: list[dict] = []
+    first = 0
+    holder = nn.ModuleDict({"tail": tail, **({"ema": ema} if ema is not None else {})})
+    if checkpoint is not None and resume:
+        saved = load_state(checkpoint, holder, opt, None, gen)
+        if saved is not None:
+            first, history = int(saved["epoch"]), list(saved["history"])
+    bar = tqdm(total=total, initial=first * steps, desc="grow member", disable=not cfg.progress,
+               leave=False)  # fmt: skip
+    done = first
+    for epoch in range(first, cfg.epochs):
+        t0 = time.perf_counter()
+        order = torch.randperm(n, generator=gen)
+        which = torch.randint(0, cfg.views, (n,), generator=gen)
+        run_loss, seen = 0.0, 0
+        for s in range(steps):
+            idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+            h = feats[which[idx], idx].to(dev).float().contiguous(memory_format=torch.channels_last)
+            y = labels[idx].to(dev)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(epoch * steps + s, total, cfg)
+            loss = crit(tail(h), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if ema is not None:
+                ema.update_parameters(tail)
+            run_loss += float(loss.detach()) * len(y)
+            seen += len(y)
+            bar.update(1)
+        rec = {"epoch": epoch + 1, "loss": round(run_loss / seen, 4),
+               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+        if test_feats is not None:
+            rec["test_accuracy"] = _accuracy(ema.module if ema is not None else tail,
+                                             test_feats, test.labels, dev)  # fmt: skip
+        history.append(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec.get('test_accuracy', 0):.4f}")
+        done = epoch + 1
+        if checkpoint is not None:
+            save_state(checkpoint, holder, opt, None, gen, done, history,
+                       {"config": asdict(cfg)})  # fmt: skip
+        if on_epoch is not None:
+            on_epoch(rec)
+        if cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s:
+            break
+    bar.close()
+    if ema is not None:
+        tail.load_state_dict(ema.module.state_dict())
+    target.eval()
+    accs: list[float] = []
+    if test is not None:
+        from flowcodec.family.train import evaluate_family
+
+        accs = evaluate_family(target, test, device=dev)
+    return GrowResult(accs, time.perf_counter() - start, done, history)

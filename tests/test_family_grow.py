@@ -1,0 +1,90 @@
+"""Growing a family: a new, wider last member trained on the frozen trunk of a trained one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowcodec.data import ArrayDataset
+from flowcodec.errors import ConfigError
+from flowcodec.family import build_family, load_family, save_family
+from flowcodec.family.grow import GrowConfig, cache_trunk_views, grow_member
+
+
+def _tiny_data(n: int, seed: int) -> ArrayDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return ArrayDataset(x, y, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True, [str(i) for i in range(10)])
+
+
+@pytest.fixture(scope="module")
+def source():
+    torch.manual_seed(0)
+    return build_family("cifar10", width=8).eval()
+
+
+def test_grown_family_keeps_the_device_members_bit_for_bit(source, tmp_path):
+    torch.manual_seed(1)
+    grown = build_family("cifar10", width=8, cloud="xl")
+    assert grown.info()[2].flops > 1.5 * source.info()[2].flops  # the new member is larger
+    assert [m.flops for m in grown.info()[:2]] == [m.flops for m in source.info()[:2]]
+    train, test = _tiny_data(96, 0), _tiny_data(40, 1)
+    before = {k: v.clone() for k, v in grown.stages[2].state_dict().items()}
+    res = grow_member(source, grown, train, test,
+                      GrowConfig(epochs=2, views=2, batch_size=32, progress=False))  # fmt: skip
+    assert res.epochs_done == 2 and len(res.history) == 2 and len(res.accuracies) == 3
+    changed = any(not torch.equal(before[k], v) for k, v in grown.stages[2].state_dict().items())
+    assert changed, "the new stage was not trained"
+    x = torch.randn(5, 3, 32, 32)
+    for k in (1, 2):
+        assert torch.equal(grown.member(k).eval()(x), source.member(k)(x))
+    for p in (1, 2):
+        assert torch.equal(grown.features(x, p), source.features(x, p))
+    # the source family is not touched
+    assert all(not q.requires_grad or q.grad is None for q in source.parameters())
+    # saved and loaded through the registry, with its config
+    save_family(grown, tmp_path / "g", res)
+    again = load_family(tmp_path / "g")
+    assert again.config["cloud"] == "xl"
+    assert torch.equal(again.member(3)(x), grown.member(3)(x))
+
+
+def test_grow_resumes_after_the_last_saved_epoch(source, tmp_path):
+    train = _tiny_data(64, 2)
+    cfg = dict(views=1, batch_size=32, progress=False, ema=0.0)
+    torch.manual_seed(3)
+    a = build_family("cifar10", width=8, cloud="xl")
+    grow_member(source, a, train, None, GrowConfig(epochs=1, **cfg), checkpoint=tmp_path / "s")
+    torch.manual_seed(3)
+    b = build_family("cifar10", width=8, cloud="xl")
+    res = grow_member(source, b, train, None, GrowConfig(epochs=2, **cfg),
+                      checkpoint=tmp_path / "s", resume=True)  # fmt: skip
+    assert res.epochs_done == 2 and [r["epoch"] for r in res.history] == [1, 2]
+    torch.manual_seed(3)
+    c = build_family("cifar10", width=8, cloud="xl")
+    grow_member(source, c, train, None, GrowConfig(epochs=2, **cfg))  # in one go
+    for (k, v), w in zip(b.state_dict().items(), c.state_dict().values(), strict=True):
+        assert torch.allclose(v.float(), w.float(), atol=1e-5), k
+
+
+def test_cached_views_are_the_trunk_features(source):
+    data = _tiny_data(10, 4)
+    head, _ = source.split(3, 2)
+    feats = cache_trunk_views(head, data, 3, 2, torch.Generator().manual_seed(0), progress=False)
+    assert feats.shape == (3, 10, 32, 8, 8) and feats.dtype == torch.float16
+    with torch.no_grad():
+        want = head(data.normalize(data.images))
+    assert torch.allclose(feats[0].float(), want, atol=1e-2, rtol=1e-2)  # view 0 unaugmented
+    assert not torch.equal(feats[1], feats[0])
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(lr=0.0), dict(ema=1.0), dict(views=0)])
+def test_bad_grow_configs_are_refused(bad):
+    with pytest.raises(ConfigError):
+        GrowConfig(**bad)
+
+
+def test_unknown_cloud_stage_is_refused():
+    with pytest.raises(ConfigError, match="cloud stage"):
+        build_family("cifar10", cloud="huge")
