@@ -15,7 +15,8 @@ def _tiny_data(n: int, seed: int) -> ArrayDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
-    return ArrayDataset(x, y, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True, [str(i) for i in range(10)])
+    classes = [str(i) for i in range(10)]
+    return ArrayDataset(x, y, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True, classes)
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +46,12 @@ def test_grown_family_keeps_the_device_members_bit_for_bit(source, tmp_path):
     assert all(not q.requires_grad or q.grad is None for q in source.parameters())
     # saved and loaded through the registry, with its config
     save_family(grown, tmp_path / "g", res)
-    again = load_family(tmp_path / "g")
+    again = load_family(tmp_path / "g").eval()
+    grown.eval()
     assert again.config["cloud"] == "xl"
-    assert torch.equal(again.member(3)(x), grown.member(3)(x))
+    # (the trained stage is channels-last, the loaded one contiguous: same values, other
+    # convolution kernels)
+    torch.testing.assert_close(again.member(3)(x), grown.member(3)(x), atol=1e-6, rtol=1e-5)
 
 
 def test_grow_resumes_after_the_last_saved_epoch(source, tmp_path):

@@ -68,8 +68,8 @@ class GrowConfig:
         if self.pad < 0:
             bad.append("pad")
         if bad:
-            raise ConfigError(f"GrowConfig: bad value for {', '.join(bad)} "
-                              "(epochs, batch_size, views >= 1; lr > 0; ema, warmup in [0, 1); pad >= 0)")  # fmt: skip
+            raise ConfigError(f"GrowConfig: bad value for {', '.join(bad)} (epochs, batch_size, "
+                              "views >= 1; lr > 0; ema, warmup in [0, 1); pad >= 0)")  # fmt: skip
 
 
 @dataclass
