@@ -7,8 +7,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
-# Tests and benchmarks find the CIFAR-10 copy beside the checkout when it is there.
+# Tests and benchmarks find the CIFAR-10 copy beside the checkout when it is there (and
+# FLOWCODEC_DATA is not set already); otherwise the variable is left alone.
+ifneq ($(wildcard ../shared/data/.),)
 export FLOWCODEC_DATA ?= $(abspath ../shared/data)
+endif
 
 .PHONY: demo test test-all lint setup clean task-codecs
 

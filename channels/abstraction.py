@@ -32,8 +32,8 @@ import torch
 
 from channels._errors import ChannelError
 from channels.analog import AWGN, AnalogChannel
-from channels.link import LinkReport, _check_packets, _LinkBase, plan_packet
-from channels.mcs import MCS
+from channels.base import LinkBase, LinkReport, check_packets, plan_packet
+from channels.mcs import MCS, MCS_TABLE
 
 __all__ = ["FastLink", "BlerTable", "load_project_tables", "load_sionna_tables", "eesm"]
 
@@ -148,14 +148,12 @@ def _beta_for(mcs: MCS) -> float:
     if mcs.index is not None:
         return _eesm_betas()[mcs.index]
     # custom MCS: the beta of the table entry with the closest spectral efficiency
-    from channels.mcs import MCS_TABLE
-
     best = min(MCS_TABLE, key=lambda t: (t.modulation_order != mcs.modulation_order,
                                          abs(t.code_rate - mcs.code_rate)))
     return _eesm_betas()[best.index]
 
 
-class FastLink(_LinkBase):
+class FastLink(LinkBase):
     """Table-driven link with the same constructor keywords and ``transmit()`` as ExactLink.
 
     Args:
@@ -195,7 +193,7 @@ class FastLink(_LinkBase):
     def transmit(self, packets: list[bytes], snr_db: float | None = None,
                  generator: torch.Generator | None = None):
         """Send ``packets``; returns ``(list[bytes | None], LinkReport)``."""
-        packets = _check_packets(packets)
+        packets = check_packets(packets)
         snr, gen = self._resolve(snr_db, generator)
         n_pk = len(packets)
         success = [False] * n_pk

@@ -5,7 +5,7 @@
         --csv docs/vit_token_views_cifar10.csv
 
 The device codes the input and its mirror image (the first ``--views`` of
-``flowcodec.codecs.task.VIEWS``) with the same token codec, each view as its own stream;
+``flowcodec.views.VIEWS``) with the same token codec, each view as its own stream;
 the receiver decodes each, runs member 3's tail on each and averages the class
 probabilities. For every codec (and for uncompressed tokens) it prints the accuracy with
 1..V views and the bytes per image: compact (session framing, ``Bitstream.compact_nbytes``)
@@ -23,7 +23,7 @@ import math
 def main(argv=None) -> int:
     import torch
 
-    from flowcodec.codecs.task import VIEWS
+    from flowcodec.views import VIEWS
     from flowcodec.codecs.zoo import load_pretrained_codec
     from flowcodec.data import load_dataset
     from flowcodec.family import load_pretrained

@@ -127,6 +127,8 @@ def cmd_train_family(args) -> int:
     overrides = {k: v for k, v in pairs if v is not None}
     out = args.out or f"{args.family}-family"
     resumed = _saved_epoch(out) if args.resume else None
+    if args.grow:
+        return _grow_family(args, device, overrides, out, resumed)
     try:
         fam, res = train_recipe(args.family, device=device,
                                 progress=not args.no_progress and dist.is_main,
@@ -154,6 +156,45 @@ def cmd_train_family(args) -> int:
     return 0
 
 
+def _grow_family(args, device, overrides, out, resumed) -> int:
+    """``train-family --grow KIND``: a new last member on the trained family's frozen trunk,
+    saved as float16 and measured after that rounding."""
+    import torch
+
+    from flowcodec.data import load_dataset
+    from flowcodec.family import evaluate_family, load_family, save_family
+    from flowcodec.family.pretrained import RECIPES, grow_recipe
+    from flowcodec.family.train import TrainResult
+    from flowcodec.scale.ddp import state_paths
+
+    if args.budget_min is not None:
+        overrides["time_budget_s"] = 60.0 * args.budget_min
+    fam, res = grow_recipe(args.family, args.grow, device=device,
+                           progress=not args.no_progress, data_root=args.data, checkpoint=out,
+                           resume=args.resume, **overrides)  # fmt: skip
+    hw = torch.cuda.get_device_name(0) if device.startswith("cuda") else "CPU"
+    extra = {k: v for k, v in overrides.items() if k != "time_budget_s"}
+    if resumed:
+        extra["resumed_from_epoch"] = resumed
+    extra.update(grown=args.grow, epochs_done=res.epochs_done, history=res.history)
+    save_family(fam.to("cpu"), out, None, half=True, hardware=hw, **extra)
+    loaded = load_family(out)  # the float16 weights are what ships: measure those
+    _, test = load_dataset(args.family, root=args.data)
+    accs = evaluate_family(loaded, test)
+    path = save_family(loaded, out, TrainResult(accs, res.seconds, res.history), half=True,
+                       hardware=hw, **extra)  # fmt: skip
+    epochs = overrides.get("epochs") or RECIPES[args.family]["grow"]["epochs"]
+    if res.epochs_done >= epochs:
+        for f in state_paths(out):  # finished: nothing left to resume
+            f.unlink(missing_ok=True)
+    else:
+        print(f"stopped after epoch {res.epochs_done} of {epochs} (time budget); "
+              "--resume goes on from there")  # fmt: skip
+    print(_table(_member_rows(loaded, accs), ["member", "test acc %", "params", "MFLOPs"]))
+    print(f"grown in {res.seconds:.1f} s on {hw}; saved {path} (float16)")
+    return 0
+
+
 def _saved_epoch(out) -> int | None:
     """The last completed epoch of the training state at ``out`` (None: no state)."""
     from flowcodec.scale.ddp import state_paths
@@ -166,16 +207,33 @@ def _saved_epoch(out) -> int | None:
 
 
 def cmd_info(args) -> int:
+    from flowcodec.errors import CheckpointError
     from flowcodec.family import build_family
+    from flowcodec.family.checkpoint import read_config
+    from flowcodec.family.pretrained import pretrained_path
 
-    fam = build_family(args.family)
-    rows = [{"member": m.index, "params": f"{m.params:,}", "MFLOPs": f"{m.flops / 1e6:.2f}"}
-            for m in fam.info()]  # fmt: skip
-    print(_table(rows, ["member", "params", "MFLOPs"]))
+    # The architecture of the shipped (or cached) checkpoint when there is one: a grown
+    # family's last member differs from the builder's default. No weights are loaded.
+    config, accs = {}, []
+    try:
+        record = read_config(pretrained_path(args.family))
+        config = {k: v for k, v in record["config"].items() if k != "name"}
+        accs = list(record.get("extra", {}).get("test_accuracy") or [])
+    except CheckpointError:
+        pass
+    fam = build_family(args.family, **config)
+    rows = []
+    for m in fam.info():
+        row = {"member": m.index, "params": f"{m.params:,}", "MFLOPs": f"{m.flops / 1e6:.2f}"}
+        row["test acc %"] = f"{100 * accs[m.index - 1]:.2f}" if len(accs) >= m.index else "-"
+        rows.append(row)
+    print(_table(rows, ["member", "params", "MFLOPs", "test acc %"]))
     for p in range(1, fam.num_members + 1):
         shape = fam.feature_shape(p)
         print(f"split point {p}: features {tuple(shape)} ({getattr(shape, 'layout', 'chw')}), "
               f"head {fam.head_flops(p) / 1e6:.2f} MFLOPs")  # fmt: skip
+    if config:
+        print(f"architecture: {args.family} {config} (from {pretrained_path(args.family)}.json)")
     return 0
 
 
@@ -253,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "when training ends")  # fmt: skip
     t.add_argument("--resume", action="store_true",
                    help="continue from OUT.state.* (the last completed epoch) if it exists")
+    t.add_argument("--grow", default=None, metavar="KIND", choices=["xl"],
+                   help="keep the trained family's members but the last and train a new, "
+                        "larger last member of this kind on their frozen trunk (cifar10: xl; "
+                        "docs/family.md)")  # fmt: skip
+    t.add_argument("--budget-min", type=float, default=None,
+                   help="with --grow: stop after the epoch that passes this many minutes "
+                        "(--resume goes on)")  # fmt: skip
     common(t)
     t.set_defaults(func=cmd_train_family)
 
@@ -267,17 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(a)
     a.set_defaults(func=cmd_align)
 
-    from flowcodec import latency
+    from flowcodec.sweeps import add_sweep_parsers
 
-    latency.add_parser(sub)
-
-    from flowcodec import rd as _rd
-
-    _rd.add_parser(sub)
-
-    from flowcodec import snr as _snr
-
-    _snr.add_parser(sub)
+    add_sweep_parsers(sub)  # latency, rd, snr: the registered sweeps (flowcodec.sweeps.SWEEPS)
 
     from flowcodec.scale import train_codec_cmd
 
@@ -289,13 +346,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser(
         "info", help="parameters, FLOPs and split points of a family",
-        description="Print each member's parameters and FLOPs, and the feature shape and "
-        "device FLOPs at every split point (built from the architecture: no weights are "
-        "loaded).")
+        description="Print each member's parameters, FLOPs and recorded test accuracy, and "
+        "the feature shape and device FLOPs at every split point (the architecture of the "
+        "shipped or cached checkpoint; no weights are loaded).")
     i.add_argument("--family", default="cifar10", choices=["cifar10", "cifar10-vit", "digits"],
                    help="which family (default cifar10)")
     i.set_defaults(func=cmd_info)
+    _refuse_abbreviations(p)
     return p
+
+
+def _refuse_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """Turn argparse's prefix matching off in ``parser`` and every subparser under it, so a
+    flag a command does not have (``demo --data``) is an error naming it, not silently
+    taken as another flag it abbreviates (``--dataset``)."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _refuse_abbreviations(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

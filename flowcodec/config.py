@@ -8,7 +8,7 @@ path such as ``codecs[2].kwargs``) and what is allowed. Nothing is loaded, train
 measured before the whole config has passed.
 
 The schema is made of a few small dataclasses (:class:`Num`, :class:`Str`, :class:`Bool`,
-:class:`ListOf`, :class:`Obj`, :class:`MapOf`); no schema library is needed.
+:class:`In`, :class:`ListOf`, :class:`Obj`, :class:`MapOf`); no schema library is needed.
 
 Example
 -------
@@ -35,7 +35,7 @@ from typing import Any
 
 from flowcodec.errors import ConfigError
 
-__all__ = ["Num", "Str", "Bool", "ListOf", "MapOf", "Obj", "Any_", "check", "codec_arguments",
+__all__ = ["Num", "Str", "Bool", "In", "ListOf", "MapOf", "Obj", "Any_", "check", "codec_arguments",
            "validate_rd_config", "validate_latency_config", "positive_int", "resolve_config",
            "config_dirs"]  # fmt: skip
 
@@ -135,6 +135,21 @@ class Bool(Spec):
     def check(self, value, path, errors):
         if not isinstance(value, bool) and not (value is None and self.optional):
             errors.append(f"{path}: expected true or false, got {_kind(value)} {_show(value)}")
+
+
+@dataclass
+class In(Spec):
+    """One of ``values`` (JSON values given elsewhere, e.g. the SNRs a config sweeps)."""
+
+    values: tuple = ()
+    optional: bool = False
+
+    def check(self, value, path, errors):
+        if value is None and self.optional:
+            return
+        if isinstance(value, bool) or value not in self.values:
+            errors.append(f"{path}: {_show(value)} is not allowed; allowed: "
+                          f"{', '.join(_show(v) for v in self.values) or '(none)'}")  # fmt: skip
 
 
 @dataclass
@@ -349,6 +364,13 @@ def validate_rd_config(cfg: Any, source: str = "rd config") -> dict:
     errors: list[str] = []
     schema.check(cfg, "", errors)
     _raise(errors, source)
+    from flowcodec.codecs import CODECS
+
+    for i, e in enumerate(cfg["codecs"]):  # an exit's answer needs an exit: point >= 1
+        if getattr(CODECS.get(e.get("codec")), "needs_exit", False) \
+                and int(e.get("point", cfg["point"])) < 1:  # fmt: skip
+            errors.append(f"codecs[{i}].point: codec {e['codec']!r} sends the device exit's "
+                          f"answer: its point must be in 1..{k or 'the members'}")  # fmt: skip
     # Labels the channel entries refer to must be made by some codec entry.
     try:
         labels = set(_rd_labels(cfg))

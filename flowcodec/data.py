@@ -220,12 +220,13 @@ def find_cifar10(root: str | os.PathLike | None = None) -> Path:
     looked = ", ".join(str(c) for c in candidates)
     raise DataNotFoundError(
         f"CIFAR-10 not found (looked in: {looked}). Get it in one of these ways:\n"
-        "  * point FLOWCODEC_DATA (or --data) at a folder with train/<class>/*.jpg and "
-        "test/<class>/*.jpg, or at a folder holding cifar10-jpg.tar.gz;\n"
+        "  * set FLOWCODEC_DATA to a folder with train/<class>/*.jpg and test/<class>/*.jpg, "
+        "or to a folder holding cifar10-jpg.tar.gz, e.g. export FLOWCODEC_DATA=/path/to/data "
+        "(flowcodec train-family also takes --data PATH; in Python: root=PATH);\n"
         f"  * extract a copy yourself: mkdir -p {extracted} && tar xzf cifar10-jpg.tar.gz "
         f"-C {extracted};\n"
-        "  * with internet access, pass download=True (flowcodec ... --download) to fetch "
-        "the original set through torchvision."
+        "  * with internet access, in Python: load_cifar10(download=True) fetches the "
+        "original set through torchvision into the cache."
     )
 
 

@@ -280,6 +280,14 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True,
                   "cached": False, "cache_file": str(path)}  # fmt: skip
 
 
+def _rate_order(rp: str):
+    """``lam0.3`` < ``lam1`` < ``lam3`` (by the number), other names after, by name."""
+    try:
+        return (0, float(rp.removeprefix("lam")), rp)
+    except ValueError:
+        return (1, 0.0, rp)
+
+
 RATE_NOTE = ("rate point lamX: the codec trained with rate weight lambda = X "
              "(loss = task + X * kbit per sample); a larger X sends fewer bytes")
 
@@ -295,24 +303,46 @@ def _write(rows: list[dict], out: Path, cfg: DemoConfig | None = None) -> None:
         w.writeheader()
         w.writerows(rows)
     chans = sorted({r["channel"] for r in rows})
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.4))
-    for j, (ch, ls) in enumerate(zip(chans, ("-", "--", ":", "-."))):
-        for rp in sorted({r["rate_point"] for r in rows}):
+    rates = sorted({r["rate_point"] for r in rows}, key=_rate_order)
+    snrs = sorted({r["snr_db"] for r in rows})
+    # Series that coincide (the same accuracy on both channels, say) must stay visible:
+    # colour = rate point, line style and marker = channel, and each series is shifted a
+    # little along the SNR axis (the x ticks mark the true SNRs).
+    gap = min((b - a for a, b in zip(snrs, snrs[1:])), default=1.0)
+    n = len(chans) * len(rates)
+    shift = [gap * 0.035 * (i - (n - 1) / 2) for i in range(n)]
+    centre = [sum(shift[j * len(rates):(j + 1) * len(rates)]) / len(rates)
+              for j in range(len(chans))]  # fmt: skip
+    styles = [("-", "o", "full"), ("--", "s", "none"), (":", "^", "full"), ("-.", "D", "none")]
+    colours = [f"C{i}" for i in range(10)]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.9))
+    for j, ch in enumerate(chans):
+        ls, mk, fill = styles[j % len(styles)]
+        for k, rp in enumerate(rates):
             pts = sorted((r["snr_db"], r) for r in rows
                          if r["channel"] == ch and r["rate_point"] == rp)  # fmt: skip
-            s = [p[0] for p in pts]
-            lab = f"{ch}, {rp}"
-            acc = [100 * p[1]["accuracy"] for p in pts]
-            axes[0].plot(s, acc, ls, marker="o", label=lab)
-            for sx, a, p in zip(s, acc, pts):
-                axes[0].annotate(f"{p[1]['mcs']}", (sx, a), textcoords="offset points",
-                                 xytext=(0, 5 if j % 2 == 0 else -10), fontsize=6,
-                                 ha="center")  # fmt: skip
-            axes[1].plot(s, [p[1]["latency_ms"] for p in pts], ls, marker="o", label=lab)
-            axes[2].plot(s, [p[1]["uplink_packet_loss"] for p in pts], ls, marker="o", label=lab)
-            axes[3].plot(s, [p[1]["mcs"] for p in pts], ls, marker="o", label=lab)
+            s = [p[0] + shift[j * len(rates) + k] for p in pts]
+            kw = dict(ls=ls, marker=mk, fillstyle=fill, color=colours[k % len(colours)],
+                      label=f"{ch}, {rp}", ms=6, lw=1.3)  # fmt: skip
+            axes[0].plot(s, [100 * p[1]["accuracy"] for p in pts], **kw)
+            axes[1].plot(s, [p[1]["latency_ms"] for p in pts], **kw)
+            axes[2].plot(s, [p[1]["uplink_packet_loss"] for p in pts], **kw)
+            axes[3].plot(s, [p[1]["mcs"] for p in pts], **kw)
+    # One MCS label per channel and SNR, in a row of its own at the top (first channel) or
+    # the bottom (second) of the accuracy panel, clear of the curves and of each other.
+    axes[0].margins(y=0.35)
+    rows_y = [0.95, 0.05, 0.88, 0.12]
+    for j, ch in enumerate(chans[: len(rows_y)]):
+        for snr in snrs:
+            used = sorted({r["mcs"] for r in rows if r["channel"] == ch and r["snr_db"] == snr})
+            if used:
+                axes[0].annotate("/".join(str(m) for m in used), (snr + centre[j], rows_y[j]),
+                                 xycoords=("data", "axes fraction"), ha="center", va="center",
+                                 fontsize=7, color="dimgrey")  # fmt: skip
+    where = ", ".join(f"{pos}: {ch}" for pos, ch in zip(("top", "bottom", "2nd row",
+                                                         "2nd from bottom"), chans))  # fmt: skip
     axes[0].set(xlabel="uplink SNR (dB)", ylabel="accuracy (%)",
-                title="accuracy (numbers: MCS; above awgn, below fading)")  # fmt: skip
+                title=f"accuracy (numbers: MCS; {where})")  # fmt: skip
     axes[1].set(xlabel="uplink SNR (dB)", ylabel="mean latency (ms)",
                 title="latency (incl. HARQ retransmissions)")  # fmt: skip
     axes[2].set(xlabel="uplink SNR (dB)", ylabel="uplink packet loss after HARQ (CRC)",
@@ -324,12 +354,16 @@ def _write(rows: list[dict], out: Path, cfg: DemoConfig | None = None) -> None:
     axes[3].set(xlabel="uplink SNR (dB)", ylabel="MCS index (5G NR table 1)",
                 title="MCS chosen by link adaptation")  # fmt: skip
     for a in axes:
+        a.set_xticks(snrs)
+    for a in axes:
         a.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncols=min(len(labels), 6), fontsize=8,
+               frameon=False)  # fmt: skip
     harq = f", HARQ up to {cfg.harq_max_tx} transmissions" if cfg is not None else ""
     fig.suptitle("flowcodec demo: device -> edge -> cloud over the exact 5G-style link; "
                  f"MCS adapted per SNR and channel{harq}\n{RATE_NOTE}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * -(-len(labels) // 6), 1, 1))
     fig.savefig(out / "demo.png", dpi=110)
     plt.close(fig)
 

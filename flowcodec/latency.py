@@ -28,18 +28,19 @@ evaluated on the second half, so no decision is tuned on the samples it is score
 
 from __future__ import annotations
 
-import csv
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from flowcodec.config import validate_latency_config
 from flowcodec.errors import ConfigError
+from flowcodec.sweeps.codec_spec import codec_from_spec
+from flowcodec.sweeps.runner import Sweep, map_units, raise_failures, worker_context, write_csv
 
-__all__ = ["LatencyConfig", "run_latency", "add_parser", "load_option_codec"]
+__all__ = ["LatencyConfig", "run_latency", "add_parser", "load_option_codec", "SWEEP"]
 
 
 @dataclass
@@ -64,14 +65,12 @@ class LatencyConfig:
     family: str | None = None  # the trained family (default: the one named like the dataset)
 
     @classmethod
-    def load(cls, path: str | Path) -> LatencyConfig:
-        from flowcodec.config import validate_latency_config
-
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: not a latency config ({e})") from e
-        return cls(**validate_latency_config(d, f"latency config {path}"))
+    def load(cls, path: str | Path, overrides: dict | None = None) -> LatencyConfig:
+        """The config ``path`` names (a path, or a name such as ``digits``), with
+        ``overrides`` set, checked whole."""
+        cfg = cls(**SWEEP.load(path, overrides))
+        SWEEP.mark_checked(asdict(cfg))  # the same config with its defaults filled in
+        return cfg
 
     def __post_init__(self) -> None:
         self.compute = {"device": 20e9, "edge": 2e12, "cloud": 20e12, **(self.compute or {})}
@@ -79,54 +78,15 @@ class LatencyConfig:
         self.symbol_rates = self.symbol_rates or [1e6]
         self.snrs_db = self.snrs_db or [-5.0, 0.0, 5.0, 10.0, 15.0, 20.0]
         self.reference = self.reference or {"snr_db": 10.0, "symbol_rate": 1e6}
-        if not self.options:
-            raise ConfigError("a latency config needs at least one option")
-        if self.framing not in ("sample", "session"):
-            raise ConfigError(f"framing must be 'sample' or 'session', got {self.framing!r}")
 
 
 def load_option_codec(spec: dict, family, train_data=None, progress: bool = True):
-    """Build the codec an option names: ``pretrained`` (codec zoo name), ``checkpoint``
-    (path), or ``codec`` + ``kwargs`` (fitted on training features when ``fit`` is set,
-    trained with ``train`` arguments for learned codecs)."""
-    from flowcodec.codecs import build_codec
-    from flowcodec.codecs.zoo import load_codec, load_pretrained_codec
-
-    point = int(spec["point"])
-    if "pretrained" in spec:
-        codec = load_pretrained_codec(spec["pretrained"])
-    elif "checkpoint" in spec:
-        codec = load_codec(spec["checkpoint"])
-    elif "codec" in spec:
-        kwargs = dict(spec.get("kwargs", {}))
-        if spec["codec"] in ("jpeg", "webp"):
-            kwargs.setdefault("mean", list(train_data.mean))
-            kwargs.setdefault("std", list(train_data.std))
-        codec = build_codec(spec["codec"], family.feature_shape(point), **kwargs)
-        if spec.get("train"):
-            from flowcodec.codecs.train import train_codec
-
-            member = spec.get("member", family.num_members)
-            train_codec(codec, family, member, point, train_data, progress=progress,
-                        **spec["train"])  # fmt: skip
-            codec.update(force=True)
-        elif spec.get("fit"):
-            from flowcodec.codecs.train import collect_features
-
-            head, _ = family.split(family.num_members, point)
-            codec.fit(collect_features(head, train_data, n=spec.get("fit_samples", 5000)))
-            codec.update(force=True)
-    else:
-        raise ConfigError(f"option {spec} names no codec (pretrained, checkpoint or codec)")
-    if "rate_point" in spec:  # one rate point of a variable-rate codec
-        if not hasattr(codec, "at_rate"):
-            raise ConfigError(f"option {spec.get('rate')}: codec {codec.name!r} has no rate "
-                              "points")  # fmt: skip
-        codec = codec.at_rate(int(spec["rate_point"]))
-    if tuple(codec.feature_shape) != family.feature_shape(point):
-        raise ConfigError(f"option {spec.get('rate')}: codec takes {codec.feature_shape}, "
-                          f"point {point} has {family.feature_shape(point)}")  # fmt: skip
-    return codec.eval()
+    """Build the codec an option names (:func:`~flowcodec.sweeps.codec_from_spec`):
+    ``pretrained`` (codec zoo name), ``checkpoint`` (path), or ``codec`` + ``kwargs``
+    (fitted on training features when ``fit`` is set, trained with ``train`` arguments for
+    learned codecs); ``rate_point`` picks a rate point of a variable-rate codec."""
+    return codec_from_spec(spec, family, int(spec["point"]), train_data=train_data,
+                           progress=progress, what=f"option {spec.get('rate')}")  # fmt: skip
 
 
 def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True,
@@ -140,14 +100,9 @@ def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True,
     name, and gives the same rows as the serial run of the same config. Without
     ``cell_seeds`` one generator runs through the cells in order (the earlier behaviour).
     """
-    from flowcodec.config import validate_latency_config
-
-    validate_latency_config(asdict(cfg))  # whole, before any work
-    if engine is not None and not cfg.cell_seeds:
-        raise ConfigError('a latency run on Ray computes grid cells independently: set '
-                          '"cell_seeds": true in the config (each cell then draws its '
-                          'channel from its own generator; a serial run of that config '
-                          'gives the same rows)')  # fmt: skip
+    SWEEP.check(asdict(cfg))  # whole, before any work
+    if engine is not None:
+        _check_cell_seeds(cfg.cell_seeds)
     out.mkdir(parents=True, exist_ok=True)
     ctx = _LatencyContext(cfg, progress)
     t0 = time.perf_counter()
@@ -161,18 +116,26 @@ def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True,
     if engine is not None:
         rows = _run_latency_ray(cfg, grid, out, engine)
     else:
-        from flowcodec.progress import tqdm
-
         setup = ctx.setup(profile)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        rows = []
-        for i, (sym_rate, snr) in enumerate(tqdm(grid, desc="latency", disable=not progress,
-                                                 leave=False)):  # fmt: skip
-            if cfg.cell_seeds:
-                gen = _cell_generator(cfg.seed, i)
-            rows += _cell_rows(cfg, ctx, setup, sym_rate, snr, gen)
+        gen = torch.Generator().manual_seed(cfg.seed)  # without cell_seeds: one for all cells
+
+        def cell(i: int, sym_rate: float, snr: float) -> list[dict]:
+            g = _cell_generator(cfg.seed, i) if cfg.cell_seeds else gen
+            return _cell_rows(cfg, ctx, setup, sym_rate, snr, g)
+
+        cells, _ = map_units(cell, [(i, r, s) for i, (r, s) in enumerate(grid)], desc="latency",
+                             progress=progress, leave=False)  # fmt: skip
+        rows = [row for c in cells for row in c]
     _write(rows, out)
     return rows
+
+
+def _check_cell_seeds(cell_seeds: bool) -> None:
+    if not cell_seeds:
+        raise ConfigError('a latency run on Ray computes grid cells independently: set '
+                          '"cell_seeds": true in the config (each cell then draws its '
+                          'channel from its own generator; a serial run of that config '
+                          'gives the same rows)')  # fmt: skip
 
 
 def _cell_generator(seed: int, index: int) -> torch.Generator:
@@ -303,21 +266,14 @@ def _cell_rows(cfg: LatencyConfig, ctx: _LatencyContext, setup: dict, sym_rate: 
     return rows
 
 
-#: Contexts kept by a Ray worker between the cells it runs (by config).
-_WORKER_CONTEXTS: dict = {}
-
-
 def latency_unit(cfg_dict: dict, profile_dict: dict, index: int) -> list[dict]:
     """One grid cell of a latency run, as a Ray task runs it: the family, data and codecs
     are loaded by name once per worker process; the profile comes from the driver (a small
     JSON object)."""
     from flowcodec.policy import Profile, RatePoint
 
-    key = json.dumps(cfg_dict, sort_keys=True)
-    if key not in _WORKER_CONTEXTS:
-        _WORKER_CONTEXTS.clear()
-        _WORKER_CONTEXTS[key] = (_LatencyContext(LatencyConfig(**cfg_dict), False), {})
-    ctx, profiles = _WORKER_CONTEXTS[key]
+    ctx, profiles = worker_context("latency", cfg_dict, lambda: (
+        _LatencyContext(LatencyConfig(**cfg_dict), False), {}))  # fmt: skip
     pkey = json.dumps(profile_dict, sort_keys=True)
     if pkey not in profiles:
         profiles.clear()
@@ -333,19 +289,14 @@ def latency_unit(cfg_dict: dict, profile_dict: dict, index: int) -> list[dict]:
 
 def _run_latency_ray(cfg: LatencyConfig, grid: list, out: Path, engine) -> list[dict]:
     """The grid cells of a latency run on a Ray engine; rows in the serial run's order."""
-    from flowcodec.scale.ray_engine import SweepFailed, write_failures
-
     cfg_dict = asdict(cfg)
     profile_dict = json.loads((out / "profile.json").read_text())
     labels = [f"{r:g} symbol/s, {s:g} dB" for r, s in grid]
     args = [(cfg_dict, profile_dict, i) for i in range(len(grid))]
-    results, failures = engine.map(latency_unit, args, labels, desc="latency (ray)")
+    results, failures = map_units(latency_unit, args, labels, engine=engine,
+                                  desc="latency (ray)")  # fmt: skip
     rows = [row for res in results if res is not None for row in res]
-    if failures:
-        if rows:
-            _write(rows, out)
-        write_failures(failures, out / "failures.json")
-        raise SweepFailed(failures, rows, out)
+    raise_failures(failures, rows, out, lambda rs: _write(rs, out))
     return rows
 
 
@@ -423,10 +374,7 @@ def _write(rows: list[dict], out: Path) -> None:
 
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in (
         "symbol_rate", "snr_db", "scheme", "accuracy", "latency_ms", "bytes", "mcs"), k))
-    with open(out / "latency.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "latency.csv", rows, fields=keys)
     schemes = ["adaptive", "edge-only-matched", "fixed-split", "edge-only", "cloud-only",
                "device-only"]  # fmt: skip
     rates = sorted({r["symbol_rate"] for r in rows})
@@ -460,72 +408,59 @@ def _write(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def add_parser(sub) -> None:
-    from flowcodec.config import positive_int
+class LatencySweep(Sweep):
+    """``flowcodec latency``."""
 
-    p = sub.add_parser(
-        "latency", help="latency and accuracy of the adaptive flow against device-, edge- and "
-        "cloud-only baselines, over uplink SNR and bandwidth",
-        description="Compare the adaptive flow (the policy picks split point, codec rate, MCS "
-        "and device exit threshold for each SNR) with a fixed split and with device-, edge- "
-        "and cloud-only baselines, over a grid of uplink SNRs and symbol rates. The config is "
-        "checked whole before any work starts. Writes latency.csv, profile.json and plots.")
-    p.add_argument("--config", default=None,
-                   help="JSON config: a path, or a name such as digits or cifar10 for "
-                        "experiments/latency_NAME.json (default: cifar10)")  # fmt: skip
-    p.add_argument("--out", default="runs/latency",
-                   help="folder for results (default runs/latency)")
-    p.add_argument("--samples", type=positive_int, default=None,
-                   help="test samples, >= 2 (default: the config's); half profile, half evaluate")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    from flowcodec.scale.ray_engine import add_engine_arguments
+    name = "latency"
+    outputs = "latency.csv"
+    default_config = "cifar10"
+    help = ("latency and accuracy of the adaptive flow against device-, edge- and cloud-only "
+            "baselines, over uplink SNR and bandwidth")
+    description = ("Compare the adaptive flow (the policy picks split point, codec rate, MCS "
+                   "and device exit threshold for each SNR) with a fixed split and with "
+                   "device-, edge- and cloud-only baselines, over a grid of uplink SNRs and "
+                   "symbol rates. The config is checked whole before any work starts. Writes "
+                   "latency.csv, profile.json and plots.")
+    samples_help = "test samples, >= 2 (default: the config's); half profile, half evaluate"
 
-    add_engine_arguments(p)
-    p.set_defaults(func=_cmd)
+    def validate(self, cfg, where):
+        return validate_latency_config(cfg, where)
 
+    def overrides(self, args) -> dict:
+        return {"samples": args.samples} if args.samples else {}
 
-def _cmd(args) -> int:
-    torch.set_num_threads(max(1, args.threads))
-    from flowcodec.config import resolve_config
+    def check_engine(self, cfg: dict, args) -> None:
+        _check_cell_seeds(cfg.get("cell_seeds", False))
 
-    cfg = LatencyConfig.load(resolve_config(args.config, "latency"))
-    if args.samples:
-        cfg.samples = args.samples
-    from flowcodec.scale.ray_engine import SweepFailed, engine_from_args
+    def execute(self, cfg: dict, args, engine) -> list[dict]:
+        lc = LatencyConfig(**cfg)
+        self.mark_checked(asdict(lc))  # the same config with its defaults filled in
+        return run_latency(lc, Path(args.out), progress=not args.no_progress, engine=engine)
 
-    engine = engine_from_args(args)
-    try:
-        if engine is not None:
-            engine.start()
-        rows = run_latency(cfg, Path(args.out), progress=not args.no_progress, engine=engine)
-    except SweepFailed as e:
-        for f in e.failures:
-            print(f"failed: {f}", file=sys.stderr)
-        print(f"{len(e.rows)} rows written to {Path(args.out) / 'latency.csv'}; the failed "
-              f"cells are in {Path(args.out) / 'failures.json'}", file=sys.stderr)
-        return 1
-    finally:
-        if engine is not None:
-            print(f"ray: {engine.stats.summary()}", file=sys.stderr)
-            engine.close()
-    ref = cfg.reference
-    print(f"cloud-only accuracy on a clean link: {100 * rows[0]['cloud_only_clean_accuracy']:.2f}"
-          f" %  (accuracy floor for the adaptive flow: 1 point below)")
-    print(f"{'symbol/s':>9} {'SNR':>5} {'scheme':>12} {'acc %':>6} {'latency ms':>10} "
-          f"{'bytes':>7} {'MCS':>4}  config")
-    for r in rows:
-        print(f"{r['symbol_rate']:9.0e} {r['snr_db']:5.1f} {r['scheme']:>12} "
-              f"{100 * r['accuracy']:6.2f} {r['latency_ms']:10.3f} {r['bytes']:7.0f} "
-              f"{str(r['mcs']):>4}  {r['config']}")
-    at = [r for r in rows if r["snr_db"] == ref["snr_db"]
-          and r["symbol_rate"] == ref["symbol_rate"]]  # fmt: skip
-    if at:
-        by = {r["scheme"]: r for r in at}
+    def report(self, cfg: dict, rows: list[dict], args) -> None:
+        ref = LatencyConfig(**cfg).reference
+        print(f"cloud-only accuracy on a clean link: "
+              f"{100 * rows[0]['cloud_only_clean_accuracy']:.2f} %  (accuracy floor for the "
+              f"adaptive flow: 1 point below)")  # fmt: skip
+        print(f"{'symbol/s':>9} {'SNR':>5} {'scheme':>12} {'acc %':>6} {'latency ms':>10} "
+              f"{'bytes':>7} {'MCS':>4}  config")
+        for r in rows:
+            print(f"{r['symbol_rate']:9.0e} {r['snr_db']:5.1f} {r['scheme']:>12} "
+                  f"{100 * r['accuracy']:6.2f} {r['latency_ms']:10.3f} {r['bytes']:7.0f} "
+                  f"{str(r['mcs']):>4}  {r['config']}")
+        by = {r["scheme"]: r for r in rows
+              if r["snr_db"] == ref["snr_db"] and r["symbol_rate"] == ref["symbol_rate"]}
         if "adaptive" in by and "cloud-only" in by:
             a, c = by["adaptive"], by["cloud-only"]
             print(f"at {ref['snr_db']} dB, {ref['symbol_rate']:.0e} symbol/s: cloud-only / "
                   f"adaptive latency = {c['latency_ms'] / a['latency_ms']:.2f}x; accuracy "
                   f"{100 * a['accuracy']:.2f} % vs {100 * c['accuracy']:.2f} %")
-    print(f"wrote {Path(args.out) / 'latency.csv'} and plots")
-    return 0
+        print(f"wrote {Path(args.out) / 'latency.csv'} and plots")
+
+
+SWEEP = LatencySweep()
+
+
+def add_parser(sub) -> None:
+    """Add the ``latency`` subcommand to the ``flowcodec`` command's subparsers."""
+    SWEEP.add_parser(sub)

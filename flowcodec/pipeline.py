@@ -9,6 +9,16 @@ the hop's link (header and each packet as separate link packets, or only the pac
 the hop keeps a session), decoded by the next
 tier with lost packets concealed, and continued there. The last tier always answers.
 
+Trust in what arrived: the receiving tier knows which of a sample's packets it had to
+conceal (lost, or failed their CRC; a lost per-sample header conceals them all). When more
+than ``max_concealed`` of them were concealed (default :data:`DEFAULT_MAX_CONCEALED`), the
+flow does not answer from those features: the hop resends the units that did not arrive,
+up to ``Hop.retries`` rounds, and if that does not bring the concealed fraction down, the
+sending tier answers through its own exit (``SampleTrace.fallback == "concealed"``; the
+exit's FLOPs are added to that tier's compute and shown in ``SampleTrace.fallback_flops``).
+A sender at point 0 has no exit: its sample keeps the concealed answer and is marked
+``SampleTrace.untrusted``. :meth:`FlowResult.fallbacks` counts fallbacks by reason.
+
 Latency is accounted per sample as if it were processed alone: compute time is the
 sample's FLOPs on each tier divided by that tier's FLOP/s (an assumption, see
 :data:`DEFAULT_TIERS`), transmission time is the channel uses its packets took
@@ -43,7 +53,8 @@ import torch
 from flowcodec.bitstream import Bitstream
 from flowcodec.codecs.base import FeatureCodec
 from flowcodec.errors import ConfigError
-from flowcodec.family.base import EarlyExitFamily, count_flops
+from flowcodec.family.base import EarlyExitFamily
+from flowcodec.flops import count_flops
 
 __all__ = [
     "DEFAULT_TIERS",
@@ -54,6 +65,9 @@ __all__ = [
     "FlowResult",
     "Flow",
     "packet_bits_per_symbol",
+    "concealed_fraction",
+    "check_max_concealed",
+    "DEFAULT_MAX_CONCEALED",
 ]
 
 #: Default compute capabilities in FLOP/s. ASSUMPTIONS, not measurements: an embedded
@@ -61,6 +75,29 @@ __all__ = [
 #: 2 TFLOP/s, a cloud GPU at an effective 20 TFLOP/s (batch-1 inference reaches a small
 #: fraction of peak). Override them with figures for your hardware.
 DEFAULT_TIERS: dict[str, float] = {"device": 20e9, "edge": 2e12, "cloud": 20e12}
+
+#: A receiver that had to conceal more than this fraction of a sample's packets does not
+#: answer from those features (a retry, else the sender's exit answers; see the module
+#: docstring). Measured on digits (docs/deployment.md, "When most packets are lost"): at
+#: 10 % packet loss it changes no answer for the worse, at 99 % it restores the device exit.
+DEFAULT_MAX_CONCEALED = 0.5
+
+
+def concealed_fraction(stream: Bitstream) -> float:
+    """The fraction of ``stream``'s packets the receiver must conceal (lost or failed their
+    CRC). A stream of no packets has nothing to conceal (0.0)."""
+    n = len(stream.packets)
+    return len(stream.lost) / n if n else 0.0
+
+
+def check_max_concealed(value) -> float | None:
+    """``value`` as a concealment threshold: None (never fall back) or a number in [0, 1];
+    :class:`ConfigError` otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"max_concealed must be a fraction in [0, 1] or None, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -96,6 +133,9 @@ class Hop:
     outside the link itself (serialisation, the RPC stack and any relay on the hosts), added
     to every sample's transmission time; 0 models the link alone. A real deployment's figure
     is measured, e.g. by ``experiments/bench_serve_sim.py`` (docs/deployment.md).
+    ``retries`` is how many times a sample whose receiver had to conceal more than the
+    flow's ``max_concealed`` resends the units that did not arrive intact (0: never; each
+    round costs its channel uses and one more ``delay_s`` for the receiver's request).
     """
 
     codec: FeatureCodec
@@ -105,8 +145,12 @@ class Hop:
     snr_db: float | None = None
     framing: str = "sample"
     overhead_s: float = 0.0
+    retries: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or not (
+                0 <= self.retries <= 16):  # fmt: skip
+            raise ConfigError(f"retries must be an integer in 0..16, got {self.retries!r}")
         if not self.symbol_rate > 0:
             raise ConfigError("symbol_rate must be positive")
         if self.delay_s < 0:
@@ -142,7 +186,10 @@ def packet_bits_per_symbol(link) -> float:
 class HopTrace:
     """One sample on one hop: measured bits (what the link carried for it: header, if the
     hop sends one per sample, and framing included), channel uses, packets sent and lost
-    (a per-sample header counts as a packet), and transmission time."""
+    (a per-sample header counts as a packet), and transmission time; ``concealed`` is the
+    fraction of the sample's codec packets the receiver had to conceal (lost or failed
+    their CRC; all of them when a per-sample header was lost) and ``retries`` the resend
+    rounds it took (their bits, channel uses and time are included above)."""
 
     bits: int
     channel_uses: int
@@ -150,6 +197,8 @@ class HopTrace:
     packets_lost: int
     header_lost: bool
     tx_time_s: float
+    concealed: float = 0.0
+    retries: int = 0
 
 
 @dataclass
@@ -162,11 +211,18 @@ class SampleTrace:
     compute_flops: dict[str, int] = field(default_factory=dict)
     compute_time_s: dict[str, float] = field(default_factory=dict)
     hops: list[HopTrace] = field(default_factory=list)
-    #: Set by a remote hop (flowcodec.serve.RemoteHop): why a tier answered in place of
-    #: the next one ("unreachable", "deadline", ...; None: no fallback), and the measured
-    #: seconds from the start of Flow.run to this sample's answer.
+    #: Why a tier answered in place of the next one (None: no fallback): "concealed" (the
+    #: receiver had to conceal more than max_concealed of the sample's packets), or, from a
+    #: remote hop (flowcodec.serve.RemoteHop), "unreachable", "deadline", ... ("edge:
+    #: deadline" when a server fell back on its own exit); and the measured seconds from
+    #: the start of Flow.run to this sample's answer (remote hops only).
     fallback: str | None = None
     wall_s: float | None = None
+    #: FLOPs the fallback answer cost its tier (the exit branch; already in compute_flops).
+    fallback_flops: int = 0
+    #: True when the receiver concealed more than max_concealed and no tier could answer in
+    #: its place (the sender was at point 0): the answer is from concealed features.
+    untrusted: bool = False
 
     @property
     def latency_s(self) -> float:
@@ -202,6 +258,16 @@ class FlowResult:
             out[t.exit_tier] = out.get(t.exit_tier, 0.0) + 1 / len(self.traces)
         return out
 
+    def fallbacks(self) -> dict[str, int]:
+        """How many samples fell back, by reason (``SampleTrace.fallback``); samples kept
+        although untrusted are counted under ``"untrusted"``."""
+        out: dict[str, int] = {}
+        for t in self.traces:
+            for reason in (t.fallback, "untrusted" if t.untrusted else None):
+                if reason:
+                    out[reason] = out.get(reason, 0) + 1
+        return out
+
     def mean_bits(self, hop: int = 0) -> float:
         """Mean measured bits per sample that crossed hop ``hop`` (0 if none did)."""
         used = [t.hops[hop].bits for t in self.traces if len(t.hops) > hop]
@@ -220,9 +286,16 @@ class Flow:
     hops : sequence of Hop
         ``len(tiers) - 1`` hops; ``hops[t].codec`` must take the features at
         ``tiers[t].point``.
+    max_concealed : float or None
+        The most of a sample's packets a receiving tier may conceal and still answer from
+        them (default :data:`DEFAULT_MAX_CONCEALED`); above it the hop retries
+        (``Hop.retries``) and then the sending tier answers through its exit. ``None``:
+        always answer from what arrived (the behaviour before fallbacks existed).
     """
 
-    def __init__(self, family: EarlyExitFamily, tiers: Sequence[Tier], hops: Sequence[Hop]):
+    def __init__(self, family: EarlyExitFamily, tiers: Sequence[Tier], hops: Sequence[Hop],
+                 max_concealed: float | None = DEFAULT_MAX_CONCEALED):  # fmt: skip
+        self.max_concealed = check_max_concealed(max_concealed)
         self.family = family
         self.tiers = list(tiers)
         self.hops = list(hops)
@@ -282,10 +355,14 @@ class Flow:
                 # A real server computes the tiers from here on (flowcodec.serve.RemoteHop).
                 self.hops[t - 1].finish(self, t - 1, h, active, traces, logits_out, t0)
                 break
+            sent = h  # what tier t - 1 computed: its exit's input if it must fall back
             if t > 0 and getattr(self.hops[t - 1].codec, "views", 1) > 1:
                 h = self._add_views(x, h, active, traces)
             if t > 0:
                 h = self._cross(t - 1, h, active, traces, generator)
+                h, active = self._distrust(t - 1, sent, h, active, traces, logits_out)
+                if not active:
+                    break
             # Compute this tier's stages.
             flops = sum(self._stage_flops[prev : tier.point])
             for s in fam.stages[prev : tier.point]:
@@ -330,7 +407,7 @@ class Flow:
         """For a multi-view codec on the first hop: the device also runs its stages on
         the other views of its inputs (flowcodec.codecs.task.VIEWS) and stacks their
         features after ``h`` on the channel axis; their FLOPs go to the device."""
-        from flowcodec.codecs.task import VIEWS
+        from flowcodec.views import VIEWS
 
         views = self.hops[0].codec.views
         point = self.tiers[0].point
@@ -344,6 +421,36 @@ class Flow:
         for i in active:
             traces[i].compute_flops[self.tiers[0].name] += cost
         return torch.cat([h, *extra], 1)
+
+    def _distrust(self, t: int, sent: torch.Tensor, h: torch.Tensor, active: list[int],
+                  traces: list[SampleTrace], logits_out: list) -> tuple[torch.Tensor, list[int]]:
+        """After hop ``t``: the samples whose receiver concealed more than max_concealed
+        are answered by tier ``t`` through its exit on the features it sent (``sent``);
+        returns the received features and indices of the samples that go on."""
+        if self.max_concealed is None:
+            return h, active
+        bad = [j for j, i in enumerate(active) if traces[i].hops[-1].concealed
+               > self.max_concealed]  # fmt: skip
+        if not bad:
+            return h, active
+        tier = self.tiers[t]
+        if tier.point < 1:  # nothing to fall back on: keep the answer, say it is untrusted
+            for j in bad:
+                traces[active[j]].untrusted = True
+            return h, active
+        lg = self.family.exits[tier.point - 1](sent[bad])
+        conf = lg.softmax(1).amax(1)
+        # An exit the tier already evaluated (it has a threshold) costs nothing more.
+        cost = self._exit_flops[tier.point - 1] if tier.exit_threshold is None else 0
+        for k, j in enumerate(bad):
+            tr = traces[active[j]]
+            logits_out[active[j]] = lg[k]
+            tr.exit_tier, tr.exit_point, tr.confidence = tier.name, tier.point, float(conf[k])
+            tr.fallback, tr.fallback_flops = "concealed", cost
+            tr.compute_flops[tier.name] += cost
+        gone = set(bad)
+        keep = [j for j in range(len(active)) if j not in gone]
+        return h[keep], [active[j] for j in keep]
 
     def _tier(self, name: str) -> Tier:
         return next(t for t in self.tiers if t.name == name)
@@ -364,23 +471,54 @@ class Flow:
         kwargs = {"generator": generator} if generator is not None else {}
         if hop.snr_db is not None:
             kwargs["snr_db"] = hop.snr_db
-        delivered, report = hop.link.transmit(units, **kwargs)
-        uses = getattr(report, "per_packet_channel_uses", None)
         bps = packet_bits_per_symbol(hop.link)
-        received = []
-        for (start, n), s, i in zip(spans, streams, active):
-            got = delivered[start : start + n]
-            # With per-sample headers a lost header conceals every packet of the sample.
-            received.append(Bitstream.from_units(s.header, got, hop.framing))
+
+        def send(idx: list[int]) -> tuple[list, list[int] | None]:
+            """Units ``idx`` through the link: what arrived, and each one's channel uses
+            (None: the link does not report them; they follow from the bits)."""
+            delivered, report = hop.link.transmit([units[k] for k in idx], **kwargs)
+            uses = getattr(report, "per_packet_channel_uses", None)
+            return list(delivered), None if uses is None else [int(u) for u in uses]
+
+        got, uses = send(list(range(len(units))))
+        rounds = [0] * len(streams)
+        received = [Bitstream.from_units(s.header, got[a : a + n], hop.framing)
+                    for (a, n), s in zip(spans, streams)]  # fmt: skip
+        extra_bits, extra_uses = [0] * len(streams), [0] * len(streams)
+        for _ in range(hop.retries if self.max_concealed is not None else 0):
+            # The receiver asks again for the units that did not arrive intact (its CRC
+            # check; the simulator compares them with what was sent).
+            again = [j for j, r in enumerate(received)
+                     if concealed_fraction(r) > self.max_concealed]  # fmt: skip
+            idx = [k for j in again for k in range(spans[j][0], sum(spans[j]))
+                   if got[k] != units[k]]  # fmt: skip
+            if not idx:
+                break
+            back, back_uses = send(idx)
+            owner = {k: j for j in again for k in range(spans[j][0], sum(spans[j]))}
+            for n_k, (k, d) in enumerate(zip(idx, back)):
+                j = owner[k]
+                extra_bits[j] += 8 * len(units[k])
+                extra_uses[j] += back_uses[n_k] if back_uses is not None else 0
+                if d is not None and got[k] != units[k]:
+                    got[k] = d
+            for j in again:
+                rounds[j] += 1
+                a, n = spans[j]
+                received[j] = Bitstream.from_units(streams[j].header, got[a : a + n],
+                                                   hop.framing)  # fmt: skip
+        for j, ((start, n), i) in enumerate(zip(spans, active)):
+            mine = got[start : start + n]
+            bits = 8 * sum(len(u) for u in units[start : start + n]) + extra_bits[j]
             if uses is not None:
-                cu = int(sum(uses[start : start + n]))
+                cu = int(sum(uses[start : start + n])) + extra_uses[j]
             else:
-                cu = int(-(-8 * sum(len(u) for u in units[start : start + n]) // bps))
+                cu = int(-(-bits // bps))
             traces[i].hops.append(HopTrace(
-                bits=8 * sum(len(u) for u in units[start : start + n]), channel_uses=cu,
-                packets=n, packets_lost=sum(p is None for p in got),
-                header_lost=hop.framing == "sample" and got[0] is None,
-                tx_time_s=cu / hop.symbol_rate + hop.delay_s + hop.overhead_s,
+                bits=bits, channel_uses=cu, packets=n, packets_lost=sum(p is None for p in mine),
+                header_lost=hop.framing == "sample" and mine[0] is None,
+                tx_time_s=cu / hop.symbol_rate + (1 + rounds[j]) * hop.delay_s + hop.overhead_s,
+                concealed=concealed_fraction(received[j]), retries=rounds[j],
             ))  # fmt: skip
         return hop.codec.decompress(received).to(h.device)
 

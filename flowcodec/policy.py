@@ -43,6 +43,7 @@ import torch
 
 from flowcodec.codecs.base import FeatureCodec
 from flowcodec.errors import ConfigError
+from flowcodec.pipeline import DEFAULT_MAX_CONCEALED, check_max_concealed, concealed_fraction
 
 __all__ = [
     "RatePoint",
@@ -328,22 +329,28 @@ def build_profile(
     progress: bool = True,
     framing: str = "sample",
     snr_grid: Sequence[float] = SNR_GRID,
+    max_concealed: float | None = DEFAULT_MAX_CONCEALED,
 ) -> Profile:
     """Measure a profile of ``family`` member ``member`` on ``data`` (an ArrayDataset).
 
     ``options`` maps ``(split point, rate name)`` to a codec for the features at that
     point. Each sample's link packets (``Bitstream.units(framing)``: with the default
     ``"sample"`` framing the header is one of them) are dropped i.i.d. at each loss rate of
-    ``loss_grid``; the receiver conceals what is lost.
+    ``loss_grid``; the receiver conceals what is lost. As in a :class:`~flowcodec.pipeline.Flow`,
+    a sample more than ``max_concealed`` of whose packets were concealed is answered by the
+    device's exit at the split point (when it has one, point >= 1), so the profile predicts
+    what the flow does; ``None`` measures the concealed answers instead. (The exit's FLOPs
+    on those samples are not in ``exit_flops``, which counts the exit a threshold runs.)
 
     An analog (JSCC) codec (``sends_symbols``) is profiled as an analog option: each batch
     is sent through ``channels.AWGN`` at every SNR of ``snr_grid`` (the codec told the true
     SNR, channel uses from its schedule), noise drawn from the profile's seeded generator.
     """
     from flowcodec.bitstream import Bitstream
-    from flowcodec.family.base import count_flops
+    from flowcodec.flops import count_flops
     from flowcodec.progress import tqdm
 
+    max_concealed = check_max_concealed(max_concealed)
     fam = family.eval()
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -374,6 +381,7 @@ def build_profile(
                     remote_ok[snr].append(tail(feats).argmax(1) == y)
                 continue
             streams = codec.compress(h)
+            exit_right = lg.argmax(1) == y if point >= 1 else None
             if packet_bytes is None:
                 s = streams[0]
                 packet_bytes = [len(u) for u in s.units(framing)]
@@ -384,7 +392,11 @@ def build_profile(
                     drop = (torch.rand(len(us), generator=gen) < loss).tolist()
                     got = [None if d else u for d, u in zip(drop, us)]
                     rec.append(Bitstream.from_units(s.header, got, framing))
-                remote_ok[loss].append(tail(codec.decompress(rec)).argmax(1) == y)
+                ok = tail(codec.decompress(rec)).argmax(1) == y
+                if max_concealed is not None and exit_right is not None:
+                    fall = torch.tensor([concealed_fraction(r) > max_concealed for r in rec])
+                    ok = torch.where(fall, exit_right, ok)
+                remote_ok[loss].append(ok)
         bar.update(len(grid))
         r_ok = {g: torch.cat(v).float() for g, v in remote_ok.items()}
         accuracy, exit_fraction = {}, {}
@@ -422,7 +434,8 @@ def build_profile(
                              accuracy, exit_fraction))  # fmt: skip
     bar.close()
     return Profile(out, list(loss_grid), {"member": member, "samples": len(data),
-                                          "framing": framing})  # fmt: skip
+                                          "framing": framing,
+                                          "max_concealed": max_concealed})  # fmt: skip
 
 
 def toy_profile() -> Profile:

@@ -36,17 +36,28 @@ session (``session_bytes``, header sent once per session).
 
 from __future__ import annotations
 
-import csv
+import functools
 import itertools
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from flowcodec.config import validate_rd_config
+from flowcodec.errors import ConfigError
+from flowcodec.sweeps.codec_spec import INPUT_CODECS, codec_from_spec
+from flowcodec.sweeps.runner import (
+    Sweep,
+    map_units,
+    raise_failures,
+    worker_context,
+    write_csv,
+    write_json,
+)
+
 __all__ = ["RDRow", "Comparison", "run_rd", "compare", "cheapest_at_least", "add_parser",
-           "load_config", "load_rows"]  # fmt: skip
+           "load_config", "load_rows", "SWEEP"]  # fmt: skip
 
 FRAMINGS = {"bytes_per_image": "self-contained", "session_bytes": "session"}
 
@@ -82,7 +93,6 @@ class Comparison:
     beats_floor: bool | None = None
 
 
-INPUT_CODECS = ("jpeg", "webp")
 
 
 def is_answer_codec(name: str) -> bool:
@@ -178,19 +188,8 @@ def load_rows(path: str | Path) -> list[RDRow]:
 
 
 def load_config(path: str | Path) -> dict:
-    """Read and check an rd config (JSON)."""
-    from flowcodec.errors import ConfigError
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"rd config {p} not found")
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p} is not valid JSON: {e}") from e
-    from flowcodec.config import validate_rd_config
-
-    return validate_rd_config(cfg, f"rd config {p}")
+    """Read and check an rd config (JSON): a path, or a name such as ``digits``."""
+    return SWEEP.load(path)
 
 
 def _expand(entry: dict) -> list[tuple[str, dict]]:
@@ -220,11 +219,7 @@ def run_rd(cfg: dict, out: str | Path, progress: bool = True, n: int | None = No
     raises is reported with its label in ``failures.json`` and a
     :class:`~flowcodec.scale.SweepFailed` after the other rows are written.
     """
-    from flowcodec.config import validate_rd_config
-    from flowcodec.errors import ConfigError
-    from flowcodec.progress import tqdm
-
-    validate_rd_config(cfg)  # whole, before any work
+    SWEEP.check(cfg)  # whole, before any work
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ConfigError(f"n (test images) must be an integer >= 1, got {n!r}")
     if engine is not None and family is not None:
@@ -236,28 +231,23 @@ def run_rd(cfg: dict, out: str | Path, progress: bool = True, n: int | None = No
     extra = _check_baselines(baselines, cfg, len(ctx.test)) if baselines else []
     jobs = _build_jobs(cfg, ctx, progress, device)
     if engine is not None:
-        rows, histories = _run_rd_ray(cfg, ctx, jobs, out, n, device, engine)
+        rows, histories = _run_rd_ray(cfg, jobs, out, n, device, engine)
     else:
         rows: list[RDRow] = [_reference_row(ctx)]
-        histories = {}
-        built = {}
-        memos: dict[str, _Memo] = {}
+        histories, built = {}, {}
+        memo = _memos()
 
-        def memo(module, role):
-            # one cache per role, for the latest module (a split point's head features)
-            if role not in memos or memos[role].module is not module:
-                memos[role] = _Memo(module)
-            return memos[role]
-
-        bar = tqdm(jobs, desc="rd", disable=not progress)
-        for job in bar:
-            bar.set_postfix_str(job[1])
-            row, codec, hist = _measure(ctx, job, memo)
-            built[job[1]] = (codec, job[2], row)
+        def measured(i: int, res: tuple) -> None:
+            row, codec, hist = res
+            built[row.label] = (codec, jobs[i][2], row)
             if hist is not None:
-                histories[job[1]] = hist
+                histories[row.label] = hist
             rows.append(row)
-            _write_csv(out / "rd.csv", rows)
+            write_csv(out / "rd.csv", rows, digits=4)
+
+        map_units(lambda job: _measure(ctx, job, memo), [(job,) for job in jobs],
+                  [job[1] for job in jobs], on_result=measured, desc="rd",
+                  progress=progress)  # fmt: skip
         chan = []
         for label, (codec, p, row) in built.items():
             chan += _channel_rows(cfg, ctx, label, codec, p, row.group, row.source)
@@ -298,84 +288,52 @@ class _RDContext:
             self.fits[p] = collect_features(self.heads[p][0], self.train, n=self.fit_n)
         return self.heads[p]
 
-
-def _with_views(codec, views: int):
-    """``codec`` set to code ``views`` input views (a task codec's inference setting)."""
-    if views != 1:
-        from flowcodec.codecs.task import TaskCodec
-        from flowcodec.errors import ConfigError
-
-        if not isinstance(codec, TaskCodec):
-            raise ConfigError(f"'views' needs a task codec, got {type(codec).__name__}")
-        codec.set_views(views)
-    return codec
+    def fit_features(self, p):
+        """The baselines' fitting features at split point ``p`` (``fit_samples`` training
+        images through the member's head)."""
+        self.split(p)
+        return self.fits[p]
 
 
 def _build_jobs(cfg: dict, ctx: _RDContext, progress: bool, device: str) -> list[tuple]:
     """``(group, label, point, builder, source)`` for every codec entry and sweep point, in
-    the config's order; ``builder()`` returns a ready codec."""
-    from flowcodec.codecs import CODECS, build_codec
-    from flowcodec.codecs.train import train_codec
-    from flowcodec.codecs.zoo import load_pretrained_codec
-    from flowcodec.errors import ConfigError
-
-    fam, member, seed, point, train = ctx.fam, ctx.member, ctx.seed, ctx.point, ctx.train
-    fits = ctx.fits
+    the config's order; ``builder()`` returns a ready codec (:func:`codec_from_spec`)."""
     jobs = []
     for entry in cfg["codecs"]:
         group = entry.get("group", entry.get("codec", "pretrained"))
-        p = int(entry.get("point", point))
+        p = int(entry.get("point", ctx.point))
+        specs = []  # (label, codec spec, source)
         if "pretrained" in entry and "rate_points" in entry:
             # a variable-rate codec: one row per rate point, all from one checkpoint
             # "views": V codes V views of each input with it (task codecs; no new weights)
             views = int(entry.get("views", 1))
-            suffix = f"-v{views}" if views != 1 else ""
-            for name in entry["pretrained"]:
-                for r in entry["rate_points"]:
-                    jobs.append((group, f"{name}{suffix}@r{r}", p,
-                                 lambda name=name, r=r, v=views: _with_views(
-                                     load_pretrained_codec(name), v).at_rate(r),
-                                 "pretrained"))  # fmt: skip
+            suffix, more = (f"-v{views}", {"views": views}) if views != 1 else ("", {})
+            specs += [(f"{name}{suffix}@r{r}", {"pretrained": name, **more, "rate_point": r},
+                       "pretrained") for name in entry["pretrained"]
+                      for r in entry["rate_points"]]  # fmt: skip
         elif "pretrained" in entry:
-            for name in entry["pretrained"]:
-                jobs.append((group, name, p, lambda name=name: load_pretrained_codec(name),
-                             "pretrained"))  # fmt: skip
+            specs += [(name, {"pretrained": name}, "pretrained") for name in entry["pretrained"]]
         elif "train" in entry:
             t = entry["train"]
+            settings = {"beta": t.get("beta", 1.0), "epochs": t.get("epochs", 10),
+                        "drop_prob": t.get("drop_prob", 0.0),
+                        "flip_prob": t.get("flip_prob", 0.0),
+                        "batch_size": t.get("batch_size", 64), "lr": t.get("lr", 2e-3),
+                        "seed": ctx.seed}  # fmt: skip
             for lam in t["lam"]:
                 label = entry.get("label", entry["codec"] + "-l{lam}").format(lam=lam)
-
-                def build(entry=entry, t=t, lam=lam, p=p):
-                    codec = build_codec(entry["codec"], fam.feature_shape(p),
-                                        **entry.get("kwargs", {}))  # fmt: skip
-                    res = train_codec(codec, fam, member, p, train, None, lam=lam,
-                                      beta=t.get("beta", 1.0), epochs=t.get("epochs", 10),
-                                      drop_prob=t.get("drop_prob", 0.0),
-                                      flip_prob=t.get("flip_prob", 0.0),
-                                      batch_size=t.get("batch_size", 64), lr=t.get("lr", 2e-3),
-                                      seed=seed, progress=progress, device=device)  # fmt: skip
-                    codec.to("cpu").update(force=True)
-                    codec.train_history = res.history
-                    return codec
-
-                jobs.append((group, label, p, build, "trained"))
+                specs.append((label, {"codec": entry["codec"], "kwargs": entry.get("kwargs", {}),
+                                      "train": {"lam": lam, **settings}}, "trained"))
         else:
-            needs_exit = getattr(CODECS.get(entry["codec"]), "needs_exit", False)
-            if needs_exit and not 1 <= p <= fam.num_members:
-                raise ConfigError(f"codec {entry['codec']!r} sends the device exit's "
-                                  f"answer: its point must be in 1..{fam.num_members}, "
-                                  f"got {p}")  # fmt: skip
-            for label, kw in _expand(entry):
-                if entry["codec"] in INPUT_CODECS:
-                    kw = {"mean": list(train.mean), "std": list(train.std), **kw}
-                if needs_exit:
-                    kw = {"exit_branch": fam.exits[p - 1], **kw}
-
-                def build(entry=entry, kw=kw, p=p):
-                    codec = build_codec(entry["codec"], fam.feature_shape(p), **kw)
-                    return codec.fit(fits[p]) if entry.get("fit", True) else codec
-
-                jobs.append((group, label, p, build, "baseline"))
+            specs += [(label, {"codec": entry["codec"], "kwargs": kw,
+                               "fit": entry.get("fit", True)}, "baseline")
+                      for label, kw in _expand(entry)]  # fmt: skip
+        for label, spec, source in specs:
+            build = functools.partial(codec_from_spec, spec, ctx.fam, p, train_data=ctx.train,
+                                      fit_features=ctx.fit_features, member=ctx.member,
+                                      progress=progress, device=device,
+                                      what=f"codec entry {label!r}")  # fmt: skip
+            jobs.append((group, label, p, build, source))
     return jobs
 
 
@@ -445,25 +403,24 @@ def _channel_rows(cfg: dict, ctx: _RDContext, label: str, codec, p: int, group: 
     return out
 
 
-#: Contexts kept by a Ray worker between the units it runs (by config and test size).
-_WORKER_CONTEXTS: dict = {}
+def _memos():
+    """``memo(module, role)``: a :class:`_Memo` per role (head, tail), for the latest
+    module in that role (a split point's head features are kept while it is in use)."""
+    memos: dict[str, _Memo] = {}
+
+    def memo(module, role):
+        if role not in memos or memos[role].module is not module:
+            memos[role] = _Memo(module)
+        return memos[role]
+
+    return memo
 
 
 def _worker_context(cfg: dict, n: int | None) -> tuple:
     """This worker process's context for a run and its memo of the frozen modules (as the
     serial run keeps one), built once per run."""
-    key = (json.dumps(cfg, sort_keys=True), n)
-    if key not in _WORKER_CONTEXTS:
-        _WORKER_CONTEXTS.clear()  # one run's context at a time
-        memos: dict = {}
-
-        def memo(module, role):
-            if role not in memos or memos[role].module is not module:
-                memos[role] = _Memo(module)
-            return memos[role]
-
-        _WORKER_CONTEXTS[key] = (_RDContext(cfg, n, progress=False), memo)
-    return _WORKER_CONTEXTS[key]
+    return worker_context("rd", [cfg, n], lambda: (_RDContext(cfg, n, progress=False),
+                                                   _memos()))  # fmt: skip
 
 
 def rd_warm(cfg: dict, n: int | None, device: str = "cpu") -> int:
@@ -491,10 +448,8 @@ def rd_unit(cfg: dict, n: int | None, index: int, device: str = "cpu") -> dict:
     return {"row": row, "history": hist, "channels": chan}
 
 
-def _run_rd_ray(cfg, ctx, jobs, out: Path, n, device, engine) -> tuple[list, dict]:
+def _run_rd_ray(cfg, jobs, out: Path, n, device, engine) -> tuple[list, dict]:
     """The units of an rd run on a Ray engine; rows in the serial run's order."""
-    from flowcodec.scale.ray_engine import SweepFailed, write_failures
-
     labels = ["uncompressed (reference)"] + [f"{j[1]} (point {j[2]})" for j in jobs]
     args = [(cfg, n, i - 1, device) for i in range(len(jobs) + 1)]
     # trained entries take longest: submit them first so no worker idles at the end
@@ -503,20 +458,16 @@ def _run_rd_ray(cfg, ctx, jobs, out: Path, n, device, engine) -> tuple[list, dic
 
     def partial(i, res):
         done[i] = res
-        _write_csv(out / "rd.csv", [done[k]["row"] for k in sorted(done)])
+        write_csv(out / "rd.csv", [done[k]["row"] for k in sorted(done)], digits=4)
 
-    results, failures = engine.map(rd_unit, args, labels, order=order, on_result=partial,
-                                   desc="rd (ray)")  # fmt: skip
+    results, failures = map_units(rd_unit, args, labels, engine=engine, order=order,
+                                  on_result=partial, desc="rd (ray)")  # fmt: skip
     ok = [r for r in results if r is not None]
     rows = [r["row"] for r in ok]
     chan = [c for r in ok for c in r["channels"]]
     rows += [row for _, row in sorted(chan, key=lambda c: c[0])]
     histories = {r["row"].label: r["history"] for r in ok if r["history"] is not None}
-    if failures:
-        if rows:
-            write_outputs(rows, out, cfg, histories)
-        write_failures(failures, out / "failures.json")
-        raise SweepFailed(failures, rows, out)
+    raise_failures(failures, rows, out, lambda rs: write_outputs(rs, out, cfg, histories))
     return rows, histories
 
 
@@ -616,24 +567,14 @@ def _row(label, group, codec, p, cond, ev, fam, member_flops, t0,
                  source)  # fmt: skip
 
 
-def _write_csv(path: Path, items: list) -> None:
-    """Dataclass rows as CSV, floats rounded to 4 decimals."""
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(asdict(items[0])))
-        w.writeheader()
-        for it in items:
-            w.writerow({k: (round(v, 4) if isinstance(v, float) else v)
-                        for k, v in asdict(it).items()})  # fmt: skip
-
-
 def write_outputs(rows: list[RDRow], out: Path, cfg: dict, histories: dict) -> None:
     """rd.csv, rd.json, targets.csv and the plots."""
-    _write_csv(out / "rd.csv", rows)
-    (out / "rd.json").write_text(json.dumps({"config": cfg, "rows": [asdict(r) for r in rows],
-                                             "train_histories": histories}, indent=1))
+    write_csv(out / "rd.csv", rows, digits=4)
+    write_json(out / "rd.json", {"config": cfg, "rows": [asdict(r) for r in rows],
+                                 "train_histories": histories})
     comps = compare(rows)
     if comps:
-        _write_csv(out / "targets.csv", comps)
+        write_csv(out / "targets.csv", comps, digits=4)
     plot_rd(rows, out / "rd.png", title=cfg.get("title", ""))
     if any(r.condition != "clean" for r in rows):
         plot_channel(rows, out / "channel.png")
@@ -716,46 +657,52 @@ def plot_channel(rows: list[RDRow], path: Path) -> None:
     plt.close(fig)
 
 
-def cmd_rd(args) -> int:
-    from flowcodec.config import resolve_config, validate_rd_config
-    from flowcodec.scale.ray_engine import SweepFailed, engine_from_args
+class RDSweep(Sweep):
+    """``flowcodec rd``."""
 
-    cfg = load_config(resolve_config(args.config, "rd"))
-    validate_rd_config(cfg)  # a bad config fails before Ray starts
-    engine = engine_from_args(args)
-    if engine is not None:
-        # Ray starts in the background while this process imports torch and loads the
-        # family and data; then each worker warms up (the same loading) side by side
+    name = "rd"
+    outputs = "rd.csv"
+    help = "accuracy against bytes per image for the codecs listed in a config"
+    description = ("Measure accuracy against bytes per image (real bytes, headers included) "
+                   "for every codec a config lists: baselines built and fitted here, shipped "
+                   "learned codecs, and learned codecs trained here over a rate sweep; "
+                   "optionally under packet loss or bit flips. The config is checked whole "
+                   "before any work starts. Writes rd.csv, rd.json, targets.csv and rd.png.")
+    samples_help = "test images, >= 1 (default: the config's test_subset, else all)"
+
+    def validate(self, cfg, where):
+        return validate_rd_config(cfg, where)
+
+    def add_arguments(self, p) -> None:
+        p.add_argument("--device", default="cpu", help="device for training entries")
+        p.add_argument("--baselines", default=None, metavar="RD_JSON",
+                       help="rd.json of an earlier run on the same test set (e.g. of "
+                            "experiments/rd_baselines_cifar10.json): its rows join this run's "
+                            "comparison and plot")  # fmt: skip
+
+    def start_engine(self, engine, cfg, args) -> None:
+        # Ray starts in the background while this process loads the family and data; then
+        # each worker warms up (the same loading) side by side
         engine.start(background=True)
-        engine.warm(rd_warm, cfg, args.n, args.device)
-    import torch
+        engine.warm(rd_warm, cfg, args.samples, args.device)
 
-    torch.set_num_threads(max(1, args.threads))
-    try:
-        rows = run_rd(cfg, args.out, progress=not args.no_progress, n=args.n,
+    def execute(self, cfg, args, engine) -> list[RDRow]:
+        return run_rd(cfg, args.out, progress=not args.no_progress, n=args.samples,
                       device=args.device, baselines=args.baselines, engine=engine)  # fmt: skip
-    except SweepFailed as e:
-        for f in e.failures:
-            print(f"failed: {f}", file=sys.stderr)
-        print(f"{len(e.rows)} rows written to {Path(args.out) / 'rd.csv'}; the failed units "
-              f"are in {Path(args.out) / 'failures.json'}", file=sys.stderr)
-        return 1
-    finally:
-        if engine is not None:
-            print(f"ray: {engine.stats.summary()}", file=sys.stderr)
-            engine.close()
-    cols = ("label", "condition", "accuracy", "bytes_per_image", "session_bytes",
-            "device_mflops", "device_flops_pct")  # fmt: skip
-    print("  ".join(f"{c:>18}" for c in cols))
-    for r in rows:
-        vals = [r.label, r.condition, f"{100 * r.accuracy:.2f}", f"{r.bytes_per_image:.1f}",
-                f"{r.session_bytes:.1f}", f"{r.device_mflops:.1f}",
-                f"{r.device_flops_pct:.1f}"]  # fmt: skip
-        print("  ".join(f"{v:>18}" for v in vals))
-    comps = compare(rows)
-    if comps:
-        print("\nlearned codecs against the targets (input = cheapest JPEG/WebP at least as "
-              "accurate):")  # fmt: skip
+
+    def report(self, cfg: dict, rows: list[RDRow], args) -> None:
+        cols = ("label", "condition", "accuracy", "bytes_per_image", "session_bytes",
+                "device_mflops", "device_flops_pct")  # fmt: skip
+        print("  ".join(f"{c:>18}" for c in cols))
+        for r in rows:
+            vals = [r.label, r.condition, f"{100 * r.accuracy:.2f}", f"{r.bytes_per_image:.1f}",
+                    f"{r.session_bytes:.1f}", f"{r.device_mflops:.1f}",
+                    f"{r.device_flops_pct:.1f}"]  # fmt: skip
+            print("  ".join(f"{v:>18}" for v in vals))
+        comps = compare(rows)
+        if comps:
+            print("\nlearned codecs against the targets (input = cheapest JPEG/WebP at least as "
+                  "accurate):")  # fmt: skip
         for c in comps:
             ratio = f"{c.input_ratio:.3f} of {c.input_label}" if c.input_ratio else "no input row"
             f32 = f"{c.float32_ratio:.5f}" if c.float32_ratio else "-"
@@ -769,35 +716,12 @@ def cmd_rd(args) -> int:
                 print(f"  {'':>24} {'':>14}  {verdict} the device-answer floor "
                       f"{c.floor_label} ({100 * c.floor_accuracy:.2f}% at "
                       f"{c.floor_bytes:.1f} B)")
-    print(f"wrote {Path(args.out) / 'rd.csv'} and plots")
-    return 0
+        print(f"wrote {Path(args.out) / 'rd.csv'} and plots")
+
+
+SWEEP = RDSweep()
 
 
 def add_parser(subparsers) -> None:
     """Add the ``rd`` subcommand to the ``flowcodec`` command's subparsers."""
-    from flowcodec.config import positive_int
-
-    p = subparsers.add_parser(
-        "rd", help="accuracy against bytes per image for the codecs listed in a config",
-        description="Measure accuracy against bytes per image (real bytes, headers included) "
-        "for every codec a config lists: baselines built and fitted here, shipped learned "
-        "codecs, and learned codecs trained here over a rate sweep; optionally under packet "
-        "loss or bit flips. The config is checked whole before any work starts. Writes "
-        "rd.csv, rd.json, targets.csv and rd.png.")  # fmt: skip
-    p.add_argument("--config", required=True,
-                   help="JSON config: a path, or a name such as digits or cifar10 for "
-                        "experiments/rd_NAME.json")  # fmt: skip
-    p.add_argument("--out", default="runs/rd", help="output folder (default runs/rd)")
-    p.add_argument("--n", type=positive_int, default=None,
-                   help="test images, >= 1 (default: the config's test_subset, else all)")
-    p.add_argument("--device", default="cpu", help="device for training entries")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    from flowcodec.scale.ray_engine import add_engine_arguments
-
-    add_engine_arguments(p)
-    p.add_argument("--baselines", default=None, metavar="RD_JSON",
-                   help="rd.json of an earlier run on the same test set (e.g. of "
-                        "experiments/rd_baselines_cifar10.json): its rows join this run's "
-                        "comparison and plot")  # fmt: skip
-    p.set_defaults(func=cmd_rd)
+    SWEEP.add_parser(subparsers)

@@ -33,7 +33,6 @@ against channel uses at each SNR of ``"uses_plot_snrs"``).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -42,10 +41,32 @@ from pathlib import Path
 
 import torch
 
+from flowcodec.config import (
+    Any_,
+    Bool,
+    In,
+    ListOf,
+    MapOf,
+    Num,
+    Obj,
+    Str,
+    _family_members,
+    _known,
+    _raise,
+)
 from flowcodec.errors import ConfigError
+from flowcodec.sweeps.codec_spec import codec_from_spec, with_views
+from flowcodec.sweeps.runner import (
+    Sweep,
+    map_units,
+    raise_failures,
+    worker_context,
+    write_csv,
+    write_json,
+)
 
 __all__ = ["SNRRow", "run_snr", "load_config", "validate_config", "add_parser", "best_digital",
-           "choose"]
+           "choose", "SWEEP"]  # fmt: skip
 
 
 @dataclass
@@ -64,159 +85,129 @@ class SNRRow:
     n: int
     detail: str = ""
 
-
-_TOP = {"title", "dataset", "family", "member", "point", "samples", "seed", "snrs", "channels",
-        "budgets", "jscc", "digital", "uses_plot_snrs", "coherence", "entry_seeds"}  # fmt: skip
-
-
-def _num_list(cfg: dict, key: str, where: str, integer: bool = False) -> list:
-    v = cfg.get(key)
-    kind = int if integer else (int, float)
-    if not isinstance(v, list) or not v or any(isinstance(a, bool) or not isinstance(a, kind)
-                                               for a in v):  # fmt: skip
-        raise ConfigError(f"{where}: {key!r} must be a non-empty list of "
-                          f"{'ints' if integer else 'numbers'}, got {v!r}")  # fmt: skip
-    return v
-
-
 def validate_config(cfg: dict, where: str = "snr config") -> dict:
-    """Check a whole config before any work; errors name the key and what is allowed."""
-    from flowcodec.codecs.jscc_train import CHANNELS
+    """Check a whole config before any work; one ConfigError names every bad key and what
+    is allowed (the keys: see the module notes and ``experiments/snr_*.json``)."""
+    from channels import CHANNELS
 
     if not isinstance(cfg, dict):
-        raise ConfigError(f"{where}: must be a JSON object")
-    unknown = set(cfg) - _TOP
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; allowed {sorted(_TOP)}")
-    for k in ("dataset", "family"):
-        if cfg.get(k) not in ("digits", "cifar10"):
-            raise ConfigError(f"{where}: {k!r} must be 'digits' or 'cifar10', got {cfg.get(k)!r}")
-    for k, lo, hi in (("member", 1, 3), ("point", 1, 3)):
-        v = cfg.get(k)
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise ConfigError(f"{where}: {k!r} must be an int in {lo}..{hi}, got {v!r}")
-    s = cfg.get("samples")
-    if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 1):
-        raise ConfigError(f"{where}: 'samples' must be an int >= 1 or null, got {s!r}")
-    snrs = _num_list(cfg, "snrs", where)
-    if any(not -30 <= v <= 60 for v in snrs):
-        raise ConfigError(f"{where}: 'snrs' must lie in -30..60 dB, got {snrs}")
-    chans = cfg.get("channels")
-    if not isinstance(chans, list) or not chans or any(c not in CHANNELS for c in chans):
-        raise ConfigError(f"{where}: 'channels' must list names from {list(CHANNELS)}, "
-                          f"got {chans!r}")  # fmt: skip
-    budgets = _num_list(cfg, "budgets", where, integer=True)
-    if any(b < 1 for b in budgets):
-        raise ConfigError(f"{where}: 'budgets' must be channel uses >= 1, got {budgets}")
-    labels: list[str] = []
-    jscc = cfg.get("jscc", [])
-    if not isinstance(jscc, list):
-        raise ConfigError(f"{where}: 'jscc' must be a list of entries")
-    for i, e in enumerate(jscc):
-        w = f"{where}: jscc[{i}]"
-        if not isinstance(e, dict) or not isinstance(e.get("label"), str):
-            raise ConfigError(f"{w}: must be an object with a 'label'")
-        extra = set(e) - {"label", "codec", "train", "uses", "told_snr", "uncoded", "channels",
-                          "views"}  # fmt: skip
-        if extra:
-            raise ConfigError(f"{w}: unknown keys {sorted(extra)}")
-        if ("codec" in e) == ("train" in e):
-            raise ConfigError(f"{w}: give exactly one of 'codec' (name or path) and 'train'")
-        ref = str(e.get("codec", ""))
-        if ref.startswith("@") and ref[1:] not in labels:
-            raise ConfigError(f"{w}: 'codec' {ref!r} names no earlier jscc entry "
-                              f"(earlier: {labels})")  # fmt: skip
-        labels.append(e["label"])
-        u = e.get("uses", "schedule")
-        if u != "schedule" and (not isinstance(u, list) or not u or any(
-                isinstance(a, bool) or not isinstance(a, int) or a < 1 for a in u)):
-            raise ConfigError(f"{w}: 'uses' must be 'schedule' or a list of ints >= 1, "
-                              f"got {u!r}")  # fmt: skip
-        v = e.get("views", 1)
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 4:
-            raise ConfigError(f"{w}: 'views' must be an int in 1..4, got {v!r}")
-        t = e.get("told_snr")
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))):
-            raise ConfigError(f"{w}: 'told_snr' must be a number, got {t!r}")
-        if "train" in e:
-            _check_train(e["train"], "jscc", cfg, w)
-        ch = e.get("channels")
-        if ch is not None and (not isinstance(ch, list) or any(c not in chans for c in ch)):
-            raise ConfigError(f"{w}: 'channels' must list channels of the config, got {ch!r}")
-    d = cfg.get("digital")
-    if d is not None:
-        w = f"{where}: digital"
-        if not isinstance(d, dict) or ("codec" in d) == ("train" in d):
-            raise ConfigError(f"{w}: give exactly one of 'codec' and 'train'")
-        extra = set(d) - {"codec", "train", "label", "mcs", "exact_budgets", "exact_samples",
-                          "rate_points"}
-        if extra:
-            raise ConfigError(f"{w}: unknown keys {sorted(extra)}")
-        if "train" in d:
-            _check_train(d["train"], "task", cfg, w)
-        mcs = d.get("mcs", list(range(29)))
-        if not isinstance(mcs, list) or not mcs or any(
-                isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= 28 for m in mcs):
-            raise ConfigError(f"{w}: 'mcs' must list MCS indices in 0..28, got {mcs!r}")
-        eb = d.get("exact_budgets", [])
-        if not isinstance(eb, list) or any(b not in budgets for b in eb):
-            raise ConfigError(f"{w}: 'exact_budgets' must list budgets of 'budgets', got {eb!r}")
-        es = d.get("exact_samples", 500)
-        if isinstance(es, bool) or not isinstance(es, int) or es < 1:
-            raise ConfigError(f"{w}: 'exact_samples' must be an int >= 1, got {es!r}")
-    ups = cfg.get("uses_plot_snrs", [])
-    if not isinstance(ups, list) or any(v not in snrs for v in ups):
-        raise ConfigError(f"{where}: 'uses_plot_snrs' must list SNRs of 'snrs', got {ups!r}")
-    if not isinstance(cfg.get("entry_seeds", False), bool):
-        raise ConfigError(f"{where}: 'entry_seeds' must be true or false, "
-                          f"got {cfg['entry_seeds']!r}")  # fmt: skip
+        raise ConfigError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
+    known = _known()
+    k = _family_members(cfg.get("family"))
+    note = f"the {cfg.get('family')} family has {k} members" if k else ""
+    split = Num(integer=True, lo=1, hi=k, note=note) if k else Num(integer=True, lo=1)
+    # values of another key ("exact_budgets" of "budgets"); anything when that key is bad
+    listed = {key: In(tuple(cfg[key])) if isinstance(cfg.get(key), list) else Any_()
+              for key in ("snrs", "channels", "budgets")}  # fmt: skip
+    entries = [e for e in (cfg.get("jscc") if isinstance(cfg.get("jscc"), list) else [])
+               if isinstance(e, dict)] + [cfg.get("digital")]  # fmt: skip
+    trains = any(isinstance(e, dict) and "train" in e for e in entries)
+    shape = _split_shape(cfg, k) if trains else None  # codecs trained here are built on it
+    jscc = Obj({
+        "label": Str(), "codec": Str(what="a shipped codec name, a checkpoint path or '@label'"),
+        "train": Any_(), "uses": Any_(), "told_snr": Num(optional=True),
+        "uncoded": Bool(optional=True),
+        "channels": ListOf(listed["channels"], what="a list of the config's channels",
+                           optional=True),
+        "views": Num(integer=True, lo=1, hi=4),
+    }, required=("label",), what="a jscc entry (an object)",
+        extra=lambda e, path, errors: _check_jscc_entry(e, path, errors, shape))  # fmt: skip
+    digital = Obj({
+        "codec": Str(what="a shipped codec name or a checkpoint path"), "train": Any_(),
+        "label": Str(),
+        "mcs": ListOf(Num(integer=True, lo=0, hi=28), min_len=1, what="a list of MCS indices"),
+        "exact_budgets": ListOf(listed["budgets"], what="a list of budgets of 'budgets'"),
+        "exact_samples": Num(integer=True, lo=1),
+        "rate_points": ListOf(Num(integer=True, lo=0), min_len=1, what="a list of rate points"),
+    }, what="an object", optional=True,
+        extra=lambda d, path, errors: _check_digital(d, path, errors, shape))
+    schema = Obj({
+        "title": Str(), "dataset": Str(choices=known["datasets"]),
+        "family": Str(choices=known["families"]), "member": split, "point": split,
+        "samples": Num(integer=True, lo=1, optional=True), "seed": Num(integer=True),
+        "snrs": ListOf(Num(lo=-30, hi=60, note="dB"), min_len=1, what="a list of SNRs in dB"),
+        "channels": ListOf(Str(choices=tuple(CHANNELS)), min_len=1,
+                           what="a list of channel names"),
+        "budgets": ListOf(Num(integer=True, lo=1), min_len=1,
+                          what="a list of channel-use budgets (ints >= 1)"),
+        "jscc": ListOf(jscc, what="a list of jscc entries (objects)"), "digital": digital,
+        "uses_plot_snrs": ListOf(listed["snrs"], what="a list of SNRs of 'snrs'"),
+        "coherence": Num(integer=True, lo=1), "entry_seeds": Bool(),
+    }, required=("dataset", "family", "member", "point", "snrs", "channels", "budgets"))
+    errors: list[str] = []
+    schema.check(cfg, "", errors)
+    labels: list = []  # an "@label" codec is an earlier entry's
+    for i, e in enumerate(cfg.get("jscc") if isinstance(cfg.get("jscc"), list) else []):
+        if not isinstance(e, dict):
+            continue
+        ref = e.get("codec")
+        if isinstance(ref, str) and ref.startswith("@") and ref[1:] not in labels:
+            errors.append(f"jscc[{i}].codec: {ref!r} names no earlier jscc entry; earlier: "
+                          f"{', '.join(map(repr, labels)) or 'none'}")  # fmt: skip
+        labels.append(e.get("label"))
+    _raise(errors, where)
     return cfg
 
 
-def _check_train(t, kind: str, cfg: dict, where: str) -> None:
+def _split_shape(cfg: dict, members: int | None):
+    """The feature shape at the config's split point, or None when the family or point is
+    not valid (reported elsewhere)."""
+    from flowcodec.family import build_family
+
+    p = cfg.get("point")
+    if not members or isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= members:
+        return None
+    return build_family(cfg["family"]).feature_shape(p)
+
+
+def _check_one_source(e: dict, path: str, errors: list[str]) -> bool:
+    if ("codec" in e) == ("train" in e):
+        errors.append(f"{path}: give exactly one of 'codec' (a name or path) and 'train'")
+        return False
+    return True
+
+
+def _check_jscc_entry(e: dict, path: str, errors: list[str], shape) -> None:
+    u = e.get("uses", "schedule")
+    if u != "schedule":
+        ListOf(Num(integer=True, lo=1), min_len=1,
+               what="'schedule' or a list of channel-use counts (ints >= 1)"
+               ).check(u, f"{path}.uses", errors)  # fmt: skip
+    if _check_one_source(e, path, errors) and "train" in e:
+        _check_train(e["train"], "jscc", shape, f"{path}.train", errors)
+
+
+def _check_digital(d: dict, path: str, errors: list[str], shape) -> None:
+    if _check_one_source(d, path, errors) and "train" in d:
+        _check_train(d["train"], "task", shape, f"{path}.train", errors)
+
+
+def _check_train(t, kind: str, shape, path: str, errors: list[str]) -> None:
     """A ``"train"`` object: known settings, and kwargs that build a codec at the split."""
     from dataclasses import fields
 
     from flowcodec.codecs import build_codec
     from flowcodec.codecs.jscc_train import JSCCTrainConfig
     from flowcodec.codecs.train_task import TaskTrainConfig
-    from flowcodec.family import build_family
 
-    if not isinstance(t, dict) or not isinstance(t.get("kwargs", {}), dict):
-        raise ConfigError(f"{where}: 'train' must be an object with optional 'kwargs' (object)")
     known = {f.name for f in fields(JSCCTrainConfig if kind == "jscc" else TaskTrainConfig)}
-    extra = set(t) - known - {"kwargs"}
-    if extra:
-        raise ConfigError(f"{where}: unknown 'train' keys {sorted(extra)}; "
-                          f"allowed {sorted(known | {'kwargs'})}")  # fmt: skip
-    shape = build_family(cfg["family"]).feature_shape(cfg["point"])
+    spec = Obj({**{name: Any_() for name in sorted(known)}, "kwargs": MapOf(Any_())},
+               what="an object of training settings with optional 'kwargs'")  # fmt: skip
+    before = len(errors)
+    spec.check(t, path, errors)
+    if len(errors) > before or shape is None:
+        return
     try:
         with torch.device("meta"):
             build_codec(kind, shape, **t.get("kwargs", {}))
     except ConfigError as e:
-        raise ConfigError(f"{where}: 'train.kwargs': {e}") from None
+        errors.append(f"{path}.kwargs: {e}")
 
 
 def load_config(path_or_name: str) -> dict:
-    """A config by path, or by name (``digits`` -> ``experiments/snr_digits.json``)."""
-    p = Path(path_or_name)
-    if not p.suffix and not p.exists():
-        p = Path(__file__).resolve().parent.parent / "experiments" / f"snr_{path_or_name}.json"
-    if not p.is_file():
-        raise ConfigError(f"snr config {path_or_name} not found")
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p} is not valid JSON: {e}") from e
-    return validate_config(cfg, f"snr config {p}")
-
-
-def _load_codec(spec: str):
-    from flowcodec.codecs.zoo import load_codec, load_pretrained_codec
-
-    if "/" in spec or spec.endswith(".json"):
-        return load_codec(spec)
-    return load_pretrained_codec(spec)
+    """A config by path, or by name (``digits``: ``snr_digits.json`` in ``$FLOWCODEC_CONFIGS``
+    or ``experiments/``), checked whole."""
+    return SWEEP.load(path_or_name)
 
 
 # --- the measurements -----------------------------------------------------------------------
@@ -239,7 +230,7 @@ def _jscc_jobs(cfg: dict, entry: dict) -> list[tuple]:
 def _jscc_cell(codec, label, hs, y, tail, cfg, entry, ch_name, snr, u, j) -> SNRRow | None:
     """The row of one cell (``j``: its place in :func:`_jscc_jobs`); ``None`` when the
     codec has fewer than ``u`` symbols."""
-    from flowcodec.codecs.jscc_train import make_channel
+    from channels import make_channel
 
     if u is not None and u > codec.symbols:
         return None
@@ -266,16 +257,10 @@ def _jscc_cell(codec, label, hs, y, tail, cfg, entry, ch_name, snr, u, j) -> SNR
 
 @torch.no_grad()
 def _jscc_rows(codec, label, hs, y, tail, cfg, entry, channels, progress) -> list[SNRRow]:
-    from flowcodec.progress import tqdm
-
-    rows = []
     jobs = _jscc_jobs(cfg, {**entry, "channels": channels})
-    for j, (ch_name, snr, u) in enumerate(tqdm(jobs, desc=f"jscc {label}", leave=False,
-                                               disable=not progress)):  # fmt: skip
-        row = _jscc_cell(codec, label, hs, y, tail, cfg, entry, ch_name, snr, u, j)
-        if row is not None:
-            rows.append(row)
-    return rows
+    args = [(codec, label, hs, y, tail, cfg, entry, c, s, u, j) for j, (c, s, u) in enumerate(jobs)]
+    rows, _ = map_units(_jscc_cell, args, desc=f"jscc {label}", progress=progress, leave=False)
+    return [r for r in rows if r is not None]
 
 
 def _digital_tables(codec, hs, y, tail, rate_points) -> dict:
@@ -334,8 +319,7 @@ def _digital_uses(tables, dcfg) -> dict:
 def _digital_cell(tables, uses, cfg, dcfg, ch_name, snr, j) -> list[SNRRow]:
     """The separation rows of one (channel, SNR) cell, ``j`` its place in
     :func:`_digital_jobs`: one per budget on the fast link, and the exact-link rows."""
-    from channels import ExactLink, FastLink, get_mcs
-    from flowcodec.codecs.jscc_train import make_channel
+    from channels import ExactLink, FastLink, get_mcs, make_channel
 
     seed = int(cfg.get("seed", 0))
     label = dcfg.get("label", "separation")
@@ -393,16 +377,12 @@ def _digital_base_rows(tables, dcfg, n: int) -> list[SNRRow]:
 
 
 def _digital_rows(tables, cfg, dcfg, channels, progress) -> list[SNRRow]:
-    from flowcodec.progress import tqdm
-
-    label = dcfg.get("label", "separation")
     uses = _digital_uses(tables, dcfg)
     jobs = _digital_jobs({**cfg, "channels": channels})
-    rows = []
-    for j, (ch_name, snr) in enumerate(tqdm(jobs, desc=f"digital {label}", leave=False,
-                                            disable=not progress)):  # fmt: skip
-        rows += _digital_cell(tables, uses, cfg, dcfg, ch_name, snr, j)
-    return rows
+    args = [(tables, uses, cfg, dcfg, c, s, j) for j, (c, s) in enumerate(jobs)]
+    cells, _ = map_units(_digital_cell, args, desc=f"digital {dcfg.get('label', 'separation')}",
+                         progress=progress, leave=False)  # fmt: skip
+    return [r for cell in cells for r in cell]
 
 
 def _train_jscc_entry(e, fam, cfg, train, test, progress):
@@ -458,7 +438,7 @@ class _Context:
     def view_features(self, views: int) -> torch.Tensor:
         """The test images' features of their first ``views`` input views, stacked on the
         channel axis (what a JSCC codec coding ``views`` views takes); kept."""
-        from flowcodec.codecs.task import view_features
+        from flowcodec.views import view_features
 
         if views not in self._views:
             with torch.no_grad():
@@ -472,7 +452,7 @@ class _Context:
 
     def load(self, spec: str):
         if spec not in self._loaded:
-            self._loaded[spec] = _load_codec(spec)
+            self._loaded[spec] = codec_from_spec(spec)
         return self._loaded[spec]
 
     def tables(self, codec, dcfg: dict) -> tuple[dict, dict]:
@@ -533,17 +513,6 @@ def _jscc_source(cfg: dict, k: int) -> tuple[str, object]:
     return ("load", e["codec"]) if "codec" in e else ("train", k)
 
 
-def _with_views(codec, e: dict):
-    """``(codec, views)`` for entry ``e``: with a ``"views"`` key, a shallow copy of the
-    codec (the same weights) set to code that many input views; otherwise the codec as it
-    is."""
-    import copy
-
-    if "views" not in e or e["views"] == codec.views:
-        return codec, codec.views
-    return copy.copy(codec).set_views(int(e["views"])), int(e["views"])
-
-
 def _check_jscc(codec, e: dict) -> None:
     if getattr(codec, "name", None) != "jscc":
         raise ConfigError(f"jscc entry {e['label']!r}: {e.get('codec')} is not a jscc codec")
@@ -565,7 +534,7 @@ def run_snr(cfg: dict, out: str | Path, n: int | None = None, progress: bool = T
     :class:`~flowcodec.scale.SweepFailed` is raised.
     """
     start = time.perf_counter()
-    cfg = validate_config(cfg)
+    SWEEP.check(cfg)  # whole, before any work
     out = Path(out)
     if engine is not None:
         return _run_snr_ray(cfg, out, n, engine, start, write)
@@ -577,18 +546,19 @@ def run_snr(cfg: dict, out: str | Path, n: int | None = None, progress: bool = T
         if str(e.get("codec", "")).startswith("@"):  # a codec of an earlier entry
             codec = made[e["codec"][1:]]
         else:
-            codec = _load_codec(e["codec"]) if "codec" in e else \
+            codec = codec_from_spec(e["codec"]) if "codec" in e else \
                 _train_entry(ctx, cfg, k, progress)
         made[e["label"]] = codec
         _check_jscc(codec, e)
-        codec, views = _with_views(codec, e)
+        codec = with_views(codec, e["views"]) if "views" in e else codec
+        views = codec.views
         rows += _jscc_rows(codec.eval(), e["label"], ctx.view_features(views), y, tail, cfg,
                            e, e.get("channels", cfg["channels"]), progress)  # fmt: skip
         if write:
             _write(rows, cfg, out, start)
     d = cfg.get("digital")
     if d is not None:
-        codec = _load_codec(d["codec"]) if "codec" in d else \
+        codec = codec_from_spec(d["codec"]) if "codec" in d else \
             _train_entry(ctx, cfg, len(cfg.get("jscc", [])), progress)
         rps = d.get("rate_points", list(range(getattr(codec, "rates", 1))))
         tables = _digital_tables(codec, hs, y, tail, rps)
@@ -601,10 +571,6 @@ def run_snr(cfg: dict, out: str | Path, n: int | None = None, progress: bool = T
 
 
 # --- the sweep on Ray -------------------------------------------------------------------------
-#: The context a Ray worker keeps between the units it runs (one run's at a time).
-_WORKER_CONTEXTS: dict = {}
-
-
 def snr_unit(cfg: dict, n: int | None, kind: str, index, codec=None):
     """One unit of an ``snr`` sweep, as a Ray task runs it. The family, data and shipped
     codecs are loaded by name, once per worker process; ``codec`` is a codec trained by an
@@ -614,11 +580,7 @@ def snr_unit(cfg: dict, n: int | None, kind: str, index, codec=None):
     returns the trained codec), ``"jscc"`` (``index = (entry, cell)``), ``"digital-base"``
     or ``"digital"`` (``index``: the cell); these return their rows.
     """
-    key = json.dumps([cfg, n], sort_keys=True)
-    if key not in _WORKER_CONTEXTS:
-        _WORKER_CONTEXTS.clear()
-        _WORKER_CONTEXTS[key] = _Context(cfg, n, progress=False)
-    ctx = _WORKER_CONTEXTS[key]
+    ctx = worker_context("snr", [cfg, n], lambda: _Context(cfg, n, progress=False))
     if kind == "reference":
         return [ctx.reference(cfg)]
     if kind == "train":
@@ -632,7 +594,8 @@ def snr_unit(cfg: dict, n: int | None, kind: str, index, codec=None):
                 raise ConfigError(f"jscc entry {e['label']!r}: its trained codec was not given")
             codec = ctx.load(spec)
         _check_jscc(codec, e)
-        codec, views = _with_views(codec, e)
+        codec = with_views(codec, e["views"]) if "views" in e else codec
+        views = codec.views
         ch_name, snr, u = _jscc_jobs(cfg, e)[j]
         row = _jscc_cell(codec.eval(), e["label"], ctx.view_features(views), ctx.y, ctx.tail,
                          cfg, e, ch_name, snr, u, j)  # fmt: skip
@@ -670,7 +633,7 @@ def ray_trained_entries(cfg: dict) -> list[int]:
 def _run_snr_ray(cfg: dict, out: Path, n, engine, start: float, write: bool) -> list[SNRRow]:
     """The units of a run on a Ray engine, in two rounds (the reference and the training,
     then the cells); the rows in the serial run's order."""
-    from flowcodec.scale.ray_engine import SweepFailed, UnitFailure, write_failures
+    from flowcodec.scale.ray_engine import UnitFailure
 
     jscc = cfg.get("jscc", [])
     d = cfg.get("digital")
@@ -682,8 +645,9 @@ def _run_snr_ray(cfg: dict, out: Path, n, engine, start: float, write: bool) -> 
     # round 1: the reference row, and every codec trained here
     args = [(cfg, n, "reference", 0)] + [(cfg, n, "train", k) for k in trains]
     labels = ["reference"] + [f"train {name(k)}" for k in trains]
-    res, failures = engine.map(snr_unit, args, labels, order=list(range(len(args)))[::-1],
-                               desc="snr: reference and training (ray)")  # fmt: skip
+    res, failures = map_units(snr_unit, args, labels, engine=engine,
+                              order=list(range(len(args)))[::-1],
+                              desc="snr: reference and training (ray)")  # fmt: skip
     ref_rows = res[0] or []
     trained = {k: engine.put(c) for k, c in zip(trains, res[1:]) if c is not None}
     # round 2: the cells, as (args, label), listed in the serial run's order
@@ -714,20 +678,16 @@ def _run_snr_ray(cfg: dict, out: Path, n, engine, start: float, write: bool) -> 
                               f"{name(len(jscc))}: {c}, {s:g} dB"))
     # the digital cells (a link per rate point and MCS) are the longest: submit them first
     order = sorted(range(len(cells)), key=lambda i: (cells[i][0][2] != "digital", i))
-    res2, fail2 = engine.map(snr_unit, [c[0] for c in cells], [c[1] for c in cells],
-                             order=order, desc="snr: cells (ray)")  # fmt: skip
+    res2, fail2 = map_units(snr_unit, [c[0] for c in cells], [c[1] for c in cells],
+                            engine=engine, order=order, desc="snr: cells (ray)")  # fmt: skip
     n1 = len(args)
     failures += [UnitFailure(f.index + n1, f.label, f.error, f.traceback) for f in fail2]
     failures += [UnitFailure(-1, s, "not run: no codec") for s in skipped]
     rows = list(ref_rows)
     for r in res2:  # the cells were listed in the serial run's order
         rows += r or []
-    if failures:
-        if write and rows:
-            _write(rows, cfg, out, start)
-        out.mkdir(parents=True, exist_ok=True)
-        write_failures(failures, out / "failures.json")
-        raise SweepFailed(failures, rows, out)
+    raise_failures(failures, rows, out, (lambda rs: _write(rs, cfg, out, start)) if write
+                   else None)  # fmt: skip
     if write:
         _write(rows, cfg, out, start)
         plot(rows, cfg, out)
@@ -760,23 +720,13 @@ def choose(rows: list[SNRRow]) -> list[dict]:
 
 def _write(rows, cfg, out: Path, start: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    fields = list(SNRRow.__dataclass_fields__)
-    with open(out / "snr.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (round(v, 4) if isinstance(v, float) else v)
-                        for k, v in asdict(r).items()})  # fmt: skip
-    rec = {"config": cfg, "seconds": round(time.perf_counter() - start, 1),
-           "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-           "rows": [asdict(r) for r in rows]}  # fmt: skip
-    (out / "snr.json").write_text(json.dumps(rec, indent=1, default=str))
+    write_csv(out / "snr.csv", rows, fields=list(SNRRow.__dataclass_fields__), digits=4)
+    write_json(out / "snr.json", {"config": cfg, "seconds": round(time.perf_counter() - start, 1),
+                                  "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                                  "rows": [asdict(r) for r in rows]})  # fmt: skip
     picks = choose(rows)
     if picks:
-        with open(out / "choice.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(picks[0]))
-            w.writeheader()
-            w.writerows(picks)
+        write_csv(out / "choice.csv", picks)
 
 
 def plot(rows: list[SNRRow], cfg: dict, out: Path) -> None:
@@ -851,66 +801,52 @@ def replot(run: str | Path) -> None:
     plot([SNRRow(**r) for r in rec["rows"]], rec["config"], Path(run))
 
 
-def cmd_snr(args) -> int:
-    import sys
+class SNRSweep(Sweep):
+    """``flowcodec snr``."""
 
-    from flowcodec.scale.ray_engine import SweepFailed, engine_from_args
+    name = "snr"
+    outputs = "snr.csv"
+    help = "accuracy against SNR and channel uses: JSCC codecs against separation"
+    description = ("Measure JSCC codecs (features straight to channel symbols) across SNRs "
+                   "and channels, against the best digital chain (learned codec + CRC + 5G "
+                   "LDPC + the best MCS) at the same number of complex channel uses per "
+                   "image, on the fast and the exact link. The config is checked whole before "
+                   "any work starts. Writes snr.csv, snr.json, snr.png and uses.png.")
+    samples_help = "test images, >= 1 (default: the config's samples, else all)"
 
-    torch.set_num_threads(max(1, args.threads))
-    cfg = load_config(args.config)
-    engine = engine_from_args(args)
-    if engine is not None:
+    def validate(self, cfg, where):
+        return validate_config(cfg, where)
+
+    def check_engine(self, cfg, args) -> None:
         ray_trained_entries(cfg)  # refuse before starting Ray
-    try:
-        if engine is not None:
-            engine.start()
-        rows = run_snr(cfg, args.out, n=args.n, progress=not args.no_progress, engine=engine)
-    except SweepFailed as e:
-        for f in e.failures:
-            print(f"failed: {f}", file=sys.stderr)
-        print(f"{len(e.rows)} rows written to {Path(args.out) / 'snr.csv'}; the failed units "
-              f"are in {Path(args.out) / 'failures.json'}", file=sys.stderr)  # fmt: skip
-        return 1
-    finally:
-        if engine is not None:
-            print(f"ray: {engine.stats.summary()}", file=sys.stderr)
-            engine.close()
-    ref = rows[0]
-    print(f"reference: {ref.label} {100 * ref.accuracy:.2f}% on {ref.n} test images")
-    for r in rows[1:]:
-        if r.channel == "none":
-            continue
-        told = f" told {r.told_snr_db:g} dB" if r.told_snr_db is not None else ""
-        print(f"{r.scheme:10s} {r.label:24s} {r.channel:14s} {r.link:7s} {r.snr_db:6.1f} dB"
-              f"{told} budget {str(r.budget):>5s} uses {r.uses:7.1f}  {100 * r.accuracy:6.2f}%"
-              f"  {r.detail}")  # fmt: skip
-    picks = choose(rows)
-    if picks:
-        print("\nanalog or digital at equal channel uses (choice.csv):")
+
+    def execute(self, cfg, args, engine) -> list[SNRRow]:
+        return run_snr(cfg, args.out, n=args.samples, progress=not args.no_progress,
+                       engine=engine)  # fmt: skip
+
+    def report(self, cfg: dict, rows: list[SNRRow], args) -> None:
+        ref = rows[0]
+        print(f"reference: {ref.label} {100 * ref.accuracy:.2f}% on {ref.n} test images")
+        for r in rows[1:]:
+            if r.channel == "none":
+                continue
+            told = f" told {r.told_snr_db:g} dB" if r.told_snr_db is not None else ""
+            print(f"{r.scheme:10s} {r.label:24s} {r.channel:14s} {r.link:7s} {r.snr_db:6.1f} dB"
+                  f"{told} budget {str(r.budget):>5s} uses {r.uses:7.1f}  "
+                  f"{100 * r.accuracy:6.2f}%  {r.detail}")  # fmt: skip
+        picks = choose(rows)
+        if picks:
+            print("\nanalog or digital at equal channel uses (choice.csv):")
         for p in picks:
             print(f"  {p['channel']:10s} {p['snr_db']:6.1f} dB <= {p['budget']:4d} uses: "
                   f"jscc {100 * p['jscc_accuracy']:6.2f}% ({p['jscc_uses']:.0f} uses) vs "
                   f"separation {100 * p['separation_accuracy']:6.2f}% -> {p['winner']}")
-    print(f"wrote {Path(args.out) / 'snr.csv'}, snr.json, choice.csv, snr.png, uses.png")
-    return 0
+        print(f"wrote {Path(args.out) / 'snr.csv'}, snr.json, choice.csv, snr.png, uses.png")
+
+
+SWEEP = SNRSweep()
 
 
 def add_parser(subparsers) -> None:
     """Add the ``snr`` subcommand to the ``flowcodec`` command's subparsers."""
-    p = subparsers.add_parser(
-        "snr", help="accuracy against SNR and channel uses: JSCC codecs against separation",
-        description="Measure JSCC codecs (features straight to channel symbols) across SNRs "
-        "and channels, against the best digital chain (learned codec + CRC + 5G LDPC + the "
-        "best MCS) at the same number of complex channel uses per image, on the fast and "
-        "the exact link. The config is checked whole before any work starts. Writes "
-        "snr.csv, snr.json, snr.png and uses.png.")  # fmt: skip
-    p.add_argument("--config", required=True,
-                   help="JSON config: a path, or digits / cifar10 for experiments/snr_NAME.json")
-    p.add_argument("--out", default="runs/snr", help="output folder (default runs/snr)")
-    p.add_argument("--n", type=int, default=None, help="test images (default: the config's)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    from flowcodec.scale.ray_engine import add_engine_arguments
-
-    add_engine_arguments(p)
-    p.set_defaults(func=cmd_snr)
+    SWEEP.add_parser(subparsers)

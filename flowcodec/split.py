@@ -11,12 +11,12 @@ connection around it).
 Transformers: cuts between the layers of ``nn.TransformerEncoder`` are traced through a
 layer-by-layer form of its forward (its own has data-dependent control flow);
 ``leaf_modules=`` keeps any other untraceable submodule whole. The split reports the
-*layout* of what crosses (:data:`LAYOUTS`: ``"chw"``, ``"hwc"``, ``"tokens"``,
-``"vector"``, ``"other"``), read from the last module with weights before the cut (a
-convolution or batch norm: channels first; a linear layer or layer norm: channels last),
-and ``split.feature_shape`` carries it (:class:`FeatureShape`), so codecs built on it check
-it. Channels-last maps (swin's ``(H, W, C)``) are moved channels-first at the cut by
-default, an exact permute on each side.
+*layout* of what crosses (:data:`~flowcodec.shapes.LAYOUTS`: ``"chw"``, ``"hwc"``,
+``"tokens"``, ``"vector"``, ``"other"``), read from the last module with weights before the
+cut (a convolution or batch norm: channels first; a linear layer or layer norm: channels
+last), and ``split.feature_shape`` carries it (:class:`~flowcodec.shapes.FeatureShape`), so
+codecs built on it check it. Channels-last maps (swin's ``(H, W, C)``) are moved
+channels-first at the cut by default, an exact permute on each side.
 
 :func:`train_codec` trains any :class:`~flowcodec.codecs.FeatureCodec` at the cut against
 the model's own outputs (distillation; cross-entropy when labels are given), and
@@ -38,6 +38,7 @@ True
 from __future__ import annotations
 
 import difflib
+import functools
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -45,52 +46,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from flowcodec._moved import moved
 from flowcodec.errors import ConfigError, SplitError
+from flowcodec.pipeline import Flow, Hop, Tier
+from flowcodec.shapes import LAYOUTS as _LAYOUTS
+from flowcodec.shapes import FeatureShape as _FeatureShape
+from flowcodec.shapes import layout_of as _layout_of
 
-__all__ = ["SplitModel", "split_model", "train_codec", "CodecTrainResult", "FeatureShape",
-           "LAYOUTS", "layout_of"]  # fmt: skip
+__all__ = ["SplitModel", "split_model", "train_codec", "CodecTrainResult"]
 
-#: Feature layouts a split reports (per sample, no batch axis).
-LAYOUTS = {
-    "chw": "channels-first map (C, H, W)",
-    "hwc": "channels-last map (H, W, C)",
-    "tokens": "token sequence (N, D)",
-    "vector": "one vector (D,)",
-    "other": "anything else (channels first along axis 0)",
-}
-
-
-class FeatureShape(tuple):
-    """A per-sample feature shape that also says its :data:`LAYOUTS` entry.
-
-    It compares and hashes as the plain tuple, so ``split.feature_shape == (128, 8, 8)``;
-    codecs built on it (``build_codec(name, split.feature_shape)``) read ``layout`` and
-    refuse a layout they cannot code instead of guessing the channel axis.
-
-    >>> s = FeatureShape((8, 8, 192), "hwc")
-    >>> s == (8, 8, 192), s.layout
-    (True, 'hwc')
-    """
-
-    layout: str
-
-    def __new__(cls, shape, layout: str):
-        if layout not in LAYOUTS:
-            raise ConfigError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
-        self = super().__new__(cls, (int(d) for d in shape))
-        self.layout = layout
-        return self
-
-    def __repr__(self) -> str:
-        return f"FeatureShape({tuple(self)}, layout={self.layout!r})"
-
-    def __getnewargs__(self):
-        return (tuple(self), self.layout)
-
-
-def layout_of(feature_shape) -> str | None:
-    """The layout ``feature_shape`` declares (a :class:`FeatureShape`), or None."""
-    return getattr(feature_shape, "layout", None)
+# FeatureShape, LAYOUTS and layout_of live in flowcodec.shapes; the old names warn for a release
+__getattr__ = moved(__name__, dict.fromkeys(["FeatureShape", "LAYOUTS", "layout_of"],
+                                            "flowcodec.shapes"))
 
 
 def _encoder_forward(tracer: fx.Tracer, enc: nn.TransformerEncoder, args, kwargs):
@@ -163,25 +130,42 @@ class SplitModel:
 
     @property
     def layout(self) -> str:
-        """The :data:`LAYOUTS` entry of what crosses the cut."""
-        return layout_of(self.feature_shape) or "other"
+        """The :data:`~flowcodec.shapes.LAYOUTS` entry of what crosses the cut."""
+        return _layout_of(self.feature_shape) or "other"
 
     def as_family(self):
         """A two-stage :class:`~flowcodec.family.EarlyExitFamily` (head, tail) whose last
-        exit is the identity, so :class:`~flowcodec.pipeline.Flow` can run it."""
+        exit is the identity, so :class:`~flowcodec.pipeline.Flow` can run it. The model's
+        modes and ``requires_grad`` flags are as they were before the call."""
         from flowcodec.family.base import EarlyExitFamily
 
-        return EarlyExitFamily([self.head, self.tail], [nn.Identity(), nn.Identity()],
-                               self.input_shape, {"name": f"split@{self.at}"})  # fmt: skip
+        with _Preserved(self.head, self.tail):
+            return EarlyExitFamily([self.head, self.tail], [nn.Identity(), nn.Identity()],
+                                   self.input_shape, {"name": f"split@{self.at}"})  # fmt: skip
 
     def flow(self, codec, link, symbol_rate: float = 1e6, delay_s: float = 0.0,
              device_flops_per_s: float = 20e9, remote_flops_per_s: float = 20e12,
              snr_db: float | None = None):  # fmt: skip
-        """A device -> receiver :class:`~flowcodec.pipeline.Flow` with ``codec`` at the cut."""
-        from flowcodec.pipeline import Flow, Hop, Tier
+        """A device -> receiver :class:`~flowcodec.pipeline.Flow` with ``codec`` at the cut.
 
+        Building the flow and each ``run`` of it leave the model as it was: ``run`` computes
+        in eval mode (batch norm on running statistics, no dropout) and then restores every
+        module's mode and every parameter's ``requires_grad`` flag, also when it fails."""
         tiers = [Tier("device", device_flops_per_s, 1), Tier("receiver", remote_flops_per_s, 2)]
-        return Flow(self.as_family(), tiers, [Hop(codec, link, symbol_rate, delay_s, snr_db)])
+        with _Preserved(self.head, self.tail):  # Flow() counts FLOPs in eval mode
+            return SplitFlow(self.as_family(), tiers,
+                             [Hop(codec, link, symbol_rate, delay_s, snr_db)])  # fmt: skip
+
+
+class SplitFlow(Flow):
+    """The :class:`~flowcodec.pipeline.Flow` of :meth:`SplitModel.flow`: ``run`` computes in
+    eval mode, then puts every module of the family (the user's model) back in the mode it
+    found it in and every parameter's ``requires_grad`` flag back, also when it fails."""
+
+    @functools.wraps(Flow.run)
+    def run(self, x, generator=None):
+        with _Preserved(self.family):
+            return super().run(x, generator)
 
 
 def _module_names(model: nn.Module) -> list[str]:
@@ -330,7 +314,7 @@ def _layout(axis: str | None, shape: tuple[int, ...], at: str) -> str:
         if nd in (2, 3):
             warnings.warn(f"split at {at!r}: cannot tell the channel axis of features {shape} "
                           f"(no convolution, norm or linear layer ends the head); assuming "
-                          f"{LAYOUTS[guess]}; pass layout= to split_model to say which",
+                          f"{_LAYOUTS[guess]}; pass layout= to split_model to say which",
                           stacklevel=3)  # fmt: skip
         return guess
     if nd == 2:
@@ -381,8 +365,8 @@ def split_model(model: nn.Module, at: str, example_input: torch.Tensor,
         raise SplitError("example_input must be a batched tensor (B, ...)")
     if example_input.shape[0] == 0:
         raise SplitError("example_input is an empty batch; give at least one sample (B >= 1)")
-    if layout is not None and layout not in LAYOUTS:
-        raise SplitError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+    if layout is not None and layout not in _LAYOUTS:
+        raise SplitError(f"layout must be one of {sorted(_LAYOUTS)}, got {layout!r}")
     _check_name(model, at)
     if isinstance(model, nn.Sequential) and at in dict(model.named_children()) \
             and not leaf_modules:  # fmt: skip
@@ -419,9 +403,9 @@ def split_model(model: nn.Module, at: str, example_input: torch.Tensor,
     if native == "hwc" and channels_first:
         head = nn.Sequential(head, _Permute(0, 3, 1, 2))
         tail = nn.Sequential(_Permute(0, 2, 3, 1), tail)
-        return SplitModel(head, tail, FeatureShape((shape[2], shape[0], shape[1]), "chw"),
+        return SplitModel(head, tail, _FeatureShape((shape[2], shape[0], shape[1]), "chw"),
                           tuple(example_input.shape[1:]), at, native)  # fmt: skip
-    return SplitModel(head, tail, FeatureShape(shape, native), tuple(example_input.shape[1:]),
+    return SplitModel(head, tail, _FeatureShape(shape, native), tuple(example_input.shape[1:]),
                       at, native)  # fmt: skip
 
 

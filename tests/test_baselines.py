@@ -86,7 +86,7 @@ def test_forward_is_the_measured_round_trip():
 
 
 def test_encoder_flops_count_the_exit():
-    from flowcodec.family.base import count_flops
+    from flowcodec.flops import count_flops
 
     ex = _exit()
     codec = build_codec("exit-top1", (4, 2, 2), exit_branch=ex)
@@ -315,7 +315,7 @@ def _rd_cfg():
 
 def test_rd_scores_the_device_answer_as_the_device_members_exit(digits_fam, tmp_path):
     from flowcodec.data import load_dataset
-    from flowcodec.family.base import count_flops
+    from flowcodec.flops import count_flops
     from flowcodec.rd import run_rd
 
     rows = run_rd(_rd_cfg(), tmp_path, progress=False, family=digits_fam)

@@ -407,9 +407,9 @@ def test_a_hop_carries_a_multi_view_codec_with_one_views_channel_uses():
     """A flow whose first hop is a views=2 JSCC codec: the device runs its stages on the
     mirror image too (its FLOPs), the hop spends one view's channel uses, and the logits
     are the tail of the fused transmission."""
-    from flowcodec.codecs.task import view_features
     from flowcodec.family import build_family
     from flowcodec.pipeline import Flow, Hop, Tier
+    from flowcodec.views import view_features
 
     fam = build_family("digits").eval()
     torch.manual_seed(0)

@@ -401,9 +401,9 @@ def test_warm_start_with_an_extra_identity_block_computes_the_source_codec():
 def test_a_multi_view_codec_trains_codes_each_view_and_averages(digits, digits_family):
     """views=2: the device codes its features of the image and of its mirror image (packet
     j carries latent group j of both); the receiver averages the two decoded feature maps."""
-    from flowcodec.codecs.task import view_features
     from flowcodec.codecs.train import evaluate_codec
     from flowcodec.codecs.train_task import TaskTrainConfig, eval_task_forward, train_task_codec
+    from flowcodec.views import view_features
 
     train, test = digits
     fam = digits_family

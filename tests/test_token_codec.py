@@ -20,7 +20,7 @@ from flowcodec.codecs.token import (
     position_bits,
 )
 from flowcodec.errors import ConfigError
-from flowcodec.split import FeatureShape
+from flowcodec.shapes import FeatureShape
 
 SHAPE = (17, 32)
 KW = dict(latent=8, hidden=32, packets=3)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from flowcodec.bitstream import Bitstream, BitstreamError
 from flowcodec.codecs import build_codec, load_codec, save_codec
 from flowcodec.errors import ConfigError
-from flowcodec.split import FeatureShape
+from flowcodec.shapes import FeatureShape
 
 
 def _codec(n=65, d=16, **kw):

@@ -1,40 +1,70 @@
-"""Exact arithmetic coding for short symbol vectors (pure Python, bounded, deterministic).
+"""Entropy coding for short symbol vectors: an exact reference coder and a compiled one.
 
-A low-rate task codec sends a few dozen symbols per sample. CompressAI's rANS coder
-flushes a 32-bit state (4 bytes) per stream, which at 6-10 bytes of payload is a large
-share of the rate, and its C++ decoder trusts its input. Here the whole message is one
-interval computed with Python's exact integers: with ``n`` symbols and ``precision``-bit
-frequency tables the interval lives on a grid of ``2**(precision * n)`` points, and the
-code is the shortest whole number of bytes naming a point inside it. That is within one
-byte of the information content ``-log2 P(symbols)``, with no flush and no state.
+Two coders live here, and a stream names the one it was written with (each codec keeps a
+format mark in its header, see ``docs/task_codecs.md``, "Coding speed"):
 
-Decoding is bounded by construction: it yields exactly ``n`` symbols, each an index
+**Format 1, the exact arithmetic coder** (:func:`encode`, :func:`decode`, :class:`Decoder`;
+pure Python, the reference). A low-rate task codec sends a few dozen symbols per sample.
+CompressAI's rANS coder flushes a 32-bit state (4 bytes) per stream, which at 6-10 bytes of
+payload is a large share of the rate, and its C++ decoder trusts its input. Here the whole
+message is one interval computed with Python's exact integers: with ``n`` symbols and
+``precision``-bit frequency tables the interval lives on a grid of ``2**(precision * n)``
+points, and the code is the shortest whole number of bytes naming a point inside it. That
+is within one byte of the information content ``-log2 P(symbols)``, with no flush and no
+state. Decoding is bounded by construction: it yields exactly ``n`` symbols, each an index
 into its own table (so always in range), reads at most ``ceil(precision * n / 8)`` bytes
 (longer input is refused), and costs ``O(n)`` big-integer operations on numbers of
 ``precision * n`` bits. Any byte string decodes to the same symbols every time; a
 corrupted payload gives wrong but in-range symbols, which is why packets carry a CRC.
+
+**Format 2, the compiled range coder** (:func:`encode_rows`, :func:`decode_rows`,
+:class:`RowDecoders`, :func:`shortest_code`): ``constriction``'s range coder (Rust; 32-bit
+words, 24-bit probabilities) with per-symbol categorical models, made byte-tight here:
+the encoder keeps the shortest byte string (the coder's words, big-endian, cut and rounded
+at a byte) that still decodes to the message, checked by decoding it, and the decoder pads
+a payload with zero bytes (what the coder does past its input's end). So a payload is at
+most one byte above the shortest code of the coder's own interval, itself a small fraction
+of a bit above the information content. The models are exact: a table row is integer
+frequencies ``f`` summing to ``2**16``, handed over as the dyadic floats ``f / 2**16``, on
+which the coder's quantisation (``floor(c * (2**24 - W)) + s`` for cumulative ``c`` and
+symbol ``s`` of a row of width ``W``) involves no rounding at all; the same integers give
+the same bits on every machine and thread count. Decoding is bounded: exactly the
+declared number of symbols, a payload over :func:`range_max_bytes` or ending in a zero
+byte (no encoder writes one) is refused, a decoded symbol outside its row's support is
+refused, and the coder never reads past the payload. Every refusal is a
+:class:`~flowcodec.bitstream.BitstreamError`.
 
 Tables are CompressAI-style quantised CDFs: row ``cdf[0] = 0``, non-decreasing,
 ``cdf[length - 1] = 2**precision``, with every used symbol given a non-zero frequency.
 
 Example
 -------
->>> from flowcodec.codecs.arith import encode, decode
+>>> from flowcodec.codecs.arith import encode, decode, dyadic_probs, encode_rows, decode_rows
 >>> cdf = [0, 40000, 60000, 65536]          # three symbols
 >>> data = encode([0, 0, 1, 2], [cdf] * 4)
 >>> decode(data, [cdf] * 4)
+[0, 0, 1, 2]
+>>> probs = dyadic_probs([cdf] * 4)
+>>> decode_rows(encode_rows([0, 0, 1, 2], probs), probs).tolist()
 [0, 0, 1, 2]
 """
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import constriction
+import numpy as np
 
 from flowcodec.bitstream import BitstreamError
 from flowcodec.errors import ConfigError
 
-__all__ = ["encode", "decode", "Decoder", "max_bytes", "check_cdf", "gaussian_cdf"]
+__all__ = ["encode", "decode", "Decoder", "max_bytes", "check_cdf", "gaussian_cdf",
+           "RANGE_PRECISION", "range_max_bytes", "dyadic_probs", "payload_words",
+           "shortest_code", "interval_code", "finish", "encode_rows", "decode_rows",
+           "RowDecoders", "normal_cdf"]  # fmt: skip
 
 
 def max_bytes(n: int, precision: int = 16) -> int:
@@ -136,3 +166,291 @@ def gaussian_cdf(lo: int, hi: int, mu: float, sigma: float, precision: int = 16)
     for f in freq:
         cdf.append(cdf[-1] + f)
     return cdf
+
+
+# --- format 2: the compiled range coder ------------------------------------------------------
+
+#: Bits of probability precision of the range coder's models (constriction's Python coders).
+RANGE_PRECISION = 24
+
+#: The model family every format-2 row is coded with: a categorical distribution given per
+#: symbol as a row of probabilities, quantised without rounding when the row is dyadic.
+CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
+
+
+def range_max_bytes(n: int, bits: int = 16) -> int:
+    """Longest format-2 payload of ``n`` symbols whose table frequencies are at least
+    ``2**-bits`` (``ceil(bits * n / 8) + 2`` bytes): a symbol of frequency ``f / 2**16``
+    gets at least ``256 f - 1`` of the coder's ``2**24`` units, the coder's interval loses
+    under ``2**-8`` of its width per symbol, and the shortest code naming a point of an
+    interval is at most one byte longer than its information content."""
+    return -(-bits * n // 8) + 2
+
+
+def dyadic_probs(rows: Sequence[Sequence[int]], width: int | None = None,
+                 precision: int = 16) -> np.ndarray:  # fmt: skip
+    """CDF rows (integers, each ending at ``2**precision``) as a float64 matrix ``(n, W)`` of
+    probabilities ``f / 2**precision`` (exact: dyadic), zero-padded to ``width`` (default
+    the longest row's symbol count, at least 2: the coder's smallest row). The padding is
+    never a codable symbol."""
+    n = len(rows)
+    sizes = [len(r) - 1 for r in rows]
+    w = max(max(sizes, default=2), 2) if width is None else int(width)
+    if any(s > w for s in sizes) or w < 2:
+        raise ConfigError(f"a CDF row has more than {w} symbols, or the width is under 2")
+    out = np.zeros((n, w), dtype=np.float64)
+    for i, row in enumerate(rows):
+        c = np.asarray(row, dtype=np.int64)
+        out[i, : len(c) - 1] = np.diff(c)
+    return np.ldexp(out, -precision)
+
+
+def payload_words(data: bytes, limit: int) -> np.ndarray:
+    """A format-2 payload as the coder's 32-bit words (big-endian, zero-padded to whole
+    words); BitstreamError when it is longer than ``limit`` bytes or ends in a zero byte."""
+    if not isinstance(data, bytes | bytearray):
+        raise BitstreamError(f"packet payload must be bytes, got {type(data).__name__}")
+    if len(data) > limit:
+        raise BitstreamError(f"range-coded payload of {len(data)} bytes is longer than the "
+                             f"{limit} bytes its symbols can take")  # fmt: skip
+    if data[-1:] == b"\0":
+        raise BitstreamError("range-coded payload ends in a zero byte: longer than its "
+                             "shortest code, so no encoder wrote it")  # fmt: skip
+    pad = -len(data) % 4
+    return np.frombuffer(bytes(data) + bytes(pad), dtype=">u4").astype(np.uint32)
+
+
+def _candidates(full: bytes, k: int) -> list[bytes]:
+    """The byte strings of at most ``k`` bytes nearest below and above ``full`` (as
+    fractions, zero-padded), trailing zero bytes dropped."""
+    if k >= len(full):
+        return [full]
+    head = full[:k]
+    out = [head.rstrip(b"\0")]
+    up = int.from_bytes(head, "big") + 1
+    if up < 1 << (8 * k):
+        out.append(up.to_bytes(k, "big").rstrip(b"\0"))
+    return out
+
+
+def shortest_code(words: np.ndarray, decodes: Callable[[bytes], bool], start: int = 0) -> bytes:
+    """The shortest byte string that ``decodes`` accepts, from the range coder's sealed
+    ``words``: the words' bytes (big-endian) cut to ``k`` bytes and rounded down or up.
+
+    The strings that decode to one message are the points of an interval (the coder's
+    final one), so if some ``k``-byte string names a point of it, one of the two roundings
+    at ``k`` bytes does, and lengths that work stay working as ``k`` grows: the search
+    starts at ``start`` (the information content in bytes is a good guess) and walks down
+    while shorter codes work, or up until one does. Every candidate is checked by
+    decoding it, so the result always decodes to the message."""
+    full = np.asarray(words, dtype=np.uint32).astype(">u4").tobytes().rstrip(b"\0")
+
+    def works(k: int) -> bytes | None:
+        for c in _candidates(full, k):
+            if c is full or decodes(c):
+                return c
+        return None
+
+    k = min(max(int(start), 0), len(full))
+    best = works(k)
+    if best is not None:
+        while k > 0 and len(best) >= k:
+            shorter = works(k - 1)
+            if shorter is None:
+                break
+            best, k = shorter, k - 1
+        return best
+    while best is None:
+        k += 1
+        best = works(k)
+    return best
+
+
+def _check_rows(sym: np.ndarray, probs: np.ndarray, what: str) -> None:
+    if not bool((probs[np.arange(len(sym)), sym] > 0).all()):
+        raise BitstreamError(f"{what} decodes to a symbol outside its table's support")
+
+
+def _info_bytes(sym: np.ndarray, probs: np.ndarray) -> int:
+    """The information content of ``sym`` under ``probs``, in whole bytes (a start for
+    :func:`shortest_code`; float, so only a guess)."""
+    p = probs[np.arange(len(sym)), sym]
+    return math.ceil(float(-np.log2(p).sum()) / 8)
+
+
+def _as_rows(probs: np.ndarray) -> np.ndarray:
+    p = np.ascontiguousarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise ConfigError(f"probabilities must be a matrix (n, W) with W >= 2, got shape "
+                          f"{p.shape}")  # fmt: skip
+    return p
+
+
+def encode_rows(symbols: Sequence[int] | np.ndarray, probs: np.ndarray) -> bytes:
+    """Format 2: code ``symbols[i]`` with the probability row ``probs[i]`` (``(n, W)``,
+    e.g. :func:`dyadic_probs`); returns the shortest payload that decodes back.
+
+    Each symbol must index a non-zero entry of its row (ConfigError otherwise)."""
+    p = _as_rows(probs)
+    sym = np.asarray(symbols, dtype=np.int64).reshape(-1)
+    if len(sym) != len(p):
+        raise ConfigError(f"{len(sym)} symbols but {len(p)} probability rows")
+    if len(sym) == 0:
+        return b""
+    if sym.min() < 0 or sym.max() >= p.shape[1] \
+            or not bool((p[np.arange(len(sym)), sym] > 0).all()):  # fmt: skip
+        raise ConfigError("a symbol outside its probability row's support")
+    enc = constriction.stream.queue.RangeEncoder()
+    enc.encode(sym.astype(np.int32), CATEGORICAL, p)
+
+    def decodes(c: bytes) -> bool:
+        try:
+            got = constriction.stream.queue.RangeDecoder(payload_words(c, len(c))).decode(
+                CATEGORICAL, p)
+        except Exception:  # an invalid point for the coder: not a code of the message
+            return False
+        return bool(np.array_equal(got, sym))
+
+    return finish(enc, decodes, lambda: _info_bytes(sym, p))
+
+
+def interval_code(enc: constriction.stream.queue.RangeEncoder) -> bytes | None:
+    """The shortest byte string naming a point of the range encoder's current interval,
+    trailing zero bytes dropped.
+
+    The coder's position counts its words so far, including any it holds back for a
+    pending carry (``lower + range`` past ``2**64``); the interval is those words, then
+    ``[lower, lower + range)`` on the next 64 bits. Sealing writes the held-back words as
+    they read with the carry taken or not (whichever the point it seals with needs: taken
+    exactly when ``lower + 2**32 - 1`` passes ``2**64``), so the words up to the position
+    are the sealed words' first ones, less that carry."""
+    pos, (lower, width) = enc.pos()
+    sealed = enc.get_compressed()
+    if len(sealed) < pos:
+        return None
+    carry = 1 if lower + 0xFFFFFFFF >= 1 << 64 else 0
+    head = int.from_bytes(sealed[:pos].astype(">u4").tobytes(), "big") - carry
+    if head < 0:
+        return None
+    low = (head << 64) + lower
+    high = low + width
+    total = 32 * pos + 64
+    nbytes = max(0, (total - width.bit_length()) // 8)
+    while True:
+        shift = total - 8 * nbytes
+        if shift <= 0:
+            return (low << -shift).to_bytes(nbytes, "big").rstrip(b"\0")
+        m = -((-low) >> shift)  # the first point of the 8 * nbytes-bit grid at or above low
+        if (m << shift) < high:
+            return m.to_bytes(nbytes, "big").rstrip(b"\0")
+        nbytes += 1
+
+
+def finish(enc: constriction.stream.queue.RangeEncoder, decodes: Callable[[bytes], bool],
+           start: Callable[[], int]) -> bytes:  # fmt: skip
+    """The payload of a finished range encoder: :func:`interval_code`, checked by
+    ``decodes``; should that fail, :func:`shortest_code` from ``start()``."""
+    code = interval_code(enc)
+    if code is not None and decodes(code):
+        return code
+    return shortest_code(enc.get_compressed(), decodes, start())
+
+
+def decode_rows(data: bytes, probs: np.ndarray, limit: int | None = None) -> np.ndarray:
+    """Invert :func:`encode_rows`: exactly ``len(probs)`` symbols (int64), each a non-zero
+    entry of its row. BitstreamError when ``data`` is longer than ``limit`` bytes (default
+    :func:`range_max_bytes`), ends in a zero byte, or decodes outside a row's support."""
+    p = _as_rows(probs)
+    words = payload_words(data, range_max_bytes(len(p)) if limit is None else limit)
+    if len(p) == 0:
+        return np.zeros(0, dtype=np.int64)
+    try:
+        sym = constriction.stream.queue.RangeDecoder(words).decode(CATEGORICAL, p)
+    except Exception as e:  # the coder's own check of an impossible point
+        raise BitstreamError(f"range-coded payload is not a code: {e}") from e
+    sym = np.asarray(sym, dtype=np.int64)
+    _check_rows(sym, p, "range-coded payload")
+    return sym
+
+
+class RowDecoders:
+    """Format-2 payloads of several samples decoded in lockstep, one symbol of each per
+    :meth:`next` (for tables that depend on the symbols decoded so far, as in a context
+    model, evaluated for the whole batch at once).
+
+    ``RowDecoders(payloads, n)`` checks every payload as :func:`decode_rows` does for ``n``
+    symbols; ``next(probs)`` with ``probs`` ``(B, W)`` (row ``b`` for payload ``b``)
+    returns the next symbol of each, int64 ``(B,)``, and raises BitstreamError for a
+    symbol outside its row's support; at most ``n`` calls.
+    """
+
+    def __init__(self, payloads: Sequence[bytes], n: int, limit: int | None = None) -> None:
+        cap = range_max_bytes(n) if limit is None else limit
+        self._dec = [constriction.stream.queue.RangeDecoder(payload_words(p, cap))
+                     for p in payloads]  # fmt: skip
+        self._left = n
+
+    def __len__(self) -> int:
+        return len(self._dec)
+
+    def next(self, probs: np.ndarray) -> np.ndarray:
+        if self._left <= 0:
+            raise ConfigError("all symbols of these payloads were decoded already")
+        self._left -= 1
+        p = _as_rows(probs)
+        if len(p) != len(self._dec):
+            raise ConfigError(f"{len(p)} probability rows for {len(self._dec)} payloads")
+        try:
+            out = np.fromiter((dec.decode(CATEGORICAL, row)[0]
+                               for dec, row in zip(self._dec, p[:, None, :])),
+                              dtype=np.int64, count=len(p))  # fmt: skip
+        except Exception as e:
+            raise BitstreamError(f"range-coded payload is not a code: {e}") from e
+        _check_rows(out, p, "range-coded payload")
+        return out
+
+
+# --- a Gaussian CDF from IEEE basic operations -----------------------------------------------
+# libm's exp and erf may differ in the last bit between platforms; tables the coder depends on
+# must not. These use only +, -, *, / (correctly rounded by IEEE 754 on every machine), numpy
+# elementwise (one operation per call, so no fused multiply-add), in a fixed order.
+
+_LN2 = 0.6931471805599453
+_INV_LN2 = 1.4426950408889634
+_INV_SQRT2 = 0.7071067811865475
+_TWO_OVER_SQRT_PI = 1.1283791670955126
+_EXP_TERMS = tuple(1 / math.factorial(k) for k in range(18))
+#: |x| beyond which normal_cdf is 0 or 1 exactly (by definition: the tail is under 2**-40).
+NORMAL_CUT = 7.0
+_ERF_TERMS = 110
+
+
+def _exp(y: np.ndarray) -> np.ndarray:
+    """``exp(y)`` for float64 ``y`` in about [-50, 50]: ``2**k`` times a degree-17 Taylor
+    polynomial of the remainder (under 1e-15 relative error)."""
+    k = np.rint(y * _INV_LN2)
+    r = y - k * _LN2
+    p = np.full_like(r, _EXP_TERMS[-1])
+    for c in reversed(_EXP_TERMS[:-1]):
+        p = p * r
+        p = p + c
+    return np.ldexp(p, k.astype(np.int32))
+
+
+def normal_cdf(x: np.ndarray) -> np.ndarray:
+    """The standard normal CDF of float64 ``x``, elementwise, the same bits on every
+    machine (basic operations only; absolute error under 1e-14): ``erf`` from the series
+    ``2/sqrt(pi) exp(-z^2) sum_n (2 z^2)^n z / (2n+1)!!`` (positive terms, no
+    cancellation), exactly 0 or 1 beyond :data:`NORMAL_CUT`."""
+    x = np.asarray(x, dtype=np.float64)
+    z = np.minimum(np.abs(x), NORMAL_CUT) * _INV_SQRT2
+    z2 = z * z
+    t2 = z2 + z2
+    term, total = z.copy(), z.copy()
+    for n in range(1, _ERF_TERMS):
+        term = term * t2
+        term = term / (2 * n + 1)
+        total = total + term
+    erf = np.minimum(_exp(-z2) * total * _TWO_OVER_SQRT_PI, 1.0)
+    phi = 0.5 + 0.5 * np.where(x < 0, -erf, erf)
+    return np.where(np.abs(x) >= NORMAL_CUT, (x > 0).astype(np.float64), phi)

@@ -35,6 +35,7 @@ from torch import nn
 
 from flowcodec.bitstream import Bitstream, BitstreamError, Header, TensorSpec, fingerprint
 from flowcodec.errors import ConfigError
+from flowcodec.flops import count_flops
 
 __all__ = [
     "CodecOutput",
@@ -96,7 +97,7 @@ class FeatureCodec(nn.Module):
     name: str = "base"
     encoder_site: str = "device"
     decoder_site: str = "receiver"
-    #: Feature layouts (``flowcodec.split.LAYOUTS``) the codec can code; None: any. A
+    #: Feature layouts (``flowcodec.shapes.LAYOUTS``) the codec can code; None: any. A
     #: ``feature_shape`` that declares another layout (``split.feature_shape`` does) is
     #: refused, so a codec never takes the wrong axis for the channels.
     layouts: tuple[str, ...] | None = None
@@ -219,8 +220,6 @@ class FeatureCodec(nn.Module):
 
     def encoder_flops(self) -> int:
         """FLOPs per sample of the device-side encoder (0 when it has no learned part)."""
-        from flowcodec.family.base import count_flops
-
         enc = self.encoder
         return 0 if enc is None else count_flops(enc, self.feature_shape)
 

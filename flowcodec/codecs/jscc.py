@@ -199,9 +199,9 @@ class JSCCCodec(MultiView, FeatureCodec):
         Gumbel-softmax temperature (discrete codecs, training).
     views : int
         Input views the device codes into one transmission (1..4, the first of
-        :data:`flowcodec.codecs.task.VIEWS`: the input, its mirror image, the two shifted
+        :data:`flowcodec.views.VIEWS`: the input, its mirror image, the two shifted
         by 2 pixels): the encoder runs on each view's features (stacked on the channel
-        axis, :func:`~flowcodec.codecs.task.view_features`) and sends the mean of their
+        axis, :func:`~flowcodec.views.view_features`) and sends the mean of their
         unit-power symbols, scaled back to unit power (discrete codecs: the point the mean
         of their logits picks). The channel uses and the receiver are those of one view;
         :meth:`set_views` changes it without touching the weights.

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+# the channel names a config can use; make_channel and CHANNELS are re-exported for a release
+from channels.registry import CHANNELS, make_channel
 from flowcodec.codecs.jscc import JSCCCodec
 from flowcodec.codecs.train import _kd_loss, _lr_at, collect_features
 from flowcodec.codecs.train_task import save_progress
@@ -38,26 +40,6 @@ from flowcodec.errors import ConfigError
 
 __all__ = ["JSCCTrainConfig", "JSCCTrainResult", "train_jscc", "eval_jscc", "make_channel",
            "CHANNELS"]  # fmt: skip
-
-#: Channel names a config can use: AWGN, Rayleigh block fading (one gain per
-#: ``coherence`` symbols), OFDM over 3GPP TDL-A/C (perfect CSI).
-CHANNELS = ("awgn", "rayleigh", "rayleigh-block", "ofdm-tdla", "ofdm-tdlc")
-
-
-def make_channel(name: str, device: str = "cpu", seed: int = 0, coherence: int = 1):
-    """A ``channels`` analog channel by name (see :data:`CHANNELS`)."""
-    from channels import AWGN, OFDMTDLChannel, RayleighBlockFading
-
-    if name == "awgn":
-        return AWGN(device=device, seed=seed)
-    if name == "rayleigh":
-        return RayleighBlockFading(coherence_length=coherence, device=device, seed=seed)
-    if name == "rayleigh-block":  # one gain per image (up to 4096 symbols)
-        return RayleighBlockFading(coherence_length=4096, device=device, seed=seed)
-    if name in ("ofdm-tdla", "ofdm-tdlc"):
-        return OFDMTDLChannel(model=name[-1].upper(), delay_spread=100e-9, speed=3.0,
-                              device=device, seed=seed)  # fmt: skip
-    raise ConfigError(f"unknown channel {name!r}; known: {list(CHANNELS)}")
 
 
 @dataclass

@@ -13,9 +13,13 @@ shape for the larger member's tail:
   model (a CompressAI-style ``EntropyBottleneck`` over the ``latent`` channels). The rate
   point is chosen at ``compress(h, rate=r)`` and written in the stream's header (one meta
   byte), so the receiver decodes any of them with the same checkpoint;
-- **coding**: the symbols are arithmetic-coded exactly (:mod:`flowcodec.codecs.arith`):
-  no 4-byte rANS flush, at most one byte above the information content, and a bounded,
-  pure-Python decoder;
+- **coding** (stream format 2, the default): the symbols are range-coded by a compiled
+  coder (:mod:`flowcodec.codecs.arith`, ``constriction``) made byte-tight (at most one byte
+  above the shortest code of its interval, no 4-byte flush), with integer tables only; the
+  optional context model runs in integer fixed point (:class:`FixedContext`) for the whole
+  batch, one channel at a time. Streams of format 1 (the exact pure-Python coder and the
+  float64 context model, what the codec wrote before) still decode; the header's meta byte
+  tells them apart (:meth:`TaskCodec.format_of`);
 - **packets**: the latent channels are cut into ``packets`` groups, each coded alone; a
   lost group is replaced by the entropy model's medians (what training with
   ``drop_prob`` shows the decoder);
@@ -46,51 +50,33 @@ import math
 from collections.abc import Sequence
 from functools import lru_cache
 
+import numpy as np
 import torch
 from torch import nn
 
+from flowcodec._moved import moved
 from flowcodec.bitstream import Bitstream, BitstreamError, TensorSpec
 from flowcodec.codecs import arith
 from flowcodec.codecs.base import CodecOutput, FeatureCodec, channel_groups, register_codec
 from flowcodec.codecs.entropy import entropy_bottleneck
 from flowcodec.errors import ConfigError
 from flowcodec.family.zoo import Residual
+from flowcodec.views import check_views
+from flowcodec.views import view_features as _view_features
 
 __all__ = ["TaskCodec", "TaskEncoder", "TaskDecoder", "Lift", "ChannelContext",
-           "discrete_gaussian_likelihood", "VIEWS", "view_features"]
+           "discrete_gaussian_likelihood", "FixedContext", "grid_probs", "FORMAT2"]
+
+# VIEWS and view_features live in flowcodec.views; the old names warn for a release
+__getattr__ = moved(__name__, dict.fromkeys(["VIEWS", "view_features"], "flowcodec.views"))
+
+#: Bit 7 of a task stream's meta byte: its payloads are in format 2 (range coder, fixed-point
+#: context model); without it, format 1 (exact arithmetic coder, float64 context model).
+FORMAT2 = 0x80
 
 #: Latents are clamped to this magnitude before coding, so that a diverged model or a
 #: hostile input cannot ask the coder for a symbol far outside its tables.
 _CLAMP = 1e4
-
-
-def _shift(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
-    """``x`` moved by ``(dx, dy)`` pixels (right, down), zeros shifted in."""
-    p = max(abs(dx), abs(dy))
-    h, w = x.shape[-2:]
-    padded = torch.nn.functional.pad(x, (p, p, p, p))
-    return padded[..., p - dy : p - dy + h, p - dx : p - dx + w]
-
-
-#: The input views a multi-view task codec codes, in order (``views=V`` uses the first V):
-#: the input, its mirror image, and the two moved by 2 pixels. Each view's features are
-#: coded alone; the receiver averages the features it decodes from them.
-VIEWS = {
-    "identity": lambda x: x,
-    "flip": lambda x: torch.flip(x, dims=[-1]),
-    "shift": lambda x: _shift(x, 2, 2),
-    "flip-shift": lambda x: torch.flip(_shift(x, -2, -2), dims=[-1]),
-}
-
-
-def view_features(head, x: torch.Tensor, views: int) -> torch.Tensor:
-    """The device's features of the first ``views`` of :data:`VIEWS` of images ``x``
-    ``(B, 3, H, W)``, stacked on the channel axis: ``(B, views * C, h, w)``, what a task
-    codec built with ``views`` takes."""
-    if not 1 <= int(views) <= len(VIEWS):
-        raise ConfigError(f"views must be in 1..{len(VIEWS)}, got {views}")
-    fns = list(VIEWS.values())[: int(views)]
-    return torch.cat([head(f(x)) for f in fns], 1)
 
 
 class TaskEncoder(nn.Module):
@@ -251,6 +237,139 @@ def _grid_cdf(lo: int, hi: int, m: int, si: int) -> tuple[int, ...]:
     return tuple(arith.gaussian_cdf(lo, hi, m * _MU_STEP, sigma))
 
 
+# --- format 2: the context model in fixed point, integer tables -----------------------------
+# Format 1 ran the context model in float64 on one sample at a time and built each table with
+# libm's erf: the same on one machine, but a float evaluation can change with the batch (BLAS
+# kernels), the thread count or the platform, and a table that moves by one unit breaks the
+# decode. Format 2 is integers from the model's weights to the coder's tables:
+#
+# - the weights are rounded once to multiples of 2**-16 (int64); the model runs on the integer
+#   symbols with integer matrix products (exact in any order) and floor shifts, so a channel's
+#   (mean, scale) cell is the same for the whole batch at once (encoder) and for one channel
+#   at a time (decoder), on any machine;
+# - a cell's table is integer: a standard normal CDF table per scale level (2**32 fixed point,
+#   from :func:`arith.normal_cdf`, which uses IEEE basic operations only), read at the cell's
+#   edges, turned into frequencies summing to 2**16 with integer arithmetic.
+
+#: Fraction bits of the fixed-point context model (weights and activations).
+_FRAC = 16
+#: Scale-level index from the model's log-scale output ``o`` (fixed point, 2 * _FRAC fraction
+#: bits): ``round((o + 1 - ln 0.08) * 95 / ln 800)``, as integers: ``_SI_OFFSET`` is
+#: ``round((1 - ln 0.08) * 2**32)`` and ``_SI_GAIN`` is ``round(95 / ln 800 * 2**16)``.
+_SI_OFFSET, _SI_GAIN, _SI_SHIFT = 15142889222, 931381, 2 * _FRAC + 16
+#: ``ln(800) / 95``: scale level ``si`` is ``0.08 * exp(si * _LN_STEP)`` (0.08 .. 64).
+_LN_STEP = 0.07036433397545186
+
+
+class FixedContext:
+    """A :class:`ChannelContext` in integer fixed point, for format-2 coding.
+
+    ``FixedContext(ctx, lo, hi)`` rounds the weights (``2**-16`` steps) and checks that no
+    intermediate can leave int64 for symbols in ``[lo, hi]`` (ConfigError otherwise).
+    ``cells(k, start, stop)`` with integer symbols ``k`` (B, latent) returns the grid cells
+    ``(m, si)`` (int64 ``(B, stop - start)``) of channels ``start..stop-1``: the mean
+    ``m / 32`` (clamped to ``[lo - 1, hi + 1]``) and the scale level ``si`` in 0..95.
+    Channel ``i`` reads only ``k[:, j]`` for the earlier ``j`` of its group (the mask), so
+    the decoder may pass zeros for symbols not decoded yet.
+    """
+
+    def __init__(self, ctx: ChannelContext, lo: np.ndarray, hi: np.ndarray) -> None:
+        n, h = ctx.latent, ctx.hidden
+        self.latent, self.hidden = n, h
+        self.lo, self.hi = np.asarray(lo, np.int64), np.asarray(hi, np.int64)
+
+        def fixed(t: torch.Tensor, bits: int) -> np.ndarray:
+            a = t.detach().to("cpu", torch.float64).numpy() * 2.0**bits
+            if not np.isfinite(a).all() or np.abs(a).max(initial=0) >= 2.0**52:
+                raise ConfigError("context model weights are not finite or too large for "
+                                  "fixed-point coding")  # fmt: skip
+            return np.rint(a).astype(np.int64)
+
+        self.w1 = fixed(ctx.l1.weight * ctx.mask1, _FRAC)  # (n * h, n)
+        self.b1 = fixed(ctx.l1.bias, _FRAC)
+        self.w2 = fixed(ctx.l2.weight[:, :, 0], _FRAC).reshape(n, h, h)
+        self.b2 = fixed(ctx.l2.bias, 2 * _FRAC).reshape(n, h)
+        self.w3 = fixed(ctx.l3.weight[:, :, 0], _FRAC).reshape(n, 2, h)
+        self.b3 = fixed(ctx.l3.bias, 2 * _FRAC).reshape(n, 2)
+        # worst-case magnitudes (float, with a wide margin below 2**63)
+        kmax = float(max(np.abs(self.lo).max(initial=0), np.abs(self.hi).max(initial=0)))
+        a1 = np.abs(self.w1).astype(float).sum(1) * kmax + np.abs(self.b1)
+        a2 = (np.abs(self.w2).astype(float) * a1.reshape(n, 1, h)).sum(2) + np.abs(self.b2)
+        a3 = ((np.abs(self.w3).astype(float) * (a2.reshape(n, 1, h) / 2.0**_FRAC)).sum(2)
+              + np.abs(self.b3))  # fmt: skip
+        if max(a1.max(initial=0), a2.max(initial=0), a3.max(initial=0)) >= 2.0**60 \
+                or kmax >= 2**24:  # fmt: skip
+            raise ConfigError("context model too large for 64-bit fixed-point coding")
+
+    def cells(self, k: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        h, c = self.hidden, stop - start
+        units = slice(start * h, stop * h)
+        a1 = k @ self.w1[units].T + self.b1[units]  # 2**-16 units
+        a1 = np.maximum(a1, 0).reshape(len(k), c, h)
+        a2 = np.einsum("bci,coi->bco", a1, self.w2[start:stop]) + self.b2[start:stop]
+        a2 = np.maximum(a2, 0) >> _FRAC  # back to 2**-16 units (floor)
+        out = np.einsum("bci,coi->bco", a2, self.w3[start:stop]) + self.b3[start:stop]
+        lo, hi = self.lo[start:stop], self.hi[start:stop]
+        one = 1 << (2 * _FRAC)
+        mu = np.clip(out[..., 0], (lo - 2) * one, (hi + 2) * one)
+        m = np.clip(((mu << 5) + (one >> 1)) >> (2 * _FRAC), 32 * (lo - 1), 32 * (hi + 1))
+        ls = np.clip(out[..., 1], -8 * one, 8 * one)
+        si = ((ls + _SI_OFFSET) * _SI_GAIN + (1 << (_SI_SHIFT - 1))) >> _SI_SHIFT
+        return m, np.clip(si, 0, _SIGMA_LEVELS - 1)
+
+
+class _NormalTables:
+    """``floor(2**32 * Phi(q / (32 sigma_si)))`` for integers ``q`` (clamped to
+    ``+-ceil(7 * 32 * sigma_si)``, beyond which Phi is 0 or 1) and each scale level ``si``,
+    one flat int64 array; a level is computed the first time a cell needs it."""
+
+    def __init__(self) -> None:
+        sig = 0.08 * arith._exp(np.arange(_SIGMA_LEVELS, dtype=np.float64) * _LN_STEP)
+        self.sigma = sig
+        self.reach = np.ceil(arith.NORMAL_CUT * 32.0 * sig).astype(np.int64)
+        self.base = np.concatenate([[0], np.cumsum(2 * self.reach + 1)[:-1]]) + self.reach
+        self.flat = np.zeros(int((2 * self.reach + 1).sum()), dtype=np.int64)
+        self.ready = np.zeros(_SIGMA_LEVELS, dtype=bool)
+
+    def _fill(self, si: int) -> None:
+        r = int(self.reach[si])
+        q = np.arange(-r, r + 1, dtype=np.float64)
+        phi = arith.normal_cdf(q / (32.0 * self.sigma[si]))
+        t = np.floor(np.ldexp(phi, 32)).astype(np.int64)
+        b = int(self.base[si])
+        self.flat[b - r : b + r + 1] = np.maximum.accumulate(t)
+        self.ready[si] = True
+
+    def at(self, si: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """Table values at scale levels ``si`` (broadcast against ``q``) and offsets ``q``."""
+        for level in np.unique(si[~self.ready[si]]):
+            self._fill(int(level))
+        r = self.reach[si]
+        return self.flat[self.base[si] + np.clip(q, -r, r)]
+
+
+_NORMAL = _NormalTables()
+
+
+def grid_probs(m: np.ndarray, si: np.ndarray, lo: np.ndarray, n: np.ndarray,
+               width: int) -> np.ndarray:  # fmt: skip
+    """Format-2 tables of grid cells ``(m, si)`` (any shape ``S``) of channels with supports
+    ``lo .. lo + n - 1`` (broadcast to ``S``): float64 ``(*S, width)`` probabilities, each
+    row integer frequencies (at least 1 per symbol, summing to 2**16) over ``2**16``, zero
+    beyond ``n``. Integer arithmetic from the normal tables on: the same on every machine."""
+    j = np.arange(width, dtype=np.int64)
+    d = (m - 32 * lo)[..., None]
+    n = np.broadcast_to(n, m.shape)[..., None]
+    edge = _NORMAL.at(si[..., None], 32 * j + 16 - d)  # Phi at the upper edge of symbol j
+    edge = np.where(j < n - 1, edge, np.int64(1) << 32)
+    p = np.diff(edge, prepend=np.zeros_like(edge[..., :1]), axis=-1)
+    spare = (1 << 16) - n
+    freq = np.where(j < n, 1 + ((p * spare) >> 32), 0)
+    top = np.argmax(np.where(j < n, p, -1), axis=-1)[..., None]
+    freq = freq + np.where(j == top, (1 << 16) - freq.sum(-1, keepdims=True), 0)
+    return np.ldexp(freq.astype(np.float64), -16)
+
+
 def discrete_gaussian_likelihood(k: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
                                  lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """P(k) for integer ``k`` in ``[lo, hi]`` under ``N(mu, sigma^2)`` rounded to the integers,
@@ -278,17 +397,18 @@ class GridDecoder(nn.Module):
 
 
 class MultiView:
-    """What a codec that codes several views of each input (:data:`VIEWS`) adds to a
-    :class:`~flowcodec.codecs.base.FeatureCodec` (put it first among the bases): ``views``,
-    the stacked input shape, its checks, the device's features and the encoder's FLOPs
-    once per view. The codec calls :meth:`set_views` in its constructor."""
+    """What a codec that codes several views of each input (:data:`flowcodec.views.VIEWS`)
+    adds to a :class:`~flowcodec.codecs.base.FeatureCodec` (put it first among the bases):
+    ``views``, the stacked input shape, its checks, the device's features and the encoder's
+    FLOPs once per view. The codec calls :meth:`set_views` in its constructor."""
 
     views: int = 1
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one sample of what ``compress`` takes: ``feature_shape`` with
-        ``views`` times its channels (the views' features stacked, see :func:`view_features`)."""
+        ``views`` times its channels (the views' features stacked, see
+        :func:`flowcodec.views.view_features`)."""
         c, *rest = self.feature_shape
         return (self.views * c, *rest)
 
@@ -299,7 +419,7 @@ class MultiView:
             raise ConfigError(
                 f"{self.name} codec with {self.views} views: features must have shape "
                 f"(B, *{self.input_shape}), the features of the input's {self.views} views "
-                f"stacked on the channel axis (flowcodec.codecs.task.view_features(head, x, "
+                f"stacked on the channel axis (flowcodec.views.view_features(head, x, "
                 f"{self.views})), got {tuple(h.shape)}")  # fmt: skip
         c = self.feature_shape[0]
         for v in range(self.views):  # the remaining checks, view by view
@@ -308,16 +428,14 @@ class MultiView:
     def set_views(self, views: int):
         """Code ``views`` input views from now on (no weights change: the same encoder
         codes each view). Returns self."""
-        if isinstance(views, bool) or not isinstance(views, int) or not 1 <= views <= len(VIEWS):
-            raise ConfigError(f"{self.name} codec: views must be an int in 1..{len(VIEWS)}, "
-                              f"got {views!r}")  # fmt: skip
-        self.views = views
+        self.views = check_views(views, f"{self.name} codec: views")
         return self
 
     def device_features(self, head, x: torch.Tensor) -> torch.Tensor:
         """What the device computes from inputs ``x`` for ``compress``: ``head(x)``, or
-        with ``views > 1`` the stacked features of the views (:func:`view_features`)."""
-        return head(x) if self.views == 1 else view_features(head, x, self.views)
+        with ``views > 1`` the stacked features of the views
+        (:func:`flowcodec.views.view_features`)."""
+        return head(x) if self.views == 1 else _view_features(head, x, self.views)
 
     def encoder_flops(self) -> int:
         """FLOPs per sample of the device-side encoder (once per view; the extra views
@@ -369,6 +487,11 @@ class TaskCodec(MultiView, FeatureCodec):
     """
 
     layouts = ("chw",)
+    #: The stream format ``compress`` writes: 2 (the compiled range coder; the context model
+    #: in fixed point, batched) or 1 (the exact pure-Python arithmetic coder; the context
+    #: model in float64, per sample: streams written before format 2). ``decompress``
+    #: reads both. Codecs with more than 128 rate points always write format 1.
+    stream_format: int = 2
 
     def __init__(self, feature_shape: Sequence[int], latent: int = 32,
                  stem: Sequence[Sequence] | None = None, hidden: int = 512, rates: int = 5,
@@ -477,11 +600,22 @@ class TaskCodec(MultiView, FeatureCodec):
 
     def rate_of(self, stream: Bitstream) -> int:
         """The rate point a stream was coded at (from its header); BitstreamError if bad."""
+        return self.format_of(stream)[0]
+
+    def format_of(self, stream: Bitstream) -> tuple[int, int]:
+        """``(rate point, stream format)`` from a stream's meta byte: ``r`` is format 1
+        (exact arithmetic coder), ``0x80 | r`` format 2 (range coder, fixed-point
+        context model). BitstreamError for anything else."""
         meta = stream.header.meta
-        if len(meta) != 1 or meta[0] >= self.rates:
-            raise BitstreamError(f"task codec: header meta must be one byte naming a rate "
-                                 f"point in 0..{self.rates - 1}, got {meta.hex() or 'none'}")
-        return meta[0]
+        if len(meta) == 1:
+            b = meta[0]
+            if b < self.rates:
+                return b, 1
+            if b & FORMAT2 and (b & ~FORMAT2) < self.rates <= 128:
+                return b & ~FORMAT2, 2
+        raise BitstreamError(f"task codec: header meta must be one byte naming a rate point in "
+                             f"0..{self.rates - 1} (bit 7 set: format 2), got "
+                             f"{meta.hex() or 'none'}")  # fmt: skip
 
     def _per_symbol(self, v: torch.Tensor) -> torch.Tensor:
         """A per-channel vector ``(latent,)`` spread over the positions ``(n_sym,)``."""
@@ -527,7 +661,7 @@ class TaskCodec(MultiView, FeatureCodec):
     def update(self, force: bool = False) -> bool:
         """Freeze every rate point's CDF tables; returns whether any changed."""
         changed = [bool(eb.update(force=force)) for eb in self.entropy_bottlenecks]
-        self._tables_cache = self._ctx64_cache = None
+        self._tables_cache = self._ctx64_cache = self._coding_cache = None
         return any(changed)
 
     def _tables(self, r: int) -> tuple[list[list[int]], list[int]]:
@@ -591,21 +725,83 @@ class TaskCodec(MultiView, FeatureCodec):
         return [_grid_cdf(lo[i], hi[i], *_snap(float(mu[0, i]), float(sigma[0, i]), lo[i],
                                                 hi[i])) for i in range(self.n_sym)]  # fmt: skip
 
+    # --- format 2 tables ---------------------------------------------------------------------
+    def _coding(self, r: int) -> dict:
+        """Format-2 tables of rate point ``r``: supports ``lo``/``hi`` ``(n_sym,)`` int64,
+        row width ``width``, the factorized rows as probabilities ``probs`` ``(n_sym,
+        width)`` with ``last`` the highest codable index per symbol (the escape bin is
+        never sent), and (context codecs) the fixed-point model, rebuilt when its weights
+        change."""
+        cache = getattr(self, "_coding_cache", None)
+        if cache is None:
+            cache = self._coding_cache = {}
+        entry = cache.get(r)
+        if entry is None:
+            rows, offsets = self._tables(r)
+            lo = np.asarray(offsets, dtype=np.int64)
+            last = np.asarray([len(row) - 3 for row in rows], dtype=np.int64)
+            width = max(len(row) - 1 for row in rows)
+            entry = cache[r] = {"lo": lo, "hi": lo + last, "last": last, "width": width,
+                                "probs": arith.dyadic_probs(rows, width)}  # fmt: skip
+        if self.context:
+            ctx = self.contexts[r]
+            key = tuple((p.data_ptr(), p._version) for p in ctx.parameters())
+            if entry.get("ctx_key") != key:
+                entry["ctx"] = FixedContext(ctx, entry["lo"], entry["hi"])
+                entry["ctx_key"] = key
+        return entry
+
+    def _context_probs(self, r: int, k: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Format-2 probability rows ``(B, stop - start, width)`` of channels
+        ``start..stop-1`` given the symbols ``k`` ``(B, n_sym)`` (around the medians)."""
+        c = self._coding(r)
+        m, si = c["ctx"].cells(k, start, stop)
+        lo, hi = c["lo"][start:stop], c["hi"][start:stop]
+        return grid_probs(m, si, lo, hi - lo + 1, c["width"])
+
+    def _stream_format(self) -> int:
+        if self.stream_format not in (1, 2):
+            raise ConfigError(f"task codec: stream_format must be 1 or 2, got "
+                              f"{self.stream_format!r}")  # fmt: skip
+        return 2 if self.stream_format == 2 and self.rates <= 128 else 1
+
     @torch.no_grad()
     def compress(self, h: torch.Tensor, rate: int | None = None) -> list[Bitstream]:
-        """One stream per sample at rate point ``rate`` (default the highest)."""
+        """One stream per sample at rate point ``rate`` (default the highest), in
+        :attr:`stream_format`."""
         self.check_features(h)
         r = self._rate(rate)
-        rows, _ = self._tables(r)
         k = self.symbols(h, r)
-        lo_t, hi_t = self.support(r)
-        header = self.make_header(meta=bytes([r]),
+        fmt = self._stream_format()
+        header = self.make_header(meta=bytes([r | FORMAT2 if fmt == 2 else r]),
                                   tensors=[TensorSpec("float32", self.feature_shape)])
         # packet j carries group j of every view, views in order (so a sample has as many
         # packets as groups, whatever its views; a lost packet loses that group of each)
-        lo, hi = lo_t.tolist(), hi_t.tolist()
+        if fmt == 1:
+            return self._compress_format1(k, r, header)
+        c = self._coding(r)
+        kn = k.numpy().astype(np.int64)
+        idx = kn - c["lo"]
+        if self.context:  # every channel's table at once: the symbols are known here
+            probs = self._context_probs(r, kn, 0, self.n_sym)
+        else:
+            probs = np.broadcast_to(c["probs"], (len(kn), *c["probs"].shape))
+        v_n = self.views
         out = []
         for b in range(len(h)):
+            rows = slice(b * v_n, (b + 1) * v_n)
+            out.append(Bitstream(header, [
+                arith.encode_rows(idx[rows, g].reshape(-1),
+                                  probs[rows, g].reshape(-1, c["width"]))
+                for g in self.groups]))  # fmt: skip
+        return out
+
+    def _compress_format1(self, k: torch.Tensor, r: int, header) -> list[Bitstream]:
+        rows, _ = self._tables(r)
+        lo_t, hi_t = self.support(r)
+        lo, hi = lo_t.tolist(), hi_t.tolist()
+        out = []
+        for b in range(len(k) // self.views):
             ks = k[b * self.views : (b + 1) * self.views]
             syms = [(kv - lo_t).tolist() for kv in ks]
             tabs = [self._context_rows(r, kv, lo, hi) for kv in ks] if self.context \
@@ -617,8 +813,8 @@ class TaskCodec(MultiView, FeatureCodec):
         return out
 
     def _decode_context(self, packets: Sequence[bytes | None], r: int) -> torch.Tensor:
-        """Symbols ``(views, n_sym)`` of one sample; each symbol's table comes from the
-        context model given its view's symbols decoded so far."""
+        """Format 1: symbols ``(views, n_sym)`` of one sample; each symbol's table comes
+        from the context model given its view's symbols decoded so far."""
         lo_t, hi_t = self.support(r)
         lo, hi = lo_t.tolist(), hi_t.tolist()
         # a lost group: symbol 0, the median
@@ -635,27 +831,70 @@ class TaskCodec(MultiView, FeatureCodec):
                     k[v, i] = lo[i] + dec.next(row)
         return k.float()
 
+    def _decode_format1(self, packets: Sequence[bytes | None], r: int) -> torch.Tensor:
+        """Format 1: symbols ``(views, n_sym)`` of one sample (a lost group: 0, the median)."""
+        if self.context:
+            return self._decode_context(packets, r)
+        rows, offsets = self._tables(r)
+        v_n = self.views
+        sym = torch.zeros(v_n, self.n_sym)
+        for g, p in zip(self.groups, packets):
+            if p is None:
+                continue
+            got = arith.decode(p, rows[g] * v_n)
+            vals = [min(i, len(row) - 3) + o for i, row, o
+                    in zip(got, rows[g] * v_n, offsets[g] * v_n)]  # fmt: skip
+            sym[:, g] = torch.tensor(vals, dtype=torch.float32).view(v_n, -1)
+        return sym
+
+    def _decode_format2(self, packets: list[list[bytes | None]], r: int) -> np.ndarray:
+        """Format 2: symbols ``(B * views, n_sym)`` (int64, around the medians,
+        sample-major) of ``B`` samples at rate point ``r`` (``packets[b]``: sample ``b``'s
+        packets; a lost group: 0, the median). The context model runs for the whole batch,
+        one channel at a time."""
+        c = self._coding(r)
+        v_n = self.views
+        k = np.zeros((len(packets) * v_n, self.n_sym), dtype=np.int64)
+        for j, g in enumerate(self.groups):
+            have = [b for b, ps in enumerate(packets) if ps[j] is not None]
+            if not have:
+                continue
+            if not self.context:
+                probs = np.tile(c["probs"][g], (v_n, 1))
+                last = np.tile(c["last"][g], v_n)
+                for b in have:
+                    idx = arith.decode_rows(packets[b][j], probs)
+                    if bool((idx > last).any()):
+                        raise BitstreamError("task codec: a payload decodes to the escape "
+                                             "symbol, which no encoder sends")  # fmt: skip
+                    idx = idx + np.tile(c["lo"][g], v_n)
+                    k[b * v_n : (b + 1) * v_n, g] = idx.reshape(v_n, -1)
+                continue
+            dec = arith.RowDecoders([packets[b][j] for b in have], v_n * (g.stop - g.start))
+            at = np.asarray(have, dtype=np.int64) * v_n
+            for v in range(v_n):
+                rows = at + v
+                for i in range(g.start, g.stop):
+                    probs = self._context_probs(r, k[rows], i, i + 1)[:, 0]
+                    k[rows, i] = c["lo"][i] + dec.next(probs)
+        return k
+
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
         self.check_streams(streams, len(self.groups))
         dev = self._device()
         v_n = self.views
         y_hat = torch.zeros(len(streams) * v_n, self.n_sym, device=dev)
-        for b, s in enumerate(streams):
-            r = self.rate_of(s)
-            rows, offsets = self._tables(r)
-            if self.context:
-                sym = self._decode_context(s.packets, r)
+        kinds = [self.format_of(s) for s in streams]
+        for r, fmt in sorted(set(kinds)):
+            at = [b for b, kind in enumerate(kinds) if kind == (r, fmt)]
+            if fmt == 1:
+                sym = torch.cat([self._decode_format1(streams[b].packets, r) for b in at])
             else:
-                sym = torch.zeros(v_n, self.n_sym)  # a lost group: symbol 0, the median
-                for g, p in zip(self.groups, s.packets):
-                    if p is None:
-                        continue
-                    got = arith.decode(p, rows[g] * v_n)
-                    vals = [min(i, len(row) - 3) + o for i, row, o
-                            in zip(got, rows[g] * v_n, offsets[g] * v_n)]  # fmt: skip
-                    sym[:, g] = torch.tensor(vals, dtype=torch.float32).view(v_n, -1)
-            y_hat[b * v_n : (b + 1) * v_n] = (sym.to(dev) + self._medians(r)) * self._inv_gain(r)
+                sym = torch.from_numpy(self._decode_format2([streams[b].packets for b in at], r)
+                                       .astype(np.float32))  # fmt: skip
+            rows = torch.as_tensor(at)[:, None] * v_n + torch.arange(v_n)
+            y_hat[rows.reshape(-1)] = (sym.to(dev) + self._medians(r)) * self._inv_gain(r)
         return self._synthesize(y_hat).float().cpu()
 
 

@@ -21,9 +21,11 @@ Both token codecs (:class:`TokenCodecBase`) take ``prior="hyperprior"``: side va
 from the mean and max of the sent token latents travel in an extra packet 0 and set a
 per-channel Gaussian (mean, scale) for the latents in the token packets, which stay
 independently decodable; a lost ``z`` packet conceals the whole sample with the fill.
-The hyperprior's packets are coded with the exact arithmetic coder
-(:func:`arith_encode`: no rANS state flush, so ``z`` takes a byte or two); the factorized
-default stays rANS-coded.
+The hyperprior's packets are arithmetic-coded (no rANS state flush, so ``z`` takes a byte
+or two); the factorized default stays rANS-coded. Arithmetic-coded payloads are in stream
+format 2 (:func:`range_encode`: the compiled range coder, made byte-tight; header flag
+:data:`FLAG_RANGE`); streams of format 1 (:func:`arith_encode`, the exact pure-Python
+coder, what these codecs wrote before) still decode.
 
 Channels-last maps ``(H, W, C)`` (swin) are taken as ``H * W`` tokens of width ``C``.
 ``forward(h, drop_prob=0.0, generator=None)`` is differentiable: the keep decision is a
@@ -41,13 +43,16 @@ Example
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
+import constriction
+import numpy as np
 import torch
 from torch import nn
 
-from flowcodec.bitstream import Bitstream, BitstreamError, TensorSpec
+from flowcodec.bitstream import Bitstream, BitstreamError, Header, TensorSpec
 from flowcodec.codecs import arith
 from flowcodec.codecs.base import CodecOutput, FeatureCodec, register_codec
 from flowcodec.codecs.entropy import (
@@ -63,7 +68,8 @@ from flowcodec.codecs.entropy import (
 from flowcodec.errors import ConfigError
 
 __all__ = ["TokenPruneCodec", "TokenCodecBase", "encode_positions", "decode_positions",
-           "position_bits", "MAX_TOKENS", "PRIORS"]  # fmt: skip
+           "position_bits", "MAX_TOKENS", "PRIORS", "FLAG_RANGE", "range_encode",
+           "range_decode"]  # fmt: skip
 
 #: Largest token count a token codec takes (bounds every position code).
 MAX_TOKENS = 1 << 14
@@ -181,6 +187,123 @@ def arith_decode(model: nn.Module, data: bytes, indexes: torch.Tensor) -> torch.
     vals = arith.decode(bytes(data), [rows[i] for i in idx], ARITH_PRECISION)
     out = [_from_index(v, offs[i], offs[i] + len(rows[i].base) - 2) for v, i in zip(vals, idx)]
     return torch.tensor(out, dtype=torch.int32).reshape(indexes.shape)
+
+
+# --- format 2: the same tables through the compiled range coder ----------------------------
+#: Bit 0 of a token stream's header flags: its arithmetic-coded payloads (``coder="arith"``
+#: token latents, the hyperprior's ``z`` packet) are range-coded (format 2, :func:`range_encode`);
+#: without it they are in format 1 (:func:`arith_encode`).
+FLAG_RANGE = 0x01
+
+#: The outlier code after an escape: ``2 * (d - 1)`` for ``d`` below the support, plus one
+#: for ``d`` above, uniform over ``2 * ESCAPE_RANGE`` values (what format 1's split escape
+#: bin gives each outlier).
+_OUTLIERS = constriction.stream.model.Uniform(2 * ESCAPE_RANGE)
+
+#: Bits a format-2 symbol can take at most: 16 for its row (CompressAI's 16-bit frequencies)
+#: and 21 for an outlier code.
+_RANGE_BITS = 16 + 21
+
+
+def _range_rows(model: nn.Module) -> tuple[list, np.ndarray, np.ndarray]:
+    """``model``'s frozen rows as the range coder's categorical models (each row's 16-bit
+    frequencies over ``2**16``, escape bin included, exact), with the rows' offsets and
+    highest in-support symbols (int64), cached per version of the tables."""
+    t = _tables(model)  # validates the tables (ConfigError) and caches per version
+    cached = model.__dict__.get("_flowcodec_range")
+    if cached is not None and cached[0] is t:
+        return cached[1]
+    cdf, lengths, offsets = t
+    models = []
+    for row, n in zip(cdf, lengths):
+        row = row[: int(n)]
+        arith.check_cdf(row)
+        freq = np.diff(np.asarray(row, dtype=np.int64)).astype(np.float64)
+        models.append(constriction.stream.model.Categorical(np.ldexp(freq, -16), lazy=True))
+    offs = np.asarray(offsets, dtype=np.int64)
+    out = (models, offs, offs + np.asarray(lengths, dtype=np.int64) - 3)
+    model.__dict__["_flowcodec_range"] = (t, out)
+    return out
+
+
+def _row_groups(idx: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """The coding order of a payload: the symbols of each row used, rows ascending, each
+    row's symbols in their own order (one coder call per row)."""
+    return [(int(r), np.flatnonzero(idx == r)) for r in np.unique(idx)]
+
+
+def _range_read(models, dec, idx: np.ndarray, top_index: np.ndarray) -> tuple[np.ndarray,
+                                                                                np.ndarray]:
+    v = np.empty(len(idx), dtype=np.int64)
+    for r, at in _row_groups(idx):
+        v[at] = dec.decode(models[r], len(at))
+    esc = v == top_index
+    u = dec.decode(_OUTLIERS, int(esc.sum())) if esc.any() else np.zeros(0, np.int64)
+    return v, np.asarray(u, dtype=np.int64)
+
+
+def _index_of(indexes: torch.Tensor, rows: int) -> np.ndarray:
+    idx = indexes.detach().reshape(-1).cpu().numpy().astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= rows):
+        raise ConfigError(f"CDF indexes must be in 0..{rows - 1}, got {idx.min()}..{idx.max()}")
+    return idx
+
+
+def range_encode(model: nn.Module, symbols: torch.Tensor, indexes: torch.Tensor) -> bytes:
+    """Format 2 of :func:`arith_encode`: the same model (CompressAI's 16-bit rows, an
+    outlier coded from the escape bin's mass and clamped :data:`ESCAPE_RANGE` beyond the
+    support), range-coded (:mod:`flowcodec.codecs.arith`): each row's symbols in one call,
+    rows ascending, then the outlier codes. At most one byte above the shortest code of
+    the coder's interval; every payload is checked to decode back."""
+    models, offs, tops = _range_rows(model)
+    idx = _index_of(indexes, len(models))
+    sym = symbols.detach().reshape(-1).cpu().long().numpy()
+    if len(sym) != len(idx):
+        raise ConfigError(f"{len(sym)} symbols but {len(idx)} indexes")
+    off, top = offs[idx], tops[idx]
+    below, above = sym < off, sym > top
+    esc = below | above
+    v = np.where(esc, top - off + 1, sym - off)
+    d = np.minimum(np.where(below, off - sym, sym - top), ESCAPE_RANGE)
+    u = (2 * (d - 1) + above)[esc]
+    enc = constriction.stream.queue.RangeEncoder()
+    for r, at in _row_groups(idx):
+        enc.encode(v[at].astype(np.int32), models[r])
+    if len(u):
+        enc.encode(u.astype(np.int32), _OUTLIERS)
+
+    def decodes(c: bytes) -> bool:
+        try:
+            dec = constriction.stream.queue.RangeDecoder(arith.payload_words(c, len(c)))
+            gv, gu = _range_read(models, dec, idx, top - off + 1)
+        except Exception:  # an invalid point for the coder: not a code of the message
+            return False
+        return bool(np.array_equal(gv, v) and np.array_equal(gu, u))
+
+    def start() -> int:
+        return 0
+
+    return arith.finish(enc, decodes, start)
+
+
+def range_decode(model: nn.Module, data: bytes, indexes: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`range_encode`: int32 symbols shaped like ``indexes``.
+    BitstreamError for a payload longer than ``arith.range_max_bytes(n, 37)`` bytes, one
+    ending in a zero byte, or one the coder finds impossible."""
+    models, offs, tops = _range_rows(model)
+    idx = _index_of(indexes, len(models))
+    words = arith.payload_words(data, arith.range_max_bytes(len(idx), _RANGE_BITS))
+    off, top = offs[idx], tops[idx]
+    try:
+        dec = constriction.stream.queue.RangeDecoder(words)
+        v, u = _range_read(models, dec, idx, top - off + 1)
+    except Exception as e:
+        raise BitstreamError(f"range-coded payload is not a code: {e}") from e
+    sym = off + v
+    esc = np.flatnonzero(v == top - off + 1)
+    d = u // 2 + 1
+    sym[esc] = np.where(u % 2 == 1, top[esc] + d, off[esc] - d)
+    return torch.from_numpy(sym.astype(np.int32)).reshape(indexes.shape)
 
 
 def pack_bits(value: int, total: int) -> bytes:
@@ -418,8 +541,36 @@ class TokenCodecBase(FeatureCodec):
         sym = to_symbols(y - means[..., None]).cpu()
         zsym = zsym[..., 0].cpu()
         zidx = torch.arange(self.hyper, dtype=torch.int32)
-        zpk = [arith_encode(eb, zsym[b], zidx) for b in range(len(y))]
+        code = range_encode if self._stream_format() == 2 else arith_encode
+        zpk = [code(eb, zsym[b], zidx) for b in range(len(y))]
         return sym, idx, zpk
+
+    #: The stream format ``compress`` writes: 2 (arithmetic-coded payloads through the
+    #: compiled range coder, header flag :data:`FLAG_RANGE`) or 1 (the exact pure-Python
+    #: coder: streams written before format 2). ``decompress`` reads both.
+    stream_format: int = 2
+
+    def _stream_format(self) -> int:
+        if self.stream_format not in (1, 2):
+            raise ConfigError(f"{self.name}: stream_format must be 1 or 2, got "
+                              f"{self.stream_format!r}")  # fmt: skip
+        return self.stream_format
+
+    def _header(self) -> Header:
+        """The header ``compress`` writes: flag :data:`FLAG_RANGE` when the codec has
+        arithmetic-coded payloads and writes format 2."""
+        header = self.make_header(tensors=[TensorSpec("float32", self.feature_shape)])
+        ranged = self._stream_format() == 2 and (self._hyper or self._coder() == "arith")
+        return dataclasses.replace(header, flags=FLAG_RANGE) if ranged else header
+
+    @staticmethod
+    def format_of(stream: Bitstream) -> int:
+        """The stream format of a stream's arithmetic-coded payloads, from its header flags
+        (2 with :data:`FLAG_RANGE`, else 1); BitstreamError for an unknown flag."""
+        flags = stream.header.flags
+        if flags & ~FLAG_RANGE:
+            raise BitstreamError(f"token codec: unknown header flags 0x{flags:02x}")
+        return 2 if flags & FLAG_RANGE else 1
 
     def _read_z(self, streams: Sequence[Bitstream]):
         """Decoder side: ``(centres (B, M), CDF indexes (B, M), z received (B,))``. A
@@ -438,7 +589,8 @@ class TokenCodecBase(FeatureCodec):
         have = torch.tensor([s.packets[0] is not None for s in streams])
         for b, s in enumerate(streams):
             if have[b]:
-                zsym[b] = arith_decode(eb, s.packets[0], zidx)
+                decode = range_decode if self.format_of(s) == 2 else arith_decode
+                zsym[b] = decode(eb, s.packets[0], zidx)
         means, scales = self._params(zsym.to(dev).float() + self._medians().to(dev))
         return means, self.gaussian_conditional.build_indexes(scales).cpu(), have
 
@@ -458,14 +610,18 @@ class TokenCodecBase(FeatureCodec):
     def _encode_tokens(self, model, tables, s: torch.Tensor, idx: torch.Tensor) -> bytes:
         """Payload of token latents ``s`` ``(k, M)`` with CDF indexes ``idx`` ``(M,)``."""
         if self._coder() == "arith":
-            return arith_encode(model, s, idx.expand_as(s))
+            code = range_encode if self._stream_format() == 2 else arith_encode
+            return code(model, s, idx.expand_as(s))
         return rans_encode(model, s, idx.expand_as(s), tables)
 
-    def _decode_tokens(self, tables, data: bytes, idx: torch.Tensor, k: int) -> torch.Tensor:
+    def _decode_tokens(self, tables, data: bytes, idx: torch.Tensor, k: int,
+                       fmt: int = 1) -> torch.Tensor:  # fmt: skip
         """Symbols ``(k, M)`` of ``k`` tokens from a payload, channel indexes ``idx``
-        ``(M,)`` (rANS plans cached per count for the factorized prior)."""
+        ``(M,)`` (rANS plans cached per count for the factorized prior); ``fmt``: the
+        stream format of arithmetic-coded payloads."""
         if self._coder() == "arith":
-            return arith_decode(self._y_model(), data, idx.expand(k, -1))
+            decode = range_decode if fmt == 2 else arith_decode
+            return decode(self._y_model(), data, idx.expand(k, -1))
         if not self._hyper:
             return _decode_planned(tables, data, self._plan(tables, k))
         return _decode_planned(tables, data, _IndexPlan(tables, idx.expand(k, -1)))
@@ -630,7 +786,7 @@ class TokenPruneCodec(TokenCodecBase):
         keep = keep.cpu()
         model = self._y_model()
         tables = _tables(model)
-        header = self.make_header(tensors=[TensorSpec("float32", self.feature_shape)])
+        header = self._header()
         out = []
         for b in range(len(t)):
             packets = [] if zpk is None else [zpk[b]]
@@ -657,6 +813,7 @@ class TokenPruneCodec(TokenCodecBase):
         for b, s in enumerate(streams):
             if not have_z[b]:
                 continue  # no z, no scales: the whole sample gets the fill
+            fmt = self.format_of(s)
             for p, data in enumerate(s.packets[self._nz:]):
                 if data is None:
                     continue  # lost: its tokens get the fill
@@ -669,7 +826,7 @@ class TokenPruneCodec(TokenCodecBase):
                                              "position code with no tokens")  # fmt: skip
                     continue
                 pos = torch.tensor([cand[j] for j in local])
-                sym[b, pos] = self._decode_tokens(tables, bytes(rest), cidx[b], len(local))
+                sym[b, pos] = self._decode_tokens(tables, bytes(rest), cidx[b], len(local), fmt)
                 got[b, pos] = True
         dev = self._device()
         y_hat = sym.to(dev).float() + centre[:, None, :]

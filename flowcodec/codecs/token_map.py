@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from flowcodec.bitstream import Bitstream, Header
-from flowcodec.codecs.base import CodecOutput, FeatureCodec, register_codec
+from flowcodec.codecs.base import CodecOutput, FeatureCodec, build_codec, register_codec
 from flowcodec.errors import ConfigError
+from flowcodec.shapes import FeatureShape
 
 __all__ = ["TokenMapCodec"]
 
@@ -93,9 +94,6 @@ class TokenMapCodec(FeatureCodec):
             raise ConfigError(f"the grid width {gw} is not a multiple of {multiple}")
         self.grid, self.first, self.multiple = (gh, gw), first, multiple
         self.map_shape = (d, rows, gw)
-        from flowcodec.codecs import build_codec
-        from flowcodec.split import FeatureShape
-
         self.inner_name, self.inner_kwargs = inner, dict(inner_kwargs or {})
         self.inner = build_codec(inner, FeatureShape(self.map_shape, "chw"), **self.inner_kwargs)
 

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from flowcodec.bitstream import Bitstream, BitstreamError, TensorSpec
+from flowcodec.bitstream import Bitstream, BitstreamError
 from flowcodec.codecs.base import CodecOutput, register_codec
 from flowcodec.codecs.entropy import _tables
 from flowcodec.codecs.token import (
@@ -480,7 +480,7 @@ class TokenMergeCodec(TokenCodecBase):
         lab = lab.cpu()
         model = self._y_model()
         tables = _tables(model)
-        header = self.make_header(tensors=[TensorSpec("float32", self.feature_shape)])
+        header = self._header()
         out = []
         for b in range(len(t)):
             row = lab[b]
@@ -507,14 +507,14 @@ class TokenMergeCodec(TokenCodecBase):
             out.append(Bitstream(header, packets))
         return out
 
-    def _read_sizes(self, tables, p: int, data: bytes, cidx: torch.Tensor):
+    def _read_sizes(self, tables, p: int, data: bytes, cidx: torch.Tensor, fmt: int = 1):
         """``order="sizes"``: ``(sizes of the packet's clusters, symbols (k, M))``."""
         k = len(self._cluster_ids(p))
         cov, m, n = self._size_args(p)
         sizes, used = decode_sizes(data, len(cov), m=m, n=n) if cov else ([], 0)
         if len(cov) < k:  # cluster 0, the class token alone
             sizes = [1] + sizes
-        return sizes, self._decode_tokens(tables, bytes(data[used:]), cidx, k)
+        return sizes, self._decode_tokens(tables, bytes(data[used:]), cidx, k, fmt)
 
     def _decompress_sizes(self, streams, tables, centre, cidx, have_z) -> torch.Tensor:
         n, kk = self.n_tokens, self.clusters
@@ -527,7 +527,7 @@ class TokenMergeCodec(TokenCodecBase):
             sizes = {}
             for p, data in enumerate(tok):
                 if data is not None:
-                    sz, psym = self._read_sizes(tables, p, data, cidx[b])
+                    sz, psym = self._read_sizes(tables, p, data, cidx[b], self.format_of(s))
                     sizes.update(zip(self._cluster_ids(p), sz))
                     sym[b, list(self._cluster_ids(p))] = psym
             total = sum(sizes.values())
@@ -546,9 +546,9 @@ class TokenMergeCodec(TokenCodecBase):
         y_hat = sym.to(dev).float() + centre[:, None, :]
         return self._with_fill(self._restore(y_hat, slot.clamp(min=0).to(dev)), slot >= 0)
 
-    def _read_packet(self, tables, p: int, data: bytes, cidx: torch.Tensor):
+    def _read_packet(self, tables, p: int, data: bytes, cidx: torch.Tensor, fmt: int = 1):
         """``(members, global labels, symbols (k, M))`` of token packet ``p`` (channel
-        CDF indexes ``cidx`` ``(M,)``)."""
+        CDF indexes ``cidx`` ``(M,)``; ``fmt``: the stream format of its payload)."""
         k = len(self._cluster_ids(p))
         members, used = decode_positions(data, self.n_tokens)
         if len(members) < k:
@@ -564,7 +564,7 @@ class TokenMergeCodec(TokenCodecBase):
                            if k > 1 else ([], 0))  # fmt: skip
             local = [0] + [v + 1 for v in rest]
         start = used + used2
-        sym = self._decode_tokens(tables, bytes(data[start:]), cidx, k)
+        sym = self._decode_tokens(tables, bytes(data[start:]), cidx, k, fmt)
         return members, [p + self.packets * j for j in local], sym
 
     @torch.no_grad()
@@ -584,7 +584,8 @@ class TokenMergeCodec(TokenCodecBase):
             for p, data in enumerate(tok):
                 if data is None:
                     continue  # lost: its clusters' positions get the fill
-                members, glob, psym = self._read_packet(tables, p, data, cidx[b])
+                members, glob, psym = self._read_packet(tables, p, data, cidx[b],
+                                                        self.format_of(s))  # fmt: skip
                 pos = torch.tensor(members, dtype=torch.int64)
                 if bool((lab[b, pos] >= 0).any()):
                     raise BitstreamError(f"token-merge packet {p} names positions that another "

@@ -7,11 +7,12 @@ See :mod:`flowcodec.family.base` for the contract (members, split points),
 
 from flowcodec.family import vit as _vit  # noqa: F401  (registers cifar10-vit)
 from flowcodec.family.aligner import Aligner, AlignResult, train_aligner
-from flowcodec.family.base import EarlyExitFamily, Head, Member, MemberInfo, Tail, count_flops
+from flowcodec.family.base import EarlyExitFamily, Head, Member, MemberInfo, Tail
 from flowcodec.family.checkpoint import load_family, save_checkpoint
 from flowcodec.family.pretrained import load_pretrained, pretrained_path, save_family
 from flowcodec.family.train import TrainConfig, TrainResult, evaluate_family, train_family
 from flowcodec.family.zoo import FAMILIES, build_family, register_family
+from flowcodec.flops import count_flops
 
 __all__ = [
     "Aligner",

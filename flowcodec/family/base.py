@@ -26,26 +26,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from flowcodec._moved import moved
 from flowcodec.errors import ConfigError
+from flowcodec.flops import count_flops as _count_flops
+from flowcodec.shapes import FeatureShape
 
-__all__ = ["EarlyExitFamily", "Member", "Head", "Tail", "MemberInfo", "count_flops"]
+__all__ = ["EarlyExitFamily", "Member", "Head", "Tail", "MemberInfo"]
 
-
-def count_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs of one forward pass on one sample (2 per multiply-accumulate of convolutions
-    and matrix products, as counted by ``torch.utils.flop_counter``)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    p = next(iter(module.parameters()), None)
-    device = p.device if p is not None else torch.device("cpu")
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            module(torch.zeros((1, *input_shape), device=device))
-    finally:
-        module.train(was_training)
-    return int(fc.get_total_flops())
+# count_flops lives in flowcodec.flops; the old name warns for a release
+__getattr__ = moved(__name__, {"count_flops": "flowcodec.flops"})
 
 
 def _params(modules) -> int:
@@ -121,7 +110,7 @@ class EarlyExitFamily(nn.Module):
     config : dict
         The builder name and arguments (saved with checkpoints, used to rebuild).
     layout : str
-        What crosses a split point after stage 1 or later (a ``flowcodec.split.LAYOUTS``
+        What crosses a split point after stage 1 or later (a ``flowcodec.shapes.LAYOUTS``
         entry): ``"chw"`` maps for the CNN families, ``"tokens"`` for the ViT family, whose
         ``feature_shape`` then says so (codecs read it and refuse what they cannot code).
 
@@ -201,8 +190,6 @@ class EarlyExitFamily(nn.Module):
             self.train(was)
         if point == 0 or self.layout == "chw":
             return tuple(h.shape[1:])
-        from flowcodec.split import FeatureShape
-
         return FeatureShape(h.shape[1:], self.layout)
 
     def info(self) -> list[MemberInfo]:
@@ -210,7 +197,7 @@ class EarlyExitFamily(nn.Module):
         out = []
         for k in range(1, self.num_members + 1):
             m = self.member(k)
-            out.append(MemberInfo(k, _params([m]), count_flops(m, self.input_shape)))
+            out.append(MemberInfo(k, _params([m]), _count_flops(m, self.input_shape)))
         return out
 
     def head_flops(self, point: int) -> int:
@@ -218,4 +205,4 @@ class EarlyExitFamily(nn.Module):
         if point == 0:
             return 0
         head, _ = self.split(self.num_members, point)
-        return count_flops(head, self.input_shape)
+        return _count_flops(head, self.input_shape)

@@ -28,13 +28,13 @@ __all__ = ["add_parser"]
 def _cmd(args) -> int:
     import torch
 
-    from flowcodec.codecs import build_codec
     from flowcodec.codecs.train import evaluate_codec, train_codec
     from flowcodec.codecs.zoo import save_codec
     from flowcodec.data import load_dataset
     from flowcodec.errors import ConfigError
     from flowcodec.family import load_pretrained
     from flowcodec.scale.ddp import PeerLost, from_env, lost_message, state_paths
+    from flowcodec.sweeps import codec_from_spec
 
     try:
         kwargs = json.loads(args.kwargs)
@@ -52,7 +52,7 @@ def _cmd(args) -> int:
         member = args.member or fam.num_members
         train, test = load_dataset(args.family)
         torch.manual_seed(args.seed)
-        codec = build_codec(args.codec, fam.feature_shape(args.point), **kwargs)
+        codec = codec_from_spec({"codec": args.codec, "kwargs": kwargs}, fam, args.point)
         res = train_codec(codec, fam, member, args.point, train, None, lam=args.lam,
                           beta=args.beta, epochs=args.epochs, device=device,
                           drop_prob=args.drop_prob, batch_size=args.batch_size, lr=args.lr,
@@ -104,6 +104,7 @@ def _saved_epoch(out) -> int | None:
 def add_parser(sub) -> None:
     """Add ``train-codec`` to the ``flowcodec`` command's subparsers."""
     from flowcodec.config import positive_int
+    from flowcodec.sweeps import add_common_arguments
 
     p = sub.add_parser(
         "train-codec", help="train a learned codec at a split point of a trained family "
@@ -129,8 +130,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--out", required=True, help="checkpoint path without suffix")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_common_arguments(p)  # --threads (default 2), --no-progress
     p.add_argument("--resume", action="store_true",
                    help="continue from the training state OUT.state.* written after the "
                         "last completed epoch (after a killed run or rank)")  # fmt: skip

@@ -29,10 +29,17 @@ import torch
 from flowcodec.bitstream import Bitstream, BitstreamError, Header
 from flowcodec.codecs.base import FeatureCodec
 from flowcodec.errors import ConfigError
-from flowcodec.family.base import EarlyExitFamily, count_flops
+from flowcodec.family.base import EarlyExitFamily
+from flowcodec.flops import count_flops
+from flowcodec.pipeline import DEFAULT_MAX_CONCEALED, check_max_concealed, concealed_fraction
 from flowcodec.serve.wire import Request, WireError
 
-__all__ = ["TierSpec", "TierEngine", "Outcome"]
+__all__ = ["TierSpec", "TierEngine", "Outcome", "CONCEALED_INPUT"]
+
+#: The ``fallback`` of an answer whose tier concealed more than its ``max_concealed`` of
+#: the sample's packets: the logits come from concealed features, and the caller answers
+#: through its own exit if it has one (the device reports it as ``"concealed"``).
+CONCEALED_INPUT = "concealed input"
 
 
 @dataclass(frozen=True)
@@ -40,12 +47,17 @@ class TierSpec:
     """One server tier: its name, the split point its input features come from
     (``point_in``; 0 is the raw input), the point it computes up to, and the confidence
     at which it answers through the exit there when a next tier exists (``None``: it
-    forwards every sample). A tier without a next tier answers every sample."""
+    forwards every sample). A tier without a next tier answers every sample.
+
+    ``max_concealed``: a sample whose incoming packets were concealed (lost or failed their
+    CRC) in a larger fraction is not trusted: it is neither answered as usual nor forwarded,
+    but answered with ``fallback`` :data:`CONCEALED_INPUT` (``None``: trust every sample)."""
 
     name: str
     point_in: int
     point: int
     exit_threshold: float | None = None
+    max_concealed: float | None = DEFAULT_MAX_CONCEALED
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 32 or not self.name.isascii():
@@ -55,6 +67,7 @@ class TierSpec:
                               f"{self.point_in}, {self.point}")  # fmt: skip
         if self.exit_threshold is not None and not 0.0 <= self.exit_threshold <= 1.0:
             raise ConfigError(f"tier {self.name!r}: exit_threshold must be in [0, 1]")
+        object.__setattr__(self, "max_concealed", check_max_concealed(self.max_concealed))
 
 
 @dataclass
@@ -64,7 +77,10 @@ class Outcome:
     ``kind``: ``"answer"`` (``logits``, ``confidence`` from this tier's exit),
     ``"forward"`` (``next_stream`` for the next tier; ``logits``/``confidence`` hold this
     tier's exit answer, the fallback when the next tier fails) or ``"error"``
-    (``message``: the stream was refused).
+    (``message``: the stream was refused) or ``"concealed"`` (more of the stream's packets
+    were concealed than the tier's ``max_concealed``: ``logits`` are this tier's exit on the
+    concealed features, and nothing is forwarded). ``concealed`` is the fraction of the
+    stream's packets that were concealed.
     """
 
     kind: str
@@ -72,6 +88,7 @@ class Outcome:
     confidence: float = 0.0
     next_stream: Bitstream | None = None
     message: str = ""
+    concealed: float = 0.0
 
 
 class TierEngine:
@@ -116,6 +133,9 @@ class TierEngine:
         enc = next_codec.encoder_flops() if next_codec is not None else 0
         evaluates_exit = next_codec is None or spec.exit_threshold is not None
         self.flops_forward = stage_flops + dec + enc + (self.exit_flops if evaluates_exit else 0)
+        #: What a forwarded sample costs here when this tier answers it after all (the
+        #: next tier failed): its exit becomes a decision and counts.
+        self.flops_fallback = self.flops_forward + (0 if evaluates_exit else self.exit_flops)
 
     @property
     def last(self) -> bool:
@@ -165,6 +185,9 @@ class TierEngine:
         for s in self._stages:
             h = s(h)
         good = [i for i, m in enumerate(msgs) if not m]
+        thr = self.spec.max_concealed
+        conc = [concealed_fraction(s) for s in streams]
+        untrusted = [thr is not None and conc[i] > thr for i in good]
         # A tier that forwards also computes its exit: its answer is the fallback when the
         # next tier cannot be reached in time (its FLOPs count only when it is a decision).
         logits = self._exit(h)
@@ -173,24 +196,32 @@ class TierEngine:
         for j, i in enumerate(good):  # a decoder's contract is finite features; if not, refuse
             if not finite[j]:
                 out[i] = Outcome("error", message="non-finite output for this stream")
+        for j, i in enumerate(good):
+            if finite[j] and untrusted[j]:
+                out[i] = Outcome("concealed", logits[j].tolist(), float(conf[j]),
+                                 concealed=conc[i])  # fmt: skip
         if self.last:
             for j, i in enumerate(good):
-                if finite[j]:
-                    out[i] = Outcome("answer", logits[j].tolist(), float(conf[j]))
+                if finite[j] and not untrusted[j]:
+                    out[i] = Outcome("answer", logits[j].tolist(), float(conf[j]),
+                                     concealed=conc[i])  # fmt: skip
             return out  # type: ignore[return-value]
         done = (conf >= self.spec.exit_threshold) if self.spec.exit_threshold is not None else (
             torch.zeros(len(good), dtype=torch.bool))  # fmt: skip
-        fwd = [j for j in range(len(good)) if finite[j] and not bool(done[j])]
+        fwd = [j for j in range(len(good)) if finite[j] and not bool(done[j])
+               and not untrusted[j]]  # fmt: skip
         next_streams = self.next_codec.compress(h[fwd]) if fwd else []
         k = 0
         for j, i in enumerate(good):
-            if not finite[j]:
+            if not finite[j] or untrusted[j]:
                 continue
             if bool(done[j]):
-                out[i] = Outcome("answer", logits[j].tolist(), float(conf[j]))
+                out[i] = Outcome("answer", logits[j].tolist(), float(conf[j]),
+                                 concealed=conc[i])  # fmt: skip
                 continue
             ns = next_streams[k]
             k += 1
             ns.seq = streams[i].seq  # bind the next hop's packets to the same sample number
-            out[i] = Outcome("forward", logits[j].tolist(), float(conf[j]), next_stream=ns)
+            out[i] = Outcome("forward", logits[j].tolist(), float(conf[j]), next_stream=ns,
+                             concealed=conc[i])  # fmt: skip
         return out  # type: ignore[return-value]

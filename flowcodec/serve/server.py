@@ -16,6 +16,14 @@ request carries several (up to ``max_samples_per_request``), see below. The serv
    server within what is left of the request's deadline; when the next tier fails or is
    late it answers through its own exit and the answer says why (``fallback``).
 
+Trust in what arrived: a sample more of whose packets had to be concealed than the tier's
+``TierSpec.max_concealed`` is neither answered as usual nor forwarded: its answer has
+``fallback`` ``"concealed input"`` (:data:`~flowcodec.serve.engine.CONCEALED_INPUT`) and
+the caller answers through its own exit (a device: ``"concealed"``; a tier in front:
+``"concealed"`` too, with the next tier's hop in the trace). Every hop of an answer's
+trace carries ``concealed``, the fraction of the sample's packets concealed there; the
+``concealed_input`` counter counts such samples.
+
 A batch call's samples are parsed one by one: bad framing (magic, count, lengths,
 trailing bytes) refuses the whole call ``INVALID_ARGUMENT``; a sample whose own envelope
 or stream is bad gets a per-sample error entry and the others are served. The valid
@@ -57,8 +65,9 @@ import grpc
 
 from flowcodec.bitstream import BitstreamError
 from flowcodec.errors import ConfigError
+from flowcodec.pipeline import concealed_fraction
 from flowcodec.serve.client import AsyncTierClient, RemoteError, reason_of
-from flowcodec.serve.engine import TierEngine
+from flowcodec.serve.engine import CONCEALED_INPUT, TierEngine
 from flowcodec.serve.wire import (
     MAX_BATCH_ANSWER_BYTES,
     MAX_BATCH_SAMPLES,
@@ -445,11 +454,15 @@ class TierServer:
         if oc.kind == "error":
             self.stats["rejected"] += 1
             _settle(it.fut, grpc.StatusCode.INVALID_ARGUMENT, oc.message)
-        elif oc.kind == "answer":
+        elif oc.kind in ("answer", "concealed"):
             base["flops"] = {spec.name: self.engine.flops_answer}
+            fallback = None
+            if oc.kind == "concealed":
+                self.stats["concealed_input"] += 1
+                fallback = CONCEALED_INPUT
             _settle(it.fut, grpc.StatusCode.OK, encode_answer(
                 {**base, "exit_tier": spec.name, "exit_point": spec.point,
-                 "confidence": oc.confidence, "logits": oc.logits, "fallback": None}))
+                 "confidence": oc.confidence, "logits": oc.logits, "fallback": fallback}))
         else:
             task = asyncio.create_task(self._forward(it, oc, base))
             self._forwards.add(task)
@@ -463,12 +476,13 @@ class TierServer:
             hop = {"bits": r.bits, "channel_uses": r.channel_uses, "packets": r.packets,
                    "packets_lost": r.packets_lost, "header_lost": r.header_lost,
                    "tx_time_s": r.tx_time_s}  # fmt: skip
+            hop["concealed"] = concealed_fraction(it.stream)
         else:
             lost = len(it.req.units) - len(units)
             hop = {"bits": 8 * sum(len(u) for u in units), "channel_uses": 0,
                    "packets": len(it.req.units), "packets_lost": lost,
                    "header_lost": it.req.framing == "sample" and it.req.units[0] is None,
-                   "tx_time_s": 0.0}  # fmt: skip
+                   "tx_time_s": 0.0, "concealed": concealed_fraction(it.stream)}  # fmt: skip
         return {"rid": it.req.rid, "compute_s": {name: t1 - t0},
                 "queue_s": {name: max(0.0, t0 - it.arrived)}, "batch": {name: batch},
                 "hops": [hop]}  # fmt: skip
@@ -501,8 +515,16 @@ class TierServer:
                 fallback = e.reason
             except WireError:
                 fallback = "bad answer"
+        if fallback is None and down["fallback"] == CONCEALED_INPUT:
+            # The next tier could not trust what reached it: this tier's exit answers, and
+            # the trace keeps the next tier's hop (and the work it did) to say why.
+            fallback = "concealed"
+            for key in ("compute_s", "queue_s", "batch", "flops"):
+                base[key] = {**down[key], **base.get(key, {})}
+            base["hops"] = base["hops"] + down["hops"]
         if fallback is not None:
             self.stats["fallbacks"] += 1
+            base["flops"][name] = self.engine.flops_fallback  # its exit is the answer now
             _settle(it.fut, grpc.StatusCode.OK, encode_answer(
                 {**base, "exit_tier": name, "exit_point": spec.point,
                  "confidence": oc.confidence, "logits": oc.logits, "fallback": fallback}))

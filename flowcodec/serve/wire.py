@@ -214,7 +214,8 @@ def encode_answer(answer: dict) -> bytes:
 
 def parse_answer(data: bytes) -> dict:
     """Parse and check an answer: every key present with its type, logits finite numbers,
-    each hop with its six fields. Raises :class:`WireError`."""
+    each hop with its six fields (and ``concealed``, the fraction of the sample's packets
+    concealed at that hop, when present). Raises :class:`WireError`."""
     if len(data) > MAX_ANSWER_BYTES:
         raise WireError(f"answer of {len(data)} bytes, over {MAX_ANSWER_BYTES}")
     try:
@@ -235,6 +236,9 @@ def parse_answer(data: bytes) -> dict:
     for h in ans["hops"]:
         if not isinstance(h, dict) or any(k not in h for k in _HOP_KEYS):
             raise WireError(f"answer hop trace needs {_HOP_KEYS}")
+        c = h.get("concealed", 0.0)  # optional: servers before concealment checks omit it
+        if isinstance(c, bool) or not isinstance(c, int | float) or not 0.0 <= c <= 1.0:
+            raise WireError("answer hop field 'concealed' must be a fraction in [0, 1]")
     for key in ("compute_s", "flops", "queue_s", "batch"):
         if not all(isinstance(v, int | float) for v in ans[key].values()):
             raise WireError(f"answer field {key!r} must map tier names to numbers")
