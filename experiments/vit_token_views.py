@@ -23,11 +23,11 @@ import math
 def main(argv=None) -> int:
     import torch
 
-    from flowcodec.views import VIEWS
     from flowcodec.codecs.zoo import load_pretrained_codec
     from flowcodec.data import load_dataset
     from flowcodec.family import load_pretrained
     from flowcodec.progress import tqdm
+    from flowcodec.views import VIEWS
 
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
