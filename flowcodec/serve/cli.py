@@ -187,8 +187,9 @@ def cmd_serve(args) -> int:
 
 
 def _counts(d: dict) -> str:
-    """``{"a": 3, "b": 1}`` -> ``"a 3, b 1"`` (largest first)."""
-    return ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
+    """``{"a": 3, "b": 1, "c": 0}`` -> ``"a 3, b 1"`` (largest first, zeros left out)."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))
+                     if v)  # fmt: skip
 
 
 def link_description(args) -> str:
