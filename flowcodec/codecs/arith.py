@@ -64,7 +64,7 @@ from flowcodec.errors import ConfigError
 __all__ = ["encode", "decode", "Decoder", "max_bytes", "check_cdf", "gaussian_cdf",
            "RANGE_PRECISION", "range_max_bytes", "dyadic_probs", "payload_words",
            "shortest_code", "interval_code", "finish", "encode_rows", "decode_rows",
-           "RowDecoders", "normal_cdf"]  # fmt: skip
+           "encode_batch", "decode_batch", "RowDecoders", "normal_cdf"]  # fmt: skip
 
 
 def max_bytes(n: int, precision: int = 16) -> int:
@@ -286,32 +286,102 @@ def _as_rows(probs: np.ndarray) -> np.ndarray:
     return p
 
 
+def _words(code: bytes) -> np.ndarray:
+    return np.frombuffer(code + bytes(-len(code) % 4), dtype=">u4").astype(np.uint32)
+
+
+def _decodes_to(code: bytes, probs: np.ndarray, sym: np.ndarray) -> bool:
+    """Whether ``code`` decodes to the int32 symbols ``sym`` under ``probs``."""
+    try:
+        got = constriction.stream.queue.RangeDecoder(_words(code)).decode(CATEGORICAL, probs)
+    except Exception:  # an invalid point for the coder: not a code of the message
+        return False
+    return got.astype(np.int32).tobytes() == sym.tobytes()
+
+
+def encode_batch(symbols: np.ndarray, probs: np.ndarray) -> list[bytes]:
+    """Format 2 for a batch: ``symbols`` ``(B, n)``, each sample's symbol ``i`` coded with
+    row ``probs[b, i]`` (``probs`` ``(B, n, W)``, or ``(n, W)`` shared by every sample);
+    one payload per sample, as :func:`encode_rows` writes it."""
+    sym = np.asarray(symbols, dtype=np.int64)
+    p = np.ascontiguousarray(probs, dtype=np.float64)
+    shared = p.ndim == 2
+    if sym.ndim != 2 or p.ndim not in (2, 3) or p.shape[-1] < 2 \
+            or p.shape[-2] != sym.shape[1] or (not shared and len(p) != len(sym)):  # fmt: skip
+        raise ConfigError(f"symbols (B, n) need probabilities (B, n, W) or (n, W) with W >= 2, "
+                          f"got {sym.shape} and {p.shape}")  # fmt: skip
+    if sym.size:
+        if sym.min() < 0 or sym.max() >= p.shape[-1]:
+            raise ConfigError("a symbol outside its probability row's support")
+        at = np.take_along_axis(np.broadcast_to(p, (len(sym), *p.shape[-2:])), sym[..., None], -1)
+        if not bool((at > 0).all()):
+            raise ConfigError("a symbol outside its probability row's support")
+    s32 = sym.astype(np.int32)
+    out = []
+    for b in range(len(sym)):
+        if sym.shape[1] == 0:
+            out.append(b"")
+            continue
+        pb = p if shared else p[b]
+        enc = constriction.stream.queue.RangeEncoder()
+        enc.encode(s32[b], CATEGORICAL, pb)
+        code = interval_code(enc)
+        if code is None or not _decodes_to(code, pb, s32[b]):
+            code = shortest_code(enc.get_compressed(),
+                                 lambda c, pb=pb, sb=s32[b]: _decodes_to(c, pb, sb),
+                                 _info_bytes(sym[b], pb))  # fmt: skip
+        out.append(code)
+    return out
+
+
 def encode_rows(symbols: Sequence[int] | np.ndarray, probs: np.ndarray) -> bytes:
     """Format 2: code ``symbols[i]`` with the probability row ``probs[i]`` (``(n, W)``,
-    e.g. :func:`dyadic_probs`); returns the shortest payload that decodes back.
+    e.g. :func:`dyadic_probs`); returns the shortest payload that decodes back (checked by
+    decoding it).
 
     Each symbol must index a non-zero entry of its row (ConfigError otherwise)."""
     p = _as_rows(probs)
     sym = np.asarray(symbols, dtype=np.int64).reshape(-1)
     if len(sym) != len(p):
         raise ConfigError(f"{len(sym)} symbols but {len(p)} probability rows")
-    if len(sym) == 0:
-        return b""
-    if sym.min() < 0 or sym.max() >= p.shape[1] \
-            or not bool((p[np.arange(len(sym)), sym] > 0).all()):  # fmt: skip
-        raise ConfigError("a symbol outside its probability row's support")
-    enc = constriction.stream.queue.RangeEncoder()
-    enc.encode(sym.astype(np.int32), CATEGORICAL, p)
+    return encode_batch(sym[None], p)[0]
 
-    def decodes(c: bytes) -> bool:
-        try:
-            got = constriction.stream.queue.RangeDecoder(payload_words(c, len(c))).decode(
-                CATEGORICAL, p)
-        except Exception:  # an invalid point for the coder: not a code of the message
-            return False
-        return bool(np.array_equal(got, sym))
 
-    return finish(enc, decodes, lambda: _info_bytes(sym, p))
+def decode_batch(payloads: Sequence[bytes], probs: np.ndarray,
+                 limit: int | None = None) -> np.ndarray:  # fmt: skip
+    """Invert :func:`encode_batch`: ``(B, n)`` int64 symbols from ``B`` payloads, with
+    ``probs`` ``(B, n, W)`` or ``(n, W)``; the checks of :func:`decode_rows`."""
+    p = np.ascontiguousarray(probs, dtype=np.float64)
+    if p.ndim not in (2, 3) or p.shape[-1] < 2 or (p.ndim == 3 and len(p) != len(payloads)):
+        raise ConfigError(f"probabilities must be (B, n, W) or (n, W) with W >= 2, got "
+                          f"{p.shape} for {len(payloads)} payloads")  # fmt: skip
+    n = p.shape[-2]
+    cap = range_max_bytes(n) if limit is None else limit
+    out = np.zeros((len(payloads), n), dtype=np.int64)
+    if n == 0:
+        for data in payloads:
+            payload_words(data, cap)
+        return out
+    try:
+        for b, data in enumerate(payloads):
+            dec = constriction.stream.queue.RangeDecoder(payload_words(data, cap))
+            out[b] = dec.decode(CATEGORICAL, p if p.ndim == 2 else p[b])
+    except BitstreamError:
+        raise
+    except Exception as e:  # the coder's own check of an impossible point
+        raise BitstreamError(f"range-coded payload is not a code: {e}") from e
+    at = np.take_along_axis(np.broadcast_to(p, (len(out), *p.shape[-2:])), out[..., None], -1)
+    if not bool((at > 0).all()):
+        raise BitstreamError("range-coded payload decodes to a symbol outside its table's "
+                             "support")  # fmt: skip
+    return out
+
+
+def decode_rows(data: bytes, probs: np.ndarray, limit: int | None = None) -> np.ndarray:
+    """Invert :func:`encode_rows`: exactly ``len(probs)`` symbols (int64), each a non-zero
+    entry of its row. BitstreamError when ``data`` is longer than ``limit`` bytes (default
+    :func:`range_max_bytes`), ends in a zero byte, or decodes outside a row's support."""
+    return decode_batch([data], _as_rows(probs), limit)[0]
 
 
 def interval_code(enc: constriction.stream.queue.RangeEncoder) -> bytes | None:
@@ -354,23 +424,6 @@ def finish(enc: constriction.stream.queue.RangeEncoder, decodes: Callable[[bytes
     if code is not None and decodes(code):
         return code
     return shortest_code(enc.get_compressed(), decodes, start())
-
-
-def decode_rows(data: bytes, probs: np.ndarray, limit: int | None = None) -> np.ndarray:
-    """Invert :func:`encode_rows`: exactly ``len(probs)`` symbols (int64), each a non-zero
-    entry of its row. BitstreamError when ``data`` is longer than ``limit`` bytes (default
-    :func:`range_max_bytes`), ends in a zero byte, or decodes outside a row's support."""
-    p = _as_rows(probs)
-    words = payload_words(data, range_max_bytes(len(p)) if limit is None else limit)
-    if len(p) == 0:
-        return np.zeros(0, dtype=np.int64)
-    try:
-        sym = constriction.stream.queue.RangeDecoder(words).decode(CATEGORICAL, p)
-    except Exception as e:  # the coder's own check of an impossible point
-        raise BitstreamError(f"range-coded payload is not a code: {e}") from e
-    sym = np.asarray(sym, dtype=np.int64)
-    _check_rows(sym, p, "range-coded payload")
-    return sym
 
 
 class RowDecoders:

@@ -779,22 +779,25 @@ class TaskCodec(MultiView, FeatureCodec):
         # packets as groups, whatever its views; a lost packet loses that group of each)
         if fmt == 1:
             return self._compress_format1(k, r, header)
+        return self._compress_format2(k, r, header)
+
+    def _compress_format2(self, k: torch.Tensor, r: int, header) -> list[Bitstream]:
         c = self._coding(r)
         kn = k.numpy().astype(np.int64)
         idx = kn - c["lo"]
+        v_n, w = self.views, c["width"]
+        b_n = len(kn) // v_n
         if self.context:  # every channel's table at once: the symbols are known here
-            probs = self._context_probs(r, kn, 0, self.n_sym)
+            probs = self._context_probs(r, kn, 0, self.n_sym).reshape(b_n, v_n, self.n_sym, w)
         else:
-            probs = np.broadcast_to(c["probs"], (len(kn), *c["probs"].shape))
-        v_n = self.views
-        out = []
-        for b in range(len(h)):
-            rows = slice(b * v_n, (b + 1) * v_n)
-            out.append(Bitstream(header, [
-                arith.encode_rows(idx[rows, g].reshape(-1),
-                                  probs[rows, g].reshape(-1, c["width"]))
-                for g in self.groups]))  # fmt: skip
-        return out
+            probs = c["probs"]
+        idx = idx.reshape(b_n, v_n, self.n_sym)
+        payloads = []
+        for g in self.groups:  # packet g: group g of each view, views in order
+            p = probs[:, :, g].reshape(b_n, -1, w) if self.context \
+                else np.tile(probs[g], (v_n, 1))  # fmt: skip
+            payloads.append(arith.encode_batch(idx[:, :, g].reshape(b_n, -1), p))
+        return [Bitstream(header, [pk[b] for pk in payloads]) for b in range(b_n)]
 
     def _compress_format1(self, k: torch.Tensor, r: int, header) -> list[Bitstream]:
         rows, _ = self._tables(r)
@@ -860,15 +863,14 @@ class TaskCodec(MultiView, FeatureCodec):
             if not have:
                 continue
             if not self.context:
-                probs = np.tile(c["probs"][g], (v_n, 1))
-                last = np.tile(c["last"][g], v_n)
-                for b in have:
-                    idx = arith.decode_rows(packets[b][j], probs)
-                    if bool((idx > last).any()):
-                        raise BitstreamError("task codec: a payload decodes to the escape "
-                                             "symbol, which no encoder sends")  # fmt: skip
-                    idx = idx + np.tile(c["lo"][g], v_n)
-                    k[b * v_n : (b + 1) * v_n, g] = idx.reshape(v_n, -1)
+                idx = arith.decode_batch([packets[b][j] for b in have],
+                                         np.tile(c["probs"][g], (v_n, 1)))  # fmt: skip
+                if bool((idx > np.tile(c["last"][g], v_n)).any()):
+                    raise BitstreamError("task codec: a payload decodes to the escape "
+                                         "symbol, which no encoder sends")  # fmt: skip
+                rows = (np.asarray(have)[:, None] * v_n + np.arange(v_n)).reshape(-1)
+                k[rows[:, None], np.arange(g.start, g.stop)] = \
+                    (idx + np.tile(c["lo"][g], v_n)).reshape(-1, g.stop - g.start)  # fmt: skip
                 continue
             dec = arith.RowDecoders([packets[b][j] for b in have], v_n * (g.stop - g.start))
             at = np.asarray(have, dtype=np.int64) * v_n
