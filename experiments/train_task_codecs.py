@@ -76,6 +76,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval", type=int, default=10000, help="test images to score at the end")
+    ap.add_argument("--cache-views", type=int, default=0,
+                    help="train on this many augmented copies of the training set run through "
+                         "the head and member 3 once (features float16, teacher logits), "
+                         "one copy per epoch, instead of running the head live every step")
+    ap.add_argument("--cache-file", default=None,
+                    help="where the copies are kept (safetensors; reused when it exists)")
     ap.add_argument("--progress-dir", default="runs")
     ap.add_argument("--out", required=True)
     ap.add_argument("--finalize", action="store_true",
@@ -112,11 +118,14 @@ def main(argv=None) -> int:
                           bf16=not args.no_bf16, seed=args.seed, time_budget=args.seconds,
                           decoder_only=bool(args.lift_from))
     val = test.subset(1000, seed=123)
+    cache = None
+    if args.cache_views and not args.finalize:
+        cache = _views(fam, args, train)
     if args.finalize:
         res = _resume(codec, f"{args.progress_dir}/{args.out}")
     else:
         res = train_task_codec(codec, fam, 3, args.point, train, val, cfg, device=args.device,
-                               checkpoint=f"{args.progress_dir}/{args.out}")
+                               checkpoint=f"{args.progress_dir}/{args.out}", cache=cache)
     codec.to("cpu")
     round_half(codec).eval()
     codec.update(force=True)
@@ -135,6 +144,7 @@ def main(argv=None) -> int:
     extra = {"train": {**asdict(cfg), "device": args.device, "threads": args.threads,
                        "seconds": round(res.seconds, 1), "epochs": res.epochs,
                        "steps": res.steps, "init_from_exit": not args.no_init,
+                       "cache_views": args.cache_views,
                        "warm_start": args.warm_start, "lift_from": args.lift_from,
                        "history": res.history},
              "measured": measured, "encoder_flops": codec.encoder_flops(),
@@ -148,6 +158,31 @@ def main(argv=None) -> int:
     print(f"saved {path} after {res.seconds:.0f} s, {res.epochs} epochs")
     print(json.dumps(measured))
     return 0
+
+
+def _views(fam, args, train):
+    """The cached copies of ``train`` at ``--point`` (loaded from ``--cache-file`` when it
+    holds at least ``--cache-views`` copies, else computed and written there)."""
+    import os
+    import time
+
+    import torch
+
+    from flowcodec.codecs.train import cache_views, load_views, save_views
+
+    if args.cache_file and os.path.exists(args.cache_file):
+        cache = load_views(args.cache_file, args.cache_views)
+        if len(cache) >= args.cache_views:
+            print(f"feature cache: {len(cache)} copies from {args.cache_file}")
+            return cache
+    head, tail = fam.to(args.device).eval().split(3, args.point)
+    t0 = time.perf_counter()
+    cache = cache_views(head, tail, train, args.cache_views,
+                        torch.Generator().manual_seed(args.seed + 1), device=args.device)
+    print(f"feature cache: {args.cache_views} copies in {time.perf_counter() - t0:.0f} s")
+    if args.cache_file:
+        save_views(cache, args.cache_file)
+    return cache
 
 
 def _resume(codec, prefix: str):

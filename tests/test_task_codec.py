@@ -213,6 +213,34 @@ def test_training_lowers_the_rate_and_keeps_the_family_untouched(digits, digits_
     assert last[1]["accuracy"] > 0.5  # far above chance (0.1) after a few epochs
 
 
+def test_training_on_cached_views_uses_them_and_learns(digits, digits_family):
+    """cache=: epochs train on copies already through the head and the teacher; a cache
+    whose features were zeroed trains a codec that has learnt nothing about the inputs."""
+    from flowcodec.codecs.train import cache_views
+    from flowcodec.codecs.train_task import TaskTrainConfig, eval_task_forward, train_task_codec
+
+    fam = digits_family.eval()
+    train, test = digits
+    head, tail = fam.split(3, 1)
+    cache = cache_views(head, tail, train, 2, torch.Generator().manual_seed(0), progress=False)
+    assert len(cache) == 2 and cache[0][0].dtype == torch.float16
+    cfg = TaskTrainConfig(lams=(0.0,), epochs=12, batch_size=64, warmup=0.05, lr=5e-3,
+                          eval_every=0)
+    accs = []
+    for c in (cache, [(torch.zeros_like(h), y, t) for h, y, t in cache]):
+        codec = build_codec("task", (16, 8, 8), latent=8, stem=[[16, True]], hidden=32, rates=1)
+        train_task_codec(codec, fam, 3, 1, train, None, cfg, progress=False, cache=c)
+        accs.append(eval_task_forward(codec, head, tail, test, 300)[0]["accuracy"])
+    assert accs[0] > 0.6 and accs[1] < 0.3, accs
+    codec = build_codec("task", (16, 8, 8), latent=8, stem=[[16, True]], hidden=32, rates=1,
+                        views=2)
+    with pytest.raises(ConfigError, match="one-view"):
+        train_task_codec(codec, fam, 3, 1, train, None, cfg, progress=False, cache=cache)
+    codec = build_codec("task", (16, 4, 4), latent=8, stem=[[16, True]], hidden=32, rates=1)
+    with pytest.raises(ConfigError, match="shape"):
+        train_task_codec(codec, fam, 3, 1, train, None, cfg, progress=False, cache=cache)
+
+
 def test_a_rate_point_view_works_where_a_codec_is_expected(digits_family):
     from flowcodec.codecs.train import evaluate_codec
 

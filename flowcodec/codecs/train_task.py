@@ -113,12 +113,17 @@ def eval_task_forward(codec: TaskCodec, head, tail, data: ArrayDataset, n: int |
 def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: ArrayDataset,
                      test: ArrayDataset | None = None, cfg: TaskTrainConfig | None = None,
                      device: str = "cpu", progress: bool = True,
-                     checkpoint: str | Path | None = None) -> TaskTrainResult:  # fmt: skip
+                     checkpoint: str | Path | None = None,
+                     cache: list | None = None) -> TaskTrainResult:  # fmt: skip
     """Train ``codec`` at split ``point`` of ``family`` for member ``member``'s tail.
 
     The family is frozen and left as it was (modes and ``requires_grad`` restored).
     ``checkpoint`` (a path without suffix) gets the codec's weights (safetensors) and the
     history (JSON) after every epoch, so a long run can be inspected while it trains.
+    ``cache``: augmented copies of ``train`` already through the head and the teacher
+    (what :func:`~flowcodec.codecs.train.cache_views` returns for this member and point);
+    epoch ``e`` then trains on copy ``(e - 1) % len(cache)`` instead of running the head
+    live (one-view codecs only).
     """
     from flowcodec.progress import tqdm
 
@@ -128,6 +133,8 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
         raise ConfigError(f"{cfg.rates} lams for a codec with {codec.rates} rate points")
     if len(train) < cfg.batch_size:
         raise ConfigError(f"{len(train)} training samples, fewer than one batch")
+    if cache is not None:
+        _check_cache(cache, codec, cfg.batch_size)
     dev = torch.device(device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -163,7 +170,7 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
                                 {"params": aux, "lr": 1e-2}])  # fmt: skip
         base_lrs = [cfg.lr, cfg.stem_lr]
         views = getattr(codec, "views", 1)
-        per_epoch = len(train) // cfg.batch_size
+        per_epoch = (len(train) if cache is None else len(cache[0][1])) // cfg.batch_size
         total = cfg.epochs * per_epoch
         res = TaskTrainResult()
         amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
@@ -183,8 +190,7 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
             sums: dict[str, float] = {}
             counts: dict[int, int] = {}
             n_seen = 0
-            for x, y in train.batches(cfg.batch_size, shuffle=True, train=True, generator=gen,
-                                      device=dev, drop_last=True):  # fmt: skip
+            for x, y, t_cached in _task_batches(train, cache, epoch, cfg.batch_size, gen, dev):
                 r = step % codec.rates
                 for g, base in zip(opt.param_groups[:2], base_lrs):
                     g["lr"] = _lr_at(step, total, base, min(200, total // 20))
@@ -192,10 +198,11 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
                 drop = cfg.drop_prob if float(torch.rand((), generator=gen)) < cfg.drop_share \
                     else 0.0
                 with torch.no_grad(), torch.autocast(**amp):
-                    # the views' features (B, V*C, H, W); V = 1: head(x)
-                    h = codec.device_features(head, x)
+                    # the views' features (B, V*C, H, W); V = 1: head(x); cached: x is h
+                    h = x if t_cached is not None else codec.device_features(head, x)
                     per_view = h.reshape(len(h) * views, -1, *h.shape[2:])  # (B*V, C, H, W)
-                    teacher = (tail(per_view).float().reshape(len(h), views, -1).mean(1)
+                    teacher = (t_cached if t_cached is not None else
+                               tail(per_view).float().reshape(len(h), views, -1).mean(1)
                                if cfg.kd else None)  # fmt: skip
                     target = per_view.float().reshape(len(h), views, *per_view.shape[1:]).mean(1)
                 h = h.float()
@@ -264,6 +271,36 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
             p.requires_grad_(f)
         for p, f in zip(codec.parameters(), codec_flags):
             p.requires_grad_(f)
+
+
+def _check_cache(cache: list, codec: TaskCodec, batch_size: int) -> None:
+    if getattr(codec, "views", 1) != 1:
+        raise ConfigError("a feature cache trains one-view codecs only "
+                          f"(this codec codes {codec.views} views)")  # fmt: skip
+    if not cache:
+        raise ConfigError("the feature cache is empty")
+    for i, view in enumerate(cache):
+        if len(view) != 3 or tuple(view[0].shape[1:]) != tuple(codec.feature_shape):
+            raise ConfigError(f"feature cache copy {i}: expected (features, labels, teacher "
+                              f"logits) with features of shape {tuple(codec.feature_shape)}, "
+                              f"got {[tuple(v.shape) for v in view]}")  # fmt: skip
+        if not len(view[0]) == len(view[1]) == len(view[2]) or len(view[1]) < batch_size:
+            raise ConfigError(f"feature cache copy {i}: {len(view[1])} samples with "
+                              f"{len(view[0])} features and {len(view[2])} teacher rows; "
+                              f"need equal counts and at least one batch ({batch_size})")
+
+
+def _task_batches(train: ArrayDataset, cache, epoch: int, batch_size: int, gen, dev):
+    """``(x, y, None)`` of live augmented batches, or ``(h, y, teacher_logits)`` of one
+    cached copy (copy ``(epoch - 1) % len(cache)``)."""
+    if cache is None:
+        for x, y in train.batches(batch_size, shuffle=True, train=True, generator=gen,
+                                  device=dev, drop_last=True):  # fmt: skip
+            yield x, y, None
+        return
+    from flowcodec.codecs.train import _cached_batches
+
+    yield from _cached_batches(cache[(epoch - 1) % len(cache)], batch_size, gen, dev)
 
 
 def save_progress(codec, cfg, res, path) -> None:
