@@ -69,6 +69,12 @@ def main(argv=None) -> int:
                          "codec at --point from it (its encoder after a copy of the trunk's "
                          "stages in between, its decoder followed by a Lift back to --point's "
                          "shape) and train only the decoder, so its bytes are the source's")
+    ap.add_argument("--extend-from", default=None,
+                    help="a trained task codec of the zoo at --point: start from it with the "
+                         "rate points of --ladder (flowcodec.codecs.train_task.extend_rates)")
+    ap.add_argument("--ladder", default=None,
+                    help="with --extend-from: comma-separated SOURCE_RATE:LOG2_GAIN_SHIFT, one "
+                         "per rate point, e.g. 0:-1,0:0,1:0,4:1 (as many as --lams)")
     ap.add_argument("--warmup", type=float, default=0.1,
                     help="share of the steps before the rate term ramps in (0 for a warm start)")
     ap.add_argument("--stem-lr", type=float, default=5e-4)
@@ -103,6 +109,14 @@ def main(argv=None) -> int:
         codec, kwargs = lift_codec(args.lift_from, fam, args.point)
         print(f"lift from {args.lift_from} to point {args.point}: stem {kwargs['stem']} "
               f"(the symbols equal the source's at every rate point)")
+    elif args.extend_from:
+        from flowcodec.codecs.train_task import extend_rates
+
+        ladder = [tuple(e.split(":")) for e in (args.ladder or "").split(",") if e]
+        if len(ladder) != len(args.lams):
+            raise SystemExit(f"--ladder has {len(ladder)} points, --lams {len(args.lams)}")
+        codec, kwargs = extend_rates(args.extend_from, ladder, packets=args.packets)
+        print(f"rate points from {args.extend_from}: {ladder}")
     else:
         codec = build_codec("task", shape, **kwargs)
         if args.warm_start:
@@ -143,9 +157,12 @@ def main(argv=None) -> int:
               f"{ev.payload_bytes_per_image:.2f} B; {ev.n} test images)")
     extra = {"train": {**asdict(cfg), "device": args.device, "threads": args.threads,
                        "seconds": round(res.seconds, 1), "epochs": res.epochs,
-                       "steps": res.steps, "init_from_exit": not args.no_init,
+                       "steps": res.steps,
+                       "init_from_exit": not (args.no_init or args.extend_from
+                                              or args.lift_from or args.warm_start),
                        "cache_views": args.cache_views,
                        "warm_start": args.warm_start, "lift_from": args.lift_from,
+                       "extend_from": args.extend_from, "ladder": args.ladder,
                        "history": res.history},
              "measured": measured, "encoder_flops": codec.encoder_flops(),
              "point": args.point, "member": 3}

@@ -601,3 +601,30 @@ def test_zoo_variants_share_tensors_and_are_pinned(tmp_path, digits_family):
     meta.write_text(json.dumps(rec))
     with pytest.raises(CheckpointError, match="same folder"):
         load_codec(tmp_path / "base_1p")
+
+
+def test_extend_rates_keeps_the_source_points_and_adds_finer_ones():
+    """extend_rates: a shift-0 point sends the source's symbols with the source's likelihoods;
+    each +1 shift halves the quantisation step (more bytes, closer features); bad ladders
+    are named errors."""
+    from flowcodec.codecs.train_task import extend_rates
+
+    src = ready(3)
+    h = features(16, seed=4)
+    codec, kwargs = extend_rates(src, [(0, -1), (0, 0), (1, 0), (1, 1), (1, 2)], packets=1)
+    assert kwargs["rates"] == 5 and codec.rates == 5 and len(codec.groups) == 1
+    assert build_codec("task", SHAPE, **kwargs).rates == 5
+    for j, r in ((1, 0), (2, 1)):
+        assert torch.equal(codec.symbols(h, j), src.symbols(h, r))
+        assert torch.allclose(codec(h, rate=j).bits, src(h, rate=r).bits, rtol=1e-4)
+    bits = [float(codec(h, rate=j).bits.mean()) for j in range(5)]
+    assert bits[0] < bits[1] and bits[2] < bits[3] < bits[4], bits
+    # the rescaled entropy model fits the finer symbols about as well as the source's did
+    # (a moved model that ignored the scale would spend far more on the wider symbols)
+    assert bits[3] - bits[2] < 2.0 * codec.latent, bits
+    err = [float((codec.decompress(codec.compress(h, rate=j)) - h).pow(2).mean())
+           for j in (2, 3, 4)]
+    assert len(set(err)) == 3
+    for bad in ([], [(5, 0)], [(0, 40)], [("x", 0)], [(0, float("nan"))]):
+        with pytest.raises(ConfigError, match="ladder"):
+            extend_rates(src, bad)

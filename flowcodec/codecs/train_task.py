@@ -36,7 +36,8 @@ from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
 
 __all__ = ["TaskTrainConfig", "TaskTrainResult", "train_task_codec", "eval_task_forward",
-           "fit_context", "warm_start", "save_progress", "stage_stem", "lift_codec"]
+           "fit_context", "warm_start", "save_progress", "stage_stem", "lift_codec",
+           "extend_rates"]
 
 
 @dataclass
@@ -525,3 +526,61 @@ def _lift(source: TaskCodec, family, point: int) -> tuple[TaskCodec, dict]:
                               f"symbols at rate point {r} (a stage layer it cannot copy?)")
     return codec, kwargs
 
+
+
+@torch.no_grad()
+def extend_rates(source: TaskCodec | str, ladder, packets: int | None = None) -> tuple[TaskCodec,
+                                                                                         dict]:
+    """A task codec whose rate point ``j`` starts as ``source``'s rate point ``ladder[j][0]``
+    with its gain multiplied by ``2 ** ladder[j][1]`` (``+1``: a quantisation step half as
+    wide, about one more bit for every channel in use), from a trained ``source`` (an object
+    or a zoo name; its context models are not copied). Every other weight is the source's.
+
+    The entropy model of a moved rate point is rescaled exactly: a factorized prior's first
+    layer multiplies its input by ``softplus(m)``, so ``softplus(m') = softplus(m) / s`` models
+    ``s * y`` as the source modelled ``y``; its quantiles are scaled by ``s``. A ladder that
+    keeps every point of the source (shift 0) then codes those points as the source does, and
+    training goes on from there (e.g. to learn the new points' rate and the decoder's use of
+    them). Returns ``(codec, kwargs)``, the kwargs that rebuild it.
+    """
+    from flowcodec.codecs import build_codec
+
+    if isinstance(source, str):
+        from flowcodec.codecs.zoo import load_pretrained_codec
+
+        source = load_pretrained_codec(source)
+    source = source.float().eval()
+    try:
+        ladder = [(int(r), float(k)) for r, k in ladder]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"extend_rates: ladder must list (source rate, log2 gain shift) "
+                          f"pairs, got {ladder!r}") from e  # fmt: skip
+    if not ladder or any(not 0 <= r < source.rates or not math.isfinite(k) or abs(k) > 16
+                         for r, k in ladder):  # fmt: skip
+        raise ConfigError(f"extend_rates: ladder entries need a source rate in "
+                          f"0..{source.rates - 1} and a shift in [-16, 16], got {ladder}")
+    kwargs = {k: v for k, v in source.config().items()
+              if k not in ("name", "feature_shape", "context")}  # fmt: skip
+    kwargs["rates"] = len(ladder)
+    if packets is not None:
+        kwargs["packets"] = int(packets)
+    codec = build_codec("task", source.feature_shape, **kwargs)
+    src = source.state_dict()
+    per_rate = ("gain", "inv_gain", "entropy_bottlenecks.", "contexts.")
+    codec.load_state_dict({k: v for k, v in src.items() if not k.startswith(per_rate)},
+                          strict=False)  # fmt: skip
+    codec.conceal.copy_(source.conceal)
+    for j, (r, k) in enumerate(ladder):
+        shift = k * math.log(2.0)
+        codec.gain[j] = source.gain[r] + shift
+        codec.inv_gain[j] = source.inv_gain[r] - shift
+        eb, sb = codec.entropy_bottlenecks[j], source.entropy_bottlenecks[r]
+        eb.load_state_dict({n: v for n, v in sb.state_dict().items()
+                            if not n.endswith(("_offset", "_quantized_cdf", "_cdf_length"))},
+                           strict=False)  # fmt: skip
+        scale = 2.0 ** k
+        m0 = F.softplus(sb._matrix0) / scale
+        eb._matrix0.copy_(torch.log(torch.expm1(m0)))  # softplus^-1
+        eb.quantiles.copy_(sb.quantiles * scale)
+    codec.update(force=True)
+    return codec.eval(), kwargs
