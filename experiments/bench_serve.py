@@ -39,6 +39,7 @@ import torch
 
 from flowcodec.data import load_dataset
 from flowcodec.family import load_pretrained
+from flowcodec.family.pretrained import family_dataset, image_families
 from flowcodec.progress import tqdm
 from flowcodec.serve.bench import closed_loop, open_loop, pin_to_cpu, request_pool, spawn
 from flowcodec.serve.cli import build_codec_from_args
@@ -61,7 +62,7 @@ def offline_throughput(engine: TierEngine, pool: list[bytes], batch: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--family", default="digits", choices=["digits", "cifar10"])
+    ap.add_argument("--family", default="digits", choices=image_families())
     ap.add_argument("--point", type=int, default=1, help="device split point (default 1)")
     ap.add_argument("--codec", default="raw")
     ap.add_argument("--codec-kwargs", default='{"dtype": "float16"}')
@@ -101,7 +102,7 @@ def main() -> None:
     fam = load_pretrained(args.family, progress=False)
     k = fam.num_members
     codec = build_codec_from_args(fam, args.point, args.codec, args.codec_kwargs, None)
-    _, test = load_dataset(args.family)
+    _, test = load_dataset(family_dataset(args.family))
     data = test.subset(min(args.pool, len(test)), seed=0)
     pool = request_pool(fam, codec, data.normalize(data.images), args.point)
     engine = TierEngine(fam, TierSpec("edge", args.point, k), codec)

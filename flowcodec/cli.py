@@ -260,6 +260,8 @@ def cmd_align(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from flowcodec import __version__
+    from flowcodec.data import DATASETS
+    from flowcodec.family.pretrained import RECIPES
 
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="flowcodec", description=DESCRIPTION, epilog=EPILOG,
@@ -286,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out", help="folder for results (default demo_out)")
     d.add_argument("--quick", action="store_true",
                    help="a reduced run: two SNRs, one rate point, 120 samples")
-    d.add_argument("--dataset", default="digits", choices=["digits", "cifar10"],
+    d.add_argument("--dataset", default="digits", choices=sorted(DATASETS),
                    help="digits (bundled, default) or cifar10 (needs $FLOWCODEC_DATA)")
     d.add_argument("--no-cache", action="store_true",
                    help="recompute the flows even when cached results exist")
@@ -297,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train-family", help="train a family of models (CIFAR-10 CNN or ViT, digits) and save it",
         description="Train a family of early-exit models with its recipe (docs/family.md) "
         "and save the weights (safetensors) and a JSON record of how they were made.")
-    t.add_argument("--family", default="cifar10", choices=["cifar10", "cifar10-vit", "digits"],
+    t.add_argument("--family", default="cifar10", choices=sorted(RECIPES),
                    help="which family (default cifar10; cifar10-vit is the early-exit ViT, "
                         "docs/family.md)")  # fmt: skip
     t.add_argument("--data", default=None, help="CIFAR-10 folder or tarball ($FLOWCODEC_DATA)")

@@ -21,6 +21,7 @@ from flowcodec.family.train import TrainConfig, TrainResult, train_family
 from flowcodec.family.zoo import build_family
 
 __all__ = ["RECIPES", "ZOO_DIR", "pretrained_path", "save_family", "load_pretrained",
+           "family_dataset", "image_families",
            "train_recipe", "grow_recipe"]  # fmt: skip
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
@@ -51,6 +52,19 @@ RECIPES: dict[str, dict] = {
                       amp=True, distill=0.5, temperature=4.0),  # fmt: skip
     },
 }
+
+
+def family_dataset(name: str) -> str:
+    """The dataset family ``name`` is trained and evaluated on (its recipe's ``data``, else
+    its own name)."""
+    return RECIPES.get(name, {}).get("data", name)
+
+
+def image_families() -> tuple[str, ...]:
+    """The families with a recipe on an image dataset: what the image commands offer."""
+    from flowcodec.data import DATASETS
+
+    return tuple(sorted(n for n in RECIPES if family_dataset(n) in DATASETS))
 
 
 def pretrained_path(name: str) -> Path:

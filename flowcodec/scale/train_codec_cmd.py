@@ -33,6 +33,7 @@ def _cmd(args) -> int:
     from flowcodec.data import load_dataset
     from flowcodec.errors import ConfigError
     from flowcodec.family import load_pretrained
+    from flowcodec.family.pretrained import family_dataset
     from flowcodec.scale.ddp import PeerLost, from_env, lost_message, state_paths
     from flowcodec.sweeps import codec_from_spec
 
@@ -50,7 +51,7 @@ def _cmd(args) -> int:
     try:
         fam = load_pretrained(args.family, progress=False)
         member = args.member or fam.num_members
-        train, test = load_dataset(args.family)
+        train, test = load_dataset(family_dataset(args.family))
         torch.manual_seed(args.seed)
         codec = codec_from_spec({"codec": args.codec, "kwargs": kwargs}, fam, args.point)
         res = train_codec(codec, fam, member, args.point, train, None, lam=args.lam,
@@ -104,6 +105,7 @@ def _saved_epoch(out) -> int | None:
 def add_parser(sub) -> None:
     """Add ``train-codec`` to the ``flowcodec`` command's subparsers."""
     from flowcodec.config import positive_int
+    from flowcodec.family.pretrained import image_families
     from flowcodec.sweeps import add_common_arguments
 
     p = sub.add_parser(
@@ -114,7 +116,7 @@ def add_parser(sub) -> None:
         "and save it (safetensors + JSON). Under `torchrun --nproc-per-node N` every rank "
         "trains on its share of each batch with DistributedDataParallel; rank 0 saves "
         "(docs/scale.md).")  # fmt: skip
-    p.add_argument("--family", default="digits", choices=["digits", "cifar10"],
+    p.add_argument("--family", default="digits", choices=image_families(),
                    help="trained family (default digits)")
     p.add_argument("--member", type=positive_int, default=None,
                    help="receiver member (default: the largest)")

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from flowcodec.errors import ConfigError
+from flowcodec.family.pretrained import family_dataset, image_families
 from flowcodec.pipeline import DEFAULT_MAX_CONCEALED
 
 __all__ = ["add_parsers", "build_codec_from_args", "parse_tiers", "check_numbers",
@@ -88,23 +89,20 @@ _LISTEN = ("port", "max_batch", "max_wait_ms", "queue", "deadline_s")
 def build_codec_from_args(family, point: int, name: str, kwargs: str | None,
                           checkpoint: str | None):  # fmt: skip
     """The codec a command line names: a checkpoint (``save_codec``) or a registry name
-    with JSON keyword arguments; checked against the features at ``point``."""
-    from flowcodec.codecs import build_codec, load_codec
+    with JSON keyword arguments, made by :func:`~flowcodec.sweeps.codec_from_spec` (the one
+    way from a spec to a codec) and checked against the features at ``point``."""
+    from flowcodec.sweeps import codec_from_spec
 
     if checkpoint:
-        codec = load_codec(checkpoint)
-    else:
-        try:
-            kw = json.loads(kwargs) if kwargs else {}
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"codec kwargs are not JSON: {e}") from e
-        if not isinstance(kw, dict):
-            raise ConfigError("codec kwargs must be a JSON object")
-        codec = build_codec(name, family.feature_shape(point), **kw)
-    if tuple(codec.feature_shape) != family.feature_shape(point):
-        raise ConfigError(f"codec takes {codec.feature_shape}, point {point} has "
-                          f"{family.feature_shape(point)}")  # fmt: skip
-    return codec.eval()
+        return codec_from_spec({"checkpoint": checkpoint}, family, point,
+                               what=f"--checkpoint {checkpoint}")  # fmt: skip
+    try:
+        kw = json.loads(kwargs) if kwargs else {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"codec kwargs are not JSON: {e}") from e
+    if not isinstance(kw, dict):
+        raise ConfigError("codec kwargs must be a JSON object")
+    return codec_from_spec({"codec": name, "kwargs": kw}, family, point, what=f"codec {name!r}")
 
 
 def parse_tiers(text: str) -> list[tuple[str, int, float | None]]:
@@ -278,7 +276,7 @@ def cmd_device(args) -> int:
     later = [Hop(build_codec("raw", fam.feature_shape(t.point)), IIDPacketErasure(0.0), 1.0)
              for t in tiers[1:-1]]  # fmt: skip
     flow = Flow(fam, tiers, [hop, *later], max_concealed=args.max_concealed)
-    _, test = load_dataset(args.family)
+    _, test = load_dataset(family_dataset(args.family))
     data = test.subset(min(args.samples, len(test)), seed=args.seed)
     x, y = data.normalize(data.images), data.labels
     traces, correct = [], 0
@@ -427,7 +425,7 @@ def add_parsers(sub) -> None:
         "    flowcodec serve --tier cloud --point-in 2 --point 3 --port 50052\n"
         "    flowcodec serve --tier edge --point-in 1 --point 2 --exit-threshold 0.9 "
         "--next 127.0.0.1:50052")  # fmt: skip
-    s.add_argument("--family", default="digits", choices=["digits", "cifar10"])
+    s.add_argument("--family", default="digits", choices=image_families())
     s.add_argument("--tier", default="edge", help="tier name (default edge)")
     s.add_argument("--point-in", type=int, default=1,
                    help="split point the incoming features come from (default 1)")
@@ -490,7 +488,7 @@ def add_parsers(sub) -> None:
         "on stderr, and a run in which every sample fell back exits with status 1 unless "
         "--allow-fallback.")
     d.add_argument("--connect", default="127.0.0.1:50051", help="server or proxy host:port")
-    d.add_argument("--family", default="digits", choices=["digits", "cifar10"])
+    d.add_argument("--family", default="digits", choices=image_families())
     d.add_argument("--point", type=int, default=1, help="device split point (default 1)")
     d.add_argument("--exit-threshold", type=float, default=None,
                    help="answer on the device when its exit is this confident")
