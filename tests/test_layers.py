@@ -39,6 +39,7 @@ GROUND = (
     "flowcodec.views",
     "flowcodec.errors",
     "flowcodec.progress",
+    "flowcodec.training",
 )
 MODELS = ("flowcodec.family", "flowcodec.codecs")
 TRAINING = (

@@ -130,3 +130,30 @@ def test_flow_run_keeps_its_signature():
     flow = split.flow(build_codec("raw", split.feature_shape), IIDPacketErasure(0.0))
     assert isinstance(flow, Flow)
     assert inspect.signature(type(flow).run) == inspect.signature(Flow.run)
+
+
+@pytest.mark.parametrize("trainer", ["train_codec", "train_task_codec"])
+def test_codec_trainers_leave_the_family_as_they_found_it(digits, trainer):
+    """The codec trainers freeze the family while they run and put back every module's
+    mode and every parameter's flag (not one ``family.train(was)`` call)."""
+    from flowcodec.codecs import build_codec
+    from flowcodec.family import build_family
+
+    torch.manual_seed(0)
+    fam = build_family("digits").train()
+    fam.exits[0].eval()  # a mixed state, as a fine-tuning script leaves it
+    next(fam.stages[1].parameters()).requires_grad_(False)
+    before = state(fam)
+    train, _ = digits
+    if trainer == "train_codec":
+        from flowcodec.codecs.train import train_codec
+
+        codec = build_codec("factorized", (16, 8, 8), latent=4, hidden=8)
+        train_codec(codec, fam, 3, 1, train, None, epochs=1, batch_size=256, progress=False)
+    else:
+        from flowcodec.codecs.train_task import TaskTrainConfig, train_task_codec
+
+        codec = build_codec("task", (16, 8, 8), latent=4, stem=[[8, True]], hidden=8, rates=1)
+        train_task_codec(codec, fam, 3, 1, train, None,
+                         TaskTrainConfig(lams=(0.1,), epochs=1, batch_size=256), progress=False)
+    assert state(fam) == before

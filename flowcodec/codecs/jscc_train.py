@@ -33,10 +33,13 @@ import torch.nn.functional as F
 # the channel names a config can use; make_channel and CHANNELS are re-exported for a release
 from channels.registry import CHANNELS, make_channel
 from flowcodec.codecs.jscc import JSCCCodec
-from flowcodec.codecs.train import _kd_loss, _lr_at, collect_features
+from flowcodec.codecs.train import collect_features
 from flowcodec.codecs.train_task import save_progress
 from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
+from flowcodec.training import Frozen
+from flowcodec.training import kd_loss as _kd_loss
+from flowcodec.training import lr_at as _lr_at
 
 __all__ = ["JSCCTrainConfig", "JSCCTrainResult", "train_jscc", "eval_jscc", "make_channel",
            "CHANNELS"]  # fmt: skip
@@ -140,11 +143,7 @@ def train_jscc(codec: JSCCCodec, family, member: int, point: int, train: ArrayDa
     weights = torch.tensor([float(cfg.channels[k]) for k in names])
     chans = {k: make_channel(k, device=str(dev), seed=cfg.seed) for k in names}
     levels = torch.tensor(codec.levels)
-    was_training = family.training
-    flags = [p.requires_grad for p in family.parameters()]
-    family.to(dev).eval()
-    for p in family.parameters():
-        p.requires_grad_(False)
+    frozen = Frozen(family.to(dev))
     try:
         head, tail = family.split(member, point)
         feats = collect_features(head, train, n=2000, device=dev)
@@ -242,6 +241,4 @@ def train_jscc(codec: JSCCCodec, family, member: int, point: int, train: ArrayDa
         codec.eval()
         return res
     finally:
-        family.train(was_training)
-        for p, f in zip(family.parameters(), flags):
-            p.requires_grad_(f)
+        frozen.restore()

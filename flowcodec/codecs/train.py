@@ -27,6 +27,7 @@ Example
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ import torch.nn.functional as F
 from flowcodec.codecs.base import FeatureCodec
 from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
+from flowcodec.training import Frozen
+from flowcodec.training import kd_loss as _kd_loss
+from flowcodec.training import lr_at as _lr_at
 
 __all__ = ["CodecTrainResult", "CodecEval", "train_codec", "evaluate_codec", "collect_features",
            "cache_views", "save_views", "load_views"]  # fmt: skip
@@ -75,14 +79,7 @@ def collect_features(head, data: ArrayDataset, n: int | None = None, batch_size:
     return h if n is None else h[:n]
 
 
-def _lr_at(step: int, total: int, lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def train_codec(
+def _train_codec(
     codec: FeatureCodec,
     family,
     member: int,
@@ -140,9 +137,7 @@ def train_codec(
     dev = torch.device(device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    family.to(dev).eval()
-    for p in family.parameters():
-        p.requires_grad_(False)
+    family.to(dev)  # frozen by train_codec
     head, tail = family.split(member, point)
     feats = collect_features(head, train, n=2000, device=dev)
     codec.to("cpu").fit(feats)
@@ -244,10 +239,13 @@ def train_codec(
     return res
 
 
-def _kd_loss(logits: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
-    """Hinton's distillation term: ``t^2 * KL(softmax(teacher/t) || softmax(logits/t))``."""
-    return F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher / t, 1),
-                    reduction="batchmean", log_target=True) * t * t  # fmt: skip
+@functools.wraps(_train_codec)
+def train_codec(codec, family, *args, **kwargs):
+    # the family is frozen while the codec trains and left as it was (every module's mode
+    # and every parameter's requires_grad), whether training returns or raises
+    with Frozen(family):
+        return _train_codec(codec, family, *args, **kwargs)
+
 
 
 def _live_batches(head, teacher, train, batch_size, gen, dev):

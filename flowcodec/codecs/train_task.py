@@ -31,9 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from flowcodec.codecs.task import TaskCodec
-from flowcodec.codecs.train import _kd_loss, _lr_at, collect_features
+from flowcodec.codecs.train import collect_features
 from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
+from flowcodec.training import Frozen
+from flowcodec.training import kd_loss as _kd_loss
+from flowcodec.training import lr_at as _lr_at
 
 __all__ = ["TaskTrainConfig", "TaskTrainResult", "train_task_codec", "eval_task_forward",
            "fit_context", "warm_start", "save_progress", "stage_stem", "lift_codec",
@@ -139,12 +142,8 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
     dev = torch.device(device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    was_training = family.training
-    flags = [p.requires_grad for p in family.parameters()]
     codec_flags = [p.requires_grad for p in codec.parameters()]
-    family.to(dev).eval()
-    for p in family.parameters():
-        p.requires_grad_(False)
+    frozen = Frozen(family.to(dev))
     try:
         head, tail = family.split(member, point)
         feats = collect_features(head, train, n=2000, device=dev)
@@ -267,9 +266,7 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
         codec.eval()
         return res
     finally:
-        family.train(was_training)
-        for p, f in zip(family.parameters(), flags):
-            p.requires_grad_(f)
+        frozen.restore()
         for p, f in zip(codec.parameters(), codec_flags):
             p.requires_grad_(f)
 

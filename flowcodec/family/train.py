@@ -172,7 +172,7 @@ def _criterion(cfg: TrainConfig, teacher: nn.Module | None, dev: torch.device):
     ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     if teacher is None or cfg.distill == 0:
         return lambda outs, y, x: [ce(o, y) for o in outs]
-    from flowcodec.codecs.train import _kd_loss
+    from flowcodec.training import kd_loss
 
     teacher = teacher.to(dev).eval().requires_grad_(False)
     a, t = cfg.distill, cfg.temperature
@@ -180,7 +180,7 @@ def _criterion(cfg: TrainConfig, teacher: nn.Module | None, dev: torch.device):
     def crit(outs, y, x):
         with torch.no_grad():
             soft = teacher(x).float()
-        return [(1 - a) * ce(o, y) + a * _kd_loss(o, soft, t) for o in outs]
+        return [(1 - a) * ce(o, y) + a * kd_loss(o, soft, t) for o in outs]
 
     return crit
 
