@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -214,20 +215,30 @@ def cmd_info(args) -> int:
 
     # The architecture of the shipped (or cached) checkpoint when there is one: a grown
     # family's last member differs from the builder's default. No weights are loaded.
-    config, accs = {}, []
+    config, accs, nats = {}, [], []
     try:
         record = read_config(pretrained_path(args.family))
         config = {k: v for k, v in record["config"].items() if k != "name"}
         accs = list(record.get("extra", {}).get("test_accuracy") or [])
+        nats = list(record.get("extra", {}).get("val_loss_nats") or [])
     except CheckpointError:
         pass
     fam = build_family(args.family, **config)
+    language = getattr(fam.feature_shape(1), "layout", "chw") == "tokens" and hasattr(fam, "vocab")
+    flops_col = "MFLOPs/token" if language else "MFLOPs"
+    cols = ["member", "params", flops_col] + (
+        ["val nats/char", "bits/char"] if language else ["test acc %"])
     rows = []
     for m in fam.info():
-        row = {"member": m.index, "params": f"{m.params:,}", "MFLOPs": f"{m.flops / 1e6:.2f}"}
-        row["test acc %"] = f"{100 * accs[m.index - 1]:.2f}" if len(accs) >= m.index else "-"
+        row = {"member": m.index, "params": f"{m.params:,}", flops_col: f"{m.flops / 1e6:.2f}"}
+        if language:
+            have = len(nats) >= m.index
+            row["val nats/char"] = f"{nats[m.index - 1]:.4f}" if have else "-"
+            row["bits/char"] = f"{nats[m.index - 1] / math.log(2):.4f}" if have else "-"
+        else:
+            row["test acc %"] = f"{100 * accs[m.index - 1]:.2f}" if len(accs) >= m.index else "-"
         rows.append(row)
-    print(_table(rows, ["member", "params", "MFLOPs", "test acc %"]))
+    print(_table(rows, cols))
     for p in range(1, fam.num_members + 1):
         shape = fam.feature_shape(p)
         print(f"split point {p}: features {tuple(shape)} ({getattr(shape, 'layout', 'chw')}), "
@@ -258,10 +269,17 @@ def cmd_align(args) -> int:
     return 0
 
 
+def cmd_lm(args) -> int:
+    from flowcodec.lm.cli import main as lm_main
+
+    return lm_main(args.lm_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from flowcodec import __version__
     from flowcodec.data import DATASETS
     from flowcodec.family.pretrained import RECIPES
+    from flowcodec.family.zoo import FAMILIES
 
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="flowcodec", description=DESCRIPTION, epilog=EPILOG,
@@ -346,12 +364,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     _serve.add_parsers(sub)  # serve, proxy, device (docs/deployment.md)
 
+    lm = sub.add_parser(
+        "lm", add_help=False, help="the language family: train, generate, eval",
+        description="The shakespeare-char family (docs/language.md): `flowcodec lm train`, "
+        "`flowcodec lm generate`, `flowcodec lm eval`; `flowcodec lm --help` for each.")
+    lm.add_argument("lm_args", nargs=argparse.REMAINDER)
+    lm.set_defaults(func=cmd_lm)
+
+    from flowcodec.coop import bench as _coop_bench
+    from flowcodec.coop import train as _coop_train
+
+    c = sub.add_parser(
+        "coop", help="several devices, one answer: the cooperative benchmark",
+        description="Score trained cooperative device encoders and edge fusion (train-coop) "
+        "on the multi-view test set against each device alone, the devices' averaged "
+        "answers, single views through the largest member and the whole image; "
+        "selective transmission's threshold sweep; CSV, JSON and a plot "
+        "(docs/cooperative.md).")  # fmt: skip
+    _coop_bench.add_arguments(c)
+    c.set_defaults(func=_coop_bench.run)
+    tc = sub.add_parser(
+        "train-coop", help="train cooperative device encoders and the edge fusion",
+        description="Train one task encoder per device kind and the edge's fusion module "
+        "for the largest member's tail on seeded multi-view data (docs/cooperative.md).")
+    _coop_train.add_arguments(tc)
+    tc.set_defaults(func=_coop_train.run)
+
     i = sub.add_parser(
         "info", help="parameters, FLOPs and split points of a family",
         description="Print each member's parameters, FLOPs and recorded test accuracy, and "
         "the feature shape and device FLOPs at every split point (the architecture of the "
         "shipped or cached checkpoint; no weights are loaded).")
-    i.add_argument("--family", default="cifar10", choices=["cifar10", "cifar10-vit", "digits"],
+    i.add_argument("--family", default="cifar10", choices=sorted(FAMILIES),
                    help="which family (default cifar10)")
     i.set_defaults(func=cmd_info)
     _refuse_abbreviations(p)
@@ -370,7 +414,11 @@ def _refuse_abbreviations(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm"]:  # its own parser (flowcodec.lm.cli), --help included
+        args = argparse.Namespace(command="lm", func=cmd_lm, lm_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

@@ -1,0 +1,451 @@
+"""Joint training of the devices' task encoders and the edge fusion (cooperative inference).
+
+The family stays frozen: each device's head and exit convolutions (its member's own), the
+largest member's tail. What trains is each device kind's linear map to the latent, its gain
+and entropy model, and the edge (per-kind decoders, pooling, synthesis decoder), on
+
+    CE(tail(fuse(devices that arrived)), y) + kd * T^2 KL(member 3 on the full image || fused)
+        + ramp(step) * lam * (sum of the devices' kbits per image)
+
+with one shared ``lam`` for every device (the distributed rate-relevance trade-off), the
+rate term off for the first ``warmup`` share of the steps and ramped in over the next one,
+and *device dropout*: each device is left out of a sample's fusion with probability
+``device_drop`` (at least one stays), so that the edge learns to answer from any subset.
+
+Because what a device computes before its linear map is frozen, its pooled exit features of
+``copies`` augmented copies of the training set are computed once (with the teacher's
+logits on the full image) and cached; an epoch then costs only the edge's synthesis, the
+tail's forward and backward, and small linear maps. ``--cache-file`` keeps the cache for
+another run (safetensors). Training state is written after every epoch (``--resume``
+continues a stopped run); ``--seconds`` fits the number of epochs to a time budget.
+
+Example
+-------
+>>> TrainConfig(lam=0.5).check().lam
+0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flowcodec.codecs.train import _kd_loss, _lr_at
+from flowcodec.coop.fusion import CoopConfig, CoopModel, save_coop
+from flowcodec.coop.views import ViewConfig, ViewGenerator
+from flowcodec.data import ArrayDataset
+from flowcodec.errors import ConfigError
+
+__all__ = ["TrainConfig", "TrainResult", "build_cache", "train_coop", "evaluate_forward",
+           "device_mask", "add_arguments", "run", "main"]
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`train_coop` (plain values: saved with the checkpoint)."""
+
+    lam: float = 0.5  # rate weight per kbit, shared by every device
+    kd: float = 1.0
+    temperature: float = 2.0
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup: float = 0.15
+    device_drop: float = 0.3
+    copies: int = 2  # augmented copies of the training set in the feature cache (at most)
+    cache_share: float = 0.35  # with a time budget: the most of it the cache may take
+    seed: int = 0
+    time_budget: float | None = None
+    eval_n: int = 2000
+
+    def check(self) -> TrainConfig:
+        bad = []
+        if not math.isfinite(self.lam) or self.lam < 0:
+            bad.append(f"lam must be >= 0, got {self.lam}")
+        if self.kd < 0 or self.temperature <= 0:
+            bad.append("kd must be >= 0 and temperature > 0")
+        if self.epochs < 1 or self.batch_size < 1 or self.copies < 1 or self.lr <= 0:
+            bad.append("epochs, batch_size and copies must be >= 1 and lr > 0")
+        if not 0 <= self.warmup < 0.5:
+            bad.append(f"warmup must be in [0, 0.5), got {self.warmup}")
+        if not 0 < self.cache_share <= 1:
+            bad.append(f"cache_share must be in (0, 1], got {self.cache_share}")
+        if not 0 <= self.device_drop < 1:
+            bad.append(f"device_drop must be in [0, 1), got {self.device_drop}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            bad.append("time_budget must be > 0 seconds")
+        if bad:
+            raise ConfigError("coop training: " + "; ".join(bad))
+        return self
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    cache_seconds: float = 0.0
+    steps: int = 0
+    epochs: int = 0
+    images_per_s: float = 0.0
+
+
+def device_mask(b: int, n: int, drop: float, generator: torch.Generator) -> torch.Tensor:
+    """Bool ``(b, n)``: each device kept with probability ``1 - drop``, at least one per row."""
+    keep = torch.rand(b, n, generator=generator) >= drop
+    none = ~keep.any(1)
+    if none.any():
+        pick = torch.randint(0, n, (b,), generator=generator)
+        keep[none, pick[none]] = True
+    return keep
+
+
+@torch.no_grad()
+def build_cache(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator,
+                data: ArrayDataset, copies: int, generator: torch.Generator,
+                train: bool = True, progress: bool = True, batch_size: int = 500,
+                time_budget: float | None = None) -> dict:
+    """Pooled device features of ``copies`` (augmented when ``train``) copies of ``data``:
+    ``{"z{k}": (C, N, P_k) float16 per device slot k, "y": (C, N),
+    "t": (C, N, classes) teacher logits on the full image}``. With ``time_budget``
+    (seconds), copies after the first are made only while the next one is expected to end
+    within it, so ``C`` may be less than ``copies``."""
+    from flowcodec.progress import tqdm
+
+    if len(kinds) != views.devices:
+        raise ConfigError(f"{len(kinds)} device kinds for a view generator of "
+                          f"{views.devices} devices")
+    fam = model.family
+    teacher = fam.member(model.cfg.member).eval()
+    was = model.training
+    model.eval()  # the frozen stems' batch norms use their running statistics
+    n = len(data)
+    zs = [[] for _ in kinds]
+    ys, ts = [], []
+    steps = copies * math.ceil(n / batch_size)
+    with tqdm(total=steps, desc="cache device features", disable=not progress,
+              leave=False) as bar:
+        t0 = time.perf_counter()
+        for c in range(copies):
+            spent = time.perf_counter() - t0
+            if c and time_budget is not None and spent * (c + 1) / c > time_budget:
+                break
+            at = 0
+            for x, y in data.batches(batch_size, shuffle=False, train=train,
+                                     generator=generator):
+                idx = torch.arange(at, at + len(y)) + c * n
+                at += len(y)
+                v = views(x, idx)
+                for k, kind in enumerate(kinds):
+                    zs[k].append(model.pooled(kind, v[:, k]).half())
+                ys.append(y)
+                ts.append(teacher(x).float())
+                bar.update(1)
+    model.train(was)
+    made = len(ys) // math.ceil(n / batch_size)
+    out = {f"z{k}": torch.cat(z).view(made, n, -1) for k, z in enumerate(zs)}
+    out["y"] = torch.cat(ys).view(made, n)
+    out["t"] = torch.cat(ts).view(made, n, -1)
+    return out
+
+
+def _check_cache(cache: dict, kinds, model: CoopModel) -> None:
+    need = [f"z{k}" for k in range(len(kinds))] + ["y", "t"]
+    missing = [k for k in need if k not in cache]
+    if missing:
+        raise ConfigError(f"feature cache lacks {missing}")
+    n = cache["y"].shape[1]
+    for k, kind in enumerate(kinds):
+        p = model.devices[kind].pooled_dim
+        if cache[f"z{k}"].shape[1:] != (n, p):
+            raise ConfigError(f"feature cache z{k}: expected (copies, {n}, {p}), got "
+                              f"{tuple(cache[f'z{k}'].shape)}")
+
+
+def _fuse(model: CoopModel, kinds, zs, mask, rate=None):
+    lats, bits = [], []
+    for kind, z in zip(kinds, zs):
+        lat, b = model.latent(kind, z, rate)
+        lats.append(lat)
+        bits.append(b)
+    return model.edge(lats, list(kinds), mask), torch.stack(bits, 1)
+
+
+@torch.no_grad()
+def evaluate_forward(model: CoopModel, kinds, cache: dict, n: int | None = None) -> dict:
+    """Accuracy with every device, estimated bytes per device (rounded latents: the real
+    bytes come from :mod:`flowcodec.coop.bench`), on copy 0 of a cache."""
+    was = model.training
+    model.eval()
+    total = cache["y"].shape[1] if n is None else min(n, cache["y"].shape[1])
+    correct, bits, agree = 0, 0.0, 0
+    for s in range(0, total, 500):
+        e = min(total, s + 500)
+        zs = [cache[f"z{k}"][0, s:e].float() for k in range(len(kinds))]
+        out, b = _fuse(model, kinds, zs, None)
+        y = cache["y"][0, s:e]
+        correct += int((out.logits.argmax(1) == y).sum())
+        agree += int((out.logits.argmax(1) == cache["t"][0, s:e].argmax(1)).sum())
+        bits += float(b.sum())
+    model.train(was)
+    return {"accuracy": correct / total, "teacher_agreement": agree / total,
+            "est_bytes_per_device": bits / total / len(kinds) / 8, "n": total}
+
+
+def train_coop(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator,
+               train: ArrayDataset, test: ArrayDataset | None = None,
+               cfg: TrainConfig | None = None, checkpoint: str | Path | None = None,
+               resume: bool = False, cache: dict | None = None, progress: bool = True,
+               cache_file: str | Path | None = None) -> TrainResult:
+    """Train ``model`` (devices of ``kinds``, one per view slot) on ``train``.
+
+    The family is frozen and restored afterwards (modes and ``requires_grad``).
+    ``checkpoint`` (a path without suffix) gets the training state after every epoch;
+    ``resume`` continues from it. ``cache`` / ``cache_file``: a feature cache made by
+    :func:`build_cache` (the file is written when missing, read when present)."""
+    from flowcodec.progress import tqdm
+    from flowcodec.scale.ddp import load_state, save_state
+
+    cfg = (cfg or TrainConfig()).check()
+    kinds = tuple(kinds)
+    if len(kinds) != views.devices or len(kinds) > model.cfg.max_devices:
+        raise ConfigError(f"{len(kinds)} device kinds for {views.devices} views and a model "
+                          f"fusing up to {model.cfg.max_devices}")
+    for k in kinds:
+        model._kind(k)
+    fam = model.family
+    was, flags = fam.training, [p.requires_grad for p in fam.parameters()]
+    fam.eval()
+    for p in fam.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    res = TrainResult()
+    try:
+        model.set_prior(train.labels)
+        t0 = time.perf_counter()
+        if cache is None and cache_file is not None and Path(cache_file).is_file():
+            cache = _load_cache(cache_file, cfg, views)
+        if cache is None:
+            budget = None if cfg.time_budget is None else cfg.cache_share * cfg.time_budget
+            cache = build_cache(model, kinds, views, train, cfg.copies, gen, True, progress,
+                                time_budget=budget)
+            if cache_file is not None:
+                _save_cache(cache, cache_file, cfg, views)
+        _check_cache(cache, kinds, model)
+        test_cache = None
+        if test is not None and cfg.eval_n:
+            sub = test.take(torch.arange(min(cfg.eval_n, len(test))))
+            test_cache = build_cache(model, kinds, views, sub, 1, gen, False, False)
+        res.cache_seconds = time.perf_counter() - t0
+        copies, n = cache["y"].shape
+        per_epoch = n // cfg.batch_size
+        if per_epoch < 1:
+            raise ConfigError(f"{n} training samples, fewer than one batch ({cfg.batch_size})")
+        total = planned = cfg.epochs * per_epoch
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        aux = [p for name, p in model.named_parameters() if name.endswith("quantiles")]
+        aux_ids = {id(p) for p in aux}
+        main = [p for p in trainable if id(p) not in aux_ids]
+        opt = torch.optim.Adam([{"params": main, "lr": cfg.lr},
+                                {"params": aux, "lr": 1e-2}])
+        step, epoch = 0, 0
+        if checkpoint is not None and resume:
+            saved = load_state(checkpoint, model, opt, None, gen)
+            if saved is not None:
+                epoch, res.history = int(saved["epoch"]), list(saved["history"])
+                step = int(saved["extra"]["step"])
+                if int(saved["extra"].get("planned", -1)) == total:  # same plan: its budget
+                    total = int(saved["extra"]["total"])
+        bar = tqdm(total=total, initial=step, desc="train coop", disable=not progress,
+                   leave=False)
+        start = time.perf_counter()
+        trained = 0
+        while step < total:
+            epoch += 1
+            model.train()
+            for d in model.devices.values():  # frozen stems keep their BN statistics
+                d.codec.g_a.stem.eval()
+            c = (epoch - 1) % copies
+            order = torch.randperm(n, generator=gen)
+            sums: dict[str, float] = {}
+            seen = 0
+            t_epoch = time.perf_counter()
+            for s in range(0, n - cfg.batch_size + 1, cfg.batch_size):
+                if step >= total:
+                    break
+                idx = order[s:s + cfg.batch_size]
+                zs = [cache[f"z{k}"][c, idx].float() for k in range(len(kinds))]
+                y, t = cache["y"][c, idx], cache["t"][c, idx]
+                opt.param_groups[0]["lr"] = _lr_at(step, total, cfg.lr, min(200, total // 20))
+                ramp = min(1.0, max(0.0, (step / total - cfg.warmup) / max(cfg.warmup, 1e-9)))
+                mask = device_mask(len(y), len(kinds), cfg.device_drop, gen)
+                out, bits = _fuse(model, kinds, zs, mask)
+                task = F.cross_entropy(out.logits, y)
+                kd = _kd_loss(out.logits, t, cfg.temperature) if cfg.kd else task.new_zeros(())
+                kbits = bits.sum(1).mean() / 1000
+                loss = task + cfg.kd * kd + ramp * cfg.lam * kbits
+                aux_loss = sum(d.codec.aux_loss() for d in model.devices.values())
+                opt.zero_grad(set_to_none=True)
+                (loss + aux_loss).backward()
+                torch.nn.utils.clip_grad_norm_(main, 5.0)
+                opt.step()
+                b = len(y)
+                seen += b
+                for key, v in (("loss", loss), ("task", task), ("kd", kd), ("kbits", kbits)):
+                    sums[key] = sums.get(key, 0.0) + float(v.detach()) * b
+                step += 1
+                bar.update(1)
+            trained += seen
+            rec = {"epoch": epoch, "step": step, "copy": c,
+                   **{k: v / max(1, seen) for k, v in sums.items()},
+                   "est_bytes_per_device": sums.get("kbits", 0.0) / max(1, seen) * 125
+                   / len(kinds),
+                   "seconds": round(time.perf_counter() - start, 1)}
+            if test_cache is not None:
+                rec["eval"] = evaluate_forward(model, kinds, test_cache)
+            res.history.append(rec)
+            if progress:
+                ev = rec.get("eval", {})
+                bar.write(f"epoch {epoch}: loss {rec['loss']:.3f} task {rec['task']:.3f} "
+                          f"{rec['est_bytes_per_device']:.1f} B/device "
+                          f"{rec['seconds']:.0f}s "
+                          + (f"test {100 * ev['accuracy']:.1f}% at "
+                             f"{ev['est_bytes_per_device']:.1f} B/device" if ev else ""))
+            elapsed = time.perf_counter() - start
+            if cfg.time_budget is not None and step < total:
+                took = time.perf_counter() - t_epoch
+                left = int(max(0.0, cfg.time_budget - res.cache_seconds - elapsed) /
+                           max(took, 1e-6))
+                total = min(total, step + left * per_epoch)
+                bar.total = total
+            if checkpoint is not None:
+                save_state(checkpoint, model, opt, None, gen, epoch, res.history,
+                           {"step": step, "total": total, "planned": planned})
+        bar.close()
+        res.seconds = time.perf_counter() - start
+        res.steps, res.epochs = step, epoch
+        res.images_per_s = trained / max(res.seconds, 1e-9)
+        model.eval()
+        model.update(force=True)
+        return res
+    finally:
+        fam.train(was)
+        for p, f in zip(fam.parameters(), flags):
+            p.requires_grad_(f)
+
+
+def _cache_meta(cfg: TrainConfig, views: ViewGenerator) -> dict:
+    """What a cache file must have been made with to be reused (the copies it holds may
+    be fewer than asked: a time budget cut them)."""
+    return {"seed": str(cfg.seed), "views": json.dumps(views.cfg.record(), sort_keys=True)}
+
+
+def _save_cache(cache: dict, path, cfg, views) -> None:
+    from safetensors.torch import save_file
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    save_file({k: v.contiguous() for k, v in cache.items()}, str(tmp),
+              metadata=_cache_meta(cfg, views))
+    os.replace(tmp, path)
+
+
+def _load_cache(path, cfg, views) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta != _cache_meta(cfg, views):
+            raise ConfigError(f"{path}: a feature cache made with {meta}, not "
+                              f"{_cache_meta(cfg, views)}; remove it or name another file")
+        cache = {k: f.get_tensor(k) for k in f.keys()}
+    return {k: v[:cfg.copies] for k, v in cache.items()}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add this command's options to ``p`` (``flowcodec.cli`` reuses them)."""
+    p.add_argument("--family", default="cifar10",
+                   help="trained family (data set of the same name)")
+    p.add_argument("--devices", type=int, default=4, help="devices K (1..4)")
+    p.add_argument("--kinds", nargs="+", default=["m2"],
+                   help="device kind per slot (one name: every device)")
+    p.add_argument("--latent", type=int, default=10,
+                   help="numbers a device codes (10: its latent map costs what member 2's "
+                        "exit linear layer does, so a device spends exactly member 2's FLOPs)")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--area", type=float, default=ViewConfig.area)
+    p.add_argument("--jitter", type=float, default=ViewConfig.jitter)
+    p.add_argument("--noise", type=float, default=ViewConfig.noise)
+    p.add_argument("--view-seed", type=int, default=0)
+    for name, f in TrainConfig.__dataclass_fields__.items():
+        if name in ("time_budget",):
+            continue
+        p.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default)
+    p.add_argument("--seconds", type=float, default=None, help="time budget (whole run)")
+    p.add_argument("--train-n", type=int, default=None, help="train on a subset (smoke runs)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", required=True, help="checkpoint path without suffix")
+    p.add_argument("--cache-file", default=None, help="feature cache (safetensors)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flowcodec.coop.train",
+                                description="Train cooperative device encoders and edge "
+                                            "fusion (docs/cooperative.md).")
+    add_arguments(p)
+    return p
+
+
+def main(argv=None) -> int:
+    """``python -m`` entry point: parse ``argv`` and :func:`run`."""
+    return run(_parser().parse_args(argv))
+
+
+def run(a: argparse.Namespace) -> int:
+    """Run the command with parsed options ``a`` (what ``flowcodec.cli`` calls)."""
+    from flowcodec.data import load_dataset
+    from flowcodec.family import load_pretrained
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    kinds = tuple(a.kinds) * a.devices if len(a.kinds) == 1 else tuple(a.kinds)
+    vcfg = ViewConfig(devices=a.devices, area=a.area, jitter=a.jitter, noise=a.noise,
+                      seed=a.view_seed)
+    views = ViewGenerator(vcfg)
+    tcfg = TrainConfig(**{k: getattr(a, k) for k in TrainConfig.__dataclass_fields__
+                          if k != "time_budget"}, time_budget=a.seconds).check()
+    fam = load_pretrained(a.family, progress=not a.no_progress).eval()
+    train, test = load_dataset(a.family)
+    if a.train_n:
+        train = train.subset(a.train_n, seed=tcfg.seed)
+    model = CoopModel(fam, CoopConfig(kinds=tuple(dict.fromkeys(kinds)), max_devices=4,
+                                      latent=a.latent, dim=a.dim, hidden=a.hidden))
+    res = train_coop(model, kinds, views, train, test, tcfg, checkpoint=a.out,
+                     resume=a.resume, progress=not a.no_progress, cache_file=a.cache_file)
+    extra = {"train": asdict(tcfg), "views": vcfg.record(), "kinds": list(kinds),
+             "history": res.history, "seconds": round(res.seconds, 1),
+             "cache_seconds": round(res.cache_seconds, 1), "steps": res.steps,
+             "images_per_s": round(res.images_per_s, 1), "train_n": len(train)}
+    path = save_coop(model, a.out, extra)
+    last = res.history[-1] if res.history else {}
+    print(json.dumps({"checkpoint": str(path), "epochs": res.epochs, "steps": res.steps,
+                      "seconds": round(res.seconds, 1),
+                      "cache_seconds": round(res.cache_seconds, 1),
+                      "images_per_s": round(res.images_per_s, 1),
+                      "eval": last.get("eval")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
