@@ -1,14 +1,15 @@
-"""The shipped zoo (family and codec checkpoints in the wheel) stays under 30 MB."""
+"""The shipped zoo (family and codec checkpoints in the wheel) stays under 60 MB (raised from
+30 MB by issue 26; the language family of issue 29 is its first user, float16, 6.4 MB)."""
 
 from pathlib import Path
 
 import flowcodec
 
 ZOO = Path(flowcodec.__file__).parent / "zoo"
-LIMIT = 30_000_000  # bytes
+LIMIT = 60_000_000  # bytes
 
 
-def test_the_shipped_zoo_is_under_30_mb():
+def test_the_shipped_zoo_is_under_60_mb():
     files = [p for p in ZOO.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")]
     assert files, f"no checkpoints under {ZOO}"
     total = sum(p.stat().st_size for p in files)
