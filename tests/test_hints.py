@@ -42,9 +42,10 @@ def all_parsers(parser: argparse.ArgumentParser):
 
 def cli_flags() -> set[str]:
     from flowcodec.cli import build_parser
+    from flowcodec.lm.cli import build_parser as lm_parser  # `flowcodec lm ...` forwards to it
 
-    return {o for p in all_parsers(build_parser()) for a in p._actions
-            for o in a.option_strings if o.startswith("--")}  # fmt: skip
+    return {o for root in (build_parser(), lm_parser()) for p in all_parsers(root)
+            for a in p._actions for o in a.option_strings if o.startswith("--")}  # fmt: skip
 
 
 def message_strings(tree: ast.AST):

@@ -292,7 +292,11 @@ def test_version_and_info_choices(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert __version__ in capsys.readouterr().out
-    assert "{cifar10,cifar10-vit,digits}" in _help("info")
+    from flowcodec.family import FAMILIES
+
+    # every registered family, the language family included, and nothing else
+    assert "{" + ",".join(sorted(FAMILIES)) + "}" in _help("info")
+    assert {"cifar10", "cifar10-vit", "digits", "shakespeare-char"} <= set(FAMILIES)
 
 
 def test_default_latency_config_resolves_outside_the_checkout(tmp_path, monkeypatch):

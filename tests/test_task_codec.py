@@ -231,7 +231,7 @@ def test_training_on_cached_views_uses_them_and_learns(digits, digits_family):
         codec = build_codec("task", (16, 8, 8), latent=8, stem=[[16, True]], hidden=32, rates=1)
         train_task_codec(codec, fam, 3, 1, train, None, cfg, progress=False, cache=c)
         accs.append(eval_task_forward(codec, head, tail, test, 300)[0]["accuracy"])
-    assert accs[0] > 0.6 and accs[1] < 0.3, accs
+    assert accs[0] > 0.4 and accs[1] < 0.25, accs  # chance: 0.1
     codec = build_codec("task", (16, 8, 8), latent=8, stem=[[16, True]], hidden=32, rates=1,
                         views=2)
     with pytest.raises(ConfigError, match="one-view"):

@@ -95,7 +95,7 @@ def build_codec_from_args(family, point: int, name: str, kwargs: str | None,
 
     if checkpoint:
         return codec_from_spec({"checkpoint": checkpoint}, family, point,
-                               what=f"--checkpoint {checkpoint}")  # fmt: skip
+                               what=f"codec checkpoint {checkpoint}")  # fmt: skip
     try:
         kw = json.loads(kwargs) if kwargs else {}
     except json.JSONDecodeError as e:
