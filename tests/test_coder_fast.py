@@ -226,12 +226,19 @@ def test_grid_tables_are_integer_frequencies_over_the_support(lo, n, si, data):
     freq = np.ldexp(row, 16)
     assert np.array_equal(freq, np.round(freq))
     assert freq.sum() == 65536 and (freq[:n] >= 1).all() and (freq[n:] == 0).all()
-    # close to the format-1 table of the same cell (erf from libm there): every entry
-    # within one unit but the largest, which takes the rounding remainder
+    # close to the format-1 table of the same cell (erf from libm there): every entry within
+    # one unit but the largest, which takes the rounding remainder; where two entries tie for
+    # the largest before it (a flat cell), the formats may give it to different ones: the
+    # two entries then swap values (within one unit)
     if n > 1:
         old = np.diff(np.array(_grid_cdf(lo, lo + n - 1, m, si)))
-        diff = np.sort(np.abs(old - freq[:n]))
-        assert diff[:-1].max(initial=0) <= 1 and diff.sum() <= 2 * n
+        diff = np.abs(old - freq[:n])
+        big = np.flatnonzero(diff > 1)
+        assert len(big) <= 2, diff
+        if len(big) == 2:
+            a, b = big
+            assert abs(old[a] - freq[b]) <= 1 and abs(old[b] - freq[a]) <= 1, (big, old[big])
+        assert np.delete(diff, big).sum() <= 2 * n
 
 
 def test_the_fixed_point_cells_track_the_float_model():
