@@ -250,9 +250,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", type=float, default=0.3, help="i.i.d. device loss probability")
     p.add_argument("--seed", type=int, default=0, help="seed of the device losses")
     p.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--no-progress", action="store_true")
+    from flowcodec.sweeps import add_common_arguments
+
+    add_common_arguments(p, threads=None)  # --threads (default: torch's), --no-progress
 
 
 def _parser() -> argparse.ArgumentParser:

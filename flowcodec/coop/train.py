@@ -392,11 +392,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default)
     p.add_argument("--seconds", type=float, default=None, help="time budget (whole run)")
     p.add_argument("--train-n", type=int, default=None, help="train on a subset (smoke runs)")
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", required=True, help="checkpoint path without suffix")
     p.add_argument("--cache-file", default=None, help="feature cache (safetensors)")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    from flowcodec.sweeps import add_common_arguments
+
+    add_common_arguments(p, threads=None)  # --threads (default: torch's), --no-progress
 
 
 def _parser() -> argparse.ArgumentParser:

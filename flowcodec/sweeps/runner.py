@@ -160,10 +160,11 @@ def write_json(path: Path, obj) -> None:
 
 
 # --- options -------------------------------------------------------------------------------------
-def add_common_arguments(p, threads: int = 2) -> None:
-    """``--threads`` (torch CPU threads, default ``threads``) and ``--no-progress``."""
-    p.add_argument("--threads", type=int, default=threads,
-                   help=f"CPU threads (default {threads})")  # fmt: skip
+def add_common_arguments(p, threads: int | None = 2) -> None:
+    """``--threads`` (torch CPU threads, default ``threads``; None: torch's own) and
+    ``--no-progress``."""
+    shown = threads if threads else "torch's"
+    p.add_argument("--threads", type=int, default=threads, help=f"CPU threads (default {shown})")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
