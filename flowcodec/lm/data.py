@@ -23,7 +23,7 @@ import torch
 from flowcodec.data import cache_dir
 from flowcodec.errors import ConfigError, DataNotFoundError
 
-__all__ = ["CharVocab", "SHAKESPEARE_FILE", "find_shakespeare", "load_shakespeare",
+__all__ = ["CharVocab", "SHAKESPEARE_FILE", "find_shakespeare", "load_shakespeare", "eval_windows",
            "sample_windows", "TRAIN_FRACTION"]  # fmt: skip
 
 SHAKESPEARE_FILE = "tinyshakespeare.txt"
@@ -110,3 +110,17 @@ def sample_windows(ids: torch.Tensor, batch: int, length: int,
     idx = start.unsqueeze(1) + torch.arange(length + 1)
     w = ids[idx]
     return w[:, :-1], w[:, 1:]
+
+
+def eval_windows(ids: torch.Tensor, context: int, max_windows: int | None = None,
+                 what: str = "") -> torch.Tensor:  # fmt: skip
+    """Start offsets of the consecutive ``context``-long windows of ``ids`` that have a next
+    id to predict (``max_windows``: that many, evenly spaced). ConfigError with fewer than
+    ``context + 1`` ids (``what`` says what for)."""
+    n = (len(ids) - 1) // context
+    if n < 1:
+        raise ConfigError(f"need more than {context} ids{what}, got {len(ids)}")
+    starts = torch.arange(n) * context
+    if max_windows is not None and max_windows < n:
+        starts = starts[torch.linspace(0, n - 1, max_windows).round().long()]
+    return starts

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from flowcodec.errors import ConfigError
 from flowcodec.family.lm import KVCache, LanguageFamily
+from flowcodec.lm.data import eval_windows
 
 __all__ = ["GenerationTrace", "Round", "encode_message", "decode_message", "generate_device",
            "generate_edge", "generate_speculative", "generate_gated", "gated_loss", "pass_times",
@@ -452,12 +453,7 @@ def gated_loss(family: LanguageFamily, ids: torch.Tensor, draft: int = 1,
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"threshold must be a probability in [0, 1], got {threshold!r}")
     context = context or family.context
-    nwin = (len(ids) - 1) // context
-    if nwin < 1:
-        raise ConfigError(f"need more than {context} ids, got {len(ids)}")
-    starts = torch.arange(nwin) * context
-    if max_windows is not None and max_windows < nwin:
-        starts = starts[torch.linspace(0, nwin - 1, max_windows).round().long()]
+    starts = eval_windows(ids, context, max_windows)
     was = family.training
     family.eval()
     dev = _device(family)

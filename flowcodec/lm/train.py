@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from flowcodec.errors import CheckpointError, ConfigError
 from flowcodec.family.checkpoint import load_family, save_checkpoint, weights_sha256
 from flowcodec.family.lm import LanguageFamily
-from flowcodec.lm.data import sample_windows
+from flowcodec.lm.data import eval_windows, sample_windows
 from flowcodec.progress import tqdm
 
 __all__ = ["LMTrainConfig", "LMTrainResult", "train_lm", "evaluate_lm", "save_lm", "load_lm",
@@ -142,12 +142,7 @@ def evaluate_lm(family: LanguageFamily, ids: torch.Tensor, context: int | None =
     windows of ``context`` characters (the family's by default; each window starts
     without history, the usual convention). ``max_windows`` takes evenly spaced windows."""
     context = context or family.context
-    n = (len(ids) - 1) // context
-    if n < 1:
-        raise ConfigError(f"need more than {context} ids to evaluate, got {len(ids)}")
-    starts = torch.arange(n) * context
-    if max_windows is not None and max_windows < n:
-        starts = starts[torch.linspace(0, n - 1, max_windows).round().long()]
+    starts = eval_windows(ids, context, max_windows, " to evaluate")
     was = family.training
     family.eval()
     dev = next(family.parameters()).device
