@@ -18,6 +18,12 @@ In one run, on the same machine and with the same thread count:
 `--pin` pins the server to CPU 1 and this process (the load generator) to CPU 0, so
 that the two do not share a core (skipped, with a note, where affinity is unsupported).
 
+`--transports grpc,tcp` runs phases 2 and 3 once per transport against the same offline
+figure (a server per transport; `tcp`: its framed TCP port, `flowcodec serve --tcp-port`),
+and `--answer json|binary` picks the answers' form (default binary; the servers before
+the binary form answer JSON only). `--server-src DIR` runs the server from another source
+tree (`git archive` of an older commit), for a before/after with the same command.
+
 Writes `OUT/bench_serve_FAMILY.csv` and `.json` and the plot `--plot`. Run it with the
 cores free (through the CPU lock):
 
@@ -85,6 +91,12 @@ def main() -> None:
                     help="calls each device keeps in flight there (default 2)")
     ap.add_argument("--pin", action="store_true",
                     help="pin the server to CPU 1 and the load generator to CPU 0")
+    ap.add_argument("--transports", default="grpc",
+                    help="grpc, tcp, or both (grpc,tcp): one server and one set of phases each")
+    ap.add_argument("--answer", default="binary", choices=["binary", "json"],
+                    help="the form of the answers asked for (default binary)")
+    ap.add_argument("--server-src", default=None,
+                    help="run the server from this source tree (default: this checkout)")
     ap.add_argument("--out", default="runs/bench_serve")
     ap.add_argument("--plot", default=None, help="default docs/img/serve_load_FAMILY.png")
     args = ap.parse_args()
@@ -94,6 +106,9 @@ def main() -> None:
     if args.sat_devices < 0 or args.sat_in_flight < 1:
         ap.error("--sat-devices must be >= 0 (0: 64 // S) and --sat-in-flight >= 1")
     sat_devices = args.sat_devices or max(1, 64 // spr)
+    transports = args.transports.split(",")
+    if not transports or any(t not in ("grpc", "tcp") for t in transports):
+        ap.error("--transports takes grpc, tcp or grpc,tcp")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,13 +126,55 @@ def main() -> None:
     print(f"offline decode + tail (batch {args.max_batch}, {args.threads} thread): "
           f"{offline:.0f} samples/s", flush=True)  # fmt: skip
 
+    common = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "family": args.family, "point": args.point, "codec": args.codec,
+        "codec_kwargs": args.codec_kwargs, "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms, "batches_in_flight": args.batches_in_flight,
+        "offline_per_s": round(offline, 1), "queue": args.queue, "answer": args.answer,
+        "server_src": args.server_src or "this checkout",
+    }  # fmt: skip
+    rows: list[dict] = []
+    per: dict[str, dict] = {}
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    for transport in transports:
+        if cpus is not None:  # --pin of the last transport's run: each server starts unpinned
+            os.sched_setaffinity(0, cpus)
+        t_rows, per[transport] = _run_transport(transport, args, pool, offline, k, spr,
+                                                sat_devices)  # fmt: skip
+        rows += [{"transport": transport, **r} for r in t_rows]
+    # One transport: its figures at the top level, as before --transports existed.
+    summary = {**common, **per[transports[-1]], "transports": per}
+    print(json.dumps(summary, indent=1))
+    name = f"bench_serve_{args.family}"
+    (out / f"{name}.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    _plot([r for r in rows if r["transport"] == transports[-1]], summary, plot)
+    print(f"wrote {out / name}.csv/.json and {plot}")
+
+
+def _run_transport(transport: str, args, pool: list[bytes], offline: float, k: int, spr: int,
+                   sat_devices: int) -> tuple[list[dict], dict]:  # fmt: skip
+    """Phases 2 and 3 against a server reached over ``transport``: the rows and the
+    summary's figures."""
+    tcp = ["--tcp-port", "0"] if transport == "tcp" else []
     server = spawn("serve", ["--family", args.family, "--point-in", str(args.point),
                              "--point", str(k), "--codec", args.codec, "--codec-kwargs",
                              args.codec_kwargs, "--max-batch", str(args.max_batch),
                              "--max-wait-ms", str(args.max_wait_ms), "--queue",
                              str(args.queue), "--batches-in-flight",
                              str(args.batches_in_flight), "--max-samples-per-request",
-                             str(max(64, spr))], threads=args.threads)  # fmt: skip
+                             str(max(64, spr)), *tcp], threads=args.threads,
+                   src=args.server_src)  # fmt: skip
+    try:
+        address = server.tcp_address if transport == "tcp" else server.address
+    except RuntimeError:
+        server.stop()
+        raise
     pinned = "off"
     if args.pin:
         why = pin_to_cpu(server.proc.pid, 1)
@@ -130,27 +187,30 @@ def main() -> None:
               f"queue of {args.queue}: calls that do not fit are refused (and counted)")
     rows: list[dict] = []
     sat_b = None
+    answer = args.answer
+    print(f"{transport} ({address}), {answer} answers:", flush=True)
     try:
-        asyncio.run(closed_loop(server.address, pool, 8, 1.0))  # warm up
-        sat = asyncio.run(closed_loop(server.address, pool, 64, max(3.0, args.seconds)))
+        asyncio.run(closed_loop(address, pool, 8, 1.0, answer=answer))  # warm up
+        sat = asyncio.run(closed_loop(address, pool, 64, max(3.0, args.seconds),
+                                      answer=answer))  # fmt: skip
         ratio = sat.throughput / offline
         print(f"saturation (64 devices x 2 in flight): {sat.throughput:.0f} answers/s "
               f"= {ratio:.2f} of offline; p50 {sat.row()['p50_ms']} ms", flush=True)
         rows.append({"phase": "saturation", "load": "", **sat.row()})
         if spr > 1:
-            sat_b = asyncio.run(closed_loop(server.address, pool, sat_devices,
+            sat_b = asyncio.run(closed_loop(address, pool, sat_devices,
                                             max(3.0, args.seconds), args.sat_in_flight,
-                                            samples_per_request=spr))  # fmt: skip
+                                            samples_per_request=spr, answer=answer))  # fmt: skip
             print(f"saturation ({sat_devices} devices x {args.sat_in_flight} calls of {spr} "
                   f"samples): {sat_b.throughput:.0f} samples/s = "
                   f"{sat_b.throughput / offline:.2f} of offline; p50 "
                   f"{sat_b.row()['p50_ms']} ms", flush=True)  # fmt: skip
             rows.append({"phase": "saturation_batched", "load": "", **sat_b.row()})
         grid = [(int(n), float(f)) for n in args.devices.split(",")
-                for f in args.loads.split(",")]  # fmt: skip
+                for f in args.loads.split(",") if f]  # fmt: skip
         for n, f in tqdm(grid, desc="load points"):
-            r = asyncio.run(open_loop(server.address, pool, n, f * sat.throughput,
-                                      args.seconds, seed=n))  # fmt: skip
+            r = asyncio.run(open_loop(address, pool, n, f * sat.throughput, args.seconds,
+                                      seed=n, answer=answer))  # fmt: skip
             rows.append({"phase": "open", "load": f, **r.row()})
             print(json.dumps(rows[-1]), flush=True)
     finally:
@@ -162,12 +222,7 @@ def main() -> None:
     low = [r for r in rows if r["phase"] == "open" and r["load"] < 0.5]
     worst = max((r["p99_ms"] / r["p50_ms"] for r in low), default=float("nan"))
     summary = {
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "family": args.family, "point": args.point, "codec": args.codec,
-        "codec_kwargs": args.codec_kwargs, "max_batch": args.max_batch,
-        "max_wait_ms": args.max_wait_ms, "batches_in_flight": args.batches_in_flight,
-        "offline_per_s": round(offline, 1), "queue": args.queue, "pinned": pinned,
+        "transport": transport, "pinned": pinned,
         "saturation_per_s": round(sat.throughput, 1), "serving_ratio": round(ratio, 3),
         "samples_per_request": spr,
         "saturation_batched_per_s": round(sat_b.throughput, 1) if sat_b else None,
@@ -177,15 +232,7 @@ def main() -> None:
         "worst_p99_over_p50_below_half_load": round(worst, 2),
         "requests_sent": sent, "requests_accounted": accounted, "answered_twice": dup,
     }  # fmt: skip
-    print(json.dumps(summary, indent=1))
-    name = f"bench_serve_{args.family}"
-    (out / f"{name}.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
-    with open(out / f"{name}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    _plot(rows, summary, plot)
-    print(f"wrote {out / name}.csv/.json and {plot}")
+    return rows, summary
 
 
 def _plot(rows: list[dict], summary: dict, path: Path) -> None:

@@ -171,7 +171,7 @@ def main() -> None:
         add("gRPC proxy -> edge", ei[0] - pu[0])
         add("edge: queue, batcher, hand-off to the worker", er[0] - ei[0])
         add("edge: TierEngine.run (batch 1)", er[1] - er[0])
-        add("edge: answer (JSON) back to the loop", ei[1] - er[1])
+        add("edge: answer back to the loop", ei[1] - er[1])
         add("gRPC edge -> proxy -> device", got[i] - ei[1])
         add("total (device start to answer)", got[i] - began[i])
     print(f"{n} samples, symbol rate {args.symbol_rate}, delay {args.delay_ms} ms; "

@@ -51,6 +51,7 @@ __all__ = [
     "fingerprint",
     "frame_packet",
     "parse_packet",
+    "varint",
     "COMPACT_TAG",
     "session_tag",
     "MAX_SEQ",
@@ -196,7 +197,7 @@ class Header:
         parts.append(struct.pack("<H", len(self.meta)))
         parts.append(self.meta)
         parts.append(struct.pack("<H", n_packets))
-        parts.append(_varint(seq))
+        parts.append(varint(seq))
         body = b"".join(parts)
         return body + _CRC.pack(zlib.crc32(body))
 
@@ -249,7 +250,7 @@ def _parse_header(buf: bytes) -> tuple[Header, int, int, int]:
     (meta_len,) = r.unpack(struct.Struct("<H"), "meta length")
     meta = r.take(meta_len, "meta")
     (n_packets,) = r.unpack(struct.Struct("<H"), "packet count")
-    seq = _read_varint(r, "sample sequence number")
+    seq = _readvarint(r, "sample sequence number")
     end = r.pos
     (crc,) = r.unpack(_CRC, "header CRC")
     if zlib.crc32(buf[:end]) != crc:
@@ -312,7 +313,9 @@ def parse_packet(data: bytes, pos: int = 0, bind: bytes = b"") -> tuple[int, byt
     return index, (payload if ok else None), r.pos
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """``n >= 0`` as an unsigned LEB128 varint (how the header writes counts and sample
+    numbers; the one writer of it in flowcodec)."""
     out = bytearray()
     while True:
         b, n = n & 0x7F, n >> 7
@@ -321,7 +324,7 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(r: _Reader, what: str) -> int:
+def _readvarint(r: _Reader, what: str) -> int:
     value = 0
     for i in range(_MAX_VARINT):
         (b,) = r.take(1, what)
@@ -430,7 +433,7 @@ class Bitstream:
     # --- session framing ---------------------------------------------------------------
     def _session_prefix(self) -> bytes:
         """What each session-framed CRC-16 covers before the packet: tag and ``seq``."""
-        return session_tag(self.header) + _varint(self.seq)
+        return session_tag(self.header) + varint(self.seq)
 
     def to_compact(self) -> bytes:
         """The sample in session framing, for a receiver that already holds the header.
@@ -443,17 +446,17 @@ class Bitstream:
         if any(p is None for p in self.packets):
             raise BitstreamError(f"cannot serialise a stream with lost packets {self.lost}")
         prefix = self._session_prefix()
-        parts = [bytes((COMPACT_TAG,)), prefix, _varint(len(self.packets))]
+        parts = [bytes((COMPACT_TAG,)), prefix, varint(len(self.packets))]
         for i, p in enumerate(self.packets):
-            framed = _varint(len(p)) + bytes(p)
-            parts += [framed, _crc16(prefix + _varint(i) + framed)]
+            framed = varint(len(p)) + bytes(p)
+            parts += [framed, _crc16(prefix + varint(i) + framed)]
         return b"".join(parts)
 
     @property
     def compact_nbytes(self) -> int:
         """Size in bytes of :meth:`to_compact`."""
-        return 3 + len(_varint(self.seq)) + len(_varint(len(self.packets))) + sum(
-            len(_varint(len(p))) + len(p) + 2 for p in self.packets if p is not None
+        return 3 + len(varint(self.seq)) + len(varint(len(self.packets))) + sum(
+            len(varint(len(p))) + len(p) + 2 for p in self.packets if p is not None
         )
 
     @classmethod
@@ -475,11 +478,11 @@ class Bitstream:
             raise BitstreamError(f"bad compact tag 0x{tag:02x}, expected 0x{COMPACT_TAG:02x}")
         if sess != session_tag(header):
             raise BitstreamError("sample belongs to another session (session tag mismatch)")
-        seq = _read_varint(r, "sample sequence number")
+        seq = _readvarint(r, "sample sequence number")
         if seq > MAX_SEQ:
             raise BitstreamError(f"sample sequence number {seq} over {MAX_SEQ}")
-        prefix = sess + _varint(seq)
-        n_packets = _read_varint(r, "packet count")
+        prefix = sess + varint(seq)
+        n_packets = _readvarint(r, "packet count")
         if n_packets > MAX_PACKETS or 3 * n_packets > len(buf) - r.pos:
             raise BitstreamError(
                 f"{n_packets} packets declared, {len(buf) - r.pos} bytes follow (3 per packet "
@@ -488,10 +491,10 @@ class Bitstream:
         packets: list[bytes | None] = []
         for i in range(n_packets):
             start = r.pos
-            length = _read_varint(r, f"packet {i} length")
+            length = _readvarint(r, f"packet {i} length")
             payload = r.take(length, f"packet {i} payload")
             crc = r.take(2, f"packet {i} CRC")
-            ok = _crc16(prefix + _varint(i) + buf[start : r.pos - 2]) == crc
+            ok = _crc16(prefix + varint(i) + buf[start : r.pos - 2]) == crc
             packets.append(payload if ok else None)
         if r.pos != len(buf):
             raise BitstreamError(f"{len(buf) - r.pos} trailing bytes after the last packet")
@@ -515,7 +518,7 @@ class Bitstream:
             for i, p in enumerate(self.packets):
                 if p is None:
                     raise BitstreamError(f"packet {i} is lost and cannot be sent")
-                body = _varint(i) + bytes(p)
+                body = varint(i) + bytes(p)
                 out.append(body + _crc16(prefix + body))
             return out
         raise BitstreamError(f"framing must be 'sample' or 'session', got {framing!r}")
@@ -550,7 +553,7 @@ class Bitstream:
             return cls._from_framed(header, body, got_seq, bytes(head[-_CRC.size :]))
         if framing != "session":
             raise BitstreamError(f"framing must be 'sample' or 'session', got {framing!r}")
-        prefix = session_tag(header) + _varint(seq)
+        prefix = session_tag(header) + varint(seq)
         out: list[bytes | None] = []
         for i, u in enumerate(delivered):
             payload = None
@@ -558,7 +561,7 @@ class Bitstream:
                 u = bytes(u)
                 try:
                     r = _Reader(u)
-                    index = _read_varint(r, "packet index")
+                    index = _readvarint(r, "packet index")
                     ok = index == i and r.pos <= len(u) - 2  # the index ends before the CRC
                     if ok and _crc16(prefix + u[:-2]) == u[-2:]:
                         payload = u[r.pos : -2]

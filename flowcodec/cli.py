@@ -389,6 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
         "for the largest member's tail on seeded multi-view data (docs/cooperative.md).")
     _coop_train.add_arguments(tc)
     tc.set_defaults(func=_coop_train.run)
+    from flowcodec.coop import finetune as _coop_finetune
+
+    ft = sub.add_parser(
+        "finetune-coop", help="fine-tune the largest member on single device views",
+        description="Fine-tune a copy of the largest member on single views from the "
+        "cooperative view generator, for as long as the fusion trained: the single-view "
+        "baseline of `flowcodec coop --finetuned` (docs/cooperative.md).")
+    _coop_finetune.add_arguments(ft)
+    ft.set_defaults(func=_coop_finetune.run)
 
     i = sub.add_parser(
         "info", help="parameters, FLOPs and split points of a family",

@@ -121,6 +121,14 @@ class ArrayDataset(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(seed)
         return self.take(torch.randperm(len(self), generator=g)[:n])
 
+    def sample(self, n: int | None, seed: int = 0) -> ArrayDataset:
+        """``n`` samples for an evaluation or a fit: all of them when ``n`` is None or not
+        smaller than the set, else a seeded random subset. Never the first ``n``: a data set
+        stored class by class (CIFAR-10's ImageFolder test split is) would give one class."""
+        if n is None or n >= len(self):
+            return self
+        return self.subset(int(n), seed)
+
     def batches(
         self,
         batch_size: int,

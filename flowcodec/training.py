@@ -5,6 +5,9 @@
   whether it returned or raised: the user's model stays the user's.
 - :func:`kd_loss`: Hinton's distillation term.
 - :func:`lr_at`: the learning rate of a linear warm-up followed by a cosine decay.
+- :class:`EpochLoop`: the loop itself (epochs of steps, progress bar, per-epoch means,
+  history, time budget, resume); a trainer keeps only its batches, its step and its
+  evaluation (docs/overview.md, "Where do I add ...").
 
 Example
 -------
@@ -21,12 +24,13 @@ Example
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Frozen", "kd_loss", "lr_at"]
+__all__ = ["EpochLoop", "Frozen", "kd_loss", "lr_at"]
 
 
 class Frozen:
@@ -69,3 +73,151 @@ def lr_at(step: int, total: int, lr: float, warmup: int, floor: float = 0.02) ->
         return lr * (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+class EpochLoop:
+    """The scaffolding of a training run, shared by every flowcodec trainer.
+
+    A run is ``epochs`` epochs of ``per_epoch`` optimiser steps (``max_steps`` caps the
+    total). The loop owns the step and epoch counters, the progress bar, the per-epoch
+    means of whatever the objective reports, the history of epoch records and the time
+    budget; the objective keeps only its batches, its step and its evaluation::
+
+        loop = EpochLoop(per_epoch, epochs, desc="train my codec", time_budget=600)
+        for epoch in loop.epochs():
+            for x, y in loop.steps(data.batches(...)):
+                loop.set_lr(opt, [1e-3], warmup=100)
+                loss = ...; loss.backward(); opt.step()
+                loop.add(len(y), loss=loss)
+            rec = loop.record()                 # epoch, step, seconds and the means
+            rec["eval"] = evaluate(...)         # anything the objective adds
+            loop.commit(rec, line=f"epoch {epoch}: loss {rec['loss']:.3f}")
+        loop.close()
+
+    Time budget: after every epoch the rest of the run is fitted to the epochs that the
+    remaining budget allows at the last epoch's pace (never more than planned; an epoch
+    that ends with no time left ends the run), so a cosine schedule computed from
+    :attr:`total` still ends annealed. ``reduce_sum`` / ``reduce_max`` (for example a
+    :class:`~flowcodec.scale.ddp.Dist`'s ``all_sum`` / ``all_max``) make the epoch's means
+    and its pace agree across data-parallel ranks. A resumed run calls :meth:`resume`.
+
+    Example
+    -------
+    >>> loop = EpochLoop(per_epoch=3, epochs=2, desc="demo", progress=False)
+    >>> for epoch in loop.epochs():
+    ...     for b in loop.steps(range(3)):
+    ...         loop.add(2, loss=float(b))
+    ...     _ = loop.commit(loop.record())
+    >>> loop.step, [r["loss"] for r in loop.history]
+    (6, [1.0, 1.0])
+    """
+
+    def __init__(self, per_epoch: int, epochs: int, *, desc: str = "train",
+                 progress: bool = True, time_budget: float | None = None,
+                 max_steps: int | None = None, reduce_sum=None, reduce_max=None,
+                 show: bool = True) -> None:  # fmt: skip
+        from flowcodec.progress import tqdm
+
+        if per_epoch < 1 or epochs < 1:
+            raise ValueError(f"EpochLoop needs per_epoch >= 1 and epochs >= 1, got "
+                             f"{per_epoch} and {epochs}")  # fmt: skip
+        self.per_epoch, self.n_epochs = int(per_epoch), int(epochs)
+        self.planned = self.n_epochs * self.per_epoch
+        if max_steps is not None:
+            self.planned = min(self.planned, int(max_steps))
+        self.total = self.planned
+        self.step = self.epoch = 0
+        self.history: list[dict] = []
+        self.time_budget = time_budget
+        self.progress = bool(progress and show)
+        self._sum, self._max = reduce_sum, reduce_max
+        self._bar = tqdm(total=self.total, desc=desc, disable=not self.progress, leave=False)
+        self.start = time.perf_counter()
+        self._t_epoch = self.start
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, float] = {}
+
+    def resume(self, epoch: int, history: list, step: int | None = None,
+               total: int | None = None) -> None:
+        """Continue after a saved state's ``epoch`` (its ``step`` and ``total`` default to
+        whole epochs of the plan)."""
+        self.epoch, self.history = int(epoch), list(history)
+        self.step = int(step) if step is not None else min(self.planned, epoch * self.per_epoch)
+        if total is not None:
+            self.total = int(total)
+        self._bar.total, self._bar.n = self.total, self.step
+        self._bar.refresh()
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the loop started (or :meth:`epochs` was first entered)."""
+        return time.perf_counter() - self.start
+
+    def epochs(self):
+        """Yield epoch numbers (from 1, or after the resumed epoch) while steps remain."""
+        self.start = time.perf_counter()
+        while self.step < self.total and self.epoch < self.n_epochs:
+            self.epoch += 1
+            self._sums, self._counts = {}, {}
+            self._t_epoch = time.perf_counter()
+            yield self.epoch
+
+    def steps(self, batches):
+        """Yield batches of one epoch until the run's total is reached; counts the steps."""
+        if self.step >= self.total:
+            return
+        for batch in batches:
+            yield batch
+            self.step += 1
+            self._bar.update(1)
+            if self.step >= self.total:
+                break
+
+    def set_lr(self, opt, bases, warmup: int) -> None:
+        """The first ``len(bases)`` parameter groups of ``opt`` get :func:`lr_at` of this
+        step (linear warm-up over ``warmup`` steps, cosine decay to :attr:`total`)."""
+        for g, base in zip(opt.param_groups, bases):
+            g["lr"] = lr_at(self.step, self.total, base, warmup)
+
+    def add(self, n: float, **values) -> None:
+        """Add ``values`` (tensors or numbers) of a batch of ``n`` samples to the epoch's
+        means (weighted by ``n``)."""
+        for k, v in values.items():
+            v = float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+            self._sums[k] = self._sums.get(k, 0.0) + v * n
+            self._counts[k] = self._counts.get(k, 0.0) + n
+
+    def means(self) -> dict:
+        """The epoch's means so far (summed over ranks when ``reduce_sum`` is given)."""
+        keys = list(self._sums)
+        sums = [self._sums[k] for k in keys]
+        counts = [self._counts[k] for k in keys]
+        if self._sum is not None and keys:
+            both = self._sum(sums + counts)
+            sums, counts = both[:len(keys)], both[len(keys):]
+        return {k: s / max(c, 1e-12) for k, s, c in zip(keys, sums, counts)}
+
+    def record(self, **extra) -> dict:
+        """The epoch's record: ``epoch``, ``step``, ``seconds``, the means, then ``extra``."""
+        return {"epoch": self.epoch, "step": self.step,
+                "seconds": round(self.elapsed, 2), **self.means(), **extra}  # fmt: skip
+
+    def commit(self, rec: dict, line: str | None = None, **postfix) -> dict:
+        """Append ``rec`` to the history, show ``line`` (and ``postfix`` on the bar), and
+        fit the rest of the run to the time budget. Returns ``rec``."""
+        self.history.append(rec)
+        if postfix:
+            self._bar.set_postfix(**postfix)
+        if line is not None and self.progress:
+            self._bar.write(line)
+        if self.time_budget is not None and self.step < self.total:
+            took = time.perf_counter() - self._t_epoch
+            if self._max is not None:  # every rank must stop at the same step
+                took = max(self._max([took]))
+            left = int(max(0.0, self.time_budget - self.elapsed) / max(took, 1e-6))
+            self.total = min(self.planned, (self.epoch + left) * self.per_epoch)
+            self._bar.total = self.total
+        return rec
+
+    def close(self) -> None:
+        self._bar.close()

@@ -53,7 +53,7 @@ def test_drop_and_flip_training_run_and_evaluate_with_real_bytes(digits):
 
 
 def test_kd_loss_is_zero_on_the_teacher_and_positive_elsewhere():
-    from flowcodec.codecs.train import _kd_loss
+    from flowcodec.training import kd_loss as _kd_loss
 
     g = torch.Generator().manual_seed(0)
     t = torch.randn(16, 10, generator=g)

@@ -291,3 +291,27 @@ def test_bench_writes_csv_and_plot(trained, tmp_path):
     everyone = [r for r in rows if r["method"] == "selective-fixed" and r["threshold"] == "1.01"]
     coop_all = next(r for r in rows if r["method"] == "coop-all")
     assert everyone[0]["accuracy"] == coop_all["accuracy"]
+
+
+def test_bench_with_the_finetuned_member_and_webp(trained, tmp_path, digits_family, digits):
+    from flowcodec.coop import bench
+    from flowcodec.coop.finetune import FinetuneConfig, finetune_member, save_finetuned
+
+    _, out, _, views = trained
+    ft, _ = finetune_member(digits_family, views, digits[0].take(torch.arange(128)), None,
+                            FinetuneConfig(epochs=1, batch_size=64, eval_n=0, kd=0.5),
+                            progress=False)
+    save_finetuned(ft, tmp_path / "m3views", digits_family, views.cfg)
+    assert bench.main(["--model", str(out), "--family", "digits", "--n", "30",
+                       "--out-dir", str(tmp_path), "--no-progress", "--thresholds", "1.01",
+                       "--finetuned", str(tmp_path / "m3views"),
+                       "--webp-qualities", "20", "80"]) == 0
+    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "coop.csv"))}
+    assert {"member3-view[best]", "member3-view-shipped[best]", "webp-q20", "webp-q80"} <= set(rows)
+    assert "fine-tuned" in rows["member3-view[best]"]["note"]
+    assert float(rows["webp-q80"]["bytes_per_device"]) > float(rows["webp-q20"]["bytes_per_device"])
+    assert float(rows["webp-q20"]["bytes_total"]) == pytest.approx(
+        4 * float(rows["webp-q20"]["bytes_per_device"]), abs=0.05)
+    with pytest.raises(ConfigError, match="qualities"):
+        bench.main(["--model", str(out), "--family", "digits", "--out-dir", str(tmp_path),
+                    "--webp-qualities", "0"])

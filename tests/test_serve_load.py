@@ -43,12 +43,15 @@ def setup(digits_family):
     return digits_family, codec, x, request_pool(digits_family, codec, x, 1)
 
 
-def test_64_devices_no_request_lost_or_answered_twice(setup):
+@pytest.mark.parametrize("transport", ["grpc", "tcp"])
+def test_64_devices_no_request_lost_or_answered_twice(setup, transport):
+    """Every request carries its own id; each answer must carry it back, once."""
     _, _, _, pool = setup
-    server = spawn("serve", [*EDGE, "--queue", "1024"])
+    server = spawn("serve", [*EDGE, "--queue", "1024", "--tcp-port", "0"])
+    address = server.tcp_address if transport == "tcp" else server.address
     try:
-        sat = asyncio.run(closed_loop(server.address, pool, 64, 3.0))
-        load = asyncio.run(open_loop(server.address, pool, 64, 0.5 * sat.throughput, 4.0))
+        sat = asyncio.run(closed_loop(address, pool, 64, 3.0))
+        load = asyncio.run(open_loop(address, pool, 64, 0.5 * sat.throughput, 4.0))
     finally:
         log = server.stop()
     for r in (sat, load):

@@ -23,7 +23,6 @@ Example
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,9 +36,7 @@ from flowcodec.codecs.train import collect_features
 from flowcodec.codecs.train_task import save_progress
 from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
-from flowcodec.training import Frozen
-from flowcodec.training import kd_loss as _kd_loss
-from flowcodec.training import lr_at as _lr_at
+from flowcodec.training import EpochLoop, Frozen, kd_loss
 
 __all__ = ["JSCCTrainConfig", "JSCCTrainResult", "train_jscc", "eval_jscc", "make_channel",
            "CHANNELS"]  # fmt: skip
@@ -108,9 +105,7 @@ def eval_jscc(codec: JSCCCodec, head, tail, data: ArrayDataset, snrs, channel="a
         gen = torch.Generator(device=str(device)).manual_seed(seed + i)
         true = None if true_snrs is None else float(true_snrs[i])
         correct, seen, spent = 0, 0, 0
-        for x, y in data.batches(500, device=device):
-            if n is not None and seen >= n:
-                break
+        for x, y in data.sample(n).batches(500, device=device):
             h = codec.device_features(head, x).float()
             feats, tx = codec.transmit(h, ch, float(s), uses, gen, true_snr_db=true)
             correct += int((tail(feats).argmax(1) == y).sum())
@@ -128,8 +123,6 @@ def train_jscc(codec: JSCCCodec, family, member: int, point: int, train: ArrayDa
     """Train ``codec`` at split ``point`` of ``family`` for member ``member``'s tail, through
     the channels of ``cfg``. The family is frozen and left as it was. ``checkpoint`` (a path
     without suffix) gets the weights and history after every epoch."""
-    from flowcodec.progress import tqdm
-
     cfg = cfg or JSCCTrainConfig()
     cfg.check()
     if not isinstance(codec, JSCCCodec):
@@ -158,28 +151,21 @@ def train_jscc(codec: JSCCCodec, family, member: int, point: int, train: ArrayDa
         opt = torch.optim.Adam([{"params": main, "lr": cfg.lr},
                                 {"params": stem, "lr": cfg.stem_lr}])  # fmt: skip
         base_lrs = [cfg.lr, cfg.stem_lr]
-        per_epoch = len(train) // cfg.batch_size
-        total = cfg.epochs * per_epoch
-        if cfg.max_steps is not None:
-            total = min(total, cfg.max_steps)
         res = JSCCTrainResult()
         amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-        bar = tqdm(total=total, desc="train jscc codec", disable=not progress, leave=False)
-        start = time.perf_counter()
-        epoch_start = 0.0
-        step = 0
+        loop = EpochLoop(len(train) // cfg.batch_size, cfg.epochs, desc="train jscc codec",
+                         progress=progress, time_budget=cfg.time_budget,
+                         max_steps=cfg.max_steps)  # fmt: skip
         lo, hi = cfg.snr_range
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in loop.epochs():
             codec.train()
             for m in codec.g_a.stem.modules():  # keep the stem's BN statistics fixed
                 if isinstance(m, torch.nn.BatchNorm2d):
                     m.eval()
-            sums: dict[str, float] = {}
-            n_seen = 0
-            for x, y in train.batches(cfg.batch_size, shuffle=True, train=True, generator=gen,
-                                      device=dev, drop_last=True):  # fmt: skip
-                for g, base in zip(opt.param_groups, base_lrs):
-                    g["lr"] = _lr_at(step, total, base, min(100, total // 20))
+            batches = train.batches(cfg.batch_size, shuffle=True, train=True, generator=gen,
+                                    device=dev, drop_last=True)  # fmt: skip
+            for x, y in loop.steps(batches):
+                loop.set_lr(opt, base_lrs, min(100, loop.total // 20))
                 name = names[int(torch.multinomial(weights, 1, generator=gen))]
                 b = len(y)
                 if name.startswith("ofdm"):
@@ -196,48 +182,30 @@ def train_jscc(codec: JSCCCodec, family, member: int, point: int, train: ArrayDa
                     out = codec(hv, snr.to(dev), chans[name], uses.to(dev), gen)
                     logits = tail(out.features).float()
                 task = F.cross_entropy(logits, y)
-                kd = _kd_loss(logits, teacher, cfg.temperature) if cfg.kd else logits.new_zeros(())
+                kd = kd_loss(logits, teacher, cfg.temperature) if cfg.kd else logits.new_zeros(())
                 distill = F.mse_loss(out.features.float(), h) / power
                 loss = task + cfg.kd * kd + cfg.beta * distill
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(main + stem, 5.0)
                 opt.step()
-                n_seen += b
-                for k, v in (("loss", loss), ("task", task), ("kd", kd), ("distill", distill)):
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * b
-                step += 1
-                bar.update(1)
-                if step >= total:
-                    break
-            rec: dict = {"epoch": epoch, "step": step,
-                         "seconds": round(time.perf_counter() - start, 1),
-                         **{k: v / max(1, n_seen) for k, v in sums.items()}}  # fmt: skip
+                loop.add(b, loss=loss, task=task, kd=kd, distill=distill)
+            rec = loop.record()
             if test is not None and cfg.eval_every and epoch % cfg.eval_every == 0:
-                head_eval = head
                 with torch.autocast(**amp):
-                    rec["eval"] = eval_jscc(codec, head_eval, tail, test, cfg.eval_snrs,
+                    rec["eval"] = eval_jscc(codec, head, tail, test, cfg.eval_snrs,
                                             n=cfg.eval_n, seed=cfg.seed, device=dev)
-            res.history.append(rec)
-            if progress:
-                ev = " ".join(f"{e['snr_db']:g}dB:{100 * e['accuracy']:.1f}%"
-                              for e in rec.get("eval", []))  # fmt: skip
-                bar.write(f"epoch {epoch}: loss {rec.get('loss', 0):.3f} "
-                          f"task {rec.get('task', 0):.3f} {rec['seconds']:.0f}s {ev}")
+            ev = " ".join(f"{e['snr_db']:g}dB:{100 * e['accuracy']:.1f}%"
+                          for e in rec.get("eval", []))  # fmt: skip
+            res.history = loop.history
+            loop.commit(rec, line=f"epoch {epoch}: loss {rec.get('loss', 0):.3f} "
+                                  f"task {rec.get('task', 0):.3f} {rec['seconds']:.0f}s {ev}")
             if checkpoint is not None:
                 save_progress(codec, cfg, res, checkpoint)
-            elapsed = time.perf_counter() - start
-            t_epoch, epoch_start = elapsed - epoch_start, elapsed
-            if cfg.time_budget is not None and epoch < cfg.epochs:
-                left = int(max(0.0, cfg.time_budget - elapsed) / max(t_epoch, 1e-6))
-                total = min(total, min(cfg.epochs, epoch + left) * per_epoch)
-                bar.total = total
-            if step >= total:
-                break
-        bar.close()
-        res.seconds = time.perf_counter() - start
+        loop.close()
+        res.seconds = loop.elapsed
         res.epochs = len(res.history)
-        res.steps = step
+        res.steps = loop.step
         codec.eval()
         return res
     finally:

@@ -38,9 +38,7 @@ import torch.nn.functional as F
 from flowcodec.codecs.base import FeatureCodec
 from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
-from flowcodec.training import Frozen
-from flowcodec.training import kd_loss as _kd_loss
-from flowcodec.training import lr_at as _lr_at
+from flowcodec.training import EpochLoop, Frozen, kd_loss
 
 __all__ = ["CodecTrainResult", "CodecEval", "train_codec", "evaluate_codec", "collect_features",
            "cache_views", "save_views", "load_views"]  # fmt: skip
@@ -67,16 +65,12 @@ class CodecTrainResult:
 @torch.no_grad()
 def collect_features(head, data: ArrayDataset, n: int | None = None, batch_size: int = 500,
                      device="cpu") -> torch.Tensor:  # fmt: skip
-    """Features ``head(x)`` of the first ``n`` samples of ``data`` (all by default), on CPU."""
+    """Features ``head(x)`` of ``n`` samples of ``data`` (all by default; otherwise a fixed
+    random subset, :meth:`ArrayDataset.sample`), on CPU."""
     head.eval()
-    out, seen = [], 0
-    for x, _ in data.batches(batch_size, device=device):
-        out.append(head(x).float().cpu())
-        seen += len(x)
-        if n is not None and seen >= n:
-            break
-    h = torch.cat(out)
-    return h if n is None else h[:n]
+    out = [head(x).float().cpu()
+           for x, _ in data.sample(n).batches(batch_size, device=device)]  # fmt: skip
+    return torch.cat(out)
 
 
 def _train_codec(
@@ -111,8 +105,9 @@ def _train_codec(
 
     ``drop_prob`` drops latent packets at random during training (robust codecs);
     ``flip_prob`` flips bits (binary codec; each batch draws a rate in ``[0, flip_prob]``).
-    ``time_budget`` (seconds) shortens the run after the first epoch so it ends in time
-    (the cosine schedule is stretched to the epochs that fit). ``max_steps`` caps the
+    ``time_budget`` (seconds) fits the run, after every epoch, to the epochs that the rest
+    of the budget allows at the last epoch's pace (the cosine schedule follows, so it still
+    ends annealed; :class:`~flowcodec.training.EpochLoop`). ``max_steps`` caps the
     number of steps (smoke tests). ``kd`` weights logit distillation from the larger member
     on the true features; ``views`` caches that many augmented copies of the frozen part's
     outputs (see the module notes); ``cache`` passes such copies made earlier by
@@ -125,7 +120,6 @@ def _train_codec(
     loaded and training continues after its last epoch, ending where the uninterrupted run
     would have. ``on_epoch(record)`` is called after every epoch with its history record.
     """
-    from flowcodec.progress import tqdm
     from flowcodec.scale.ddp import Dist, load_state, save_state
 
     dist = dist or Dist()
@@ -149,16 +143,13 @@ def _train_codec(
     if len(train) < batch_size:
         raise ConfigError(f"{len(train)} training samples, fewer than one batch of {batch_size}")
     steps_per_epoch = len(train) // batch_size  # full batches only (drop_last)
-    total = epochs * steps_per_epoch
-    if max_steps is not None:
-        total = min(total, max_steps)
-    warmup = min(200, total // 10)
     res = CodecTrainResult()
-    step = 0
     model = dist.wrap(codec)  # the aux loss reaches the quantiles in the same backward
-    bar = tqdm(total=total, desc=f"train {codec.name}", disable=not progress or not dist.is_main,
-               leave=False)  # fmt: skip
-    epoch = 0
+    loop = EpochLoop(steps_per_epoch, epochs, desc=f"train {codec.name}", progress=progress,
+                     show=dist.is_main, time_budget=time_budget, max_steps=max_steps,
+                     reduce_sum=dist.all_sum if dist.active else None,
+                     reduce_max=dist.all_max if dist.active else None)  # fmt: skip
+    warmup = min(200, loop.planned // 10)
     t_cache = time.perf_counter()
     if cache is None and views:
         cache = cache_views(head, tail, train, views, gen, dev, progress)
@@ -167,72 +158,45 @@ def _train_codec(
     if checkpoint is not None and resume:
         saved = load_state(checkpoint, codec, opt, None, gen)
         if saved is not None:
-            epoch, res.history = int(saved["epoch"]), list(saved["history"])
-            step, total = int(saved["extra"]["step"]), int(saved["extra"]["total"])
-            bar.total, bar.n = total, step
-            bar.refresh()
-    start = time.perf_counter()  # the time budget counts training steps, not the cache
-    while step < total:
-        sums = {"loss": 0.0, "task": 0.0, "kd": 0.0, "distill": 0.0, "kbits": 0.0}
-        seen = 0
+            loop.resume(int(saved["epoch"]), saved["history"], int(saved["extra"]["step"]),
+                        int(saved["extra"]["total"]))  # fmt: skip
+    res.history = loop.history  # the time budget counts training steps, not the cache
+    for epoch in loop.epochs():
         if cache is None:
             batches = _live_batches(head, tail if kd else None, train, batch_size, gen, dev)
         else:
-            batches = _cached_batches(cache[epoch % views], batch_size, gen, dev)
-        for h, y, t_logits in batches:
-            if step >= total:
-                break
-            for g in opt.param_groups[:1]:
-                g["lr"] = _lr_at(step, total, lr, warmup)
+            batches = _cached_batches(cache[(epoch - 1) % views], batch_size, gen, dev)
+        for h, y, t_logits in loop.steps(batches):
+            loop.set_lr(opt, [lr], warmup)
             fp = float(torch.rand((), generator=gen)) * flip_prob if flip_prob else 0.0
             h, y, t_logits = dist.shard(h, y, t_logits)
             out = model(h, drop_prob=drop_prob, flip_prob=fp, generator=gen)
             logits = tail(out.features)
             task = F.cross_entropy(logits, y)
-            kd_loss = _kd_loss(logits, t_logits, temperature) if kd else torch.zeros(())
+            kd_term = kd_loss(logits, t_logits, temperature) if kd else torch.zeros(())
             distill = F.mse_loss(out.features, h) / power
             kbits = out.bits.mean() / 1000
-            loss = task + kd * kd_loss + beta * distill + lam * kbits
+            loss = task + kd * kd_term + beta * distill + lam * kbits
             aux_loss = codec.aux_loss().to(dev) if hasattr(codec, "aux_loss") else 0.0
             opt.zero_grad(set_to_none=True)
             (loss + aux_loss).backward()
             torch.nn.utils.clip_grad_norm_(params, 5.0)
             opt.step()
-            n = len(y)
-            seen += n
-            for k, v in (("loss", loss), ("task", task), ("kd", kd_loss), ("distill", distill),
-                         ("kbits", kbits)):  # fmt: skip
-                sums[k] += float(v.detach() if torch.is_tensor(v) else v) * n
-            step += 1
-            bar.update(1)
-        epoch += 1
-        if dist.active:  # the epoch's means over every rank's samples
-            keys = list(sums)
-            tot = dist.all_sum([sums[k] for k in keys] + [float(seen)])
-            sums, seen = dict(zip(keys, tot[:-1])), int(tot[-1])
-        rec = {"epoch": epoch, **{k: v / max(1, seen) for k, v in sums.items()},
-               "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
-        res.history.append(rec)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", kbits=f"{rec['kbits']:.2f}")
-        if time_budget is not None and epoch == 1 and step < total:
-            per_epoch = time.perf_counter() - start
-            if dist.active:  # every rank must stop at the same step
-                per_epoch = max(dist.all_max([per_epoch]))
-            fit = max(1, int(time_budget / max(per_epoch, 1e-6)))
-            new_total = min(total, fit * steps_per_epoch)
-            if new_total < total:
-                total = new_total
-                bar.total = total
+            loop.add(len(y), loss=loss, task=task, kd=kd_term, distill=distill, kbits=kbits)
+        rec = loop.record()
+        res.history = loop.history
+        loop.commit(rec, loss=f"{rec['loss']:.3f}", kbits=f"{rec['kbits']:.2f}")
         if checkpoint is not None:
             if dist.is_main:
                 save_state(checkpoint, codec, opt, None, gen, epoch, res.history,
-                           {"world": dist.world, "step": step, "total": total})  # fmt: skip
+                           {"world": dist.world, "step": loop.step,
+                            "total": loop.total})  # fmt: skip
             dist.barrier()
         if on_epoch is not None:
             on_epoch(rec)
-    bar.close()
-    res.seconds = time.perf_counter() - start
-    res.epochs = epoch
+    loop.close()
+    res.seconds = loop.elapsed
+    res.epochs = loop.epoch
     codec.eval()
     if test is not None:
         res.test_accuracy, res.est_bytes = _eval_forward(codec, head, tail, test, dev)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,9 +33,7 @@ from flowcodec.codecs.task import TaskCodec
 from flowcodec.codecs.train import collect_features
 from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
-from flowcodec.training import Frozen
-from flowcodec.training import kd_loss as _kd_loss
-from flowcodec.training import lr_at as _lr_at
+from flowcodec.training import EpochLoop, Frozen, kd_loss, lr_at
 
 __all__ = ["TaskTrainConfig", "TaskTrainResult", "train_task_codec", "eval_task_forward",
            "fit_context", "warm_start", "save_progress", "stage_stem", "lift_codec",
@@ -103,9 +100,7 @@ def eval_task_forward(codec: TaskCodec, head, tail, data: ArrayDataset, n: int |
     out = []
     for r in range(codec.rates):
         correct, bits, seen = 0, 0.0, 0
-        for x, y in data.batches(500, device=device):
-            if n is not None and seen >= n:
-                break
+        for x, y in data.sample(n).batches(500, device=device):
             o = codec(codec.device_features(head, x), rate=r)
             correct += int((tail(o.features).argmax(1) == y).sum())
             bits += float(o.bits.sum())
@@ -129,8 +124,6 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
     epoch ``e`` then trains on copy ``(e - 1) % len(cache)`` instead of running the head
     live (one-view codecs only).
     """
-    from flowcodec.progress import tqdm
-
     cfg = cfg or TaskTrainConfig(lams=tuple([0.5] * codec.rates))
     cfg.check()
     if cfg.rates != codec.rates:
@@ -171,14 +164,11 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
         base_lrs = [cfg.lr, cfg.stem_lr]
         views = getattr(codec, "views", 1)
         per_epoch = (len(train) if cache is None else len(cache[0][1])) // cfg.batch_size
-        total = cfg.epochs * per_epoch
         res = TaskTrainResult()
         amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-        bar = tqdm(total=total, desc="train task codec", disable=not progress, leave=False)
-        start = time.perf_counter()
-        epoch_start = 0.0
-        step = 0
-        for epoch in range(1, cfg.epochs + 1):
+        loop = EpochLoop(per_epoch, cfg.epochs, desc="train task codec", progress=progress,
+                         time_budget=cfg.time_budget)  # fmt: skip
+        for epoch in loop.epochs():
             if cfg.decoder_only:  # rounded latents, frozen encoder; only g_s trains
                 codec.eval()
                 codec.g_s.train()
@@ -187,13 +177,11 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
             for m in codec.g_a.stem.modules():  # keep the stem's BN statistics fixed
                 if isinstance(m, torch.nn.BatchNorm2d):
                     m.eval()
-            sums: dict[str, float] = {}
-            counts: dict[int, int] = {}
-            n_seen = 0
-            for x, y, t_cached in _task_batches(train, cache, epoch, cfg.batch_size, gen, dev):
+            batches = _task_batches(train, cache, epoch, cfg.batch_size, gen, dev)
+            for x, y, t_cached in loop.steps(batches):
+                step, total = loop.step, loop.total
                 r = step % codec.rates
-                for g, base in zip(opt.param_groups[:2], base_lrs):
-                    g["lr"] = _lr_at(step, total, base, min(200, total // 20))
+                loop.set_lr(opt, base_lrs, min(200, total // 20))
                 ramp = min(1.0, max(0.0, (step / total - cfg.warmup) / max(cfg.warmup, 1e-9)))
                 drop = cfg.drop_prob if float(torch.rand((), generator=gen)) < cfg.drop_share \
                     else 0.0
@@ -210,7 +198,7 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
                     out = codec(h, rate=r, drop_prob=drop, generator=gen)
                     logits = tail(out.features).float()
                 task = F.cross_entropy(logits, y)
-                kd = _kd_loss(logits, teacher, cfg.temperature) if cfg.kd else logits.new_zeros(())
+                kd = kd_loss(logits, teacher, cfg.temperature) if cfg.kd else logits.new_zeros(())
                 distill = F.mse_loss(out.features.float(), target) / power
                 kbits = out.bits.mean() / 1000
                 rate_w = 0.0 if cfg.decoder_only else ramp * cfg.lams[r]  # frozen rate
@@ -219,50 +207,24 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
                 (loss if cfg.decoder_only else loss + codec.aux_loss()).backward()
                 torch.nn.utils.clip_grad_norm_(main + stem, 5.0)
                 opt.step()
-                b = len(y)
-                n_seen += b
-                for k, v in (("loss", loss), ("task", task), ("kd", kd), ("distill", distill)):
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * b
-                sums[f"kbits_r{r}"] = sums.get(f"kbits_r{r}", 0.0) + float(kbits.detach())
-                counts[r] = counts.get(r, 0) + 1
-                step += 1
-                bar.update(1)
-                if step >= total:
-                    break
-            rec: dict = {"epoch": epoch, "step": step,
-                         "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
-            for k, v in sums.items():
-                if k.startswith("kbits_r"):
-                    rec[k] = v / counts[int(k[7:])]
-                else:
-                    rec[k] = v / max(1, n_seen)
+                loop.add(len(y), loss=loss, task=task, kd=kd, distill=distill)
+                loop.add(1, **{f"kbits_r{r}": kbits})  # a mean over this rate's steps
+            rec = loop.record()
             if test is not None and cfg.eval_every and epoch % cfg.eval_every == 0:
                 with torch.autocast(**amp):
                     rec["eval"] = eval_task_forward(codec, head, tail, test, cfg.eval_n, dev)
-            res.history.append(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}")
-            if progress:
-                ev = " ".join(f"r{e['rate']}:{100 * e['accuracy']:.1f}%/{e['est_bytes']:.1f}B"
-                              for e in rec.get("eval", []))  # fmt: skip
-                bar.write(f"epoch {epoch}: loss {rec['loss']:.3f} task {rec['task']:.3f} "
-                          f"kd {rec['kd']:.3f} {rec['seconds']:.0f}s {ev}")
+            ev = " ".join(f"r{e['rate']}:{100 * e['accuracy']:.1f}%/{e['est_bytes']:.1f}B"
+                          for e in rec.get("eval", []))  # fmt: skip
+            res.history = loop.history
+            loop.commit(rec, line=f"epoch {epoch}: loss {rec['loss']:.3f} task {rec['task']:.3f} "
+                                  f"kd {rec['kd']:.3f} {rec['seconds']:.0f}s {ev}",
+                        loss=f"{rec['loss']:.3f}")  # fmt: skip
             if checkpoint is not None:
                 save_progress(codec, cfg, res, checkpoint)
-            elapsed = time.perf_counter() - start
-            t_epoch = elapsed - epoch_start
-            epoch_start = elapsed
-            if cfg.time_budget is not None and epoch < cfg.epochs:
-                # fit the schedule to the epochs the rest of the budget allows at the last
-                # epoch's pace (it may grow back when a slow epoch was an accident)
-                left = int(max(0.0, cfg.time_budget - elapsed) / max(t_epoch, 1e-6))
-                total = min(cfg.epochs, epoch + left) * per_epoch  # left = 0: stop here
-                bar.total = total
-            if step >= total:
-                break
-        bar.close()
-        res.seconds = time.perf_counter() - start
+        loop.close()
+        res.seconds = loop.elapsed
         res.epochs = len(res.history)
-        res.steps = step
+        res.steps = loop.step
         codec.eval()
         return res
     finally:
@@ -351,7 +313,7 @@ def fit_context(codec: TaskCodec, head, train: ArrayDataset, steps: int = 1500,
         opt = torch.optim.Adam(ctx.parameters(), lr=lr)
         for step in tqdm(range(steps), disable=not progress, leave=False, desc=f"context r{r}"):
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, steps, lr, min(100, steps // 10))
+                g["lr"] = lr_at(step, steps, lr, min(100, steps // 10))
             idx = torch.randint(0, len(k), (batch_size,), generator=gen).to(dev)
             loss = codec.context_bits(k[idx], r).mean()
             opt.zero_grad(set_to_none=True)

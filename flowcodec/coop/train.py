@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flowcodec.codecs.train import _kd_loss, _lr_at
 from flowcodec.coop.fusion import CoopConfig, CoopModel, save_coop
 from flowcodec.coop.views import ViewConfig, ViewGenerator
 from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
+from flowcodec.training import EpochLoop, kd_loss
 
 __all__ = ["TrainConfig", "TrainResult", "build_cache", "train_coop", "evaluate_forward",
            "device_mask", "add_arguments", "run", "main"]
@@ -210,7 +210,6 @@ def train_coop(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator,
     ``checkpoint`` (a path without suffix) gets the training state after every epoch;
     ``resume`` continues from it. ``cache`` / ``cache_file``: a feature cache made by
     :func:`build_cache` (the file is written when missing, read when present)."""
-    from flowcodec.progress import tqdm
     from flowcodec.scale.ddp import load_state, save_state
 
     cfg = (cfg or TrainConfig()).check()
@@ -242,54 +241,47 @@ def train_coop(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator,
         _check_cache(cache, kinds, model)
         test_cache = None
         if test is not None and cfg.eval_n:
-            sub = test.take(torch.arange(min(cfg.eval_n, len(test))))
+            sub = test.sample(cfg.eval_n)  # not the first N: the split is stored by class
             test_cache = build_cache(model, kinds, views, sub, 1, gen, False, False)
         res.cache_seconds = time.perf_counter() - t0
         copies, n = cache["y"].shape
         per_epoch = n // cfg.batch_size
         if per_epoch < 1:
             raise ConfigError(f"{n} training samples, fewer than one batch ({cfg.batch_size})")
-        total = planned = cfg.epochs * per_epoch
         trainable = [p for p in model.parameters() if p.requires_grad]
         aux = [p for name, p in model.named_parameters() if name.endswith("quantiles")]
         aux_ids = {id(p) for p in aux}
         main = [p for p in trainable if id(p) not in aux_ids]
         opt = torch.optim.Adam([{"params": main, "lr": cfg.lr},
                                 {"params": aux, "lr": 1e-2}])
-        step, epoch = 0, 0
+        budget = None if cfg.time_budget is None else cfg.time_budget - res.cache_seconds
+        loop = EpochLoop(per_epoch, cfg.epochs, desc="train coop", progress=progress,
+                         time_budget=budget)  # fmt: skip
         if checkpoint is not None and resume:
             saved = load_state(checkpoint, model, opt, None, gen)
             if saved is not None:
-                epoch, res.history = int(saved["epoch"]), list(saved["history"])
-                step = int(saved["extra"]["step"])
-                if int(saved["extra"].get("planned", -1)) == total:  # same plan: its budget
-                    total = int(saved["extra"]["total"])
-        bar = tqdm(total=total, initial=step, desc="train coop", disable=not progress,
-                   leave=False)
-        start = time.perf_counter()
+                same = int(saved["extra"].get("planned", -1)) == loop.planned  # its budget
+                loop.resume(int(saved["epoch"]), saved["history"], int(saved["extra"]["step"]),
+                            int(saved["extra"]["total"]) if same else None)  # fmt: skip
+        res.history = loop.history
         trained = 0
-        while step < total:
-            epoch += 1
+        for epoch in loop.epochs():
             model.train()
             for d in model.devices.values():  # frozen stems keep their BN statistics
                 d.codec.g_a.stem.eval()
             c = (epoch - 1) % copies
             order = torch.randperm(n, generator=gen)
-            sums: dict[str, float] = {}
-            seen = 0
-            t_epoch = time.perf_counter()
-            for s in range(0, n - cfg.batch_size + 1, cfg.batch_size):
-                if step >= total:
-                    break
+            for s in loop.steps(range(0, n - cfg.batch_size + 1, cfg.batch_size)):
+                step, total = loop.step, loop.total
                 idx = order[s:s + cfg.batch_size]
                 zs = [cache[f"z{k}"][c, idx].float() for k in range(len(kinds))]
                 y, t = cache["y"][c, idx], cache["t"][c, idx]
-                opt.param_groups[0]["lr"] = _lr_at(step, total, cfg.lr, min(200, total // 20))
+                loop.set_lr(opt, [cfg.lr], min(200, total // 20))
                 ramp = min(1.0, max(0.0, (step / total - cfg.warmup) / max(cfg.warmup, 1e-9)))
                 mask = device_mask(len(y), len(kinds), cfg.device_drop, gen)
                 out, bits = _fuse(model, kinds, zs, mask)
                 task = F.cross_entropy(out.logits, y)
-                kd = _kd_loss(out.logits, t, cfg.temperature) if cfg.kd else task.new_zeros(())
+                kd = kd_loss(out.logits, t, cfg.temperature) if cfg.kd else task.new_zeros(())
                 kbits = bits.sum(1).mean() / 1000
                 loss = task + cfg.kd * kd + ramp * cfg.lam * kbits
                 aux_loss = sum(d.codec.aux_loss() for d in model.devices.values())
@@ -297,41 +289,24 @@ def train_coop(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator,
                 (loss + aux_loss).backward()
                 torch.nn.utils.clip_grad_norm_(main, 5.0)
                 opt.step()
-                b = len(y)
-                seen += b
-                for key, v in (("loss", loss), ("task", task), ("kd", kd), ("kbits", kbits)):
-                    sums[key] = sums.get(key, 0.0) + float(v.detach()) * b
-                step += 1
-                bar.update(1)
-            trained += seen
-            rec = {"epoch": epoch, "step": step, "copy": c,
-                   **{k: v / max(1, seen) for k, v in sums.items()},
-                   "est_bytes_per_device": sums.get("kbits", 0.0) / max(1, seen) * 125
-                   / len(kinds),
-                   "seconds": round(time.perf_counter() - start, 1)}
+                trained += len(y)
+                loop.add(len(y), loss=loss, task=task, kd=kd, kbits=kbits)
+            rec = loop.record(copy=c)
+            rec["est_bytes_per_device"] = rec.get("kbits", 0.0) * 125 / len(kinds)
             if test_cache is not None:
                 rec["eval"] = evaluate_forward(model, kinds, test_cache)
-            res.history.append(rec)
-            if progress:
-                ev = rec.get("eval", {})
-                bar.write(f"epoch {epoch}: loss {rec['loss']:.3f} task {rec['task']:.3f} "
-                          f"{rec['est_bytes_per_device']:.1f} B/device "
-                          f"{rec['seconds']:.0f}s "
-                          + (f"test {100 * ev['accuracy']:.1f}% at "
-                             f"{ev['est_bytes_per_device']:.1f} B/device" if ev else ""))
-            elapsed = time.perf_counter() - start
-            if cfg.time_budget is not None and step < total:
-                took = time.perf_counter() - t_epoch
-                left = int(max(0.0, cfg.time_budget - res.cache_seconds - elapsed) /
-                           max(took, 1e-6))
-                total = min(total, step + left * per_epoch)
-                bar.total = total
+            ev = rec.get("eval", {})
+            loop.commit(rec, line=f"epoch {epoch}: loss {rec['loss']:.3f} task {rec['task']:.3f} "
+                                  f"{rec['est_bytes_per_device']:.1f} B/device "
+                                  f"{rec['seconds']:.0f}s "
+                                  + (f"test {100 * ev['accuracy']:.1f}% at "
+                                     f"{ev['est_bytes_per_device']:.1f} B/device" if ev else ""))
             if checkpoint is not None:
                 save_state(checkpoint, model, opt, None, gen, epoch, res.history,
-                           {"step": step, "total": total, "planned": planned})
-        bar.close()
-        res.seconds = time.perf_counter() - start
-        res.steps, res.epochs = step, epoch
+                           {"step": loop.step, "total": loop.total, "planned": loop.planned})
+        loop.close()
+        res.seconds = loop.elapsed
+        res.steps, res.epochs = loop.step, loop.epoch
         res.images_per_s = trained / max(res.seconds, 1e-9)
         model.eval()
         model.update(force=True)

@@ -24,6 +24,7 @@ from torch import nn
 
 from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
+from flowcodec.training import EpochLoop, Frozen
 
 __all__ = ["Aligner", "AlignResult", "train_aligner"]
 
@@ -88,41 +89,44 @@ def train_aligner(
 ) -> AlignResult:
     """Train ``aligner`` so that ``large_tail(aligner(small_head(x)))`` solves the task.
 
-    ``small_head``, ``large_head`` and ``large_tail`` stay frozen (eval mode). The loss is
+    ``small_head``, ``large_head`` and ``large_tail`` stay frozen (eval mode) and are given
+    back as they were (modes and ``requires_grad``). The loss is
     ``CE(large_tail(a), y) + distill_weight * MSE(a, large_head(x))``.
     """
     from flowcodec.family.train import accuracy
-    from flowcodec.progress import tqdm
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    for m in (small_head, large_head, large_tail):
-        m.to(device).eval()
-        for p in m.parameters():
-            p.requires_grad_(False)
-    aligner.to(device).train()
-    opt = torch.optim.Adam(aligner.parameters(), lr=lr)
-    steps = epochs * -(-len(train) // batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    ce = nn.CrossEntropyLoss()
-    bar = tqdm(total=steps, desc="train aligner", disable=not progress, leave=False)
-    for _ in range(epochs):
-        for x, y in train.batches(batch_size, shuffle=True, train=True, generator=gen,
-                                  device=device):  # fmt: skip
-            with torch.no_grad():
-                hs, hl = small_head(x), large_head(x)
-            a = aligner(hs)
-            loss = ce(large_tail(a), y) + distill_weight * nn.functional.mse_loss(a, hl)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-    bar.close()
-    aligner.eval()
-    fed = nn.Sequential(small_head, aligner, large_tail)
-    alone = nn.Sequential(large_head, large_tail)
-    return AlignResult(accuracy(alone, test, device=device), accuracy(fed, test, device=device))
+    frozen = Frozen(*(m.to(device) for m in (small_head, large_head, large_tail)))
+    try:
+        aligner.to(device).train()
+        opt = torch.optim.Adam(aligner.parameters(), lr=lr)
+        loop = EpochLoop(-(-len(train) // batch_size), epochs, desc="train aligner",
+                         progress=progress)  # fmt: skip
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, loop.total)
+        ce = nn.CrossEntropyLoss()
+        for _ in loop.epochs():
+            batches = train.batches(batch_size, shuffle=True, train=True, generator=gen,
+                                    device=device)  # fmt: skip
+            for x, y in loop.steps(batches):
+                with torch.no_grad():
+                    hs, hl = small_head(x), large_head(x)
+                a = aligner(hs)
+                loss = ce(large_tail(a), y) + distill_weight * nn.functional.mse_loss(a, hl)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loop.add(len(y), loss=loss)
+            loop.commit(loop.record())
+        loop.close()
+        aligner.eval()
+        fed = nn.Sequential(small_head, aligner, large_tail)
+        alone = nn.Sequential(large_head, large_tail)
+        return AlignResult(accuracy(alone, test, device=device), accuracy(fed, test, device=device))
+    finally:
+        frozen.restore()
+
 
 
 def standalone_digits_model(classes: int = 10) -> nn.Sequential:

@@ -7,7 +7,6 @@ features that every member can finish from.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
 from flowcodec.family.base import EarlyExitFamily
+from flowcodec.training import EpochLoop
 
 __all__ = ["TrainConfig", "TrainResult", "train_family", "evaluate_family", "accuracy"]
 
@@ -107,7 +107,6 @@ def train_family(
     exit_T)`` at temperature ``T`` (Hinton et al.'s distillation), on the same augmented
     batch.
     """
-    from flowcodec.progress import tqdm
     from flowcodec.scale.ddp import Dist, load_state, save_state
 
     dist = dist or Dist()
@@ -140,27 +139,25 @@ def train_family(
     crit = _criterion(cfg, teacher, dev)
     use_amp = dev.type == "cuda" if cfg.amp is None else bool(cfg.amp)
     wsum = sum(weights)
-    history = []
-    start = time.perf_counter()
-    first = 0
+    loop = EpochLoop(steps_per_epoch, cfg.epochs, desc="train family", progress=cfg.progress,
+                     show=dist.is_main,
+                     reduce_sum=dist.all_sum if dist.active else None)  # fmt: skip
     if checkpoint is not None and resume:
         saved = load_state(checkpoint, family, opt, sched, gen)
         if saved is not None:
-            first, history = int(saved["epoch"]), list(saved["history"])
+            loop.resume(int(saved["epoch"]), saved["history"])
     model = dist.wrap(family)
-    bar = tqdm(total=total, initial=first * steps_per_epoch, desc="train family",
-               disable=not cfg.progress or not dist.is_main, leave=False)  # fmt: skip
     try:
-        _epochs(first, cfg, train, gen, dev, dist, model, family, weights, wsum, crit, use_amp,
-                opt, sched, bar, history, checkpoint, on_epoch, save_state)  # fmt: skip
+        _epochs(loop, cfg, train, gen, dev, dist, model, family, weights, wsum, crit, use_amp,
+                opt, sched, checkpoint, on_epoch, save_state)  # fmt: skip
     except RuntimeError as e:
         from flowcodec.scale.ddp import PeerLost, lost_message
 
         if not dist.active or isinstance(e, PeerLost):
             raise
         raise PeerLost(lost_message(dist, e)) from e  # a collective failed: a rank stopped
-    bar.close()
-    seconds = time.perf_counter() - start
+    loop.close()
+    history, seconds = loop.history, loop.elapsed
     accs = evaluate_family(family, test, device=dev) if test is not None else []
     family.eval()
     return TrainResult(accs, seconds, history)
@@ -185,12 +182,12 @@ def _criterion(cfg: TrainConfig, teacher: nn.Module | None, dev: torch.device):
     return crit
 
 
-def _epochs(first, cfg, train, gen, dev, dist, model, family, weights, wsum, crit, use_amp,
-            opt, sched, bar, history, checkpoint, on_epoch, save_state) -> None:  # fmt: skip
-    for epoch in range(first, cfg.epochs):
-        run_loss, seen = 0.0, 0
-        for x, y in train.batches(cfg.batch_size, shuffle=True, train=True, generator=gen,
-                                  device=dev):  # fmt: skip
+def _epochs(loop, cfg, train, gen, dev, dist, model, family, weights, wsum, crit, use_amp,
+            opt, sched, checkpoint, on_epoch, save_state) -> None:  # fmt: skip
+    for epoch in loop.epochs():
+        batches = train.batches(cfg.batch_size, shuffle=True, train=True, generator=gen,
+                                device=dev)  # fmt: skip
+        for x, y in loop.steps(batches):
             x, y = dist.shard(x, y)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
                 outs = model(x)
@@ -200,15 +197,11 @@ def _epochs(first, cfg, train, gen, dev, dist, model, family, weights, wsum, cri
             loss.backward()
             opt.step()
             sched.step()
-            run_loss += loss.item() * len(y)
-            seen += len(y)
-            bar.update(1)
-        run_loss, seen = dist.all_sum([run_loss, float(seen)])
-        rec = {"epoch": epoch + 1, "loss": run_loss / seen}
-        history.append(rec)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            loop.add(len(y), loss=loss.item())
+        rec = {"epoch": epoch, "loss": loop.means()["loss"]}
+        loop.commit(rec, loss=f"{rec['loss']:.3f}")
         if checkpoint is not None and dist.is_main:
-            save_state(checkpoint, family, opt, sched, gen, epoch + 1, history,
+            save_state(checkpoint, family, opt, sched, gen, epoch, loop.history,
                        {"world": dist.world})  # fmt: skip
         dist.barrier()
         if on_epoch is not None:

@@ -14,6 +14,7 @@ from flowcodec.lm.speculative import (
     generate_edge,
     generate_gated,
     generate_speculative,
+    generate_speculative_codec,
     pass_times,
 )
 from flowcodec.lm.train import LMTrainConfig, LMTrainResult, evaluate_lm, load_lm, save_lm, train_lm
@@ -31,6 +32,7 @@ __all__ = [
     "generate_edge",
     "generate_gated",
     "generate_speculative",
+    "generate_speculative_codec",
     "load_lm",
     "load_shakespeare",
     "pass_times",

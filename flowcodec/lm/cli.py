@@ -3,7 +3,9 @@
 ``train`` trains the ``shakespeare-char`` family (resumable with ``--resume``, within
 ``--seconds``) and saves it as float16 safetensors plus JSON with the validation loss of
 every member; ``generate`` runs one collaborative scheme on a prompt and prints the text
-and its trace; ``eval`` prints the validation loss per member and the gating curve.
+and its trace; ``eval`` prints the validation loss per member and the gating curve;
+``sweep`` (:mod:`flowcodec.lm.sweep`) times every scheme over gamma, thresholds and link
+settings and writes CSV, JSON, samples and plots.
 
 Example
 -------
@@ -167,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--thresholds", type=float, nargs="*", default=[0.3, 0.5, 0.7, 0.9])
     e.add_argument("--threads", type=int, default=None)
     e.set_defaults(func=cmd_eval)
+    from flowcodec.lm import sweep  # `flowcodec lm sweep`: its options and command live there
+
+    w = sub.add_parser("sweep", help="generate over gamma, thresholds and link settings: CSV, "
+                       "JSON, samples and plots", allow_abbrev=False)  # fmt: skip
+    sweep.add_arguments(w)
+    w.set_defaults(func=sweep.command)
+    from flowcodec.lm.codec import add_codec_commands  # `flowcodec lm codec train|eval`
+
+    add_codec_commands(sub)
     return p
 
 

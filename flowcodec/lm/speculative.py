@@ -16,6 +16,9 @@ party's passes measured on this machine):
   sample the normalised residual ``max(p - q, 0)``). The edge needs the draft distribution
   ``q``: it takes it from the draft exit on its own copy of the shared trunk (the large
   member computes those hidden states anyway), so only token ids go up.
+- :func:`generate_speculative_codec`: the same with the draft's hidden states at a split
+  point sent through a :class:`~flowcodec.lm.codec.HiddenStateCodec`, so the edge runs only
+  the large member's remaining blocks (not exact: the edge decides on decoded states).
 - :func:`generate_gated`: the device generates and asks the edge for a token only when its
   exit's top probability is below ``threshold`` (not exact; :func:`gated_loss` measures its
   quality against the large member's).
@@ -54,12 +57,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from flowcodec.bitstream import Bitstream, BitstreamError, Header
 from flowcodec.errors import ConfigError
 from flowcodec.family.lm import KVCache, LanguageFamily
 from flowcodec.lm.data import eval_windows
 
 __all__ = ["GenerationTrace", "Round", "encode_message", "decode_message", "generate_device",
-           "generate_edge", "generate_speculative", "generate_gated", "gated_loss", "pass_times",
+           "generate_edge", "generate_speculative", "generate_speculative_codec", "generate_gated",
+           "gated_loss", "pass_times",
            "MSG_TOKENS", "MSG_REPLY", "MSG_DRAFTS"]  # fmt: skip
 
 #: Message kinds (the first byte of every message).
@@ -120,6 +125,8 @@ class Round:
     committed: int = 0
     device_seconds: float = 0.0
     edge_seconds: float = 0.0
+    #: of ``up_bytes``: the hidden-state codec's (session header and samples), if any
+    codec_bytes: int = 0
 
 
 @dataclass
@@ -381,6 +388,174 @@ def generate_speculative(family: LanguageFamily, prompt, n: int, draft: int = 1,
         dev_cache.truncate(dev_len)
         committed += drafts[:acc] + [tok]
         rnd.up_bytes, rnd.down_bytes, rnd.accepted = sum(map(len, ups)), len(down), acc
+        trace.round_trips += 1
+        trace._commit(drafts[:acc] + [tok], ["device"] * acc + ["edge"], rnd)
+    return trace
+
+
+def _cached_everywhere(cache: KVCache, layers: int) -> int:
+    """Positions cached by every one of layers ``0..layers-1`` (0 if one is empty)."""
+    return min((cache.length(i) for i in range(layers)), default=0)
+
+
+@_keeps_modes
+def generate_speculative_codec(family: LanguageFamily, prompt, n: int, codec, draft: int = 1,
+                               target: int | None = None, gamma: int = 4,
+                               rate: int | None = None, temperature: float = 0.0,
+                               seed: int = 0) -> GenerationTrace:  # fmt: skip
+    """Speculative decoding with the draft's hidden states sent through ``codec`` (a
+    :class:`~flowcodec.lm.codec.HiddenStateCodec` for split point ``p = codec.point``), so
+    the edge never runs the shared blocks ``1..p``.
+
+    Per round the device drafts ``gamma`` tokens with member ``draft`` (``p <= draft``: the
+    device computes the states at ``p`` anyway, plus one pass of stages ``1..p`` over the
+    last draft) and sends the ids (as :func:`generate_speculative` does) and the states at
+    ``p`` of every position the edge has not cached (the prompt in the first round, then
+    the edge's last token and the drafts), compressed at rate point ``rate`` in the
+    session framing (``Bitstream.to_compact``; the codec's header goes once, in the first
+    round). The edge decodes them (ids and positions as side information), runs only
+    stages ``p+1..target`` and exit ``target`` over them with its KV cache, and verifies
+    as :func:`generate_speculative` does (sampled: ``q`` from the draft exit on its decoded
+    states). The output is the target's greedy output on *decoded* states, so it is not
+    exactly the target's: compare it with :func:`generate_edge`. ``Round.codec_bytes`` is
+    the codec's share of ``up_bytes``."""
+    from flowcodec.lm.codec import HiddenStateCodec
+
+    target = family.num_members if target is None else target
+    prompt = _check(family, prompt, n, {"draft": draft, "target": target})
+    _check_sampling(temperature)
+    if not isinstance(gamma, int) or isinstance(gamma, bool) or gamma < 1:
+        raise ConfigError(f"gamma (drafted tokens per round) must be an int >= 1, got {gamma!r}")
+    if draft >= target:
+        raise ConfigError(f"the draft member ({draft}) must be smaller than the target ({target})")
+    if not isinstance(codec, HiddenStateCodec):
+        raise ConfigError(f"codec must be a HiddenStateCodec, got {type(codec).__name__}")
+    point = codec.point
+    if not 1 <= point <= draft:
+        raise ConfigError(f"the codec's split point ({point}) must be the draft member's exit "
+                          f"({draft}) or earlier, so the device computes those states anyway")
+    if tuple(codec.feature_shape) != (family.context, family.dim) or (
+            codec.condition and codec.vocab != family.vocab):  # fmt: skip
+        raise ConfigError(f"codec for states {codec.feature_shape} (vocab {codec.vocab}) does "
+                          f"not fit this family ({family.context}, {family.dim}), vocab "
+                          f"{family.vocab}")  # fmt: skip
+    rate = codec._rate(rate)
+    codec_was = codec.training
+    codec.eval()
+    try:
+        return _speculative_codec(family, prompt, n, codec, draft, target, gamma, rate,
+                                  temperature, seed)
+    finally:
+        codec.train(codec_was)
+
+
+def _speculative_codec(family, prompt, n, codec, draft, target, gamma, rate, temperature,
+                       seed) -> GenerationTrace:  # fmt: skip
+    dev, vocab, point = _device(family), family.vocab, codec.point
+    reply_vocab = max(vocab, gamma + 1)
+    d_head, d_rest = (m.eval() for m in family.split(draft, point))  # device: 1..p, p+1..draft
+    tail = family.split(target, point)[1].eval()  # edge: stages p+1..target, exit target
+    draft_exit = family.exits[draft - 1]
+    draft_layers = family.blocks_upto(draft)
+    dev_gen = torch.Generator().manual_seed(seed)
+    edge_gen = torch.Generator().manual_seed(seed + 0x9E3779B9)
+    dev_cache, edge_cache = KVCache(), KVCache()
+    committed, dev_len = list(prompt), 0  # the device's text and the positions all its layers hold
+    edge_has = 0  # positions the edge has cached (the device knows: all but the edge's token)
+    edge_text, edge_len = [], 0  # the edge's copy, built only from messages
+    header = codec.header(rate)
+    session: Header | None = None  # the header as the edge received it
+    seq = 0
+    trace = GenerationTrace("speculative-codec", prompt)
+    while len(trace.tokens) < n:
+        g = min(gamma, n - len(trace.tokens) - 1)
+        rnd = Round(drafted=g)
+        # device: states at p of its pending tokens and drafts, drafting with its exit
+        t0 = time.perf_counter()
+        first = dev_len
+        h = d_head(_ids(committed[dev_len:], dev), dev_cache)
+        states = [h]
+        drafts: list[int] = []
+        if g:
+            logits = d_rest(h, dev_cache)[0, -1].cpu()
+            trace.device_passes += 1
+            for i in range(g):
+                q = _probs(logits, temperature)
+                drafts.append(_pick(q, dev_gen) if temperature else int(q.argmax()))
+                h = d_head(_ids(drafts[-1:], dev), dev_cache)  # the edge needs its state too
+                states.append(h)
+                if i < g - 1:
+                    logits = d_rest(h, dev_cache)[0, -1].cpu()
+                    trace.device_passes += 1
+        send = torch.cat(states, 1)[:, edge_has - first :]
+        sent_ids = (committed + drafts)[edge_has:]
+        stream = codec.compress(send, rate=rate, ids=_ids(sent_ids, dev), start=edge_has,
+                                seq=seq)[0]  # fmt: skip
+        seq += 1
+        rnd.device_seconds = time.perf_counter() - t0
+        ups = [encode_message(MSG_TOKENS, prompt, vocab)] if not trace.rounds else []
+        ups.append(encode_message(MSG_DRAFTS, drafts, vocab))
+        codec_msgs = [header.to_bytes(1)] if not trace.rounds else []
+        codec_msgs.append(stream.to_compact())
+        # edge: decode the states, run only the remaining blocks, verify
+        t0 = time.perf_counter()
+        got: list[int] = []
+        for msg in ups:
+            kind, vals = decode_message(msg, vocab)
+            if kind == MSG_TOKENS:
+                edge_text += vals
+            else:
+                got = vals
+        if session is None:
+            session, _, _ = Header.parse(codec_msgs[0])
+        recv = Bitstream.from_compact(codec_msgs[-1], session)
+        if recv.lost:
+            raise BitstreamError("a hidden-state sample failed its CRC")
+        new = edge_text[edge_len:] + got
+        h_hat = codec.decompress([recv], ids=_ids(new, codec._device()), start=edge_len)
+        h_hat = h_hat.to(dev, next(family.parameters()).dtype)
+        x, mid = h_hat, h_hat if draft == point else None
+        for j, stage in enumerate(tail.stages):
+            x = stage(x, edge_cache)
+            if j == draft - point - 1:
+                mid = x  # the states after stage `draft`: the draft exit's input
+        rows = tail.exit(x)[0, -(len(got) + 1) :].cpu()
+        trace.edge_passes += 1
+        p = _probs(rows, temperature)
+        accepted, token = len(got), None
+        if temperature:
+            q = _probs(draft_exit(mid)[0, -(len(got) + 1) :].cpu(), temperature)
+            for i, d in enumerate(got):
+                u = float(torch.rand((), generator=edge_gen, dtype=torch.float64))
+                if u * q[i, d] >= p[i, d]:  # reject: u >= p(d) / q(d)
+                    resid = (p[i] - q[i]).clamp_min(0)
+                    token = _pick(resid / resid.sum() if resid.sum() > 0 else p[i], edge_gen)
+                    accepted = i
+                    break
+            if token is None:
+                token = _pick(p[len(got)], edge_gen)
+        else:
+            for i, d in enumerate(got):
+                if int(p[i].argmax()) != d:
+                    accepted = i
+                    break
+            token = int(p[accepted].argmax())
+            trace.min_margin = min([trace.min_margin] + [_margin(r) for r in rows[: accepted + 1]])
+        edge_text += got[:accepted] + [token]
+        edge_len = len(edge_text) - 1  # all but the new token is cached
+        edge_cache.truncate(edge_len)
+        down = encode_message(MSG_REPLY, [accepted, token], reply_vocab)
+        rnd.edge_seconds = time.perf_counter() - t0
+        # device: keep the accepted drafts, add the edge's token; every layer of the drafter
+        # keeps only positions all of them hold (the last draft went through stages 1..p only)
+        _, (acc, tok) = decode_message(down, reply_vocab)
+        dev_len = min(_cached_everywhere(dev_cache, draft_layers), len(committed) + acc)
+        dev_cache.truncate(dev_len)
+        committed += drafts[:acc] + [tok]
+        edge_has = len(committed) - 1
+        rnd.codec_bytes = sum(map(len, codec_msgs))
+        rnd.up_bytes = sum(map(len, ups)) + rnd.codec_bytes
+        rnd.down_bytes, rnd.accepted = len(down), acc
         trace.round_trips += 1
         trace._commit(drafts[:acc] + [tok], ["device"] * acc + ["edge"], rnd)
     return trace

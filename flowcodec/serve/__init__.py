@@ -6,7 +6,10 @@
   :class:`~flowcodec.pipeline.Hop` to run the same configuration against real servers,
   with the same per-sample traces and a fallback to the device's exit;
 - :class:`LinkProxy` (``flowcodec proxy``): a ``channels`` link applied to the real
-  packets between device and edge.
+  packets between device and edge;
+- :func:`connect` / :func:`connect_async`: a client for an address, gRPC (``host:port``)
+  or the server's framed TCP port (``tcp://host:port``, :mod:`flowcodec.serve.tcp`: the
+  same calls without gRPC's per-call cost).
 
 Needs ``grpcio`` (``pip install 'flowcodec[serve]'``). See ``docs/deployment.md``.
 """
@@ -19,6 +22,7 @@ _WHERE = {
     "LinkProxy": "proxy", "RemoteHop": "remote",
     "ServeConfig": "server", "ServerThread": "server", "TierServer": "server",
     "LinkReport": "wire", "Request": "wire", "SampleError": "wire", "WireError": "wire",
+    "AsyncFrameClient": "tcp", "FrameClient": "tcp", "connect": "tcp", "connect_async": "tcp",
 }  # fmt: skip
 
 
@@ -30,7 +34,9 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AsyncFrameClient",
     "AsyncTierClient",
+    "FrameClient",
     "LinkProxy",
     "LinkReport",
     "Outcome",
@@ -45,4 +51,6 @@ __all__ = [
     "TierServer",
     "TierSpec",
     "WireError",
+    "connect",
+    "connect_async",
 ]

@@ -6,10 +6,14 @@
 - :func:`request_pool` encodes test samples into request envelopes ahead of time (the
   device's work is not what a server benchmark measures);
 - :func:`open_loop` offers Poisson arrivals from ``N`` devices at a given total rate and
-  :func:`closed_loop` keeps a fixed number of requests in flight; both count every
-  request (answered, refused, failed) and record the latency of each answer. With
+  :func:`closed_loop` keeps a fixed number of requests in flight (for a time;
+  :func:`closed_loop_calls`: for a number of calls); all count every request (answered,
+  refused, failed, answered twice: each request carries a request id of its own, checked
+  against its answer) and record the latency of each answer. With
   ``samples_per_request=S`` above 1 each call is an ``InferBatch`` of ``S`` samples, and
-  every figure still counts samples (a call refused whole counts ``S`` refusals);
+  every figure still counts samples (a call refused whole counts ``S`` refusals). The
+  address picks the transport (``tcp://host:port``: the server's TCP port, else gRPC) and
+  ``answer`` the form of the answers asked for (``"binary"`` or ``"json"``);
 - :func:`pin_to_cpu` pins a process (every thread of it) to one CPU, so that a server
   and its load generator do not share a core.
 """
@@ -30,8 +34,8 @@ import time
 from dataclasses import dataclass, field
 
 __all__ = ["Child", "spawn", "free_port", "request_pool", "LoadResult", "open_loop",
-           "closed_loop", "percentile", "rss_kib", "hostile_messages", "SlowSenders",
-           "pin_to_cpu"]  # fmt: skip
+           "closed_loop", "closed_loop_calls", "percentile", "rss_kib", "hostile_messages",
+           "SlowSenders", "pin_to_cpu"]  # fmt: skip
 
 
 def free_port() -> int:
@@ -64,6 +68,14 @@ class Child:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def tcp_address(self) -> str:
+        """The TCP port it printed (``flowcodec serve --tcp-port``) as a client address."""
+        m = re.search(r" and tcp://\S+:(\d+)", "".join(self.log))
+        if m is None:
+            raise RuntimeError(f"flowcodec child names no TCP port:\n{''.join(self.log)}")
+        return f"tcp://127.0.0.1:{m.group(1)}"
 
     @property
     def alive(self) -> bool:
@@ -120,10 +132,13 @@ def pin_to_cpu(pid: int, cpu: int) -> str | None:
 
 
 def spawn(command: str, args: list[str], port: int | None = None, threads: int = 1,
-          timeout: float = 120.0) -> Child:  # fmt: skip
-    """Start ``flowcodec COMMAND ARGS --port PORT`` and wait for its "listening" line."""
+          timeout: float = 120.0, src: str | None = None) -> Child:  # fmt: skip
+    """Start ``flowcodec COMMAND ARGS --port PORT`` and wait for its "listening" line
+    (``src``: run it from that source tree, e.g. an older commit's, instead of this one)."""
     port = port or free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    if src is not None:
+        env["PYTHONPATH"] = os.path.abspath(src)
     argv = [sys.executable, "-m", "flowcodec.cli", command, *args, "--port", str(port)]
     if command == "serve":
         argv += ["--threads", str(threads), "--no-progress"]
@@ -197,14 +212,22 @@ class LoadResult:
                                          sorted(self.fail_reasons.items()))}  # fmt: skip
 
 
-async def _send(client, pool, i, rid_seen, res: LoadResult, timeout: float, t_sched: float):
+def _stamped(base: bytes, rid: int, answer: str) -> bytes:
+    """A pool envelope with request id ``rid`` and the answer form asked for (the flags
+    byte and the id field of wire.py's fixed part)."""
+    flags = base[4] | 4 if answer == "binary" else base[4] & ~4
+    return base[:4] + bytes((flags,)) + struct.pack("<Q", rid) + base[13:]
+
+
+async def _send(client, pool, i, rid_seen, res: LoadResult, timeout: float, t_sched: float,
+                answer: str = "binary"):  # fmt: skip
     from flowcodec.serve.client import RemoteError
     from flowcodec.serve.wire import parse_answer
 
     base = pool[i % len(pool)]
     rid = res.sent
     res.sent += 1
-    req = base[:5] + struct.pack("<Q", rid) + base[13:]  # the request id field (wire.py)
+    req = _stamped(base, rid, answer)
     try:
         ans = parse_answer(await client.infer(req, timeout))
     except RemoteError as e:
@@ -223,7 +246,7 @@ async def _send(client, pool, i, rid_seen, res: LoadResult, timeout: float, t_sc
 
 
 async def _send_batch(client, pool, i, size: int, rid_seen, res: LoadResult, timeout: float,
-                      t_sched: float):  # fmt: skip
+                      t_sched: float, answer: str = "binary"):  # fmt: skip
     """One ``InferBatch`` call of ``size`` samples (pool entries ``i, i+1, ...``), each
     with a request id of its own; every sample is counted as :func:`_send` counts one."""
     from flowcodec.serve.client import RemoteError
@@ -234,7 +257,7 @@ async def _send_batch(client, pool, i, size: int, rid_seen, res: LoadResult, tim
     reqs = []
     for j, rid in enumerate(rids):
         base = pool[(i + j) % len(pool)]
-        reqs.append(base[:5] + struct.pack("<Q", rid) + base[13:])  # the request id (wire.py)
+        reqs.append(_stamped(base, rid, answer))
     try:
         entries = await client.infer_batch(reqs, timeout)
     except (RemoteError, WireError) as e:
@@ -258,35 +281,42 @@ async def _send_batch(client, pool, i, size: int, rid_seen, res: LoadResult, tim
             res.latencies_s.append(took)
 
 
-def _sender(samples_per_request: int):
+def _sender(samples_per_request: int, answer: str = "binary"):
     """The coroutine function that sends one call: single-sample calls exactly as before
-    ``samples_per_request`` existed, else batch calls."""
+    ``samples_per_request`` existed, else batch calls; answers asked for in ``answer``."""
     from flowcodec.errors import ConfigError
-    from flowcodec.serve.wire import MAX_BATCH_SAMPLES
+    from flowcodec.serve.wire import ANSWER_FORMS, MAX_BATCH_SAMPLES
 
     if not 1 <= samples_per_request <= MAX_BATCH_SAMPLES:
         raise ConfigError(f"samples_per_request must be in 1..{MAX_BATCH_SAMPLES}")
+    if answer not in ANSWER_FORMS:
+        raise ConfigError(f"answer must be one of {ANSWER_FORMS}, got {answer!r}")
     if samples_per_request == 1:
-        return _send
+
+        async def send_one(client, pool, i, rid_seen, res, timeout, t_sched):
+            await _send(client, pool, i, rid_seen, res, timeout, t_sched, answer)
+
+        return send_one
 
     async def send(client, pool, i, rid_seen, res, timeout, t_sched):
         await _send_batch(client, pool, i, samples_per_request, rid_seen, res, timeout,
-                          t_sched)  # fmt: skip
+                          t_sched, answer)  # fmt: skip
 
     return send
 
 
 async def open_loop(address: str, pool: list[bytes], devices: int, rate: float,
                     seconds: float, timeout: float = 5.0, seed: int = 0,
-                    samples_per_request: int = 1) -> LoadResult:  # fmt: skip
+                    samples_per_request: int = 1,
+                    answer: str = "binary") -> LoadResult:  # fmt: skip
     """Each of ``devices`` devices sends Poisson arrivals at ``rate / devices`` samples per
     second for ``seconds`` (in calls of ``samples_per_request`` samples, so calls arrive
     at that rate divided by it); latency counts from the scheduled send time (so a late
     sender does not hide queueing). Returns when every request has its answer or error."""
-    from flowcodec.serve.client import AsyncTierClient
+    from flowcodec.serve.tcp import connect_async
 
-    send = _sender(samples_per_request)
-    clients = [AsyncTierClient(address) for _ in range(min(devices, 8))]
+    send = _sender(samples_per_request, answer)
+    clients = [connect_async(address) for _ in range(min(devices, 8))]
     res = LoadResult(devices, rate, seconds, samples_per_request=samples_per_request)
     call_rate = rate / devices / samples_per_request
     seen: set[int] = set()
@@ -315,13 +345,14 @@ async def open_loop(address: str, pool: list[bytes], devices: int, rate: float,
 
 async def closed_loop(address: str, pool: list[bytes], devices: int, seconds: float,
                       in_flight: int = 2, timeout: float = 10.0,
-                      samples_per_request: int = 1) -> LoadResult:  # fmt: skip
+                      samples_per_request: int = 1,
+                      answer: str = "binary") -> LoadResult:  # fmt: skip
     """``devices`` devices each keep ``in_flight`` calls of ``samples_per_request``
     samples outstanding for ``seconds`` (saturation throughput, in samples per second)."""
-    from flowcodec.serve.client import AsyncTierClient
+    from flowcodec.serve.tcp import connect_async
 
-    send = _sender(samples_per_request)
-    clients = [AsyncTierClient(address) for _ in range(min(devices, 8))]
+    send = _sender(samples_per_request, answer)
+    clients = [connect_async(address) for _ in range(min(devices, 8))]
     res = LoadResult(devices, float("nan"), seconds, samples_per_request=samples_per_request)
     seen: set[int] = set()
     start = time.perf_counter()
@@ -332,6 +363,32 @@ async def closed_loop(address: str, pool: list[bytes], devices: int, seconds: fl
                        time.perf_counter())  # fmt: skip
 
     await asyncio.gather(*(lane(k) for k in range(devices * in_flight)))
+    res.seconds = time.perf_counter() - start
+    for c in clients:
+        await c.close()
+    return res
+
+
+async def closed_loop_calls(address: str, pool: list[bytes], calls: int, in_flight: int,
+                            answer: str = "binary", timeout: float = 60.0,
+                            connections: int = 8) -> LoadResult:  # fmt: skip
+    """``calls`` single-sample calls, ``in_flight`` of them outstanding at a time over
+    ``connections`` clients (for CPU-time measurements: a fixed amount of work whatever
+    the machine's speed). Every request is counted as :func:`closed_loop` counts it."""
+    from flowcodec.serve.tcp import connect_async
+
+    send = _sender(1, answer)
+    clients = [connect_async(address) for _ in range(max(1, min(connections, in_flight)))]
+    res = LoadResult(in_flight, float("nan"), 0.0)
+    seen: set[int] = set()
+    start = time.perf_counter()
+
+    async def lane(k: int) -> None:
+        while res.sent < calls:
+            await send(clients[k % len(clients)], pool, res.sent, seen, res, timeout,
+                       time.perf_counter())  # fmt: skip
+
+    await asyncio.gather(*(lane(k) for k in range(in_flight)))
     res.seconds = time.perf_counter() - start
     for c in clients:
         await c.close()

@@ -43,6 +43,7 @@ def _rules(*names: str) -> list[tuple[str, str, object]]:
     """Checks of numeric arguments by destination: (dest, what it must be, test)."""
     every = {
         "port": ("an integer in 0..65535", lambda v: 0 <= v <= 65535),
+        "tcp_port": ("an integer in 0..65535", lambda v: 0 <= v <= 65535),
         "max_batch": ("an integer in 1..4096", lambda v: 1 <= v <= 4096),
         "max_wait_ms": ("in 0..10000 ms", lambda v: 0 <= v <= 10_000),
         "queue": ("an integer in 1..1048576", lambda v: 1 <= v <= 1 << 20),
@@ -127,7 +128,8 @@ def _read(path: str | None) -> bytes | None:
 def _serve_config(args):
     from flowcodec.serve.server import ServeConfig
 
-    return ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch,
+    return ServeConfig(host=args.host, port=args.port, tcp_port=getattr(args, "tcp_port", None),
+                       max_batch=args.max_batch,
                        max_wait_s=args.max_wait_ms / 1e3, queue_size=args.queue,
                        batches_in_flight=getattr(args, "batches_in_flight", 2),
                        max_samples_per_request=getattr(args, "max_samples_per_request", 64),
@@ -140,7 +142,8 @@ def _serve_config(args):
 
 def cmd_serve(args) -> int:
     check_numbers(args, (*_LISTEN, "threads", "point_in", "point", "exit_threshold",
-                         "max_concealed", "batches_in_flight", "max_samples_per_request"))
+                         "max_concealed", "batches_in_flight", "max_samples_per_request",
+                         "tcp_port"))
     import asyncio
 
     import torch
@@ -165,12 +168,13 @@ def cmd_serve(args) -> int:
     async def main() -> None:
         port = await server.start()
         tls = " (TLS)" if args.tls_cert else ""
+        tcp = f" and tcp://{args.host}:{server.tcp_port}" if server.tcp_port is not None else ""
         nxt = f", forwards to {args.next}" if args.next else ", answers every sample"
         trust = ("trusts every sample" if args.max_concealed is None else
                  f"answers 'concealed input' when over {args.max_concealed:.0%} of a sample's "
                  "packets are concealed")  # fmt: skip
         print(f"flowcodec serve: tier {args.tier!r} (points {args.point_in} -> {args.point}"
-              f"{nxt}; {trust}) listening on {args.host}:{port}{tls}; Ctrl-C drains and "
+              f"{nxt}; {trust}) listening on {args.host}:{port}{tcp}{tls}; Ctrl-C drains and "
               "stops", flush=True)  # fmt: skip
         await server.serve_forever()
         stats = dict(server.stats)
@@ -442,6 +446,10 @@ def add_parsers(sub) -> None:
     s.add_argument("--batches-in-flight", type=int, default=2,
                    help="batches formed ahead of the worker: 1 forms the next only when the "
                    "last is answered (default 2)")
+    s.add_argument("--tcp-port", type=int, default=None,
+                   help="also serve the same calls as framed TCP on this port (0: any free "
+                   "port), reached as tcp://HOST:PORT: one sample per call without gRPC's "
+                   "per-call cost (default: gRPC only)")
     s.add_argument("--max-samples-per-request", type=int, default=64,
                    help="most samples in one InferBatch call (default 64)")
     s.add_argument("--max-concealed", type=_fraction_or_none, default=DEFAULT_MAX_CONCEALED,
@@ -487,7 +495,9 @@ def add_parsers(sub) -> None:
         "(--max-concealed), are answered by the device's own exit; fallbacks are reported "
         "on stderr, and a run in which every sample fell back exits with status 1 unless "
         "--allow-fallback.")
-    d.add_argument("--connect", default="127.0.0.1:50051", help="server or proxy host:port")
+    d.add_argument("--connect", default="127.0.0.1:50051",
+                   help="server or proxy host:port (gRPC), or tcp://HOST:PORT (a server's "
+                   "--tcp-port)")
     d.add_argument("--family", default="digits", choices=image_families())
     d.add_argument("--point", type=int, default=1, help="device split point (default 1)")
     d.add_argument("--exit-threshold", type=float, default=None,

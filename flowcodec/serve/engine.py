@@ -21,12 +21,14 @@ Example
 
 from __future__ import annotations
 
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from flowcodec.bitstream import Bitstream, BitstreamError, Header
+from flowcodec.bitstream import Bitstream, BitstreamError, Header, parse_packet, varint
 from flowcodec.codecs.base import FeatureCodec
 from flowcodec.errors import ConfigError
 from flowcodec.family.base import EarlyExitFamily
@@ -35,6 +37,12 @@ from flowcodec.pipeline import DEFAULT_MAX_CONCEALED, check_max_concealed, conce
 from flowcodec.serve.wire import Request, WireError
 
 __all__ = ["TierSpec", "TierEngine", "Outcome", "CONCEALED_INPUT"]
+
+#: Header configurations a tier remembers (:meth:`TierEngine.streams_of`); past it, it
+#: forgets them all and starts again (a client that varies its header's side information
+#: costs the server full parses, never memory).
+HEADER_CACHE = 64
+_CRC = struct.Struct("<I")
 
 #: The ``fallback`` of an answer whose tier concealed more than its ``max_concealed`` of
 #: the sample's packets: the logits come from concealed features, and the caller answers
@@ -136,6 +144,9 @@ class TierEngine:
         #: What a forwarded sample costs here when this tier answers it after all (the
         #: next tier failed): its exit becomes a decision and counts.
         self.flops_fallback = self.flops_forward + (0 if evaluates_exit else self.exit_flops)
+        # Header bytes up to the sample number -> (Header, packet count): see streams_of.
+        self._headers: dict[bytes, tuple[Header, int]] = {}
+        self._prefix_sizes: set[int] = set()
 
     @property
     def last(self) -> bool:
@@ -157,6 +168,82 @@ class TierEngine:
             raise WireError(f"{len(req.units)} units for a {n_packets}-packet "
                             f"{req.framing}-framed sample (want {want})")  # fmt: skip
         return Bitstream.from_units(header, req.units, req.framing, seq=req.seq)
+
+    def streams_of(self, reqs: Sequence[Request]) -> list[Bitstream | WireError | BitstreamError]:
+        """:meth:`stream_of` for samples that arrived together (a batch call's, or every
+        call one read of a connection delivered), checked together: per request, in
+        order, its stream or the error :meth:`stream_of` refuses it with (the same stream,
+        the same error type).
+
+        The samples of a sender share a codec header but for the sample number (and the
+        CRC over both), so a header is parsed once per configuration. After a full parse
+        this tier keeps the header's bytes before the sample number (its serialisation
+        with ``seq`` 0, less the varint and CRC); a later header is recognised when it is
+        byte for byte that prefix, the request's ``seq`` and a matching CRC-32, which is
+        exactly :meth:`Header.to_bytes` of the same header for that ``seq``: the parse
+        would give the same result. A sample-framed request whose header unit is the
+        envelope's header (as sent) is not parsed a second time, and its packets are
+        checked with the header's CRC as binding, as :meth:`Bitstream.from_units` does.
+        Anything else (another configuration, another ``seq`` in the header, a lost or
+        altered header unit, session framing) takes the full path of :meth:`stream_of`.
+        """
+        out: list[Bitstream | WireError | BitstreamError] = []
+        for req in reqs:
+            try:
+                out.append(self._known_stream(req) or self._learn(req))
+            except (WireError, BitstreamError) as e:
+                out.append(e)
+        return out
+
+    def _known_stream(self, req: Request) -> Bitstream | None:
+        """The stream of ``req`` when its header is one seen before (else ``None``)."""
+        h, seq = bytes(req.header), req.seq
+        for size in self._prefix_sizes:
+            hit = self._headers.get(h[:size])
+            if hit is not None:
+                break
+        else:
+            return None
+        body = h[:size] + _varint(seq)
+        if h != body + _CRC.pack(zlib.crc32(body)):  # = header.to_bytes(n_packets, seq)
+            return None
+        header, n_packets = hit
+        units = req.units
+        if req.framing != "sample" or len(units) != n_packets + 1 or units[0] != h:
+            if len(units) != n_packets + (1 if req.framing == "sample" else 0):
+                raise WireError(f"{len(units)} units for a {n_packets}-packet "
+                                f"{req.framing}-framed sample (want "
+                                f"{n_packets + (req.framing == 'sample')})")  # fmt: skip
+            return Bitstream.from_units(header, units, req.framing, seq=seq)
+        bind = h[-_CRC.size :]
+        packets: list[bytes | None] = []
+        for i, framed in enumerate(units[1:]):
+            payload = None
+            if framed is not None:
+                try:
+                    framed = bytes(framed)
+                    index, payload, end = parse_packet(framed, 0, bind)
+                    if index != i or end != len(framed):
+                        payload = None
+                except BitstreamError:
+                    payload = None
+            packets.append(payload)
+        return Bitstream(header, packets, seq)
+
+    def _learn(self, req: Request) -> Bitstream:
+        """:meth:`stream_of`, remembering the header's configuration when it checks out."""
+        stream = self.stream_of(req)
+        header = stream.header
+        n_packets = len(stream.packets)
+        prefix = header.to_bytes(n_packets, 0)[: -(1 + _CRC.size)]  # seq 0: a 1-byte varint
+        body = prefix + _varint(req.seq)
+        if req.header == body + _CRC.pack(zlib.crc32(body)):  # the layout streams_of assumes
+            if len(self._headers) >= HEADER_CACHE:
+                self._headers.clear()
+                self._prefix_sizes.clear()
+            self._headers[prefix] = (header, n_packets)
+            self._prefix_sizes.add(len(prefix))
+        return stream
 
     def _decode(self, streams: Sequence[Bitstream]) -> tuple[torch.Tensor | None, list[str]]:
         """Decode a batch; a batch the codec refuses is decoded sample by sample so that a
@@ -190,20 +277,21 @@ class TierEngine:
         untrusted = [thr is not None and conc[i] > thr for i in good]
         # A tier that forwards also computes its exit: its answer is the fallback when the
         # next tier cannot be reached in time (its FLOPs count only when it is a decision).
-        logits = self._exit(h)
-        conf = logits.softmax(1).amax(1)
-        finite = torch.isfinite(logits).all(1).tolist()
+        out_logits = self._exit(h)
+        conf = out_logits.softmax(1).amax(1)
+        finite = torch.isfinite(out_logits).all(1).tolist()
+        logits, confs = out_logits.tolist(), conf.tolist()  # one conversion for the batch
         for j, i in enumerate(good):  # a decoder's contract is finite features; if not, refuse
             if not finite[j]:
                 out[i] = Outcome("error", message="non-finite output for this stream")
         for j, i in enumerate(good):
             if finite[j] and untrusted[j]:
-                out[i] = Outcome("concealed", logits[j].tolist(), float(conf[j]),
+                out[i] = Outcome("concealed", logits[j], confs[j],
                                  concealed=conc[i])  # fmt: skip
         if self.last:
             for j, i in enumerate(good):
                 if finite[j] and not untrusted[j]:
-                    out[i] = Outcome("answer", logits[j].tolist(), float(conf[j]),
+                    out[i] = Outcome("answer", logits[j], confs[j],
                                      concealed=conc[i])  # fmt: skip
             return out  # type: ignore[return-value]
         done = (conf >= self.spec.exit_threshold) if self.spec.exit_threshold is not None else (
@@ -216,12 +304,18 @@ class TierEngine:
             if not finite[j] or untrusted[j]:
                 continue
             if bool(done[j]):
-                out[i] = Outcome("answer", logits[j].tolist(), float(conf[j]),
+                out[i] = Outcome("answer", logits[j], confs[j],
                                  concealed=conc[i])  # fmt: skip
                 continue
             ns = next_streams[k]
             k += 1
             ns.seq = streams[i].seq  # bind the next hop's packets to the same sample number
-            out[i] = Outcome("forward", logits[j].tolist(), float(conf[j]), next_stream=ns,
+            out[i] = Outcome("forward", logits[j], confs[j], next_stream=ns,
                              concealed=conc[i])  # fmt: skip
         return out  # type: ignore[return-value]
+
+
+def _varint(n: int) -> bytes:
+    """LEB128, as the codec header writes its sample number (``flowcodec.bitstream``);
+    :meth:`TierEngine._learn` checks that it agrees before it relies on it."""
+    return varint(n)

@@ -33,8 +33,9 @@ import grpc
 
 from flowcodec.errors import ConfigError
 from flowcodec.pipeline import packet_bits_per_symbol
-from flowcodec.serve.client import AsyncTierClient, RemoteError
+from flowcodec.serve.client import RemoteError
 from flowcodec.serve.server import ServeConfig, bind, server_options
+from flowcodec.serve.tcp import connect_async
 from flowcodec.serve.wire import LinkReport, Request, WireError, encode_request, parse_request
 
 __all__ = ["LinkProxy"]
@@ -58,7 +59,7 @@ class LinkProxy:
     Parameters
     ----------
     upstream : str
-        ``host:port`` of the edge server.
+        ``host:port`` of the edge server (gRPC), or ``tcp://host:port``: its TCP port.
     link : object
         Anything with ``transmit(packets, snr_db=None, generator=None)`` (``channels``).
     symbol_rate : float
@@ -97,7 +98,7 @@ class LinkProxy:
     async def start(self) -> int:
         cfg = self.config
         self._loop = asyncio.get_running_loop()
-        self._client = AsyncTierClient(self.upstream, *self._up_tls)
+        self._client = connect_async(self.upstream, *self._up_tls)
         self._server = grpc.aio.server(options=server_options(cfg),
                                        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
         handler = grpc.method_handlers_generic_handler("flowcodec.Tier", {
@@ -162,7 +163,7 @@ class LinkProxy:
                             header_lost=req.framing == "sample" and delivered[0] is None,
                             tx_time_s=tx)  # fmt: skip
         out = encode_request(Request(req.rid, req.seq, req.header, delivered, req.framing,
-                                     report))  # fmt: skip
+                                     report, req.answer))  # fmt: skip
         await self._hold_until(arrived + tx)
         remaining = context.time_remaining()
         timeout = self.config.default_deadline_s if remaining is None else remaining

@@ -5,7 +5,8 @@
 the hop compresses the remaining samples' features (one bitstream per sample, numbered so
 that each sample's packets are bound to it), sends each sample as one request to
 ``address`` (an edge server, or a :class:`~flowcodec.serve.proxy.LinkProxy` in front of
-one), all of the batch in flight at once, and fills every sample's trace from the answer:
+one; ``tcp://host:port`` for a server's TCP port, :mod:`flowcodec.serve.tcp`), all of the
+batch in flight at once, asking for binary answers, and fills every sample's trace from the answer:
 exit tier and point, confidence, FLOPs and measured compute seconds of every remote tier,
 and the per-hop bits, channel uses, lost packets and transmission times.
 
@@ -42,9 +43,10 @@ import torch
 from flowcodec.codecs.base import FeatureCodec
 from flowcodec.errors import ConfigError
 from flowcodec.pipeline import DEFAULT_MAX_CONCEALED, HopTrace
-from flowcodec.serve.client import RemoteError, TierClient
+from flowcodec.serve.client import RemoteError
 from flowcodec.serve.engine import CONCEALED_INPUT
-from flowcodec.serve.wire import Request, WireError, encode_request, parse_answer
+from flowcodec.serve.tcp import connect
+from flowcodec.serve.wire import ANSWER_FORMS, Request, WireError, encode_request, parse_answer
 
 __all__ = ["RemoteHop"]
 
@@ -58,7 +60,8 @@ class RemoteHop:
     codec : FeatureCodec
         Compresses the device's features (the server decodes with the same configuration).
     address : str
-        ``host:port`` of the edge server or of the link proxy in front of it.
+        ``host:port`` of the edge server (gRPC) or of the link proxy in front of it, or
+        ``tcp://host:port``: the edge server's TCP port.
     deadline_s : float
         Time a sample may take from the moment it is sent to its answer.
     framing : str
@@ -72,6 +75,9 @@ class RemoteHop:
         How many times a sample the server could not trust (more of its packets concealed
         than the server's ``max_concealed`` or the flow's) is sent again (through a link
         proxy each try is a new draw of the link) before the device's exit answers it.
+    answer : str
+        The form of the server's answers: ``"binary"`` (default; smaller, cheaper on both
+        sides) or ``"json"`` (for servers older than the binary form).
     """
 
     codec: FeatureCodec
@@ -82,6 +88,7 @@ class RemoteHop:
     server_name: str | None = None
     first_seq: int | None = None
     retries: int = 0
+    answer: str = "binary"
     remote: bool = field(default=True, init=False)
 
     def __post_init__(self) -> None:
@@ -92,16 +99,19 @@ class RemoteHop:
             raise ConfigError("deadline_s must be positive")
         if self.framing not in ("sample", "session"):
             raise ConfigError(f"framing must be 'sample' or 'session', got {self.framing!r}")
-        self._client: TierClient | None = None
+        if self.answer not in ANSWER_FORMS:
+            raise ConfigError(f"answer must be one of {ANSWER_FORMS}, got {self.answer!r}")
+        self._client = None
         if self.first_seq is not None and not 0 <= self.first_seq < 1 << 32:
             raise ConfigError("first_seq must be in 0..2^32-1")
         self._seq = secrets.randbelow(1 << 32) if self.first_seq is None else self.first_seq
         self._rid = secrets.randbelow(1 << 62)
 
     @property
-    def client(self) -> TierClient:
+    def client(self):
+        """The blocking client of ``address`` (gRPC, or TCP for ``tcp://``), made once."""
         if self._client is None:
-            self._client = TierClient(self.address, self.root_cert, self.server_name)
+            self._client = connect(self.address, self.root_cert, self.server_name)
         return self._client
 
     def close(self) -> None:
@@ -116,7 +126,8 @@ class RemoteHop:
             s.seq, self._seq = self._seq, (self._seq + 1) & 0xFFFFFFFF
             self._rid += 1
             units = s.units(self.framing)
-            out.append((Request(self._rid, s.seq, s.header_bytes(), units, self.framing),
+            out.append((Request(self._rid, s.seq, s.header_bytes(), units, self.framing,
+                                answer=self.answer),
                         8 * sum(len(u) for u in units)))  # fmt: skip
         return out
 

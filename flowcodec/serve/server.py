@@ -1,10 +1,15 @@
 """A tier (edge or cloud) as an asyncio gRPC server with dynamic batching.
 
 Each ``Infer`` request is one sample (:mod:`flowcodec.serve.wire`); an ``InferBatch``
-request carries several (up to ``max_samples_per_request``), see below. The server
+request carries several (up to ``max_samples_per_request``), see below. The same calls
+also come over plain TCP when ``tcp_port`` is set (:mod:`flowcodec.serve.tcp`: framed
+calls, many in flight per connection, without gRPC's per-call cost). The server
 
 1. parses and checks it on arrival (a malformed request is answered ``INVALID_ARGUMENT``
-   at once and never queued);
+   at once and never queued). The samples that arrive together (the samples of a batch
+   call, or every call a TCP read delivered) are parsed in one pass and their streams
+   checked together (:meth:`TierEngine.streams_of`: a codec header is parsed once per
+   configuration, then recognised by its bytes);
 2. puts it in a bounded queue; a full queue answers ``RESOURCE_EXHAUSTED`` at once
    (back-pressure: the caller falls back or retries, the server's memory stays bounded);
 3. a batcher takes up to ``max_batch`` samples, waiting at most ``max_wait_s`` after the
@@ -14,7 +19,8 @@ request carries several (up to ``max_samples_per_request``), see below. The serv
    it, so the worker does not idle while the loop answers;
 4. answers through its exit, or forwards the re-encoded features to the next tier's
    server within what is left of the request's deadline; when the next tier fails or is
-   late it answers through its own exit and the answer says why (``fallback``).
+   late it answers through its own exit and the answer says why (``fallback``). The
+   answer is in the form the request asked for (``Request.answer``): binary, or JSON.
 
 Trust in what arrived: a sample more of whose packets had to be concealed than the tier's
 ``TierSpec.max_concealed`` is neither answered as usual nor forwarded: its answer has
@@ -53,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import gc
 import json
 import signal
@@ -63,11 +70,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from flowcodec.bitstream import BitstreamError
 from flowcodec.errors import ConfigError
-from flowcodec.pipeline import concealed_fraction
-from flowcodec.serve.client import AsyncTierClient, RemoteError, reason_of
+from flowcodec.serve.client import RemoteError, reason_of
 from flowcodec.serve.engine import CONCEALED_INPUT, TierEngine
+from flowcodec.serve.tcp import INFER_BATCH, Call, FrameServer, connect_async
 from flowcodec.serve.wire import (
     MAX_BATCH_ANSWER_BYTES,
     MAX_BATCH_SAMPLES,
@@ -79,7 +85,7 @@ from flowcodec.serve.wire import (
     encode_request,
     parse_answer,
     parse_batch,
-    parse_request,
+    parse_requests,
 )
 
 __all__ = ["ServeConfig", "TierServer", "ServerThread", "server_options", "freeze_heap"]
@@ -108,11 +114,14 @@ class ServeConfig:
     its CA for TLS, ``next_server_name`` the name its certificate is checked against.
     ``max_samples_per_request`` caps an ``InferBatch`` call's samples (a call over it is
     refused whole); a call with more valid samples than ``queue_size`` can never be
-    queued and is always refused ``RESOURCE_EXHAUSTED``.
+    queued and is always refused ``RESOURCE_EXHAUSTED``. ``tcp_port`` (``None``: off; 0:
+    a free port) opens the framed TCP transport beside gRPC, on the same host, with the
+    same TLS and limits (:mod:`flowcodec.serve.tcp`); ``next_address`` may name either.
     """
 
     host: str = "127.0.0.1"
     port: int = 0
+    tcp_port: int | None = None
     max_batch: int = 16
     max_wait_s: float = 0.002
     batches_in_flight: int = 2
@@ -150,6 +159,8 @@ class ServeConfig:
             raise ConfigError("TLS needs both tls_cert and tls_key")
         if self.next_framing not in ("sample", "session"):
             raise ConfigError("next_framing must be 'sample' or 'session'")
+        if self.tcp_port is not None and not 0 <= self.tcp_port <= 65535:
+            raise ConfigError("tcp_port must be in 0..65535 (or None: no TCP port)")
 
 
 def server_options(cfg: ServeConfig) -> list[tuple[str, int]]:
@@ -177,13 +188,14 @@ def bind(server: grpc.aio.Server, cfg: ServeConfig) -> int:
     return port
 
 
-@dataclass
+@dataclass(slots=True)
 class _Item:
     req: Request
     stream: object
     deadline: float  # loop time
     fut: asyncio.Future
     arrived: float  # perf_counter
+    timer: asyncio.TimerHandle | None = None
 
 
 class TierServer:
@@ -199,13 +211,15 @@ class TierServer:
         if not engine.last and not self.config.next_address:
             raise ConfigError(f"tier {engine.spec.name!r} forwards samples: set next_address")
         self.port: int | None = None
+        self.tcp_port: int | None = None
         self.stats: collections.Counter = collections.Counter()
         self.batch_sizes: collections.Counter = collections.Counter()
         self._server = None
         self._queue: asyncio.Queue | None = None
         self._batcher: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="flowcodec-tier")
-        self._next: AsyncTierClient | None = None
+        self._next = None
+        self._tcp: FrameServer | None = None
         self._draining = False
         self._forwards: set[asyncio.Task] = set()
         self._batches: set[asyncio.Task] = set()
@@ -225,17 +239,24 @@ class TierServer:
         self._server.add_generic_rpc_handlers((handler,))
         self.port = bind(self._server, cfg)
         if cfg.next_address:
-            self._next = AsyncTierClient(cfg.next_address, cfg.next_root_cert,
-                                         cfg.next_server_name)  # fmt: skip
+            self._next = connect_async(cfg.next_address, cfg.next_root_cert,
+                                       cfg.next_server_name)  # fmt: skip
         self._batcher = asyncio.create_task(self._batch_loop())
         await self._server.start()
+        if cfg.tcp_port is not None:
+            self._tcp = FrameServer(self._tcp_infer, self._tcp_call, self._deadline, cfg)
+            self.tcp_port = await self._tcp.start()
         return self.port
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting, answer what is queued or running (up to ``grace_s``), close."""
         self._draining = True
+        stopping = []
         if self._server is not None:
-            await self._server.stop(grace_s)
+            stopping.append(self._server.stop(grace_s))
+        if self._tcp is not None:
+            stopping.append(self._tcp.stop(grace_s))
+        await asyncio.gather(*stopping)
         if self._forwards:
             await asyncio.wait(self._forwards, timeout=grace_s)
         if self._batcher is not None:
@@ -260,91 +281,146 @@ class TierServer:
         await self.stop()
 
     # --- handlers ----------------------------------------------------------------------
+    def _stats_bytes(self) -> bytes:
+        stats = {**self.stats, "batch_sizes": dict(self.batch_sizes),
+                 "queued": self._queue.qsize()}  # fmt: skip
+        if self._tcp is not None:
+            stats["tcp"] = dict(self._tcp.stats)
+        return json.dumps(stats).encode()
+
     async def _stats(self, request: bytes, context) -> bytes:
-        return json.dumps({**self.stats, "batch_sizes": dict(self.batch_sizes),
-                           "queued": self._queue.qsize()}).encode()  # fmt: skip
+        return self._stats_bytes()
 
     async def _infer(self, request: bytes, context) -> bytes:
         self.stats["received"] += 1
         if self._draining:
             self.stats["refused_draining"] += 1
             await context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
-        deadline = self._deadline(context)
-        try:
-            item = self._item(request, deadline)
-        except (WireError, BitstreamError) as e:
-            self.stats["rejected"] += 1
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)[:200])
-        loop, fut = self._loop, item.fut
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
-            self.stats["overloaded"] += 1
+        (item,) = self._admit([request], [self._deadline(context.time_remaining())])
+        if isinstance(item, SampleError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, item.detail)
+        if not self._queue_one(item):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
-        # A timer settles the future at the deadline (cheaper per request than wait_for,
-        # which wraps every wait in a task of its own).
-        timer = loop.call_at(item.deadline, _settle, fut, _EXPIRED, "")
         try:
-            code, payload = await fut
+            code, payload = self._single_result(await item.fut)
         finally:
-            timer.cancel()
-        if code is _EXPIRED:
-            self.stats["deadline"] += 1
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed in queue")
+            item.timer.cancel()
         if code != grpc.StatusCode.OK:
-            self.stats["failed"] += 1
             await context.abort(code, payload)
-        self.stats["answered"] += 1
         return payload
 
-    def _deadline(self, context) -> float:
-        """The call's deadline in loop time: the caller's, capped by default_deadline_s."""
-        remaining = context.time_remaining()
+    def _tcp_infer(self, calls: list[Call]) -> None:
+        """The ``Infer`` calls one read of a TCP connection delivered: admitted together,
+        each queued (or refused) and answered on its own, through callbacks (no task or
+        coroutine per call)."""
+        self.stats["received"] += len(calls)
+        if self._draining:
+            self.stats["refused_draining"] += len(calls)
+            for c in calls:
+                c.reply(grpc.StatusCode.UNAVAILABLE, "draining")
+            return
+        items = self._admit([c.body for c in calls], [c.deadline for c in calls])
+        for c, item in zip(calls, items):
+            if isinstance(item, SampleError):
+                c.reply(grpc.StatusCode.INVALID_ARGUMENT, item.detail)
+            elif not self._queue_one(item):
+                c.reply(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+            else:
+                item.fut.add_done_callback(functools.partial(self._tcp_answer, c, item))
+
+    def _tcp_answer(self, call: Call, item: _Item, fut: asyncio.Future) -> None:
+        item.timer.cancel()
+        call.reply(*self._single_result(fut.result()))
+
+    async def _tcp_call(self, method: int, body: bytes, deadline: float):
+        """``InferBatch`` and ``Stats`` over TCP: ``(code, payload)``."""
+        if method == INFER_BATCH:
+            return await self._batch_call(body, deadline)
+        return grpc.StatusCode.OK, self._stats_bytes()
+
+    def _deadline(self, remaining: float | None) -> float:
+        """A call's deadline in loop time: the caller's (``remaining`` seconds, ``None``:
+        none given), capped by default_deadline_s."""
         budget = self.config.default_deadline_s
         if remaining is not None:
             budget = min(budget, remaining)
         return self._loop.time() + budget
 
-    def _item(self, envelope: bytes, deadline: float) -> _Item:
-        """A queue item for one sample's envelope; :class:`WireError` or
-        :class:`BitstreamError` when the envelope or its stream is refused."""
-        req = parse_request(envelope)
-        stream = self.engine.stream_of(req)
-        return _Item(req, stream, deadline, self._loop.create_future(), time.perf_counter())
+    def _admit(self, envelopes: list[bytes], deadlines: list[float],
+               numbered: bool = False) -> list[_Item | SampleError]:  # fmt: skip
+        """Queue items for samples that arrived together (not queued yet), or the
+        ``rejected`` :class:`SampleError` of each refused one (counted; ``numbered``: its
+        detail names the sample's place in the call): the envelopes are parsed in one pass
+        and their streams checked together."""
+        reqs = parse_requests(envelopes)
+        streams = iter(self.engine.streams_of([r for r in reqs if isinstance(r, Request)]))
+        loop, now = self._loop, time.perf_counter()
+        out: list[_Item | SampleError] = []
+        for i, (r, deadline) in enumerate(zip(reqs, deadlines)):
+            s = r if isinstance(r, WireError) else next(streams)
+            if isinstance(s, Exception):
+                self.stats["rejected"] += 1
+                where = f"sample {i}: " if numbered else ""
+                out.append(SampleError("rejected", f"{where}{s}"[:200]))
+            else:
+                out.append(_Item(r, s, deadline, loop.create_future(), now))
+        return out
+
+    def _queue_one(self, item: _Item) -> bool:
+        """Queue one sample with a timer that settles it at its deadline (cheaper per
+        request than wait_for, which wraps every wait in a task of its own); ``False``
+        (counted ``overloaded``) when the queue is full."""
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.stats["overloaded"] += 1
+            return False
+        item.timer = self._loop.call_at(item.deadline, _settle, item.fut, _EXPIRED, "")
+        return True
+
+    def _single_result(self, result: tuple) -> tuple:
+        """A single-sample call's ``(code, payload)`` from its item's result, counted."""
+        code, payload = result
+        if code is _EXPIRED:
+            self.stats["deadline"] += 1
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed in queue"
+        if code != grpc.StatusCode.OK:
+            self.stats["failed"] += 1
+            return code, payload
+        self.stats["answered"] += 1
+        return code, payload
 
     async def _infer_batch(self, request: bytes, context) -> bytes:
         """Several samples in one call (see the module docstring for what is refused
         whole and what per sample)."""
+        code, payload = await self._batch_call(request,
+                                               self._deadline(context.time_remaining()))
+        if code != grpc.StatusCode.OK:
+            await context.abort(code, payload)
+        return payload
+
+    async def _batch_call(self, request: bytes, deadline: float) -> tuple:
+        """An ``InferBatch`` call, whichever transport carried it: ``(code, payload)``."""
         self.stats["batch_calls"] += 1
         try:
             envelopes = parse_batch(request, self.config.max_samples_per_request)
         except WireError as e:
             self.stats["batch_rejected"] += 1
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)[:200])
+            return grpc.StatusCode.INVALID_ARGUMENT, str(e)[:200]
         n = len(envelopes)
         self.stats["received"] += n
         if self._draining:
             self.stats["refused_draining"] += n
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
-        deadline = self._deadline(context)
-        entries: list = []  # per sample: its _Item, or the SampleError it was refused with
-        items: list[_Item] = []
-        for i, env in enumerate(envelopes):
-            try:
-                it = self._item(env, deadline)
-            except (WireError, BitstreamError) as e:
-                self.stats["rejected"] += 1
-                entries.append(SampleError("rejected", f"sample {i}: {e}"[:200]))
-                continue
-            entries.append(it)
-            items.append(it)
+            return grpc.StatusCode.UNAVAILABLE, "draining"
+        entries = self._admit(envelopes, [deadline] * n, numbered=True)
+        items = [e for e in entries if isinstance(e, _Item)]
         q = self._queue
         if items and q.maxsize - q.qsize() < len(items):
             # All or none: nothing is queued, so no sample of a refused call is computed.
             self.stats["overloaded"] += len(items)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"queue full: {len(items)} samples, room for "
-                                f"{q.maxsize - q.qsize()} of {q.maxsize}")  # fmt: skip
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                f"queue full: {len(items)} samples, room for {q.maxsize - q.qsize()} of "
+                f"{q.maxsize}")  # fmt: skip
         for it in items:  # no await in between: the room checked above is still there
             q.put_nowait(it)
         if items:
@@ -372,13 +448,12 @@ class TierServer:
                 self.stats["answered"] += 1
                 answer.append(payload)
         if expired == n:  # nothing to say per sample: fail as a single-sample call does
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                "deadline passed before any sample's answer")  # fmt: skip
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before any sample's answer"
         try:
-            return encode_batch_answer(answer)
+            return grpc.StatusCode.OK, encode_batch_answer(answer)
         except WireError as e:  # answers too large together: nothing sensible to send
             self.stats["internal_errors"] += 1
-            await context.abort(grpc.StatusCode.INTERNAL, str(e)[:200])
+            return grpc.StatusCode.INTERNAL, str(e)[:200]
 
     # --- batching ----------------------------------------------------------------------
     async def _next_batch(self) -> list[_Item]:
@@ -449,40 +524,41 @@ class TierServer:
                 _settle(it.fut, grpc.StatusCode.INTERNAL, f"{type(e).__name__}")
 
     def _settle_one(self, it: _Item, oc, t0: float, t1: float, batch: int) -> None:
-        base = self._answer_base(it, t0, t1, batch)
-        spec = self.engine.spec
         if oc.kind == "error":
             self.stats["rejected"] += 1
             _settle(it.fut, grpc.StatusCode.INVALID_ARGUMENT, oc.message)
-        elif oc.kind in ("answer", "concealed"):
+            return
+        base = self._answer_base(it, oc, t0, t1, batch)
+        spec = self.engine.spec
+        if oc.kind in ("answer", "concealed"):
             base["flops"] = {spec.name: self.engine.flops_answer}
             fallback = None
             if oc.kind == "concealed":
                 self.stats["concealed_input"] += 1
                 fallback = CONCEALED_INPUT
-            _settle(it.fut, grpc.StatusCode.OK, encode_answer(
-                {**base, "exit_tier": spec.name, "exit_point": spec.point,
-                 "confidence": oc.confidence, "logits": oc.logits, "fallback": fallback}))
+            base.update(exit_tier=spec.name, exit_point=spec.point, confidence=oc.confidence,
+                        logits=oc.logits, fallback=fallback)  # fmt: skip
+            _settle(it.fut, grpc.StatusCode.OK,
+                    encode_answer(base, it.req.answer == "binary"))  # fmt: skip
         else:
             task = asyncio.create_task(self._forward(it, oc, base))
             self._forwards.add(task)
             task.add_done_callback(self._forwards.discard)
 
-    def _answer_base(self, it: _Item, t0: float, t1: float, batch: int) -> dict:
+    def _answer_base(self, it: _Item, oc, t0: float, t1: float, batch: int) -> dict:
         name = self.engine.spec.name
-        units = [u for u in it.req.units if u is not None]
-        if it.req.link is not None:
-            r = it.req.link
+        req = it.req
+        if req.link is not None:
+            r = req.link
             hop = {"bits": r.bits, "channel_uses": r.channel_uses, "packets": r.packets,
                    "packets_lost": r.packets_lost, "header_lost": r.header_lost,
-                   "tx_time_s": r.tx_time_s}  # fmt: skip
-            hop["concealed"] = concealed_fraction(it.stream)
+                   "tx_time_s": r.tx_time_s, "concealed": oc.concealed}  # fmt: skip
         else:
-            lost = len(it.req.units) - len(units)
-            hop = {"bits": 8 * sum(len(u) for u in units), "channel_uses": 0,
-                   "packets": len(it.req.units), "packets_lost": lost,
-                   "header_lost": it.req.framing == "sample" and it.req.units[0] is None,
-                   "tx_time_s": 0.0, "concealed": concealed_fraction(it.stream)}  # fmt: skip
+            units = [u for u in req.units if u is not None]
+            hop = {"bits": 8 * sum(map(len, units)), "channel_uses": 0,
+                   "packets": len(req.units), "packets_lost": len(req.units) - len(units),
+                   "header_lost": req.framing == "sample" and req.units[0] is None,
+                   "tx_time_s": 0.0, "concealed": oc.concealed}  # fmt: skip
         return {"rid": it.req.rid, "compute_s": {name: t1 - t0},
                 "queue_s": {name: max(0.0, t0 - it.arrived)}, "batch": {name: batch},
                 "hops": [hop]}  # fmt: skip
@@ -498,7 +574,8 @@ class TierServer:
         name, spec = self.engine.spec.name, self.engine.spec
         ns = oc.next_stream
         units = ns.units(self.config.next_framing)
-        req = Request(it.req.rid, ns.seq, ns.header_bytes(), units, self.config.next_framing)
+        req = Request(it.req.rid, ns.seq, ns.header_bytes(), units, self.config.next_framing,
+                      answer="binary")
         left = it.deadline - self._loop.time() - self.config.forward_margin_s
         base["flops"] = {name: self.engine.flops_forward}
         fallback = None
@@ -525,10 +602,10 @@ class TierServer:
         if fallback is not None:
             self.stats["fallbacks"] += 1
             base["flops"][name] = self.engine.flops_fallback  # its exit is the answer now
-            _settle(it.fut, grpc.StatusCode.OK, encode_answer(
-                {**base, "exit_tier": name, "exit_point": spec.point,
-                 "confidence": oc.confidence, "logits": oc.logits, "fallback": fallback}))
-            return  # fmt: skip
+            base.update(exit_tier=name, exit_point=spec.point, confidence=oc.confidence,
+                        logits=oc.logits, fallback=fallback)  # fmt: skip
+            _settle(it.fut, grpc.StatusCode.OK, encode_answer(base, it.req.answer == "binary"))
+            return
         remote_s = sum(down["compute_s"].values()) + sum(down["queue_s"].values())
         down_hops = down["hops"]
         if down_hops:  # the forwarding hop as measured here: round trip less remote work
@@ -539,7 +616,7 @@ class TierServer:
                "batch": {**base["batch"], **down["batch"]},
                "flops": {**base["flops"], **down["flops"]},
                "hops": base["hops"] + down_hops}  # fmt: skip
-        _settle(it.fut, grpc.StatusCode.OK, encode_answer(ans))
+        _settle(it.fut, grpc.StatusCode.OK, encode_answer(ans, it.req.answer == "binary"))
 
 
 #: The code a request's future is settled with when its deadline passes before its answer.
@@ -573,6 +650,14 @@ class ServerThread:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def tcp_address(self) -> str:
+        """The server's TCP port as a client address (``tcp://127.0.0.1:PORT``)."""
+        port = getattr(self.server, "tcp_port", None)
+        if port is None:
+            raise ConfigError("this server has no TCP port (ServeConfig.tcp_port)")
+        return f"tcp://127.0.0.1:{port}"
 
     def start(self) -> ServerThread:
         """Start the loop and the server (once; a second call does nothing)."""
