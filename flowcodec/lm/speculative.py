@@ -224,6 +224,39 @@ def _margin(logits: torch.Tensor) -> float:
     return float(top[0] - top[1])
 
 
+def _verify(rows: torch.Tensor, draft_exit, states: torch.Tensor, got: list[int],
+            temperature: float, gen: torch.Generator, trace) -> tuple[int, int]:
+    """The edge's decision on the drafts ``got``: ``(accepted, token)``.
+
+    ``rows``: the large member's logits at the drafts' positions and one more;
+    ``draft_exit(states)``: the draft exit's logits (computed only when sampling). Greedy:
+    drafts are kept while they equal the argmax, and the argmax follows (the trace keeps the
+    smallest top-two gap decided on). Sampled: draft ``d`` is kept with probability
+    ``min(1, p(d) / q(d))``; on a rejection the token is drawn from the normalised residual
+    ``max(p - q, 0)``, after ``len(got)`` kept drafts from ``p`` itself."""
+    p = _probs(rows, temperature)
+    accepted, token = len(got), None
+    if temperature:
+        q = _probs(draft_exit(states)[0, -(len(got) + 1) :].cpu(), temperature)
+        for i, d in enumerate(got):
+            u = float(torch.rand((), generator=gen, dtype=torch.float64))
+            if u * q[i, d] >= p[i, d]:  # reject: u >= p(d) / q(d)
+                resid = (p[i] - q[i]).clamp_min(0)
+                token = _pick(resid / resid.sum() if resid.sum() > 0 else p[i], gen)
+                accepted = i
+                break
+        if token is None:
+            token = _pick(p[len(got)], gen)
+    else:
+        for i, d in enumerate(got):
+            if int(p[i].argmax()) != d:
+                accepted = i
+                break
+        token = int(p[accepted].argmax())
+        trace.min_margin = min([trace.min_margin] + [_margin(r) for r in rows[: accepted + 1]])
+    return accepted, token
+
+
 def _ids(seq: list[int], device) -> torch.Tensor:
     return torch.tensor([seq], dtype=torch.long, device=device)
 
@@ -357,26 +390,7 @@ def generate_speculative(family: LanguageFamily, prompt, n: int, draft: int = 1,
         h = head(_ids(edge_text[edge_len:] + got, dev), edge_cache)
         rows = tail(h, edge_cache)[0, -(len(got) + 1) :].cpu()
         trace.edge_passes += 1
-        p = _probs(rows, temperature)
-        accepted, token = len(got), None
-        if temperature:
-            q = _probs(draft_exit(h)[0, -(len(got) + 1) :].cpu(), temperature)
-            for i, d in enumerate(got):
-                u = float(torch.rand((), generator=edge_gen, dtype=torch.float64))
-                if u * q[i, d] >= p[i, d]:  # reject: u >= p(d) / q(d)
-                    resid = (p[i] - q[i]).clamp_min(0)
-                    token = _pick(resid / resid.sum() if resid.sum() > 0 else p[i], edge_gen)
-                    accepted = i
-                    break
-            if token is None:
-                token = _pick(p[len(got)], edge_gen)
-        else:
-            for i, d in enumerate(got):
-                if int(p[i].argmax()) != d:
-                    accepted = i
-                    break
-            token = int(p[accepted].argmax())
-            trace.min_margin = min([trace.min_margin] + [_margin(r) for r in rows[: accepted + 1]])
+        accepted, token = _verify(rows, draft_exit, h, got, temperature, edge_gen, trace)
         edge_text += got[:accepted] + [token]
         edge_len = len(edge_text) - 1  # all but the new token is cached
         edge_cache.truncate(edge_len)
@@ -521,26 +535,7 @@ def _speculative_codec(family, prompt, n, codec, draft, target, gamma, rate, tem
                 mid = x  # the states after stage `draft`: the draft exit's input
         rows = tail.exit(x)[0, -(len(got) + 1) :].cpu()
         trace.edge_passes += 1
-        p = _probs(rows, temperature)
-        accepted, token = len(got), None
-        if temperature:
-            q = _probs(draft_exit(mid)[0, -(len(got) + 1) :].cpu(), temperature)
-            for i, d in enumerate(got):
-                u = float(torch.rand((), generator=edge_gen, dtype=torch.float64))
-                if u * q[i, d] >= p[i, d]:  # reject: u >= p(d) / q(d)
-                    resid = (p[i] - q[i]).clamp_min(0)
-                    token = _pick(resid / resid.sum() if resid.sum() > 0 else p[i], edge_gen)
-                    accepted = i
-                    break
-            if token is None:
-                token = _pick(p[len(got)], edge_gen)
-        else:
-            for i, d in enumerate(got):
-                if int(p[i].argmax()) != d:
-                    accepted = i
-                    break
-            token = int(p[accepted].argmax())
-            trace.min_margin = min([trace.min_margin] + [_margin(r) for r in rows[: accepted + 1]])
+        accepted, token = _verify(rows, draft_exit, mid, got, temperature, edge_gen, trace)
         edge_text += got[:accepted] + [token]
         edge_len = len(edge_text) - 1  # all but the new token is cached
         edge_cache.truncate(edge_len)
