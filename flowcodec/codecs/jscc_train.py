@@ -156,6 +156,7 @@ def train_jscc(codec: JSCCCodec, family, member: int, point: int, train: ArrayDa
         loop = EpochLoop(len(train) // cfg.batch_size, cfg.epochs, desc="train jscc codec",
                          progress=progress, time_budget=cfg.time_budget,
                          max_steps=cfg.max_steps)  # fmt: skip
+        res.history = loop.history  # the same list: commit appends each epoch's record
         lo, hi = cfg.snr_range
         for epoch in loop.epochs():
             codec.train()
@@ -197,7 +198,6 @@ def train_jscc(codec: JSCCCodec, family, member: int, point: int, train: ArrayDa
                                             n=cfg.eval_n, seed=cfg.seed, device=dev)
             ev = " ".join(f"{e['snr_db']:g}dB:{100 * e['accuracy']:.1f}%"
                           for e in rec.get("eval", []))  # fmt: skip
-            res.history = loop.history
             loop.commit(rec, line=f"epoch {epoch}: loss {rec.get('loss', 0):.3f} "
                                   f"task {rec.get('task', 0):.3f} {rec['seconds']:.0f}s {ev}")
             if checkpoint is not None:

@@ -160,7 +160,7 @@ def _train_codec(
         if saved is not None:
             loop.resume(int(saved["epoch"]), saved["history"], int(saved["extra"]["step"]),
                         int(saved["extra"]["total"]))  # fmt: skip
-    res.history = loop.history  # the time budget counts training steps, not the cache
+    res.history = loop.history  # the same list: commit appends each epoch's record
     for epoch in loop.epochs():
         if cache is None:
             batches = _live_batches(head, tail if kd else None, train, batch_size, gen, dev)
@@ -184,7 +184,6 @@ def _train_codec(
             opt.step()
             loop.add(len(y), loss=loss, task=task, kd=kd_term, distill=distill, kbits=kbits)
         rec = loop.record()
-        res.history = loop.history
         loop.commit(rec, loss=f"{rec['loss']:.3f}", kbits=f"{rec['kbits']:.2f}")
         if checkpoint is not None:
             if dist.is_main:

@@ -168,6 +168,7 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
         amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
         loop = EpochLoop(per_epoch, cfg.epochs, desc="train task codec", progress=progress,
                          time_budget=cfg.time_budget)  # fmt: skip
+        res.history = loop.history  # the same list: commit appends each epoch's record
         for epoch in loop.epochs():
             if cfg.decoder_only:  # rounded latents, frozen encoder; only g_s trains
                 codec.eval()
@@ -215,7 +216,6 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
                     rec["eval"] = eval_task_forward(codec, head, tail, test, cfg.eval_n, dev)
             ev = " ".join(f"r{e['rate']}:{100 * e['accuracy']:.1f}%/{e['est_bytes']:.1f}B"
                           for e in rec.get("eval", []))  # fmt: skip
-            res.history = loop.history
             loop.commit(rec, line=f"epoch {epoch}: loss {rec['loss']:.3f} task {rec['task']:.3f} "
                                   f"kd {rec['kd']:.3f} {rec['seconds']:.0f}s {ev}",
                         loss=f"{rec['loss']:.3f}")  # fmt: skip
