@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     from flowcodec.lm import speculative as sp
     from flowcodec.lm.codec import load_hidden_codec
-    from flowcodec.lm.data import CharVocab, load_shakespeare
+    from flowcodec.lm.data import CharVocab, load_shakespeare, validation_prompts
     from flowcodec.lm.train import load_lm
 
     ap = argparse.ArgumentParser(description=__doc__,
@@ -60,9 +60,7 @@ def main(argv=None) -> int:
     codec = load_hidden_codec(args.codec)
     rates = list(range(codec.rates)) if args.rates is None else args.rates
     _, val, _ = load_shakespeare(None, CharVocab(fam.chars))
-    span = len(val) - args.prompt_len - 1
-    prompts = [val[s : s + args.prompt_len].tolist()
-               for s in (i * span // max(1, args.prompts) for i in range(args.prompts))]
+    prompts = [ids for _, ids in validation_prompts(val, args.prompts, args.prompt_len)]
     refs = [sp.generate_edge(fam, p, args.new) for p in prompts]
     exact = [sp.generate_speculative(fam, p, args.new, draft=args.draft, gamma=args.gamma)
              for p in prompts]  # fmt: skip

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     import torch
 
     from flowcodec.lm import speculative as sp
-    from flowcodec.lm.data import CharVocab, load_shakespeare
+    from flowcodec.lm.data import CharVocab, load_shakespeare, validation_prompts
     from flowcodec.lm.train import load_lm
 
     ap = argparse.ArgumentParser(description=__doc__,
@@ -40,11 +40,8 @@ def main(argv=None) -> int:
 
     fam = load_lm(_weights(args.weights)).float().eval()
     _, val, _ = load_shakespeare(None, CharVocab(fam.chars))
-    span = len(val) - args.prompt_len - 1
     rows = []
-    for i in range(args.prompts):
-        start = i * span // max(1, args.prompts)
-        prompt = val[start : start + args.prompt_len].tolist()
+    for i, (_, prompt) in enumerate(validation_prompts(val, args.prompts, args.prompt_len)):
         edge = sp.generate_edge(fam, prompt, args.new)
         spec = sp.generate_speculative(fam, prompt, args.new, gamma=args.gamma)
         same = edge.tokens == spec.tokens

@@ -130,6 +130,11 @@ def cmd_train_family(args) -> int:
     resumed = _saved_epoch(out) if args.resume else None
     if args.grow:
         return _grow_family(args, device, overrides, out, resumed)
+    from flowcodec.family.pretrained import RECIPES
+
+    air = RECIPES[args.family].get("trainer") == "air"
+    if air and args.budget_min is not None:
+        overrides["time_budget_s"] = 60.0 * args.budget_min
     try:
         fam, res = train_recipe(args.family, device=device,
                                 progress=not args.no_progress and dist.is_main,
@@ -149,11 +154,42 @@ def cmd_train_family(args) -> int:
         overrides["ranks"] = dist.world
     if resumed:
         overrides["resumed_from_epoch"] = resumed
+    if air:
+        return _save_air(args, fam, res, out, hw, overrides)
     path = save_family(fam, out, res, hardware=hw, **overrides)
     for f in state_paths(out):  # finished: nothing left to resume
         f.unlink(missing_ok=True)
     print(_table(_member_rows(fam, res.accuracies), ["member", "test acc %", "params", "MFLOPs"]))
     print(f"trained in {res.seconds:.1f} s on {hw}; saved {path}")
+    return 0
+
+
+def _save_air(args, fam, res, out, hw, overrides) -> int:
+    """Save a family trained by the air recipe as float16 and measure it after that rounding
+    (one view, the full test set); keep the training state when the time budget stopped it."""
+    from flowcodec.data import load_dataset
+    from flowcodec.family import evaluate_family, load_family, save_family
+    from flowcodec.family.pretrained import family_dataset
+    from flowcodec.family.train import TrainResult
+    from flowcodec.scale.ddp import state_paths
+
+    extra = {k: v for k, v in overrides.items() if k != "time_budget_s"}
+    extra.update(steps_done=res.steps_done, total_steps=res.total_steps, history=res.history,
+                 float32_test_accuracy=res.accuracies)  # fmt: skip
+    save_family(fam.to("cpu"), out, None, half=True, hardware=hw, **extra)
+    loaded = load_family(out)
+    _, test = load_dataset(family_dataset(args.family), root=args.data)
+    accs = evaluate_family(loaded, test)
+    path = save_family(loaded, out, TrainResult(accs, res.seconds, res.history), half=True,
+                       hardware=hw, **extra)  # fmt: skip
+    if res.steps_done >= res.total_steps:
+        for f in state_paths(out):  # finished: nothing left to resume
+            f.unlink(missing_ok=True)
+    else:
+        print(f"stopped after step {res.steps_done} of {res.total_steps} (time budget); "
+              "--resume goes on from there")  # fmt: skip
+    print(_table(_member_rows(loaded, accs), ["member", "test acc %", "params", "MFLOPs"]))
+    print(f"trained in {res.seconds:.1f} s on {hw}; saved {path} (float16)")
     return 0
 
 
@@ -337,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "docs/family.md)")  # fmt: skip
     t.add_argument("--budget-min", type=float, default=None,
                    help="with --grow: stop after the epoch that passes this many minutes "
-                        "(--resume goes on)")  # fmt: skip
+                        "(--resume goes on); with --family cifar10-air: fit the run, after "
+                        "every epoch, into this many minutes (it still ends annealed)")  # fmt: skip
     common(t)
     t.set_defaults(func=cmd_train_family)
 

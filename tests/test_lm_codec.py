@@ -20,12 +20,10 @@ from flowcodec.bitstream import Bitstream, BitstreamError
 from flowcodec.errors import CheckpointError, ConfigError
 from flowcodec.family import build_family
 from flowcodec.family.lm import KVCache
-from flowcodec.lm.codec import (
+from flowcodec.lm.codec import HiddenStateCodec, load_hidden_codec, save_hidden_codec
+from flowcodec.lm.codec_train import (
     HiddenCodecTrainConfig,
-    HiddenStateCodec,
     evaluate_hidden_codec,
-    load_hidden_codec,
-    save_hidden_codec,
     train_hidden_codec,
 )
 from flowcodec.lm.speculative import generate_edge, generate_speculative_codec
@@ -377,3 +375,15 @@ def test_the_lm_command_line_has_the_codec_commands():
     assert a.codec_cmd == "train" and a.point == 1 and a.threads is None
     e = build_parser().parse_args(["codec", "eval", "--codec", "c", "--windows", "4"])
     assert e.codec_cmd == "eval" and e.windows == 4
+
+
+def test_moved_training_names_warn_from_the_old_module():
+    import warnings
+
+    import flowcodec.lm.codec as old
+    from flowcodec.lm import codec_train
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert old.train_hidden_codec is codec_train.train_hidden_codec
+    assert any(issubclass(x.category, DeprecationWarning) for x in w)

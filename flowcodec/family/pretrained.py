@@ -41,6 +41,17 @@ RECIPES: dict[str, dict] = {
         "grow": dict(epochs=10, batch_size=256, lr=0.15, weight_decay=5e-4, views=6, pad=2,
                      label_smoothing=0.2),  # fmt: skip
     },
+    # The cloud-tier family (flowcodec.family.air; docs/family.md): devices pay at most the
+    # cifar10 members' FLOPs, the largest member runs at the edge or in the cloud. Its own
+    # trainer (the airbench-style recipe), sized for 2 CPU cores in about an hour.
+    "cifar10-air": {
+        "family": {"widths": [64, 128, 512], "exit_widths": [128, 256], "extra": 1},
+        "data": "cifar10",
+        "trainer": "air",
+        "train": dict(epochs=10.0, batch_size=1024, lr=10.0, momentum=0.85,
+                      weight_decay=0.0153, label_smoothing=0.2,
+                      exit_weights=[0.5, 0.5, 1.0]),  # fmt: skip
+    },
     # Sized for 2 CPU cores in under 90 minutes (docs/family.md): the stem starts as the
     # trained cifar10 family's first stage, and its member 3 is the distillation teacher.
     "cifar10-vit": {
@@ -101,6 +112,17 @@ def train_recipe(name: str, device: str = "cpu", progress: bool = True, data_roo
     data = recipe.get("data", name)
     kwargs = {"root": data_root} if data == "cifar10" else {}
     train, test = load_dataset(data, **kwargs)
+    if recipe.get("trainer") == "air":
+        from flowcodec.family.air import AirConfig, train_air
+
+        if dist is not None and dist.active:
+            raise ConfigError(f"{name}'s trainer runs in one process (no torchrun)")
+        cfg = AirConfig(**{**recipe["train"], **overrides, "device": device,
+                           "progress": progress})  # fmt: skip
+        torch.manual_seed(cfg.seed)
+        fam = build_family(name, **recipe["family"])
+        return fam, train_air(fam, train, test, cfg, checkpoint=checkpoint, resume=resume)
+    overrides.pop("time_budget_s", None)
     cfg = TrainConfig(**{**recipe["train"], **overrides, "device": device,
                          "progress": progress})  # fmt: skip
     torch.manual_seed(cfg.seed)  # the initial weights too: same seed, same family

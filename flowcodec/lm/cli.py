@@ -175,14 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "JSON, samples and plots", allow_abbrev=False)  # fmt: skip
     sweep.add_arguments(w)
     w.set_defaults(func=sweep.command)
-    from flowcodec.lm.codec import add_codec_commands  # `flowcodec lm codec train|eval`
+    from flowcodec.lm.codec_cli import add_codec_commands  # `flowcodec lm codec train|eval`
 
     add_codec_commands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_parsed(build_parser().parse_args(argv))
+
+
+def run_parsed(args) -> int:
+    """Run a parsed ``flowcodec lm ...`` command: its thread count, then its function; a
+    ConfigError is printed as ``error: ...`` with exit status 2."""
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

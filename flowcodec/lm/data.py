@@ -24,7 +24,7 @@ from flowcodec.data import cache_dir
 from flowcodec.errors import ConfigError, DataNotFoundError
 
 __all__ = ["CharVocab", "SHAKESPEARE_FILE", "find_shakespeare", "load_shakespeare", "eval_windows",
-           "sample_windows", "TRAIN_FRACTION"]  # fmt: skip
+           "sample_windows", "validation_prompts", "TRAIN_FRACTION"]  # fmt: skip
 
 SHAKESPEARE_FILE = "tinyshakespeare.txt"
 #: Share of the characters (from the start) used for training; the rest validates.
@@ -124,3 +124,13 @@ def eval_windows(ids: torch.Tensor, context: int, max_windows: int | None = None
     if max_windows is not None and max_windows < n:
         starts = starts[torch.linspace(0, n - 1, max_windows).round().long()]
     return starts
+
+
+def validation_prompts(val: torch.Tensor, count: int, length: int) -> list[tuple[int, list]]:
+    """``count`` prompts of ``length`` ids evenly spaced over ``val``: ``(offset, ids)``."""
+    span = len(val) - length - 1
+    if span < 0:
+        raise ConfigError(f"the validation text ({len(val)} ids) is shorter than a prompt "
+                          f"({length}) plus one")  # fmt: skip
+    return [(s, val[s : s + length].tolist())
+            for s in (i * span // max(1, count) for i in range(count))]  # fmt: skip

@@ -224,6 +224,36 @@ def _margin(logits: torch.Tensor) -> float:
     return float(top[0] - top[1])
 
 
+def _edge_reply(rows, draft_exit, states, got: list[int], temperature: float,
+                gen: torch.Generator, trace, edge_text: list[int], edge_cache,
+                reply_vocab: int) -> tuple[bytes, int]:  # fmt: skip
+    """The edge's side of a round after its pass: :func:`_verify` the drafts, extend
+    ``edge_text`` (in place) with the accepted ones and the edge's token, keep in the cache
+    all but that token, and encode the reply. Returns ``(reply message, cached length)``."""
+    trace.edge_passes += 1
+    accepted, token = _verify(rows, draft_exit, states, got, temperature, gen, trace)
+    edge_text += got[:accepted] + [token]
+    edge_len = len(edge_text) - 1  # all but the new token is cached
+    edge_cache.truncate(edge_len)
+    return encode_message(MSG_REPLY, [accepted, token], reply_vocab), edge_len
+
+
+def _device_accept(down: bytes, reply_vocab: int, dev_cache, cached: int,
+                   committed: list[int], drafts: list[int], rnd, trace) -> int:  # fmt: skip
+    """The device's side of a round: decode the edge's reply, keep the accepted drafts in its
+    cache (at most ``cached`` positions, what every drafting layer holds), extend
+    ``committed`` (in place) and commit the round to the trace. Returns the positions the
+    device's cache keeps."""
+    _, (acc, tok) = decode_message(down, reply_vocab)
+    dev_len = min(cached, len(committed) + acc)
+    dev_cache.truncate(dev_len)
+    committed += drafts[:acc] + [tok]
+    rnd.accepted = acc
+    trace.round_trips += 1
+    trace._commit(drafts[:acc] + [tok], ["device"] * acc + ["edge"], rnd)
+    return dev_len
+
+
 def _verify(rows: torch.Tensor, draft_exit, states: torch.Tensor, got: list[int],
             temperature: float, gen: torch.Generator, trace) -> tuple[int, int]:
     """The edge's decision on the drafts ``got``: ``(accepted, token)``.
@@ -389,21 +419,13 @@ def generate_speculative(family: LanguageFamily, prompt, n: int, draft: int = 1,
                 got = vals
         h = head(_ids(edge_text[edge_len:] + got, dev), edge_cache)
         rows = tail(h, edge_cache)[0, -(len(got) + 1) :].cpu()
-        trace.edge_passes += 1
-        accepted, token = _verify(rows, draft_exit, h, got, temperature, edge_gen, trace)
-        edge_text += got[:accepted] + [token]
-        edge_len = len(edge_text) - 1  # all but the new token is cached
-        edge_cache.truncate(edge_len)
-        down = encode_message(MSG_REPLY, [accepted, token], reply_vocab)
+        down, edge_len = _edge_reply(rows, draft_exit, h, got, temperature, edge_gen, trace,
+                                     edge_text, edge_cache, reply_vocab)  # fmt: skip
         rnd.edge_seconds = time.perf_counter() - t0
         # device: keep the accepted drafts, add the edge's token
-        _, (acc, tok) = decode_message(down, reply_vocab)
-        dev_len = min(len(dev_cache), len(committed) + acc)
-        dev_cache.truncate(dev_len)
-        committed += drafts[:acc] + [tok]
-        rnd.up_bytes, rnd.down_bytes, rnd.accepted = sum(map(len, ups)), len(down), acc
-        trace.round_trips += 1
-        trace._commit(drafts[:acc] + [tok], ["device"] * acc + ["edge"], rnd)
+        rnd.up_bytes, rnd.down_bytes = sum(map(len, ups)), len(down)
+        dev_len = _device_accept(down, reply_vocab, dev_cache, len(dev_cache), committed,
+                                 drafts, rnd, trace)  # fmt: skip
     return trace
 
 
@@ -534,25 +556,18 @@ def _speculative_codec(family, prompt, n, codec, draft, target, gamma, rate, tem
             if j == draft - point - 1:
                 mid = x  # the states after stage `draft`: the draft exit's input
         rows = tail.exit(x)[0, -(len(got) + 1) :].cpu()
-        trace.edge_passes += 1
-        accepted, token = _verify(rows, draft_exit, mid, got, temperature, edge_gen, trace)
-        edge_text += got[:accepted] + [token]
-        edge_len = len(edge_text) - 1  # all but the new token is cached
-        edge_cache.truncate(edge_len)
-        down = encode_message(MSG_REPLY, [accepted, token], reply_vocab)
+        down, edge_len = _edge_reply(rows, draft_exit, mid, got, temperature, edge_gen, trace,
+                                     edge_text, edge_cache, reply_vocab)  # fmt: skip
         rnd.edge_seconds = time.perf_counter() - t0
         # device: keep the accepted drafts, add the edge's token; every layer of the drafter
         # keeps only positions all of them hold (the last draft went through stages 1..p only)
-        _, (acc, tok) = decode_message(down, reply_vocab)
-        dev_len = min(_cached_everywhere(dev_cache, draft_layers), len(committed) + acc)
-        dev_cache.truncate(dev_len)
-        committed += drafts[:acc] + [tok]
-        edge_has = len(committed) - 1
         rnd.codec_bytes = sum(map(len, codec_msgs))
         rnd.up_bytes = sum(map(len, ups)) + rnd.codec_bytes
-        rnd.down_bytes, rnd.accepted = len(down), acc
-        trace.round_trips += 1
-        trace._commit(drafts[:acc] + [tok], ["device"] * acc + ["edge"], rnd)
+        rnd.down_bytes = len(down)
+        dev_len = _device_accept(down, reply_vocab, dev_cache,
+                                 _cached_everywhere(dev_cache, draft_layers), committed, drafts,
+                                 rnd, trace)  # fmt: skip
+        edge_has = len(committed) - 1
     return trace
 
 

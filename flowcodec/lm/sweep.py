@@ -58,6 +58,7 @@ import torch
 
 from flowcodec.errors import ConfigError
 from flowcodec.lm import speculative as sp
+from flowcodec.lm.data import validation_prompts  # noqa: F401  (public here too)
 from flowcodec.lm.timeline import Duplex, LinkSetting, session_timeline
 from flowcodec.progress import tqdm
 from flowcodec.sweeps.runner import add_common_arguments, write_csv, write_json
@@ -238,16 +239,6 @@ class LMSweepConfig:
         d = asdict(replace(self, codec=None))
         d["codec"] = None if self.codec is None else type(self.codec).__name__
         return d
-
-
-def validation_prompts(val: torch.Tensor, count: int, length: int) -> list[tuple[int, list]]:
-    """``count`` prompts of ``length`` ids evenly spaced over ``val``: ``(offset, ids)``."""
-    span = len(val) - length - 1
-    if span < 0:
-        raise ConfigError(f"the validation text ({len(val)} ids) is shorter than a prompt "
-                          f"({length}) plus one")  # fmt: skip
-    return [(s, val[s : s + length].tolist())
-            for s in (i * span // max(1, count) for i in range(count))]  # fmt: skip
 
 
 # --- the cost model ------------------------------------------------------------------------------
