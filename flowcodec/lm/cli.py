@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from flowcodec.errors import ConfigError
+from flowcodec.errors import CheckpointError, ConfigError, DataNotFoundError
 from flowcodec.lm.data import CharVocab, load_shakespeare
 
 __all__ = ["main", "build_parser"]
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--thresholds", type=float, nargs="*", default=[0.3, 0.5, 0.7, 0.9])
     e.add_argument("--threads", type=int, default=None)
     e.set_defaults(func=cmd_eval)
-    from flowcodec.lm import sweep  # `flowcodec lm sweep`: its options and command live there
+    from flowcodec.lm import sweep_cli as sweep  # `flowcodec lm sweep`: options and command
 
     w = sub.add_parser("sweep", help="generate over gamma, thresholds and link settings: CSV, "
                        "JSON, samples and plots", allow_abbrev=False)  # fmt: skip
@@ -187,12 +187,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_parsed(args) -> int:
     """Run a parsed ``flowcodec lm ...`` command: its thread count, then its function; a
-    ConfigError is printed as ``error: ...`` with exit status 2."""
+    ConfigError, CheckpointError or DataNotFoundError is printed as ``error: ...`` with exit
+    status 2."""
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError, DataNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

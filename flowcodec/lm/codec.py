@@ -57,17 +57,16 @@ Example
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # `python -m flowcodec.lm.codec ...`: the commands, which import
-    import sys  # this module under its own name (defining the codec here too would register
+if __name__ == "__main__":  # `python -m flowcodec.lm.codec ...`: run the commands' module,
+    # which imports this one under its own name (defining the codec here, as __main__, too
+    # would register it twice)
+    import runpy
 
-    # it twice)
-    from flowcodec.lm.codec_cli import main
-
-    sys.exit(main())
+    runpy.run_module("flowcodec.lm.codec_cli", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
 
 import math
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 

@@ -56,17 +56,21 @@ from pathlib import Path
 
 import torch
 
+from flowcodec._moved import moved
 from flowcodec.errors import ConfigError
 from flowcodec.lm import speculative as sp
 from flowcodec.lm.data import validation_prompts  # noqa: F401  (public here too)
+from flowcodec.lm.sweep_files import FIELDS, write_sweep
 from flowcodec.lm.timeline import Duplex, LinkSetting, session_timeline
 from flowcodec.progress import tqdm
-from flowcodec.sweeps.runner import add_common_arguments, write_csv, write_json
 
 __all__ = ["Scheme", "SCHEMES", "LMSweepConfig", "run_lm_sweep", "validation_prompts",
            "expected_tokens_per_round", "predict_speculative", "predict_edge",
-           "predicted_crossover", "crossover", "cost_model_inputs", "FIELDS", "add_arguments",
-           "command", "summary_lines"]  # fmt: skip
+           "predicted_crossover", "crossover", "cost_model_inputs", "FIELDS"]  # fmt: skip
+
+# the command (its options, its run and its summary) lives in flowcodec.lm.sweep_cli
+__getattr__ = moved(__name__, dict.fromkeys(["add_arguments", "command", "summary_lines"],
+                                            "flowcodec.lm.sweep_cli"))
 
 
 @dataclass(frozen=True)
@@ -114,16 +118,6 @@ SCHEMES: dict[str, Scheme] = {
 #: The symbol each swept list gets in a row's label, and the row's column for it.
 _PARAMS = {"gammas": ("g", "gamma"), "thresholds": ("t", "threshold")}
 
-#: The CSV's columns, in order.
-FIELDS = ["label", "scheme", "gamma", "threshold", "rtt_ms", "up_kbps", "down_kbps", "loss",
-          "mcs", "snr_db", "tokens_per_s", "predicted_tokens_per_s", "ms_per_token",
-          "bytes_up_per_token", "bytes_down_per_token", "bytes_per_token",
-          "bytes_sent_per_token", "codec_bytes_per_token", "retransmissions_per_token",
-          "round_trips_per_token",
-          "edge_passes_per_token", "device_passes_per_token", "edge_token_fraction",
-          "acceptance", "tokens_per_round", "agreement", "identical_prefix",
-          "identical_outputs", "val_loss_nats", "val_edge_fraction", "device_ms_per_token",
-          "edge_ms_per_token", "min_margin", "prompts", "tokens"]  # fmt: skip
 
 
 @dataclass
@@ -395,7 +389,7 @@ def run_lm_sweep(family, val: torch.Tensor, cfg: LMSweepConfig, out: str | Path 
                                  "gated": {str(t): g for t, g in gated.items()}},
               "crossovers": crossovers, "records": records, "samples": samples}  # fmt: skip
     if out is not None:
-        _write(result, Path(out))
+        write_sweep(result, Path(out))
     return result
 
 
@@ -535,233 +529,3 @@ def _crossovers(cfg, records, model, isolated, vocab) -> list[dict]:
                         "faster_at_first_rtt": spec[0][1] > edge[0][1],
                         "rtts_ms": xs})  # fmt: skip
     return out
-
-
-# --- files ---------------------------------------------------------------------------------------
-def _write(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "sweep.csv", result["records"], fields=FIELDS, digits=6)
-    write_json(out / "sweep.json", result)
-    s = result["samples"]
-    text = [f"prompt (validation offset {s['prompt_offset']}):", s["prompt"], ""]
-    for label, gen in s["outputs"].items():
-        text += [f"--- {label} ---", gen, ""]
-    (out / "samples.txt").write_text("\n".join(text))
-    _plot(result, out)
-
-
-def _plot(result: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    recs = result["records"]
-    labels = list(dict.fromkeys(r["label"] for r in recs))
-    colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
-    marks = {lab: "os^Dv<>ph*"[i % 10] for i, lab in enumerate(labels)}
-
-    def key(r):
-        return r["up_kbps"], r["down_kbps"], r["loss"], r["mcs"]
-
-    families = list(dict.fromkeys(key(r) for r in recs))
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    cols = min(2, len(families))
-    nrows = math.ceil(len(families) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(7 * cols, 4.8 * nrows), squeeze=False)
-    for ax in axes.flat[len(families) :]:
-        ax.set_visible(False)
-    for ax, fam in zip(axes.flat, families):
-        rows = [r for r in recs if key(r) == fam]
-        modelled = False
-        for lab in labels:
-            pts = sorted((r["rtt_ms"], r["tokens_per_s"], r["predicted_tokens_per_s"])
-                         for r in rows if r["label"] == lab)  # fmt: skip
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marks[lab], ms=3,
-                    color=colors[lab], label=lab)  # fmt: skip
-            if all(p[2] != "" for p in pts):
-                modelled = True
-                ax.plot([p[0] for p in pts], [p[2] for p in pts], ls="--", lw=0.9,
-                        color=colors[lab])  # fmt: skip
-        up, down, loss, mcs = fam
-        rate = f"{up:g}" + (f"/{down:g}" if down != up else "")
-        what = f", MCS {mcs}" if mcs != "" else f", loss {loss:g}" if loss else ""
-        ax.set_xscale("symlog", linthresh=1.0)
-        ax.set(yscale="log", xlabel="round-trip delay (ms)", ylabel="tokens per second",
-               title=f"{rate} kbit/s{what}" + (" (dashed: cost model)" if modelled else ""))
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.grid(alpha=0.3, which="both")
-    axes[0][0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "tokens_per_s.png", dpi=100)
-    plt.close(fig)
-    # bytes, round trips and edge passes per token at the first link (they do not depend
-    # on the delay); what a lossy link carried with retransmissions, if there is one
-    t0 = recs[0]["rtt_ms"]
-    first = [r for r in recs if key(r) == families[0] and r["rtt_ms"] == t0]
-    lossy = next((f for f in families if f[2] or f[3] != ""), None)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.4))
-    x = list(range(len(first)))
-    up = [r["bytes_up_per_token"] for r in first]
-    down = [r["bytes_down_per_token"] for r in first]
-    a1.bar(x, up, label="up")
-    a1.bar(x, down, bottom=up, label="down")
-    if lossy is not None:
-        sent = {r["label"]: r["bytes_sent_per_token"] for r in recs
-                if key(r) == lossy and r["rtt_ms"] == t0}  # fmt: skip
-        what = f"MCS {lossy[3]}" if lossy[3] != "" else f"loss {lossy[2]:g}"
-        a1.scatter(x, [sent[r["label"]] for r in first], marker="_", s=250, color="k",
-                   label=f"sent at {what}, with retransmissions", zorder=3)  # fmt: skip
-    a1.set(ylabel="bytes per token", title="link bytes per generated token",
-           ylim=(0, 1.3 * max(max(u + d for u, d in zip(up, down)), 1e-9)))  # fmt: skip
-    a2.bar([i - 0.2 for i in x], [r["round_trips_per_token"] for r in first], 0.4,
-           label="round trips")  # fmt: skip
-    a2.bar([i + 0.2 for i in x], [r["edge_passes_per_token"] for r in first], 0.4,
-           label="edge passes")  # fmt: skip
-    a2.set(ylabel="per token", title="round trips and edge passes per token")
-    for a in (a1, a2):
-        a.set_xticks(x, [r["label"] for r in first], rotation=35, ha="right", fontsize=8)
-        a.legend(fontsize=8, loc="upper center", ncol=3)
-        a.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(out / "bytes_per_token.png", dpi=120)
-    plt.close(fig)
-    # quality against bytes
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.4))
-    for r in first:
-        for ax, y in ((a1, 100 * r["agreement"]), (a2, r["val_loss_nats"])):
-            if y != "":  # a scheme without a teacher-forced loss has no point on the right
-                ax.scatter(r["bytes_per_token"], y, color=colors[r["label"]],
-                           marker=marks[r["label"]], s=40, label=r["label"], alpha=0.85)
-    a1.set(xlabel="bytes per token (up + down)", ylabel="tokens equal to edge-only's (%)",
-           title="agreement with edge-only greedy output")  # fmt: skip
-    a2.set(xlabel="bytes per token (up + down)", ylabel="nats per character",
-           title="teacher-forced validation loss")  # fmt: skip
-    for a in (a1, a2):
-        a.grid(alpha=0.3)
-    a1.legend(fontsize=7, loc="center left")
-    fig.tight_layout()
-    fig.savefig(out / "quality.png", dpi=120)
-    plt.close(fig)
-
-
-# --- the command ---------------------------------------------------------------------------------
-def add_arguments(p) -> None:
-    """The options of ``flowcodec lm sweep``."""
-    p.add_argument("--weights", default=None,
-                   help="a family saved by `train` (path stem; default: the shipped one)")
-    p.add_argument("--data", default=None, help="tinyshakespeare.txt or its folder")
-    p.add_argument("--out", default="runs/lm/sweep", help="output folder (default runs/lm/sweep)")
-    p.add_argument("--prompts", type=int, default=20, help="validation prompts (default 20)")
-    p.add_argument("--prompt-len", type=int, default=64, help="ids per prompt (default 64)")
-    p.add_argument("--new", type=int, default=64, help="tokens generated per prompt (default 64)")
-    p.add_argument("--schemes", nargs="+", choices=list(SCHEMES),
-                   default=["device", "edge", "speculative", "gated"],
-                   help="schemes to run (edge only always runs: it is the reference)")
-    p.add_argument("--gammas", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.5, 0.7])
-    p.add_argument("--rtts", type=float, nargs="+", default=[0, 1, 2, 5, 10, 20, 50, 100],
-                   help="round-trip delays in ms")  # fmt: skip
-    p.add_argument("--rate-kbps", type=float, nargs="+", default=[1000.0],
-                   help="uplink rates in kbit/s (default 1000)")  # fmt: skip
-    p.add_argument("--down-kbps", type=float, default=None,
-                   help="downlink rate in kbit/s (default: the uplink's)")  # fmt: skip
-    p.add_argument("--loss", type=float, nargs="+", default=[0.0],
-                   help="i.i.d. message loss rates each way (lost messages are resent after "
-                        "one round trip)")  # fmt: skip
-    p.add_argument("--mcs", type=int, default=None,
-                   help="draw losses from the FastLink BLER tables at this MCS (with --snr-db)")
-    p.add_argument("--snr-db", type=float, default=None, help="Es/N0 of the FastLink (dB)")
-    p.add_argument("--link-seed", type=int, default=0)
-    p.add_argument("--draft", type=int, default=1)
-    p.add_argument("--target", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=1,
-                   help="generations per prompt; per-round wall clocks are their median")
-    p.add_argument("--loss-windows", type=int, default=64,
-                   help="validation windows of the teacher-forced loss (default 64)")
-    p.add_argument("--codec", default=None,
-                   help="a hidden-state codec (`flowcodec lm codec train`): adds the "
-                        "speculative-codec scheme, which sends the draft's states through it")
-    p.add_argument("--codec-rate", type=int, default=None, help="the codec's rate point")
-    p.add_argument("--float64", action="store_true", help="compute in float64")
-    add_common_arguments(p)
-
-
-def command(args) -> int:
-    """Run ``flowcodec lm sweep`` (``args``: its parsed options)."""
-    from flowcodec.lm.cli import _weights
-    from flowcodec.lm.data import CharVocab, load_shakespeare
-    from flowcodec.lm.train import load_lm
-
-    fam = load_lm(_weights(args.weights))
-    if args.float64:
-        fam = fam.double()
-    vocab = CharVocab(fam.chars)
-    schemes, codec = list(args.schemes), None
-    if args.codec:
-        from flowcodec.lm.codec import load_hidden_codec
-
-        codec = load_hidden_codec(args.codec).to(next(fam.parameters()).device)
-        schemes += [] if "speculative-codec" in schemes else ["speculative-codec"]
-    cfg = LMSweepConfig(prompts=args.prompts, prompt_len=args.prompt_len, new=args.new,
-                        schemes=schemes, gammas=args.gammas, thresholds=args.thresholds,
-                        rtts_ms=args.rtts, up_kbps=args.rate_kbps, down_kbps=args.down_kbps,
-                        losses=args.loss, mcs=args.mcs, snr_db=args.snr_db,
-                        link_seed=args.link_seed, draft=args.draft, target=args.target,
-                        temperature=args.temperature, seed=args.seed, repeats=args.repeats,
-                        loss_windows=args.loss_windows, codec=codec,
-                        codec_rate=args.codec_rate)  # fmt: skip
-    cfg.check(fam)  # before the data are read
-    _, val, _ = load_shakespeare(args.data, vocab)
-    res = run_lm_sweep(fam, val, cfg, args.out, progress=not args.no_progress, vocab=vocab)
-    print("\n".join(summary_lines(res)))
-    print(f"wrote {Path(args.out) / 'sweep.csv'}, sweep.json, samples.txt and plots")
-    return 0
-
-
-def _num(v, spec: str) -> str:
-    return format(v, spec) if v != "" else format("-", ">" + spec.split(".")[0])
-
-
-def summary_lines(res: dict) -> list[str]:
-    """A table of tokens per second against RTT per scheme (first link family), the pass
-    times and the crossovers, as text lines."""
-    recs = res["records"]
-    fam0 = (recs[0]["up_kbps"], recs[0]["down_kbps"], recs[0]["loss"])
-    rows = [r for r in recs if (r["up_kbps"], r["down_kbps"], r["loss"]) == fam0]
-    rtts = sorted({r["rtt_ms"] for r in rows})
-    labels = list(dict.fromkeys(r["label"] for r in rows))
-    lines = [f"tokens per second at {fam0[0]:g}/{fam0[1]:g} kbit/s, loss {fam0[2]:g}, by RTT (ms):",
-             f"{'scheme':>18} " + " ".join(f"{x:>7g}" for x in rtts)
-             + "   B/token  agree %  loss nats"]  # fmt: skip
-    for lab in labels:
-        mine = {r["rtt_ms"]: r for r in rows if r["label"] == lab}
-        r0 = mine[rtts[0]]
-        lines.append(f"{lab:>18} " + " ".join(f"{mine[x]['tokens_per_s']:7.1f}" for x in rtts)
-                     + f"   {r0['bytes_per_token']:7.2f}  {100 * r0['agreement']:7.1f}"
-                       f"  {_num(r0['val_loss_nats'], '9.4f')}")  # fmt: skip
-    mod = res["model"]
-    lines.append(f"cost model inputs from the rounds (ms): T_e {1e3 * mod['t_edge']:.2f}; "
-                 + "; ".join(f"gamma {g}: T_d {1e3 * m['t_draft']:.2f}, T_v "
-                             f"{1e3 * m['t_verify']:.2f}" for g, m in mod["gammas"].items()))
-    ps = res["pass_seconds"]
-    lines.append(f"isolated pass times (ms, median of 21, cache of {ps['cached']}): "
-                 + "; ".join(f"{m} x{k}: {1e3 * v:.2f}" for m, d in ps.items()
-                             if m != "cached" for k, v in d.items()))  # fmt: skip
-    for c in res["crossovers"]:
-        pred = c["predicted_rtt_ms"]
-        meas = c["measured_rtt_ms"]
-        lines.append(f"gamma {c['gamma']} at {c['up_kbps']:g} kbit/s, loss {c['loss']:g}: "
-                     f"acceptance {c['acceptance']:.3f}, tau {c['tau_model']:.2f} (measured "
-                     f"{c['tokens_per_round_measured']:.2f} tokens/round); crossover RTT "
-                     f"predicted {'none' if pred is None else f'{pred:.1f} ms'} (long run "
-                     f"{c['predicted_rtt_ms_long_run']:.1f} ms), measured "
-                     + (f"{meas:.1f} ms" if meas is not None else
-                        "none in range (speculative " + ("faster" if c["faster_at_first_rtt"]
-                                                         else "slower") + " throughout)"))
-    return lines
