@@ -30,13 +30,25 @@ True
 
 from __future__ import annotations
 
-import binascii
 import hashlib
 import json
 import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from flowcodec.framing import (
+    CRC32,
+    MAX_PACKETS,
+    PACKET_OVERHEAD,
+    BitstreamError,
+    Reader,
+    crc16,
+    frame_packet,
+    parse_packet,
+    read_varint,
+    varint,
+)
 
 __all__ = [
     "MAGIC",
@@ -55,11 +67,11 @@ __all__ = [
     "COMPACT_TAG",
     "session_tag",
     "MAX_SEQ",
+    "PACKET_OVERHEAD",
 ]
 
 MAGIC = b"FLWC"
 VERSION = 2
-MAX_PACKETS = 65535
 MAX_NDIM = 8
 MAX_TENSORS = 16
 MAX_CODEC_NAME = 64
@@ -83,16 +95,8 @@ DTYPES: dict[str, int] = {
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 _HEAD_FIXED = struct.Struct("<4sBB")  # magic, version, flags
-_PACKET_FRAME = struct.Struct("<HI")  # index, payload length
-_CRC = struct.Struct("<I")
-PACKET_OVERHEAD = _PACKET_FRAME.size + _CRC.size  # bytes added to each payload
 COMPACT_TAG = 0xC2  # first byte of a session-framed sample (a full stream starts with "F")
 MAX_SEQ = (1 << 32) - 1  # sample sequence numbers are u32 (varint on the wire)
-_MAX_VARINT = 5  # bytes of an unsigned LEB128 value below 2^35
-
-
-class BitstreamError(ValueError):
-    """Malformed bitstream bytes, header or packets (the message says what is wrong)."""
 
 
 def fingerprint(config: object) -> bytes:
@@ -199,7 +203,7 @@ class Header:
         parts.append(struct.pack("<H", n_packets))
         parts.append(varint(seq))
         body = b"".join(parts)
-        return body + _CRC.pack(zlib.crc32(body))
+        return body + CRC32.pack(zlib.crc32(body))
 
     @classmethod
     def parse(cls, data: bytes | bytearray | memoryview) -> tuple[Header, int, int]:
@@ -220,7 +224,7 @@ def _check_seq(seq: int) -> None:
 
 def _parse_header(buf: bytes) -> tuple[Header, int, int, int]:
     """``(header, n_packets, seq, header_size)`` of the header at the start of ``buf``."""
-    r = _Reader(buf)
+    r = Reader(buf)
     magic, version, flags = r.unpack(_HEAD_FIXED, "fixed header")
     if magic != MAGIC:
         raise BitstreamError(f"bad magic {magic!r}, expected {MAGIC!r}")
@@ -250,9 +254,9 @@ def _parse_header(buf: bytes) -> tuple[Header, int, int, int]:
     (meta_len,) = r.unpack(struct.Struct("<H"), "meta length")
     meta = r.take(meta_len, "meta")
     (n_packets,) = r.unpack(struct.Struct("<H"), "packet count")
-    seq = _readvarint(r, "sample sequence number")
+    seq = read_varint(r, "sample sequence number")
     end = r.pos
-    (crc,) = r.unpack(_CRC, "header CRC")
+    (crc,) = r.unpack(CRC32, "header CRC")
     if zlib.crc32(buf[:end]) != crc:
         raise BitstreamError("header CRC mismatch: the header is corrupted")
     if seq > MAX_SEQ:
@@ -262,97 +266,11 @@ def _parse_header(buf: bytes) -> tuple[Header, int, int, int]:
     return header, n_packets, seq, r.pos
 
 
-class _Reader:
-    """Bounds-checked cursor over bytes: every read checks the remaining length first."""
-
-    def __init__(self, buf: bytes, pos: int = 0) -> None:
-        self.buf = buf
-        self.pos = pos
-
-    def take(self, n: int, what: str) -> bytes:
-        if n < 0 or self.pos + n > len(self.buf):
-            raise BitstreamError(
-                f"truncated: {what} needs {n} bytes at offset {self.pos}, "
-                f"only {len(self.buf) - self.pos} left"
-            )
-        out = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def unpack(self, st: struct.Struct, what: str) -> tuple:
-        return st.unpack(self.take(st.size, what))
-
-
-def frame_packet(index: int, payload: bytes, bind: bytes = b"") -> bytes:
-    """Frame one packet: ``index (u16) | length (u32) | payload | CRC-32 (u32)``.
-
-    The CRC-32 covers ``bind`` (not sent: the receiver knows it; a stream binds its
-    packets with its header's CRC, see :meth:`Bitstream.binding`), then index, length
-    and payload.
-    """
-    if not 0 <= index < MAX_PACKETS:
-        raise BitstreamError(f"packet index {index} outside 0..{MAX_PACKETS - 1}")
-    if len(payload) >= 1 << 32:
-        raise BitstreamError("packet payload too long")
-    head = _PACKET_FRAME.pack(index, len(payload))
-    return head + payload + _CRC.pack(zlib.crc32(head + payload, zlib.crc32(bind)))
-
-
-def parse_packet(data: bytes, pos: int = 0, bind: bytes = b"") -> tuple[int, bytes | None, int]:
-    """Parse one framed packet at ``pos`` (framed with :func:`frame_packet` and ``bind``).
-
-    Returns ``(index, payload_or_None, next_pos)``; the payload is ``None`` when the CRC
-    fails. Raises :class:`BitstreamError` when the framing itself is truncated.
-    """
-    r = _Reader(data, pos)
-    index, length = r.unpack(_PACKET_FRAME, "packet frame")
-    payload = r.take(length, f"packet {index} payload")
-    (crc,) = r.unpack(_CRC, f"packet {index} CRC")
-    body = data[pos : pos + _PACKET_FRAME.size + length]
-    ok = zlib.crc32(body, zlib.crc32(bind)) == crc
-    return index, (payload if ok else None), r.pos
-
-
-def varint(n: int) -> bytes:
-    """``n >= 0`` as an unsigned LEB128 varint (how the header writes counts and sample
-    numbers; the one writer of it in flowcodec)."""
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _readvarint(r: _Reader, what: str) -> int:
-    value = 0
-    for i in range(_MAX_VARINT):
-        (b,) = r.take(1, what)
-        value |= (b & 0x7F) << (7 * i)
-        if not b & 0x80:
-            if b == 0 and i > 0:
-                raise BitstreamError(f"{what}: over-long varint")
-            return value
-    raise BitstreamError(f"{what}: varint longer than {_MAX_VARINT} bytes")
-
-
-# Bit reversal of each byte: with the bytes also taken in reverse order, CRC-CCITT runs over
-# the bit sequence backwards, which is a CRC with the reciprocal generator
-# x^16 + x^11 + x^4 + 1 (see docs/bitstream.md for why not the plain CCITT polynomial).
-_BITREV = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
-
-
-def _crc16(data: bytes) -> bytes:
-    """CRC-16 with generator x^16 + x^11 + x^4 + 1 (the reciprocal of CRC-CCITT's), initial
-    value 0xFFFF, computed as CRC-CCITT over the bits of ``data`` in reverse order."""
-    return struct.pack("<H", binascii.crc_hqx(bytes(data)[::-1].translate(_BITREV), 0xFFFF))
-
-
 def session_tag(header: Header) -> bytes:
     """Two bytes tying session-framed samples to their session's header (its CRC-32's low
     16 bits): a sample decoded against another session's header is refused."""
     # Over the header without its own CRC: a CRC over data plus its CRC is a constant.
-    return struct.pack("<H", zlib.crc32(header.to_bytes(0)[: -_CRC.size]) & 0xFFFF)
+    return struct.pack("<H", zlib.crc32(header.to_bytes(0)[: -CRC32.size]) & 0xFFFF)
 
 
 @dataclass
@@ -399,7 +317,7 @@ class Bitstream:
     def binding(self) -> bytes:
         """What every packet's CRC-32 covers besides the packet: the header's own CRC-32
         (over codec, fingerprint, tensors, meta, packet count and ``seq``)."""
-        return self.header_bytes()[-_CRC.size :]
+        return self.header_bytes()[-CRC32.size :]
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> Bitstream:
@@ -414,7 +332,7 @@ class Bitstream:
             raise BitstreamError(f"expected bytes, got {type(data).__name__}")
         buf = bytes(data)
         header, n_packets, seq, pos = _parse_header(buf)
-        bind = buf[pos - _CRC.size : pos]
+        bind = buf[pos - CRC32.size : pos]
         # Each packet takes at least PACKET_OVERHEAD bytes: check before building a list.
         if n_packets * PACKET_OVERHEAD > len(buf) - pos:
             raise BitstreamError(
@@ -449,7 +367,7 @@ class Bitstream:
         parts = [bytes((COMPACT_TAG,)), prefix, varint(len(self.packets))]
         for i, p in enumerate(self.packets):
             framed = varint(len(p)) + bytes(p)
-            parts += [framed, _crc16(prefix + varint(i) + framed)]
+            parts += [framed, crc16(prefix + varint(i) + framed)]
         return b"".join(parts)
 
     @property
@@ -472,17 +390,17 @@ class Bitstream:
         if not isinstance(header, Header):
             raise BitstreamError(f"header must be a Header, got {type(header).__name__}")
         buf = bytes(data)
-        r = _Reader(buf)
+        r = Reader(buf)
         tag, sess = r.take(1, "compact tag")[0], r.take(2, "session tag")
         if tag != COMPACT_TAG:
             raise BitstreamError(f"bad compact tag 0x{tag:02x}, expected 0x{COMPACT_TAG:02x}")
         if sess != session_tag(header):
             raise BitstreamError("sample belongs to another session (session tag mismatch)")
-        seq = _readvarint(r, "sample sequence number")
+        seq = read_varint(r, "sample sequence number")
         if seq > MAX_SEQ:
             raise BitstreamError(f"sample sequence number {seq} over {MAX_SEQ}")
         prefix = sess + varint(seq)
-        n_packets = _readvarint(r, "packet count")
+        n_packets = read_varint(r, "packet count")
         if n_packets > MAX_PACKETS or 3 * n_packets > len(buf) - r.pos:
             raise BitstreamError(
                 f"{n_packets} packets declared, {len(buf) - r.pos} bytes follow (3 per packet "
@@ -491,10 +409,10 @@ class Bitstream:
         packets: list[bytes | None] = []
         for i in range(n_packets):
             start = r.pos
-            length = _readvarint(r, f"packet {i} length")
+            length = read_varint(r, f"packet {i} length")
             payload = r.take(length, f"packet {i} payload")
             crc = r.take(2, f"packet {i} CRC")
-            ok = _crc16(prefix + varint(i) + buf[start : r.pos - 2]) == crc
+            ok = crc16(prefix + varint(i) + buf[start : r.pos - 2]) == crc
             packets.append(payload if ok else None)
         if r.pos != len(buf):
             raise BitstreamError(f"{len(buf) - r.pos} trailing bytes after the last packet")
@@ -519,7 +437,7 @@ class Bitstream:
                 if p is None:
                     raise BitstreamError(f"packet {i} is lost and cannot be sent")
                 body = varint(i) + bytes(p)
-                out.append(body + _crc16(prefix + body))
+                out.append(body + crc16(prefix + body))
             return out
         raise BitstreamError(f"framing must be 'sample' or 'session', got {framing!r}")
 
@@ -550,7 +468,7 @@ class Bitstream:
                     ok = False
             if not ok:
                 return cls(header, [None] * len(body), seq)
-            return cls._from_framed(header, body, got_seq, bytes(head[-_CRC.size :]))
+            return cls._from_framed(header, body, got_seq, bytes(head[-CRC32.size :]))
         if framing != "session":
             raise BitstreamError(f"framing must be 'sample' or 'session', got {framing!r}")
         prefix = session_tag(header) + varint(seq)
@@ -560,10 +478,10 @@ class Bitstream:
             if u is not None and len(u) >= 3:
                 u = bytes(u)
                 try:
-                    r = _Reader(u)
-                    index = _readvarint(r, "packet index")
+                    r = Reader(u)
+                    index = read_varint(r, "packet index")
                     ok = index == i and r.pos <= len(u) - 2  # the index ends before the CRC
-                    if ok and _crc16(prefix + u[:-2]) == u[-2:]:
+                    if ok and crc16(prefix + u[:-2]) == u[-2:]:
                         payload = u[r.pos : -2]
                 except BitstreamError:
                     payload = None
@@ -605,11 +523,11 @@ class Bitstream:
                 raise BitstreamError(
                     f"header declares {n_packets} packets, {len(packets)} were given"
                 )
-            bind = raw[-_CRC.size :]
+            bind = raw[-CRC32.size :]
         elif isinstance(header, Header):
             hdr = header
             _check_seq(seq)
-            bind = header.to_bytes(len(packets), seq)[-_CRC.size :]
+            bind = header.to_bytes(len(packets), seq)[-CRC32.size :]
         else:
             raise BitstreamError(f"header must be Header or bytes, got {type(header).__name__}")
         return cls._from_framed(hdr, packets, seq, bind)

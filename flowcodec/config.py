@@ -27,221 +27,28 @@ rd config has 2 problems:
 from __future__ import annotations
 
 import inspect
-import math
 import string
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from flowcodec.errors import ConfigError
+from flowcodec.schema import (
+    Any_,
+    Bool,
+    In,
+    ListOf,
+    MapOf,
+    Num,
+    Obj,
+    Str,
+    check,
+    join_path,
+    kind_of,
+    raise_errors,
+)
 
 __all__ = ["Num", "Str", "Bool", "In", "ListOf", "MapOf", "Obj", "Any_", "check", "codec_arguments",
            "validate_rd_config", "validate_latency_config", "positive_int", "resolve_config",
            "config_dirs"]  # fmt: skip
-
-
-# --- a small schema ---------------------------------------------------------------------------
-def _show(v: Any) -> str:
-    s = repr(v)
-    return s if len(s) <= 60 else s[:57] + "..."
-
-
-def _kind(v: Any) -> str:
-    return "null" if v is None else type(v).__name__
-
-
-class Spec:
-    """One node of a schema: ``check(value, path, errors)`` appends messages to ``errors``."""
-
-    optional: bool = False
-
-    def check(self, value: Any, path: str, errors: list[str]) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-
-@dataclass
-class Any_(Spec):
-    """Any JSON value (checked elsewhere)."""
-
-    def check(self, value, path, errors):
-        return None
-
-
-@dataclass
-class Num(Spec):
-    """A number; ``integer`` for ints only; ``lo``/``hi`` bounds (``*_open`` excludes them)."""
-
-    integer: bool = False
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-    optional: bool = False
-    note: str = ""
-
-    def allowed(self) -> str:
-        what = "an integer" if self.integer else "a number"
-        if self.lo is not None and self.hi is not None:
-            if self.integer and not self.lo_open and not self.hi_open:
-                rng = f" in {self.lo:g}..{self.hi:g}"
-            else:
-                rng = (f" in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
-                       f"{')' if self.hi_open else ']'}")  # fmt: skip
-        elif self.lo is not None:
-            rng = f" {'>' if self.lo_open else '>='} {self.lo:g}"
-        elif self.hi is not None:
-            rng = f" {'<' if self.hi_open else '<='} {self.hi:g}"
-        else:
-            rng = ""
-        return what + rng + (f" ({self.note})" if self.note else "")
-
-    def check(self, value, path, errors):
-        if value is None and self.optional:
-            return
-        ok_type = isinstance(value, int) if self.integer else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok_type:
-            errors.append(f"{path}: expected {self.allowed()}, got {_kind(value)} {_show(value)}")
-            return
-        if not math.isfinite(value):
-            errors.append(f"{path}: {value!r} is not finite; allowed: {self.allowed()}")
-            return
-        bad = (self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)) or (
-            self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
-        if bad:
-            errors.append(f"{path}: {value!r} is out of range; allowed: {self.allowed()}")
-
-
-@dataclass
-class Str(Spec):
-    """A string, optionally one of ``choices``."""
-
-    choices: tuple[str, ...] | None = None
-    optional: bool = False
-    what: str = "a string"
-
-    def check(self, value, path, errors):
-        if value is None and self.optional:
-            return
-        if not isinstance(value, str):
-            errors.append(f"{path}: expected {self.what}, got {_kind(value)} {_show(value)}")
-        elif self.choices is not None and value not in self.choices:
-            errors.append(f"{path}: {value!r} is not allowed; allowed: {', '.join(self.choices)}")
-
-
-@dataclass
-class Bool(Spec):
-    optional: bool = False
-
-    def check(self, value, path, errors):
-        if not isinstance(value, bool) and not (value is None and self.optional):
-            errors.append(f"{path}: expected true or false, got {_kind(value)} {_show(value)}")
-
-
-@dataclass
-class In(Spec):
-    """One of ``values`` (JSON values given elsewhere, e.g. the SNRs a config sweeps)."""
-
-    values: tuple = ()
-    optional: bool = False
-
-    def check(self, value, path, errors):
-        if value is None and self.optional:
-            return
-        if isinstance(value, bool) or value not in self.values:
-            errors.append(f"{path}: {_show(value)} is not allowed; allowed: "
-                          f"{', '.join(_show(v) for v in self.values) or '(none)'}")  # fmt: skip
-
-
-@dataclass
-class ListOf(Spec):
-    """A list of ``item``s with at least ``min_len`` of them."""
-
-    item: Spec
-    min_len: int = 0
-    what: str = "a list"
-    optional: bool = False
-
-    def check(self, value, path, errors):
-        if value is None and self.optional:
-            return
-        if not isinstance(value, list):
-            errors.append(f"{path}: expected {self.what}, got {_kind(value)} {_show(value)}")
-            return
-        if len(value) < self.min_len:
-            errors.append(f"{path}: needs at least {self.min_len} item(s), got {len(value)}")
-        for i, v in enumerate(value):
-            self.item.check(v, f"{path}[{i}]", errors)
-
-
-@dataclass
-class MapOf(Spec):
-    """An object with arbitrary string keys (``keys`` restricts them) and ``value`` values."""
-
-    value: Spec
-    keys: tuple[str, ...] | None = None
-    optional: bool = False
-
-    def check(self, value, path, errors):
-        if value is None and self.optional:
-            return
-        if not isinstance(value, dict):
-            errors.append(f"{path}: expected an object, got {_kind(value)} {_show(value)}")
-            return
-        for k, v in value.items():
-            if self.keys is not None and k not in self.keys:
-                errors.append(f"{path}: unknown key {k!r}; allowed: {', '.join(self.keys)}")
-                continue
-            self.value.check(v, f"{path}.{k}", errors)
-
-
-@dataclass
-class Obj(Spec):
-    """An object with known ``fields``; ``required`` ones must be there, others are refused."""
-
-    fields: dict[str, Spec]
-    required: tuple[str, ...] = ()
-    what: str = "an object"
-    optional: bool = False
-    extra: Callable[[dict, str, list[str]], None] | None = None  # further checks
-
-    def check(self, value, path, errors):
-        if value is None and self.optional:
-            return
-        if not isinstance(value, dict):
-            errors.append(f"{path}: expected {self.what}, got {_kind(value)} {_show(value)}")
-            return
-        for k in self.required:
-            if k not in value:
-                errors.append(f"{_join(path, k)}: missing (required)")
-        for k, v in value.items():
-            spec = self.fields.get(k)
-            if spec is None:
-                errors.append(f"{_join(path, k)}: unknown key; allowed: "
-                              f"{', '.join(self.fields)}")  # fmt: skip
-                continue
-            spec.check(v, _join(path, k), errors)
-        if self.extra is not None:
-            self.extra(value, path, errors)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def check(value: Any, spec: Spec, what: str) -> None:
-    """Check ``value`` against ``spec``; raise one ConfigError listing every problem."""
-    errors: list[str] = []
-    spec.check(value, "", errors)
-    _raise(errors, what)
-
-
-def _raise(errors: list[str], what: str) -> None:
-    if not errors:
-        return
-    errors = [e[2:] if e.startswith(": ") else e for e in errors]
-    if len(errors) == 1:
-        raise ConfigError(f"{what}: {errors[0]}")
-    raise ConfigError(f"{what} has {len(errors)} problems:\n  " + "\n  ".join(errors))
 
 
 def positive_int(text: str) -> int:
@@ -287,7 +94,7 @@ def _check_codec_kwargs(codec: Any, keys, path: str, errors: list[str]) -> None:
                           f"{', '.join(allowed) or '(none)'}")  # fmt: skip
 
 
-def _family_members(name: Any) -> int | None:
+def family_members(name: Any) -> int | None:
     """Members of family ``name`` (from its architecture, no weights), None if unknown."""
     from flowcodec.family.pretrained import RECIPES
     from flowcodec.family.zoo import FAMILIES, build_family
@@ -297,7 +104,7 @@ def _family_members(name: Any) -> int | None:
     return build_family(name, **RECIPES.get(name, {}).get("family", {})).num_members
 
 
-def _known() -> dict[str, tuple[str, ...]]:
+def known_names() -> dict[str, tuple[str, ...]]:
     from flowcodec.codecs import CODECS
     from flowcodec.codecs.zoo import list_pretrained
     from flowcodec.data import DATASETS
@@ -324,10 +131,10 @@ def validate_rd_config(cfg: Any, source: str = "rd config") -> dict:
     codec trained here (``codec`` + ``train``) or shipped ones (``pretrained``: a list of
     names); ``group`` names its curve.
     """
-    known = _known()
+    known = known_names()
     if not isinstance(cfg, dict):
-        raise ConfigError(f"{source}: expected a JSON object, got {_kind(cfg)}")
-    k = _family_members(cfg.get("family"))
+        raise ConfigError(f"{source}: expected a JSON object, got {kind_of(cfg)}")
+    k = family_members(cfg.get("family"))
     fam_note = f"the {cfg.get('family')} family has {k} members" if k else ""
     point = Num(integer=True, lo=0, hi=k, note=fam_note) if k else Num(integer=True, lo=0)
     member = Num(integer=True, lo=1, hi=k, note=fam_note) if k else Num(integer=True, lo=1)
@@ -363,7 +170,7 @@ def validate_rd_config(cfg: Any, source: str = "rd config") -> dict:
     }, required=("dataset", "family", "member", "point", "codecs"))  # fmt: skip
     errors: list[str] = []
     schema.check(cfg, "", errors)
-    _raise(errors, source)
+    raise_errors(errors, source)
     from flowcodec.codecs import CODECS
 
     for i, e in enumerate(cfg["codecs"]):  # an exit's answer needs an exit: point >= 1
@@ -381,7 +188,7 @@ def validate_rd_config(cfg: Any, source: str = "rd config") -> dict:
             if lab not in labels:
                 errors.append(f"channels[{i}].codecs[{j}]: no codec entry makes a row labelled "
                               f"{lab!r}; labels: {', '.join(sorted(labels))}")  # fmt: skip
-    _raise(errors, source)
+    raise_errors(errors, source)
     return cfg
 
 
@@ -472,11 +279,11 @@ def validate_latency_config(cfg: Any, source: str = "latency config") -> dict:
     ``cell_seeds`` (a generator per grid cell: needed by ``--engine ray``) and ``family``
     (a trained family for the dataset, e.g. ``cifar10-vit``; default: the dataset's name).
     """
-    known = _known()
+    known = known_names()
     if not isinstance(cfg, dict):
-        raise ConfigError(f"{source}: expected a JSON object, got {_kind(cfg)}")
+        raise ConfigError(f"{source}: expected a JSON object, got {kind_of(cfg)}")
     fam_name = cfg.get("family", cfg.get("dataset"))
-    k = _family_members(fam_name)
+    k = family_members(fam_name)
     note = f"the {fam_name} family has {k} members" if k else ""
     point = Num(integer=True, lo=0, hi=k, note=note) if k else Num(integer=True, lo=0)
     member = (Num(integer=True, lo=1, hi=k, note=note, optional=True) if k
@@ -518,7 +325,7 @@ def validate_latency_config(cfg: Any, source: str = "latency config") -> dict:
     }, required=("dataset", "options", "input_codec", "fixed_split"))  # fmt: skip
     errors: list[str] = []
     schema.check(cfg, "", errors)
-    _raise(errors, source)
+    raise_errors(errors, source)
     opts = [(int(o["point"]), o["rate"]) for o in cfg["options"]]
     seen = set()
     for i, key in enumerate(opts):
@@ -530,7 +337,7 @@ def validate_latency_config(cfg: Any, source: str = "latency config") -> dict:
     if want not in seen:
         errors.append(f"fixed_split: (point {want[0]}, rate {want[1]!r}) is not an option; "
                       f"allowed: {', '.join(f'(point {p}, rate {r!r})' for p, r in opts)}")
-    _raise(errors, source)
+    raise_errors(errors, source)
     return cfg
 
 
@@ -558,7 +365,8 @@ def _check_option(o: dict, path: str, errors: list[str]) -> None:
 
 def _check_input_codec(o: dict, path: str, errors: list[str]) -> None:
     if isinstance(o.get("kwargs"), dict):
-        _check_codec_kwargs(o.get("codec"), list(o["kwargs"]), f"{_join(path, 'kwargs')}", errors)
+        _check_codec_kwargs(o.get("codec"), list(o["kwargs"]), f"{join_path(path, 'kwargs')}",
+                            errors)
 
 
 

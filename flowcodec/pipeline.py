@@ -63,6 +63,7 @@ __all__ = [
     "HopTrace",
     "SampleTrace",
     "FlowResult",
+    "TracedLogits",
     "Flow",
     "packet_bits_per_symbol",
     "concealed_fraction",
@@ -233,12 +234,9 @@ class SampleTrace:
         return sum(h.bits for h in self.hops)
 
 
-@dataclass
-class FlowResult:
-    """Logits ``(B, classes)`` and one :class:`SampleTrace` per sample."""
-
-    logits: torch.Tensor
-    traces: list[SampleTrace]
+class TracedLogits:
+    """What a flow's result reads from its ``logits`` ``(B, classes)`` and its ``traces``
+    (one per sample, each with ``latency_s``): predictions, accuracy and mean latency."""
 
     @property
     def predictions(self) -> torch.Tensor:
@@ -250,6 +248,14 @@ class FlowResult:
     @property
     def mean_latency_s(self) -> float:
         return sum(t.latency_s for t in self.traces) / max(1, len(self.traces))
+
+
+@dataclass
+class FlowResult(TracedLogits):
+    """Logits ``(B, classes)`` and one :class:`SampleTrace` per sample."""
+
+    logits: torch.Tensor
+    traces: list[SampleTrace]
 
     def exit_mix(self) -> dict[str, float]:
         """Fraction of samples answered by each tier."""

@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["EpochLoop", "Frozen", "kd_loss", "lr_at"]
+from flowcodec.errors import ConfigError
+
+__all__ = ["EpochLoop", "Frozen", "kd_loss", "lr_at", "TrainRecord", "check_distill_settings"]
 
 
 class Frozen:
@@ -73,6 +76,33 @@ def lr_at(step: int, total: int, lr: float, warmup: int, floor: float = 0.02) ->
         return lr * (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@dataclass
+class TrainRecord:
+    """What a training run returns: per-epoch history, time, epochs and steps run."""
+
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    epochs: int = 0
+    steps: int = 0
+
+    def finish(self, loop: EpochLoop) -> None:
+        """Close ``loop`` and take its time and steps; ``epochs``: the history's length."""
+        loop.close()
+        self.seconds = loop.elapsed
+        self.epochs = len(self.history)
+        self.steps = loop.step
+
+
+def check_distill_settings(cfg) -> None:
+    """The settings every distilling codec trainer has, checked: ``epochs`` and
+    ``batch_size`` >= 1, ``lr`` > 0, ``stem_lr``, ``kd`` and ``beta`` >= 0, ``temperature``
+    > 0 (ConfigError otherwise)."""
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.stem_lr < 0:
+        raise ConfigError("epochs and batch_size must be >= 1, lr > 0, stem_lr >= 0")
+    if cfg.kd < 0 or cfg.beta < 0 or cfg.temperature <= 0:
+        raise ConfigError("kd and beta must be >= 0 and temperature > 0")
 
 
 class EpochLoop:

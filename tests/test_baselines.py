@@ -409,7 +409,7 @@ def test_compare_against_webp_and_the_device_floor():
 def test_the_baseline_config_is_valid():
     from pathlib import Path
 
-    from flowcodec.rd import _expand, load_config
+    from flowcodec.rd import expand, load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "experiments"
                       / "rd_baselines_cifar10.json")  # fmt: skip
@@ -417,7 +417,7 @@ def test_the_baseline_config_is_valid():
     labels = []
     for entry in cfg["codecs"]:
         assert entry["codec"] in CODECS
-        for label, kw in _expand(entry):
+        for label, kw in expand(entry):
             labels.append(label)
             if entry["codec"] == "webp":
                 assert kw["method"] == 6

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from helpers import small_coop_model
 
 from flowcodec.coop.fusion import CoopConfig, CoopModel, load_coop, save_coop
 from flowcodec.coop.selective import device_order, prefix_masks, run_selective
@@ -19,11 +20,7 @@ from flowcodec.errors import ConfigError
 
 @pytest.fixture(scope="module")
 def model(digits_family):
-    torch.manual_seed(0)
-    m = CoopModel(digits_family, CoopConfig(kinds=("m1", "m2"), latent=4, dim=16, hidden=16))
-    m.eval()
-    m.update()
-    return m
+    return small_coop_model(digits_family)
 
 
 def _latents(b=3, n=4, latent=4, seed=0):

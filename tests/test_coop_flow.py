@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from helpers import small_coop_model
 
 from channels import FastLink, IIDPacketErasure
 from flowcodec.coop.flow import CooperativeFlow, DeviceHop, Selective
@@ -23,11 +24,7 @@ class LoseAll:
 
 @pytest.fixture(scope="module")
 def model(digits_family):
-    torch.manual_seed(0)
-    m = CoopModel(digits_family, CoopConfig(kinds=("m1", "m2"), latent=4, dim=16, hidden=16))
-    m.eval()
-    m.update()
-    return m
+    return small_coop_model(digits_family)
 
 
 def _views(b=5, n=4, seed=0):

@@ -34,6 +34,7 @@ GROUND = (
     "channels",
     "flowcodec._moved",
     "flowcodec.bitstream",
+    "flowcodec.framing",
     "flowcodec.shapes",
     "flowcodec.flops",
     "flowcodec.views",

@@ -330,9 +330,9 @@ def test_rd_passes_its_progress_flag_to_codec_training(monkeypatch):
 
     monkeypatch.setattr(train_mod, "train_codec", fake_train)
     cfg = rd.load_config(resolve_config("rd_digits", "rd"))
-    ctx = rd._RDContext(cfg, 20, progress=False)
+    ctx = rd.RDContext(cfg, 20, progress=False)
     for flag in (True, False):
-        jobs = rd._build_jobs(cfg, ctx, flag, "cpu")
+        jobs = rd.build_jobs(cfg, ctx, flag, "cpu")
         build = next(job[3] for job in jobs if job[4] == "trained")
         with pytest.raises(Stop):
             build()

@@ -15,10 +15,16 @@ import torch
 
 pytest.importorskip("grpc")
 
+from helpers import (  # noqa: E402
+    device_json,
+    raw_codec,
+    raw_edge_engine,
+    untrained_digits_family,
+)
+
 from channels import FastLink, IIDPacketErasure  # noqa: E402
 from flowcodec.bitstream import Bitstream  # noqa: E402
 from flowcodec.codecs import build_codec  # noqa: E402
-from flowcodec.family import build_family  # noqa: E402
 from flowcodec.pipeline import Flow, Hop, Tier  # noqa: E402
 from flowcodec.serve import (  # noqa: E402
     AsyncTierClient,
@@ -38,12 +44,7 @@ from flowcodec.serve.wire import encode_request, parse_answer  # noqa: E402
 
 @pytest.fixture(scope="module")
 def fam():
-    torch.manual_seed(0)
-    return build_family("digits").eval()
-
-
-def raw(fam, point, packets=2):
-    return build_codec("raw", fam.feature_shape(point), packets=packets)
+    return untrained_digits_family()
 
 
 class SlowEngine(TierEngine):
@@ -67,7 +68,7 @@ def free_port() -> int:
 
 
 def edge_engine(fam, cls=TierEngine, point=3):
-    return cls(fam, TierSpec("edge", 1, point), raw(fam, 1))
+    return cls(fam, TierSpec("edge", 1, point), raw_codec(fam, 1))
 
 
 def x_batch(n, seed=0):
@@ -78,14 +79,25 @@ def tiers2():
     return [Tier("device", 1e9, 1), Tier("edge", 1e12, 3)]
 
 
+def run_remote(fam, st, address, x):
+    """``x`` through a two-tier flow whose hop is the server ``st`` at ``address``: the
+    result and the server's stats."""
+    hop = RemoteHop(raw_codec(fam, 1), address, deadline_s=10.0, first_seq=0)
+    res = Flow(fam, tiers2(), [hop]).run(x)
+    hop.close()
+    return res, dict(st.server.stats)
+
+
+def simulated(fam, x):
+    """``x`` through the same flow, simulated over a lossless link."""
+    return Flow(fam, tiers2(), [Hop(raw_codec(fam, 1), IIDPacketErasure(0.0), 1e6)]).run(x)
+
+
 def test_remote_flow_matches_the_simulated_flow(fam):
     x = x_batch(6)
     with serve(edge_engine(fam), max_batch=4) as st:
-        hop = RemoteHop(raw(fam, 1), st.address, deadline_s=10.0, first_seq=0)
-        res = Flow(fam, tiers2(), [hop]).run(x)
-        hop.close()
-        stats = dict(st.server.stats)
-    sim = Flow(fam, tiers2(), [Hop(raw(fam, 1), IIDPacketErasure(0.0), 1e6)]).run(x)
+        res, stats = run_remote(fam, st, st.address, x)
+    sim = simulated(fam, x)
     # Lossless features: the same answers (batches differ, so allow float rounding).
     torch.testing.assert_close(res.logits, sim.logits, rtol=1e-5, atol=1e-5)
     assert stats["answered"] == 6 and stats["received"] == 6
@@ -104,16 +116,16 @@ def test_edge_exit_and_cloud_behind_it(fam):
     # half way between two samples' confidences: a batch computed elsewhere (other batch
     # sizes, other rounding) cannot move a sample across it, as it could at a sample's own
     thr = float(conf2[7] + conf2[8]) / 2
-    cloud = TierEngine(fam, TierSpec("cloud", 2, 3), raw(fam, 2))
+    cloud = TierEngine(fam, TierSpec("cloud", 2, 3), raw_codec(fam, 2))
     with serve(cloud) as sc:
-        edge = TierEngine(fam, TierSpec("edge", 1, 2, thr), raw(fam, 1), raw(fam, 2))
+        edge = TierEngine(fam, TierSpec("edge", 1, 2, thr), raw_codec(fam, 1), raw_codec(fam, 2))
         with serve(edge, next_address=sc.address) as se:
             tiers = [Tier("device", 1e9, 1), Tier("edge", 1e11, 2, thr), Tier("cloud", 1e12, 3)]
-            hop = RemoteHop(raw(fam, 1), se.address, deadline_s=10.0)
-            res = Flow(fam, tiers, [hop, Hop(raw(fam, 2), IIDPacketErasure(0.0), 1e6)]).run(x)
+            hop = RemoteHop(raw_codec(fam, 1), se.address, deadline_s=10.0)
+            res = Flow(fam, tiers, [hop, Hop(raw_codec(fam, 2), IIDPacketErasure(0.0), 1e6)]).run(x)
             hop.close()
-    sim_hops = [Hop(raw(fam, 1), IIDPacketErasure(0.0), 1e6),
-                Hop(raw(fam, 2), IIDPacketErasure(0.0), 1e6)]  # fmt: skip
+    sim_hops = [Hop(raw_codec(fam, 1), IIDPacketErasure(0.0), 1e6),
+                Hop(raw_codec(fam, 2), IIDPacketErasure(0.0), 1e6)]  # fmt: skip
     sim = Flow(fam, tiers, sim_hops).run(x)
     assert [t.exit_tier for t in res.traces] == [t.exit_tier for t in sim.traces]
     assert set(res.exit_mix()) == {"edge", "cloud"}
@@ -126,7 +138,7 @@ def test_edge_exit_and_cloud_behind_it(fam):
 
 def test_unreachable_server_falls_back_to_the_device_exit(fam):
     x = x_batch(3)
-    hop = RemoteHop(raw(fam, 1), f"127.0.0.1:{free_port()}", deadline_s=2.0)
+    hop = RemoteHop(raw_codec(fam, 1), f"127.0.0.1:{free_port()}", deadline_s=2.0)
     flow = Flow(fam, tiers2(), [hop])
     t0 = time.perf_counter()
     res = flow.run(x)
@@ -143,7 +155,7 @@ def test_late_server_falls_back_within_the_deadline(fam):
     eng.delay = 1.5
     x = x_batch(2)
     with serve(eng) as st:
-        hop = RemoteHop(raw(fam, 1), st.address, deadline_s=0.4)
+        hop = RemoteHop(raw_codec(fam, 1), st.address, deadline_s=0.4)
         flow = Flow(fam, tiers2(), [hop])
         t0 = time.perf_counter()
         res = flow.run(x)
@@ -156,7 +168,7 @@ def test_late_server_falls_back_within_the_deadline(fam):
 def test_killed_server_then_restarted_is_used_again(fam):
     port = free_port()
     x = x_batch(2)
-    hop = RemoteHop(raw(fam, 1), f"127.0.0.1:{port}", deadline_s=3.0)
+    hop = RemoteHop(raw_codec(fam, 1), f"127.0.0.1:{port}", deadline_s=3.0)
     flow = Flow(fam, tiers2(), [hop])
     st = serve(edge_engine(fam), port=port)
     assert [t.fallback for t in flow.run(x).traces] == [None, None]
@@ -176,7 +188,7 @@ def test_killed_server_then_restarted_is_used_again(fam):
 
 
 def _requests(fam, n, seed=0):
-    codec = raw(fam, 1)
+    codec = raw_codec(fam, 1)
     streams = codec.compress(fam.features(x_batch(n, seed), 1))
     out = []
     for i, s in enumerate(streams):
@@ -262,7 +274,7 @@ def _rss_kib() -> int:
 def test_hostile_messages_never_crash_the_server(fam):
     rng = random.Random(0)
     good = _requests(fam, 4)
-    codec = raw(fam, 1)
+    codec = raw_codec(fam, 1)
     hostile: list[bytes] = []
     for _ in range(150):  # random bytes, and random bytes behind a valid magic
         hostile.append(rng.randbytes(rng.randrange(0, 300)))
@@ -321,11 +333,11 @@ def test_tls(fam, tmp_path):
                     "-keyout", str(key), "-out", str(cert)], check=True,
                    capture_output=True)  # fmt: skip
     with serve(edge_engine(fam), tls_cert=cert.read_bytes(), tls_key=key.read_bytes()) as st:
-        hop = RemoteHop(raw(fam, 1), st.address, deadline_s=10.0, root_cert=cert.read_bytes(),
+        hop = RemoteHop(raw_codec(fam, 1), st.address, deadline_s=10.0, root_cert=cert.read_bytes(),
                         server_name="localhost")  # fmt: skip
         res = Flow(fam, tiers2(), [hop]).run(x_batch(2))
         hop.close()
-        plain = RemoteHop(raw(fam, 1), st.address, deadline_s=2.0)
+        plain = RemoteHop(raw_codec(fam, 1), st.address, deadline_s=2.0)
         refused = Flow(fam, tiers2(), [plain]).run(x_batch(2))
         plain.close()
     assert [t.exit_tier for t in res.traces] == ["edge", "edge"]
@@ -340,12 +352,12 @@ def test_proxy_applies_the_link_like_the_simulator(fam):
     with serve(edge_engine(fam)) as se:
         proxy = LinkProxy(se.address, FastLink(mcs=9, snr_db=1.0, seed=5), rate, delay)
         with ServerThread(proxy) as sp:
-            hop = RemoteHop(raw(fam, 1), sp.address, deadline_s=10.0, first_seq=0)
+            hop = RemoteHop(raw_codec(fam, 1), sp.address, deadline_s=10.0, first_seq=0)
             flow = Flow(fam, tiers2(), [hop])
             real = [flow.run(x[i : i + 1]).traces[0] for i in range(len(x))]
             hop.close()
-    sim_flow = Flow(fam, tiers2(), [Hop(raw(fam, 1), FastLink(mcs=9, snr_db=1.0, seed=5), rate,
-                                        delay)])  # fmt: skip
+    sim_flow = Flow(fam, tiers2(), [Hop(raw_codec(fam, 1), FastLink(mcs=9, snr_db=1.0, seed=5),
+                                        rate, delay)])  # fmt: skip
     sim = [sim_flow.run(x[i : i + 1]).traces[0] for i in range(len(x))]
     assert sum(t.hops[0].packets_lost for t in real) > 0  # 1 dB at MCS 9 loses packets
     for r, s in zip(real, sim):
@@ -357,16 +369,8 @@ def test_proxy_applies_the_link_like_the_simulator(fam):
 
 
 def test_cli_device_against_a_server(digits_family, capsys):
-    import json
-
-    from flowcodec.cli import main
-
-    codec = build_codec("raw", digits_family.feature_shape(1), dtype="float16")
-    eng = TierEngine(digits_family, TierSpec("edge", 1, 3), codec)
-    with serve(eng) as st:
-        rc = main(["device", "--connect", st.address, "--samples", "40", "--batch", "4",
-                   "--no-progress", "--json"])  # fmt: skip
-    out = json.loads(capsys.readouterr().out)
+    with serve(raw_edge_engine(digits_family)) as st:
+        rc, out = device_json(st.address, capsys)
     assert rc == 0 and out["samples"] == 40 and out["exit_mix"] == {"edge": 40}
     assert out["accuracy"] > 0.9 and out["fallbacks"] == {}
 
@@ -374,6 +378,6 @@ def test_cli_device_against_a_server(digits_family, capsys):
 def test_serve_refuses_a_forwarding_tier_without_next(fam):
     from flowcodec.errors import ConfigError
 
-    eng = TierEngine(fam, TierSpec("edge", 1, 2), raw(fam, 1), raw(fam, 2))
+    eng = TierEngine(fam, TierSpec("edge", 1, 2), raw_codec(fam, 1), raw_codec(fam, 2))
     with pytest.raises(ConfigError, match="next_address"):
         TierServer(eng, ServeConfig())

@@ -11,9 +11,10 @@ import torch
 
 pytest.importorskip("grpc")
 
+from helpers import raw_codec, untrained_digits_family  # noqa: E402
+
 from channels import IIDPacketErasure  # noqa: E402
 from flowcodec.codecs import build_codec  # noqa: E402
-from flowcodec.family import build_family  # noqa: E402
 from flowcodec.pipeline import Flow, Hop, Tier  # noqa: E402
 from flowcodec.serve import (  # noqa: E402
     LinkProxy,
@@ -29,12 +30,7 @@ from flowcodec.serve.engine import CONCEALED_INPUT  # noqa: E402
 
 @pytest.fixture(scope="module")
 def fam():
-    torch.manual_seed(0)
-    return build_family("digits").eval()
-
-
-def raw(fam, point, packets=2):
-    return build_codec("raw", fam.feature_shape(point), packets=packets)
+    return untrained_digits_family()
 
 
 def serve(engine, **cfg) -> ServerThread:
@@ -63,7 +59,7 @@ class FirstCallsLost:
 
 
 def test_engine_marks_untrusted_streams(fam):
-    codec = raw(fam, 1, packets=4)
+    codec = raw_codec(fam, 1, packets=4)
     streams = codec.compress(fam.features(xs(3), 1))
     streams[1].packets[0] = None  # 1 of 4: trusted at 0.5
     for k in range(3):
@@ -73,7 +69,7 @@ def test_engine_marks_untrusted_streams(fam):
     assert [o.concealed for o in out] == [0.0, 0.25, 0.75]
     lax = TierEngine(fam, TierSpec("edge", 1, 3, max_concealed=None), codec).run(streams)
     assert [o.kind for o in lax] == ["answer"] * 3
-    fwd = TierEngine(fam, TierSpec("edge", 1, 2), codec, raw(fam, 2)).run(streams)
+    fwd = TierEngine(fam, TierSpec("edge", 1, 2), codec, raw_codec(fam, 2)).run(streams)
     assert [o.kind for o in fwd] == ["forward", "forward", "concealed"]
     with pytest.raises(Exception, match="max_concealed"):
         TierSpec("edge", 1, 3, max_concealed=2.0)
@@ -81,9 +77,9 @@ def test_engine_marks_untrusted_streams(fam):
 
 def test_lost_packets_through_the_proxy_fall_back_on_the_device(fam):
     x = xs(4)
-    with serve(TierEngine(fam, TierSpec("edge", 1, 3), raw(fam, 1))) as se:
+    with serve(TierEngine(fam, TierSpec("edge", 1, 3), raw_codec(fam, 1))) as se:
         with ServerThread(LinkProxy(se.address, IIDPacketErasure(1.0), 1e6)) as sp:
-            hop = RemoteHop(raw(fam, 1), sp.address, deadline_s=10.0)
+            hop = RemoteHop(raw_codec(fam, 1), sp.address, deadline_s=10.0)
             flow = Flow(fam, [Tier("device", 1e9, 1), Tier("edge", 1e12, 3)], [hop])
             res = flow.run(x)
             hop.close()
@@ -101,28 +97,28 @@ def test_lost_packets_through_the_proxy_fall_back_on_the_device(fam):
 
 def test_a_retry_through_the_proxy_gets_a_fresh_link(fam):
     x = xs(1)
-    with serve(TierEngine(fam, TierSpec("edge", 1, 3), raw(fam, 1))) as se:
+    with serve(TierEngine(fam, TierSpec("edge", 1, 3), raw_codec(fam, 1))) as se:
         with ServerThread(LinkProxy(se.address, FirstCallsLost(1), 1e6)) as sp:
-            hop = RemoteHop(raw(fam, 1), sp.address, deadline_s=10.0, retries=1, first_seq=0)
+            hop = RemoteHop(raw_codec(fam, 1), sp.address, deadline_s=10.0, retries=1, first_seq=0)
             res = Flow(fam, [Tier("device", 1e9, 1), Tier("edge", 1e12, 3)], [hop]).run(x)
             hop.close()
     (tr,) = res.traces
     assert tr.fallback is None and tr.exit_tier == "edge"
     assert tr.hops[0].retries == 1 and tr.hops[0].concealed == 0.0
-    sent_once = 8 * sum(len(u) for u in raw(fam, 1).compress(fam.features(x, 1))[0].units())
+    sent_once = 8 * sum(len(u) for u in raw_codec(fam, 1).compress(fam.features(x, 1))[0].units())
     assert tr.hops[0].bits == 2 * sent_once
 
 
 def test_a_lossy_hop_behind_the_edge_falls_back_on_the_edge_exit(fam):
     x = xs(3)
-    cloud = TierEngine(fam, TierSpec("cloud", 2, 3), raw(fam, 2))
+    cloud = TierEngine(fam, TierSpec("cloud", 2, 3), raw_codec(fam, 2))
     with serve(cloud) as sc, ServerThread(LinkProxy(sc.address, IIDPacketErasure(1.0),
                                                     1e6)) as sp:  # fmt: skip
-        edge = TierEngine(fam, TierSpec("edge", 1, 2), raw(fam, 1), raw(fam, 2))
+        edge = TierEngine(fam, TierSpec("edge", 1, 2), raw_codec(fam, 1), raw_codec(fam, 2))
         with serve(edge, next_address=sp.address) as se:
             tiers = [Tier("device", 1e9, 1), Tier("edge", 1e11, 2), Tier("cloud", 1e12, 3)]
-            hop = RemoteHop(raw(fam, 1), se.address, deadline_s=10.0)
-            res = Flow(fam, tiers, [hop, Hop(raw(fam, 2), IIDPacketErasure(0.0), 1e6)]).run(x)
+            hop = RemoteHop(raw_codec(fam, 1), se.address, deadline_s=10.0)
+            res = Flow(fam, tiers, [hop, Hop(raw_codec(fam, 2), IIDPacketErasure(0.0), 1e6)]).run(x)
             hop.close()
     torch.testing.assert_close(res.logits, fam.member(2)(x), rtol=1e-5, atol=1e-5)
     for tr in res.traces:
@@ -133,9 +129,9 @@ def test_a_lossy_hop_behind_the_edge_falls_back_on_the_edge_exit(fam):
 
 def test_a_device_without_an_exit_keeps_the_answer_untrusted(fam):
     x = xs(2)
-    eng = TierEngine(fam, TierSpec("edge", 0, 3), raw(fam, 0, packets=1))
+    eng = TierEngine(fam, TierSpec("edge", 0, 3), raw_codec(fam, 0, packets=1))
     with serve(eng) as se, ServerThread(LinkProxy(se.address, IIDPacketErasure(1.0), 1e6)) as sp:
-        hop = RemoteHop(raw(fam, 0, packets=1), sp.address, deadline_s=10.0)
+        hop = RemoteHop(raw_codec(fam, 0, packets=1), sp.address, deadline_s=10.0)
         res = Flow(fam, [Tier("device", 1e9, 0), Tier("edge", 1e12, 3)], [hop]).run(x)
         hop.close()
     assert res.fallbacks() == {"untrusted": 2}

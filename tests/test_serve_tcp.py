@@ -23,14 +23,23 @@ from hypothesis import strategies as st
 pytest.importorskip("grpc")
 
 import test_serve  # noqa: E402 (the server fixtures and helpers of test_serve.py)
-from test_serve import SlowEngine, _requests, edge_engine, raw, serve, tiers2, x_batch  # noqa: E402
+from helpers import device_json, raw_codec, raw_edge_engine  # noqa: E402
+from test_serve import (  # noqa: E402
+    SlowEngine,
+    _requests,
+    edge_engine,
+    run_remote,
+    serve,
+    simulated,
+    tiers2,
+    x_batch,
+)
 
-from channels import IIDPacketErasure  # noqa: E402
 from flowcodec.bitstream import Bitstream, BitstreamError, Header  # noqa: E402
 from flowcodec.codecs import build_codec  # noqa: E402
 from flowcodec.data import load_dataset  # noqa: E402
 from flowcodec.errors import ConfigError  # noqa: E402
-from flowcodec.pipeline import Flow, Hop  # noqa: E402
+from flowcodec.pipeline import Flow  # noqa: E402
 from flowcodec.serve import (  # noqa: E402
     FrameClient,
     RemoteError,
@@ -122,11 +131,8 @@ def test_answers_equal_the_offline_model(digits_family, answer):
 def test_remote_flow_over_tcp_matches_the_simulated_flow(fam):
     x = x_batch(6)
     with tcp_serve(edge_engine(fam), max_batch=4) as st:
-        hop = RemoteHop(raw(fam, 1), st.tcp_address, deadline_s=10.0, first_seq=0)
-        res = Flow(fam, tiers2(), [hop]).run(x)
-        hop.close()
-        stats = dict(st.server.stats)
-    sim = Flow(fam, tiers2(), [Hop(raw(fam, 1), IIDPacketErasure(0.0), 1e6)]).run(x)
+        res, stats = run_remote(fam, st, st.tcp_address, x)
+    sim = simulated(fam, x)
     torch.testing.assert_close(res.logits, sim.logits, rtol=1e-5, atol=1e-5)
     assert stats["answered"] == stats["received"] == 6
     for r, s in zip(res.traces, sim.traces):
@@ -217,7 +223,7 @@ def test_batched_checks_reject_exactly_the_bad_samples(fam):
 
 def test_header_cache_is_bounded(fam):
     eng = edge_engine(fam)
-    s = raw(fam, 1).compress(fam.features(x_batch(1), 1))[0]
+    s = raw_codec(fam, 1).compress(fam.features(x_batch(1), 1))[0]
     for i in range(3 * HEADER_CACHE):  # headers of this codec with varied side information
         h = Header(s.header.codec, s.header.fingerprint, s.header.tensors, meta=bytes([i, 7]))
         b = Bitstream(h, s.packets, seq=i)
@@ -307,7 +313,7 @@ def test_batch_calls_and_stats_over_tcp(fam):
 
 
 def test_unreachable_tcp_server_falls_back(fam):
-    hop = RemoteHop(raw(fam, 1), f"tcp://127.0.0.1:{test_serve.free_port()}", deadline_s=2.0)
+    hop = RemoteHop(raw_codec(fam, 1), f"tcp://127.0.0.1:{test_serve.free_port()}", deadline_s=2.0)
     t0 = time.perf_counter()
     res = Flow(fam, tiers2(), [hop]).run(x_batch(2))
     hop.close()
@@ -368,13 +374,7 @@ def test_random_frames_never_crash_the_server(fam):
 
 
 def test_cli_device_against_the_tcp_port(digits_family, capsys):
-    from flowcodec.cli import main
-
-    codec = build_codec("raw", digits_family.feature_shape(1), dtype="float16")
-    eng = TierEngine(digits_family, TierSpec("edge", 1, 3), codec)
-    with tcp_serve(eng) as st:
-        rc = main(["device", "--connect", st.tcp_address, "--samples", "40", "--batch", "4",
-                   "--no-progress", "--json"])  # fmt: skip
-    out = json.loads(capsys.readouterr().out)
+    with tcp_serve(raw_edge_engine(digits_family)) as st:
+        rc, out = device_json(st.tcp_address, capsys)
     assert rc == 0 and out["exit_mix"] == {"edge": 40} and out["fallbacks"] == {}
     assert out["accuracy"] > 0.9

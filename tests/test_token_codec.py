@@ -8,6 +8,13 @@ import math
 
 import pytest
 import torch
+from helpers import (
+    check_position_codes,
+    check_prune_round_trip,
+    check_seeded_packet_loss,
+    random_tokens,
+    ready_codec,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,16 +34,11 @@ KW = dict(latent=8, hidden=32, packets=3)
 
 
 def _tokens(n=4, seed=0, shape=SHAPE):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *shape, generator=g)
+    return random_tokens(n, seed, shape)
 
 
 def _ready(shape=SHAPE, **over):
-    torch.manual_seed(0)
-    codec = build_codec("token-prune", shape, **{**KW, **over})
-    codec.fit(_tokens(32, seed=1, shape=shape)).eval()
-    codec.update(force=True)
-    return codec
+    return ready_codec("token-prune", shape, **{**KW, **over})
 
 
 def _prune_by_norm(codec):
@@ -159,13 +161,7 @@ def test_lost_packet_loses_its_tokens_not_the_sample():
 
 
 def test_forward_simulates_packet_loss_with_a_generator():
-    codec = _ready()
-    h = _tokens(8, seed=7)
-    with torch.no_grad():
-        a = codec(h, drop_prob=0.5, generator=torch.Generator().manual_seed(1)).features
-        b = codec(h, drop_prob=0.5, generator=torch.Generator().manual_seed(1)).features
-        c = codec(h).features
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    check_seeded_packet_loss(_ready(), _tokens(8, seed=7))
 
 
 def test_channels_last_map_is_taken_as_tokens():
@@ -265,21 +261,10 @@ def test_round_trip_over_kept_sets_packets_and_scales(seed, batch, packets, thre
                                                       scale):  # fmt: skip
     if packets not in _CACHE:
         _CACHE[packets] = _ready(packets=packets)
-    codec = _CACHE[packets]
-    codec.threshold, codec.keep_first = threshold, first
     h = scale * _tokens(batch, seed=seed)
-    streams = [Bitstream.from_bytes(s.to_bytes()) for s in codec.compress(h)]
-    with torch.no_grad():
-        ref = codec(h).features
-    kept = codec.last_kept
-    out = codec.decompress(streams)
-    assert torch.allclose(out, ref, atol=1e-4 * max(1.0, scale))
-    assert torch.equal(out[~kept], codec.fill.detach().expand_as(out)[~kept])
+    streams, kept = check_prune_round_trip(_CACHE[packets], h, threshold, first, scale)
     for b, s in enumerate(streams):  # each packet's position code names its kept tokens
-        for p, data in enumerate(s.packets):
-            local, _ = decode_positions(data, len(range(p, SHAPE[0], packets)))
-            assert [p + packets * j for j in local] == [i for i in range(p, SHAPE[0], packets)
-                                                        if kept[b, i]]  # fmt: skip
+        check_position_codes(s.packets, kept[b], packets)
 
 
 # --- coder="arith" -------------------------------------------------------------------------

@@ -7,17 +7,24 @@ import math
 
 import pytest
 import torch
+from helpers import (
+    check_position_codes,
+    check_prune_round_trip,
+    coder_inputs,
+    random_tokens,
+    ready_codec,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowcodec.bitstream import Bitstream, BitstreamError
 from flowcodec.codecs import arith, build_codec, load_codec, save_codec
 from flowcodec.codecs.entropy import check_model_tables
+from flowcodec.codecs.table_coding import arith_tables as _arith_tables
+from flowcodec.codecs.table_coding import to_index as _to_index
 from flowcodec.codecs.token import (
     ARITH_PRECISION,
     ESCAPE_RANGE,
-    _arith_tables,
-    _to_index,
     arith_decode,
     arith_encode,
     decode_positions,
@@ -35,16 +42,11 @@ NAMES = tuple(KW)
 
 
 def _tokens(n=4, seed=0, shape=SHAPE):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *shape, generator=g)
+    return random_tokens(n, seed, shape)
 
 
 def _ready(name, **over):
-    torch.manual_seed(0)
-    codec = build_codec(name, SHAPE, **{**KW[name], **over})
-    codec.fit(_tokens(32, seed=1)).eval()
-    codec.update(force=True)
-    return codec
+    return ready_codec(name, SHAPE, **{**KW[name], **over})
 
 
 _CACHE: dict = {}
@@ -234,12 +236,7 @@ def test_arith_round_trip_on_frozen_tables_is_exact_and_near_the_information(whi
         model, rows = codec.entropy_bottleneck, codec.hyper
     else:
         model, rows = codec.gaussian_conditional, codec.gaussian_conditional._offset.numel()
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(rows, (len(syms),), generator=g, dtype=torch.int32)
-    sym = torch.tensor(syms, dtype=torch.int64)
-    if far and len(syms):  # an outlier at the escape range's edge, and one beyond it
-        sym[0] = -(ESCAPE_RANGE + 10**6)
-        sym[-1] = ESCAPE_RANGE
+    idx, sym = coder_inputs(syms, seed, rows, far)
     data = arith_encode(model, sym, idx)
     assert len(data) <= arith.max_bytes(len(syms), ARITH_PRECISION)
     back = arith_decode(model, data, idx).long()
@@ -317,22 +314,12 @@ def test_damaged_packets_decode_to_finite_features_or_raise(name, seed, pk, byte
        st.floats(-4.0, 4.0), st.booleans(), st.floats(0.1, 30.0))  # fmt: skip
 def test_prune_round_trip_over_kept_sets_packets_and_scales(seed, batch, packets, threshold,
                                                             first, scale):  # fmt: skip
-    codec = _cached("token-prune", packets)
-    codec.threshold, codec.keep_first = threshold, first
     h = scale * _tokens(batch, seed=seed)
-    streams = [Bitstream.from_bytes(s.to_bytes()) for s in codec.compress(h)]
-    with torch.no_grad():
-        ref = codec(h).features
-    kept = codec.last_kept
-    out = codec.decompress(streams)
-    assert torch.allclose(out, ref, atol=1e-4 * max(1.0, scale))
-    assert torch.equal(out[~kept], _fill(codec, batch)[~kept])
+    codec = _cached("token-prune", packets)
+    streams, kept = check_prune_round_trip(codec, h, threshold, first, scale)
     for b, s in enumerate(streams):  # token packet p names its kept tokens; z comes first
         assert len(s.packets) == 1 + packets
-        for p, data in enumerate(s.packets[1:]):
-            local, _ = decode_positions(data, len(range(p, SHAPE[0], packets)))
-            assert [p + packets * j for j in local] == [i for i in range(p, SHAPE[0], packets)
-                                                        if kept[b, i]]  # fmt: skip
+        check_position_codes(s.packets[1:], kept[b], packets)
 
 
 @settings(max_examples=15, deadline=None)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torchvision
+from helpers import check_seeded_packet_loss, random_tokens, ready_codec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,16 +33,11 @@ KW = dict(clusters=6, latent=8, hidden=32, packets=2)
 
 
 def _tokens(n=4, seed=0, shape=SHAPE):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *shape, generator=g)
+    return random_tokens(n, seed, shape)
 
 
 def _ready(shape=SHAPE, **over):
-    torch.manual_seed(0)
-    codec = build_codec("token-merge", shape, **{**KW, **over})
-    codec.fit(_tokens(32, seed=1, shape=shape)).eval()
-    codec.update(force=True)
-    return codec
+    return ready_codec("token-merge", shape, **{**KW, **over})
 
 
 def _is_rgs(labels, k):
@@ -202,13 +198,7 @@ def test_lost_packet_loses_its_clusters_not_the_sample():
 
 
 def test_forward_simulates_packet_loss_with_a_generator():
-    codec = _ready()
-    h = _tokens(8, seed=7)
-    with torch.no_grad():
-        a = codec(h, drop_prob=0.5, generator=torch.Generator().manual_seed(1)).features
-        b = codec(h, drop_prob=0.5, generator=torch.Generator().manual_seed(1)).features
-        c = codec(h).features
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    check_seeded_packet_loss(_ready(), _tokens(8, seed=7))
 
 
 def test_channels_last_map_is_taken_as_tokens():

@@ -39,6 +39,7 @@ from flowcodec.flops import count_flops
 
 __all__ = [
     "CodecOutput",
+    "round_trip",
     "FeatureCodec",
     "CODECS",
     "register_codec",
@@ -71,6 +72,14 @@ class CodecOutput:
 def measured_bits(streams: Sequence[Bitstream]) -> list[int]:
     """The rate of each stream as it crosses a link: ``8 * len(to_bytes())``."""
     return [8 * s.nbytes for s in streams]
+
+
+def round_trip(codec: FeatureCodec, h: torch.Tensor) -> CodecOutput:
+    """``codec``'s ``forward`` through its real bytes: ``compress`` then ``decompress`` (on
+    ``h``'s device); ``bits`` are measured, there are no likelihoods."""
+    streams = codec.compress(h)
+    bits = torch.tensor([8.0 * s.nbytes for s in streams])
+    return CodecOutput(codec.decompress(streams).to(h.device), bits, {})
 
 
 def channel_groups(channels: int, packets: int) -> list[slice]:

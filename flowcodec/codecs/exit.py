@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from flowcodec.bitstream import Bitstream, BitstreamError, TensorSpec
-from flowcodec.codecs.base import CodecOutput, FeatureCodec, register_codec
+from flowcodec.codecs.base import CodecOutput, FeatureCodec, register_codec, round_trip
 from flowcodec.errors import ConfigError
 
 __all__ = ["ExitCodec", "ExitTop1Codec", "ExitTopKCodec"]
@@ -210,9 +210,7 @@ class ExitCodec(FeatureCodec):
     # --- the three calls ----------------------------------------------------------------------
     def forward(self, h: torch.Tensor) -> CodecOutput:
         """Round trip through the real bytes; ``features`` are the receiver's scores."""
-        streams = self.compress(h)
-        bits = torch.tensor([8.0 * s.nbytes for s in streams])
-        return CodecOutput(self.decompress(streams).to(h.device), bits, {})
+        return round_trip(self, h)
 
     @torch.no_grad()
     def compress(self, h: torch.Tensor) -> list[Bitstream]:

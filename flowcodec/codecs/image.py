@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from flowcodec.bitstream import Bitstream, BitstreamError, TensorSpec
-from flowcodec.codecs.base import CodecOutput, FeatureCodec, register_codec
+from flowcodec.codecs.base import CodecOutput, FeatureCodec, register_codec, round_trip
 from flowcodec.errors import ConfigError
 
 __all__ = ["ImageCodec", "JPEGCodec", "WebPCodec", "SUBSAMPLINGS"]
@@ -222,9 +222,7 @@ class ImageCodec(FeatureCodec):
 
     def forward(self, h: torch.Tensor) -> CodecOutput:
         """Round trip through the real codec (not differentiable); bits are measured."""
-        streams = self.compress(h)
-        bits = torch.tensor([8.0 * s.nbytes for s in streams])
-        return CodecOutput(self.decompress(streams).to(h.device), bits, {})
+        return round_trip(self, h)
 
     @torch.no_grad()
     def compress(self, h: torch.Tensor) -> list[Bitstream]:

@@ -57,7 +57,8 @@ from torch import nn
 
 from flowcodec.bitstream import Bitstream, BitstreamError, TensorSpec
 from flowcodec.codecs.base import CodecOutput, FeatureCodec, register_codec
-from flowcodec.codecs.task import MultiView, TaskDecoder, TaskEncoder
+from flowcodec.codecs.multiview import MultiView
+from flowcodec.codecs.task_nets import TaskDecoder, TaskEncoder
 from flowcodec.errors import ConfigError
 
 __all__ = ["JSCCCodec", "JSCCOutput", "Transmission", "FiLM", "constellation_points",

@@ -36,7 +36,7 @@ from flowcodec.codecs.train import collect_features
 from flowcodec.codecs.train_task import save_progress
 from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
-from flowcodec.training import EpochLoop, Frozen, kd_loss
+from flowcodec.training import EpochLoop, Frozen, TrainRecord, check_distill_settings, kd_loss
 
 __all__ = ["JSCCTrainConfig", "JSCCTrainResult", "train_jscc", "eval_jscc", "make_channel",
            "CHANNELS"]  # fmt: skip
@@ -74,20 +74,12 @@ class JSCCTrainConfig:
                 or sum(self.channels.values()) <= 0:  # fmt: skip
             raise ConfigError(f"channels must map names in {list(CHANNELS)} to weights >= 0 "
                               f"(not all 0), got {self.channels}")  # fmt: skip
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.stem_lr < 0:
-            raise ConfigError("epochs and batch_size must be >= 1, lr > 0, stem_lr >= 0")
-        if self.kd < 0 or self.beta < 0 or self.temperature <= 0:
-            raise ConfigError("kd and beta must be >= 0 and temperature > 0")
+        check_distill_settings(self)
 
 
 @dataclass
-class JSCCTrainResult:
+class JSCCTrainResult(TrainRecord):
     """Per-epoch history (losses, forward-pass accuracy per SNR), time, steps."""
-
-    history: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
-    epochs: int = 0
-    steps: int = 0
 
 
 @torch.no_grad()
@@ -202,10 +194,7 @@ def train_jscc(codec: JSCCCodec, family, member: int, point: int, train: ArrayDa
                                   f"task {rec.get('task', 0):.3f} {rec['seconds']:.0f}s {ev}")
             if checkpoint is not None:
                 save_progress(codec, cfg, res, checkpoint)
-        loop.close()
-        res.seconds = loop.elapsed
-        res.epochs = len(res.history)
-        res.steps = loop.step
+        res.finish(loop)
         codec.eval()
         return res
     finally:

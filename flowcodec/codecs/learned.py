@@ -30,10 +30,11 @@ from torch import nn
 from flowcodec.bitstream import Bitstream, BitstreamError, TensorSpec
 from flowcodec.codecs.base import CodecOutput, FeatureCodec, channel_groups, register_codec
 from flowcodec.codecs.entropy import (
-    _decode_planned,
-    _IndexPlan,
+    IndexPlan,
+    decode_planned,
     eb_symbols,
     entropy_bottleneck,
+    frozen_tables,
     gaussian_conditional,
     rans_decode,
     rans_encode,
@@ -201,13 +202,13 @@ class FactorizedCodec(LearnedCodec):
         tables = _tables_of(self.entropy_bottleneck)
         m, hh, ww = self.latent_shape
         sym = torch.zeros(len(streams), m, hh, ww, dtype=torch.int32)
-        plans = [_IndexPlan(tables, torch.arange(g.start, g.stop, dtype=torch.int32)
+        plans = [IndexPlan(tables, torch.arange(g.start, g.stop, dtype=torch.int32)
                             .view(-1, 1, 1).expand(-1, hh, ww)) for g in self.groups]  # fmt: skip
         for b, s in enumerate(streams):
             for g, plan, p in zip(self.groups, plans, s.packets):
                 if p is None:
                     continue  # symbol 0 = the median: concealment
-                sym[b, g] = _decode_planned(tables, p, plan)
+                sym[b, g] = decode_planned(tables, p, plan)
         dev = self._device()
         y_hat = sym.to(dev).float() + self._medians().to(dev)
         return self.conceal_nonfinite(self.g_s(y_hat).float().cpu())
@@ -315,10 +316,10 @@ class HyperpriorCodec(LearnedCodec):
         zt, yt = _tables_of(self.entropy_bottleneck), _tables_of(self.gaussian_conditional)
         zidx = torch.arange(self.hyper, dtype=torch.int32).view(-1, 1, 1).expand(*zshape)
         zsym = torch.zeros(len(streams), *zshape, dtype=torch.int32)
-        zplan = _IndexPlan(zt, zidx)
+        zplan = IndexPlan(zt, zidx)
         for b, s in enumerate(streams):
             if s.packets[0] is not None:
-                zsym[b] = _decode_planned(zt, s.packets[0], zplan)
+                zsym[b] = decode_planned(zt, s.packets[0], zplan)
         med = self.entropy_bottleneck.quantiles[:, 0, 1].view(1, -1, 1, 1)
         means, scales = self._params(zsym.to(dev).float() + med)
         idx = self.gaussian_conditional.build_indexes(scales).cpu()
@@ -426,9 +427,7 @@ def flip_bits(stream: Bitstream, prob: float, generator: torch.Generator | None 
 
 
 def _tables_of(model: nn.Module) -> tuple:
-    from flowcodec.codecs.entropy import _tables
-
-    return _tables(model)
+    return frozen_tables(model)
 
 
 __all__ += ["flip_bits"]

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -58,14 +57,23 @@ from flowcodec._moved import moved
 from flowcodec.bitstream import Bitstream, BitstreamError, TensorSpec
 from flowcodec.codecs import arith
 from flowcodec.codecs.base import CodecOutput, FeatureCodec, channel_groups, register_codec
+from flowcodec.codecs.context_model import (
+    ChannelContext,
+    FixedContext,
+    discrete_gaussian_likelihood,
+    grid_cdf,
+    grid_probs,
+    snap_cell,
+)
 from flowcodec.codecs.entropy import entropy_bottleneck
+from flowcodec.codecs.multiview import MultiView
+from flowcodec.codecs.rate_point import RatePoint
+from flowcodec.codecs.task_nets import GridDecoder, Lift, TaskDecoder, TaskEncoder, stem_entry
 from flowcodec.errors import ConfigError
-from flowcodec.family.zoo import Residual
-from flowcodec.views import check_views
-from flowcodec.views import view_features as _view_features
 
 __all__ = ["TaskCodec", "TaskEncoder", "TaskDecoder", "Lift", "ChannelContext",
-           "discrete_gaussian_likelihood", "FixedContext", "grid_probs", "FORMAT2"]
+           "discrete_gaussian_likelihood", "FixedContext", "grid_probs", "FORMAT2",
+           "MultiView", "GridDecoder", "RatePoint"]
 
 # VIEWS and view_features live in flowcodec.views; the old names warn for a release
 __getattr__ = moved(__name__, dict.fromkeys(["VIEWS", "view_features"], "flowcodec.views"))
@@ -77,381 +85,6 @@ FORMAT2 = 0x80
 #: Latents are clamped to this magnitude before coding, so that a diverged model or a
 #: hostile input cannot ask the coder for a symbol far outside its tables.
 _CLAMP = 1e4
-
-
-class TaskEncoder(nn.Module):
-    """Device side: ``(B, C, H, W) -> (B, latent)``.
-
-    ``stem`` lists ``(channels, pool)`` for each conv3x3-BN-ReLU block (``pool``: a 2x2
-    max-pool after it); the blocks are followed by global max pooling and a linear map.
-    """
-
-    def __init__(self, cin: int, stem: Sequence[Sequence], latent: int, grid: int = 1) -> None:
-        super().__init__()
-        self.grid = grid
-        layers: list[nn.Module] = []
-        c = cin
-        for cout, pool in stem:
-            if cout == "res":  # a residual block at constant width (the family's stages)
-                layers.append(Residual(c))
-                continue
-            layers += [nn.Conv2d(c, int(cout), 3, padding=1, bias=False),
-                       nn.BatchNorm2d(int(cout)), nn.ReLU(inplace=True)]  # fmt: skip
-            if pool:
-                layers.append(nn.MaxPool2d(2))
-            c = int(cout)
-        self.stem = nn.Sequential(*layers)
-        if grid == 1:  # a vector: global max pool, linear map
-            self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
-            self.proj = nn.Linear(c, latent)
-        else:  # a small map: max pool to grid x grid, 1x1 convolution
-            self.pool = nn.AdaptiveMaxPool2d(grid)
-            self.proj = nn.Conv2d(c, latent, 1)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.pool(self.stem(h))).flatten(1)
-
-    @torch.no_grad()
-    def load_stem_from(self, module: nn.Module) -> int:
-        """Copy the leading conv/BN layers of ``module`` (e.g. a family's exit branch) into
-        the stem, in order, where shapes match; returns how many layers were copied."""
-        src = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
-        dst = [m for m in self.stem.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
-        copied = 0
-        for a, b in zip(src, dst):
-            if type(a) is not type(b) or a.weight.shape != b.weight.shape:
-                break
-            b.load_state_dict(a.state_dict())
-            copied += 1
-        return copied
-
-
-def _stem_entry(entry: Sequence) -> tuple:
-    """A stem entry as stored: ``(channels, pool)`` or ``("res", 0)``."""
-    a, b = entry
-    return ("res", 0) if a == "res" else (int(a), bool(b))
-
-
-class Lift(nn.Module):
-    """Receiver side, after a decoder that rebuilds features of shape ``via`` (a later split
-    point's): ``(B, *via) -> (B, *shape)``, a 3x3 convolution, nearest upsampling by the
-    ratio of the sides and two 3x3 convolutions, so that the tail from the earlier split
-    point can run on them."""
-
-    def __init__(self, via: Sequence[int], shape: Sequence[int], nonneg: bool) -> None:
-        super().__init__()
-        cv, hv, wv = via
-        c, h, w = shape
-        self.conv = nn.Sequential(nn.Conv2d(cv, cv, 3, padding=1), nn.ReLU(inplace=True),
-                                  nn.Upsample(scale_factor=(h // hv, w // wv), mode="nearest"),
-                                  nn.Conv2d(cv, c, 3, padding=1), nn.ReLU(inplace=True),
-                                  nn.Conv2d(c, c, 3, padding=1),
-                                  *([nn.ReLU()] if nonneg else []))  # fmt: skip
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.conv(f)
-
-
-class TaskDecoder(nn.Module):
-    """Receiver side: ``(B, latent) -> (B, C, H, W)`` for the larger member's tail."""
-
-    def __init__(self, latent: int, hidden: int, shape: Sequence[int], nonneg: bool) -> None:
-        super().__init__()
-        c, h, w = shape
-        self.base = (c, h // 2, w // 2)
-        self.mlp = nn.Sequential(
-            nn.Linear(latent, hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, math.prod(self.base)), nn.ReLU(inplace=True),
-        )  # fmt: skip
-        self.conv = nn.Sequential(*_refine(c, nn.Upsample(scale_factor=2, mode="nearest"),
-                                           nonneg))
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.mlp(y).view(len(y), *self.base))
-
-
-def _refine(c: int, upsample: nn.Module, nonneg: bool) -> list[nn.Module]:
-    """Both decoders' last layers: upsampling, two 3x3 convolutions (ReLU if ``nonneg``)."""
-    layers: list[nn.Module] = [
-        upsample,
-        nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(c, c, 3, padding=1),
-    ]  # fmt: skip
-    return layers + [nn.ReLU()] if nonneg else layers
-
-
-class ChannelContext(nn.Module):
-    """Channel-wise autoregressive model of the latent symbols: for channel ``i``, a mean and
-    a scale predicted from the symbols of the channels before it *in its own packet group*
-    (so a lost packet never stops another from decoding).
-
-    ``forward(k)`` with ``k`` float ``(B, latent)`` (integer symbols) returns
-    ``(mu, sigma)``, each ``(B, latent)``; output ``i`` depends only on ``k[:, j]`` for
-    earlier ``j`` of the same group (masked weights, as in MADE). For a grid latent the
-    "channels" here are all its symbols, channel-major (a channel's positions in a row,
-    so each position also sees the earlier positions of its own channel).
-    """
-
-    def __init__(self, latent: int, groups: Sequence[slice], hidden: int = 16) -> None:
-        super().__init__()
-        self.latent, self.hidden = latent, hidden
-        group_of = torch.zeros(latent, dtype=torch.long)
-        for j, g in enumerate(groups):
-            group_of[g] = j
-        i = torch.arange(latent)
-        # unit block i (hidden units) sees input j < i of the same group
-        see = (i[None, :] < i[:, None]) & (group_of[None, :] == group_of[:, None])
-        self.register_buffer("mask1", see.repeat_interleave(hidden, 0).float(), persistent=False)
-        self.l1 = nn.Linear(latent, latent * hidden)
-        # the layers after the first are block-diagonal: one small MLP per channel
-        self.l2 = nn.Conv1d(latent * hidden, latent * hidden, 1, groups=latent)
-        self.l3 = nn.Conv1d(latent * hidden, 2 * latent, 1, groups=latent)
-        with torch.no_grad():
-            self.l3.weight.mul_(0.1)
-            self.l3.bias.zero_()
-
-    def forward(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = nn.functional
-        a = f.relu(f.linear(k, self.l1.weight * self.mask1, self.l1.bias))
-        a = f.relu(self.l2(a.unsqueeze(-1)))
-        out = self.l3(a).view(len(k), self.latent, 2)
-        mu = out[..., 0]
-        sigma = (out[..., 1] + 1.0).exp().clamp(_SIGMA_MIN, _SIGMA_MAX)
-        return mu, sigma
-
-
-_SIGMA_MIN, _SIGMA_MAX, _SIGMA_LEVELS, _MU_STEP = 0.08, 64.0, 96, 1 / 32
-
-
-def _snap(mu: float, sigma: float, lo: int, hi: int) -> tuple[int, int]:
-    """Grid indices of a predicted (mean, scale): what the coder's tables depend on."""
-    m = round(min(max(mu, lo - 1.0), hi + 1.0) / _MU_STEP)
-    span = math.log(_SIGMA_MAX / _SIGMA_MIN)
-    t = (math.log(min(max(sigma, _SIGMA_MIN), _SIGMA_MAX)) - math.log(_SIGMA_MIN)) / span
-    return m, round(t * (_SIGMA_LEVELS - 1))
-
-
-@lru_cache(maxsize=65536)
-def _grid_cdf(lo: int, hi: int, m: int, si: int) -> tuple[int, ...]:
-    sigma = _SIGMA_MIN * (_SIGMA_MAX / _SIGMA_MIN) ** (si / (_SIGMA_LEVELS - 1))
-    return tuple(arith.gaussian_cdf(lo, hi, m * _MU_STEP, sigma))
-
-
-# --- format 2: the context model in fixed point, integer tables -----------------------------
-# Format 1 ran the context model in float64 on one sample at a time and built each table with
-# libm's erf: the same on one machine, but a float evaluation can change with the batch (BLAS
-# kernels), the thread count or the platform, and a table that moves by one unit breaks the
-# decode. Format 2 is integers from the model's weights to the coder's tables:
-#
-# - the weights are rounded once to multiples of 2**-16 (int64); the model runs on the integer
-#   symbols with integer matrix products (exact in any order) and floor shifts, so a channel's
-#   (mean, scale) cell is the same for the whole batch at once (encoder) and for one channel
-#   at a time (decoder), on any machine;
-# - a cell's table is integer: a standard normal CDF table per scale level (2**32 fixed point,
-#   from :func:`arith.normal_cdf`, which uses IEEE basic operations only), read at the cell's
-#   edges, turned into frequencies summing to 2**16 with integer arithmetic.
-
-#: Fraction bits of the fixed-point context model (weights and activations).
-_FRAC = 16
-#: Scale-level index from the model's log-scale output ``o`` (fixed point, 2 * _FRAC fraction
-#: bits): ``round((o + 1 - ln 0.08) * 95 / ln 800)``, as integers: ``_SI_OFFSET`` is
-#: ``round((1 - ln 0.08) * 2**32)`` and ``_SI_GAIN`` is ``round(95 / ln 800 * 2**16)``.
-_SI_OFFSET, _SI_GAIN, _SI_SHIFT = 15142889222, 931381, 2 * _FRAC + 16
-#: ``ln(800) / 95``: scale level ``si`` is ``0.08 * exp(si * _LN_STEP)`` (0.08 .. 64).
-_LN_STEP = 0.07036433397545186
-
-
-class FixedContext:
-    """A :class:`ChannelContext` in integer fixed point, for format-2 coding.
-
-    ``FixedContext(ctx, lo, hi)`` rounds the weights (``2**-16`` steps) and checks that no
-    intermediate can leave int64 for symbols in ``[lo, hi]`` (ConfigError otherwise).
-    ``cells(k, start, stop)`` with integer symbols ``k`` (B, latent) returns the grid cells
-    ``(m, si)`` (int64 ``(B, stop - start)``) of channels ``start..stop-1``: the mean
-    ``m / 32`` (clamped to ``[lo - 1, hi + 1]``) and the scale level ``si`` in 0..95.
-    Channel ``i`` reads only ``k[:, j]`` for the earlier ``j`` of its group (the mask), so
-    the decoder may pass zeros for symbols not decoded yet.
-    """
-
-    def __init__(self, ctx: ChannelContext, lo: np.ndarray, hi: np.ndarray) -> None:
-        n, h = ctx.latent, ctx.hidden
-        self.latent, self.hidden = n, h
-        self.lo, self.hi = np.asarray(lo, np.int64), np.asarray(hi, np.int64)
-
-        def fixed(t: torch.Tensor, bits: int) -> np.ndarray:
-            a = t.detach().to("cpu", torch.float64).numpy() * 2.0**bits
-            if not np.isfinite(a).all() or np.abs(a).max(initial=0) >= 2.0**52:
-                raise ConfigError("context model weights are not finite or too large for "
-                                  "fixed-point coding")  # fmt: skip
-            return np.rint(a).astype(np.int64)
-
-        self.w1 = fixed(ctx.l1.weight * ctx.mask1, _FRAC)  # (n * h, n)
-        self.b1 = fixed(ctx.l1.bias, _FRAC)
-        self.w2 = fixed(ctx.l2.weight[:, :, 0], _FRAC).reshape(n, h, h)
-        self.b2 = fixed(ctx.l2.bias, 2 * _FRAC).reshape(n, h)
-        self.w3 = fixed(ctx.l3.weight[:, :, 0], _FRAC).reshape(n, 2, h)
-        self.b3 = fixed(ctx.l3.bias, 2 * _FRAC).reshape(n, 2)
-        # worst-case magnitudes (float, with a wide margin below 2**63)
-        kmax = float(max(np.abs(self.lo).max(initial=0), np.abs(self.hi).max(initial=0)))
-        a1 = np.abs(self.w1).astype(float).sum(1) * kmax + np.abs(self.b1)
-        a2 = (np.abs(self.w2).astype(float) * a1.reshape(n, 1, h)).sum(2) + np.abs(self.b2)
-        a3 = ((np.abs(self.w3).astype(float) * (a2.reshape(n, 1, h) / 2.0**_FRAC)).sum(2)
-              + np.abs(self.b3))  # fmt: skip
-        if max(a1.max(initial=0), a2.max(initial=0), a3.max(initial=0)) >= 2.0**60 \
-                or kmax >= 2**24:  # fmt: skip
-            raise ConfigError("context model too large for 64-bit fixed-point coding")
-
-    def cells(self, k: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        h, c = self.hidden, stop - start
-        units = slice(start * h, stop * h)
-        a1 = k @ self.w1[units].T + self.b1[units]  # 2**-16 units
-        a1 = np.maximum(a1, 0).reshape(len(k), c, h)
-        a2 = np.einsum("bci,coi->bco", a1, self.w2[start:stop]) + self.b2[start:stop]
-        a2 = np.maximum(a2, 0) >> _FRAC  # back to 2**-16 units (floor)
-        out = np.einsum("bci,coi->bco", a2, self.w3[start:stop]) + self.b3[start:stop]
-        lo, hi = self.lo[start:stop], self.hi[start:stop]
-        one = 1 << (2 * _FRAC)
-        mu = np.clip(out[..., 0], (lo - 2) * one, (hi + 2) * one)
-        m = np.clip(((mu << 5) + (one >> 1)) >> (2 * _FRAC), 32 * (lo - 1), 32 * (hi + 1))
-        ls = np.clip(out[..., 1], -8 * one, 8 * one)
-        si = ((ls + _SI_OFFSET) * _SI_GAIN + (1 << (_SI_SHIFT - 1))) >> _SI_SHIFT
-        return m, np.clip(si, 0, _SIGMA_LEVELS - 1)
-
-
-class _NormalTables:
-    """``floor(2**32 * Phi(q / (32 sigma_si)))`` for integers ``q`` (clamped to
-    ``+-ceil(7 * 32 * sigma_si)``, beyond which Phi is 0 or 1) and each scale level ``si``,
-    one flat int64 array; a level is computed the first time a cell needs it."""
-
-    def __init__(self) -> None:
-        sig = 0.08 * arith._exp(np.arange(_SIGMA_LEVELS, dtype=np.float64) * _LN_STEP)
-        self.sigma = sig
-        self.reach = np.ceil(arith.NORMAL_CUT * 32.0 * sig).astype(np.int64)
-        self.base = np.concatenate([[0], np.cumsum(2 * self.reach + 1)[:-1]]) + self.reach
-        self.flat = np.zeros(int((2 * self.reach + 1).sum()), dtype=np.int64)
-        self.ready = np.zeros(_SIGMA_LEVELS, dtype=bool)
-
-    def _fill(self, si: int) -> None:
-        r = int(self.reach[si])
-        q = np.arange(-r, r + 1, dtype=np.float64)
-        phi = arith.normal_cdf(q / (32.0 * self.sigma[si]))
-        t = np.floor(np.ldexp(phi, 32)).astype(np.int64)
-        b = int(self.base[si])
-        self.flat[b - r : b + r + 1] = np.maximum.accumulate(t)
-        self.ready[si] = True
-
-    def at(self, si: np.ndarray, q: np.ndarray) -> np.ndarray:
-        """Table values at scale levels ``si`` (broadcast against ``q``) and offsets ``q``."""
-        for level in np.unique(si[~self.ready[si]]):
-            self._fill(int(level))
-        r = self.reach[si]
-        return self.flat[self.base[si] + np.clip(q, -r, r)]
-
-
-_NORMAL = _NormalTables()
-
-
-def grid_probs(m: np.ndarray, si: np.ndarray, lo: np.ndarray, n: np.ndarray,
-               width: int) -> np.ndarray:  # fmt: skip
-    """Format-2 tables of grid cells ``(m, si)`` (any shape ``S``) of channels with supports
-    ``lo .. lo + n - 1`` (broadcast to ``S``): float64 ``(*S, width)`` probabilities, each
-    row integer frequencies (at least 1 per symbol, summing to 2**16) over ``2**16``, zero
-    beyond ``n``. Integer arithmetic from the normal tables on: the same on every machine."""
-    j = np.arange(width, dtype=np.int64)
-    d = (m - 32 * lo)[..., None]
-    n = np.broadcast_to(n, m.shape)[..., None]
-    edge = _NORMAL.at(si[..., None], 32 * j + 16 - d)  # Phi at the upper edge of symbol j
-    edge = np.where(j < n - 1, edge, np.int64(1) << 32)
-    p = np.diff(edge, prepend=np.zeros_like(edge[..., :1]), axis=-1)
-    spare = (1 << 16) - n
-    freq = np.where(j < n, 1 + ((p * spare) >> 32), 0)
-    top = np.argmax(np.where(j < n, p, -1), axis=-1)[..., None]
-    freq = freq + np.where(j == top, (1 << 16) - freq.sum(-1, keepdims=True), 0)
-    return np.ldexp(freq.astype(np.float64), -16)
-
-
-def discrete_gaussian_likelihood(k: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
-                                 lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """P(k) for integer ``k`` in ``[lo, hi]`` under ``N(mu, sigma^2)`` rounded to the integers,
-    tails folded into ``lo`` and ``hi`` (what :func:`arith.gaussian_cdf` quantises)."""
-    upper = torch.special.ndtr((k + 0.5 - mu) / sigma)
-    lower = torch.special.ndtr((k - 0.5 - mu) / sigma)
-    upper = torch.where(k >= hi, torch.ones_like(upper), upper)
-    lower = torch.where(k <= lo, torch.zeros_like(lower), lower)
-    return (upper - lower).clamp_min(1e-9)
-
-
-class GridDecoder(nn.Module):
-    """Receiver side for a ``(latent, g, g)`` latent map: ``(B, latent * g * g) -> (B, C, H, W)``
-    (a 3x3 convolution, nearest upsampling to ``H x W``, two 3x3 convolutions)."""
-
-    def __init__(self, latent: int, grid: int, shape: Sequence[int], nonneg: bool) -> None:
-        super().__init__()
-        c, h, w = shape
-        self.latent, self.grid = latent, grid
-        self.conv = nn.Sequential(nn.Conv2d(latent, c, 3, padding=1), nn.ReLU(inplace=True),
-                                  *_refine(c, nn.Upsample(size=(h, w), mode="nearest"), nonneg))
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.conv(y.view(len(y), self.latent, self.grid, self.grid))
-
-
-class MultiView:
-    """What a codec that codes several views of each input (:data:`flowcodec.views.VIEWS`)
-    adds to a :class:`~flowcodec.codecs.base.FeatureCodec` (put it first among the bases):
-    ``views``, the stacked input shape, its checks, the device's features and the encoder's
-    FLOPs once per view. The codec calls :meth:`set_views` in its constructor."""
-
-    views: int = 1
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """Shape of one sample of what ``compress`` takes: ``feature_shape`` with
-        ``views`` times its channels (the views' features stacked, see
-        :func:`flowcodec.views.view_features`)."""
-        c, *rest = self.feature_shape
-        return (self.views * c, *rest)
-
-    def check_features(self, h: torch.Tensor) -> None:
-        if self.views == 1:
-            return super().check_features(h)
-        if isinstance(h, torch.Tensor) and (h.ndim != 4 or tuple(h.shape[1:]) != self.input_shape):
-            raise ConfigError(
-                f"{self.name} codec with {self.views} views: features must have shape "
-                f"(B, *{self.input_shape}), the features of the input's {self.views} views "
-                f"stacked on the channel axis (flowcodec.views.view_features(head, x, "
-                f"{self.views})), got {tuple(h.shape)}")  # fmt: skip
-        c = self.feature_shape[0]
-        for v in range(self.views):  # the remaining checks, view by view
-            super().check_features(h[:, v * c : (v + 1) * c])
-
-    def set_views(self, views: int):
-        """Code ``views`` input views from now on (no weights change: the same encoder
-        codes each view). Returns self."""
-        self.views = check_views(views, f"{self.name} codec: views")
-        return self
-
-    def device_features(self, head, x: torch.Tensor) -> torch.Tensor:
-        """What the device computes from inputs ``x`` for ``compress``: ``head(x)``, or
-        with ``views > 1`` the stacked features of the views
-        (:func:`flowcodec.views.view_features`)."""
-        return head(x) if self.views == 1 else _view_features(head, x, self.views)
-
-    def encoder_flops(self) -> int:
-        """FLOPs per sample of the device-side encoder (once per view; the extra views
-        also run the device's head once more each, which this does not count)."""
-        return self.views * super().encoder_flops()
-
-    @torch.no_grad()
-    def fit(self, features: torch.Tensor):
-        """Concealment statistics from one view's training features ``(N, *feature_shape)``."""
-        super().check_features(features)  # the single-view check
-        self.conceal.copy_(features.float().mean(0))
-        return self
-
-    def _by_view(self, h: torch.Tensor) -> torch.Tensor:
-        """``(B, V*C, H, W)`` -> ``(B*V, C, H, W)``, sample-major."""
-        return h.reshape(len(h) * self.views, *self.feature_shape)
 
 
 @register_codec("task")
@@ -511,7 +144,7 @@ class TaskCodec(MultiView, FeatureCodec):
             raise ConfigError(f"task codec: rates must be in 1..255, got {rates}")
         c = self.feature_shape[0]
         try:
-            stem = [(2 * c, True)] if stem is None else [_stem_entry(e) for e in stem]
+            stem = [(2 * c, True)] if stem is None else [stem_entry(e) for e in stem]
         except (TypeError, ValueError) as e:
             raise ConfigError(f"task codec: stem must list (channels, pool) or ('res', 0) "
                               f"entries, got {stem}") from e  # fmt: skip
@@ -597,6 +230,10 @@ class TaskCodec(MultiView, FeatureCodec):
             raise ConfigError(f"task codec: rate must be an int in 0..{self.rates - 1}, "
                               f"got {rate!r}")  # fmt: skip
         return r
+
+    def at_rate(self, rate: int) -> RatePoint:
+        """A view of this codec fixed to rate point ``rate`` (see :class:`RatePoint`)."""
+        return RatePoint(self, rate)
 
     def rate_of(self, stream: Bitstream) -> int:
         """The rate point a stream was coded at (from its header); BitstreamError if bad."""
@@ -722,7 +359,7 @@ class TaskCodec(MultiView, FeatureCodec):
         """Per-channel CDF rows for one sample's symbols (float64, batch of one, snapped
         to a grid: the same on encoder and decoder)."""
         mu, sigma = self._ctx64(r)(k_row.to(torch.float64).view(1, -1))
-        return [_grid_cdf(lo[i], hi[i], *_snap(float(mu[0, i]), float(sigma[0, i]), lo[i],
+        return [grid_cdf(lo[i], hi[i], *snap_cell(float(mu[0, i]), float(sigma[0, i]), lo[i],
                                                 hi[i])) for i in range(self.n_sym)]  # fmt: skip
 
     # --- format 2 tables ---------------------------------------------------------------------
@@ -829,7 +466,7 @@ class TaskCodec(MultiView, FeatureCodec):
             for v in range(self.views):
                 for i in range(g.start, g.stop):
                     mu, sigma = self._ctx64(r)(k[v].view(1, -1))
-                    row = _grid_cdf(lo[i], hi[i], *_snap(float(mu[0, i]), float(sigma[0, i]),
+                    row = grid_cdf(lo[i], hi[i], *snap_cell(float(mu[0, i]), float(sigma[0, i]),
                                                          lo[i], hi[i]))  # fmt: skip
                     k[v, i] = lo[i] + dec.next(row)
         return k.float()
@@ -899,83 +536,3 @@ class TaskCodec(MultiView, FeatureCodec):
             y_hat[rows.reshape(-1)] = (sym.to(dev) + self._medians(r)) * self._inv_gain(r)
         return self._synthesize(y_hat).float().cpu()
 
-
-class RatePoint(FeatureCodec):
-    """One rate point of a variable-rate codec, usable wherever a codec is expected.
-
-    ``codec.at_rate(r)`` shares the parent's modules (no copy): ``compress`` codes at rate
-    point ``r``; ``decompress`` reads each stream's own rate point from its header, so
-    streams of any rate point of the parent decode.
-
-    Example
-    -------
-    >>> import torch
-    >>> codec = TaskCodec((16, 8, 8), latent=4, stem=[(16, True)], hidden=16, rates=2).eval()
-    >>> _ = codec.update(force=True)
-    >>> low = codec.at_rate(0)
-    >>> low.rate_of(low.compress(torch.rand(1, 16, 8, 8))[0])
-    0
-    """
-
-    def __init__(self, codec: TaskCodec, rate: int) -> None:
-        super().__init__(codec.feature_shape)
-        self.base = codec
-        self.rate = codec._rate(rate)
-        self.name = codec.name
-        self.conceal = codec.conceal
-
-    def config(self) -> dict:
-        return self.base.config()
-
-    @property
-    def encoder(self) -> nn.Module:
-        return self.base.encoder
-
-    @property
-    def groups(self) -> list[slice]:
-        return self.base.groups
-
-    def rate_of(self, stream: Bitstream) -> int:
-        return self.base.rate_of(stream)
-
-    @property
-    def views(self) -> int:
-        return self.base.views
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self.base.input_shape
-
-    def check_features(self, h: torch.Tensor) -> None:
-        self.base.check_features(h)
-
-    def device_features(self, head, x: torch.Tensor) -> torch.Tensor:
-        return self.base.device_features(head, x)
-
-    def encoder_flops(self) -> int:
-        return self.base.encoder_flops()
-
-    def aux_loss(self) -> torch.Tensor:
-        return self.base.aux_loss()
-
-    def update(self, force: bool = False) -> bool:
-        return self.base.update(force)
-
-    def forward(self, h: torch.Tensor, drop_prob: float = 0.0, flip_prob: float = 0.0,
-                generator: torch.Generator | None = None) -> CodecOutput:  # fmt: skip
-        return self.base(h, rate=self.rate, drop_prob=drop_prob, generator=generator)
-
-    def compress(self, h: torch.Tensor) -> list[Bitstream]:
-        return self.base.compress(h, rate=self.rate)
-
-    def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
-        return self.base.decompress(streams)
-
-
-def _at_rate(self: TaskCodec, rate: int) -> RatePoint:
-    """A view of this codec fixed to rate point ``rate`` (see :class:`RatePoint`)."""
-    return RatePoint(self, rate)
-
-
-TaskCodec.at_rate = _at_rate
-__all__ += ["RatePoint"]

@@ -47,346 +47,48 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-import constriction
-import numpy as np
 import torch
 from torch import nn
 
 from flowcodec.bitstream import Bitstream, BitstreamError, Header, TensorSpec
-from flowcodec.codecs import arith
 from flowcodec.codecs.base import CodecOutput, FeatureCodec, register_codec
-from flowcodec.codecs.entropy import (
-    _decode_planned,
-    _IndexPlan,
-    _tables,
+from flowcodec.codecs.entropy_models import entropy_bottleneck, gaussian_conditional
+from flowcodec.codecs.positions import (
+    MAX_TOKENS,
+    decode_positions,
+    encode_positions,
+    pack_bits,
+    position_bits,
+    unpack_bits,
+)
+from flowcodec.codecs.rans import (
+    IndexPlan,
+    decode_planned,
     eb_symbols,
-    entropy_bottleneck,
-    gaussian_conditional,
+    frozen_tables,
     rans_encode,
     to_symbols,
+)
+from flowcodec.codecs.table_coding import (
+    ARITH_PRECISION,
+    ESCAPE_RANGE,
+    FLAG_RANGE,
+    arith_decode,
+    arith_encode,
+    range_decode,
+    range_encode,
 )
 from flowcodec.errors import ConfigError
 
 __all__ = ["TokenPruneCodec", "TokenCodecBase", "encode_positions", "decode_positions",
            "position_bits", "MAX_TOKENS", "PRIORS", "FLAG_RANGE", "range_encode",
-           "range_decode"]  # fmt: skip
-
-#: Largest token count a token codec takes (bounds every position code).
-MAX_TOKENS = 1 << 14
+           "range_decode", "arith_encode", "arith_decode", "ARITH_PRECISION", "ESCAPE_RANGE",
+           "pack_bits", "unpack_bits"]  # fmt: skip
 
 #: Entropy models a token codec can code its latents with (``prior=``).
 PRIORS = ("factorized", "hyperprior")
 
 
-# --- position coding -----------------------------------------------------------------------
-#: Precision (bits) of the arithmetic coder's tables in the token codecs: CompressAI's
-#: 16-bit rows scaled up by 2**24, which leaves room to split each row's escape bin into
-#: ``2 * ESCAPE_RANGE`` outlier symbols (see :class:`_EscapedRow`).
-ARITH_PRECISION = 40
-
-#: How far outside its row's support a symbol can be coded exactly (further is clamped).
-ESCAPE_RANGE = 1 << 20
-
-
-class _EscapedRow(Sequence):
-    """A CompressAI CDF row (``L`` entries at 16 bits: symbols ``0 .. L - 3`` and an escape
-    bin) as an :data:`ARITH_PRECISION`-bit row in which the escape bin is split evenly into
-    ``2 * ESCAPE_RANGE`` outlier symbols: index ``L - 2 + 2 * (d - 1)`` is ``d`` below the
-    support, the next one ``d`` above. The in-range symbols keep their exact probabilities.
-    Entries are computed on demand (the row is never materialised)."""
-
-    __slots__ = ("base", "start", "step", "n")
-
-    def __init__(self, row: Sequence[int]) -> None:
-        shift = ARITH_PRECISION - 16
-        self.base = [int(c) << shift for c in row[:-1]]
-        self.start = self.base[-1]  # the escape bin's start
-        self.step = ((1 << ARITH_PRECISION) - self.start) // (2 * ESCAPE_RANGE)
-        self.n = len(self.base) + 2 * ESCAPE_RANGE  # entries
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(self.n))]
-        if i < 0:
-            i += self.n
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        k = len(self.base) - 1
-        if i <= k:
-            return self.base[i]
-        if i == self.n - 1:
-            return 1 << ARITH_PRECISION
-        return self.start + (i - k) * self.step
-
-
-def _arith_tables(model: nn.Module) -> tuple[list[_EscapedRow], list[int]]:
-    """``model``'s frozen CDF rows for the exact arithmetic coder (each cut to its length,
-    checked by :func:`arith.check_cdf`, escape bin split into outliers) and their offsets,
-    cached per version of the tables. A row of ``L`` entries codes the symbols ``offset ..
-    offset + L - 3`` at their table probabilities and up to :data:`ESCAPE_RANGE` beyond
-    either end from the escape bin's mass.
-
-    Step ``((1 << 40) - start) // 2**21 >= 2**3`` because every escape bin holds at least
-    one 16-bit unit, so every outlier symbol has a non-zero frequency."""
-    t = _tables(model)  # validates the tables (ConfigError) and caches per version
-    cached = model.__dict__.get("_flowcodec_arith")
-    if cached is not None and cached[0] is t:
-        return cached[1]
-    cdf, lengths, offsets = t
-    rows = []
-    for row, n in zip(cdf, lengths):
-        row = row[: int(n)]
-        arith.check_cdf(row)
-        rows.append(_EscapedRow(row))
-    out = (rows, [int(o) for o in offsets])
-    model.__dict__["_flowcodec_arith"] = (t, out)
-    return out
-
-
-def _to_index(s: int, off: int, top: int) -> int:
-    if s < off:
-        return top - off + 1 + 2 * (min(off - s, ESCAPE_RANGE) - 1)
-    if s > top:
-        return top - off + 2 + 2 * (min(s - top, ESCAPE_RANGE) - 1)
-    return s - off
-
-
-def _from_index(v: int, off: int, top: int) -> int:
-    k = v - (top - off + 1)
-    if k < 0:
-        return v + off
-    return off - (k // 2 + 1) if k % 2 == 0 else top + k // 2 + 1
-
-
-def arith_encode(model: nn.Module, symbols: torch.Tensor, indexes: torch.Tensor) -> bytes:
-    """Arithmetic-code integer ``symbols`` with CDF rows ``indexes`` of ``model``'s frozen
-    tables. At most one byte above the information content; no state flush, so a few
-    likely symbols take a byte or two. A symbol outside its row's support is coded from
-    the escape bin's mass (clamped :data:`ESCAPE_RANGE` beyond it)."""
-    rows, offs = _arith_tables(model)
-    idx = indexes.reshape(-1).tolist()
-    sym = symbols.reshape(-1).tolist()
-    if len(sym) != len(idx):
-        raise ConfigError(f"{len(sym)} symbols but {len(idx)} indexes")
-    vals = [_to_index(int(s), offs[i], offs[i] + len(rows[i].base) - 2)
-            for s, i in zip(sym, idx)]  # fmt: skip
-    return arith.encode(vals, [rows[i] for i in idx], ARITH_PRECISION)
-
-
-def arith_decode(model: nn.Module, data: bytes, indexes: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`arith_encode`: int32 symbols shaped like ``indexes``. Any payload
-    up to ``arith.max_bytes(n, ARITH_PRECISION)`` bytes decodes to in-range symbols;
-    a longer one raises :class:`BitstreamError`."""
-    if not isinstance(data, bytes | bytearray):
-        raise BitstreamError(f"packet payload must be bytes, got {type(data).__name__}")
-    rows, offs = _arith_tables(model)
-    idx = indexes.reshape(-1).tolist()
-    vals = arith.decode(bytes(data), [rows[i] for i in idx], ARITH_PRECISION)
-    out = [_from_index(v, offs[i], offs[i] + len(rows[i].base) - 2) for v, i in zip(vals, idx)]
-    return torch.tensor(out, dtype=torch.int32).reshape(indexes.shape)
-
-
-# --- format 2: the same tables through the compiled range coder ----------------------------
-#: Bit 0 of a token stream's header flags: its arithmetic-coded payloads (``coder="arith"``
-#: token latents, the hyperprior's ``z`` packet) are range-coded (format 2, :func:`range_encode`);
-#: without it they are in format 1 (:func:`arith_encode`).
-FLAG_RANGE = 0x01
-
-#: The outlier code after an escape: ``2 * (d - 1)`` for ``d`` below the support, plus one
-#: for ``d`` above, uniform over ``2 * ESCAPE_RANGE`` values (what format 1's split escape
-#: bin gives each outlier).
-_OUTLIERS = constriction.stream.model.Uniform(2 * ESCAPE_RANGE)
-
-#: Bits a format-2 symbol can take at most: 16 for its row (CompressAI's 16-bit frequencies)
-#: and 21 for an outlier code.
-_RANGE_BITS = 16 + 21
-
-
-def _range_rows(model: nn.Module) -> tuple[list, np.ndarray, np.ndarray]:
-    """``model``'s frozen rows as the range coder's categorical models (each row's 16-bit
-    frequencies over ``2**16``, escape bin included, exact), with the rows' offsets and
-    highest in-support symbols (int64), cached per version of the tables."""
-    t = _tables(model)  # validates the tables (ConfigError) and caches per version
-    cached = model.__dict__.get("_flowcodec_range")
-    if cached is not None and cached[0] is t:
-        return cached[1]
-    cdf, lengths, offsets = t
-    models = []
-    for row, n in zip(cdf, lengths):
-        row = row[: int(n)]
-        arith.check_cdf(row)
-        freq = np.diff(np.asarray(row, dtype=np.int64)).astype(np.float64)
-        models.append(constriction.stream.model.Categorical(np.ldexp(freq, -16), lazy=True))
-    offs = np.asarray(offsets, dtype=np.int64)
-    out = (models, offs, offs + np.asarray(lengths, dtype=np.int64) - 3)
-    model.__dict__["_flowcodec_range"] = (t, out)
-    return out
-
-
-def _row_groups(idx: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """The coding order of a payload: the symbols of each row used, rows ascending, each
-    row's symbols in their own order (one coder call per row)."""
-    return [(int(r), np.flatnonzero(idx == r)) for r in np.unique(idx)]
-
-
-def _range_read(models, dec, idx: np.ndarray, top_index: np.ndarray) -> tuple[np.ndarray,
-                                                                                np.ndarray]:
-    v = np.empty(len(idx), dtype=np.int64)
-    for r, at in _row_groups(idx):
-        v[at] = dec.decode(models[r], len(at))
-    esc = v == top_index
-    u = dec.decode(_OUTLIERS, int(esc.sum())) if esc.any() else np.zeros(0, np.int64)
-    return v, np.asarray(u, dtype=np.int64)
-
-
-def _index_of(indexes: torch.Tensor, rows: int) -> np.ndarray:
-    idx = indexes.detach().reshape(-1).cpu().numpy().astype(np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= rows):
-        raise ConfigError(f"CDF indexes must be in 0..{rows - 1}, got {idx.min()}..{idx.max()}")
-    return idx
-
-
-def range_encode(model: nn.Module, symbols: torch.Tensor, indexes: torch.Tensor) -> bytes:
-    """Format 2 of :func:`arith_encode`: the same model (CompressAI's 16-bit rows, an
-    outlier coded from the escape bin's mass and clamped :data:`ESCAPE_RANGE` beyond the
-    support), range-coded (:mod:`flowcodec.codecs.arith`): each row's symbols in one call,
-    rows ascending, then the outlier codes. At most one byte above the shortest code of
-    the coder's interval; every payload is checked to decode back."""
-    models, offs, tops = _range_rows(model)
-    idx = _index_of(indexes, len(models))
-    sym = symbols.detach().reshape(-1).cpu().long().numpy()
-    if len(sym) != len(idx):
-        raise ConfigError(f"{len(sym)} symbols but {len(idx)} indexes")
-    off, top = offs[idx], tops[idx]
-    below, above = sym < off, sym > top
-    esc = below | above
-    v = np.where(esc, top - off + 1, sym - off)
-    d = np.minimum(np.where(below, off - sym, sym - top), ESCAPE_RANGE)
-    u = (2 * (d - 1) + above)[esc]
-    enc = constriction.stream.queue.RangeEncoder()
-    for r, at in _row_groups(idx):
-        enc.encode(v[at].astype(np.int32), models[r])
-    if len(u):
-        enc.encode(u.astype(np.int32), _OUTLIERS)
-
-    def decodes(c: bytes) -> bool:
-        try:
-            dec = constriction.stream.queue.RangeDecoder(arith.payload_words(c, len(c)))
-            gv, gu = _range_read(models, dec, idx, top - off + 1)
-        except Exception:  # an invalid point for the coder: not a code of the message
-            return False
-        return bool(np.array_equal(gv, v) and np.array_equal(gu, u))
-
-    def start() -> int:
-        return 0
-
-    return arith.finish(enc, decodes, start)
-
-
-def range_decode(model: nn.Module, data: bytes, indexes: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`range_encode`: int32 symbols shaped like ``indexes``.
-    BitstreamError for a payload longer than ``arith.range_max_bytes(n, 37)`` bytes, one
-    ending in a zero byte, or one the coder finds impossible."""
-    models, offs, tops = _range_rows(model)
-    idx = _index_of(indexes, len(models))
-    words = arith.payload_words(data, arith.range_max_bytes(len(idx), _RANGE_BITS))
-    off, top = offs[idx], tops[idx]
-    try:
-        dec = constriction.stream.queue.RangeDecoder(words)
-        v, u = _range_read(models, dec, idx, top - off + 1)
-    except Exception as e:
-        raise BitstreamError(f"range-coded payload is not a code: {e}") from e
-    sym = off + v
-    esc = np.flatnonzero(v == top - off + 1)
-    d = u // 2 + 1
-    sym[esc] = np.where(u % 2 == 1, top[esc] + d, off[esc] - d)
-    return torch.from_numpy(sym.astype(np.int32)).reshape(indexes.shape)
-
-
-def pack_bits(value: int, total: int) -> bytes:
-    """A ``total``-bit non-negative ``value``, big-endian, zero-padded to whole bytes."""
-    nbytes = -(-total // 8)
-    return (value << (8 * nbytes - total)).to_bytes(nbytes, "big")
-
-
-def unpack_bits(data: bytes, total: int, what: str) -> int:
-    """Inverse of :func:`pack_bits` on the first bytes of ``data``; BitstreamError naming
-    ``what`` when ``data`` is too short or the padding bits are not zero."""
-    nbytes = -(-total // 8)
-    if len(data) < nbytes:
-        raise BitstreamError(f"{what} needs {nbytes} bytes, got {len(data)}")
-    word = int.from_bytes(data[:nbytes], "big")
-    pad = 8 * nbytes - total
-    if word & ((1 << pad) - 1):
-        raise BitstreamError(f"{what} has nonzero padding bits")
-    return word >> pad
-
-
-def _count_bits(n: int) -> int:
-    return n.bit_length()  # k in 0..n
-
-
-def position_bits(k: int, n: int) -> int:
-    """Bits of the position code of ``k`` kept positions among ``n`` (before byte padding)."""
-    return _count_bits(n) + (math.comb(n, k) - 1).bit_length()
-
-
-def encode_positions(positions: Sequence[int], n: int) -> bytes:
-    """Code a set of distinct positions in ``0..n-1`` as bytes.
-
-    The count ``k`` takes ``bit_length(n)`` bits, then the set's rank among the
-    ``C(n, k)`` sets of that size (combinatorial number system) takes
-    ``bit_length(C(n, k) - 1)`` bits, packed big-endian into whole bytes. The code is
-    self-delimiting: :func:`decode_positions` returns how many bytes it used.
-    """
-    if not 1 <= n <= MAX_TOKENS:
-        raise ConfigError(f"position range n must be in 1..{MAX_TOKENS}, got {n}")
-    pos = sorted(int(p) for p in positions)
-    if len(set(pos)) != len(pos) or (pos and (pos[0] < 0 or pos[-1] >= n)):
-        raise ConfigError(f"positions must be distinct values in 0..{n - 1}, got {positions}")
-    k = len(pos)
-    rank = sum(math.comb(p, j + 1) for j, p in enumerate(pos))
-    rb = (math.comb(n, k) - 1).bit_length()
-    return pack_bits((k << rb) | rank, _count_bits(n) + rb)
-
-
-def decode_positions(data: bytes, n: int) -> tuple[list[int], int]:
-    """Inverse of :func:`encode_positions`: ``(sorted positions, bytes used)``.
-
-    Raises :class:`BitstreamError` when ``data`` is too short, holds a count above ``n``
-    or a rank outside ``0..C(n, k) - 1``, or its padding bits are not zero (so every set
-    has exactly one code).
-    """
-    if not 1 <= n <= MAX_TOKENS:
-        raise ConfigError(f"position range n must be in 1..{MAX_TOKENS}, got {n}")
-    kb = _count_bits(n)
-    head = -(-kb // 8)
-    if len(data) < head:
-        raise BitstreamError(f"position code needs {head} bytes, got {len(data)}")
-    k = int.from_bytes(data[:head], "big") >> (8 * head - kb)
-    if k > n:
-        raise BitstreamError(f"position code says {k} tokens of {n}")
-    rb = (math.comb(n, k) - 1).bit_length()
-    total = kb + rb
-    nbytes = -(-total // 8)
-    rank = unpack_bits(data, total, "position code") & ((1 << rb) - 1)
-    if rank >= math.comb(n, k):
-        raise BitstreamError(f"position rank {rank} is out of range for {k} of {n}")
-    out = []
-    c = n
-    for j in range(k, 0, -1):  # largest c with C(c, j) <= rank, then the next from below
-        c -= 1
-        while math.comb(c, j) > rank:
-            c -= 1
-        out.append(c)
-        rank -= math.comb(c, j)
-    return out[::-1], nbytes
-
-
-# --- the codec -----------------------------------------------------------------------------
 class _TokenEncoder(nn.Module):
     """What the device runs: the scorer and the latent transform, per token."""
 
@@ -623,8 +325,8 @@ class TokenCodecBase(FeatureCodec):
             decode = range_decode if fmt == 2 else arith_decode
             return decode(self._y_model(), data, idx.expand(k, -1))
         if not self._hyper:
-            return _decode_planned(tables, data, self._plan(tables, k))
-        return _decode_planned(tables, data, _IndexPlan(tables, idx.expand(k, -1)))
+            return decode_planned(tables, data, self._plan(tables, k))
+        return decode_planned(tables, data, IndexPlan(tables, idx.expand(k, -1)))
 
     @torch.no_grad()
     def fit(self, features: torch.Tensor) -> TokenCodecBase:
@@ -642,11 +344,11 @@ class TokenCodecBase(FeatureCodec):
     def _medians(self) -> torch.Tensor:
         return self.entropy_bottleneck.quantiles[:, 0, 1].detach()
 
-    def _plan(self, tables, k: int) -> _IndexPlan:
+    def _plan(self, tables, k: int) -> IndexPlan:
         plan = self._plans.get(k)
         if plan is None:
             idx = torch.arange(self.latent, dtype=torch.int32).expand(k, self.latent)
-            plan = self._plans[k] = _IndexPlan(tables, idx)
+            plan = self._plans[k] = IndexPlan(tables, idx)
         return plan
 
     def _with_fill(self, rec: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
@@ -785,7 +487,7 @@ class TokenPruneCodec(TokenCodecBase):
         sym, cidx, zpk = self._latent_symbols(self.g_a(t).transpose(1, 2), keep)  # B,M,N
         keep = keep.cpu()
         model = self._y_model()
-        tables = _tables(model)
+        tables = frozen_tables(model)
         header = self._header()
         out = []
         for b in range(len(t)):
@@ -805,7 +507,7 @@ class TokenPruneCodec(TokenCodecBase):
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
         self.check_streams(streams, self._nz + self.packets)
-        tables = _tables(self._y_model())
+        tables = frozen_tables(self._y_model())
         centre, cidx, have_z = self._read_z(streams)
         n, m = self.n_tokens, self.latent
         sym = torch.zeros(len(streams), n, m, dtype=torch.int32)

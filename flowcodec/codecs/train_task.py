@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +33,14 @@ from flowcodec.codecs.task import TaskCodec
 from flowcodec.codecs.train import collect_features
 from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
-from flowcodec.training import EpochLoop, Frozen, kd_loss, lr_at
+from flowcodec.training import (
+    EpochLoop,
+    Frozen,
+    TrainRecord,
+    check_distill_settings,
+    kd_loss,
+    lr_at,
+)
 
 __all__ = ["TaskTrainConfig", "TaskTrainResult", "train_task_codec", "eval_task_forward",
            "fit_context", "warm_start", "save_progress", "stage_stem", "lift_codec",
@@ -71,10 +78,7 @@ class TaskTrainConfig:
     def check(self) -> None:
         if not self.lams or any(not math.isfinite(v) or v < 0 for v in self.lams):
             raise ConfigError(f"lams must be non-negative numbers, got {self.lams}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.stem_lr < 0:
-            raise ConfigError("epochs and batch_size must be >= 1, lr > 0, stem_lr >= 0")
-        if self.kd < 0 or self.beta < 0 or self.temperature <= 0:
-            raise ConfigError("kd and beta must be >= 0 and temperature > 0")
+        check_distill_settings(self)
         if not 0 <= self.drop_prob < 1 or not 0 <= self.drop_share <= 1:
             raise ConfigError("drop_prob must be in [0, 1) and drop_share in [0, 1]")
         if not 0 <= self.warmup < 0.5:
@@ -82,13 +86,8 @@ class TaskTrainConfig:
 
 
 @dataclass
-class TaskTrainResult:
+class TaskTrainResult(TrainRecord):
     """Per-epoch history (losses, estimated bits per rate point, forward-pass accuracy)."""
-
-    history: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
-    epochs: int = 0
-    steps: int = 0
 
 
 @torch.no_grad()
@@ -221,10 +220,7 @@ def train_task_codec(codec: TaskCodec, family, member: int, point: int, train: A
                         loss=f"{rec['loss']:.3f}")  # fmt: skip
             if checkpoint is not None:
                 save_progress(codec, cfg, res, checkpoint)
-        loop.close()
-        res.seconds = loop.elapsed
-        res.epochs = len(res.history)
-        res.steps = loop.step
+        res.finish(loop)
         codec.eval()
         return res
     finally:

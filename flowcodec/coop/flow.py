@@ -75,7 +75,7 @@ from flowcodec.coop.selective import (
 from flowcodec.coop.views import ViewGenerator
 from flowcodec.errors import ConfigError
 from flowcodec.flops import count_flops
-from flowcodec.pipeline import DEFAULT_TIERS, Hop, packet_bits_per_symbol
+from flowcodec.pipeline import DEFAULT_TIERS, Hop, TracedLogits, packet_bits_per_symbol
 
 __all__ = ["DeviceHop", "Selective", "DeviceTrace", "CoopTrace", "CoopFlowResult",
            "CooperativeFlow"]
@@ -203,7 +203,7 @@ class CoopTrace:
 
 
 @dataclass
-class CoopFlowResult:
+class CoopFlowResult(TracedLogits):
     """Fused ``logits`` ``(B, classes)``, ``empty`` bool ``(B,)``, ``present`` int ``(B,)``
     and one :class:`CoopTrace` per sample."""
 
@@ -211,17 +211,6 @@ class CoopFlowResult:
     empty: torch.Tensor
     present: torch.Tensor
     traces: list[CoopTrace]
-
-    @property
-    def predictions(self) -> torch.Tensor:
-        return self.logits.argmax(1)
-
-    def accuracy(self, labels: torch.Tensor) -> float:
-        return float((self.predictions.cpu() == labels.cpu()).float().mean())
-
-    @property
-    def mean_latency_s(self) -> float:
-        return sum(t.latency_s for t in self.traces) / max(1, len(self.traces))
 
     @property
     def mean_bytes(self) -> float:

@@ -5,8 +5,8 @@ See :mod:`flowcodec.family.base` for the contract (members, split points),
 :mod:`flowcodec.family.vit` for the early-exit ViT.
 """
 
-from flowcodec.family import lm as _lm  # noqa: F401  (registers shakespeare-char)
 from flowcodec.family import air as _air  # noqa: F401  (registers cifar10-air)
+from flowcodec.family import lm as _lm  # noqa: F401  (registers shakespeare-char)
 from flowcodec.family import vit as _vit  # noqa: F401  (registers cifar10-vit)
 from flowcodec.family.aligner import Aligner, AlignResult, train_aligner
 from flowcodec.family.base import EarlyExitFamily, Head, Member, MemberInfo, Tail

@@ -108,6 +108,17 @@ def _credentials(root_cert: bytes | None):
     return grpc.ssl_channel_credentials(root_certificates=root_cert) if root_cert else None
 
 
+def _dial(api, address: str, root_cert: bytes | None, server_name: str | None):
+    """A channel to ``address`` from ``api`` (``grpc`` or ``grpc.aio``): TLS with
+    ``root_cert`` when given, its certificate checked against ``server_name`` when given."""
+    opts = channel_options()
+    if server_name:
+        opts.append(("grpc.ssl_target_name_override", server_name))
+    creds = _credentials(root_cert)
+    return (api.secure_channel(address, creds, options=opts) if creds
+            else api.insecure_channel(address, options=opts))  # fmt: skip
+
+
 class TierClient:
     """Blocking client: ``infer(request_bytes, timeout_s) -> answer_bytes``.
 
@@ -118,13 +129,8 @@ class TierClient:
 
     def __init__(self, address: str, root_cert: bytes | None = None,
                  server_name: str | None = None) -> None:  # fmt: skip
-        opts = channel_options()
-        if server_name:
-            opts.append(("grpc.ssl_target_name_override", server_name))
-        creds = _credentials(root_cert)
         self.address = address
-        self._channel = (grpc.secure_channel(address, creds, options=opts) if creds
-                         else grpc.insecure_channel(address, options=opts))  # fmt: skip
+        self._channel = _dial(grpc, address, root_cert, server_name)
         self._infer = self._channel.unary_unary(INFER)
         self._infer_batch = self._channel.unary_unary(INFER_BATCH)
         self._stats = self._channel.unary_unary(STATS)
@@ -179,13 +185,8 @@ class AsyncTierClient:
 
     def __init__(self, address: str, root_cert: bytes | None = None,
                  server_name: str | None = None) -> None:  # fmt: skip
-        opts = channel_options()
-        if server_name:
-            opts.append(("grpc.ssl_target_name_override", server_name))
-        creds = _credentials(root_cert)
         self.address = address
-        self._channel = (grpc.aio.secure_channel(address, creds, options=opts) if creds
-                         else grpc.aio.insecure_channel(address, options=opts))  # fmt: skip
+        self._channel = _dial(grpc.aio, address, root_cert, server_name)
         self._infer = self._channel.unary_unary(INFER)
         self._infer_batch = self._channel.unary_unary(INFER_BATCH)
         self._stats = self._channel.unary_unary(STATS)

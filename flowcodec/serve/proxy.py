@@ -34,7 +34,7 @@ import grpc
 from flowcodec.errors import ConfigError
 from flowcodec.pipeline import packet_bits_per_symbol
 from flowcodec.serve.client import RemoteError
-from flowcodec.serve.server import ServeConfig, bind, server_options
+from flowcodec.serve.listen import ServeConfig, bind, server_options
 from flowcodec.serve.tcp import connect_async
 from flowcodec.serve.wire import LinkReport, Request, WireError, encode_request, parse_request
 

@@ -6,8 +6,8 @@ config once, runs the units here or on Ray, writes the outputs and ``failures.js
 gives every sweep command the same options. :func:`codec_from_spec` turns a codec spec
 (a shipped name, a checkpoint, or a codec to build, fit or train) into a codec.
 
-    flowcodec rd --config digits          # flowcodec/rd.py
-    flowcodec snr --config digits         # flowcodec/snr.py
+    flowcodec rd --config digits          # flowcodec/rd/
+    flowcodec snr --config digits         # flowcodec/snr/
     flowcodec latency --config digits     # flowcodec/latency.py
 
 docs/sweeps.md shows how to add one.

@@ -1,0 +1,121 @@
+"""Builders several test modules share (imported as ``helpers``: pytest puts tests/ on the path)."""
+
+from __future__ import annotations
+
+import torch
+
+from flowcodec.codecs import build_codec
+from flowcodec.family import build_family
+
+
+def untrained_digits_family():
+    """The digits family's architecture, seeded (``torch.manual_seed(0)``), in eval mode."""
+    torch.manual_seed(0)
+    return build_family("digits").eval()
+
+
+def raw_codec(fam, point, packets=2):
+    """A raw codec for ``fam``'s features at split point ``point``."""
+    return build_codec("raw", fam.feature_shape(point), packets=packets)
+
+
+def small_coop_model(family):
+    """A small two-kind cooperative model on ``family`` (seeded, eval mode, tables ready)."""
+    from flowcodec.coop.fusion import CoopConfig, CoopModel
+
+    torch.manual_seed(0)
+    m = CoopModel(family, CoopConfig(kinds=("m1", "m2"), latent=4, dim=16, hidden=16))
+    m.eval()
+    m.update()
+    return m
+
+
+TOKEN_SHAPE = (17, 32)
+
+
+def random_tokens(n=4, seed=0, shape=TOKEN_SHAPE):
+    """``n`` samples of standard-normal token features of ``shape``, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g)
+
+
+def ready_codec(name, shape=TOKEN_SHAPE, **kwargs):
+    """Codec ``name`` built seeded, fitted on 32 random samples, in eval mode, tables ready."""
+    torch.manual_seed(0)
+    codec = build_codec(name, shape, **kwargs)
+    codec.fit(random_tokens(32, seed=1, shape=shape)).eval()
+    codec.update(force=True)
+    return codec
+
+
+def check_seeded_packet_loss(codec, h):
+    """``forward`` with ``drop_prob`` loses the same packets for the same generator seed, and
+    differs from the lossless pass."""
+    with torch.no_grad():
+        a = codec(h, drop_prob=0.5, generator=torch.Generator().manual_seed(1)).features
+        b = codec(h, drop_prob=0.5, generator=torch.Generator().manual_seed(1)).features
+        c = codec(h).features
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def coder_inputs(syms, seed, rows, far):
+    """``(indexes, symbols)`` for a table coder test: seeded random rows in ``0..rows-1`` for
+    ``syms``; with ``far``, the first symbol far beyond the escape range and the last at its
+    edge."""
+    from flowcodec.codecs.table_coding import ESCAPE_RANGE
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(rows, (len(syms),), generator=g, dtype=torch.int32)
+    sym = torch.tensor(syms, dtype=torch.int64)
+    if far and len(syms):  # an outlier at the escape range's edge, and one beyond it
+        sym[0] = -(ESCAPE_RANGE + 10**6)
+        sym[-1] = ESCAPE_RANGE
+    return idx, sym
+
+
+def check_prune_round_trip(codec, h, threshold, first, scale):
+    """Set a token-prune codec's keep rule, send ``h`` through bytes and back, and check the
+    decode against ``forward`` (the fill at pruned positions). Returns ``(streams, kept)``."""
+    from flowcodec.bitstream import Bitstream
+
+    codec.threshold, codec.keep_first = threshold, first
+    streams = [Bitstream.from_bytes(s.to_bytes()) for s in codec.compress(h)]
+    with torch.no_grad():
+        ref = codec(h).features
+    kept = codec.last_kept
+    out = codec.decompress(streams)
+    assert torch.allclose(out, ref, atol=1e-4 * max(1.0, scale))
+    assert torch.equal(out[~kept], codec.fill.detach().expand_as(out)[~kept])
+    return streams, kept
+
+
+def check_position_codes(token_packets, kept_row, packets):
+    """Token packet ``p`` (token ``i`` travels in packet ``i % packets``) starts with the
+    position code of exactly its kept tokens."""
+    from flowcodec.codecs.positions import decode_positions
+
+    n = len(kept_row)
+    for p, data in enumerate(token_packets):
+        local, _ = decode_positions(data, len(range(p, n, packets)))
+        assert [p + packets * j for j in local] == [i for i in range(p, n, packets)
+                                                    if kept_row[i]]  # fmt: skip
+
+
+def raw_edge_engine(family):
+    """An edge tier (exit 3 of member 1) behind a float16 raw codec at split point 1."""
+    from flowcodec.serve import TierEngine, TierSpec
+
+    codec = build_codec("raw", family.feature_shape(1), dtype="float16")
+    return TierEngine(family, TierSpec("edge", 1, 3), codec)
+
+
+def device_json(address, capsys):
+    """``flowcodec device --connect ADDRESS`` on 40 samples in batches of 4: its exit code and
+    its JSON report."""
+    import json
+
+    from flowcodec.cli import main
+
+    rc = main(["device", "--connect", address, "--samples", "40", "--batch", "4",
+               "--no-progress", "--json"])  # fmt: skip
+    return rc, json.loads(capsys.readouterr().out)
