@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 # the encoder's stem at each split point of the CIFAR-10 family: its exit branch's conv blocks
 STEMS = {1: [(128, True), (128, False)], 2: [(256, True)]}
@@ -88,6 +89,12 @@ def main(argv=None) -> int:
                          "one copy per epoch, instead of running the head live every step")
     ap.add_argument("--cache-file", default=None,
                     help="where the copies are kept (safetensors; reused when it exists)")
+    ap.add_argument("--family", default="cifar10",
+                    help="the family: a trained family's name (default cifar10) or a "
+                         "checkpoint stem (e.g. runs/air/cifar10-air-family); the encoder's "
+                         "stem starts from its exit branch only for cifar10 (else --no-init)")
+    ap.add_argument("--zoo-dir", default=None,
+                    help="where the codec is written (default flowcodec/zoo/codecs)")
     ap.add_argument("--progress-dir", default="runs")
     ap.add_argument("--out", required=True)
     ap.add_argument("--finalize", action="store_true",
@@ -95,7 +102,16 @@ def main(argv=None) -> int:
                          "(runs/<out>.progress.*), e.g. one stopped by hand")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    fam = load_pretrained("cifar10")
+    if "/" in args.family or args.family.endswith(".json"):
+        from flowcodec.family import load_family
+
+        fam = load_family(args.family)
+    else:
+        fam = load_pretrained(args.family)
+    if fam.config.get("name") != "cifar10" and not (args.no_init or args.lift_from
+                                                    or args.extend_from or args.warm_start):
+        raise SystemExit(f"--family {args.family}: its exit branches are not a stem this "
+                         "encoder can start from; add --no-init")  # fmt: skip
     train, test = load_dataset("cifar10")
     shape = tuple(fam.split(3, args.point)[0](torch.zeros(1, 3, 32, 32)).shape[1:])
     stem = STEMS[args.point] + [(STEMS[args.point][-1][0], False)] * args.extra_blocks
@@ -165,13 +181,14 @@ def main(argv=None) -> int:
                        "extend_from": args.extend_from, "ladder": args.ladder,
                        "history": res.history},
              "measured": measured, "encoder_flops": codec.encoder_flops(),
-             "point": args.point, "member": 3}
+             "point": args.point, "member": 3, "family": args.family}
+    zoo = Path(args.zoo_dir) if args.zoo_dir else CODEC_ZOO
     if args.lift_from:  # the tensors it shares with its source are loaded from there
         from flowcodec.codecs.zoo import save_codec_variant
 
-        path = save_codec_variant(codec, CODEC_ZOO / args.out, args.lift_from, kwargs, extra)
+        path = save_codec_variant(codec, zoo / args.out, args.lift_from, kwargs, extra)
     else:
-        path = save_codec(codec, CODEC_ZOO / args.out, kwargs, extra)
+        path = save_codec(codec, zoo / args.out, kwargs, extra)
     print(f"saved {path} after {res.seconds:.0f} s, {res.epochs} epochs")
     print(json.dumps(measured))
     return 0

@@ -10,11 +10,35 @@ from torch import nn
 
 from flowcodec.bitstream import Bitstream
 from flowcodec.codecs.base import CodecOutput, FeatureCodec
+from flowcodec.errors import ConfigError
 
 if TYPE_CHECKING:
     from flowcodec.codecs.task import TaskCodec
 
-__all__ = ["RatePoint"]
+__all__ = ["RatePoint", "RateLadder"]
+
+
+class RateLadder:
+    """What a codec with ``rates`` rate points shares, each point a learned gain (``gain[r]``,
+    log scale) and a factorized entropy model (``entropy_bottlenecks[r]``): the quantile
+    loss of all of them, the rate check, and the device the codec's tensors live on.
+    ``RATE_NAME`` names the codec in the rate check's error."""
+
+    RATE_NAME = "codec"
+
+    def aux_loss(self) -> torch.Tensor:
+        """Quantile-fitting loss of every rate point's entropy model."""
+        return sum(eb.loss() for eb in self.entropy_bottlenecks)
+
+    def _device(self) -> torch.device:
+        return self.gain.device
+
+    def _rate(self, rate: int | None) -> int:
+        r = self.rates - 1 if rate is None else rate
+        if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < self.rates:
+            raise ConfigError(f"{self.RATE_NAME}: rate must be an int in 0..{self.rates - 1}, "
+                              f"got {rate!r}")  # fmt: skip
+        return r
 
 
 class RatePoint(FeatureCodec):

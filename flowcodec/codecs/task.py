@@ -67,7 +67,7 @@ from flowcodec.codecs.context_model import (
 )
 from flowcodec.codecs.entropy import entropy_bottleneck
 from flowcodec.codecs.multiview import MultiView
-from flowcodec.codecs.rate_point import RatePoint
+from flowcodec.codecs.rate_point import RateLadder, RatePoint
 from flowcodec.codecs.task_nets import GridDecoder, Lift, TaskDecoder, TaskEncoder, stem_entry
 from flowcodec.errors import ConfigError
 
@@ -88,7 +88,7 @@ _CLAMP = 1e4
 
 
 @register_codec("task")
-class TaskCodec(MultiView, FeatureCodec):
+class TaskCodec(RateLadder, MultiView, FeatureCodec):
     """Low-rate task codec: a latent vector, ``rates`` rate points, exact arithmetic coding.
 
     Parameters
@@ -119,6 +119,8 @@ class TaskCodec(MultiView, FeatureCodec):
         later one (``experiments/train_task_codecs.py --lift-from``).
     """
 
+    RATE_NAME = "task codec"
+
     layouts = ("chw",)
     #: The stream format ``compress`` writes: 2 (the compiled range coder; the context model
     #: in fixed point, batched) or 1 (the exact pure-Python arithmetic coder; the context
@@ -134,8 +136,8 @@ class TaskCodec(MultiView, FeatureCodec):
                  via: Sequence[int] | None = None) -> None:  # fmt: skip
         super().__init__(feature_shape)
         self.set_views(views)
-        if len(self.feature_shape) != 3 or any(d % 2 for d in self.feature_shape[1:]):
-            raise ConfigError(f"task codec: feature_shape must be (C, H, W) with even H, W, "
+        if len(self.feature_shape) != 3 or any(d < 2 for d in self.feature_shape[1:]):
+            raise ConfigError(f"task codec: feature_shape must be (C, H, W) with H, W >= 2, "
                               f"got {self.feature_shape}")  # fmt: skip
         if not 1 <= int(latent) <= 4096 or not 1 <= int(hidden) <= 1 << 16:
             raise ConfigError(f"task codec: latent must be in 1..4096 and hidden in 1..65536, "
@@ -216,20 +218,6 @@ class TaskCodec(MultiView, FeatureCodec):
         if self.via is None:
             return self._merge_views(self.g_s(y_hat))
         return self.g_s[1](self._merge_views(self.g_s[0](y_hat)))
-
-    def aux_loss(self) -> torch.Tensor:
-        """Quantile-fitting loss of every rate point's entropy model."""
-        return sum(eb.loss() for eb in self.entropy_bottlenecks)
-
-    def _device(self) -> torch.device:
-        return self.gain.device
-
-    def _rate(self, rate: int | None) -> int:
-        r = self.rates - 1 if rate is None else rate
-        if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < self.rates:
-            raise ConfigError(f"task codec: rate must be an int in 0..{self.rates - 1}, "
-                              f"got {rate!r}")  # fmt: skip
-        return r
 
     def at_rate(self, rate: int) -> RatePoint:
         """A view of this codec fixed to rate point ``rate`` (see :class:`RatePoint`)."""

@@ -101,13 +101,14 @@ class TaskDecoder(nn.Module):
     def __init__(self, latent: int, hidden: int, shape: Sequence[int], nonneg: bool) -> None:
         super().__init__()
         c, h, w = shape
-        self.base = (c, h // 2, w // 2)
+        self.base = (c, (h + 1) // 2, (w + 1) // 2)  # odd sides: upsampled to (h, w) exactly
         self.mlp = nn.Sequential(
             nn.Linear(latent, hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, math.prod(self.base)), nn.ReLU(inplace=True),
         )  # fmt: skip
-        self.conv = nn.Sequential(*_refine(c, nn.Upsample(scale_factor=2, mode="nearest"),
-                                           nonneg))
+        up = (nn.Upsample(scale_factor=2, mode="nearest") if h % 2 == 0 and w % 2 == 0
+              else nn.Upsample(size=(h, w), mode="nearest"))  # fmt: skip
+        self.conv = nn.Sequential(*_refine(c, up, nonneg))
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.conv(self.mlp(y).view(len(y), *self.base))

@@ -75,10 +75,11 @@ import torch
 from torch import nn
 
 from flowcodec._moved import moved
-from flowcodec.bitstream import Bitstream, BitstreamError, Header, TensorSpec
+from flowcodec.bitstream import Bitstream, BitstreamError, Header, TensorSpec, varint
 from flowcodec.codecs import arith
 from flowcodec.codecs.base import CodecOutput, FeatureCodec, register_codec
 from flowcodec.codecs.entropy import entropy_bottleneck
+from flowcodec.codecs.rate_point import RateLadder
 from flowcodec.errors import CheckpointError, ConfigError
 
 __all__ = ["HiddenStateCodec", "save_hidden_codec", "load_hidden_codec", "FORMAT2",
@@ -103,16 +104,6 @@ TEXT_BITS_PER_CHAR = 8.0
 _CLAMP = 1e4
 
 
-def _put_count(n: int) -> bytes:
-    """``n`` as an unsigned LEB128 varint."""
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _get_count(data: bytes, limit: int) -> tuple[int, int]:
     """``(count, bytes used)`` of the varint at the start of ``data``; BitstreamError when it
     is truncated, over-long, zero or above ``limit``."""
@@ -134,7 +125,7 @@ def _get_count(data: bytes, limit: int) -> tuple[int, int]:
 
 
 @register_codec("lm-hidden")
-class HiddenStateCodec(FeatureCodec):
+class HiddenStateCodec(RateLadder, FeatureCodec):
     """Hidden states of a language family's split point as one entropy-coded packet per
     sample (see the module docstring).
 
@@ -165,6 +156,8 @@ class HiddenStateCodec(FeatureCodec):
     backend : {"auto", "compressai", "torch"}
         Entropy-model implementation (see :mod:`flowcodec.codecs.entropy`).
     """
+
+    RATE_NAME = "lm-hidden codec"
 
     layouts = ("tokens",)
 
@@ -246,20 +239,6 @@ class HiddenStateCodec(FeatureCodec):
                                   f"a family with vocab {embed.tok.weight.shape[0]}")
             self.tok.weight.copy_(embed.tok.weight)
         return self
-
-    def aux_loss(self) -> torch.Tensor:
-        """Quantile-fitting loss of every rate point's entropy model."""
-        return sum(eb.loss() for eb in self.entropy_bottlenecks)
-
-    def _device(self) -> torch.device:
-        return self.gain.device
-
-    def _rate(self, rate: int | None) -> int:
-        r = self.rates - 1 if rate is None else rate
-        if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < self.rates:
-            raise ConfigError(f"lm-hidden codec: rate must be an int in 0..{self.rates - 1}, "
-                              f"got {rate!r}")  # fmt: skip
-        return r
 
     # --- checks ---------------------------------------------------------------------------
     def _check_start(self, start, n: int) -> None:
@@ -433,7 +412,7 @@ class HiddenStateCodec(FeatureCodec):
         probs = np.tile(c["probs"], (n, 1))  # token-major: token 0's channels, token 1's, ...
         payloads = arith.encode_batch((k - c["lo"]).reshape(b, n * m), probs)
         head = self.header(r)
-        count = _put_count(n)
+        count = varint(n)
         return [Bitstream(head, [count + p], seq=seq + i) for i, p in enumerate(payloads)]
 
     @torch.no_grad()

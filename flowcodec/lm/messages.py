@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from flowcodec.bitstream import varint
 from flowcodec.errors import ConfigError
 
 __all__ = ["MSG_TOKENS", "MSG_REPLY", "MSG_DRAFTS", "encode_message", "decode_message", "Round",
@@ -22,22 +23,13 @@ MSG_REPLY = 0x52  # "R": a verification reply: accepted count, then one token
 MSG_DRAFTS = 0x44  # "D": drafted token ids, to be verified
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def encode_message(kind: int, values: list[int], vocab: int) -> bytes:
     """``kind`` byte, LEB128 ``len(values)``, then each value in 1 byte (``vocab <= 256``)
     or 2 bytes big-endian. Values are token ids (or, in a reply, the accepted count)."""
     width = 1 if vocab <= 256 else 2
     if any(not 0 <= v < 256**width for v in values):
         raise ConfigError(f"values out of range for a {width}-byte field: {values!r}")
-    return bytes([kind]) + _varint(len(values)) + b"".join(v.to_bytes(width, "big") for v in values)
+    return bytes([kind]) + varint(len(values)) + b"".join(v.to_bytes(width, "big") for v in values)
 
 
 def decode_message(data: bytes, vocab: int, limit: int = 1 << 16) -> tuple[int, list[int]]:

@@ -121,6 +121,19 @@ def _margin(logits: torch.Tensor) -> float:
     return float(top[0] - top[1])
 
 
+def _edge_read(ups: list[bytes], vocab: int, edge_text: list[int]) -> list[int]:
+    """The edge reads a round's messages: a prompt or streamed tokens extend ``edge_text``
+    (in place); returns the drafts to verify."""
+    got: list[int] = []
+    for msg in ups:
+        kind, vals = decode_message(msg, vocab)
+        if kind == MSG_TOKENS:
+            edge_text += vals
+        else:
+            got = vals
+    return got
+
+
 def _edge_reply(rows, draft_exit, states, got: list[int], temperature: float,
                 gen: torch.Generator, trace, edge_text: list[int], edge_cache,
                 reply_vocab: int) -> tuple[bytes, int]:  # fmt: skip
@@ -307,13 +320,7 @@ def generate_speculative(family: LanguageFamily, prompt, n: int, draft: int = 1,
         ups.append(encode_message(MSG_DRAFTS, drafts, vocab))
         # edge: one pass of the target over what it has not cached plus the drafts
         t0 = time.perf_counter()
-        got: list[int] = []
-        for msg in ups:
-            kind, vals = decode_message(msg, vocab)
-            if kind == MSG_TOKENS:
-                edge_text += vals
-            else:
-                got = vals
+        got = _edge_read(ups, vocab, edge_text)
         h = head(_ids(edge_text[edge_len:] + got, dev), edge_cache)
         rows = tail(h, edge_cache)[0, -(len(got) + 1) :].cpu()
         down, edge_len = _edge_reply(rows, draft_exit, h, got, temperature, edge_gen, trace,
@@ -432,13 +439,7 @@ def _speculative_codec(family, prompt, n, codec, draft, target, gamma, rate, tem
         codec_msgs.append(stream.to_compact())
         # edge: decode the states, run only the remaining blocks, verify
         t0 = time.perf_counter()
-        got: list[int] = []
-        for msg in ups:
-            kind, vals = decode_message(msg, vocab)
-            if kind == MSG_TOKENS:
-                edge_text += vals
-            else:
-                got = vals
+        got = _edge_read(ups, vocab, edge_text)
         if session is None:
             session, _, _ = Header.parse(codec_msgs[0])
         recv = Bitstream.from_compact(codec_msgs[-1], session)
