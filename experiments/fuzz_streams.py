@@ -35,19 +35,8 @@ import time
 import traceback
 from collections import Counter, defaultdict
 
-SHAPE = (16, 8, 8)
-KWARGS = {
-    "raw": dict(dtype="float16", packets=2),
-    "quant": dict(bits=4, packets=2),
-    "pca": dict(rank=6, bits=6, packets=2),
-    "factorized": dict(latent=8, hidden=16, packets=2),
-    "hyperprior": dict(latent=8, hidden=16, packets=2, hyper=4),
-    "binary": dict(latent=4, hidden=16, packets=2),
-    "token-merge": dict(clusters=8, latent=8, hidden=16, packets=2),
-    "token-map": dict(inner="factorized", inner_kwargs=dict(latent=8, hidden=16, packets=2)),
-}
-#: codecs that take (N, D) tokens: fuzzed on 17 tokens (a class token and a 4x4 grid)
-TOKEN_SHAPES = {"token-map": (17, 16)}
+# the codecs are the small instances of flowcodec.codecs.examples (SMALL_CODECS, on a
+# SMALL_SHAPE = (16, 8, 8) map; token-map on 17 tokens of width 16, images on (3, 16, 16))
 SHIPPED = ["cifar10-fact_l0p1", "cifar10-robust_l0p1", "cifar10-hyper_l0p1",
            "cifar10-binary_m16"]  # fmt: skip
 MUTATIONS = ["flip", "flip2", "byte", "truncate", "extend", "random", "empty", "zstd_bomb",
@@ -59,21 +48,17 @@ def _codecs():
     import torch
 
     from flowcodec.codecs import CODECS, build_codec
+    from flowcodec.codecs.examples import SMALL_SHAPE as SHAPE
+    from flowcodec.codecs.examples import build_small, small_shape
     from flowcodec.codecs.zoo import list_pretrained, load_pretrained_codec
 
     out = []
     g = torch.Generator().manual_seed(1)
     fit = torch.relu(torch.randn(32, *SHAPE, generator=g))
     for name in sorted(CODECS):
-        shape = (3, 16, 16) if name in ("jpeg", "webp") else TOKEN_SHAPES.get(name, SHAPE)
-        kwargs = dict(KWARGS.get(name, {}))
-        if name.startswith("exit-"):  # device-answer codecs need the device's exit branch
-            torch.manual_seed(0)
-            kwargs["exit_branch"] = torch.nn.Sequential(torch.nn.Flatten(),
-                                                        torch.nn.Linear(16 * 8 * 8, 10))
-        try:
-            torch.manual_seed(0)
-            codec = build_codec(name, shape, **kwargs)
+        shape = small_shape(name)
+        try:  # seeded; the device-answer codecs (exit-*) get a small exit branch
+            codec = build_small(name)
             codec.fit(torch.relu(torch.randn(32, *shape, generator=g)) if shape != SHAPE
                       else fit).eval()  # fmt: skip
             codec.update(force=True)

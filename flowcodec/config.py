@@ -7,8 +7,10 @@
 path such as ``codecs[2].kwargs``) and what is allowed. Nothing is loaded, trained or
 measured before the whole config has passed.
 
-The schema is made of a few small dataclasses (:class:`Num`, :class:`Str`, :class:`Bool`,
-:class:`In`, :class:`ListOf`, :class:`Obj`, :class:`MapOf`); no schema library is needed.
+The shapes are pydantic models (:class:`RDSchema`, :class:`LatencySchema`; see
+:mod:`flowcodec.schema`), checked with the config's family and the registries as context;
+checks across keys (one of ``codec`` or ``pretrained``, the arguments a codec takes, the
+labels channel entries name) add their messages to the same list.
 
 Example
 -------
@@ -26,29 +28,29 @@ rd config has 2 problems:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import string
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, create_model
 
 from flowcodec.errors import ConfigError
 from flowcodec.schema import (
-    Any_,
-    Bool,
-    In,
-    ListOf,
-    MapOf,
-    Num,
-    Obj,
-    Str,
+    Allowed,
+    Strict,
     check,
     join_path,
     kind_of,
+    member_range,
     raise_errors,
+    registered,
+    validate,
 )
 
-__all__ = ["Num", "Str", "Bool", "In", "ListOf", "MapOf", "Obj", "Any_", "check", "codec_arguments",
-           "validate_rd_config", "validate_latency_config", "positive_int", "resolve_config",
-           "config_dirs"]  # fmt: skip
+__all__ = ["Strict", "Allowed", "check", "codec_arguments", "validate_rd_config",
+           "validate_latency_config", "positive_int", "resolve_config", "config_dirs",
+           "RDSchema", "LatencySchema"]  # fmt: skip
 
 
 def positive_int(text: str) -> int:
@@ -120,57 +122,101 @@ def _train_keys(exclude: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(p for p in inspect.signature(train_codec).parameters if p not in exclude)
 
 
+# --- shared field types --------------------------------------------------------------------------
+Codec = registered("codecs", "a registered codec name")
+Pretrained = registered("pretrained", "a shipped codec name")
+Point = member_range(0)  # a split point of the config's family (0: the input)
+Member = member_range(1)
+PosInt = Annotated[int, Field(ge=1)]
+NonNeg = Annotated[float, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+RatePoint = Annotated[int, Field(ge=0, le=254)]
+Kwargs = dict[str, Any]
+
+
+def _context(family: Any) -> dict:
+    """The validation context: the registries, and the members of the config's family."""
+    return {"known": known_names(), "members": family_members(family), "family": family}
+
+
 # --- flowcodec rd ------------------------------------------------------------------------------
+class RDTrain(Strict):
+    what = "an object of training settings"
+    lam: Annotated[list[NonNeg], Field(min_length=1),
+                   Allowed("a list of rate weights (numbers >= 0)")]  # fmt: skip
+    epochs: PosInt = None
+    beta: NonNeg = None
+    drop_prob: Annotated[float, Field(ge=0, lt=1)] = None
+    flip_prob: Annotated[float, Field(ge=0, lt=0.5)] = None
+    batch_size: PosInt = None
+    lr: Positive = None
+
+
+class RDEntry(Strict):
+    what = "a codec entry (an object)"
+    group: str = None
+    codec: Codec = None
+    label: str = None
+    point: Point = None
+    kwargs: Kwargs = None
+    sweep: dict[str, Annotated[list[Any], Field(min_length=1),
+                               Allowed("a non-empty list of values")]] = None  # fmt: skip
+    fit: bool = None
+    train: RDTrain = None
+    pretrained: Annotated[list[Pretrained], Field(min_length=1),
+                          Allowed("a list of shipped codec names")] = None  # fmt: skip
+    rate_points: Annotated[list[RatePoint], Field(min_length=1), Allowed(
+        "a list of rate points (ints) of a variable-rate codec")] = None
+    views: Annotated[int, Field(ge=1, le=4)] = None
+
+
+class RDChannel(Strict):
+    what = "a channel entry (an object)"
+    loss_rate: Annotated[float, Field(ge=0, le=1)] = None
+    flip_prob: Annotated[float, Field(ge=0, le=0.5)] = None
+    seed: int = None
+    codecs: Annotated[list[str], Field(min_length=1), Allowed("a list of row labels")]
+
+
+class RDSchema(Strict):
+    """A ``flowcodec rd`` config (``experiments/rd_*.json``)."""
+
+    what = "a JSON object"
+    title: str = None
+    dataset: registered("datasets", "a dataset name")
+    family: registered("families", "a family name")
+    member: Member
+    point: Point
+    test_subset: PosInt | None = None
+    fit_samples: PosInt = None
+    seed: int = None
+    codecs: Annotated[list[RDEntry], Field(min_length=1),
+                      Allowed("a list of codec entries (objects)")]  # fmt: skip
+    channels: Annotated[list[RDChannel], Allowed("a list of channel entries (objects)")] = None
+
+
 def validate_rd_config(cfg: Any, source: str = "rd config") -> dict:
     """Check a ``flowcodec rd`` config whole; returns it unchanged or raises ConfigError.
 
-    The keys (see ``experiments/rd_*.json``): ``dataset``, ``family``, ``member`` and
-    ``point`` (required), ``codecs`` (required: a non-empty list of entries), ``title``,
-    ``test_subset``, ``fit_samples``, ``seed``, ``channels``. An entry is a baseline
-    (``codec`` with optional ``kwargs``, ``sweep``, ``label``, ``point``, ``fit``), a learned
-    codec trained here (``codec`` + ``train``) or shipped ones (``pretrained``: a list of
-    names); ``group`` names its curve.
+    The keys (see ``experiments/rd_*.json`` and :class:`RDSchema`): ``dataset``, ``family``,
+    ``member`` and ``point`` (required), ``codecs`` (required: a non-empty list of entries),
+    ``title``, ``test_subset``, ``fit_samples``, ``seed``, ``channels``. An entry is a
+    baseline (``codec`` with optional ``kwargs``, ``sweep``, ``label``, ``point``, ``fit``), a
+    learned codec trained here (``codec`` + ``train``) or shipped ones (``pretrained``: a list
+    of names); ``group`` names its curve.
     """
-    known = known_names()
     if not isinstance(cfg, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {kind_of(cfg)}")
-    k = family_members(cfg.get("family"))
-    fam_note = f"the {cfg.get('family')} family has {k} members" if k else ""
-    point = Num(integer=True, lo=0, hi=k, note=fam_note) if k else Num(integer=True, lo=0)
-    member = Num(integer=True, lo=1, hi=k, note=fam_note) if k else Num(integer=True, lo=1)
-    codec = Str(choices=known["codecs"], what="a registered codec name")
-    train = Obj({
-        "lam": ListOf(Num(lo=0), min_len=1, what="a list of rate weights (numbers >= 0)"),
-        "epochs": Num(integer=True, lo=1), "beta": Num(lo=0),
-        "drop_prob": Num(lo=0, hi=1, hi_open=True), "flip_prob": Num(lo=0, hi=0.5, hi_open=True),
-        "batch_size": Num(integer=True, lo=1), "lr": Num(lo=0, lo_open=True),
-    }, required=("lam",), what="an object of training settings")  # fmt: skip
-    entry = Obj({
-        "group": Str(), "codec": codec, "label": Str(), "point": point,
-        "kwargs": MapOf(Any_()), "sweep": MapOf(ListOf(Any_(), min_len=1,
-                                                       what="a non-empty list of values")),
-        "fit": Bool(), "train": train,
-        "pretrained": ListOf(Str(choices=known["pretrained"], what="a shipped codec name"),
-                             min_len=1, what="a list of shipped codec names"),
-        "rate_points": ListOf(Num(integer=True, lo=0, hi=254), min_len=1,
-                              what="a list of rate points (ints) of a variable-rate codec"),
-        "views": Num(integer=True, lo=1, hi=4),
-    }, what="a codec entry (an object)", extra=_check_rd_entry)  # fmt: skip
-    chan = Obj({
-        "loss_rate": Num(lo=0, hi=1), "flip_prob": Num(lo=0, hi=0.5), "seed": Num(integer=True),
-        "codecs": ListOf(Str(), min_len=1, what="a list of row labels"),
-    }, required=("codecs",), what="a channel entry (an object)", extra=_check_rd_channel)
-    schema = Obj({
-        "title": Str(), "dataset": Str(choices=known["datasets"]),
-        "family": Str(choices=known["families"]), "member": member, "point": point,
-        "test_subset": Num(integer=True, lo=1, optional=True),
-        "fit_samples": Num(integer=True, lo=1), "seed": Num(integer=True),
-        "codecs": ListOf(entry, min_len=1, what="a list of codec entries (objects)"),
-        "channels": ListOf(chan, what="a list of channel entries (objects)"),
-    }, required=("dataset", "family", "member", "point", "codecs"))  # fmt: skip
-    errors: list[str] = []
-    schema.check(cfg, "", errors)
-    raise_errors(errors, source)
+    ctx = _context(cfg.get("family"))
+    k = ctx["members"]
+    errors, cause = validate(cfg, RDSchema, ctx)
+    for i, e in enumerate(cfg["codecs"] if isinstance(cfg.get("codecs"), list) else []):
+        if isinstance(e, dict):
+            _check_rd_entry(e, f"codecs[{i}]", errors)
+    for i, ch in enumerate(cfg["channels"] if isinstance(cfg.get("channels"), list) else []):
+        if isinstance(ch, dict):
+            _check_rd_channel(ch, f"channels[{i}]", errors)
+    raise_errors(errors, cause, what=source)
     from flowcodec.codecs import CODECS
 
     for i, e in enumerate(cfg["codecs"]):  # an exit's answer needs an exit: point >= 1
@@ -188,7 +234,7 @@ def validate_rd_config(cfg: Any, source: str = "rd config") -> dict:
             if lab not in labels:
                 errors.append(f"channels[{i}].codecs[{j}]: no codec entry makes a row labelled "
                               f"{lab!r}; labels: {', '.join(sorted(labels))}")  # fmt: skip
-    raise_errors(errors, source)
+    raise_errors(errors, what=source)
     return cfg
 
 
@@ -266,6 +312,87 @@ LATENCY_KEYS = ("dataset", "options", "input_codec", "fixed_split", "member", "s
                 "cell_seeds")  # fmt: skip
 
 
+class LatencyOption(Strict):
+    what = "an option (an object)"
+    point: Point
+    rate: str
+    pretrained: Pretrained = None
+    checkpoint: Annotated[str, Allowed("a path to a codec checkpoint")] = None
+    codec: Codec = None
+    kwargs: Kwargs = None
+    fit: bool = None
+    fit_samples: PosInt = None
+    train: Kwargs = None  # its keys: train_codec's settings (see _train_model)
+    member: Member | None = None
+    rate_point: RatePoint = None
+
+
+class InputCodec(Strict):
+    codec: Literal["jpeg", "webp"]
+    kwargs: Kwargs = None
+
+
+class FixedSplit(Strict):
+    point: Point = None
+    rate: str
+
+
+class Compute(Strict):
+    """FLOP/s of each tier."""
+
+    device: Positive = None
+    edge: Positive = None
+    cloud: Positive = None
+
+
+class Delays(Strict):
+    edge: NonNeg = None
+    cloud: NonNeg = None
+
+
+class Reference(Strict):
+    snr_db: float
+    symbol_rate: Positive
+
+
+class LatencySchema(Strict):
+    """A ``flowcodec latency`` config (``experiments/latency_*.json``)."""
+
+    what = "a JSON object"
+    dataset: registered("datasets", "a dataset name")
+    options: Annotated[list[LatencyOption], Field(min_length=1),
+                       Allowed("a list of options (objects)")]  # fmt: skip
+    input_codec: InputCodec
+    fixed_split: FixedSplit
+    member: Member | None = None
+    samples: Annotated[int, Field(ge=2, description="half profile the options, half evaluate")
+                       ] = None  # fmt: skip
+    seed: int = None
+    compute: Compute | None = None
+    delay_s: Delays | None = None
+    symbol_rates: Annotated[list[Positive] | None, Field(min_length=1),
+                            Allowed("a list of positive numbers")] = None  # fmt: skip
+    snrs_db: Annotated[list[float] | None, Field(min_length=1),
+                       Allowed("a list of SNRs in dB (numbers)")] = None  # fmt: skip
+    reference: Reference | None = None
+    harq_max_tx_baselines: PosInt = None
+    target_bler: Annotated[float, Field(gt=0, lt=1)] = None
+    framing: Literal["sample", "session"] = None
+    floor_points: Annotated[float, Field(ge=0, le=100,
+                                         description="accuracy floor: points below cloud only")
+                            ] = None  # fmt: skip
+    cell_seeds: bool = None
+    family: registered("families", "a family name") | None = None
+
+
+@functools.cache
+def _train_model() -> type[Strict]:
+    """An option's ``train``: the settings of ``train_codec`` a config may give."""
+    keys = _train_keys(("codec", "family", "member", "point", "train", "test", "progress",
+                        "cache"))  # fmt: skip
+    return create_model("LatencyTrain", __base__=Strict, **{k: (Any, None) for k in keys})
+
+
 def validate_latency_config(cfg: Any, source: str = "latency config") -> dict:
     """Check a ``flowcodec latency`` config whole; returns it unchanged or raises ConfigError.
 
@@ -278,54 +405,17 @@ def validate_latency_config(cfg: Any, source: str = "latency config") -> dict:
     ``harq_max_tx_baselines``, ``target_bler``, ``framing`` (``sample`` or ``session``),
     ``cell_seeds`` (a generator per grid cell: needed by ``--engine ray``) and ``family``
     (a trained family for the dataset, e.g. ``cifar10-vit``; default: the dataset's name).
+    See :class:`LatencySchema`.
     """
-    known = known_names()
     if not isinstance(cfg, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {kind_of(cfg)}")
-    fam_name = cfg.get("family", cfg.get("dataset"))
-    k = family_members(fam_name)
-    note = f"the {fam_name} family has {k} members" if k else ""
-    point = Num(integer=True, lo=0, hi=k, note=note) if k else Num(integer=True, lo=0)
-    member = (Num(integer=True, lo=1, hi=k, note=note, optional=True) if k
-              else Num(integer=True, lo=1, optional=True))  # fmt: skip
-    codec = Str(choices=known["codecs"], what="a registered codec name")
-    train_keys = _train_keys(("codec", "family", "member", "point", "train", "test", "progress",
-                              "cache"))  # fmt: skip
-    option = Obj({
-        "point": point, "rate": Str(), "pretrained": Str(choices=known["pretrained"]),
-        "checkpoint": Str(what="a path to a codec checkpoint"), "codec": codec,
-        "kwargs": MapOf(Any_()), "fit": Bool(), "fit_samples": Num(integer=True, lo=1),
-        "train": MapOf(Any_(), keys=train_keys), "member": member,
-        "rate_point": Num(integer=True, lo=0, hi=254),
-    }, required=("point", "rate"), what="an option (an object)", extra=_check_option)
-    positive = Num(lo=0, lo_open=True)
-    schema = Obj({
-        "dataset": Str(choices=known["datasets"]),
-        "options": ListOf(option, min_len=1, what="a list of options (objects)"),
-        "input_codec": Obj({"codec": Str(choices=("jpeg", "webp")), "kwargs": MapOf(Any_())},
-                           required=("codec",), extra=_check_input_codec),
-        "fixed_split": Obj({"point": point, "rate": Str()}, required=("rate",)),
-        "member": member,
-        "samples": Num(integer=True, lo=2, note="half profile the options, half evaluate"),
-        "seed": Num(integer=True),
-        "compute": MapOf(positive, keys=("device", "edge", "cloud"), optional=True),
-        "delay_s": MapOf(Num(lo=0), keys=("edge", "cloud"), optional=True),
-        "symbol_rates": ListOf(positive, min_len=1, what="a list of positive numbers",
-                               optional=True),
-        "snrs_db": ListOf(Num(), min_len=1, what="a list of SNRs in dB (numbers)",
-                          optional=True),
-        "reference": Obj({"snr_db": Num(), "symbol_rate": positive},
-                         required=("snr_db", "symbol_rate"), optional=True),
-        "harq_max_tx_baselines": Num(integer=True, lo=1),
-        "target_bler": Num(lo=0, hi=1, lo_open=True, hi_open=True),
-        "framing": Str(choices=("sample", "session")),
-        "floor_points": Num(lo=0, hi=100, note="accuracy floor: points below cloud only"),
-        "cell_seeds": Bool(),
-        "family": Str(choices=known["families"], optional=True),
-    }, required=("dataset", "options", "input_codec", "fixed_split"))  # fmt: skip
-    errors: list[str] = []
-    schema.check(cfg, "", errors)
-    raise_errors(errors, source)
+    errors, cause = validate(cfg, LatencySchema, _context(cfg.get("family", cfg.get("dataset"))))
+    for i, o in enumerate(cfg["options"] if isinstance(cfg.get("options"), list) else []):
+        if isinstance(o, dict):
+            _check_option(o, f"options[{i}]", errors)
+    if isinstance(cfg.get("input_codec"), dict):
+        _check_input_codec(cfg["input_codec"], "input_codec", errors)
+    raise_errors(errors, cause, what=source)
     opts = [(int(o["point"]), o["rate"]) for o in cfg["options"]]
     seen = set()
     for i, key in enumerate(opts):
@@ -337,11 +427,13 @@ def validate_latency_config(cfg: Any, source: str = "latency config") -> dict:
     if want not in seen:
         errors.append(f"fixed_split: (point {want[0]}, rate {want[1]!r}) is not an option; "
                       f"allowed: {', '.join(f'(point {p}, rate {r!r})' for p, r in opts)}")
-    raise_errors(errors, source)
+    raise_errors(errors, what=source)
     return cfg
 
 
 def _check_option(o: dict, path: str, errors: list[str]) -> None:
+    if isinstance(o.get("train"), dict):
+        errors += validate(o["train"], _train_model(), at=f"{path}.train")[0]
     has = [k for k in ("pretrained", "checkpoint", "codec") if k in o]
     if len(has) != 1:
         errors.append(f"{path}: needs exactly one of 'pretrained' (a shipped codec name), "

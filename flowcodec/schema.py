@@ -1,27 +1,68 @@
-"""A small schema for checking JSON configs whole: every problem at once, each naming its key.
+"""Checking JSON configs whole with pydantic: every problem at once, each naming its key.
 
-A schema is a tree of :class:`Spec` nodes (:class:`Num`, :class:`Str`, :class:`Bool`,
-:class:`In`, :class:`ListOf`, :class:`MapOf`, :class:`Obj`, :class:`Any_`); ``spec.check(value,
-path, errors)`` appends one message per problem (the key as a path such as
-``codecs[2].kwargs``, and what is allowed), and :func:`check` / :func:`raise_errors` turn the
-messages into one :class:`~flowcodec.errors.ConfigError`.
+A config's shape is a pydantic model (:class:`Strict`: unknown keys refused, no type coercion,
+no NaN or infinity). :func:`check` validates a value against one and raises a single
+:class:`~flowcodec.errors.ConfigError` that lists every problem, each as the key's path (such
+as ``codecs[2].kwargs``) and what is allowed there, worded from the model's annotations:
+bounds (``Field(ge=...)``), ``Literal`` choices, and :class:`Allowed` for words of one's own.
+
+What depends on the config or on the registries (the members of its family, the codecs
+registered now) is checked by validators that read the validation context
+(:func:`member_range`, :func:`registered`); checks across keys are plain functions whose
+messages join the same list (:func:`raise_errors`).
+
+Example
+-------
+>>> from typing import Annotated
+>>> from pydantic import Field
+>>> class Loss(Strict):
+...     member: Annotated[int, Field(ge=1)]
+...     loss_rates: Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=1)]
+>>> try:
+...     check({"member": 0, "loss_rates": [2], "colour": 1}, Loss, "loss config")
+... except ConfigError as e:
+...     print(e)
+loss config has 3 problems:
+  member: 0 is out of range; allowed: an integer >= 1
+  loss_rates[0]: 2 is out of range; allowed: a number in [0, 1]
+  colour: unknown key; allowed: member, loss_rates
 """
 
-from __future__ import annotations
-
-import math
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
+
+import annotated_types as at
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 from flowcodec.errors import ConfigError
 
-__all__ = ["Spec", "Num", "Str", "Bool", "In", "ListOf", "MapOf", "Obj", "Any_", "check",
-           "raise_errors",
-           "join_path", "kind_of"]
+__all__ = ["Strict", "Allowed", "check", "validate", "problems", "raise_errors", "registered",
+           "member_range", "join_path", "kind_of", "show"]  # fmt: skip
 
 
-def _show(v: Any) -> str:
+class Strict(BaseModel):
+    """A config object: unknown keys refused, types as written (no coercion), finite numbers.
+
+    Validation only checks: the functions return the config dict as given, so a default
+    here is never used (a key that may be ``null`` says ``| None``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    what: ClassVar[str] = "an object"  # what is allowed, in words, when it is not an object
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """``Annotated`` metadata: what is allowed there, in words (or a function of the context)."""
+
+    text: str | Callable[[dict], str]
+
+
+def show(v: Any) -> str:
     s = repr(v)
     return s if len(s) <= 60 else s[:57] + "..."
 
@@ -30,195 +71,183 @@ def kind_of(v: Any) -> str:
     return "null" if v is None else type(v).__name__
 
 
-class Spec:
-    """One node of a schema: ``check(value, path, errors)`` appends messages to ``errors``."""
-
-    optional: bool = False
-
-    def check(self, value: Any, path: str, errors: list[str]) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-
-@dataclass
-class Any_(Spec):
-    """Any JSON value (checked elsewhere)."""
-
-    def check(self, value, path, errors):
-        return None
-
-
-@dataclass
-class Num(Spec):
-    """A number; ``integer`` for ints only; ``lo``/``hi`` bounds (``*_open`` excludes them)."""
-
-    integer: bool = False
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-    optional: bool = False
-    note: str = ""
-
-    def allowed(self) -> str:
-        what = "an integer" if self.integer else "a number"
-        if self.lo is not None and self.hi is not None:
-            if self.integer and not self.lo_open and not self.hi_open:
-                rng = f" in {self.lo:g}..{self.hi:g}"
-            else:
-                rng = (f" in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
-                       f"{')' if self.hi_open else ']'}")  # fmt: skip
-        elif self.lo is not None:
-            rng = f" {'>' if self.lo_open else '>='} {self.lo:g}"
-        elif self.hi is not None:
-            rng = f" {'<' if self.hi_open else '<='} {self.hi:g}"
-        else:
-            rng = ""
-        return what + rng + (f" ({self.note})" if self.note else "")
-
-    def check(self, value, path, errors):
-        if value is None and self.optional:
-            return
-        ok_type = isinstance(value, int) if self.integer else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok_type:
-            errors.append(f"{path}: expected {self.allowed()}, got {kind_of(value)} {_show(value)}")
-            return
-        if not math.isfinite(value):
-            errors.append(f"{path}: {value!r} is not finite; allowed: {self.allowed()}")
-            return
-        bad = (self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)) or (
-            self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
-        if bad:
-            errors.append(f"{path}: {value!r} is out of range; allowed: {self.allowed()}")
-
-
-@dataclass
-class Str(Spec):
-    """A string, optionally one of ``choices``."""
-
-    choices: tuple[str, ...] | None = None
-    optional: bool = False
-    what: str = "a string"
-
-    def check(self, value, path, errors):
-        if value is None and self.optional:
-            return
-        if not isinstance(value, str):
-            errors.append(f"{path}: expected {self.what}, got {kind_of(value)} {_show(value)}")
-        elif self.choices is not None and value not in self.choices:
-            errors.append(f"{path}: {value!r} is not allowed; allowed: {', '.join(self.choices)}")
-
-
-@dataclass
-class Bool(Spec):
-    optional: bool = False
-
-    def check(self, value, path, errors):
-        if not isinstance(value, bool) and not (value is None and self.optional):
-            errors.append(f"{path}: expected true or false, got {kind_of(value)} {_show(value)}")
-
-
-@dataclass
-class In(Spec):
-    """One of ``values`` (JSON values given elsewhere, e.g. the SNRs a config sweeps)."""
-
-    values: tuple = ()
-    optional: bool = False
-
-    def check(self, value, path, errors):
-        if value is None and self.optional:
-            return
-        if isinstance(value, bool) or value not in self.values:
-            errors.append(f"{path}: {_show(value)} is not allowed; allowed: "
-                          f"{', '.join(_show(v) for v in self.values) or '(none)'}")  # fmt: skip
-
-
-@dataclass
-class ListOf(Spec):
-    """A list of ``item``s with at least ``min_len`` of them."""
-
-    item: Spec
-    min_len: int = 0
-    what: str = "a list"
-    optional: bool = False
-
-    def check(self, value, path, errors):
-        if value is None and self.optional:
-            return
-        if not isinstance(value, list):
-            errors.append(f"{path}: expected {self.what}, got {kind_of(value)} {_show(value)}")
-            return
-        if len(value) < self.min_len:
-            errors.append(f"{path}: needs at least {self.min_len} item(s), got {len(value)}")
-        for i, v in enumerate(value):
-            self.item.check(v, f"{path}[{i}]", errors)
-
-
-@dataclass
-class MapOf(Spec):
-    """An object with arbitrary string keys (``keys`` restricts them) and ``value`` values."""
-
-    value: Spec
-    keys: tuple[str, ...] | None = None
-    optional: bool = False
-
-    def check(self, value, path, errors):
-        if value is None and self.optional:
-            return
-        if not isinstance(value, dict):
-            errors.append(f"{path}: expected an object, got {kind_of(value)} {_show(value)}")
-            return
-        for k, v in value.items():
-            if self.keys is not None and k not in self.keys:
-                errors.append(f"{path}: unknown key {k!r}; allowed: {', '.join(self.keys)}")
-                continue
-            self.value.check(v, f"{path}.{k}", errors)
-
-
-@dataclass
-class Obj(Spec):
-    """An object with known ``fields``; ``required`` ones must be there, others are refused."""
-
-    fields: dict[str, Spec]
-    required: tuple[str, ...] = ()
-    what: str = "an object"
-    optional: bool = False
-    extra: Callable[[dict, str, list[str]], None] | None = None  # further checks
-
-    def check(self, value, path, errors):
-        if value is None and self.optional:
-            return
-        if not isinstance(value, dict):
-            errors.append(f"{path}: expected {self.what}, got {kind_of(value)} {_show(value)}")
-            return
-        for k in self.required:
-            if k not in value:
-                errors.append(f"{join_path(path, k)}: missing (required)")
-        for k, v in value.items():
-            spec = self.fields.get(k)
-            if spec is None:
-                errors.append(f"{join_path(path, k)}: unknown key; allowed: "
-                              f"{', '.join(self.fields)}")  # fmt: skip
-                continue
-            spec.check(v, join_path(path, k), errors)
-        if self.extra is not None:
-            self.extra(value, path, errors)
-
-
 def join_path(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def check(value: Any, spec: Spec, what: str) -> None:
-    """Check ``value`` against ``spec``; raise one ConfigError listing every problem."""
-    errors: list[str] = []
-    spec.check(value, "", errors)
-    raise_errors(errors, what)
+def _fail(message: str, **ctx) -> PydanticCustomError:
+    return PydanticCustomError("config", message, ctx)
 
 
-def raise_errors(errors: list[str], what: str) -> None:
+# --- validators that read the context --------------------------------------------------------
+def registered(kind: str, what: str) -> Any:
+    """A name in the registry ``context["known"][kind]`` (codecs, datasets, families, ...)."""
+
+    def ok(v: str, info: ValidationInfo) -> str:
+        names = info.context["known"][kind]
+        if v not in names:
+            raise _fail("{v} is not allowed; allowed: {names}", v=repr(v), names=", ".join(names))
+        return v
+
+    return Annotated[str, AfterValidator(ok), Allowed(what)]
+
+
+def _range_words(lo: int, k: int | None, ctx: dict) -> str:
+    return (f"an integer in {lo}..{k} (the {ctx.get('family')} family has {k} members)" if k
+            else f"an integer >= {lo}")
+
+
+def member_range(lo: int) -> Any:
+    """An integer from ``lo`` to the members of the config's family (``context["members"]``,
+    None when the family is unknown: then only ``>= lo``)."""
+
+    def ok(v: int, info: ValidationInfo) -> int:
+        k = info.context.get("members")
+        if v < lo or (k and v > k):
+            raise _fail("{v} is out of range; allowed: {words}", v=v,
+                        words=_range_words(lo, k, info.context))  # fmt: skip
+        return v
+
+    return Annotated[int, AfterValidator(ok), Allowed(lambda ctx: _range_words(lo, ctx.get(
+        "members"), ctx))]
+
+
+# --- what is allowed, from the annotations ---------------------------------------------------
+def _unwrap(tp: Any) -> tuple[Any, list]:
+    """``(type, metadata)`` without ``Annotated`` and ``| None`` layers."""
+    metas: list = []
+    while True:
+        if typing.get_origin(tp) is Annotated:
+            base, *extra = typing.get_args(tp)
+            for m in extra:
+                metas += list(m.metadata) + [m] if isinstance(m, FieldInfo) else [m]
+            tp = base
+        elif typing.get_origin(tp) in (typing.Union, types.UnionType):
+            arms = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = arms[0] if len(arms) == 1 else Any
+        else:
+            return tp, metas
+
+
+def _field(model: type[BaseModel], key: str) -> Any:
+    f = model.model_fields.get(key)
+    return None if f is None else Annotated[f.annotation, f]
+
+
+def _at(model: Any, loc: tuple) -> Any:
+    """The annotation at ``loc`` (a pydantic error's location) inside ``model``."""
+    tp = model
+    for key in loc:
+        base, _ = _unwrap(tp)
+        origin, args = typing.get_origin(base), typing.get_args(base)
+        if isinstance(base, type) and issubclass(base, BaseModel) and isinstance(key, str):
+            tp = _field(base, key)
+        elif origin is list and args and isinstance(key, int):
+            tp = args[0]
+        elif origin is dict and len(args) == 2 and isinstance(key, str):
+            tp = args[1]
+        else:
+            return None
+        if tp is None:
+            return None
+    return tp
+
+
+def allowed(tp: Any, ctx: dict) -> str:
+    """What annotation ``tp`` allows, in words."""
+    base, metas = _unwrap(tp)
+    for m in metas:
+        if isinstance(m, Allowed):
+            return m.text(ctx) if callable(m.text) else m.text
+    if typing.get_origin(base) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(base)))
+    if isinstance(base, type) and issubclass(base, BaseModel):
+        return base.what
+    words = {bool: "true or false", str: "a string", list: "a list", dict: "an object"}
+    origin = typing.get_origin(base) or base
+    if origin not in (int, float):
+        return words.get(origin, "any value")
+    lo = next(((m.ge, False) if isinstance(m, at.Ge) else (m.gt, True) for m in metas
+               if isinstance(m, (at.Ge, at.Gt))), None)  # fmt: skip
+    hi = next(((m.le, False) if isinstance(m, at.Le) else (m.lt, True) for m in metas
+               if isinstance(m, (at.Le, at.Lt))), None)  # fmt: skip
+    what = "an integer" if origin is int else "a number"
+    if lo and hi:
+        if origin is int and not lo[1] and not hi[1]:
+            rng = f" in {lo[0]:g}..{hi[0]:g}"
+        else:
+            rng = f" in {'(' if lo[1] else '['}{lo[0]:g}, {hi[0]:g}{')' if hi[1] else ']'}"
+    elif lo or hi:
+        v, is_open = lo or hi
+        rng = f" {'>' if lo else '<'}{'' if is_open else '='} {v:g}"
+    else:
+        rng = ""
+    notes = [m.description for m in metas if isinstance(m, FieldInfo) and m.description]
+    return what + rng + (f" ({notes[0]})" if notes else "")
+
+
+def _path(loc: tuple, out: str = "") -> str:
+    for k in loc:
+        out = f"{out}[{k}]" if isinstance(k, int) else join_path(out, str(k))
+    return out
+
+
+def problems(err: ValidationError, model: type[BaseModel], ctx: dict | None = None,
+             at: str = "") -> list[str]:
+    """One line per error of ``err``: ``path: problem; allowed: ...`` (``at``: where the
+    value checked against ``model`` is, inside the whole config)."""
+    ctx = ctx or {}
+    out = []
+    for e in err.errors(include_url=False):
+        loc, kind, value = e["loc"], e["type"], e.get("input")
+        path = _path(loc, at)
+        if kind == "missing":
+            out.append(f"{path}: missing (required)")
+        elif kind == "extra_forbidden":
+            parent, _ = _unwrap(_at(model, loc[:-1]))
+            keys = ", ".join(parent.model_fields) if isinstance(parent, type) else "(none)"
+            out.append(f"{path}: unknown key; allowed: {keys}")
+        elif kind == "too_short":
+            out.append(f"{path}: needs at least {e['ctx']['min_length']} item(s), got "
+                       f"{e['ctx']['actual_length']}")  # fmt: skip
+        elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            out.append(f"{path}: {value!r} is out of range; allowed: "
+                       f"{allowed(_at(model, loc), ctx)}")  # fmt: skip
+        elif kind == "finite_number":
+            out.append(f"{path}: {value!r} is not finite; allowed: {allowed(_at(model, loc), ctx)}")
+        elif kind == "literal_error" and isinstance(value, str):
+            out.append(f"{path}: {value!r} is not allowed; allowed: "
+                       f"{allowed(_at(model, loc), ctx).removeprefix('one of ')}")  # fmt: skip
+        elif kind == "config":  # ours: the message says what is allowed
+            out.append(f"{path}: {e['msg']}")
+        elif kind.endswith(("_type", "_parsing", "_from_float", "literal_error")):
+            out.append(f"{path}: expected {allowed(_at(model, loc), ctx)}, got {kind_of(value)} "
+                       f"{show(value)}")  # fmt: skip
+        else:  # pragma: no cover - pydantic's own words
+            out.append(f"{path}: {e['msg']}")
+    return [o.removeprefix(": ") for o in out]
+
+
+def validate(value: Any, model: type[BaseModel], ctx: dict | None = None,
+             at: str = "") -> tuple[list[str], ValidationError | None]:
+    """The problems of ``value`` as a ``model`` (``ctx``: the validation context; ``at``:
+    the value's path in the whole config), and pydantic's error (None when there is none)."""
+    try:
+        model.model_validate(value, context=ctx or {})
+    except ValidationError as e:
+        return problems(e, model, ctx, at), e
+    return [], None
+
+
+def check(value: Any, model: type[BaseModel], what: str, ctx: dict | None = None) -> None:
+    """Check ``value`` against ``model``; raise one ConfigError listing every problem."""
+    raise_errors(*validate(value, model, ctx), what=what)
+
+
+def raise_errors(errors: list[str], cause: BaseException | None = None, *, what: str) -> None:
+    """Raise one ConfigError listing ``errors`` (none: nothing to raise), from ``cause``."""
     if not errors:
         return
-    errors = [e[2:] if e.startswith(": ") else e for e in errors]
     if len(errors) == 1:
-        raise ConfigError(f"{what}: {errors[0]}")
-    raise ConfigError(f"{what} has {len(errors)} problems:\n  " + "\n  ".join(errors))
+        raise ConfigError(f"{what}: {errors[0]}") from cause
+    raise ConfigError(f"{what} has {len(errors)} problems:\n  " + "\n  ".join(errors)) from cause

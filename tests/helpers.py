@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from flowcodec.codecs import build_codec
+from flowcodec.codecs.examples import SMALL_CODECS, SMALL_SHAPE, build_small
 from flowcodec.family import build_family
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def untrained_digits_family():
@@ -119,3 +124,62 @@ def device_json(address, capsys):
     rc = main(["device", "--connect", address, "--samples", "40", "--batch", "4",
                "--no-progress", "--json"])  # fmt: skip
     return rc, json.loads(capsys.readouterr().out)
+
+
+# --- small feature codecs on hostile streams (the table: flowcodec.codecs.examples) -----------
+#: the six feature codecs the hostile-stream tests run over, with their small instances' kwargs
+STREAM_CODECS = {
+    name: SMALL_CODECS[name]
+    for name in ("raw", "quant", "pca", "factorized", "hyperprior", "binary")
+}
+
+_READY: dict = {}
+
+
+def small_features(n=4, seed=0):
+    """``n`` samples of ReLU'd standard-normal features of ``SMALL_SHAPE``, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.relu(torch.randn(n, *SMALL_SHAPE, generator=g))
+
+
+def ready_small(name):
+    """The small instance of codec ``name`` (``build_small``), fitted on 32 samples, in eval
+    mode, tables ready; built once per process."""
+    if name not in _READY:
+        codec = build_small(name)
+        codec.fit(small_features(32, seed=1)).eval()
+        codec.update(force=True)
+        _READY[name] = codec
+    return _READY[name]
+
+
+def shipped_codec(name):
+    """The shipped codec ``name`` (``load_pretrained_codec``), loaded once per process."""
+    from flowcodec.codecs.zoo import load_pretrained_codec
+
+    if name not in _READY:
+        _READY[name] = load_pretrained_codec(name)
+    return _READY[name]
+
+
+def with_packets(codec, packets, seq=0):
+    """A CRC-valid stream of ``codec`` carrying ``packets`` (as it crosses a link)."""
+    from flowcodec.bitstream import Bitstream
+
+    header = codec.compress(small_features(1))[0].header
+    return Bitstream.from_bytes(Bitstream(header, list(packets), seq).to_bytes())
+
+
+# --- the shipped digits configs -----------------------------------------------------------------
+def rd_digits() -> dict:
+    """experiments/rd_digits.json, parsed (a fresh dict each call)."""
+    import json
+
+    return json.loads((ROOT / "experiments" / "rd_digits.json").read_text())
+
+
+def latency_digits() -> dict:
+    """experiments/latency_digits.json, parsed (a fresh dict each call)."""
+    import json
+
+    return json.loads((ROOT / "experiments" / "latency_digits.json").read_text())

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import struct
+import zlib
 
 import pytest
+import torch
+from helpers import STREAM_CODECS as CODECS
+from helpers import ready_small as ready
+from helpers import small_features as _features
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +24,9 @@ from flowcodec.bitstream import (
     fingerprint,
     frame_packet,
 )
+from flowcodec.codecs.entropy import BYPASS_LIMIT
 
+SAFE = (BitstreamError,)
 shapes = st.lists(st.integers(0, 64), min_size=0, max_size=4).map(tuple)
 specs = st.builds(TensorSpec, st.sampled_from(sorted(DTYPES)), shapes)
 headers = st.builds(
@@ -354,3 +361,51 @@ def test_bad_seq_is_refused():
     for bad in (-1, 2**32, 1.5):
         with pytest.raises(BitstreamError, match="sequence"):
             Bitstream(h, [b"x"], seq=bad)
+
+
+# --- streams of the small feature codecs (issue 14, hole 4) ---------------------------------
+@pytest.mark.parametrize("framing", ["sample", "session"])
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_packets_of_another_sample_or_codec_are_lost_not_decoded(name, framing):
+    codec = ready(name)
+    a, b = codec.compress(_features(2, seed=3))
+    a.seq, b.seq = 10, 11
+    other = ready("raw" if name != "raw" else "quant").compress(_features(1))[0]
+    other.seq = 10
+    for donor in (b, other):
+        units = a.units(framing)
+        donor_units = donor.units(framing)
+        off = 1 if framing == "sample" else 0
+        units[off] = donor_units[off]
+        got = Bitstream.from_units(a.header, units, framing, seq=a.seq)
+        assert got.packets[0] is None and got.packets[1] == a.packets[1]
+        out = codec.decompress([got])
+        assert torch.isfinite(out).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(sorted(CODECS)), st.binary(max_size=300))
+def test_random_bytes_are_a_bitstream_error_or_a_stream(name, data):
+    codec = ready(name)
+    header = codec.compress(_features(1))[0].header
+    for parse in (Bitstream.from_bytes, lambda b: Bitstream.from_compact(b, header)):
+        try:
+            stream = parse(data)
+        except BitstreamError:
+            continue
+        try:
+            codec.decompress([stream])
+        except SAFE:
+            pass
+
+
+def test_stream_crc_is_what_the_docs_say():
+    """The packet CRC-32 of a self-contained stream starts from the CRC-32 of the header's
+    own CRC (the binding), as docs/bitstream.md describes."""
+    h = Header("raw", b"\0" * 8, (TensorSpec("float32", (1,)),))
+    bs = Bitstream(h, [b"abcd"], seq=5)
+    head = bs.header_bytes()
+    framed = bs.link_packets()[0]
+    body = framed[:-4]
+    assert struct.unpack("<I", framed[-4:])[0] == zlib.crc32(head[-4:] + body)
+    assert BYPASS_LIMIT == 1 << 20

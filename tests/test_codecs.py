@@ -3,29 +3,39 @@
 from __future__ import annotations
 
 import json
+import time
 
+import numpy as np
 import pytest
 import torch
+from helpers import STREAM_CODECS, ready_small
+from helpers import small_features as _features
+from helpers import with_packets as _with_packets
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from flowcodec.bitstream import Bitstream, BitstreamError
 from flowcodec.codecs import CODECS, build_codec
 from flowcodec.codecs.entropy import TorchEntropyBottleneck, TorchGaussianConditional
+from flowcodec.codecs.examples import SMALL_SHAPE, small_kwargs
 from flowcodec.codecs.learned import flip_bits
 from flowcodec.codecs.zoo import load_codec, save_codec
 from flowcodec.errors import ConfigError
 
-SHAPE = (16, 8, 8)
+SHAPE = SMALL_SHAPE
+# the small instances of flowcodec.codecs.examples; raw, quant and factorized with 4 packets here
 LEARNED = {
-    "factorized": dict(latent=8, hidden=16, packets=4),
-    "hyperprior": dict(latent=8, hidden=16, packets=2, hyper=4),
-    "binary": dict(latent=4, hidden=16, packets=2),
+    "factorized": small_kwargs("factorized", packets=4),
+    "hyperprior": small_kwargs("hyperprior"),
+    "binary": small_kwargs("binary"),
 }
 FEATURE_CODECS = {
-    "raw": dict(dtype="float16", packets=4),
-    "quant": dict(bits=4, packets=4),
-    "pca": dict(rank=6, bits=6, packets=2),
+    "raw": small_kwargs("raw", packets=4),
+    "quant": small_kwargs("quant", packets=4),
+    "pca": small_kwargs("pca"),
     **LEARNED,
 }
+SAFE = (BitstreamError,)
 
 
 def features(n=6, seed=0, shape=SHAPE):
@@ -284,3 +294,122 @@ def test_checkpoint_rejects_other_architecture(tmp_path):
     meta.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError):
         load_codec(path)
+
+
+# --- build_codec names the codec's arguments ------------------------------------------------
+def test_build_codec_names_the_codecs_arguments():
+    from flowcodec.codecs import build_codec
+
+    with pytest.raises(ConfigError, match=r"'factorized'.*latnet.*latent"):
+        build_codec("factorized", (16, 8, 8), latnet=8)
+
+
+# --- encoders on huge finite (and non-finite) features (issue 14, hole 5) -------------------
+def test_factorized_encoder_returns_on_huge_features():
+    codec = build_codec("factorized", SHAPE, latent=8, hidden=16, packets=2)
+    codec.update(force=True)
+    for v in (1e8, 1e9, 1e20, 3e38, -3e38):
+        t = time.perf_counter()
+        streams = codec.compress(torch.full((1, *SHAPE), v))
+        assert time.perf_counter() - t < 10
+        out = codec.decompress([Bitstream.from_bytes(streams[0].to_bytes())])
+        assert torch.isfinite(out).all()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(STREAM_CODECS)),
+       st.floats(-1e38, 1e38, allow_nan=False, allow_infinity=False) | st.sampled_from(
+           [float("nan"), float("inf"), -float("inf"), 1e38, -1e38, 0.0]),
+       st.integers(0, 2**32 - 1))  # fmt: skip
+def test_every_encoder_returns_or_raises_a_named_error_for_any_magnitude(name, value, seed):
+    codec = ready_small(name)
+    g = torch.Generator().manual_seed(seed % 1000)
+    h = _features(2, seed=seed % 1000)
+    mask = torch.rand(h.shape, generator=g) < 0.5
+    h = torch.where(mask, torch.full_like(h, value), h)
+    t = time.perf_counter()
+    try:
+        streams = codec.compress(h)
+    except ConfigError:
+        assert not torch.isfinite(h).all()
+        return
+    assert time.perf_counter() - t < 10
+    out = codec.decompress([Bitstream.from_bytes(s.to_bytes()) for s in streams])
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("value", [6868074240.0, -6868074240.0, 1e38])
+def test_hyperprior_decodes_its_own_stream_of_huge_features(value):
+    """z's symbols are clamped to their table's range before they set y's scales (found by
+    the property test above: the encoder used unclamped z, the decoder the clamped one,
+    and y's tables no longer matched)."""
+    codec = ready_small("hyperprior")
+    g = torch.Generator().manual_seed(0)
+    h = _features(2, seed=0)
+    h = torch.where(torch.rand(h.shape, generator=g) < 0.5, torch.full_like(h, value), h)
+    out = codec.decompress([Bitstream.from_bytes(s.to_bytes()) for s in codec.compress(h)])
+    assert torch.isfinite(out).all()
+
+
+# --- non-finite decoded features (issue 14, hole 6) -----------------------------------------
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_raw_stream_of_inf_and_nan_decodes_to_concealment_not_non_finite(dtype):
+    codec = build_codec("raw", SHAPE, dtype=dtype, packets=2).fit(_features(8))
+    npd = np.dtype("<f2" if dtype == "float16" else "<f4")
+    vals = np.full(8 * 8 * 8, np.inf, dtype=npd)
+    vals[::3] = np.nan
+    vals[1::3] = -np.inf
+    vals[::7] = 1.5
+    stream = _with_packets(codec, [vals.tobytes(), vals.tobytes()])
+    out = codec.decompress([stream])
+    assert torch.isfinite(out).all()
+    flat = out[0, :8].reshape(-1)
+    finite = torch.from_numpy(np.isfinite(vals))
+    assert torch.all(flat[finite] == 1.5)
+    assert torch.equal(flat[~finite], codec.conceal[:8].reshape(-1)[~finite])
+
+
+# --- properties over every codec: mutated CRC-valid streams ---------------------------------
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(STREAM_CODECS)), st.data())
+def test_mutated_crc_valid_streams_decode_deterministically_or_raise(name, data):
+    codec = ready_small(name)
+    stream = codec.compress(_features(1, seed=5))[0]
+    packets = list(stream.packets)
+    i = data.draw(st.integers(0, len(packets) - 1))
+    p = bytearray(packets[i])
+    kind = data.draw(st.sampled_from(["flip", "byte", "truncate", "extend", "random"]))
+    if kind == "flip" and p:
+        bit = data.draw(st.integers(0, 8 * len(p) - 1))
+        p[bit // 8] ^= 1 << (bit % 8)
+    elif kind == "byte" and p:
+        p[data.draw(st.integers(0, len(p) - 1))] = data.draw(st.integers(0, 255))
+    elif kind == "truncate":
+        p = p[: data.draw(st.integers(0, len(p)))]
+    elif kind == "extend":
+        p += data.draw(st.binary(max_size=64))
+    else:
+        p = bytearray(data.draw(st.binary(max_size=2 * len(p) + 8)))
+    packets[i] = bytes(p)
+    # re-framed, so every CRC is valid: only the decoder stands between the bytes and the tail
+    mutated = Bitstream.from_bytes(Bitstream(stream.header, packets, 3).to_bytes())
+    outs = []
+    for _ in range(2):
+        try:
+            outs.append(codec.decompress([mutated]))
+        except SAFE:
+            outs.append(None)
+    if outs[0] is None:
+        assert outs[1] is None
+        return
+    assert torch.equal(outs[0], outs[1])
+    assert outs[0].shape == (1, *SHAPE) and torch.isfinite(outs[0]).all()
+
+
+def test_every_registered_codec_has_a_small_configuration():
+    from flowcodec.codecs import CODECS
+    from flowcodec.codecs.examples import SMALL_CODECS, build_small
+
+    assert set(CODECS) <= set(SMALL_CODECS), sorted(set(CODECS) - set(SMALL_CODECS))
+    for name in ("quant", "factorized", "token-map"):
+        assert build_small(name).feature_shape is not None

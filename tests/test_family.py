@@ -126,3 +126,14 @@ def test_same_seed_same_family():
     b = train_recipe("digits", progress=False, epochs=1)[0]
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(va, vb), k
+
+
+# --- the hint for an unknown family names what train-family accepts -------------------------
+def test_unknown_family_hint_names_the_trainable_families():
+    from flowcodec.family import load_pretrained
+
+    with pytest.raises(ConfigError) as e:
+        load_pretrained("nope", progress=False)
+    msg = str(e.value)
+    assert "--family nope" not in msg and "cifar10" in msg and "digits" in msg
+    assert not isinstance(e.value, CheckpointError)

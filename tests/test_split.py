@@ -10,7 +10,7 @@ from torch import nn
 
 from channels import FastLink
 from flowcodec.codecs import build_codec
-from flowcodec.errors import SplitError
+from flowcodec.errors import ConfigError, SplitError
 from flowcodec.split import split_model, train_codec
 
 
@@ -110,3 +110,118 @@ def test_codec_trained_by_distillation_runs_over_a_link(digits_family, digits):
     assert res.steps == 300
     assert agree >= 0.85, agree
     assert out.mean_bits() / 8 < raw_bytes / 4, (out.mean_bits() / 8, raw_bytes)
+
+
+# --- the user's model is left as it was; named errors for bad input -------------------------
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    )  # fmt: skip
+
+
+def snapshot(model: nn.Module):
+    return ([(n, m.training) for n, m in model.named_modules()],
+            [(n, p.requires_grad) for n, p in model.named_parameters()])  # fmt: skip
+
+
+def test_train_codec_leaves_the_users_model_as_it_was():
+    import torchvision
+
+    from flowcodec.codecs import build_codec
+    from flowcodec.split import split_model, train_codec
+
+    net = torchvision.models.resnet18(num_classes=10)
+    net.layer1[0].bn1.eval()  # a mixed state the user chose: one BN frozen in a training model
+    net.fc.weight.requires_grad_(False)
+    before = snapshot(net)
+    sm = split_model(net, "layer2", torch.randn(2, 3, 32, 32))
+    assert snapshot(net) == before
+    codec = build_codec("factorized", sm.feature_shape, latent=4, hidden=8)
+    train_codec(sm, codec, [torch.randn(2, 3, 32, 32)], steps=2, progress=False)
+    assert snapshot(net) == before
+    assert all(p.grad is None for p in net.parameters())  # no gradients left in the model
+
+
+def test_a_refused_codec_also_leaves_the_model_as_it_was():
+    from flowcodec.codecs import build_codec
+    from flowcodec.split import split_model, train_codec
+
+    net = small_cnn().train()
+    before = snapshot(net)
+    sm = split_model(net, "2", torch.randn(2, 1, 8, 8))
+    codec = build_codec("raw", sm.feature_shape)  # no trainable parameters: refused
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        train_codec(sm, codec, [torch.randn(2, 1, 8, 8)], steps=1, progress=False)
+    codec = build_codec("factorized", sm.feature_shape, latent=2, hidden=4)
+    with pytest.raises(ConfigError, match="empty"):  # fails inside the loop
+        train_codec(sm, codec, [torch.zeros(0, 1, 8, 8)], steps=1, progress=False)
+    assert snapshot(net) == before
+
+
+@pytest.fixture
+def cut():
+    from flowcodec.codecs import build_codec
+    from flowcodec.split import split_model
+
+    sm = split_model(small_cnn().eval(), "2", torch.randn(2, 1, 8, 8))
+    return sm, build_codec("factorized", sm.feature_shape, latent=2, hidden=4)
+
+
+def test_train_codec_names_empty_inputs(cut):
+    from flowcodec.split import train_codec
+
+    sm, codec = cut
+    with pytest.raises(ConfigError, match="no batches"):
+        train_codec(sm, codec, [], steps=2, progress=False)
+    with pytest.raises(ConfigError, match="batch 1 of inputs is empty"):
+        train_codec(sm, codec, [torch.randn(2, 1, 8, 8), torch.zeros(0, 1, 8, 8)], steps=3,
+                    progress=False)  # fmt: skip
+    with pytest.raises(ConfigError, match="steps"):
+        train_codec(sm, codec, [torch.randn(2, 1, 8, 8)], steps=0, progress=False)
+
+
+def test_train_codec_cycles_a_short_generator(cut):
+    from flowcodec.split import train_codec
+
+    sm, codec = cut
+    gen = (torch.randn(4, 1, 8, 8) for _ in range(2))  # one-shot, shorter than steps
+    res = train_codec(sm, codec, gen, steps=5, progress=False)
+    assert res.steps == 5
+    assert res.distortion == res.distortion and res.bits == res.bits  # not NaN
+
+
+def test_train_codec_makes_no_float_warning(cut, recwarn):
+    from flowcodec.split import train_codec
+
+    sm, codec = cut
+    train_codec(sm, codec, [torch.randn(2, 1, 8, 8)], steps=2, progress=False)
+    assert not [w for w in recwarn if "requires_grad" in str(w.message)]
+
+
+def test_empty_batches_are_named_errors(cut):
+    from channels import IIDPacketErasure
+    from flowcodec.codecs import build_codec
+
+    sm, codec = cut
+    codec.update(force=True)
+    with pytest.raises(ConfigError, match="empty batch"):
+        sm.flow(codec, IIDPacketErasure(0.0)).run(torch.zeros(0, 1, 8, 8))
+    raw = build_codec("raw", sm.feature_shape)
+    with pytest.raises(ConfigError, match="empty batch"):
+        raw(torch.zeros(0, *sm.feature_shape))
+    with pytest.raises(ConfigError, match="empty batch"):
+        raw.compress(torch.zeros(0, *sm.feature_shape))
+
+
+def test_split_model_refuses_an_unbatched_example():
+    from flowcodec.split import split_model
+
+    for at in ("0", "1", "2"):  # conv2d takes an unbatched (C, H, W); BatchNorm does not
+        with pytest.raises(SplitError, match="batch"):
+            split_model(small_cnn(), at, torch.zeros(1, 8, 8))
+    with pytest.raises(SplitError, match="empty batch"):
+        split_model(small_cnn(), "1", torch.zeros(0, 1, 8, 8))
+    assert split_model(small_cnn(), "1", torch.zeros(1, 1, 8, 8)).feature_shape == (4, 8, 8)

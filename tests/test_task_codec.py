@@ -151,9 +151,20 @@ def test_bad_input_raises_named_errors():
     with pytest.raises(ConfigError):
         build_codec("task", SHAPE, latent=0)
     with pytest.raises(ConfigError):
-        build_codec("task", (16, 7, 8))
+        build_codec("task", (16, 1, 8))
+    with pytest.raises(ConfigError):
+        build_codec("task", (16, 8))
     with pytest.raises(ConfigError):
         TaskCodec(SHAPE, rates=0)
+
+
+def test_odd_feature_maps_round_trip_at_their_size():
+    codec = build_codec("task", (16, 7, 7), latent=8, hidden=32, rates=2).eval()
+    codec.update(force=True)
+    h = torch.rand(3, 16, 7, 7)
+    out = codec.decompress(codec.compress(h, rate=1))
+    assert out.shape == (3, 16, 7, 7)
+    assert torch.equal(out, codec(h, rate=1).features)
 
 
 def test_huge_finite_features_code_in_bounded_time():

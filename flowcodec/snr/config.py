@@ -1,14 +1,99 @@
-"""Checking an ``snr`` config whole, before any work (the keys: see :mod:`flowcodec.snr`)."""
+"""Checking an ``snr`` config whole, before any work (the keys: see :mod:`flowcodec.snr`).
+
+The shape is the pydantic model :class:`SNRSchema` (see :mod:`flowcodec.schema`); values
+that must be among another key's (``exact_budgets`` of ``budgets``) read them from the
+validation context, and checks across keys add their messages to the same list.
+"""
 
 from __future__ import annotations
 
+import functools
+from typing import Annotated, Any
+
 import torch
+from pydantic import AfterValidator, Field, ValidationInfo, create_model
+from pydantic_core import PydanticCustomError
 
-from flowcodec.config import family_members, known_names
+from flowcodec.config import PosInt, family_members, known_names
 from flowcodec.errors import ConfigError
-from flowcodec.schema import Any_, Bool, In, ListOf, MapOf, Num, Obj, Str, raise_errors
+from flowcodec.schema import Allowed, Strict, member_range, raise_errors, registered, show, validate
 
-__all__ = ["validate_config"]
+__all__ = ["validate_config", "SNRSchema"]
+
+
+def _listed(key: str) -> Any:
+    """One of the values of the config's ``key`` (anything while that key is not a list)."""
+
+    def ok(v: Any, info: ValidationInfo) -> Any:
+        values = info.context["listed"].get(key)
+        if values is not None and (isinstance(v, bool) or v not in values):
+            raise PydanticCustomError("config", "{v} is not allowed; allowed: {values}", {
+                "v": show(v), "values": ", ".join(map(show, values)) or "(none)"})
+        return v
+
+    return Annotated[Any, AfterValidator(ok)]
+
+
+def _uses(v: Any) -> Any:
+    ok = v == "schedule" or (isinstance(v, list) and v and all(
+        isinstance(u, int) and not isinstance(u, bool) and u >= 1 for u in v))
+    if not ok:
+        raise PydanticCustomError("config", "expected 'schedule' or a list of channel-use counts "
+                                  "(ints >= 1), got {v}", {"v": show(v)})  # fmt: skip
+    return v
+
+
+Split = member_range(1)
+
+
+class JSCCEntry(Strict):
+    what = "a jscc entry (an object)"
+    label: str
+    codec: Annotated[str, Allowed("a shipped codec name, a checkpoint path or '@label'")] = None
+    train: Any = None  # checked by _check_train
+    uses: Annotated[Any, AfterValidator(_uses)] = None
+    told_snr: float | None = None
+    uncoded: bool | None = None
+    channels: Annotated[list[_listed("channels")] | None,
+                        Allowed("a list of the config's channels")] = None  # fmt: skip
+    views: Annotated[int, Field(ge=1, le=4)] = None
+
+
+class Digital(Strict):
+    codec: Annotated[str, Allowed("a shipped codec name or a checkpoint path")] = None
+    train: Any = None  # checked by _check_train
+    label: str = None
+    mcs: Annotated[list[Annotated[int, Field(ge=0, le=28)]], Field(min_length=1),
+                   Allowed("a list of MCS indices")] = None  # fmt: skip
+    exact_budgets: Annotated[list[_listed("budgets")],
+                             Allowed("a list of budgets of 'budgets'")] = None  # fmt: skip
+    exact_samples: PosInt = None
+    rate_points: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1),
+                           Allowed("a list of rate points")] = None  # fmt: skip
+
+
+class SNRSchema(Strict):
+    """A ``flowcodec snr`` config (``experiments/snr_*.json``)."""
+
+    what = "a JSON object"
+    title: str = None
+    dataset: registered("datasets", "a dataset name")
+    family: registered("families", "a family name")
+    member: Split
+    point: Split
+    samples: PosInt | None = None
+    seed: int = None
+    snrs: Annotated[list[Annotated[float, Field(ge=-30, le=60, description="dB")]],
+                    Field(min_length=1), Allowed("a list of SNRs in dB")]  # fmt: skip
+    channels: Annotated[list[registered("channels", "a channel name")], Field(min_length=1),
+                        Allowed("a list of channel names")]  # fmt: skip
+    budgets: Annotated[list[PosInt], Field(min_length=1),
+                       Allowed("a list of channel-use budgets (ints >= 1)")]  # fmt: skip
+    jscc: Annotated[list[JSCCEntry], Allowed("a list of jscc entries (objects)")] = None
+    digital: Digital | None = None
+    uses_plot_snrs: Annotated[list[_listed("snrs")], Allowed("a list of SNRs of 'snrs'")] = None
+    coherence: PosInt = None
+    entry_seeds: bool = None
 
 
 def validate_config(cfg: dict, where: str = "snr config") -> dict:
@@ -18,60 +103,32 @@ def validate_config(cfg: dict, where: str = "snr config") -> dict:
 
     if not isinstance(cfg, dict):
         raise ConfigError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
-    known = known_names()
     k = family_members(cfg.get("family"))
-    note = f"the {cfg.get('family')} family has {k} members" if k else ""
-    split = Num(integer=True, lo=1, hi=k, note=note) if k else Num(integer=True, lo=1)
-    # values of another key ("exact_budgets" of "budgets"); anything when that key is bad
-    listed = {key: In(tuple(cfg[key])) if isinstance(cfg.get(key), list) else Any_()
-              for key in ("snrs", "channels", "budgets")}  # fmt: skip
-    entries = [e for e in (cfg.get("jscc") if isinstance(cfg.get("jscc"), list) else [])
-               if isinstance(e, dict)] + [cfg.get("digital")]  # fmt: skip
-    trains = any(isinstance(e, dict) and "train" in e for e in entries)
-    shape = _split_shape(cfg, k) if trains else None  # codecs trained here are built on it
-    jscc = Obj({
-        "label": Str(), "codec": Str(what="a shipped codec name, a checkpoint path or '@label'"),
-        "train": Any_(), "uses": Any_(), "told_snr": Num(optional=True),
-        "uncoded": Bool(optional=True),
-        "channels": ListOf(listed["channels"], what="a list of the config's channels",
-                           optional=True),
-        "views": Num(integer=True, lo=1, hi=4),
-    }, required=("label",), what="a jscc entry (an object)",
-        extra=lambda e, path, errors: _check_jscc_entry(e, path, errors, shape))  # fmt: skip
-    digital = Obj({
-        "codec": Str(what="a shipped codec name or a checkpoint path"), "train": Any_(),
-        "label": Str(),
-        "mcs": ListOf(Num(integer=True, lo=0, hi=28), min_len=1, what="a list of MCS indices"),
-        "exact_budgets": ListOf(listed["budgets"], what="a list of budgets of 'budgets'"),
-        "exact_samples": Num(integer=True, lo=1),
-        "rate_points": ListOf(Num(integer=True, lo=0), min_len=1, what="a list of rate points"),
-    }, what="an object", optional=True,
-        extra=lambda d, path, errors: _check_digital(d, path, errors, shape))
-    schema = Obj({
-        "title": Str(), "dataset": Str(choices=known["datasets"]),
-        "family": Str(choices=known["families"]), "member": split, "point": split,
-        "samples": Num(integer=True, lo=1, optional=True), "seed": Num(integer=True),
-        "snrs": ListOf(Num(lo=-30, hi=60, note="dB"), min_len=1, what="a list of SNRs in dB"),
-        "channels": ListOf(Str(choices=tuple(CHANNELS)), min_len=1,
-                           what="a list of channel names"),
-        "budgets": ListOf(Num(integer=True, lo=1), min_len=1,
-                          what="a list of channel-use budgets (ints >= 1)"),
-        "jscc": ListOf(jscc, what="a list of jscc entries (objects)"), "digital": digital,
-        "uses_plot_snrs": ListOf(listed["snrs"], what="a list of SNRs of 'snrs'"),
-        "coherence": Num(integer=True, lo=1), "entry_seeds": Bool(),
-    }, required=("dataset", "family", "member", "point", "snrs", "channels", "budgets"))
-    errors: list[str] = []
-    schema.check(cfg, "", errors)
+    ctx = {"known": {**known_names(), "channels": tuple(CHANNELS)}, "members": k,
+           "family": cfg.get("family"),
+           "listed": {key: cfg[key] for key in ("snrs", "channels", "budgets")
+                      if isinstance(cfg.get(key), list)}}  # fmt: skip
+    errors, cause = validate(cfg, SNRSchema, ctx)
+    entries = [(f"jscc[{i}]", "jscc", e) for i, e in enumerate(
+        cfg.get("jscc") if isinstance(cfg.get("jscc"), list) else [])]
+    entries.append(("digital", "task", cfg.get("digital")))
+    entries = [(p, kind, e) for p, kind, e in entries if isinstance(e, dict)]
+    # codecs trained here are built on the split's feature shape
+    shape = _split_shape(cfg, k) if any("train" in e for _, _, e in entries) else None
+    for path, kind, e in entries:
+        if ("codec" in e) == ("train" in e):
+            errors.append(f"{path}: give exactly one of 'codec' (a name or path) and 'train'")
+        elif "train" in e:
+            _check_train(e["train"], kind, shape, f"{path}.train", errors)
     labels: list = []  # an "@label" codec is an earlier entry's
-    for i, e in enumerate(cfg.get("jscc") if isinstance(cfg.get("jscc"), list) else []):
-        if not isinstance(e, dict):
-            continue
+    for path, kind, e in entries:
         ref = e.get("codec")
-        if isinstance(ref, str) and ref.startswith("@") and ref[1:] not in labels:
-            errors.append(f"jscc[{i}].codec: {ref!r} names no earlier jscc entry; earlier: "
+        if kind == "jscc" and isinstance(ref, str) and ref.startswith("@") \
+                and ref[1:] not in labels:  # fmt: skip
+            errors.append(f"{path}.codec: {ref!r} names no earlier jscc entry; earlier: "
                           f"{', '.join(map(repr, labels)) or 'none'}")  # fmt: skip
         labels.append(e.get("label"))
-    raise_errors(errors, where)
+    raise_errors(errors, cause, what=where)
     return cfg
 
 
@@ -86,42 +143,28 @@ def _split_shape(cfg: dict, members: int | None):
     return build_family(cfg["family"]).feature_shape(p)
 
 
-def _check_one_source(e: dict, path: str, errors: list[str]) -> bool:
-    if ("codec" in e) == ("train" in e):
-        errors.append(f"{path}: give exactly one of 'codec' (a name or path) and 'train'")
-        return False
-    return True
+@functools.cache
+def _train_model(kind: str) -> type[Strict]:
+    """A ``"train"`` object: the settings of the trainer of ``kind``, and ``kwargs``."""
+    from dataclasses import fields
 
+    from flowcodec.codecs.jscc_train import JSCCTrainConfig
+    from flowcodec.codecs.train_task import TaskTrainConfig
 
-def _check_jscc_entry(e: dict, path: str, errors: list[str], shape) -> None:
-    u = e.get("uses", "schedule")
-    if u != "schedule":
-        ListOf(Num(integer=True, lo=1), min_len=1,
-               what="'schedule' or a list of channel-use counts (ints >= 1)"
-               ).check(u, f"{path}.uses", errors)  # fmt: skip
-    if _check_one_source(e, path, errors) and "train" in e:
-        _check_train(e["train"], "jscc", shape, f"{path}.train", errors)
-
-
-def _check_digital(d: dict, path: str, errors: list[str], shape) -> None:
-    if _check_one_source(d, path, errors) and "train" in d:
-        _check_train(d["train"], "task", shape, f"{path}.train", errors)
+    known = sorted(f.name for f in fields(JSCCTrainConfig if kind == "jscc" else TaskTrainConfig))
+    model = create_model(f"{kind}Train", __base__=Strict, kwargs=(dict[str, Any], None),
+                         **{name: (Any, None) for name in known if name != "kwargs"})
+    model.what = "an object of training settings with optional 'kwargs'"
+    return model
 
 
 def _check_train(t, kind: str, shape, path: str, errors: list[str]) -> None:
     """A ``"train"`` object: known settings, and kwargs that build a codec at the split."""
-    from dataclasses import fields
-
     from flowcodec.codecs import build_codec
-    from flowcodec.codecs.jscc_train import JSCCTrainConfig
-    from flowcodec.codecs.train_task import TaskTrainConfig
 
-    known = {f.name for f in fields(JSCCTrainConfig if kind == "jscc" else TaskTrainConfig)}
-    spec = Obj({**{name: Any_() for name in sorted(known)}, "kwargs": MapOf(Any_())},
-               what="an object of training settings with optional 'kwargs'")  # fmt: skip
-    before = len(errors)
-    spec.check(t, path, errors)
-    if len(errors) > before or shape is None:
+    problems = validate(t, _train_model(kind), at=path)[0]
+    errors += problems
+    if problems or shape is None:
         return
     try:
         with torch.device("meta"):
