@@ -40,6 +40,8 @@ SMALL_CODECS: dict[str, dict] = {
     "binary": dict(latent=4, hidden=16, packets=2),
     "token-merge": dict(clusters=8, latent=8, hidden=16, packets=2),
     "token-map": dict(inner="factorized", inner_kwargs=dict(latent=8, hidden=16, packets=2)),
+    # registered when flowcodec.lm.codec is imported: the language family's hidden states
+    "lm-hidden": dict(latent=4, hidden=16, rates=2),
     "token-prune": {},
     "task": {},
     "jscc": {},  # analog: sends channel symbols (encode/transmit), not bytes
@@ -54,6 +56,7 @@ SMALL_SHAPES: dict[str, tuple[int, ...]] = {
     "token-map": (17, 16),  # 17 tokens of width 16: a class token and a 4x4 grid
     "jpeg": (3, 16, 16),  # pixels
     "webp": (3, 16, 16),
+    "lm-hidden": (16, 32),  # a context of 16 tokens, hidden states of width 32
 }
 
 
