@@ -164,30 +164,38 @@ def cmd_train_family(args) -> int:
     return 0
 
 
-def _save_air(args, fam, res, out, hw, overrides) -> int:
-    """Save a family trained by the air recipe as float16 and measure it after that rounding
-    (one view, the full test set); keep the training state when the time budget stopped it."""
+def _save_measured_half(fam, out, dataset: str, data_root, seconds: float, history: list,
+                        hw: str, extra: dict):  # fmt: skip
+    """Save ``fam`` as float16, load it back and measure those weights on the full test set
+    (the float16 weights are what ships), then save again with the accuracies. Returns
+    ``(loaded family, accuracies, weights path)``."""
     from flowcodec.data import load_dataset
     from flowcodec.family import evaluate_family, load_family, save_family
-    from flowcodec.family.pretrained import family_dataset
     from flowcodec.family.train import TrainResult
+
+    save_family(fam.to("cpu"), out, None, half=True, hardware=hw, **extra)
+    loaded = load_family(out)
+    _, test = load_dataset(dataset, root=data_root)
+    accs = evaluate_family(loaded, test)
+    path = save_family(loaded, out, TrainResult(accs, seconds, history), half=True,
+                       hardware=hw, **extra)  # fmt: skip
+    return loaded, accs, path
+
+
+def _save_air(args, fam, res, out, hw, overrides) -> int:
+    """Save a family trained by the air recipe as float16 and measure it after that rounding
+    (one view, the full test set). Its time budget refits the run, so a finished run leaves
+    no state to resume."""
+    from flowcodec.family.pretrained import family_dataset
     from flowcodec.scale.ddp import state_paths
 
     extra = {k: v for k, v in overrides.items() if k != "time_budget_s"}
     extra.update(steps_done=res.steps_done, total_steps=res.total_steps, history=res.history,
                  float32_test_accuracy=res.accuracies)  # fmt: skip
-    save_family(fam.to("cpu"), out, None, half=True, hardware=hw, **extra)
-    loaded = load_family(out)
-    _, test = load_dataset(family_dataset(args.family), root=args.data)
-    accs = evaluate_family(loaded, test)
-    path = save_family(loaded, out, TrainResult(accs, res.seconds, res.history), half=True,
-                       hardware=hw, **extra)  # fmt: skip
-    if res.steps_done >= res.total_steps:
-        for f in state_paths(out):  # finished: nothing left to resume
-            f.unlink(missing_ok=True)
-    else:
-        print(f"stopped after step {res.steps_done} of {res.total_steps} (time budget); "
-              "--resume goes on from there")  # fmt: skip
+    loaded, accs, path = _save_measured_half(fam, out, family_dataset(args.family), args.data,
+                                             res.seconds, res.history, hw, extra)  # fmt: skip
+    for f in state_paths(out):  # finished: nothing left to resume
+        f.unlink(missing_ok=True)
     print(_table(_member_rows(loaded, accs), ["member", "test acc %", "params", "MFLOPs"]))
     print(f"trained in {res.seconds:.1f} s on {hw}; saved {path} (float16)")
     return 0
@@ -198,10 +206,7 @@ def _grow_family(args, device, overrides, out, resumed) -> int:
     saved as float16 and measured after that rounding."""
     import torch
 
-    from flowcodec.data import load_dataset
-    from flowcodec.family import evaluate_family, load_family, save_family
     from flowcodec.family.pretrained import RECIPES, grow_recipe
-    from flowcodec.family.train import TrainResult
     from flowcodec.scale.ddp import state_paths
 
     if args.budget_min is not None:
@@ -214,12 +219,8 @@ def _grow_family(args, device, overrides, out, resumed) -> int:
     if resumed:
         extra["resumed_from_epoch"] = resumed
     extra.update(grown=args.grow, epochs_done=res.epochs_done, history=res.history)
-    save_family(fam.to("cpu"), out, None, half=True, hardware=hw, **extra)
-    loaded = load_family(out)  # the float16 weights are what ships: measure those
-    _, test = load_dataset(args.family, root=args.data)
-    accs = evaluate_family(loaded, test)
-    path = save_family(loaded, out, TrainResult(accs, res.seconds, res.history), half=True,
-                       hardware=hw, **extra)  # fmt: skip
+    loaded, accs, path = _save_measured_half(fam, out, args.family, args.data, res.seconds,
+                                             res.history, hw, extra)  # fmt: skip
     epochs = overrides.get("epochs") or RECIPES[args.family]["grow"]["epochs"]
     if res.epochs_done >= epochs:
         for f in state_paths(out):  # finished: nothing left to resume

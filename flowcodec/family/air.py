@@ -213,20 +213,6 @@ class _Lookahead:
             sd[k].copy_(self.ema[k])
 
 
-@torch.no_grad()
-def _evaluate(family, images, labels, batch, cl) -> list[float]:
-    family.eval()
-    correct = torch.zeros(family.num_members)
-    for i in range(0, len(images), batch):
-        x = images[i : i + batch]
-        if cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        for j, lg in enumerate(family(x)):
-            correct[j] += (lg.argmax(1) == labels[i : i + batch]).sum()
-    family.train()
-    return (correct / len(images)).tolist()
-
-
 def train_air(family: EarlyExitFamily, train: ArrayDataset, test: ArrayDataset | None = None,
               config: AirConfig | None = None, checkpoint=None, resume: bool = False):  # fmt: skip
     """Train every exit of ``family`` (a ``cifar10-air`` family) with the recipe; returns a
@@ -237,7 +223,7 @@ def train_air(family: EarlyExitFamily, train: ArrayDataset, test: ArrayDataset |
     the last saved epoch. A time budget (``time_budget_s``) fits the rest of the run, after
     every epoch, to the epochs it still allows at the last epoch's pace; the schedules follow
     the refitted length, so the run still ends annealed."""
-    from flowcodec.family.train import TrainResult
+    from flowcodec.family.train import TrainResult, evaluate_family
     from flowcodec.scale.ddp import load_state, save_state
     from flowcodec.training import EpochLoop
 
@@ -296,7 +282,6 @@ def train_air(family: EarlyExitFamily, train: ArrayDataset, test: ArrayDataset |
             loop.resume(int(saved["epoch"]), saved["history"])
             if look is not None:
                 holder["ema"].copy_into(look)
-    tx = test.normalize(test.images) if test is not None else None
     for epoch in loop.epochs():
         whiten_bias.requires_grad_(epoch <= cfg.whiten_bias_epochs)
         crops = _shift_crop(padded, 32, gen) if pad else padded
@@ -323,9 +308,9 @@ def train_air(family: EarlyExitFamily, train: ArrayDataset, test: ArrayDataset |
                 look.update(family, 0.95**5 * (loop.step / loop.total) ** 3)
             loop.add(len(y), loss=last / len(y), acc=hits / len(y))
         rec = loop.record()
-        if tx is not None:
-            rec["test_acc"] = [round(a, 4) for a in _evaluate(family, tx, test.labels,
-                                                              cfg.eval_batch, cl)]
+        if test is not None:
+            rec["test_acc"] = [round(a, 4) for a in evaluate_family(family, test,
+                                                                    cfg.eval_batch, dev)]
         line = (f"epoch {epoch}: loss {rec['loss']:.3f} train acc {rec['acc']:.3f}"
                 + (f" test {rec['test_acc']}" if "test_acc" in rec else ""))  # fmt: skip
         loop.commit(rec, line=line)
@@ -338,8 +323,7 @@ def train_air(family: EarlyExitFamily, train: ArrayDataset, test: ArrayDataset |
         look.update(family, 1.0)  # the end of the run: the weights become the average
     loop.close()
     family.eval().to(memory_format=torch.contiguous_format)
-    accs = _evaluate(family, tx, test.labels, cfg.eval_batch, False) if tx is not None else []
-    family.eval()
+    accs = evaluate_family(family, test, cfg.eval_batch, dev) if test is not None else []
     res = TrainResult(accs, loop.elapsed, loop.history)
     res.steps_done, res.total_steps = loop.step, loop.total
     return res
