@@ -197,20 +197,25 @@ def _shift_crop(padded: torch.Tensor, size: int, gen: torch.Generator) -> torch.
     return out
 
 
-class _Lookahead:
+class _Lookahead(nn.Module):
     """Every few steps the weights move to ``ema.lerp(weights, 1 - decay)`` (and the EMA with
-    them): what the run evaluates and saves is the averaged model."""
+    them): what the run evaluates and saves is the averaged model. The average is held as
+    buffers, so the training state saves and restores it with the rest."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.names = [k for k, v in module.state_dict().items() if v.is_floating_point()]
-        self.ema = {k: module.state_dict()[k].detach().clone() for k in self.names}
+        super().__init__()
+        sd = module.state_dict()
+        self.names = [k for k, v in sd.items() if v.is_floating_point()]
+        for i, k in enumerate(self.names):
+            self.register_buffer(f"t{i}", sd[k].detach().clone())
 
     @torch.no_grad()
     def update(self, module: nn.Module, decay: float) -> None:
         sd = module.state_dict()
-        for k in self.names:
-            self.ema[k].lerp_(sd[k], 1 - decay)
-            sd[k].copy_(self.ema[k])
+        for i, k in enumerate(self.names):
+            ema = getattr(self, f"t{i}")
+            ema.lerp_(sd[k], 1 - decay)
+            sd[k].copy_(ema)
 
 
 def train_air(family: EarlyExitFamily, train: ArrayDataset, test: ArrayDataset | None = None,
@@ -275,13 +280,11 @@ def train_air(family: EarlyExitFamily, train: ArrayDataset, test: ArrayDataset |
 
     holder = nn.ModuleDict({"family": family})
     if look is not None:
-        holder["ema"] = _EmaModule(look)
+        holder["ema"] = look
     if checkpoint is not None and resume:
         saved = load_state(checkpoint, holder, opt, sched, gen)
         if saved is not None:
             loop.resume(int(saved["epoch"]), saved["history"])
-            if look is not None:
-                holder["ema"].copy_into(look)
     for epoch in loop.epochs():
         whiten_bias.requires_grad_(epoch <= cfg.whiten_bias_epochs)
         crops = _shift_crop(padded, 32, gen) if pad else padded
@@ -315,8 +318,6 @@ def train_air(family: EarlyExitFamily, train: ArrayDataset, test: ArrayDataset |
                 + (f" test {rec['test_acc']}" if "test_acc" in rec else ""))  # fmt: skip
         loop.commit(rec, line=line)
         if checkpoint is not None:
-            if look is not None:
-                holder["ema"].copy_from(look)
             save_state(checkpoint, holder, opt, sched, gen, epoch, loop.history,
                        {"config": asdict(cfg)})  # fmt: skip
     if look is not None:
@@ -327,22 +328,3 @@ def train_air(family: EarlyExitFamily, train: ArrayDataset, test: ArrayDataset |
     res = TrainResult(accs, loop.elapsed, loop.history)
     res.steps_done, res.total_steps = loop.step, loop.total
     return res
-
-
-class _EmaModule(nn.Module):
-    """The lookahead average as buffers, so the training state saves and restores it."""
-
-    def __init__(self, look: _Lookahead) -> None:
-        super().__init__()
-        self._keys = {}
-        for i, k in enumerate(look.names):
-            self._keys[k] = f"t{i}"
-            self.register_buffer(f"t{i}", look.ema[k].clone())
-
-    def copy_from(self, look: _Lookahead) -> None:
-        for k, b in self._keys.items():
-            getattr(self, b).copy_(look.ema[k])
-
-    def copy_into(self, look: _Lookahead) -> None:
-        for k, b in self._keys.items():
-            look.ema[k].copy_(getattr(self, b))
