@@ -139,7 +139,7 @@ def cmd_train_family(args) -> int:
         fam, res = train_recipe(args.family, device=device,
                                 progress=not args.no_progress and dist.is_main,
                                 data_root=args.data, dist=dist, checkpoint=out,
-                                resume=args.resume, **overrides)  # fmt: skip
+                                resume=args.resume, init=args.init, **overrides)  # fmt: skip
     except PeerLost as e:
         print(f"flowcodec train-family: error: {e}", file=sys.stderr)
         return 3
@@ -154,6 +154,8 @@ def cmd_train_family(args) -> int:
         overrides["ranks"] = dist.world
     if resumed:
         overrides["resumed_from_epoch"] = resumed
+    if args.init:
+        overrides["init"] = str(args.init)
     if air:
         return _save_air(args, fam, res, out, hw, overrides)
     path = save_family(fam, out, res, hardware=hw, **overrides)
@@ -372,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the trained family's members but the last and train a new, "
                         "larger last member of this kind on their frozen trunk (cifar10: xl; "
                         "docs/family.md)")  # fmt: skip
+    t.add_argument("--init", default=None, metavar="PATH",
+                   help="with --family cifar10-air: start from this saved family's weights "
+                        "(same configuration) with a fresh schedule: a warm restart")
     t.add_argument("--budget-min", type=float, default=None,
                    help="with --grow: stop after the epoch that passes this many minutes "
                         "(--resume goes on); with --family cifar10-air: fit the run, after "

@@ -120,3 +120,33 @@ def test_training_learns_resumes_exactly_and_saves(tmp_path):
     loaded = load_family(path.with_suffix(""))
     assert loaded.config["name"] == "cifar10-air"
     assert [m.flops for m in loaded.info()] == [m.flops for m in full.info()]
+
+
+def test_warm_restart_keeps_the_init_weights_whitening_and_refuses_other_configs(tmp_path):
+    from flowcodec.family.pretrained import _load_init
+
+    train = _data(128, 4)
+    torch.manual_seed(1)
+    first = build_family("cifar10-air", **SMALL)
+    train_air(first, train, None, AirConfig(epochs=1, batch_size=64, progress=False))
+    save_family(first, tmp_path / "first", None)
+
+    torch.manual_seed(2)  # other fresh weights: the init replaces all of them
+    warm = build_family("cifar10-air", **SMALL)
+    _load_init(warm, tmp_path / "first", "cifar10-air")
+    for a, b in zip(first.state_dict().values(), warm.state_dict().values()):
+        assert torch.equal(a, b)
+    filters = warm.stages[0][0].weight.clone()
+    head = next(p for p in warm.exits[-1].parameters()).clone()
+    train_air(warm, train, None, AirConfig(epochs=1, batch_size=64, progress=False),
+              warm=True)  # fmt: skip
+    assert torch.equal(warm.stages[0][0].weight, filters)  # whitening kept, not recomputed
+    assert not torch.equal(next(p for p in warm.exits[-1].parameters()), head)  # it trained
+
+    other = build_family("cifar10-air", widths=(8, 16, 32), exit_widths=(8, 16), extra=1)
+    try:
+        _load_init(other, tmp_path / "first", "cifar10-air")
+    except ConfigError as e:
+        assert "configuration" in str(e)
+    else:
+        raise AssertionError("a family of another configuration was accepted as init")

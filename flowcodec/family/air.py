@@ -219,7 +219,8 @@ class _Lookahead(nn.Module):
 
 
 def train_air(family: EarlyExitFamily, train: ArrayDataset, test: ArrayDataset | None = None,
-              config: AirConfig | None = None, checkpoint=None, resume: bool = False):  # fmt: skip
+              config: AirConfig | None = None, checkpoint=None, resume: bool = False,
+              warm: bool = False):  # fmt: skip
     """Train every exit of ``family`` (a ``cifar10-air`` family) with the recipe; returns a
     :class:`~flowcodec.family.train.TrainResult` (test accuracy per member, one view).
 
@@ -227,7 +228,10 @@ def train_air(family: EarlyExitFamily, train: ArrayDataset, test: ArrayDataset |
     average, generator) is written after every epoch; with ``resume`` training continues after
     the last saved epoch. A time budget (``time_budget_s``) fits the rest of the run, after
     every epoch, to the epochs it still allows at the last epoch's pace; the schedules follow
-    the refitted length, so the run still ends annealed."""
+    the refitted length, so the run still ends annealed.
+
+    ``warm``: ``family`` already holds trained weights (a warm restart, ``train-family
+    --init``): its whitening filters are kept, and the run is a new schedule from them."""
     from flowcodec.family.train import TrainResult, evaluate_family
     from flowcodec.scale.ddp import load_state, save_state
     from flowcodec.training import EpochLoop
@@ -242,7 +246,9 @@ def train_air(family: EarlyExitFamily, train: ArrayDataset, test: ArrayDataset |
     images = train.normalize(train.images)
     labels = train.labels
     # (on resume the saved weights replace it; the draws keep the generator in step)
-    whiten_init(family, images[torch.randperm(len(images), generator=gen)[:5000]])
+    sample = images[torch.randperm(len(images), generator=gen)[:5000]]
+    if not warm:
+        whiten_init(family, sample)
     flip0 = torch.rand(len(images), generator=gen) < 0.5  # epoch 0's flips; odd epochs flip all
     images = torch.where(flip0[:, None, None, None], images.flip(-1), images)
     pad = cfg.translate

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -100,12 +101,14 @@ def save_family(family: EarlyExitFamily, path: str | os.PathLike, result: TrainR
 
 
 def train_recipe(name: str, device: str = "cpu", progress: bool = True, data_root=None,
-                 dist=None, checkpoint=None, resume: bool = False,
+                 dist=None, checkpoint=None, resume: bool = False, init=None,
                  **overrides) -> tuple[EarlyExitFamily, TrainResult]:  # fmt: skip
     """Train family ``name`` with its recipe (``overrides`` change TrainConfig fields).
 
     ``dist``, ``checkpoint`` and ``resume`` are passed to :func:`train_family` (training
-    under torchrun, and resuming from the last saved epoch)."""
+    under torchrun, and resuming from the last saved epoch). ``init`` (a saved family of
+    the same name and configuration; air trainer only) starts from its weights: a warm
+    restart with a fresh schedule."""
     if name not in RECIPES:
         raise ConfigError(f"no recipe for family {name!r}; known: {sorted(RECIPES)}")
     recipe = RECIPES[name]
@@ -121,7 +124,13 @@ def train_recipe(name: str, device: str = "cpu", progress: bool = True, data_roo
                            "progress": progress})  # fmt: skip
         torch.manual_seed(cfg.seed)
         fam = build_family(name, **recipe["family"])
-        return fam, train_air(fam, train, test, cfg, checkpoint=checkpoint, resume=resume)
+        if init is not None:
+            _load_init(fam, init, name)
+        return fam, train_air(fam, train, test, cfg, checkpoint=checkpoint, resume=resume,
+                              warm=init is not None)  # fmt: skip
+    if init is not None:
+        raise ConfigError(f"init (a warm restart) is for families trained by the air "
+                          f"recipe; {name!r} is not")  # fmt: skip
     overrides.pop("time_budget_s", None)
     cfg = TrainConfig(**{**recipe["train"], **overrides, "device": device,
                          "progress": progress})  # fmt: skip
@@ -137,6 +146,18 @@ def train_recipe(name: str, device: str = "cpu", progress: bool = True, data_roo
         copy_stem(fam, load_pretrained(recipe["stem_from"], progress=progress))
     return fam, train_family(fam, train, test, cfg, dist=dist, checkpoint=checkpoint,
                              resume=resume, teacher=teacher)  # fmt: skip
+
+
+def _load_init(fam: EarlyExitFamily, path, name: str) -> None:
+    """Copy the weights of the saved family at ``path`` into ``fam`` (float16 weights are
+    widened); its name and configuration must be ``fam``'s."""
+    from flowcodec.family.checkpoint import load_family
+
+    src = load_family(path, expect={"name": name})
+    if json.loads(json.dumps(src.config)) != json.loads(json.dumps(fam.config)):  # tuples
+        raise ConfigError(f"init {path}: its configuration {src.config} is not the "
+                          f"recipe's {fam.config}")  # fmt: skip
+    fam.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
 
 
 def grow_recipe(name: str, kind: str, device: str = "cpu", progress: bool = True,
