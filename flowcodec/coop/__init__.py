@@ -3,6 +3,8 @@ features, and the edge fuses whatever arrives (issue 28; docs/cooperative.md).
 
 - :mod:`flowcodec.coop.views`: the seeded multi-view benchmark (partial observation);
 - :mod:`flowcodec.coop.fusion`: per-device task encoders and the edge fusion module;
+- :mod:`flowcodec.coop.cells`: the spatial edge fusion (``CoopConfig(cells=2)``: each device
+  sends a 2x2 grid of cells, placed at the edge by the device's anchor);
 - :mod:`flowcodec.coop.train`: joint training (``python -m flowcodec.coop.train``);
 - :mod:`flowcodec.coop.selective`: selective transmission (the edge asks in turn);
 - :mod:`flowcodec.coop.flow`: :class:`CooperativeFlow`, several device hops over their own

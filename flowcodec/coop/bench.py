@@ -54,7 +54,7 @@ from flowcodec.coop.selective import (
     prefix_masks,
     sweep,
 )
-from flowcodec.coop.views import ViewConfig, ViewGenerator
+from flowcodec.coop.views import ViewConfig, ViewGenerator, anchor_ids
 from flowcodec.errors import ConfigError
 
 __all__ = ["collect", "summarise", "fixed_prefixes", "check_qualities", "webp_codecs",
@@ -103,8 +103,11 @@ def webp_fuse(codec, member: nn.Module, views: torch.Tensor) -> dict:
 def collect(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator, data,
             loss: float = 0.3, seed: int = 0, batch_size: int = 250,
             progress: bool = True, finetuned: nn.Module | None = None,
-            webp_qualities: Sequence[int] = ()) -> dict:
+            webp_qualities: Sequence[int] = (), anchors: Sequence[int] | None = None) -> dict:
     """Run every method on ``data``; returns per-sample tensors (logits, bytes, masks).
+
+    ``anchors``: each device position's anchor id (session metadata; default the view
+    protocol's, :func:`~flowcodec.coop.views.anchor_ids`).
 
     ``finetuned``: the largest member fine-tuned on single views (the ``member3-view``
     baseline and the WebP fusion use it; the shipped member's views are kept as
@@ -167,7 +170,7 @@ def collect(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator, data
         acc["lats"].append(torch.stack(lats, 1))
 
         def fuse(mask, lats=lats, kl=kl):
-            return model.edge(lats, kl, mask).logits
+            return model.edge(lats, kl, mask, anchors=anchors).logits
 
         eye = torch.eye(n_dev, dtype=torch.bool)
         acc["all"].append(fuse(None))
@@ -183,6 +186,7 @@ def collect(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator, data
         acc["conf_prefix"].append(torch.stack([fuse(m) for m in prefix_masks(order, b)], 1))
     out = {k: torch.cat(v) for k, v in acc.items()}
     out["webp_qualities"] = list(webp)
+    out["anchors"] = None if anchors is None else list(anchors)
     return out
 
 
@@ -250,7 +254,8 @@ def summarise(model: CoopModel, kinds, res: dict, view_record: dict,
         {"note": f"member {model.cfg.member} on the whole image ({_mflops(big)} MFLOPs)"})
     dev_mf = _mflops(max(f["total"] for f in fl.values()))
     row("coop-all", acc(res["all"]), n_dev, float(sess.mean()), dev_mf,
-        {"per_device_bytes": [round(float(s), 2) for s in sess]}, float(full.mean()))
+        {"per_device_bytes": [round(float(s), 2) for s in sess], "cells": model.cfg.cells,
+         "numbers_per_device": model.width}, float(full.mean()))
     drops = [acc(res["drop"][:, k]) for k in range(res["drop"].shape[1])]
     for k, a in enumerate(drops):
         row(f"coop-drop[{k}]", a, n_dev - 1, float(sess.mean()), dev_mf)
@@ -267,7 +272,8 @@ def summarise(model: CoopModel, kinds, res: dict, view_record: dict,
             ("selective-confidence", order_c, prefixes_c, True, dev_mf_conf),
             ("selective-fixed", order_f.view(1, -1), None, False, dev_mf)):
         if prefixes is None:  # fixed order: re-fuse the kept latents, round by round
-            prefixes = list(fixed_prefixes(model, kinds, res["lats"], order).unbind(1))
+            prefixes = list(fixed_prefixes(model, kinds, res["lats"], order,
+                                           anchors=res.get("anchors")).unbind(1))
         for r in sweep(prefixes, order, res["bytes"], y, thresholds, conf_round):
             row(name, round(r["accuracy"], 4), n_dev, r["bytes_per_scene"] / n_dev, mf,
                 {"threshold": r["threshold"], "bytes_per_scene": round(r["bytes_per_scene"], 2),
@@ -291,15 +297,15 @@ def summarise(model: CoopModel, kinds, res: dict, view_record: dict,
 
 @torch.no_grad()
 def fixed_prefixes(model: CoopModel, kinds, lats: torch.Tensor, order: torch.Tensor,
-                   batch_size: int = 500) -> torch.Tensor:
+                   batch_size: int = 500, anchors: Sequence[int] | None = None) -> torch.Tensor:
     """Fused logits ``(n, N, classes)`` after each round of a fixed asking ``order`` ``(N,)``,
-    from the decoded latents ``(n, N, latent)`` that :func:`collect` kept."""
+    from the decoded latents ``(n, N, width)`` that :func:`collect` kept."""
     outs = []
     for s in range(0, len(lats), batch_size):
         lat = lats[s:s + batch_size]
         masks = prefix_masks(order.view(1, -1), len(lat))
-        outs.append(torch.stack([model.edge(list(lat.unbind(1)), list(kinds), m).logits
-                                 for m in masks], 1))
+        outs.append(torch.stack([model.edge(list(lat.unbind(1)), list(kinds), m,
+                                            anchors=anchors).logits for m in masks], 1))
     return torch.cat(outs)
 
 
@@ -395,6 +401,7 @@ def run(a: argparse.Namespace) -> int:
     vrec.pop("views", None)
     kinds = tuple(extra.get("kinds") or (model.cfg.kinds[0],) * vrec.get("devices", 4))
     views = ViewGenerator(ViewConfig(**vrec))
+    anchors = extra.get("anchors") or list(anchor_ids(views.devices))
     finetuned, ft_record = None, None
     if a.finetuned:
         finetuned = load_finetuned(a.finetuned, fam, views.cfg)
@@ -410,7 +417,7 @@ def run(a: argparse.Namespace) -> int:
         test = test.sample(a.n)  # a fixed random subset: the test split is stored by class
     t0 = time.perf_counter()
     res = collect(model, kinds, views, test, a.loss, a.seed, progress=not a.no_progress,
-                  finetuned=finetuned, webp_qualities=a.webp_qualities)
+                  finetuned=finetuned, webp_qualities=a.webp_qualities, anchors=anchors)
     rows = summarise(model, kinds, res, views.cfg.record(), a.thresholds,
                      finetuned=a.finetuned)
     seconds = time.perf_counter() - t0
@@ -425,6 +432,7 @@ def run(a: argparse.Namespace) -> int:
     flops = {k: model.device_flops(k, own_answer=True) for k in set(kinds)}
     (out / "coop.json").write_text(json.dumps({
         "model": str(a.model), "views": views.cfg.record(), "kinds": list(kinds),
+        "cells": model.cfg.cells, "anchors": anchors,
         "train": extra.get("train"), "device_flops": flops, "seconds": round(seconds, 1),
         "finetuned": a.finetuned, "finetuned_record": ft_record, "rows": rows}, indent=1))
     write_plot(rows, out / "coop.png")

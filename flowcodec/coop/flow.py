@@ -72,9 +72,8 @@ from flowcodec.coop.selective import (
     confidence_byte,
     device_order,
 )
-from flowcodec.coop.views import ViewGenerator
+from flowcodec.coop.views import N_ANCHORS, ViewGenerator, anchor_ids
 from flowcodec.errors import ConfigError
-from flowcodec.flops import count_flops
 from flowcodec.pipeline import DEFAULT_TIERS, Hop, TracedLogits, packet_bits_per_symbol
 
 __all__ = ["DeviceHop", "Selective", "DeviceTrace", "CoopTrace", "CoopFlowResult",
@@ -92,7 +91,10 @@ class DeviceHop:
     the link's fixed delay (also what one request from the edge costs); ``snr_db`` passed
     to links that take one (None: the link's own); ``framing`` ``"session"`` (the header
     went once at set-up: only the packets travel) or ``"sample"`` (header and packets per
-    sample); ``overhead_s`` a fixed per-sample transport cost; ``name`` for traces."""
+    sample); ``overhead_s`` a fixed per-sample transport cost; ``name`` for traces;
+    ``anchor`` the id of the device's window anchor (:func:`~flowcodec.coop.views.anchor_id`;
+    None: its slot's in the ``N``-device protocol). A camera's anchor is fixed: it travels
+    once, with the session header, not with each sample, so it costs no per-sample bytes."""
 
     kind: str
     link: object
@@ -103,6 +105,7 @@ class DeviceHop:
     framing: str = "session"
     overhead_s: float = 0.0
     name: str = ""
+    anchor: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -112,6 +115,11 @@ class DeviceHop:
                 or not self.flops_per_s > 0:
             raise ConfigError(f"device hop: flops_per_s must be positive, got "
                               f"{self.flops_per_s!r}")
+        if self.anchor is not None and (isinstance(self.anchor, bool)
+                                        or not isinstance(self.anchor, int)
+                                        or not 0 <= self.anchor < N_ANCHORS):
+            raise ConfigError(f"device hop: anchor must be an anchor id in 0..{N_ANCHORS - 1}, "
+                              f"got {self.anchor!r}")
 
 
 @dataclass(frozen=True)
@@ -266,17 +274,19 @@ class CooperativeFlow:
         self.model, self.devices, self.views = model, devices, views
         self.edge_flops_per_s = float(edge_flops_per_s)
         self.kinds = [d.kind for d in devices]
+        # the anchors (None: each slot's in the N-device protocol, the edge's default)
+        self.anchors = None
+        if any(d.anchor is not None for d in devices):
+            slots = anchor_ids(len(devices))
+            self.anchors = [slots[k] if d.anchor is None else d.anchor
+                            for k, d in enumerate(devices)]
         # The pipeline's hop checks the link, symbol rate, delay and framing.
         self._hops = [Hop(model._kind(d.kind).codec, d.link, d.symbol_rate, d.delay_s,
                           d.snr_db, d.framing, d.overhead_s) for d in devices]
         self._dev_flops = {k: model.device_flops(k)["total"] for k in set(self.kinds)}
         self._dev_flops_own = {k: model.device_flops(k, own_answer=True)["total"]
                                for k in set(self.kinds)}
-        fu, cfg = model.fusion, model.cfg
-        self._edge_base = (count_flops(fu.merge, (2 * cfg.dim,)) + count_flops(fu.synth, (cfg.dim,))
-                           + count_flops(model.tail(), tuple(model.common)))
-        self._edge_per = {k: count_flops(fu.decoders[k], (cfg.latent,))
-                          + count_flops(fu.score, (cfg.dim,)) for k in set(self.kinds)}
+        self._edge_base, self._edge_per = model.edge_flops_parts(self.kinds)
 
     # --- input ---------------------------------------------------------------------------
     def _check_views(self, views) -> torch.Tensor:
@@ -397,11 +407,11 @@ class CooperativeFlow:
                 tr.devices[k].compute_time_s = flops / self.devices[k].flops_per_s
             ok, lat = self._stream(k, streams, list(range(b)), traces, generator)
             if ok:
-                full = torch.zeros(b, model.cfg.latent)
+                full = torch.zeros(b, model.width)
                 full[ok] = lat.float()
                 latents[k] = full
                 mask[ok, k] = True
-        out = model.edge(latents, self.kinds, mask, batch=b)
+        out = model.edge(latents, self.kinds, mask, batch=b, anchors=self.anchors)
         conf = torch.softmax(out.logits.float(), 1).amax(1)
         for i, tr in enumerate(traces):
             tr.present, tr.empty = int(out.present[i]), bool(out.empty[i])
@@ -451,7 +461,7 @@ class CooperativeFlow:
             prio = sel.priority if sel.priority is not None else tuple(range(n))
             order = device_order("fixed", priority=prio, n=n).expand(b, n)
             clock = [0.0] * b
-        latents = torch.zeros(b, n, model.cfg.latent)
+        latents = torch.zeros(b, n, model.width)
         mask = torch.zeros(b, n, dtype=torch.bool)
         logits = model.log_prior.expand(b, -1).clone()
         done = torch.zeros(b, dtype=torch.bool)
@@ -475,7 +485,8 @@ class CooperativeFlow:
                         d.compute_time_s = d.flops / dev.flops_per_s
                         clock[i] += d.compute_time_s
                     clock[i] += dev.delay_s + d.link_time_s  # the request, then the stream
-            out = model.edge(list(latents[active].unbind(1)), self.kinds, mask[active])
+            out = model.edge(list(latents[active].unbind(1)), self.kinds, mask[active],
+                             anchors=self.anchors)
             top = torch.softmax(out.logits.float(), 1).amax(1)
             for a, i in enumerate(active):
                 tr = traces[i]

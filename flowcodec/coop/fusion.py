@@ -24,6 +24,10 @@ The edge (:class:`EdgeFusion`):
   member's tail finishes;
 - with no device arriving, the answer is the class prior, and the ``empty`` flag says so.
 
+With ``CoopConfig(cells=c)``, ``c > 1``, a device pools to a ``c x c`` grid and sends
+``latent`` numbers per cell, and the edge is :class:`~flowcodec.coop.cells.CellFusion`,
+which places the cells by each device's window anchor (session metadata: ``anchors``).
+
 Example
 -------
 >>> import torch
@@ -70,9 +74,13 @@ class CoopConfig:
 
     kinds : device kinds the model has encoders and edge decoders for.
     max_devices : the most devices the edge fuses at once.
-    latent : numbers a device codes; rates : rate points of each device's entropy model.
+    latent : numbers a device codes (per cell); rates : rate points of each device's
+    entropy model.
     dim : width of the common space; hidden : the synthesis decoder's first layer.
     member, point : the largest member whose tail finishes, from this split point.
+    cells : 1 (a device max-pools its exit features to one vector: the edge sees no
+    layout) or ``c`` in 2..4 (to a ``c x c`` grid, ``latent`` numbers per cell, and the
+    edge places the cells by each device's anchor: :mod:`flowcodec.coop.cells`).
     """
 
     kinds: tuple[str, ...] = ("m2",)
@@ -83,6 +91,7 @@ class CoopConfig:
     hidden: int = 512
     member: int = 3
     point: int = 2
+    cells: int = 1
 
     def check(self) -> CoopConfig:
         bad = []
@@ -90,13 +99,18 @@ class CoopConfig:
                 or any(k not in KINDS for k in self.kinds):
             bad.append(f"kinds must be distinct names from {list(KINDS)}, got {self.kinds!r}")
         for name, lo, hi in (("max_devices", 1, 16), ("latent", 1, 256), ("rates", 1, 16),
-                             ("dim", 1, 4096), ("hidden", 1, 8192)):
+                             ("dim", 1, 4096), ("hidden", 1, 8192), ("cells", 1, 4)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 bad.append(f"{name} must be an int in {lo}..{hi}, got {v!r}")
         if bad:
             raise ConfigError("coop config: " + "; ".join(bad))
         return self
+
+    @property
+    def width(self) -> int:
+        """Numbers a device sends per sample: ``latent * cells * cells``."""
+        return self.latent * self.cells * self.cells
 
 
 @dataclass
@@ -131,9 +145,11 @@ def _stem_spec(exit_branch: nn.Module) -> tuple[list[tuple[int, bool]], nn.Linea
 class DeviceEncoder(nn.Module):
     """A device kind's learned parts: ``codec`` (a TaskCodec whose stem is the member's exit
     convolutions and whose decoder is the identity) and ``classifier`` (the member's exit
-    linear layer: the device's own answer from the pooled features)."""
+    linear layer: the device's own answer from the pooled features). With ``cells > 1`` the
+    codec pools to a ``cells x cells`` grid and maps each cell by a 1x1 convolution
+    (``TaskCodec(grid=cells)``)."""
 
-    def __init__(self, family, kind: str, latent: int, rates: int) -> None:
+    def __init__(self, family, kind: str, latent: int, rates: int, cells: int = 1) -> None:
         super().__init__()
         member = kind_member(kind)
         if member > family.num_members:
@@ -143,8 +159,9 @@ class DeviceEncoder(nn.Module):
         spec, linear = _stem_spec(family.exits[member - 1])
         shape = tuple(family.feature_shape(self.point))
         self.codec = TaskCodec(shape, latent=latent, stem=spec, hidden=1, rates=rates,
-                               packets=1, nonneg=False)
-        self.codec.g_s = nn.Identity()  # decompress -> dequantised latents (B, latent)
+                               packets=1, nonneg=False, grid=cells)
+        # decompress -> dequantised latents (B, latent * cells^2), channel-major
+        self.codec.g_s = nn.Identity()
         copied = self.codec.g_a.load_stem_from(family.exits[member - 1])
         if copied != 2 * len(spec):
             raise ConfigError(f"device kind {kind!r}: copied {copied} of {2 * len(spec)} stem "
@@ -159,29 +176,12 @@ class DeviceEncoder(nn.Module):
         return self.classifier.in_features
 
 
-class EdgeFusion(nn.Module):
-    """Edge side: per-kind decoders into a ``dim`` space, order-invariant masked pooling,
-    a count embedding, and a synthesis decoder to ``common`` features ``(C, H, W)``.
+class FusionBase(nn.Module):
+    """What the edge fusions share: the checks of their inputs. A subclass sets ``width``
+    (numbers per device), ``max_devices`` and ``decoders`` (one entry per device kind)."""
 
-    ``forward(latents, kinds, mask)``: ``latents`` a list of ``N`` tensors ``(B, latent)``
-    (or None: that device sent nothing), ``kinds`` the ``N`` devices' kinds, ``mask`` bool
-    ``(B, N)`` (optional: which devices arrived for each sample; ``batch`` gives ``B`` when
-    every latent is None and there is no mask). Returns features
-    ``(B, C, H, W)`` and the number of devices fused ``(B,)``."""
-
-    def __init__(self, kinds: Sequence[str], latent: int, dim: int, hidden: int,
-                 common: Sequence[int], max_devices: int) -> None:
-        super().__init__()
-        self.latent, self.dim, self.max_devices = latent, dim, max_devices
-        self.decoders = nn.ModuleDict({
-            k: nn.Sequential(nn.Linear(latent, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim),
-                             nn.ReLU(inplace=True))
-            for k in kinds})
-        self.score = nn.Linear(dim, 1)
-        self.merge = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(inplace=True))
-        self.count = nn.Embedding(max_devices + 1, dim)
-        nn.init.zeros_(self.count.weight)
-        self.synth = TaskDecoder(dim, hidden, tuple(common), nonneg=True)
+    width: int
+    max_devices: int
 
     def check(self, latents, kinds, mask, batch=None) -> tuple[int, torch.Tensor]:
         """Batch size and the arrival mask ``(B, N)``; ConfigError naming what is wrong."""
@@ -201,8 +201,8 @@ class EdgeFusion(nn.Module):
         for i, t in enumerate(latents):
             if t is None:
                 continue
-            if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[1] != self.latent:
-                raise ConfigError(f"edge fusion: device {i}'s latent must be (B, {self.latent}), "
+            if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[1] != self.width:
+                raise ConfigError(f"edge fusion: device {i}'s latent must be (B, {self.width}), "
                                   f"got {tuple(getattr(t, 'shape', ())) or type(t).__name__}")
             sizes.add(t.shape[0])
         if mask is not None:
@@ -226,8 +226,56 @@ class EdgeFusion(nn.Module):
         m = have if mask is None else mask.cpu() & have
         return b, m
 
-    def forward(self, latents, kinds, mask=None, batch=None) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def check_anchors(anchors, n: int) -> torch.Tensor:
+        """Each device's anchor id ``(n,)`` (default: the ``n``-device protocol's slots,
+        :func:`~flowcodec.coop.views.anchor_ids`); ConfigError naming what is wrong."""
+        from flowcodec.coop.views import MAX_DEVICES, N_ANCHORS, anchor_ids
+
+        if anchors is None:
+            if n > MAX_DEVICES:
+                raise ConfigError(f"edge fusion: {n} devices need explicit anchors")
+            return torch.tensor(anchor_ids(n))
+        if isinstance(anchors, torch.Tensor):
+            anchors = anchors.tolist()
+        if not isinstance(anchors, (list, tuple)) or len(anchors) != n or any(
+                isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < N_ANCHORS
+                for a in anchors):
+            raise ConfigError(f"edge fusion: anchors must be {n} ints in 0..{N_ANCHORS - 1} "
+                              f"(one per device), got {anchors!r}")
+        return torch.tensor(list(anchors))
+
+
+class EdgeFusion(FusionBase):
+    """Edge side: per-kind decoders into a ``dim`` space, order-invariant masked pooling,
+    a count embedding, and a synthesis decoder to ``common`` features ``(C, H, W)``.
+
+    ``forward(latents, kinds, mask)``: ``latents`` a list of ``N`` tensors ``(B, latent)``
+    (or None: that device sent nothing), ``kinds`` the ``N`` devices' kinds, ``mask`` bool
+    ``(B, N)`` (optional: which devices arrived for each sample; ``batch`` gives ``B`` when
+    every latent is None and there is no mask). Returns features
+    ``(B, C, H, W)`` and the number of devices fused ``(B,)``."""
+
+    def __init__(self, kinds: Sequence[str], latent: int, dim: int, hidden: int,
+                 common: Sequence[int], max_devices: int) -> None:
+        super().__init__()
+        self.latent, self.dim, self.max_devices = latent, dim, max_devices
+        self.width = latent
+        self.decoders = nn.ModuleDict({
+            k: nn.Sequential(nn.Linear(latent, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim),
+                             nn.ReLU(inplace=True))
+            for k in kinds})
+        self.score = nn.Linear(dim, 1)
+        self.merge = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(inplace=True))
+        self.count = nn.Embedding(max_devices + 1, dim)
+        nn.init.zeros_(self.count.weight)
+        self.synth = TaskDecoder(dim, hidden, tuple(common), nonneg=True)
+
+    def forward(self, latents, kinds, mask=None, batch=None,
+                anchors=None) -> tuple[torch.Tensor, torch.Tensor]:
         b, m = self.check(latents, kinds, mask, batch)
+        if anchors is not None:  # checked; a pooled vector has no layout to place
+            self.check_anchors(anchors, len(latents))
         dev = self.score.weight.device
         m = m.to(dev)
         e = torch.zeros(b, len(latents), self.dim, device=dev)
@@ -242,6 +290,12 @@ class EdgeFusion(nn.Module):
         mx = torch.where(n[:, None] > 0, mx, torch.zeros_like(mx))
         fused = self.merge(torch.cat([att, mx], 1)) + self.count(n.clamp(max=self.max_devices))
         return self.synth(fused), n
+
+    def flops_parts(self, kinds) -> tuple[int, dict]:
+        """Edge FLOPs per sample before the tail: ``(base, {kind: per device})``."""
+        base = count_flops(self.merge, (2 * self.dim,)) + count_flops(self.synth, (self.dim,))
+        return base, {k: count_flops(self.decoders[k], (self.latent,))
+                      + count_flops(self.score, (self.dim,)) for k in set(kinds)}
 
 
 class CoopModel(nn.Module):
@@ -260,11 +314,18 @@ class CoopModel(nn.Module):
                               f"not in a family of {family.num_members} members")
         self._fam = [family]  # a list: not a registered submodule
         self.devices = nn.ModuleDict({k: DeviceEncoder(family, k, self.cfg.latent,
-                                                       self.cfg.rates) for k in self.cfg.kinds})
+                                                       self.cfg.rates, self.cfg.cells)
+                                      for k in self.cfg.kinds})
         common = tuple(family.feature_shape(self.cfg.point))
         self.common = common
-        self.fusion = EdgeFusion(self.cfg.kinds, self.cfg.latent, self.cfg.dim, self.cfg.hidden,
-                                 common, self.cfg.max_devices)
+        if self.cfg.cells == 1:
+            self.fusion = EdgeFusion(self.cfg.kinds, self.cfg.latent, self.cfg.dim,
+                                     self.cfg.hidden, common, self.cfg.max_devices)
+        else:
+            from flowcodec.coop.cells import CellFusion
+
+            self.fusion = CellFusion(self.cfg.kinds, self.cfg.latent, self.cfg.cells,
+                                     self.cfg.dim, self.cfg.hidden, common, self.cfg.max_devices)
         classes = self.devices[self.cfg.kinds[0]].classifier.out_features
         self.register_buffer("log_prior", torch.full((classes,), -float(torch.log(
             torch.tensor(float(classes))))))
@@ -298,9 +359,21 @@ class CoopModel(nn.Module):
         """The member's features at its split point for views ``x`` ``(B, *input)``."""
         return self.head(kind)(x)
 
+    @property
+    def width(self) -> int:
+        """Numbers a device sends per sample (``latent * cells^2``)."""
+        return self.cfg.width
+
+    def pooled_shape(self, kind: str) -> tuple[int, ...]:
+        """Shape of one sample's pooled features: ``(P,)``, or ``(P, cells, cells)``."""
+        p = self._kind(kind).pooled_dim
+        c = self.cfg.cells
+        return (p,) if c == 1 else (p, c, c)
+
     def pooled(self, kind: str, x: torch.Tensor | None = None,
                h: torch.Tensor | None = None) -> torch.Tensor:
-        """The member's exit features ``z`` ``(B, P)`` from views ``x`` or features ``h``."""
+        """The member's exit features ``z`` ``(B, P)`` from views ``x`` or features ``h``
+        (with ``cells > 1``: max-pooled to a grid, ``(B, P, cells, cells)``)."""
         d = self._kind(kind)
         if h is None:
             if x is None:
@@ -311,22 +384,27 @@ class CoopModel(nn.Module):
         return enc.pool(enc.stem(h))
 
     def own_logits(self, kind: str, z: torch.Tensor) -> torch.Tensor:
-        """The device's own answer (its member's exit) from pooled features ``z``."""
+        """The device's own answer (its member's exit) from pooled features ``z`` (a grid's
+        maximum over its cells is the global max pool the exit was trained on)."""
+        if z.ndim == 4:
+            z = z.amax((2, 3))
         return self._kind(kind).classifier(z)
 
     def latent(self, kind: str, z: torch.Tensor, rate: int | None = None,
                drop_prob: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantised latents ``(B, latent)`` and estimated bits ``(B,)`` from pooled ``z``
+        """Dequantised latents ``(B, width)`` and estimated bits ``(B,)`` from pooled ``z``
         (noisy in training mode, rounded in eval mode: the TaskCodec's forward from its
-        pooled features on)."""
+        pooled features on; with cells, channel-major: number ``j`` of cell ``p`` at
+        ``j * cells^2 + p``, as ``decompress`` gives them)."""
         c = self._kind(kind).codec
-        if z.ndim != 2 or z.shape[1] != self._kind(kind).pooled_dim:
+        shape = self.pooled_shape(kind)
+        if z.ndim != 1 + len(shape) or tuple(z.shape[1:]) != shape:
             raise ConfigError(f"coop: pooled features of kind {kind!r} must be "
-                              f"(B, {self._kind(kind).pooled_dim}), got {tuple(z.shape)}")
+                              f"(B, {', '.join(map(str, shape))}), got {tuple(z.shape)}")
         r = c._rate(rate)
-        y = c.g_a.proj(z).float() * c._gain(r)
-        y_hat, lik = c.entropy_bottlenecks[r](y.view(len(y), c.latent, 1))
-        y_hat = y_hat.reshape(len(y), c.latent)
+        y = c.g_a.proj(z).float().flatten(1) * c._gain(r)
+        y_hat, lik = c.entropy_bottlenecks[r](y.view(len(y), c.latent, c.positions))
+        y_hat = y_hat.reshape(len(y), c.n_sym)
         bits = -torch.log2(lik).flatten(1).sum(1)
         return y_hat * c._inv_gain(r), bits
 
@@ -336,7 +414,7 @@ class CoopModel(nn.Module):
         return self._kind(kind).codec.compress(h, rate=rate)
 
     def decompress(self, kind: str, streams) -> torch.Tensor:
-        """Dequantised latents ``(B, latent)`` from a device's streams (at the edge)."""
+        """Dequantised latents ``(B, width)`` from a device's streams (at the edge)."""
         return self._kind(kind).codec.decompress(streams)
 
     def update(self, force: bool = True) -> None:
@@ -346,11 +424,13 @@ class CoopModel(nn.Module):
 
     # --- edge side --------------------------------------------------------------------------
     def edge(self, latents, kinds, mask=None, with_features: bool = False,
-             batch: int | None = None) -> FusionOutput:
+             batch: int | None = None, anchors=None) -> FusionOutput:
         """Fuse what arrived and finish with the largest member's tail (see EdgeFusion).
         Rows where no device arrived get the class prior and ``empty=True``; with every
-        latent None, ``mask`` or ``batch`` gives the number of samples."""
-        feats, n = self.fusion(latents, kinds, mask, batch)
+        latent None, ``mask`` or ``batch`` gives the number of samples. ``anchors``: each
+        device's window anchor id (:data:`~flowcodec.coop.views.N_ANCHORS`; default the
+        ``N``-device protocol's slots): session metadata, used with ``cells > 1``."""
+        feats, n = self.fusion(latents, kinds, mask, batch, anchors)
         logits = self.tail()(feats)
         empty = n == 0
         prior = self.log_prior.to(logits.dtype).expand_as(logits)
@@ -358,10 +438,17 @@ class CoopModel(nn.Module):
         return FusionOutput(logits, empty, n, feats if with_features else None)
 
     # --- accounting -------------------------------------------------------------------------
+    def edge_flops_parts(self, kinds) -> tuple[int, dict]:
+        """Edge FLOPs per sample: ``(base, {kind: per arriving device})``, the base with
+        the largest member's tail."""
+        base, per = self.fusion.flops_parts(kinds)
+        return base + count_flops(self.tail(), tuple(self.common)), per
+
     def device_flops(self, kind: str, own_answer: bool = False) -> dict:
         """FLOPs per sample on a device of ``kind``: its head, its encoder (stem, pool,
-        linear map; the entropy coder is not counted) and, with ``own_answer``, the exit's
-        linear layer (the confidence a selective protocol sends)."""
+        linear map or, with cells, 1x1 convolution per cell; the entropy coder is not
+        counted) and, with ``own_answer``, the exit's linear layer (the confidence a
+        selective protocol sends; the maximum over the cells is not counted)."""
         d = self._kind(kind)
         head = count_flops(self.head(kind), tuple(self.family.input_shape))
         enc = d.codec.encoder_flops()

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from flowcodec.coop.fusion import CoopConfig, CoopModel, save_coop
-from flowcodec.coop.views import ViewConfig, ViewGenerator
+from flowcodec.coop.views import ViewConfig, ViewGenerator, anchor_ids
 from flowcodec.data import ArrayDataset
 from flowcodec.errors import ConfigError
 from flowcodec.training import EpochLoop, kd_loss
@@ -113,7 +113,8 @@ def build_cache(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator,
                 train: bool = True, progress: bool = True, batch_size: int = 500,
                 time_budget: float | None = None) -> dict:
     """Pooled device features of ``copies`` (augmented when ``train``) copies of ``data``:
-    ``{"z{k}": (C, N, P_k) float16 per device slot k, "y": (C, N),
+    ``{"z{k}": (C, N, P_k) float16 per device slot k (with cells: the grid,
+    ``(C, N, P_k, cells, cells)``), "y": (C, N),
     "t": (C, N, classes) teacher logits on the full image}``. With ``time_budget``
     (seconds), copies after the first are made only while the next one is expected to end
     within it, so ``C`` may be less than ``copies``."""
@@ -150,7 +151,8 @@ def build_cache(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator,
                 bar.update(1)
     model.train(was)
     made = len(ys) // math.ceil(n / batch_size)
-    out = {f"z{k}": torch.cat(z).view(made, n, -1) for k, z in enumerate(zs)}
+    out = {f"z{k}": torch.cat(z).view(made, n, *model.pooled_shape(kind))
+           for k, (z, kind) in enumerate(zip(zs, kinds))}
     out["y"] = torch.cat(ys).view(made, n)
     out["t"] = torch.cat(ts).view(made, n, -1)
     return out
@@ -163,19 +165,19 @@ def _check_cache(cache: dict, kinds, model: CoopModel) -> None:
         raise ConfigError(f"feature cache lacks {missing}")
     n = cache["y"].shape[1]
     for k, kind in enumerate(kinds):
-        p = model.devices[kind].pooled_dim
-        if cache[f"z{k}"].shape[1:] != (n, p):
-            raise ConfigError(f"feature cache z{k}: expected (copies, {n}, {p}), got "
-                              f"{tuple(cache[f'z{k}'].shape)}")
+        p = model.pooled_shape(kind)
+        if tuple(cache[f"z{k}"].shape[1:]) != (n, *p):
+            raise ConfigError(f"feature cache z{k}: expected (copies, {n}, "
+                              f"{', '.join(map(str, p))}), got {tuple(cache[f'z{k}'].shape)}")
 
 
-def _fuse(model: CoopModel, kinds, zs, mask, rate=None):
+def _fuse(model: CoopModel, kinds, zs, mask, rate=None, anchors=None):
     lats, bits = [], []
     for kind, z in zip(kinds, zs):
         lat, b = model.latent(kind, z, rate)
         lats.append(lat)
         bits.append(b)
-    return model.edge(lats, list(kinds), mask), torch.stack(bits, 1)
+    return model.edge(lats, list(kinds), mask, anchors=anchors), torch.stack(bits, 1)
 
 
 @torch.no_grad()
@@ -231,13 +233,13 @@ def train_coop(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator,
         model.set_prior(train.labels)
         t0 = time.perf_counter()
         if cache is None and cache_file is not None and Path(cache_file).is_file():
-            cache = _load_cache(cache_file, cfg, views)
+            cache = _load_cache(cache_file, cfg, views, model.cfg.cells)
         if cache is None:
             budget = None if cfg.time_budget is None else cfg.cache_share * cfg.time_budget
             cache = build_cache(model, kinds, views, train, cfg.copies, gen, True, progress,
                                 time_budget=budget)
             if cache_file is not None:
-                _save_cache(cache, cache_file, cfg, views)
+                _save_cache(cache, cache_file, cfg, views, model.cfg.cells)
         _check_cache(cache, kinds, model)
         test_cache = None
         if test is not None and cfg.eval_n:
@@ -317,30 +319,35 @@ def train_coop(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator,
             p.requires_grad_(f)
 
 
-def _cache_meta(cfg: TrainConfig, views: ViewGenerator) -> dict:
+def _cache_meta(cfg: TrainConfig, views: ViewGenerator, cells: int = 1) -> dict:
     """What a cache file must have been made with to be reused (the copies it holds may
-    be fewer than asked: a time budget cut them)."""
-    return {"seed": str(cfg.seed), "views": json.dumps(views.cfg.record(), sort_keys=True)}
+    be fewer than asked: a time budget cut them). ``cells`` is recorded when above 1, so
+    the caches made before cells existed still match a cells-1 run."""
+    meta = {"seed": str(cfg.seed), "views": json.dumps(views.cfg.record(), sort_keys=True)}
+    if cells != 1:
+        meta["cells"] = str(cells)
+    return meta
 
 
-def _save_cache(cache: dict, path, cfg, views) -> None:
+def _save_cache(cache: dict, path, cfg, views, cells: int = 1) -> None:
     from safetensors.torch import save_file
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(path) + ".tmp")
     save_file({k: v.contiguous() for k, v in cache.items()}, str(tmp),
-              metadata=_cache_meta(cfg, views))
+              metadata=_cache_meta(cfg, views, cells))
     os.replace(tmp, path)
 
 
-def _load_cache(path, cfg, views) -> dict:
+def _load_cache(path, cfg, views, cells: int = 1) -> dict:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-        if meta != _cache_meta(cfg, views):
-            raise ConfigError(f"{path}: a feature cache made with {meta}, not "
-                              f"{_cache_meta(cfg, views)}; remove it or name another file")
+        want = _cache_meta(cfg, views, cells)
+        if meta != want:
+            raise ConfigError(f"{path}: a feature cache made with {meta}, not {want}; remove "
+                              "it or name another file")
         cache = {k: f.get_tensor(k) for k in f.keys()}
     return {k: v[:cfg.copies] for k, v in cache.items()}
 
@@ -355,6 +362,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent", type=int, default=10,
                    help="numbers a device codes (10: its latent map costs what member 2's "
                         "exit linear layer does, so a device spends exactly member 2's FLOPs)")
+    p.add_argument("--cells", type=int, default=1,
+                   help="1: a device sends one pooled vector; 2..4: a cells x cells grid of "
+                        "LATENT numbers each, placed at the edge by the device's anchor")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--area", type=float, default=ViewConfig.area)
@@ -406,10 +416,12 @@ def run(a: argparse.Namespace) -> int:
     if a.train_n:
         train = train.subset(a.train_n, seed=tcfg.seed)
     model = CoopModel(fam, CoopConfig(kinds=tuple(dict.fromkeys(kinds)), max_devices=4,
-                                      latent=a.latent, dim=a.dim, hidden=a.hidden))
+                                      latent=a.latent, dim=a.dim, hidden=a.hidden,
+                                      cells=a.cells))
     res = train_coop(model, kinds, views, train, test, tcfg, checkpoint=a.out,
                      resume=a.resume, progress=not a.no_progress, cache_file=a.cache_file)
     extra = {"train": asdict(tcfg), "views": vcfg.record(), "kinds": list(kinds),
+             "anchors": list(anchor_ids(a.devices)),
              "history": res.history, "seconds": round(res.seconds, 1),
              "cache_seconds": round(res.cache_seconds, 1), "steps": res.steps,
              "images_per_s": round(res.images_per_s, 1), "train_n": len(train)}

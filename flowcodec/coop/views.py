@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from flowcodec.errors import ConfigError
 
-__all__ = ["ViewConfig", "ViewGenerator", "ANCHORS", "MAX_DEVICES"]
+__all__ = ["ViewConfig", "ViewGenerator", "ANCHORS", "MAX_DEVICES", "N_ANCHORS", "anchor_id",
+           "anchor_ids", "anchor_corner"]
 
 MAX_DEVICES = 4
 
@@ -48,6 +49,37 @@ ANCHORS: dict[int, tuple[tuple[float, float], ...]] = {
     3: ((0.0, 0.0), (0.0, 1.0), (1.0, 0.5)),
     4: ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0)),
 }
+
+#: Anchor ids: a window's anchor on the 3x3 lattice of {0, 0.5, 1}^2, row-major
+#: (0: top left, 2: top right, 4: centre, 6: bottom left, 8: bottom right). A camera's
+#: anchor is fixed, so it is session metadata: sent once when the session is set up.
+N_ANCHORS = 9
+
+
+def anchor_id(corner: tuple[float, float]) -> int:
+    """The id (0..8) of an anchor ``(row, column)`` in {0, 0.5, 1}^2; ConfigError else."""
+    try:
+        r, c = (float(v) * 2 for v in corner)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"an anchor is (row, column) in {{0, 0.5, 1}}, got {corner!r}") from e
+    if r not in (0.0, 1.0, 2.0) or c not in (0.0, 1.0, 2.0):
+        raise ConfigError(f"an anchor is (row, column) in {{0, 0.5, 1}}, got {corner!r}")
+    return 3 * int(r) + int(c)
+
+
+def anchor_corner(aid: int) -> tuple[float, float]:
+    """The anchor ``(row, column)`` of id ``aid`` (0..8)."""
+    if isinstance(aid, bool) or not isinstance(aid, int) or not 0 <= aid < N_ANCHORS:
+        raise ConfigError(f"an anchor id is an int in 0..{N_ANCHORS - 1}, got {aid!r}")
+    return (aid // 3) / 2, (aid % 3) / 2
+
+
+def anchor_ids(devices: int) -> tuple[int, ...]:
+    """The anchor id of each device slot of the ``devices``-device protocol
+    (``anchor_ids(4) == (0, 2, 6, 8)``)."""
+    if devices not in ANCHORS:
+        raise ConfigError(f"devices must be in 1..{MAX_DEVICES}, got {devices!r}")
+    return tuple(anchor_id(a) for a in ANCHORS[devices])
 
 
 @dataclass(frozen=True)
