@@ -168,7 +168,11 @@ class FixedContext:
 class _NormalTables:
     """``floor(2**32 * Phi(q / (32 sigma_si)))`` for integers ``q`` (clamped to
     ``+-ceil(7 * 32 * sigma_si)``, beyond which Phi is 0 or 1) and each scale level ``si``,
-    one flat int64 array; a level is computed the first time a cell needs it."""
+    one flat int64 array; a level is computed the first time a cell needs it.
+
+    :meth:`padded` gives the same tables laid out for :func:`grid_probs`: each level's
+    values for every ``q`` in ``-span..span`` (the clamp already applied), levels one after
+    another, and one last entry ``2**32`` (the top edge of every row)."""
 
     def __init__(self) -> None:
         sig = 0.08 * arith._exp(np.arange(_SIGMA_LEVELS, dtype=np.float64) * _LN_STEP)
@@ -177,6 +181,9 @@ class _NormalTables:
         self.base = np.concatenate([[0], np.cumsum(2 * self.reach + 1)[:-1]]) + self.reach
         self.flat = np.zeros(int((2 * self.reach + 1).sum()), dtype=np.int64)
         self.ready = np.zeros(_SIGMA_LEVELS, dtype=bool)
+        self.span = 0
+        self.wide = np.full(1, np.int64(1) << 32)
+        self.wide_ready = np.zeros(_SIGMA_LEVELS, dtype=bool)
 
     def _fill(self, si: int) -> None:
         r = int(self.reach[si])
@@ -194,6 +201,24 @@ class _NormalTables:
         r = self.reach[si]
         return self.flat[self.base[si] + np.clip(q, -r, r)]
 
+    def padded(self, si: np.ndarray, span: int) -> tuple[np.ndarray, int]:
+        """``(wide, length)``: level ``l``'s value at ``q`` (``|q| <= span``) is
+        ``wide[l * length + length // 2 + q]`` (the levels in ``si`` filled; ``length //
+        2`` is at least ``span``); ``wide[-1]`` is ``2**32``. Grows (and refills) when a
+        larger ``span`` is asked for."""
+        if span > self.span:
+            self.span = max(int(span), 2 * self.span)
+            self.wide = np.full(_SIGMA_LEVELS * (2 * self.span + 1) + 1, np.int64(1) << 32)
+            self.wide_ready[:] = False
+        length = 2 * self.span + 1
+        todo = np.unique(si[~self.wide_ready[si]])
+        if len(todo):
+            q = np.arange(-self.span, self.span + 1, dtype=np.int64)
+            for level in todo:
+                self.wide[level * length : (level + 1) * length] = self.at(np.int64(level), q)
+                self.wide_ready[level] = True
+        return self.wide, length
+
 
 _NORMAL = _NormalTables()
 
@@ -203,18 +228,38 @@ def grid_probs(m: np.ndarray, si: np.ndarray, lo: np.ndarray, n: np.ndarray,
     """Format-2 tables of grid cells ``(m, si)`` (any shape ``S``) of channels with supports
     ``lo .. lo + n - 1`` (broadcast to ``S``): float64 ``(*S, width)`` probabilities, each
     row integer frequencies (at least 1 per symbol, summing to 2**16) over ``2**16``, zero
-    beyond ``n``. Integer arithmetic from the normal tables on: the same on every machine."""
+    beyond ``n``. Integer arithmetic from the normal tables on: the same on every machine.
+
+    Symbol ``j``'s upper edge is ``Phi`` at offset ``32 j + 16 - (m - 32 lo)`` (the last
+    symbol's is ``2**32``); its frequency is ``1 + floor(p (2**16 - n) / 2**32)`` for its
+    mass ``p`` between the edges, the remainder to 2**16 going to the first most likely
+    symbol."""
+    m = np.asarray(m, dtype=np.int64)
+    si = np.asarray(si, dtype=np.int64)
+    n = np.broadcast_to(np.asarray(n, dtype=np.int64), m.shape)
     j = np.arange(width, dtype=np.int64)
-    d = (m - 32 * lo)[..., None]
-    n = np.broadcast_to(n, m.shape)[..., None]
-    edge = _NORMAL.at(si[..., None], 32 * j + 16 - d)  # Phi at the upper edge of symbol j
-    edge = np.where(j < n - 1, edge, np.int64(1) << 32)
-    p = np.diff(edge, prepend=np.zeros_like(edge[..., :1]), axis=-1)
-    spare = (1 << 16) - n
-    freq = np.where(j < n, 1 + ((p * spare) >> 32), 0)
-    top = np.argmax(np.where(j < n, p, -1), axis=-1)[..., None]
-    freq = freq + np.where(j == top, (1 << 16) - freq.sum(-1, keepdims=True), 0)
-    return np.ldexp(freq.astype(np.float64), -16)
+    d = m - 32 * np.asarray(lo, dtype=np.int64)
+    last = j < (n - 1)[..., None]  # symbols below the last (whose upper edge is 2**32)
+    # the offsets are 32 j + 16 - d for j < width: |offset| <= 32 * (width + 2) for the
+    # cells FixedContext gives (the mean clamped to [lo - 1, hi + 1]); other cells take
+    # the clamped lookup
+    span = 32 * (int(width) + 2)
+    if d.size and (int(d.max()) - 16 > span or 32 * int(width) - 16 - int(d.min()) > span):
+        edge = np.where(last, _NORMAL.at(si[..., None], 32 * j + 16 - d[..., None]),
+                        np.int64(1) << 32)  # fmt: skip
+    else:
+        wide, length = _NORMAL.padded(si, span)
+        start = si * length + (length // 2 + 16) - d
+        edge = wide[np.where(last, start[..., None] + 32 * j, len(wide) - 1)]
+    p = edge
+    p[..., 1:] = edge[..., 1:] - edge[..., :-1]  # the mass of each symbol (in place)
+    spare = ((1 << 16) - n)[..., None]
+    freq = (p * spare) >> 32
+    freq += j < n[..., None]
+    top = np.argmax(p, axis=-1)[..., None]  # beyond n, p is 0 < the support's largest
+    rest = (1 << 16) - freq.sum(-1, keepdims=True)
+    np.put_along_axis(freq, top, np.take_along_axis(freq, top, -1) + rest, -1)
+    return freq * (1.0 / (1 << 16))
 
 
 def discrete_gaussian_likelihood(k: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,

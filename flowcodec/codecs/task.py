@@ -212,12 +212,20 @@ class TaskCodec(RateLadder, MultiView, FeatureCodec):
         """Decoded features ``(B*V, C, H, W)`` -> their mean over views ``(B, C, H, W)``."""
         return f if self.views == 1 else f.reshape(-1, self.views, *f.shape[1:]).mean(1)
 
-    def _synthesize(self, y_hat: torch.Tensor) -> torch.Tensor:
+    def _synthesize(self, y_hat: torch.Tensor, fast: bool = False) -> torch.Tensor:
         """Dequantised latents ``(B*V, n_sym)`` -> features ``(B, C, H, W)``: the decoder,
-        the mean over views (with ``via``: of the later point's features, before the lift)."""
+        the mean over views (with ``via``: of the later point's features, before the lift).
+        ``fast`` (eval mode: ``decompress`` and ``forward``): the same networks through
+        :func:`~flowcodec.codecs.task_nets.run_fast` (channels-last memory, upsampling
+        fused into the next convolution: equal up to float rounding)."""
+        def run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return m.fast(x) if fast and hasattr(m, "fast") else m(x)
+
         if self.via is None:
-            return self._merge_views(self.g_s(y_hat))
-        return self.g_s[1](self._merge_views(self.g_s[0](y_hat)))
+            f = self._merge_views(run(self.g_s, y_hat))
+        else:
+            f = run(self.g_s[1], self._merge_views(run(self.g_s[0], y_hat)))
+        return f.contiguous() if fast else f
 
     def at_rate(self, rate: int) -> RatePoint:
         """A view of this codec fixed to rate point ``rate`` (see :class:`RatePoint`)."""
@@ -274,7 +282,8 @@ class TaskCodec(RateLadder, MultiView, FeatureCodec):
             for j, g in enumerate(self.groups):
                 mask[:, g] = lost[:, j : j + 1]
             y_hat = torch.where(mask.to(h.device), self._medians(r).expand_as(y_hat), y_hat)
-        feats = self._synthesize(y_hat * self._inv_gain(r))
+        # eval: the receiver's path, so that decompress gives these features exactly
+        feats = self._synthesize(y_hat * self._inv_gain(r), fast=not self.training)
         bits = -torch.log2(lik).flatten(1).sum(1)
         if self.context and not self.training and self.entropy_bottlenecks[r]._offset.numel():
             lo, hi = (t.to(y.device) for t in self.support(r))
@@ -376,10 +385,12 @@ class TaskCodec(RateLadder, MultiView, FeatureCodec):
                 entry["ctx_key"] = key
         return entry
 
-    def _context_probs(self, r: int, k: np.ndarray, start: int, stop: int) -> np.ndarray:
+    def _context_probs(self, r: int, k: np.ndarray, start: int, stop: int,
+                       c: dict | None = None) -> np.ndarray:  # fmt: skip
         """Format-2 probability rows ``(B, stop - start, width)`` of channels
-        ``start..stop-1`` given the symbols ``k`` ``(B, n_sym)`` (around the medians)."""
-        c = self._coding(r)
+        ``start..stop-1`` given the symbols ``k`` ``(B, n_sym)`` (around the medians);
+        ``c``: :meth:`_coding` of ``r``, when the caller has it already."""
+        c = self._coding(r) if c is None else c
         m, si = c["ctx"].cells(k, start, stop)
         lo, hi = c["lo"][start:stop], c["hi"][start:stop]
         return grid_probs(m, si, lo, hi - lo + 1, c["width"])
@@ -502,7 +513,7 @@ class TaskCodec(RateLadder, MultiView, FeatureCodec):
             for v in range(v_n):
                 rows = at + v
                 for i in range(g.start, g.stop):
-                    probs = self._context_probs(r, k[rows], i, i + 1)[:, 0]
+                    probs = self._context_probs(r, k[rows], i, i + 1, c)[:, 0]
                     k[rows, i] = c["lo"][i] + dec.next(probs)
         return k
 
@@ -522,5 +533,5 @@ class TaskCodec(RateLadder, MultiView, FeatureCodec):
                                        .astype(np.float32))  # fmt: skip
             rows = torch.as_tensor(at)[:, None] * v_n + torch.arange(v_n)
             y_hat[rows.reshape(-1)] = (sym.to(dev) + self._medians(r)) * self._inv_gain(r)
-        return self._synthesize(y_hat).float().cpu()
+        return self._synthesize(y_hat, fast=True).float().cpu()
 

@@ -16,10 +16,78 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from flowcodec.family.zoo import Residual
 
-__all__ = ["TaskEncoder", "TaskDecoder", "GridDecoder", "Lift", "stem_entry"]
+__all__ = ["TaskEncoder", "TaskDecoder", "GridDecoder", "Lift", "stem_entry", "run_fast"]
+
+
+# --- the receiver's inference path ------------------------------------------------------------
+# ``decompress`` runs the decoders through :func:`run_fast`: the same layers, in channels-last
+# memory (what the CPU's convolution kernels work in, so no layout conversion per layer), with
+# every "nearest 2x upsampling, then a 3x3 convolution" pair computed as one stride-2
+# transposed convolution on the small map. That is the same linear map: output pixel
+# ``(2i + a, 2j + b)`` of the convolution sees input pixels ``i - 1, i`` (``a = 0``) or
+# ``i, i + 1`` (``a = 1``) of the small map along each side, with the 3x3 kernel's taps that
+# land on the same small pixel summed; so the outputs differ only by float rounding, and
+# the work is 16 instead of 36 multiply-adds per small pixel and channel pair.
+
+
+def _upsample2(m: nn.Module) -> bool:
+    if not isinstance(m, nn.Upsample) or m.mode != "nearest" or m.size is not None:
+        return False
+    f = m.scale_factor
+    return all(float(v) == 2.0 for v in (f if isinstance(f, tuple) else (f, f)))
+
+
+def _conv3(m: nn.Module) -> bool:
+    return (isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1)
+            and m.padding == (1, 1) and m.dilation == (1, 1) and m.groups == 1
+            and m.padding_mode == "zeros"
+            and m.weight.dtype in (torch.float32, torch.float64))  # fmt: skip
+
+
+def upsample_conv_kernel(w: torch.Tensor) -> torch.Tensor:
+    """The 4x4 kernel ``(in, out, 4, 4)`` of the stride-2, padding-1 transposed convolution
+    equal to nearest 2x upsampling followed by a 3x3 convolution (padding 1) with weights
+    ``w`` ``(out, in, 3, 3)``: along each side, taps ``[w2, w1 + w2, w0 + w1, w0]``."""
+
+    def side(t: torch.Tensor, d: int) -> torch.Tensor:
+        tap = [t.narrow(d, i, 1) for i in range(3)]
+        return torch.cat([tap[2], tap[1] + tap[2], tap[0] + tap[1], tap[0]], d)
+
+    return side(side(w, 2), 3).transpose(0, 1).contiguous()
+
+
+def _fused_kernel(conv: nn.Conv2d) -> torch.Tensor:
+    if torch.is_grad_enabled() and conv.weight.requires_grad:  # differentiable, not cached
+        return upsample_conv_kernel(conv.weight)
+    key = (conv.weight.data_ptr(), conv.weight._version, conv.weight.device, conv.weight.dtype)
+    cached = conv.__dict__.get("_flowcodec_up2")
+    if cached is None or cached[0] != key:
+        kernel = upsample_conv_kernel(conv.weight.detach())
+        cached = conv.__dict__["_flowcodec_up2"] = (key, kernel)
+    return cached[1]
+
+
+def run_fast(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``seq(x)`` for inference (eval mode): channels-last memory, and each nearest 2x
+    upsampling followed by a 3x3 convolution as one transposed convolution (the same map up
+    to float rounding; see above). Returns a channels-last tensor."""
+    mods = list(seq)
+    x = x.contiguous(memory_format=torch.channels_last)
+    i = 0
+    while i < len(mods):
+        if i + 1 < len(mods) and _upsample2(mods[i]) and _conv3(mods[i + 1]) \
+                and x.dtype == mods[i + 1].weight.dtype:  # fmt: skip
+            conv = mods[i + 1]
+            x = F.conv_transpose2d(x, _fused_kernel(conv), conv.bias, stride=2, padding=1)
+            i += 2
+            continue
+        x = mods[i](x)
+        i += 1
+    return x
 
 
 class TaskEncoder(nn.Module):
@@ -94,6 +162,10 @@ class Lift(nn.Module):
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return self.conv(f)
 
+    def fast(self, f: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for inference, through :func:`run_fast` (channels-last out)."""
+        return run_fast(self.conv, f)
+
 
 class TaskDecoder(nn.Module):
     """Receiver side: ``(B, latent) -> (B, C, H, W)`` for the larger member's tail."""
@@ -112,6 +184,10 @@ class TaskDecoder(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.conv(self.mlp(y).view(len(y), *self.base))
+
+    def fast(self, y: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for inference, through :func:`run_fast` (channels-last out)."""
+        return run_fast(self.conv, self.mlp(y).view(len(y), *self.base))
 
 
 def _refine(c: int, upsample: nn.Module, nonneg: bool) -> list[nn.Module]:
@@ -138,4 +214,8 @@ class GridDecoder(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.conv(y.view(len(y), self.latent, self.grid, self.grid))
+
+    def fast(self, y: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for inference, through :func:`run_fast` (channels-last out)."""
+        return run_fast(self.conv, y.view(len(y), self.latent, self.grid, self.grid))
 
