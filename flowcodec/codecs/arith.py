@@ -266,6 +266,14 @@ def shortest_code(words: np.ndarray, decodes: Callable[[bytes], bool], start: in
     return best
 
 
+def _entries(p: np.ndarray, sym: np.ndarray) -> np.ndarray:
+    """``p[b, i, sym[b, i]]`` (``p`` ``(B, n, W)``, or ``(n, W)`` shared) as ``(B, n)``."""
+    i = np.arange(sym.shape[1])
+    if p.ndim == 2:
+        return p[i, sym]
+    return p[np.arange(len(sym))[:, None], i, sym]
+
+
 def _check_rows(sym: np.ndarray, probs: np.ndarray, what: str) -> None:
     if not bool((probs[np.arange(len(sym)), sym] > 0).all()):
         raise BitstreamError(f"{what} decodes to a symbol outside its table's support")
@@ -299,10 +307,18 @@ def _decodes_to(code: bytes, probs: np.ndarray, sym: np.ndarray) -> bool:
     return got.astype(np.int32).tobytes() == sym.tobytes()
 
 
-def encode_batch(symbols: np.ndarray, probs: np.ndarray) -> list[bytes]:
+def encode_batch(symbols: np.ndarray, probs: np.ndarray, verify: bool = True) -> list[bytes]:
     """Format 2 for a batch: ``symbols`` ``(B, n)``, each sample's symbol ``i`` coded with
     row ``probs[b, i]`` (``probs`` ``(B, n, W)``, or ``(n, W)`` shared by every sample);
-    one payload per sample, as :func:`encode_rows` writes it."""
+    one payload per sample, as :func:`encode_rows` writes it.
+
+    ``verify``: decode every payload before returning it (the default). Without it the
+    payload is the :func:`interval_code` of the coder's interval, which decodes to the
+    message by construction (every point of the final interval does: the intervals are
+    nested, and the decoder repeats the encoder's integer arithmetic on the same rows);
+    :func:`interval_code` checks its reading of the coder's state against the coder's own
+    sealed point, and the fallback (:func:`shortest_code`) always decodes. The bytes are
+    the same either way."""
     sym = np.asarray(symbols, dtype=np.int64)
     p = np.ascontiguousarray(probs, dtype=np.float64)
     shared = p.ndim == 2
@@ -313,7 +329,7 @@ def encode_batch(symbols: np.ndarray, probs: np.ndarray) -> list[bytes]:
     if sym.size:
         if sym.min() < 0 or sym.max() >= p.shape[-1]:
             raise ConfigError("a symbol outside its probability row's support")
-        at = np.take_along_axis(np.broadcast_to(p, (len(sym), *p.shape[-2:])), sym[..., None], -1)
+        at = _entries(p, sym)
         if not bool((at > 0).all()):
             raise ConfigError("a symbol outside its probability row's support")
     s32 = sym.astype(np.int32)
@@ -326,7 +342,7 @@ def encode_batch(symbols: np.ndarray, probs: np.ndarray) -> list[bytes]:
         enc = constriction.stream.queue.RangeEncoder()
         enc.encode(s32[b], CATEGORICAL, pb)
         code = interval_code(enc)
-        if code is None or not _decodes_to(code, pb, s32[b]):
+        if code is None or (verify and not _decodes_to(code, pb, s32[b])):
             code = shortest_code(enc.get_compressed(),
                                  lambda c, pb=pb, sb=s32[b]: _decodes_to(c, pb, sb),
                                  _info_bytes(sym[b], pb))  # fmt: skip
@@ -370,7 +386,7 @@ def decode_batch(payloads: Sequence[bytes], probs: np.ndarray,
         raise
     except Exception as e:  # the coder's own check of an impossible point
         raise BitstreamError(f"range-coded payload is not a code: {e}") from e
-    at = np.take_along_axis(np.broadcast_to(p, (len(out), *p.shape[-2:])), out[..., None], -1)
+    at = _entries(p, out)
     if not bool((at > 0).all()):
         raise BitstreamError("range-coded payload decodes to a symbol outside its table's "
                              "support")  # fmt: skip
@@ -393,17 +409,26 @@ def interval_code(enc: constriction.stream.queue.RangeEncoder) -> bytes | None:
     ``[lower, lower + range)`` on the next 64 bits. Sealing writes the held-back words as
     they read with the carry taken or not (whichever the point it seals with needs: taken
     exactly when ``lower + 2**32 - 1`` passes ``2**64``), so the words up to the position
-    are the sealed words' first ones, less that carry."""
+    are the sealed words' first ones, less that carry. ``None`` (the caller searches
+    instead) unless the point the coder seals with lies in the interval so read: a check of
+    that reading against the coder's own, at the cost of one comparison."""
     pos, (lower, width) = enc.pos()
     sealed = enc.get_compressed()
-    if len(sealed) < pos:
+    if len(sealed) == 0:  # nothing encoded: the empty code
+        return b"" if pos == 0 else None
+    tail = len(sealed) - pos  # the seal's words after the held-back ones: 1 or 2
+    if not 1 <= tail <= 2:
         return None
+    whole = int.from_bytes(sealed.astype(">u4").tobytes(), "big")
     carry = 1 if lower + 0xFFFFFFFF >= 1 << 64 else 0
-    head = int.from_bytes(sealed[:pos].astype(">u4").tobytes(), "big") - carry
+    head = (whole >> (32 * tail)) - carry
     if head < 0:
         return None
     low = (head << 64) + lower
     high = low + width
+    # the coder's own sealed point must lie in the interval read off its state
+    if not low <= (whole << (32 * (2 - tail))) < high:
+        return None
     total = 32 * pos + 64
     nbytes = max(0, (total - width.bit_length()) // 8)
     while True:
@@ -461,6 +486,21 @@ class RowDecoders:
             raise BitstreamError(f"range-coded payload is not a code: {e}") from e
         _check_rows(out, p, "range-coded payload")
         return out
+
+    def next_one(self, row: np.ndarray) -> int:
+        """:meth:`next` for a single payload, with its row ``(W,)`` (float64, contiguous):
+        the symbol as an int, with the same checks."""
+        if len(self._dec) != 1 or self._left <= 0:
+            raise ConfigError("next_one: one payload with symbols left to decode")
+        self._left -= 1
+        try:
+            s = int(self._dec[0].decode(CATEGORICAL, row[None])[0])
+        except Exception as e:
+            raise BitstreamError(f"range-coded payload is not a code: {e}") from e
+        if not row[s] > 0:
+            raise BitstreamError("range-coded payload decodes to a symbol outside its table's "
+                                 "support")  # fmt: skip
+        return s
 
 
 # --- a Gaussian CDF from IEEE basic operations -----------------------------------------------

@@ -24,8 +24,8 @@ from torch import nn
 from flowcodec.codecs import arith
 from flowcodec.errors import ConfigError
 
-__all__ = ["ChannelContext", "FixedContext", "grid_probs", "discrete_gaussian_likelihood",
-           "snap_cell", "grid_cdf"]
+__all__ = ["ChannelContext", "FixedContext", "grid_probs", "grid_row",
+           "discrete_gaussian_likelihood", "snap_cell", "grid_cdf"]
 
 _SIGMA_MIN, _SIGMA_MAX, _SIGMA_LEVELS, _MU_STEP = 0.08, 64.0, 96, 1 / 32
 
@@ -147,6 +147,28 @@ class FixedContext:
         if max(a1.max(initial=0), a2.max(initial=0), a3.max(initial=0)) >= 2.0**60 \
                 or kmax >= 2**24:  # fmt: skip
             raise ConfigError("context model too large for 64-bit fixed-point coding")
+        self._channels = None
+
+    def cell(self, k: np.ndarray, i: int) -> tuple[int, int]:
+        """``cells(k[None], i, i + 1)`` for one sample's symbols ``k`` (int64 ``(latent,)``),
+        as Python ints: the same integer arithmetic (every intermediate within int64, as
+        checked above) in a few small products, for decoding small batches."""
+        if self._channels is None:
+            h = self.hidden
+            self._channels = [(np.ascontiguousarray(self.w1[c * h : (c + 1) * h]),
+                               self.b1[c * h : (c + 1) * h], self.w2[c], self.b2[c], self.w3[c],
+                               self.b3[c], int(self.lo[c]), int(self.hi[c]))
+                              for c in range(self.latent)]  # fmt: skip
+        w1, b1, w2, b2, w3, b3, lo, hi = self._channels[i]
+        a1 = np.maximum(w1 @ k + b1, 0)
+        a2 = np.maximum(w2 @ a1 + b2, 0) >> _FRAC
+        mu, ls = (w3 @ a2 + b3).tolist()
+        one = 1 << (2 * _FRAC)
+        mu = min(max(mu, (lo - 2) * one), (hi + 2) * one)
+        m = min(max(((mu << 5) + (one >> 1)) >> (2 * _FRAC), 32 * (lo - 1)), 32 * (hi + 1))
+        ls = min(max(ls, -8 * one), 8 * one)
+        si = ((ls + _SI_OFFSET) * _SI_GAIN + (1 << (_SI_SHIFT - 1))) >> _SI_SHIFT
+        return m, min(max(si, 0), _SIGMA_LEVELS - 1)
 
     def cells(self, k: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         h, c = self.hidden, stop - start
@@ -272,3 +294,23 @@ def discrete_gaussian_likelihood(k: torch.Tensor, mu: torch.Tensor, sigma: torch
     lower = torch.where(k <= lo, torch.zeros_like(lower), lower)
     return (upper - lower).clamp_min(1e-9)
 
+
+def grid_row(m: int, si: int, lo: int, n: int, width: int) -> np.ndarray:
+    """``grid_probs`` of one cell (Python ints), ``(width,)``: the same values, from a
+    strided slice of the normal tables instead of a gather."""
+    d = m - 32 * lo
+    span = 32 * (width + 2)
+    if d - 16 > span or 32 * width - 16 - d > span:
+        return grid_probs(np.int64(m), np.int64(si), lo, n, width)
+    if span > _NORMAL.span or not _NORMAL.wide_ready[si]:
+        _NORMAL.padded(np.asarray([si], dtype=np.int64), span)
+    length = 2 * _NORMAL.span + 1
+    start = si * length + length // 2 + 16 - d
+    edge = np.full(width, np.int64(1) << 32)
+    edge[: n - 1] = _NORMAL.wide[start : start + 32 * (n - 1) : 32]
+    p = edge.copy()
+    p[1:] -= edge[:-1]  # the mass of each symbol
+    freq = (p * ((1 << 16) - n)) >> 32
+    freq[:n] += 1
+    freq[int(p.argmax())] += (1 << 16) - int(freq.sum())
+    return freq * (1.0 / (1 << 16))

@@ -63,6 +63,7 @@ from flowcodec.codecs.context_model import (
     discrete_gaussian_likelihood,
     grid_cdf,
     grid_probs,
+    grid_row,
     snap_cell,
 )
 from flowcodec.codecs.entropy import entropy_bottleneck
@@ -81,6 +82,11 @@ __getattr__ = moved(__name__, dict.fromkeys(["VIEWS", "view_features"], "flowcod
 #: Bit 7 of a task stream's meta byte: its payloads are in format 2 (range coder, fixed-point
 #: context model); without it, format 1 (exact arithmetic coder, float64 context model).
 FORMAT2 = 0x80
+
+#: Context codecs decode batches of up to this many samples one sample at a time
+#: (:meth:`TaskCodec._decode_context_one`: fewer numpy calls per channel), larger ones for
+#: the whole batch at once; the symbols are the same either way.
+SMALL_BATCH = 6
 
 #: Latents are clamped to this magnitude before coding, so that a diverged model or a
 #: hostile input cannot ask the coder for a symbol far outside its tables.
@@ -364,8 +370,8 @@ class TaskCodec(RateLadder, MultiView, FeatureCodec):
         """Format-2 tables of rate point ``r``: supports ``lo``/``hi`` ``(n_sym,)`` int64,
         row width ``width``, the factorized rows as probabilities ``probs`` ``(n_sym,
         width)`` with ``last`` the highest codable index per symbol (the escape bin is
-        never sent), and (context codecs) the fixed-point model, rebuilt when its weights
-        change."""
+        never sent), ``groups`` (per packet: its rows, ``last`` and ``lo``, views tiled),
+        and (context codecs) the fixed-point model, rebuilt when its weights change."""
         cache = getattr(self, "_coding_cache", None)
         if cache is None:
             cache = self._coding_cache = {}
@@ -375,8 +381,12 @@ class TaskCodec(RateLadder, MultiView, FeatureCodec):
             lo = np.asarray(offsets, dtype=np.int64)
             last = np.asarray([len(row) - 3 for row in rows], dtype=np.int64)
             width = max(len(row) - 1 for row in rows)
+            probs = arith.dyadic_probs(rows, width)
+            v_n = self.views  # per packet: its rows, ``last`` and ``lo``, views in order
+            groups = [(np.tile(probs[g], (v_n, 1)), np.tile(last[g], v_n), np.tile(lo[g], v_n))
+                      for g in self.groups]  # fmt: skip
             entry = cache[r] = {"lo": lo, "hi": lo + last, "last": last, "width": width,
-                                "probs": arith.dyadic_probs(rows, width)}  # fmt: skip
+                                "probs": probs, "groups": groups}  # fmt: skip
         if self.context:
             ctx = self.contexts[r]
             key = tuple((p.data_ptr(), p._version) for p in ctx.parameters())
@@ -429,10 +439,12 @@ class TaskCodec(RateLadder, MultiView, FeatureCodec):
             probs = c["probs"]
         idx = idx.reshape(b_n, v_n, self.n_sym)
         payloads = []
-        for g in self.groups:  # packet g: group g of each view, views in order
-            p = probs[:, :, g].reshape(b_n, -1, w) if self.context \
-                else np.tile(probs[g], (v_n, 1))  # fmt: skip
-            payloads.append(arith.encode_batch(idx[:, :, g].reshape(b_n, -1), p))
+        for g, tiled in zip(self.groups, c["groups"]):  # packet g: group g of each view
+            p = probs[:, :, g].reshape(b_n, -1, w) if self.context else tiled[0]
+            # factorized rows: the interval code decodes by construction (see
+            # arith.encode_batch), so only the context codecs' payloads are decoded again
+            payloads.append(arith.encode_batch(idx[:, :, g].reshape(b_n, -1), p,
+                                               verify=self.context))  # fmt: skip
         return [Bitstream(header, [pk[b] for pk in payloads]) for b in range(b_n)]
 
     def _compress_format1(self, k: torch.Tensor, r: int, header) -> list[Bitstream]:
@@ -499,14 +511,21 @@ class TaskCodec(RateLadder, MultiView, FeatureCodec):
             if not have:
                 continue
             if not self.context:
-                idx = arith.decode_batch([packets[b][j] for b in have],
-                                         np.tile(c["probs"][g], (v_n, 1)))  # fmt: skip
-                if bool((idx > np.tile(c["last"][g], v_n)).any()):
+                probs, last, lo = c["groups"][j]
+                idx = arith.decode_batch([packets[b][j] for b in have], probs)
+                if bool((idx > last).any()):
                     raise BitstreamError("task codec: a payload decodes to the escape "
                                          "symbol, which no encoder sends")  # fmt: skip
-                rows = (np.asarray(have)[:, None] * v_n + np.arange(v_n)).reshape(-1)
-                k[rows[:, None], np.arange(g.start, g.stop)] = \
-                    (idx + np.tile(c["lo"][g], v_n)).reshape(-1, g.stop - g.start)  # fmt: skip
+                got = (idx + lo).reshape(-1, g.stop - g.start)
+                if len(have) == len(packets):
+                    k[:, g] = got
+                else:
+                    rows = (np.asarray(have)[:, None] * v_n + np.arange(v_n)).reshape(-1)
+                    k[rows, g] = got
+                continue
+            if len(have) <= SMALL_BATCH:  # per sample, per channel: fewer numpy calls
+                for b in have:
+                    self._decode_context_one(packets[b][j], g, k[b * v_n : (b + 1) * v_n], c)
                 continue
             dec = arith.RowDecoders([packets[b][j] for b in have], v_n * (g.stop - g.start))
             at = np.asarray(have, dtype=np.int64) * v_n
@@ -516,6 +535,17 @@ class TaskCodec(RateLadder, MultiView, FeatureCodec):
                     probs = self._context_probs(r, k[rows], i, i + 1, c)[:, 0]
                     k[rows, i] = c["lo"][i] + dec.next(probs)
         return k
+
+    def _decode_context_one(self, data: bytes, g: slice, k: np.ndarray, c: dict) -> None:
+        """Format 2, one sample's packet ``g`` of a context codec into its symbols ``k``
+        ``(views, n_sym)``: the batched path's integers (:meth:`FixedContext.cell`,
+        :func:`grid_row`), channel by channel."""
+        dec = arith.RowDecoders([data], self.views * (g.stop - g.start))
+        ctx, lo, hi, w = c["ctx"], c["lo"].tolist(), c["hi"].tolist(), c["width"]
+        for kv in k:
+            for i in range(g.start, g.stop):
+                m, si = ctx.cell(kv, i)
+                kv[i] = lo[i] + dec.next_one(grid_row(m, si, lo[i], hi[i] - lo[i] + 1, w))
 
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
