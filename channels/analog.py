@@ -327,6 +327,14 @@ class OFDMTDLChannel(AnalogChannel):
                                 subcarrier_spacing=subcarrier_spacing,
                                 pilot_pattern="kronecker",
                                 pilot_ofdm_symbol_indices=list(pilot_ofdm_symbols), device=dev)
+        # Sionna draws the Kronecker pilots' QPSK symbols from its own process-wide RNG, which
+        # is seeded at random on import: redraw them from ``seed`` so one seed gives one
+        # channel (and one LS estimate) in every process.
+        pp = self._rg.pilot_pattern
+        pgen = torch.Generator().manual_seed(seed)
+        bits = torch.randint(0, 2, (2, *pp.pilots.shape), generator=pgen).float()
+        qpsk = torch.complex(1.0 - 2.0 * bits[0], 1.0 - 2.0 * bits[1]) / math.sqrt(2.0)
+        pp.pilots = qpsk.to(pp.pilots.device)
         self._tdl = _seeded_tdl_class()(model=model, delay_spread=delay_spread,
                                          carrier_frequency=carrier_frequency,
                                          min_speed=speed, max_speed=speed, device=dev)

@@ -156,14 +156,24 @@ def test_ofdm_doppler_and_frequency_selectivity():
 
 
 def test_ofdm_ls_estimation_improves_with_snr():
+    # Zero-forcing after LS estimation has a heavy tail (deep fades): compare medians.
     x = torch.ones(4, 864, dtype=torch.complex64)
     errs = []
     for snr in (0.0, 10.0, 20.0):
         ch = OFDMTDLChannel("A", snr_db=snr, channel_estimation="ls", seed=2)
         x_eq, no = ch.receive(x)
-        errs.append((x_eq - x).abs().square().mean().item())
+        errs.append((x_eq - x).abs().square().median().item())
         assert torch.isfinite(no).all()
-    assert errs[0] > errs[1] > errs[2]
+    assert errs[0] > 3 * errs[1] > 9 * errs[2]
+
+
+def test_ofdm_channel_is_reproducible_whatever_the_global_rng():
+    # The pilots used to come from Sionna's process RNG (seeded at random on import, advanced
+    # by every construction): the same seed gave another LS estimate the second time.
+    x = torch.ones(2, 864, dtype=torch.complex64)
+    outs = [OFDMTDLChannel("A", snr_db=5.0, channel_estimation="ls", seed=3).receive(x)
+            for _ in range(2)]
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 def test_post_equalization_snr():
