@@ -208,7 +208,7 @@ def _grow_family(args, device, overrides, out, resumed) -> int:
     saved as float16 and measured after that rounding."""
     import torch
 
-    from flowcodec.family.pretrained import RECIPES, grow_recipe
+    from flowcodec.family.pretrained import grow_recipe, grow_settings
     from flowcodec.scale.ddp import state_paths
 
     if args.budget_min is not None:
@@ -223,7 +223,7 @@ def _grow_family(args, device, overrides, out, resumed) -> int:
     extra.update(grown=args.grow, epochs_done=res.epochs_done, history=res.history)
     loaded, accs, path = _save_measured_half(fam, out, args.family, args.data, res.seconds,
                                              res.history, hw, extra)  # fmt: skip
-    epochs = overrides.get("epochs") or RECIPES[args.family]["grow"]["epochs"]
+    epochs = overrides.get("epochs") or grow_settings(args.family, args.grow)["epochs"]
     if res.epochs_done >= epochs:
         for f in state_paths(out):  # finished: nothing left to resume
             f.unlink(missing_ok=True)
@@ -370,9 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "when training ends")  # fmt: skip
     t.add_argument("--resume", action="store_true",
                    help="continue from OUT.state.* (the last completed epoch) if it exists")
-    t.add_argument("--grow", default=None, metavar="KIND", choices=["xl"],
-                   help="keep the trained family's members but the last and train a new, "
-                        "larger last member of this kind on their frozen trunk (cifar10: xl; "
+    t.add_argument("--grow", default=None, metavar="KIND", choices=["xl", "air"],
+                   help="train a new, larger last member of this kind on the trained family's "
+                        "frozen trunk (cifar10: xl replaces member 3, reading split point 2; "
+                        "air adds a member 4 branching after stage 1, reading split point 1; "
                         "docs/family.md)")  # fmt: skip
     t.add_argument("--init", default=None, metavar="PATH",
                    help="with --family cifar10-air: start from this saved family's weights "

@@ -92,3 +92,32 @@ def test_bad_grow_configs_are_refused(bad):
 def test_unknown_cloud_stage_is_refused():
     with pytest.raises(ConfigError, match="cloud stage"):
         build_family("cifar10", cloud="huge")
+
+
+def test_a_branching_cloud_member_reads_split_point_1_and_keeps_every_device_member(source):
+    torch.manual_seed(4)
+    grown = build_family("cifar10", width=8, cloud="air")
+    assert grown.num_members == 4 and grown.parents == [0, 1, 2, 1] and grown.branched
+    assert grown.points(4) == [0, 1, 4] and grown.points(3) == [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match="one of \\[0, 1, 4\\]"):
+        grown.split(4, 2)  # member 4 does not pass through point 2
+    train, test = _tiny_data(64, 5), _tiny_data(32, 6)
+    res = grow_member(source, grown, train, test,
+                      GrowConfig(epochs=1, views=1, batch_size=32, progress=False))  # fmt: skip
+    assert len(res.accuracies) == 4
+    grown.eval()
+    x = torch.randn(3, 3, 32, 32)
+    for k in (1, 2, 3):  # every member of the source, bit for bit
+        assert torch.equal(grown.member(k)(x), source.member(k)(x))
+    head, tail = grown.split(4, 1)
+    assert torch.equal(head(x), source.features(x, 1))
+    assert torch.equal(tail(head(x)), grown.member(4)(x))
+    assert torch.equal(grown(x)[3], grown.member(4)(x))  # the joint pass follows the branch
+    assert grown.head_flops(1) == source.head_flops(1)
+    assert grown.info()[3].flops > grown.info()[0].flops
+
+
+def test_parents_must_name_earlier_split_points():
+    fam = build_family("cifar10", width=8)
+    with pytest.raises(ConfigError, match="parents"):
+        type(fam)(list(fam.stages), list(fam.exits), (3, 32, 32), parents=[0, 2, 1])

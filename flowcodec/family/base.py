@@ -8,6 +8,12 @@ features to a larger member elsewhere.
 
 Split point ``p`` (0..k) is the boundary after stage ``p``; ``p = 0`` is the input.
 
+A family may also branch: ``parents[i]`` names the split point that stage ``i + 1`` reads
+(by default ``i``, the chain above). A cloud member that branches after stage 1 (its stage
+reads point 1, not the stage before it) shares only stage 1 with the device members: its
+split points are 0, 1 and its own, and features at point 1 mean the same thing to it as to
+every device member.
+
 Example
 -------
 >>> import torch
@@ -109,6 +115,10 @@ class EarlyExitFamily(nn.Module):
         Per-sample input shape, e.g. ``(3, 32, 32)``.
     config : dict
         The builder name and arguments (saved with checkpoints, used to rebuild).
+    parents : list of int, optional
+        ``parents[i]`` is the split point stage ``i + 1`` reads, ``0 <= parents[i] <= i``
+        (default ``i``: a chain). Member ``k`` runs the stages on the path from the input to
+        stage ``k``; its split points are the points on that path.
     layout : str
         What crosses a split point after stage 1 or later (a ``flowcodec.shapes.LAYOUTS``
         entry): ``"chw"`` maps for the CNN families, ``"tokens"`` for the ViT family, whose
@@ -125,10 +135,18 @@ class EarlyExitFamily(nn.Module):
         input_shape: tuple[int, ...],
         config: dict | None = None,
         layout: str = "chw",
+        parents: list[int] | None = None,
     ) -> None:
         super().__init__()
         if len(stages) != len(exits) or not stages:
             raise ConfigError("a family needs one exit per stage and at least one stage")
+        parents = list(range(len(stages))) if parents is None else list(parents)
+        if len(parents) != len(stages) or any(
+                isinstance(q, bool) or not isinstance(q, int) or not 0 <= q <= i
+                for i, q in enumerate(parents)):  # fmt: skip
+            raise ConfigError(f"parents must list one split point per stage, parents[i] in "
+                              f"0..i, got {parents!r}")  # fmt: skip
+        self.parents = parents
         self.stages = nn.ModuleList(stages)
         self.exits = nn.ModuleList(exits)
         self.input_shape = tuple(input_shape)
@@ -143,45 +161,80 @@ class EarlyExitFamily(nn.Module):
         if not isinstance(member, int) or not 1 <= member <= self.num_members:
             raise ConfigError(f"member must be an int in 1..{self.num_members}, got {member!r}")
 
+    @property
+    def branched(self) -> bool:
+        """Whether some stage reads a point other than the one just before it."""
+        return self.parents != list(range(self.num_members))
+
+    def path(self, member: int) -> list[int]:
+        """The split points member ``member`` passes through, from the input (0) to its last
+        stage's output (``member``): ``0..member`` for a chain."""
+        self._check_member(member)
+        out = [member]
+        while out[-1] > 0:
+            out.append(self.parents[out[-1] - 1])
+        return out[::-1]
+
+    def points(self, member: int) -> list[int]:
+        """The split points valid for ``member`` (those on its path)."""
+        return self.path(member)
+
     def _check_point(self, member: int, point: int) -> None:
         self._check_member(member)
-        if not isinstance(point, int) or not 0 <= point <= member:
+        path = self.path(member)
+        if isinstance(point, bool) or not isinstance(point, int) or point not in path:
+            where = (f"in 0..{member}" if path == list(range(member + 1))
+                     else f"one of {path} (its stages branch)")  # fmt: skip
             raise ConfigError(
-                f"split point must be an int in 0..{member} for member {member}, got {point!r}"
+                f"split point must be an int {where} for member {member}, got {point!r}"
             )
+
+    def _check_any_point(self, point: int) -> None:
+        if isinstance(point, bool) or not isinstance(point, int) \
+                or not 0 <= point <= self.num_members:  # fmt: skip
+            raise ConfigError(f"split point must be an int in 0..{self.num_members}, "
+                              f"got {point!r}")  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = []
-        for stage, ex in zip(self.stages, self.exits, strict=True):
-            x = stage(x)
-            outs.append(ex(x))
+        if not self.branched:
+            for stage, ex in zip(self.stages, self.exits, strict=True):
+                x = stage(x)
+                outs.append(ex(x))
+            return outs
+        feats = [x]
+        for i, (stage, ex) in enumerate(zip(self.stages, self.exits, strict=True)):
+            feats.append(stage(feats[self.parents[i]]))
+            outs.append(ex(feats[-1]))
         return outs
+
+    def _stages(self, points: list[int]) -> list[nn.Module]:
+        return [self.stages[q - 1] for q in points if q > 0]
 
     def member(self, k: int) -> Member:
         """Member ``k`` (1-based) as a module sharing this family's parameters."""
-        self._check_member(k)
-        return Member(list(self.stages[:k]), self.exits[k - 1], k).train(self.training)
+        return Member(self._stages(self.path(k)), self.exits[k - 1], k).train(self.training)
 
     def split(self, member: int, point: int) -> tuple[Head, Tail]:
         """``(head, tail)`` with ``tail(head(x)) == member(x)`` (bit-exact in eval mode)."""
         self._check_point(member, point)
+        path = self.path(member)
+        cut = path.index(point) + 1
         return (
-            Head(list(self.stages[:point]), point).train(self.training),
-            Tail(list(self.stages[point:member]), self.exits[member - 1], point).train(
-                self.training
-            ),
+            Head(self._stages(path[:cut]), point).train(self.training),
+            Tail(self._stages(path[cut:]), self.exits[member - 1], point).train(self.training),
         )
 
     def features(self, x: torch.Tensor, point: int) -> torch.Tensor:
         """Hidden features after stage ``point`` (0 = the input itself)."""
-        self._check_point(self.num_members, point)
-        for s in self.stages[:point]:
+        self._check_any_point(point)
+        for s in self._stages(self.path(point) if point else []):
             x = s(x)
         return x
 
     def feature_shape(self, point: int) -> tuple[int, ...]:
         """Per-sample shape of the features at ``point``."""
-        self._check_point(self.num_members, point)
+        self._check_any_point(point)
         p = next(self.parameters())
         with torch.no_grad():
             was = self.training
@@ -204,5 +257,5 @@ class EarlyExitFamily(nn.Module):
         """FLOPs of stages ``1..point`` on one sample (the device's share of the trunk)."""
         if point == 0:
             return 0
-        head, _ = self.split(self.num_members, point)
+        head, _ = self.split(point, point)
         return _count_flops(head, self.input_shape)

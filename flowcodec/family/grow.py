@@ -151,8 +151,9 @@ def grow_member(
     on_epoch=None,
 ) -> GrowResult:
     """Copy ``source``'s stages and exits ``1..k-1`` into ``target`` (a family of the same
-    trunk whose member ``k`` is new and larger) and train ``target``'s last stage and exit
-    on the frozen features after stage ``k-1``.
+    trunk whose member ``k`` is new and larger: it replaces the source's last member, or is
+    added after it) and train ``target``'s last stage and exit on the frozen features of the
+    split point that stage reads (``k-1``, or an earlier one when the stage branches).
 
     ``checkpoint`` (a path without suffix): the training state is written there after every
     epoch, and with ``resume`` a saved state is loaded and training continues after its
@@ -164,18 +165,22 @@ def grow_member(
 
     cfg = config or GrowConfig()
     k = target.num_members
-    if source.num_members != k:
-        raise ConfigError(f"source has {source.num_members} members, target {k}: they must "
-                          "share every stage but the last")  # fmt: skip
-    p = k - 1
-    for i in range(p):
-        target.stages[i].load_state_dict(source.stages[i].state_dict())
-        target.exits[i].load_state_dict(source.exits[i].state_dict())
+    if source.num_members not in (k - 1, k):
+        raise ConfigError(f"source has {source.num_members} members, target {k}: the target "
+                          "replaces the source's last member or adds one")  # fmt: skip
+    p = target.parents[k - 1]  # the split point the new stage reads (k - 1 on a chain)
+    for i in range(k - 1):
+        try:
+            target.stages[i].load_state_dict(source.stages[i].state_dict())
+            target.exits[i].load_state_dict(source.exits[i].state_dict())
+        except RuntimeError as err:
+            raise ConfigError(f"member {i + 1} of the source does not fit the target: "
+                              f"{str(err).splitlines()[0]}") from err  # fmt: skip
     dev = torch.device(cfg.device)
     target.to(dev)
     head, _ = target.split(k, p)
     head.eval().requires_grad_(False)
-    tail = nn.Sequential(target.stages[p], target.exits[p]).to(dev)
+    tail = nn.Sequential(target.stages[k - 1], target.exits[k - 1]).to(dev)
     tail = tail.to(memory_format=torch.channels_last).train()
     ema = torch.optim.swa_utils.AveragedModel(
         tail, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema),

@@ -41,6 +41,9 @@ RECIPES: dict[str, dict] = {
         # frozen trunk (flowcodec.family.grow; docs/family.md), sized for 2 CPU cores.
         "grow": dict(epochs=10, batch_size=256, lr=0.15, weight_decay=5e-4, views=6, pad=2,
                      label_smoothing=0.2),  # fmt: skip
+        # ``--grow air``: a member 4 branching after stage 1 (airbench's last two groups on
+        # the frozen 64x16x16 features of split point 1); these settings replace ``grow``'s.
+        "grow_kinds": {"air": dict(epochs=14, views=6)},
     },
     # The cloud-tier family (flowcodec.family.air; docs/family.md): devices pay at most the
     # cifar10 members' FLOPs, the largest member runs at the edge or in the cloud. Its own
@@ -160,11 +163,19 @@ def _load_init(fam: EarlyExitFamily, path, name: str) -> None:
     fam.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
 
 
+def grow_settings(name: str, kind: str) -> dict:
+    """The :class:`~flowcodec.family.grow.GrowConfig` fields of family ``name``'s recipe for
+    growing a member of kind ``kind``."""
+    recipe = RECIPES.get(name, {})
+    return {**recipe.get("grow", {}), **recipe.get("grow_kinds", {}).get(kind, {})}
+
+
 def grow_recipe(name: str, kind: str, device: str = "cpu", progress: bool = True,
                 data_root=None, checkpoint=None, resume: bool = False, source=None,
                 **overrides):  # fmt: skip
-    """Grow the trained family ``name``: keep its members but the last, and train a new last
-    member of kind ``kind`` (``cifar10(cloud=kind)``) on their frozen trunk with the recipe's
+    """Grow the trained family ``name``: keep its members but the last (or all of them, for a
+    kind that adds a branching member), and train a new last member of kind ``kind``
+    (``cifar10(cloud=kind)``) on their frozen trunk with the recipe's
     ``grow`` settings (``overrides`` change :class:`GrowConfig` fields). ``source``: the
     family to grow (default: the trained ``name``). Returns ``(family, GrowResult)``."""
     from flowcodec.family.grow import GrowConfig, grow_member
@@ -175,7 +186,8 @@ def grow_recipe(name: str, kind: str, device: str = "cpu", progress: bool = True
                           f"{sorted(k for k, v in RECIPES.items() if 'grow' in v)}")  # fmt: skip
     train, test = load_dataset(recipe.get("data", name), root=data_root)
     src = source if source is not None else load_pretrained(name, progress=progress)
-    cfg = GrowConfig(**{**recipe["grow"], **overrides, "device": device, "progress": progress})
+    cfg = GrowConfig(**{**grow_settings(name, kind), **overrides, "device": device,
+                        "progress": progress})  # fmt: skip
     torch.manual_seed(cfg.seed)
     kw = {k: v for k, v in src.config.items() if k != "name"}
     fam = build_family(name, **{**kw, "cloud": kind})

@@ -17,7 +17,7 @@ from flowcodec.errors import ConfigError
 from flowcodec.family.base import EarlyExitFamily
 
 __all__ = ["FAMILIES", "register_family", "build_family", "digits_family", "cifar10_family",
-           "cloud_stage", "CLOUD_STAGES"]
+           "cloud_stage", "CLOUD_STAGES", "branch_stage", "BRANCH_STAGES"]
 
 FAMILIES: dict[str, Callable[..., EarlyExitFamily]] = {}
 
@@ -110,7 +110,8 @@ def cloud_stage(cin: int, w: int, classes: int, kind: str = "xl") -> tuple[nn.Mo
     channels, a residual pair at 8x8, a pooled conv to ``b*w`` channels and a residual pair
     at 4x4, then a global max pool and a linear layer (``(a, b) = CLOUD_STAGES[kind]``)."""
     if kind not in CLOUD_STAGES:
-        raise ConfigError(f"unknown cloud stage {kind!r}; known: {sorted(CLOUD_STAGES)}")
+        raise ConfigError(f"unknown cloud stage {kind!r}; known: "
+                          f"{sorted(CLOUD_STAGES) + sorted(BRANCH_STAGES)}")
     a, b = (m * w for m in CLOUD_STAGES[kind])
     stage = nn.Sequential(conv_bn(cin, a), Residual(a), conv_bn(a, b, pool=True), Residual(b))
     exit_ = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(b, classes),
@@ -118,8 +119,29 @@ def cloud_stage(cin: int, w: int, classes: int, kind: str = "xl") -> tuple[nn.Mo
     return stage, exit_
 
 
+#: Cloud members that branch after stage 1 (``cifar10(cloud=...)``): the widths of their
+#: two conv groups. They read split point 1, so members 1-3 are unchanged and kept.
+BRANCH_STAGES = {"air": (256, 256)}
+
+
+def branch_stage(cin: int, w: int, classes: int, kind: str = "air") -> tuple[nn.Module, nn.Module]:
+    """A cloud stage for a 16x16 map of ``cin`` channels (split point 1 of ``cifar10``):
+    two airbench-style conv groups (conv, 2x2 max pool, BN, GELU, conv, BN, GELU; 16 -> 8 ->
+    4 px), then a global max pool and a linear layer (``BRANCH_STAGES[kind]`` widths)."""
+    from flowcodec.family.air import ConvGroup
+
+    a, b = (m * w for m in BRANCH_STAGES[kind])
+    stage = nn.Sequential(ConvGroup(cin, a), ConvGroup(a, b))
+    exit_ = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(b, classes, bias=False),
+                          Scale(1 / 9))  # fmt: skip
+    return stage, exit_
+
+
 @register_family("cifar10")
 def cifar10_family(width: int = 32, classes: int = 10, cloud: str | None = None) -> EarlyExitFamily:
+    """Three members (``width`` 32: 96, 153 and 228 MFLOPs). ``cloud``: a kind of
+    ``CLOUD_STAGES`` replaces member 3 by a wider one on points 2's features; a kind of
+    ``BRANCH_STAGES`` adds a member 4 that branches after stage 1 (it reads split point 1)."""
     w = width
     stages = [
         nn.Sequential(conv_bn(3, w), conv_bn(w, 2 * w, pool=True)),  # 2w x 16 x 16
@@ -134,6 +156,10 @@ def cifar10_family(width: int = 32, classes: int = 10, cloud: str | None = None)
             nn.Linear(8 * w, 4 * w), nn.ReLU(inplace=True), nn.Linear(4 * w, classes),
         ),  # fmt: skip
     ]
+    if cloud in BRANCH_STAGES:
+        stage, exit_ = branch_stage(2 * w, w, classes, cloud)
+        return EarlyExitFamily(stages + [stage], exits + [exit_], (3, 32, 32),
+                               parents=[0, 1, 2, 1])  # fmt: skip
     if cloud is not None:
         stages[2], exits[2] = cloud_stage(4 * w, w, classes, cloud)
     return EarlyExitFamily(stages, exits, (3, 32, 32))
