@@ -93,6 +93,10 @@ def main(argv=None) -> int:
                     help="the family: a trained family's name (default cifar10) or a "
                          "checkpoint stem (e.g. runs/air/cifar10-air-family); the encoder's "
                          "stem starts from its exit branch only for cifar10 (else --no-init)")
+    ap.add_argument("--receiver", type=int, default=None,
+                    help="the member that decodes and finishes the task, and whose logits the "
+                         "codec distils (default: the largest member that passes through "
+                         "--point; for cifar10 grown with `--grow air`, member 4 at point 1)")
     ap.add_argument("--zoo-dir", default=None,
                     help="where the codec is written (default flowcodec/zoo/codecs)")
     ap.add_argument("--progress-dir", default="runs")
@@ -112,8 +116,15 @@ def main(argv=None) -> int:
                                                     or args.extend_from or args.warm_start):
         raise SystemExit(f"--family {args.family}: its exit branches are not a stem this "
                          "encoder can start from; add --no-init")  # fmt: skip
+    if args.receiver is None:
+        args.receiver = max(k for k in range(1, fam.num_members + 1)
+                            if args.point in fam.points(k))  # fmt: skip
+    if args.point not in fam.points(args.receiver):
+        raise SystemExit(f"--receiver {args.receiver} does not pass through split point "
+                         f"{args.point} (its points: {fam.points(args.receiver)})")  # fmt: skip
+    print(f"receiver: member {args.receiver} from split point {args.point}")
     train, test = load_dataset("cifar10")
-    shape = tuple(fam.split(3, args.point)[0](torch.zeros(1, 3, 32, 32)).shape[1:])
+    shape = tuple(fam.feature_shape(args.point))
     stem = STEMS[args.point] + [(STEMS[args.point][-1][0], False)] * args.extra_blocks
     kwargs = {"latent": args.latent, "hidden": args.hidden, "stem": stem,
               "rates": len(args.lams), "packets": args.packets,
@@ -154,12 +165,13 @@ def main(argv=None) -> int:
     if args.finalize:
         res = _resume(codec, f"{args.progress_dir}/{args.out}")
     else:
-        res = train_task_codec(codec, fam, 3, args.point, train, val, cfg, device=args.device,
+        res = train_task_codec(codec, fam, args.receiver, args.point, train, val, cfg,
+                               device=args.device,
                                checkpoint=f"{args.progress_dir}/{args.out}", cache=cache)
     codec.to("cpu")
     round_half(codec).eval()
     codec.update(force=True)
-    head, tail = fam.to("cpu").eval().split(3, args.point)
+    head, tail = fam.to("cpu").eval().split(args.receiver, args.point)
     data = test if args.eval >= len(test) else test.subset(args.eval, seed=0)
     measured = []
     for r in range(codec.rates if args.eval > 0 else 0):
@@ -181,7 +193,7 @@ def main(argv=None) -> int:
                        "extend_from": args.extend_from, "ladder": args.ladder,
                        "history": res.history},
              "measured": measured, "encoder_flops": codec.encoder_flops(),
-             "point": args.point, "member": 3, "family": args.family}
+             "point": args.point, "member": args.receiver, "family": args.family}
     zoo = Path(args.zoo_dir) if args.zoo_dir else CODEC_ZOO
     if args.lift_from:  # the tensors it shares with its source are loaded from there
         from flowcodec.codecs.zoo import save_codec_variant
@@ -209,7 +221,7 @@ def _views(fam, args, train):
         if len(cache) >= args.cache_views:
             print(f"feature cache: {len(cache)} copies from {args.cache_file}")
             return cache
-    head, tail = fam.to(args.device).eval().split(3, args.point)
+    head, tail = fam.to(args.device).eval().split(args.receiver, args.point)
     t0 = time.perf_counter()
     cache = cache_views(head, tail, train, args.cache_views,
                         torch.Generator().manual_seed(args.seed + 1), device=args.device)

@@ -180,81 +180,195 @@ def _range_rows(model: nn.Module) -> tuple[list, np.ndarray, np.ndarray]:
     return _per_version(model, "_flowcodec_range", build)
 
 
-def _row_groups(idx: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """The coding order of a payload: the symbols of each row used, rows ascending, each
-    row's symbols in their own order (one coder call per row)."""
-    return [(int(r), np.flatnonzero(idx == r)) for r in np.unique(idx)]
+class _Plan:
+    """The coding order of ``B`` payloads of ``n`` symbols with CDF rows ``idx`` (int64
+    ``(B, n)``, checked to be in range): each payload's symbols of each row used, rows
+    ascending, each row's symbols in their own order (one coder call per row), found for
+    the whole batch at once. ``order`` ``(B, n)`` (or ``(n,)`` when every payload uses the
+    same rows, the usual case) is the permutation into that order; ``groups[b]`` lists
+    ``(row, start, stop)`` slices of the permuted payload ``b`` (one list shared by all
+    payloads when the rows are)."""
+
+    __slots__ = ("shared", "order", "groups")
+
+    def __init__(self, idx: np.ndarray) -> None:
+        n = idx.shape[1]
+        self.shared = len(idx) <= 1 or bool((idx == idx[:1]).all())
+        if self.shared:
+            one = idx[0] if len(idx) else np.zeros(0, np.int64)
+            self.order = np.argsort(one, kind="stable")
+            self.groups = [self._slices(one[self.order], n)] * len(idx)
+        else:
+            self.order = np.argsort(idx, axis=1, kind="stable")
+            srt = np.take_along_axis(idx, self.order, axis=1)
+            self.groups = [self._slices(row, n) for row in srt]
+
+    @staticmethod
+    def _slices(srt: np.ndarray, n: int) -> list[tuple[int, int, int]]:
+        if n == 0:
+            return []
+        cut = (np.flatnonzero(srt[1:] != srt[:-1]) + 1).tolist()
+        starts, stops = [0, *cut], [*cut, n]
+        rows = srt[starts].tolist()
+        return list(zip(rows, starts, stops))
+
+    def permute(self, a: np.ndarray) -> np.ndarray:
+        """``a`` ``(B, n)`` in coding order (C-contiguous)."""
+        if self.shared:
+            return np.ascontiguousarray(a[:, self.order])
+        return np.ascontiguousarray(np.take_along_axis(a, self.order, axis=1))
+
+    def unpermute(self, a: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`permute`."""
+        out = np.empty_like(a)
+        if self.shared:
+            out[:, self.order] = a
+        else:
+            np.put_along_axis(out, self.order, a, axis=1)
+        return out
 
 
-def _range_read(models, dec, idx: np.ndarray, top_index: np.ndarray) -> tuple[np.ndarray,
-                                                                                np.ndarray]:
-    v = np.empty(len(idx), dtype=np.int64)
-    for r, at in _row_groups(idx):
-        v[at] = dec.decode(models[r], len(at))
-    esc = v == top_index
-    u = dec.decode(_OUTLIERS, int(esc.sum())) if esc.any() else np.zeros(0, np.int64)
+def _read_one(models, dec, groups, top_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One payload's row symbols (in coding order) and outlier codes."""
+    v = np.empty(len(top_sorted), dtype=np.int64)
+    for r, a, z in groups:
+        v[a:z] = dec.decode(models[r], z - a)
+    esc = int(np.count_nonzero(v == top_sorted))
+    u = dec.decode(_OUTLIERS, esc) if esc else np.zeros(0, np.int64)
     return v, np.asarray(u, dtype=np.int64)
 
 
-def _index_of(indexes: torch.Tensor, rows: int) -> np.ndarray:
-    idx = indexes.detach().reshape(-1).cpu().numpy().astype(np.int64)
+def _batch_of(indexes: torch.Tensor | np.ndarray, rows: int, batch: int | None) -> np.ndarray:
+    """CDF indexes as int64 ``(B, n)`` (a 1-d ``indexes`` is one payload's, shared by the
+    batch when ``batch`` is given), checked to be in ``0 .. rows - 1`` (ConfigError)."""
+    if isinstance(indexes, torch.Tensor):
+        indexes = indexes.detach().cpu().numpy()
+    idx = np.asarray(indexes).astype(np.int64, copy=False)
+    if batch is not None and idx.ndim == 1:
+        idx = np.broadcast_to(idx, (batch, len(idx)))
+    idx = idx.reshape(len(idx), -1) if batch is not None else idx.reshape(1, -1)
     if idx.size and (idx.min() < 0 or idx.max() >= rows):
         raise ConfigError(f"CDF indexes must be in 0..{rows - 1}, got {idx.min()}..{idx.max()}")
     return idx
 
 
-def range_encode(model: nn.Module, symbols: torch.Tensor, indexes: torch.Tensor) -> bytes:
-    """Format 2 of :func:`arith_encode`: the same model (CompressAI's 16-bit rows, an
-    outlier coded from the escape bin's mass and clamped :data:`ESCAPE_RANGE` beyond the
-    support), range-coded (:mod:`flowcodec.codecs.arith`): each row's symbols in one call,
-    rows ascending, then the outlier codes. At most one byte above the shortest code of
-    the coder's interval; every payload is checked to decode back."""
+def range_encode_batch(model: nn.Module, symbols, indexes, verify: bool = False) -> list[bytes]:
+    """:func:`range_encode` for ``B`` payloads at once: ``symbols`` ``(B, ...)`` (tensor or
+    array), payload ``b`` its ``symbols[b]`` flattened, with CDF rows ``indexes`` of the
+    same shape, or one payload's ``(n,)`` (or ``(1, n)``) shared by all. Returns the ``B``
+    payloads, each byte for byte what :func:`range_encode` writes for it. The escapes, the
+    outlier codes and the coding order are worked out for the whole batch with array
+    operations; what remains per payload is one coder call per row used and one for the
+    outliers.
+
+    ``verify``: decode every payload before returning it. Without it (the default) the
+    payload is :func:`arith.interval_code` of the coder's final interval, which decodes to
+    the message by construction, as for the factorized task payloads
+    (``arith.encode_batch(verify=False)``): the decoder makes the same calls in the same
+    order (the rows ascending from the same indexes, then as many outlier codes as it read
+    escape bins, which is the encoder's count since it read the encoder's symbols so far),
+    each with the same fixed model, repeating the encoder's integer updates, and each
+    symbol's interval lies inside the one before it, so any point of the final interval
+    decodes to the message (and a row symbol or outlier code is always in its model's
+    support: ``v`` is ``0 .. L - 2`` of a row of ``L - 1`` symbols, ``u`` is ``0 .. 2 *
+    ESCAPE_RANGE - 1``). What that rests on, reading the final interval off the coder's
+    state, is checked on every payload by :func:`arith.interval_code` against the point
+    the coder itself seals with; a mismatch falls back to :func:`arith.shortest_code`,
+    whose every candidate is decoded. The bytes are the same either way."""
     models, offs, tops = _range_rows(model)
-    idx = _index_of(indexes, len(models))
-    sym = symbols.detach().reshape(-1).cpu().long().numpy()
-    if len(sym) != len(idx):
-        raise ConfigError(f"{len(sym)} symbols but {len(idx)} indexes")
+    if isinstance(symbols, torch.Tensor):
+        symbols = symbols.detach().cpu().numpy()
+    sym = np.asarray(symbols).astype(np.int64, copy=False)
+    sym = sym.reshape(len(sym), -1)
+    idx = _batch_of(indexes, len(models), len(sym))
+    if idx.shape[0] == 1 and len(sym) != 1:
+        idx = np.broadcast_to(idx, (len(sym), idx.shape[1]))
+    if idx.shape != sym.shape:
+        raise ConfigError(f"{sym.shape[1]} symbols but {idx.shape[1]} indexes per payload"
+                          if len(sym) == len(idx) else
+                          f"{len(sym)} payloads but indexes for {len(idx)}")  # fmt: skip
     off, top = offs[idx], tops[idx]
     below, above = sym < off, sym > top
     esc = below | above
     v = np.where(esc, top - off + 1, sym - off)
     d = np.minimum(np.where(below, off - sym, sym - top), ESCAPE_RANGE)
-    u = (2 * (d - 1) + above)[esc]
-    enc = constriction.stream.queue.RangeEncoder()
-    for r, at in _row_groups(idx):
-        enc.encode(v[at].astype(np.int32), models[r])
-    if len(u):
-        enc.encode(u.astype(np.int32), _OUTLIERS)
+    u_all = (2 * (d - 1) + above).astype(np.int32)
+    has_esc = esc.any(axis=1).tolist()
+    plan = _Plan(idx)
+    vs = plan.permute(v).astype(np.int32)
+    out = []
+    for b in range(len(sym)):
+        enc = constriction.stream.queue.RangeEncoder()
+        row = vs[b]
+        for r, a, z in plan.groups[b]:
+            enc.encode(row[a:z], models[r])
+        u = u_all[b][esc[b]] if has_esc[b] else None
+        if u is not None:
+            enc.encode(u, _OUTLIERS)
+        code = arith.interval_code(enc)
+        if code is None or verify:
+            top_b = plan.permute((top - off + 1)[b:b + 1])[0]
 
-    def decodes(c: bytes) -> bool:
-        try:
-            dec = constriction.stream.queue.RangeDecoder(arith.payload_words(c, len(c)))
-            gv, gu = _range_read(models, dec, idx, top - off + 1)
-        except Exception:  # an invalid point for the coder: not a code of the message
-            return False
-        return bool(np.array_equal(gv, v) and np.array_equal(gu, u))
+            def decodes(c: bytes, b=b, top_b=top_b, u=u) -> bool:
+                try:
+                    dec = constriction.stream.queue.RangeDecoder(arith.payload_words(c, len(c)))
+                    gv, gu = _read_one(models, dec, plan.groups[b], top_b)
+                except Exception:  # an invalid point for the coder: not a code of the message
+                    return False
+                want = np.zeros(0, np.int64) if u is None else u
+                return bool(np.array_equal(gv, vs[b]) and np.array_equal(gu, want))
 
-    def start() -> int:
-        return 0
+            if code is None or not decodes(code):
+                code = arith.shortest_code(enc.get_compressed(), decodes, 0)
+        out.append(code)
+    return out
 
-    return arith.finish(enc, decodes, start)
+
+def range_encode(model: nn.Module, symbols: torch.Tensor, indexes: torch.Tensor,
+                 verify: bool = False) -> bytes:  # fmt: skip
+    """Format 2 of :func:`arith_encode`: the same model (CompressAI's 16-bit rows, an
+    outlier coded from the escape bin's mass and clamped :data:`ESCAPE_RANGE` beyond the
+    support), range-coded (:mod:`flowcodec.codecs.arith`): each row's symbols in one call,
+    rows ascending, then the outlier codes. At most one byte above the shortest code of
+    the coder's interval. ``verify``: decode the payload before returning it (it decodes
+    by construction; see :func:`range_encode_batch`, which this is for one payload)."""
+    sym = symbols.detach().reshape(1, -1) if isinstance(symbols, torch.Tensor) \
+        else np.asarray(symbols).reshape(1, -1)  # fmt: skip
+    n = indexes.numel() if isinstance(indexes, torch.Tensor) else np.size(indexes)
+    if sym.shape[1] != n:
+        raise ConfigError(f"{sym.shape[1]} symbols but {n} indexes")
+    return range_encode_batch(model, sym, indexes, verify)[0]
 
 
-def range_decode(model: nn.Module, data: bytes, indexes: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`range_encode`: int32 symbols shaped like ``indexes``.
-    BitstreamError for a payload longer than ``arith.range_max_bytes(n, 37)`` bytes, one
-    ending in a zero byte, or one the coder finds impossible."""
+def range_decode_batch(model: nn.Module, payloads, indexes) -> np.ndarray:
+    """Inverse of :func:`range_encode_batch`: int64 symbols ``(B, n)`` of ``B`` payloads
+    with CDF rows ``indexes`` ``(B, n)`` or one payload's ``(n,)`` shared by all; the checks
+    of :func:`range_decode` on every payload (BitstreamError)."""
     models, offs, tops = _range_rows(model)
-    idx = _index_of(indexes, len(models))
-    words = arith.payload_words(data, arith.range_max_bytes(len(idx), _RANGE_BITS))
+    idx = _batch_of(indexes, len(models), len(payloads))
+    if len(idx) != len(payloads):
+        raise ConfigError(f"{len(payloads)} payloads but indexes for {len(idx)}")
+    n = idx.shape[1]
+    limit = arith.range_max_bytes(n, _RANGE_BITS)
     off, top = offs[idx], tops[idx]
-    try:
-        dec = constriction.stream.queue.RangeDecoder(words)
-        v, u = _range_read(models, dec, idx, top - off + 1)
-    except Exception as e:
-        raise BitstreamError(f"range-coded payload is not a code: {e}") from e
+    esc_at = top - off + 1
+    plan = _Plan(idx)
+    tops_sorted = plan.permute(esc_at)
+    vs = np.empty((len(payloads), n), dtype=np.int64)
+    us = []
+    for b, data in enumerate(payloads):
+        words = arith.payload_words(data, limit)
+        try:
+            dec = constriction.stream.queue.RangeDecoder(words)
+            vs[b], u = _read_one(models, dec, plan.groups[b], tops_sorted[b])
+        except Exception as e:
+            raise BitstreamError(f"range-coded payload is not a code: {e}") from e
+        us.append(u)
+    v = plan.unpermute(vs)
     sym = off + v
-    esc = np.flatnonzero(v == top - off + 1)
-    d = u // 2 + 1
-    sym[esc] = np.where(u % 2 == 1, top[esc] + d, off[esc] - d)
-    return torch.from_numpy(sym.astype(np.int32)).reshape(indexes.shape)
+    esc = v == esc_at
+    if esc.any():
+        u = np.concatenate(us)  # row-major order of the escapes: each payload's in its order
+        d = u // 2 + 1
+        sym[esc] = np.where(u % 2 == 1, top[esc] + d, off[esc] - d)
+    return sym

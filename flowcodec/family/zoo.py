@@ -120,8 +120,9 @@ def cloud_stage(cin: int, w: int, classes: int, kind: str = "xl") -> tuple[nn.Mo
 
 
 #: Cloud members that branch after stage 1 (``cifar10(cloud=...)``): the widths of their
-#: two conv groups. They read split point 1, so members 1-3 are unchanged and kept.
-BRANCH_STAGES = {"air": (256, 256)}
+#: two conv groups, as multiples of ``width`` (32: 256 and 256, airbench's last two groups).
+#: They read split point 1, so members 1-3 are unchanged and kept.
+BRANCH_STAGES = {"air": (8, 8)}
 
 
 def branch_stage(cin: int, w: int, classes: int, kind: str = "air") -> tuple[nn.Module, nn.Module]:
