@@ -123,11 +123,47 @@ def compressai_raw(codec, h, r: int, repeats: int) -> float:
     return len(h) / (best_of(enc, repeats) + best_of(dec, repeats))
 
 
+def token_raw(codec, h, repeats: int) -> float | None:
+    """Samples/s of CompressAI's rANS coder alone (as :func:`compressai_raw`) on a
+    token-merge codec's latent symbols and CDF indexes (one string per sample), or None
+    for other token codecs."""
+    from flowcodec.codecs.entropy import _ext, _tables
+
+    if not hasattr(codec, "_merge"):
+        return None
+    with torch.no_grad():
+        merged, _ = codec._merge(codec._tokens(h.float()))
+        every = torch.ones(len(h), codec.clusters)
+        sym, cidx, _ = codec._latent_symbols(codec.g_a(merged).transpose(1, 2), every)
+    ans = _ext("ans")
+    cdf, lengths, offsets = _tables(codec._y_model())
+    k = [sym[b].T.reshape(-1).tolist() for b in range(len(h))]
+    idx = [cidx[b].expand(sym.shape[2], -1).reshape(-1).tolist() for b in range(len(h))]
+
+    def enc():
+        return [ans.RansEncoder().encode_with_indexes(s, i, cdf, lengths, offsets)
+                for s, i in zip(k, idx)]  # fmt: skip
+
+    strings = enc()
+
+    def dec():
+        return [ans.RansDecoder().decode_with_indexes(s, i, cdf, lengths, offsets)
+                for s, i in zip(strings, idx)]  # fmt: skip
+
+    assert dec() == k
+    return len(h) / (best_of(enc, repeats) + best_of(dec, repeats))
+
+
 def bench_token(name, codec, head, tail, x, args, writer, bytes_writer) -> None:
+    """As :func:`bench_task`; the coding alone is ``compress + decompress`` less
+    ``forward`` (the same analysis, merge and synthesis, without the coding: an
+    approximation that also takes off forward's likelihoods)."""
     with torch.no_grad():
         h = head(x)
         feats = codec(h).features
         t_tail = best_of(lambda: tail(feats), args.repeats)
+        t_fwd = best_of(lambda: codec(h), args.repeats)
+    raw = token_raw(codec, h, args.repeats)
     n = len(x)
     sizes = {}
     for fmt in (1, 2):
@@ -137,9 +173,15 @@ def bench_token(name, codec, head, tail, x, args, writer, bytes_writer) -> None:
         t_c = best_of(lambda: codec.compress(h), reps)
         t_d = best_of(lambda s=streams: codec.decompress(s), reps)
         sizes[fmt] = payload(streams)
-        report({"codec": name, "format": fmt, "batch": n, "compress_sps": n / t_c,
-                "decompress_sps": n / t_d, "tail_sps": n / t_tail,
-                "decompress_over_tail": t_tail / t_d, "payload_bytes": sizes[fmt]}, writer)
+        row = {"codec": name, "format": fmt, "batch": n, "compress_sps": n / t_c,
+               "decompress_sps": n / t_d, "tail_sps": n / t_tail,
+               "decompress_over_tail": t_tail / t_d, "payload_bytes": sizes[fmt]}  # fmt: skip
+        if raw is not None:
+            both = max(t_c + t_d - t_fwd, 1e-9)
+            row.update({"coding_compress_sps": float("nan"),
+                        "coding_decompress_sps": float("nan"), "coding_both_sps": n / both,
+                        "compressai_raw_both_sps": raw})  # fmt: skip
+        report(row, writer)
     bytes_writer.writerow({"codec": name, "rate": "", "bytes_format1": f"{sizes[1]:.3f}",
                            "bytes_format2": f"{sizes[2]:.3f}",
                            "difference": f"{sizes[2] - sizes[1]:+.3f}"})  # fmt: skip

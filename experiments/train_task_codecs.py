@@ -117,8 +117,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--family {args.family}: its exit branches are not a stem this "
                          "encoder can start from; add --no-init")  # fmt: skip
     if args.receiver is None:
-        args.receiver = max(k for k in range(1, fam.num_members + 1)
-                            if args.point in fam.points(k))  # fmt: skip
+        args.receiver = fam.receiver(args.point)
     if args.point not in fam.points(args.receiver):
         raise SystemExit(f"--receiver {args.receiver} does not pass through split point "
                          f"{args.point} (its points: {fam.points(args.receiver)})")  # fmt: skip

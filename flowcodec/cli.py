@@ -128,9 +128,10 @@ def cmd_train_family(args) -> int:
     overrides = {k: v for k, v in pairs if v is not None}
     out = args.out or f"{args.family}-family"
     resumed = _saved_epoch(out) if args.resume else None
-    if args.grow:
-        return _grow_family(args, device, overrides, out, resumed)
     from flowcodec.family.pretrained import RECIPES
+
+    if args.grow or "grow_from" in RECIPES[args.family]:
+        return _grow_family(args, device, overrides, out, resumed)
 
     air = RECIPES[args.family].get("trainer") == "air"
     if air and args.budget_min is not None:
@@ -208,7 +209,7 @@ def _grow_family(args, device, overrides, out, resumed) -> int:
     saved as float16 and measured after that rounding."""
     import torch
 
-    from flowcodec.family.pretrained import grow_recipe, grow_settings
+    from flowcodec.family.pretrained import RECIPES, family_dataset, grow_recipe, grow_settings
     from flowcodec.scale.ddp import state_paths
 
     if args.budget_min is not None:
@@ -220,9 +221,10 @@ def _grow_family(args, device, overrides, out, resumed) -> int:
     extra = {k: v for k, v in overrides.items() if k != "time_budget_s"}
     if resumed:
         extra["resumed_from_epoch"] = resumed
-    extra.update(grown=args.grow, epochs_done=res.epochs_done, history=res.history)
-    loaded, accs, path = _save_measured_half(fam, out, args.family, args.data, res.seconds,
-                                             res.history, hw, extra)  # fmt: skip
+    extra.update(grown=args.grow or RECIPES[args.family]["grow_from"][1],
+                 epochs_done=res.epochs_done, history=res.history)  # fmt: skip
+    loaded, accs, path = _save_measured_half(fam, out, family_dataset(args.family), args.data,
+                                             res.seconds, res.history, hw, extra)  # fmt: skip
     epochs = overrides.get("epochs") or grow_settings(args.family, args.grow)["epochs"]
     if res.epochs_done >= epochs:
         for f in state_paths(out):  # finished: nothing left to resume

@@ -122,3 +122,21 @@ def test_parents_must_name_earlier_split_points():
     fam = build_family("cifar10", width=8)
     with pytest.raises(ConfigError, match="parents"):
         type(fam)(list(fam.stages), list(fam.exits), (3, 32, 32), parents=[0, 2, 1])
+
+
+def test_cifar10_cloud_is_cifar10_with_a_branching_member_4_and_names_its_receivers():
+    from flowcodec.family.pretrained import RECIPES, grow_settings
+
+    torch.manual_seed(0)
+    cloud = build_family("cifar10-cloud", width=8)
+    plain = build_family("cifar10", width=8)
+    assert cloud.config["name"] == "cifar10-cloud" and cloud.parents == [0, 1, 2, 1]
+    assert [m.flops for m in cloud.info()[:3]] == [m.flops for m in plain.info()]
+    # the default receiver from each split point: member 4 from 0 and 1, member 3 beyond
+    assert [cloud.receiver(p) for p in range(5)] == [4, 4, 3, 3, 4]
+    assert [plain.receiver(p) for p in range(4)] == [3, 3, 3, 3]
+    assert RECIPES["cifar10-cloud"]["grow_from"] == ["cifar10", "air"]
+    same = grow_settings("cifar10", "air")
+    assert grow_settings("cifar10-cloud", None)["epochs"] == same["epochs"]
+    with pytest.raises(ConfigError, match="cloud must be one of"):
+        build_family("cifar10-cloud", cloud="xl")

@@ -26,7 +26,8 @@ from flowcodec.codecs.rans import frozen_tables
 from flowcodec.errors import ConfigError
 
 __all__ = ["ARITH_PRECISION", "ESCAPE_RANGE", "FLAG_RANGE", "arith_encode", "arith_decode",
-           "range_encode", "range_decode", "arith_tables", "to_index"]
+           "range_encode", "range_decode", "range_encode_batch", "range_decode_batch",
+           "arith_tables", "to_index"]
 
 
 #: Precision (bits) of the arithmetic coder's tables in the token codecs: CompressAI's
@@ -244,9 +245,14 @@ def _batch_of(indexes: torch.Tensor | np.ndarray, rows: int, batch: int | None) 
     if isinstance(indexes, torch.Tensor):
         indexes = indexes.detach().cpu().numpy()
     idx = np.asarray(indexes).astype(np.int64, copy=False)
-    if batch is not None and idx.ndim == 1:
-        idx = np.broadcast_to(idx, (batch, len(idx)))
-    idx = idx.reshape(len(idx), -1) if batch is not None else idx.reshape(1, -1)
+    if batch is None:
+        idx = idx.reshape(1, -1)
+    else:
+        if idx.ndim == 1:
+            idx = idx[None]
+        idx = idx.reshape(idx.shape[0], int(np.prod(idx.shape[1:])))
+        if len(idx) == 1 and batch != 1:
+            idx = np.broadcast_to(idx, (batch, idx.shape[1]))
     if idx.size and (idx.min() < 0 or idx.max() >= rows):
         raise ConfigError(f"CDF indexes must be in 0..{rows - 1}, got {idx.min()}..{idx.max()}")
     return idx
@@ -279,10 +285,8 @@ def range_encode_batch(model: nn.Module, symbols, indexes, verify: bool = False)
     if isinstance(symbols, torch.Tensor):
         symbols = symbols.detach().cpu().numpy()
     sym = np.asarray(symbols).astype(np.int64, copy=False)
-    sym = sym.reshape(len(sym), -1)
+    sym = sym.reshape(sym.shape[0], int(np.prod(sym.shape[1:])))
     idx = _batch_of(indexes, len(models), len(sym))
-    if idx.shape[0] == 1 and len(sym) != 1:
-        idx = np.broadcast_to(idx, (len(sym), idx.shape[1]))
     if idx.shape != sym.shape:
         raise ConfigError(f"{sym.shape[1]} symbols but {idx.shape[1]} indexes per payload"
                           if len(sym) == len(idx) else
@@ -307,7 +311,7 @@ def range_encode_batch(model: nn.Module, symbols, indexes, verify: bool = False)
             enc.encode(u, _OUTLIERS)
         code = arith.interval_code(enc)
         if code is None or verify:
-            top_b = plan.permute((top - off + 1)[b:b + 1])[0]
+            top_b = plan.permute(top - off + 1)[b]
 
             def decodes(c: bytes, b=b, top_b=top_b, u=u) -> bool:
                 try:
@@ -337,7 +341,7 @@ def range_encode(model: nn.Module, symbols: torch.Tensor, indexes: torch.Tensor,
     n = indexes.numel() if isinstance(indexes, torch.Tensor) else np.size(indexes)
     if sym.shape[1] != n:
         raise ConfigError(f"{sym.shape[1]} symbols but {n} indexes")
-    return range_encode_batch(model, sym, indexes, verify)[0]
+    return range_encode_batch(model, sym, indexes.reshape(1, -1), verify)[0]
 
 
 def range_decode_batch(model: nn.Module, payloads, indexes) -> np.ndarray:
@@ -372,3 +376,10 @@ def range_decode_batch(model: nn.Module, payloads, indexes) -> np.ndarray:
         d = u // 2 + 1
         sym[esc] = np.where(u % 2 == 1, top[esc] + d, off[esc] - d)
     return sym
+
+def range_decode(model: nn.Module, data: bytes, indexes: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`range_encode`: int32 symbols shaped like ``indexes``.
+    BitstreamError for a payload longer than ``arith.range_max_bytes(n, 37)`` bytes, one
+    ending in a zero byte, or one the coder finds impossible."""
+    sym = range_decode_batch(model, [data], indexes.reshape(1, -1))[0]
+    return torch.from_numpy(sym.astype(np.int32)).reshape(indexes.shape)

@@ -47,6 +47,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -76,7 +77,9 @@ from flowcodec.codecs.table_coding import (
     arith_decode,
     arith_encode,
     range_decode,
+    range_decode_batch,
     range_encode,
+    range_encode_batch,
 )
 from flowcodec.errors import ConfigError
 
@@ -315,6 +318,36 @@ class TokenCodecBase(FeatureCodec):
             code = range_encode if self._stream_format() == 2 else arith_encode
             return code(model, s, idx.expand_as(s))
         return rans_encode(model, s, idx.expand_as(s), tables)
+
+    def _encode_tokens_batch(self, model, tables, s: torch.Tensor,
+                             idx: torch.Tensor) -> list[bytes]:  # fmt: skip
+        """The payloads of ``B`` samples' token latents ``s`` ``(B, k, M)`` with CDF indexes
+        ``idx`` ``(B, M)``: :meth:`_encode_tokens` of each, format 2 for the whole batch at
+        once (:func:`range_encode_batch`, the same bytes)."""
+        if self._coder() == "arith" and self._stream_format() == 2:
+            return range_encode_batch(model, s, idx[:, None, :].expand_as(s))
+        return [self._encode_tokens(model, tables, s[b], idx[b]) for b in range(len(s))]
+
+    def _decode_tokens_batch(self, tables, payloads: list[bytes], idx: torch.Tensor, k: int,
+                             fmts: list[int]) -> torch.Tensor:  # fmt: skip
+        """:meth:`_decode_tokens` of several payloads (payload ``j`` with CDF indexes
+        ``idx[j]`` ``(M,)`` and stream format ``fmts[j]``): int32 symbols ``(len, k, M)``;
+        the format-2 arithmetic-coded ones decoded for the batch at once
+        (:func:`range_decode_batch`, the same checks)."""
+        out = torch.zeros(len(payloads), k, self.latent, dtype=torch.int32)
+        if not payloads:
+            return out
+        fast = [j for j, f in enumerate(fmts) if f == 2] if self._coder() == "arith" else []
+        if fast:
+            rows = idx[fast][:, None, :].expand(len(fast), k, -1)
+            sym = range_decode_batch(self._y_model(), [payloads[j] for j in fast], rows)
+            out[fast] = torch.from_numpy(sym.astype(np.int32)).reshape(len(fast), k, -1)
+        if len(fast) < len(payloads):
+            done = set(fast)
+            for j, data in enumerate(payloads):
+                if j not in done:
+                    out[j] = self._decode_tokens(tables, data, idx[j], k, fmts[j])
+        return out
 
     def _decode_tokens(self, tables, data: bytes, idx: torch.Tensor, k: int,
                        fmt: int = 1) -> torch.Tensor:  # fmt: skip

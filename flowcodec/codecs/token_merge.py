@@ -341,29 +341,31 @@ class TokenMergeCodec(TokenCodecBase):
         model = self._y_model()
         tables = frozen_tables(model)
         header = self._header()
+        ids = [list(self._cluster_ids(p)) for p in range(self.packets)]
+        # the token payloads of every packet, for the whole batch at once: (B, k, M) each
+        tok = [self._encode_tokens_batch(model, tables, sym[:, :, i].transpose(1, 2), cidx)
+               for i in ids]  # fmt: skip
+        if self.order == "sizes":
+            counts = torch.nn.functional.one_hot(lab, self.clusters).sum(1).tolist()
+        pk = (lab % self.packets).tolist()
+        local_all = (lab // self.packets).tolist()
         out = []
         for b in range(len(t)):
-            row = lab[b]
             packets = [] if zpk is None else [zpk[b]]
             for p in range(self.packets):
-                ids = torch.tensor(list(self._cluster_ids(p)))
                 if self.order == "sizes":
                     cov, m, n = self._size_args(p)
-                    counts = torch.bincount(row, minlength=self.clusters)
-                    data = encode_sizes([int(counts[c]) for c in cov], n) if cov else b""
-                    data += self._encode_tokens(model, tables, sym[b][:, ids].T, cidx[b])
-                    packets.append(data)
+                    data = encode_sizes([counts[b][c] for c in cov], n) if cov else b""
+                    packets.append(data + tok[p][b])
                     continue
-                members = (row % self.packets == p).nonzero().squeeze(1)
-                local = (row[members] // self.packets).tolist()  # canonical within the packet
-                data = encode_positions(members.tolist(), self.n_tokens)
+                members = [i for i, q in enumerate(pk[b]) if q == p]
+                local = [local_all[b][i] for i in members]  # canonical within the packet
+                data = encode_positions(members, self.n_tokens)
                 if not self._first_alone(p):
-                    data += encode_assignment(local, len(ids))
-                elif len(ids) > 1:  # position 0 is cluster 0 by construction: code the rest
-                    data += encode_assignment([v - 1 for v in local[1:]], len(ids) - 1)
-                s = sym[b][:, ids].T  # (k, M), cluster-major
-                data += self._encode_tokens(model, tables, s, cidx[b])
-                packets.append(data)
+                    data += encode_assignment(local, len(ids[p]))
+                elif len(ids[p]) > 1:  # position 0 is cluster 0 by construction: code the rest
+                    data += encode_assignment([v - 1 for v in local[1:]], len(ids[p]) - 1)
+                packets.append(data + tok[p][b])
             out.append(Bitstream(header, packets))
         return out
 
@@ -406,9 +408,9 @@ class TokenMergeCodec(TokenCodecBase):
         y_hat = sym.to(dev).float() + centre[:, None, :]
         return self._with_fill(self._restore(y_hat, slot.clamp(min=0).to(dev)), slot >= 0)
 
-    def _read_packet(self, tables, p: int, data: bytes, cidx: torch.Tensor, fmt: int = 1):
-        """``(members, global labels, symbols (k, M))`` of token packet ``p`` (channel
-        CDF indexes ``cidx`` ``(M,)``; ``fmt``: the stream format of its payload)."""
+    def _read_sides(self, p: int, data: bytes) -> tuple[list[int], list[int], int]:
+        """``(members, global labels, bytes used)`` of token packet ``p``'s position and
+        assignment codes; its token payload follows."""
         k = len(self._cluster_ids(p))
         members, used = decode_positions(data, self.n_tokens)
         if len(members) < k:
@@ -423,9 +425,15 @@ class TokenMergeCodec(TokenCodecBase):
             rest, used2 = (decode_assignment(data[used:], len(members) - 1, k - 1)
                            if k > 1 else ([], 0))  # fmt: skip
             local = [0] + [v + 1 for v in rest]
-        start = used + used2
+        return members, [p + self.packets * j for j in local], used + used2
+
+    def _read_packet(self, tables, p: int, data: bytes, cidx: torch.Tensor, fmt: int = 1):
+        """``(members, global labels, symbols (k, M))`` of token packet ``p`` (channel
+        CDF indexes ``cidx`` ``(M,)``; ``fmt``: the stream format of its payload)."""
+        members, glob, start = self._read_sides(p, data)
+        k = len(self._cluster_ids(p))
         sym = self._decode_tokens(tables, bytes(data[start:]), cidx, k, fmt)
-        return members, [p + self.packets * j for j in local], sym
+        return members, glob, sym
 
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
@@ -437,34 +445,66 @@ class TokenMergeCodec(TokenCodecBase):
         n, kk = self.n_tokens, self.clusters
         sym = torch.zeros(len(streams), kk, self.latent, dtype=torch.int32)
         lab = torch.full((len(streams), n), -1, dtype=torch.int64)
+        # the side codes of every received packet, then each packet's token payloads for
+        # the whole batch at once
+        sides = [[] for _ in range(self.packets)]  # per packet: (sample, members, labels)
+        payloads = [[] for _ in range(self.packets)]
+        fmts = [[] for _ in range(self.packets)]
         for b, s in enumerate(streams):
             if not have_z[b]:
                 continue  # no z, no scales: the whole sample gets the fill
-            tok = s.packets[self._nz:]
-            for p, data in enumerate(tok):
+            fmt = self.format_of(s)
+            for p, data in enumerate(s.packets[self._nz:]):
                 if data is None:
                     continue  # lost: its clusters' positions get the fill
-                members, glob, psym = self._read_packet(tables, p, data, cidx[b],
-                                                        self.format_of(s))  # fmt: skip
-                pos = torch.tensor(members, dtype=torch.int64)
-                if bool((lab[b, pos] >= 0).any()):
+                members, glob, start = self._read_sides(p, data)
+                sides[p].append((b, members, glob))
+                payloads[p].append(bytes(data[start:]))
+                fmts[p].append(fmt)
+        lab_rows = lab.tolist()
+        for p in range(self.packets):
+            if not sides[p]:
+                continue
+            ids = list(self._cluster_ids(p))
+            at = [b for b, _, _ in sides[p]]
+            psym = self._decode_tokens_batch(tables, payloads[p], cidx[at], len(ids), fmts[p])
+            sym[torch.tensor(at)[:, None], torch.tensor(ids)[None, :]] = psym
+            for b, members, glob in sides[p]:
+                row = lab_rows[b]
+                if any(row[i] >= 0 for i in members):
                     raise BitstreamError(f"token-merge packet {p} names positions that another "
                                          "packet holds")  # fmt: skip
-                lab[b, pos] = torch.tensor(glob, dtype=torch.int64)
-                sym[b, list(self._cluster_ids(p))] = psym
-            if all(d is not None for d in tok):
-                self._check_canonical(lab[b])
+                for i, g in zip(members, glob):
+                    row[i] = g
+        lab = torch.tensor(lab_rows, dtype=torch.int64).reshape(len(streams), n)
+        whole = [b for b, s in enumerate(streams)
+                 if have_z[b] and all(d is not None for d in s.packets[self._nz:])]  # fmt: skip
+        self._check_canonical_rows(lab[whole])
         dev = self._device()
         y_hat = sym.to(dev).float() + centre[:, None, :]
         return self._with_fill(self._restore(y_hat, lab.clamp(min=0).to(dev)), lab >= 0)
 
     def _check_canonical(self, row: torch.Tensor) -> None:
         """A complete stream covers every position, clusters numbered by first position."""
-        if bool((row < 0).any()):
+        self._check_canonical_rows(row[None])
+
+    def _check_canonical_rows(self, rows: torch.Tensor) -> None:
+        """:meth:`_check_canonical` of the labels of several complete streams ``(C, N)`` at
+        once; the first stream that fails raises, with the message of its first failure."""
+        if not len(rows):
+            return
+        holes = (rows < 0).any(1)
+        first = torch.full((len(rows), self.clusters), self.n_tokens, dtype=torch.int64)
+        pos = torch.arange(self.n_tokens).expand_as(rows)
+        first.scatter_reduce_(1, rows.clamp(min=0), pos, reduce="amin")
+        unordered = ~(first[:, 1:] > first[:, :-1]).all(1)
+        shared = ~(rows[:, 1:] != 0).all(1) if self.keep_first else torch.zeros_like(holes)
+        bad = holes | unordered | shared
+        if not bool(bad.any()):
+            return
+        b = int(bad.nonzero()[0, 0])
+        if holes[b]:
             raise BitstreamError("token-merge stream leaves positions without a cluster")
-        first = torch.full((self.clusters,), self.n_tokens, dtype=torch.int64)
-        first.scatter_reduce_(0, row, torch.arange(self.n_tokens), reduce="amin")
-        if not bool((first[1:] > first[:-1]).all()):
+        if unordered[b]:
             raise BitstreamError("token-merge clusters are not numbered by first position")
-        if self.keep_first and not bool((row[1:] != 0).all()):
-            raise BitstreamError("token-merge: the class token shares its cluster")
+        raise BitstreamError("token-merge: the class token shares its cluster")

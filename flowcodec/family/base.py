@@ -175,6 +175,13 @@ class EarlyExitFamily(nn.Module):
             out.append(self.parents[out[-1] - 1])
         return out[::-1]
 
+    def receiver(self, point: int) -> int:
+        """The largest member whose path passes through split point ``point``: the default
+        receiver of features sent from there (the last member, unless it branches off
+        before ``point``)."""
+        self._check_any_point(point)
+        return max(k for k in range(1, self.num_members + 1) if point in self.path(k))
+
     def points(self, member: int) -> list[int]:
         """The split points valid for ``member`` (those on its path)."""
         return self.path(member)

@@ -45,6 +45,14 @@ RECIPES: dict[str, dict] = {
         # the frozen 64x16x16 features of split point 1); these settings replace ``grow``'s.
         "grow_kinds": {"air": dict(epochs=14, views=6)},
     },
+    # ``cifar10`` plus a cloud member 4 branching after stage 1, grown on its frozen trunk
+    # (``train-family --family cifar10-cloud`` = ``--family cifar10 --grow air`` saved under
+    # this name; docs/family.md).
+    "cifar10-cloud": {
+        "family": {"width": 32, "cloud": "air"},
+        "data": "cifar10",
+        "grow_from": ["cifar10", "air"],
+    },
     # The cloud-tier family (flowcodec.family.air; docs/family.md): devices pay at most the
     # cifar10 members' FLOPs, the largest member runs at the edge or in the cloud. Its own
     # trainer (the airbench-style recipe), sized for 2 CPU cores in about an hour.
@@ -115,6 +123,12 @@ def train_recipe(name: str, device: str = "cpu", progress: bool = True, data_roo
     if name not in RECIPES:
         raise ConfigError(f"no recipe for family {name!r}; known: {sorted(RECIPES)}")
     recipe = RECIPES[name]
+    if "grow_from" in recipe:  # trained by growing the family it names
+        if init is not None or dist is not None and dist.active:
+            raise ConfigError(f"{name} is grown from {recipe['grow_from'][0]}: no init, "
+                              "no torchrun")  # fmt: skip
+        return grow_recipe(name, None, device=device, progress=progress, data_root=data_root,
+                           checkpoint=checkpoint, resume=resume, **overrides)  # fmt: skip
     data = recipe.get("data", name)
     kwargs = {"root": data_root} if data == "cifar10" else {}
     train, test = load_dataset(data, **kwargs)
@@ -167,6 +181,9 @@ def grow_settings(name: str, kind: str) -> dict:
     """The :class:`~flowcodec.family.grow.GrowConfig` fields of family ``name``'s recipe for
     growing a member of kind ``kind``."""
     recipe = RECIPES.get(name, {})
+    if "grow_from" in recipe:
+        name, kind = recipe["grow_from"]
+        recipe = RECIPES[name]
     return {**recipe.get("grow", {}), **recipe.get("grow_kinds", {}).get(kind, {})}
 
 
@@ -180,6 +197,18 @@ def grow_recipe(name: str, kind: str, device: str = "cpu", progress: bool = True
     family to grow (default: the trained ``name``). Returns ``(family, GrowResult)``."""
     from flowcodec.family.grow import GrowConfig, grow_member
 
+    if "grow_from" in RECIPES.get(name, {}):  # a family of its own name, grown from another
+        base, base_kind = RECIPES[name]["grow_from"]
+        if kind not in (None, base_kind):
+            raise ConfigError(f"{name} is {base} grown with {base_kind!r}, not {kind!r}")
+        src = source if source is not None else load_pretrained(base, progress=progress)
+        train, test = load_dataset(family_dataset(base), root=data_root)
+        cfg = GrowConfig(**{**grow_settings(base, base_kind), **overrides, "device": device,
+                            "progress": progress})  # fmt: skip
+        torch.manual_seed(cfg.seed)
+        fam = build_family(name, **RECIPES[name]["family"])
+        return fam, grow_member(src, fam, train, test, cfg, checkpoint=checkpoint,
+                                resume=resume)  # fmt: skip
     recipe = RECIPES.get(name, {})
     if "grow" not in recipe:
         raise ConfigError(f"no grow recipe for family {name!r}; families that can grow: "

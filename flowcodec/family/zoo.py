@@ -17,6 +17,7 @@ from flowcodec.errors import ConfigError
 from flowcodec.family.base import EarlyExitFamily
 
 __all__ = ["FAMILIES", "register_family", "build_family", "digits_family", "cifar10_family",
+           "cifar10_cloud_family",
            "cloud_stage", "CLOUD_STAGES", "branch_stage", "BRANCH_STAGES"]
 
 FAMILIES: dict[str, Callable[..., EarlyExitFamily]] = {}
@@ -136,6 +137,17 @@ def branch_stage(cin: int, w: int, classes: int, kind: str = "air") -> tuple[nn.
     exit_ = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(b, classes, bias=False),
                           Scale(1 / 9))  # fmt: skip
     return stage, exit_
+
+
+@register_family("cifar10-cloud")
+def cifar10_cloud_family(width: int = 32, classes: int = 10, cloud: str = "air") -> EarlyExitFamily:
+    """The ``cifar10`` family with a cloud member 4 that branches after stage 1
+    (``cifar10(cloud="air")``): members 1-3 are ``cifar10``'s, bit for bit, so every codec
+    of ``cifar10`` works with it; member 4 reads split point 1 only."""
+    if cloud not in BRANCH_STAGES:
+        raise ConfigError(f"cifar10-cloud: cloud must be one of {sorted(BRANCH_STAGES)}, "
+                          f"got {cloud!r}")  # fmt: skip
+    return cifar10_family(width, classes, cloud)
 
 
 @register_family("cifar10")

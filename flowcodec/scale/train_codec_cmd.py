@@ -50,7 +50,7 @@ def _cmd(args) -> int:
     resumed = _saved_epoch(args.out) if args.resume else None
     try:
         fam = load_pretrained(args.family, progress=False)
-        member = args.member or fam.num_members
+        member = args.member or fam.receiver(args.point)
         train, test = load_dataset(family_dataset(args.family))
         torch.manual_seed(args.seed)
         codec = codec_from_spec({"codec": args.codec, "kwargs": kwargs}, fam, args.point)

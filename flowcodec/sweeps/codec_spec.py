@@ -107,7 +107,7 @@ def codec_from_spec(spec, family=None, point: int | None = None, *, train_data=N
             from flowcodec.codecs.train import train_codec
 
             settings = {"device": device, **spec["train"]}
-            receiver = spec.get("member") or member or family.num_members
+            receiver = spec.get("member") or member or family.receiver(point)
             res = train_codec(codec, family, receiver, point, train_data, None,
                               progress=progress, **settings)  # fmt: skip
             codec.to("cpu").update(force=True)
@@ -118,7 +118,7 @@ def codec_from_spec(spec, family=None, point: int | None = None, *, train_data=N
             else:
                 from flowcodec.codecs.train import collect_features
 
-                head, _ = family.split(family.num_members, point)
+                head, _ = family.split(family.receiver(point), point)
                 feats = collect_features(head, train_data, n=spec.get("fit_samples", 5000))
             codec.fit(feats)
             codec.update(force=True)
