@@ -284,6 +284,12 @@ def cmd_info(args) -> int:
         shape = fam.feature_shape(p)
         print(f"split point {p}: features {tuple(shape)} ({getattr(shape, 'layout', 'chw')}), "
               f"head {fam.head_flops(p) / 1e6:.2f} MFLOPs")  # fmt: skip
+    if getattr(fam, "branched", False):
+        for k in range(1, fam.num_members + 1):
+            if fam.path(k) != list(range(k + 1)):
+                print(f"member {k} branches: it passes through split points {fam.path(k)} "
+                      f"only (the default receiver from points "
+                      f"{[p for p in fam.path(k) if fam.receiver(p) == k]})")  # fmt: skip
     if config:
         print(f"architecture: {args.family} {config} (from {pretrained_path(args.family)}.json)")
     return 0
