@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval", type=int, default=10000, help="test images to score at the end")
+    ap.add_argument("--train-subset", type=int, default=None,
+                    help="train on this many training images only (a quick check of a setup)")
     ap.add_argument("--cache-views", type=int, default=0,
                     help="train on this many augmented copies of the training set run through "
                          "the head and member 3 once (features float16, teacher logits), "
@@ -123,6 +125,8 @@ def main(argv=None) -> int:
                          f"{args.point} (its points: {fam.points(args.receiver)})")  # fmt: skip
     print(f"receiver: member {args.receiver} from split point {args.point}")
     train, test = load_dataset("cifar10")
+    if args.train_subset:
+        train = train.subset(args.train_subset, seed=args.seed)
     shape = tuple(fam.feature_shape(args.point))
     stem = STEMS[args.point] + [(STEMS[args.point][-1][0], False)] * args.extra_blocks
     kwargs = {"latent": args.latent, "hidden": args.hidden, "stem": stem,
