@@ -140,25 +140,37 @@ class FeatureCodec(nn.Module):
 
     def check_stream(self, stream: Bitstream) -> None:
         """Raise BitstreamError unless ``stream`` was written by this codec configuration."""
+        self._check_stream(stream, self.fingerprint)
+
+    def _check_stream(self, stream: Bitstream, fingerprint: bytes) -> None:
+        """:meth:`check_stream` against ``fingerprint``, this codec's, computed by the
+        caller (once for a batch of streams)."""
         if not isinstance(stream, Bitstream):
             raise BitstreamError(f"expected a Bitstream, got {type(stream).__name__}")
         if stream.header.codec != self.name:
             raise BitstreamError(f"stream is from codec {stream.header.codec!r}, not {self.name!r}")
-        if stream.header.fingerprint != self.fingerprint:
+        if stream.header.fingerprint != fingerprint:
             raise BitstreamError(
                 f"stream fingerprint {stream.header.fingerprint.hex()} does not match this "
-                f"{self.name!r} configuration ({self.fingerprint.hex()})"
+                f"{self.name!r} configuration ({fingerprint.hex()})"
             )
 
     def check_streams(self, streams: Sequence[Bitstream], n_packets: int) -> None:
         """Raise BitstreamError unless ``streams`` is a non-empty sequence of streams from
-        this codec configuration, each with ``n_packets`` packets."""
+        this codec configuration, each with ``n_packets`` packets.
+
+        The fingerprint (canonical JSON of :meth:`config`, hashed) is computed once per
+        call, not once per stream. It is not kept between calls: :meth:`config` reads
+        plain attributes that may change after construction (a token codec's
+        ``threshold``, a quantizer's ``level``, an inner codec's config, lists changed in
+        place), and no cheap test tells that none did."""
         if isinstance(streams, Bitstream) or not isinstance(streams, Sequence):
             raise BitstreamError("decompress takes a sequence of Bitstreams (one per sample)")
         if len(streams) == 0:
             raise BitstreamError("no streams to decode")
+        fingerprint = self.fingerprint
         for s in streams:
-            self.check_stream(s)
+            self._check_stream(s, fingerprint)
             if len(s.packets) != n_packets:
                 raise BitstreamError(f"{self.name}: expected {n_packets} packets, "
                                      f"got {len(s.packets)}")  # fmt: skip

@@ -1,18 +1,24 @@
 """The token-merge codec's side codes: which cluster each sent position joins
 (:func:`encode_assignment`, canonical labels in a mixed radix) and, with
-``order="sizes"``, the clusters' sizes (:func:`encode_sizes`)."""
+``order="sizes"``, the clusters' sizes (:func:`encode_sizes`).
+:func:`encode_assignment_batch` and :func:`decode_assignment_batch` code a batch of
+assignments, byte for byte as the per-sample functions, with the arithmetic in numpy."""
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 from collections.abc import Sequence
 
+import numpy as np
+
 from flowcodec.bitstream import BitstreamError
-from flowcodec.codecs.positions import MAX_TOKENS, pack_bits, unpack_bits
+from flowcodec.codecs.positions import MAX_TOKENS, _padded, _ragged, pack_bits, unpack_bits
 from flowcodec.errors import ConfigError
 
 __all__ = ["encode_assignment", "decode_assignment", "assignment_bits", "encode_sizes",
-           "decode_sizes", "size_bits"]
+           "decode_sizes", "size_bits", "encode_assignment_batch", "decode_assignment_batch"]
 
 
 def _radix_bound(m: int, k: int) -> int:
@@ -85,6 +91,254 @@ def decode_assignment(data: bytes, m: int, k: int) -> tuple[list[int], int]:
     if opened != k:
         raise BitstreamError(f"assignment code uses {opened} clusters, not {k}")
     return labels, nbytes
+
+
+# --- batches ---------------------------------------------------------------------------------
+#: The batch forms do the arithmetic in numpy (32-bit limbs) for codes up to this many bits;
+#: longer ones go through the per-sample code.
+_FAST_BITS = 1024
+_LIMB = 32
+_MASK = np.uint64((1 << _LIMB) - 1)
+
+
+@functools.lru_cache(maxsize=4096)
+def _bits(m: int, k: int) -> int:
+    return assignment_bits(m, k)
+
+
+def _per_item(values, count: int) -> list | None:
+    """``values`` (one int or one per item) as ``count`` Python ints, or None when one is not
+    an integer (the per-sample path then decides)."""
+    if isinstance(values, numbers.Integral):
+        return [int(values)] * count
+    values = list(values)
+    if len(values) != count:
+        raise ConfigError(f"expected {count} values (one per item), got {len(values)}")
+    if not all(isinstance(v, numbers.Integral) for v in values):
+        return None
+    return [int(v) for v in values]
+
+
+def _fast_rows(ms: list[int], ks: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows the numpy path takes, their code bits)``: valid ``(m, k)`` whose code has at
+    most :data:`_FAST_BITS` bits."""
+    bits = np.array([_bits(m, k) if 1 <= k <= m <= MAX_TOKENS else -1
+                     for m, k in zip(ms, ks)], dtype=np.int64)  # fmt: skip
+    fast = (bits >= 0) & (bits <= _FAST_BITS)
+    return fast, bits
+
+
+def _to_bytes(limbs: np.ndarray, nbytes: np.ndarray) -> list[bytes]:
+    """Little-endian 32-bit limbs ``(B, L)`` -> each row's low ``nbytes`` bytes, big-endian."""
+    width = 4 * limbs.shape[1]
+    raw = limbs[:, ::-1].astype(">u4").tobytes()
+    return [raw[(i + 1) * width - nb:(i + 1) * width] for i, nb in enumerate(nbytes.tolist())]
+
+
+def encode_assignment_batch(labels: Sequence[Sequence[int]],
+                            k: int | Sequence[int]) -> list[bytes]:  # fmt: skip
+    """:func:`encode_assignment` of every label string in ``labels`` (``k``: one cluster
+    count for all, or one per string): the same bytes, with the mixed-radix arithmetic in
+    numpy for the whole batch. Raises what :func:`encode_assignment` raises for the first
+    string it refuses."""
+    count = len(labels)
+    ks = _per_item(k, count)
+    flat, lens = _ragged(labels) if ks is not None else (None, None)
+    if flat is None:
+        kk = ks if ks is not None else list(k)
+        return [encode_assignment(v, q) for v, q in zip(labels, kk)]
+    if count == 0:
+        return []
+    ms = lens.tolist()
+    fast, bits = _fast_rows(ms, ks)
+    karr = np.array(ks, dtype=np.int64)
+    lab = _padded(flat, lens, 0)
+    width = lab.shape[1]
+    real = np.arange(width)[None, :] < lens[:, None]
+    # clusters opened before each member (a valid string numbers them by first appearance)
+    seen = np.maximum.accumulate(np.where(real, lab, -1), axis=1)
+    opened = np.concatenate([np.zeros((count, 1), np.int64), seen[:, :-1] + 1], axis=1)
+    radix = np.where(real, np.minimum(opened + 1, karr[:, None]), 1)
+    bad = ((lab < 0) | (lab >= radix)).any(1) | (seen[:, -1] + 1 != karr)
+    fast &= ~bad
+    rows = np.flatnonzero(fast)
+    out: list = [None] * count
+    if len(rows):
+        out_rows = _encode_limbs(lab[rows], radix[rows], karr[rows], bits[rows])
+        for i, data in zip(rows.tolist(), out_rows):
+            out[i] = data
+    for i in np.flatnonzero(~fast).tolist():  # in order: the first refused string raises
+        out[i] = encode_assignment(labels[i], ks[i])
+    return out
+
+
+def _encode_limbs(lab: np.ndarray, radix: np.ndarray, karr: np.ndarray,
+                  bits: np.ndarray) -> list[bytes]:  # fmt: skip
+    """The codes of valid label strings ``lab`` ``(B, width)`` with radices ``radix``
+    (1 past each string's end): ``sum_t lab_t prod_{s<t} r_s``, shifted left by the
+    padding, as big-endian bytes."""
+    count, width = lab.shape
+    nbytes = -(-bits // 8)
+    limbs = max(1, -(-int(8 * nbytes.max()) // _LIMB))
+    # chunks of members whose radices (at most min(t + 1, k)) multiply to at most 2^32:
+    # within a chunk the digit and the radix product fit uint64 exactly
+    kmax = int(karr.max())
+    bounds, prod, start = [], 1, 0
+    for t in range(width):
+        r = min(t + 1, kmax)
+        if prod * r > 1 << _LIMB:
+            bounds.append((start, t))
+            start, prod = t, 1
+        prod *= r
+    bounds.append((start, width))
+    lab, radix = lab.astype(np.uint64), radix.astype(np.uint64)
+    value = np.zeros((count, limbs), dtype=np.uint64)
+    bound = 1  # value < bound: the limbs that can be nonzero
+    steps = [(a, b) for a, b in bounds if b > a][::-1]
+    pad = (8 * nbytes - bits).astype(np.uint64)
+    for a, b in steps + [(None, None)]:  # Horner from the last chunk: value = value * R + D
+        if a is None:  # then the padding: value << pad
+            mult, digit = np.uint64(1) << pad, np.zeros(count, np.uint64)
+        else:
+            cum = np.cumprod(radix[:, a:b], axis=1)
+            mult = cum[:, -1]
+            digit = lab[:, a] + (lab[:, a + 1:b] * cum[:, :-1]).sum(1, dtype=np.uint64)
+        bound *= int(mult.max())
+        carry = digit
+        for j in range(min(limbs, -(-bound.bit_length() // _LIMB))):
+            x = value[:, j] * mult + carry
+            value[:, j] = x & _MASK
+            carry = x >> np.uint64(_LIMB)
+    return _to_bytes(value, nbytes)
+
+
+def decode_assignment_batch(datas: Sequence[bytes], m: int | Sequence[int],
+                            k: int | Sequence[int], start: Sequence[int] | None = None
+                            ) -> tuple[list[list[int]], list[int]]:  # fmt: skip
+    """:func:`decode_assignment` of every ``data[start:]`` in ``datas`` (``start`` 0 when
+    not given; ``m`` and ``k`` one for all or one per item): ``(labels per item, bytes used
+    per item)``, the same as the per-sample calls, with the mixed-radix arithmetic in numpy
+    for the whole batch. Raises what :func:`decode_assignment` raises for the first item it
+    refuses."""
+    count = len(datas)
+    ms, ks = _per_item(m, count), _per_item(k, count)
+    starts = [0] * count if start is None else [int(s) for s in start]
+    if len(starts) != count:
+        raise ConfigError(f"expected {count} starts (one per item), got {len(starts)}")
+    if ms is None or ks is None:
+        mm = ms if ms is not None else list(m)
+        kk = ks if ks is not None else list(k)
+        got = [decode_assignment(d[s:], a, b) for d, s, a, b in zip(datas, starts, mm, kk)]
+        return [g[0] for g in got], [g[1] for g in got]
+    if count == 0:
+        return [], []
+    fast, bits = _fast_rows(ms, ks)
+    nbytes = -(-bits // 8)
+    avail = np.array([len(d) - s for d, s in zip(datas, starts)], dtype=np.int64)
+    fast &= avail >= nbytes
+    rows = np.flatnonzero(fast)
+    labels: list = [None] * count
+    used = np.maximum(nbytes, 0).tolist()
+    if len(rows):
+        good, got = _decode_limbs([datas[i] for i in rows], [starts[i] for i in rows],
+                                  np.array(ms)[rows], np.array(ks)[rows], bits[rows])
+        for i, ok, lab in zip(rows.tolist(), good.tolist(), got):
+            labels[i] = lab
+            fast[i] = ok
+    for i in np.flatnonzero(~fast).tolist():  # in order: the first refused item raises
+        labels[i], used[i] = decode_assignment(datas[i][starts[i]:], ms[i], ks[i])
+    return labels, used
+
+
+@functools.lru_cache(maxsize=1)
+def _block_lengths(kmax: int) -> np.ndarray:
+    """``c[r]``: the most members with radix ``r`` whose product fits 32 bits (``r`` in
+    ``0..kmax``; huge for ``r <= 1``)."""
+    out = np.full(kmax + 1, 1 << 40, dtype=np.int64)
+    for r in range(2, kmax + 1):
+        c = 1
+        while r ** (c + 1) <= 1 << _LIMB:
+            c += 1
+        out[r] = c
+    return out
+
+
+def _multiply_add(value: np.ndarray, top: int, mult: np.ndarray, add: np.ndarray) -> None:
+    """``value = value * mult + add`` in place on limb-major limbs ``(L, B)`` (the first
+    ``top`` of them can be nonzero, and so can the result's); ``mult <= 2^32``,
+    ``add < 2^32``."""
+    carry = add
+    for j in range(top):
+        x = value[j] * mult + carry
+        value[j] = x & _MASK
+        carry = x >> np.uint64(_LIMB)
+
+
+def _decode_limbs(datas: list, starts: list, ms: np.ndarray, ks: np.ndarray,
+                  bits: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:  # fmt: skip
+    """``(valid (B,), labels)`` of codes of ``bits`` bits (each long enough): the padding
+    must be zero, the value must fit the radices its labels imply and use all ``k``
+    clusters (else not valid).
+
+    The labels come out in blocks: with ``o`` clusters open every next member has radix
+    ``r = min(o + 1, k)`` until one opens cluster ``o``, so one long division by ``r^c``
+    (at most ``2^32``) gives the next ``c`` labels as base-``r`` digits. They hold up to
+    and including the first that opens a cluster; the rest are put back (``value = q *
+    r^(c - a) + rem // r^a`` for ``a`` labels kept).
+    """
+    count = len(datas)
+    nbytes = -(-bits // 8)
+    limbs = max(1, -(-int(8 * nbytes.max()) // _LIMB))
+    width = 4 * limbs
+    buf = b"".join(bytes(width - nb) + bytes(d[s:s + nb])
+                   for d, s, nb in zip(datas, starts, nbytes.tolist()))  # fmt: skip
+    # limb-major (limbs, B), least significant limb first
+    value = np.frombuffer(buf, dtype=">u4").reshape(count, limbs).T[::-1].astype(np.uint64)
+    pad = (8 * nbytes - bits).astype(np.uint64)
+    good = (value[0] & ((np.uint64(1) << pad) - np.uint64(1))) == 0
+    high = np.concatenate([value[1:], np.zeros((1, count), np.uint64)])
+    value = (value >> pad) | ((high << (np.uint64(_LIMB) - pad)) & _MASK)  # value >> pad
+    mmax = int(ms.max())
+    lab = np.zeros((count, mmax + 1), dtype=np.int64)  # the last column takes no label
+    blocks = _block_lengths(int(ks.max()))
+    wmax = int(blocks[2]) if len(blocks) > 2 else 1
+    # member 0 has radix 1: label 0, which opens cluster 0
+    t = np.ones(count, dtype=np.int64)
+    opened = np.ones(count, dtype=np.int64)
+    rem, cur = np.empty(count, np.uint64), np.empty(count, np.uint64)
+    top = limbs
+    while True:
+        left = ms - t
+        if not (left > 0).any():
+            break
+        while top > 1 and not value[top - 1].any():
+            top -= 1
+        r = np.minimum(opened + 1, ks)
+        c = np.minimum(blocks[r], left)  # 0 for a finished string
+        ru = r.astype(np.uint64)
+        rem.fill(0)
+        divisor = ru ** c.astype(np.uint64)
+        for j in range(top - 1, -1, -1):  # value //= r^c, from the top limb
+            np.left_shift(rem, np.uint64(_LIMB), out=cur)
+            np.bitwise_or(cur, value[j], out=cur)
+            np.divmod(cur, divisor, out=(value[j], rem))
+        w = min(int(c.max()), wmax)
+        i = np.arange(w)[None, :]
+        inside = i < c[:, None]
+        powers = ru[:, None] ** np.minimum(i, c[:, None]).astype(np.uint64)
+        digits = ((rem[:, None] // powers) % ru[:, None]).astype(np.int64)
+        opens = inside & (digits == opened[:, None]) & (opened < ks)[:, None]
+        hit = opens.any(1)
+        keep = np.where(hit, opens.argmax(1) + 1, c)
+        np.put_along_axis(lab, np.where(i < keep[:, None], t[:, None] + i, mmax), digits, 1)
+        back = keep < c
+        if back.any():
+            _multiply_add(value, top, np.where(back, ru ** (c - keep).astype(np.uint64), 1),
+                          np.where(back, rem // ru ** keep.astype(np.uint64), 0))
+        t += keep
+        opened += hit
+    good &= ~value.any(0) & (opened == ks)
+    return good, [row[:mm] for row, mm in zip(lab.tolist(), ms.tolist())]
 
 
 def size_bits(m: int, k: int, n: int | None = None) -> int:

@@ -2,19 +2,25 @@
 
 :func:`encode_positions` codes ``k`` distinct positions among ``n`` in
 ``bit_length(n) + bit_length(C(n, k) - 1)`` bits (the count, then the set's rank), packed
-into whole bytes by :func:`pack_bits`.
+into whole bytes by :func:`pack_bits`. :func:`encode_positions_batch` and
+:func:`decode_positions_batch` do the same for a batch of sets, byte for byte, with the
+arithmetic in numpy.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Sequence
+
+import numpy as np
 
 from flowcodec.bitstream import BitstreamError
 from flowcodec.errors import ConfigError
 
 __all__ = ["MAX_TOKENS", "pack_bits", "unpack_bits", "position_bits", "encode_positions",
-           "decode_positions"]
+           "decode_positions", "encode_positions_batch", "decode_positions_batch"]
 
 
 #: Largest token count a token codec takes (bounds every position code).
@@ -99,3 +105,191 @@ def decode_positions(data: bytes, n: int) -> tuple[list[int], int]:
         out.append(c)
         rank -= math.comb(c, j)
     return out[::-1], nbytes
+
+
+# --- batches ---------------------------------------------------------------------------------
+#: The batch forms do the arithmetic in numpy for ``n`` up to this (a ``(n + 1)^2`` table of
+#: binomials) and sets whose rank fits 63 bits; other sets go through the per-sample code.
+_FAST_N = 512
+_FAST_RANK_BITS = 63
+_SAT = np.uint64(2**64 - 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _comb_table(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(C, rb)``: ``C[c, j] = C(c, j)`` for ``c, j`` in ``0..n`` as uint64, saturated at
+    ``2^64 - 1`` (only values below ``2^63`` are ever used as exact), and ``rb[k]`` the rank
+    bits ``bit_length(C(n, k) - 1)`` for ``k`` in ``0..n``."""
+    table = np.zeros((n + 1, n + 1), dtype=np.uint64)
+    table[:, 0] = 1
+    for c in range(1, n + 1):  # Pascal's rule, saturating
+        a, b = table[c - 1, :-1], table[c - 1, 1:]
+        s = a + b
+        table[c, 1:] = np.where(s < a, _SAT, s)
+    table.flags.writeable = False
+    rb = np.array([(math.comb(n, k) - 1).bit_length() for k in range(n + 1)], dtype=np.int64)
+    rb.flags.writeable = False
+    return table, rb
+
+
+def _ragged(seqs) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(flat int64 values, lengths)`` of a sequence of integer sequences, or
+    ``(None, None)`` when they are not plain integers (the caller then takes the
+    per-sample path, which decides what they mean)."""
+    try:
+        lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    except TypeError:
+        return None, None
+    if lens.sum() == 0:
+        return np.zeros(0, dtype=np.int64), lens
+    if all(isinstance(s, np.ndarray) and s.ndim == 1 for s in seqs):
+        flat = np.concatenate(seqs)
+    else:
+        try:
+            flat = np.array(list(itertools.chain.from_iterable(seqs)))
+        except (TypeError, ValueError, OverflowError):
+            return None, None
+    if flat.ndim != 1 or flat.dtype.kind not in "iub" or len(flat) != lens.sum():
+        return None, None
+    if flat.dtype == np.uint64 and flat.size and flat.max() > np.iinfo(np.int64).max:
+        return None, None
+    return flat.astype(np.int64, copy=False), lens
+
+
+def _padded(flat: np.ndarray, lens: np.ndarray, fill: int) -> np.ndarray:
+    """The ragged rows ``flat`` / ``lens`` as a ``(B, max len)`` matrix padded with
+    ``fill``."""
+    width = int(lens.max()) if len(lens) else 0
+    out = np.full((len(lens), width), fill, dtype=np.int64)
+    if flat.size:
+        rows = np.repeat(np.arange(len(lens)), lens)
+        starts = np.cumsum(lens) - lens
+        out[rows, np.arange(flat.size) - np.repeat(starts, lens)] = flat
+    return out
+
+
+def _window(datas: Sequence, starts, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(bytes (B, width) uint8, bytes available (B,))``: the first ``width`` bytes of each
+    ``data[start:]``, zero-padded."""
+    if starts is None:
+        starts = itertools.repeat(0)
+    chunks, avail = [], []
+    for d, s in zip(datas, starts):
+        piece = bytes(d[s:s + width])
+        chunks.append(piece.ljust(width, b"\0"))
+        avail.append(len(d) - s)
+    mat = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(chunks), width)
+    return mat, np.array(avail, dtype=np.int64)
+
+
+def _check_n(n: int) -> None:
+    if not 1 <= n <= MAX_TOKENS:
+        raise ConfigError(f"position range n must be in 1..{MAX_TOKENS}, got {n}")
+
+
+def encode_positions_batch(positions: Sequence[Sequence[int]], n: int) -> list[bytes]:
+    """:func:`encode_positions` of every set in ``positions`` (all in ``0..n-1``): the
+    same bytes, with the ranks computed in numpy for the whole batch. Raises what
+    :func:`encode_positions` raises for the first set it refuses."""
+    _check_n(n)
+    count = len(positions)
+    flat, lens = _ragged(positions) if n <= _FAST_N else (None, None)
+    if flat is None:
+        return [encode_positions(p, n) for p in positions]
+    if count == 0:
+        return []
+    table, rbt = _comb_table(n)
+    kb = _count_bits(n)
+    pos = np.sort(_padded(flat, lens, n), axis=1)  # padding n sorts last
+    width = pos.shape[1]
+    col = np.arange(width)
+    real = col[None, :] < lens[:, None]
+    bad = lens > n
+    if width:
+        bad |= (pos[:, 0] < 0) & (lens > 0)
+        bad |= pos[np.arange(count), np.maximum(lens - 1, 0)] >= n
+        bad |= ((pos[:, 1:] == pos[:, :-1]) & real[:, 1:]).any(1)
+    k = np.where(bad, 0, lens)
+    rb = rbt[k]
+    slow = bad | (rb > _FAST_RANK_BITS)
+    ok = real & ~slow[:, None]
+    terms = table[np.where(ok, pos, 0), np.where(ok, col[None, :] + 1, 0)]
+    rank = np.where(ok, terms, np.uint64(0)).sum(1, dtype=np.uint64)
+    # the code's bits: k in kb bits, then the rank in rb bits, then zero padding
+    total = kb + rb
+    nbytes = -(-total // 8)
+    wbytes = -(-(kb + _FAST_RANK_BITS) // 8)
+    bits = np.zeros((count, 8 * wbytes), dtype=np.uint8)
+    bits[:, :kb] = (k[:, None] >> np.arange(kb - 1, -1, -1)[None, :]) & 1
+    shift = rb[:, None] - 1 - np.arange(_FAST_RANK_BITS)[None, :]
+    rbits = (rank[:, None] >> np.maximum(shift, 0).astype(np.uint64)) & np.uint64(1)
+    bits[:, kb:kb + _FAST_RANK_BITS] = np.where(shift >= 0, rbits, 0)
+    raw = np.packbits(bits, axis=1).tobytes()
+    out = [raw[i * wbytes:i * wbytes + nb] for i, nb in enumerate(nbytes.tolist())]
+    for i in np.flatnonzero(slow).tolist():  # in order: the first refused set raises
+        out[i] = encode_positions(positions[i], n)
+    return out
+
+
+def decode_positions_batch(datas: Sequence[bytes], n: int,
+                           start: Sequence[int] | None = None
+                           ) -> tuple[list[list[int]], list[int]]:  # fmt: skip
+    """:func:`decode_positions` of every ``data[start:]`` in ``datas`` (``start`` 0 when not
+    given): ``(sorted positions per item, bytes used per item)``, the same as the per-sample
+    calls, with the rank arithmetic in numpy for the whole batch. Raises what
+    :func:`decode_positions` raises for the first item it refuses (BitstreamError)."""
+    _check_n(n)
+    count = len(datas)
+    starts = None if start is None else [int(s) for s in start]
+    if n > _FAST_N:
+        got = [decode_positions(d if starts is None else d[s:], n)
+               for d, s in zip(datas, starts or itertools.repeat(0))]  # fmt: skip
+        return [g[0] for g in got], [g[1] for g in got]
+    if count == 0:
+        return [], []
+    table, rbt = _comb_table(n)
+    kb = _count_bits(n)
+    head = -(-kb // 8)
+    wbytes = -(-(kb + _FAST_RANK_BITS) // 8)
+    mat, avail = _window(datas, starts, wbytes)
+    bits = np.unpackbits(mat, axis=1)
+    k = (bits[:, :kb].astype(np.int64) << np.arange(kb - 1, -1, -1)[None, :]).sum(1)
+    bad = (avail < head) | (k > n)
+    k = np.where(bad, 0, k)
+    rb = rbt[k]
+    slow = bad | (rb > _FAST_RANK_BITS)
+    total = kb + rb
+    nbytes = -(-total // 8)
+    col = np.arange(8 * wbytes)[None, :]
+    pad = (col >= total[:, None]) & (col < 8 * nbytes[:, None])
+    bad |= (avail < nbytes) | (bits.astype(bool) & pad).any(1)
+    shift = rb[:, None] - 1 - np.arange(_FAST_RANK_BITS)[None, :]
+    rbits = bits[:, kb:kb + _FAST_RANK_BITS].astype(np.uint64)
+    rank = np.where(shift >= 0, rbits << np.maximum(shift, 0).astype(np.uint64),
+                    np.uint64(0)).sum(1, dtype=np.uint64)  # fmt: skip
+    bad |= rank >= table[n, k]
+    slow |= bad
+    good = np.flatnonzero(~slow)
+    kg, rank = k[good], rank[good]
+    width = int(kg.max()) if len(good) else 0
+    # rank 0 leaves j positions 0..j-1: start from that, and unrank while any rank is left
+    pos = np.broadcast_to(np.arange(width), (len(good), width)).copy()
+    by_j = np.ascontiguousarray(table[:n].T)  # by_j[j, c] = C(c, j), increasing in c
+    rows = np.arange(len(good))
+    for step in range(width):
+        j = kg - step
+        live = (j > 0) & (rank > 0)
+        if not live.any():
+            break
+        r, jl, rk = rows[live], j[live], rank[live]
+        c = (by_j[jl] <= rk[:, None]).sum(1) - 1  # the largest c with C(c, j) <= rank
+        pos[r, jl - 1] = c
+        rank[r] = rk - by_j[jl, c]
+    members = [None] * count
+    used = nbytes.tolist()
+    for i, row, kk in zip(good.tolist(), pos.tolist(), kg.tolist()):
+        members[i] = row[:kk]
+    for i in np.flatnonzero(slow).tolist():  # in order: the first refused item raises
+        d = datas[i] if starts is None else datas[i][starts[i]:]
+        members[i], used[i] = decode_positions(d, n)
+    return members, used

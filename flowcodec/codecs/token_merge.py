@@ -41,9 +41,11 @@ Example
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,12 +54,19 @@ from flowcodec.codecs.base import CodecOutput, register_codec
 from flowcodec.codecs.merge_codes import (
     assignment_bits,
     decode_assignment,
+    decode_assignment_batch,
     decode_sizes,
     encode_assignment,
+    encode_assignment_batch,
     encode_sizes,
     size_bits,
 )
-from flowcodec.codecs.positions import decode_positions, encode_positions, position_bits
+from flowcodec.codecs.positions import (
+    decode_positions,
+    decode_positions_batch,
+    encode_positions_batch,
+    position_bits,
+)
 from flowcodec.codecs.rans import frozen_tables
 from flowcodec.codecs.token import TokenCodecBase
 from flowcodec.errors import ConfigError
@@ -347,8 +356,8 @@ class TokenMergeCodec(TokenCodecBase):
                for i in ids]  # fmt: skip
         if self.order == "sizes":
             counts = torch.nn.functional.one_hot(lab, self.clusters).sum(1).tolist()
-        pk = (lab % self.packets).tolist()
-        local_all = (lab // self.packets).tolist()
+        else:  # every packet's position and assignment codes, for the whole batch at once
+            sides = [self._encode_sides(lab, p, len(ids[p])) for p in range(self.packets)]
         out = []
         for b in range(len(t)):
             packets = [] if zpk is None else [zpk[b]]
@@ -358,16 +367,25 @@ class TokenMergeCodec(TokenCodecBase):
                     data = encode_sizes([counts[b][c] for c in cov], n) if cov else b""
                     packets.append(data + tok[p][b])
                     continue
-                members = [i for i, q in enumerate(pk[b]) if q == p]
-                local = [local_all[b][i] for i in members]  # canonical within the packet
-                data = encode_positions(members, self.n_tokens)
-                if not self._first_alone(p):
-                    data += encode_assignment(local, len(ids[p]))
-                elif len(ids[p]) > 1:  # position 0 is cluster 0 by construction: code the rest
-                    data += encode_assignment([v - 1 for v in local[1:]], len(ids[p]) - 1)
-                packets.append(data + tok[p][b])
+                packets.append(sides[p][b] + tok[p][b])
             out.append(Bitstream(header, packets))
         return out
+
+    def _encode_sides(self, lab: torch.Tensor, p: int, k: int) -> list[bytes]:
+        """Token packet ``p``'s position and assignment codes for every sample of the labels
+        ``lab`` ``(B, N)`` (``k``: the packet's clusters)."""
+        lab = lab.numpy()
+        mask = lab % self.packets == p
+        cut = np.cumsum(mask.sum(1))[:-1]
+        data = encode_positions_batch(np.split(np.nonzero(mask)[1], cut), self.n_tokens)
+        first = self._first_alone(p)
+        if first:  # position 0 is cluster 0 by construction: code the rest
+            if k == 1:
+                return data
+            mask[:, 0] = False
+            cut, k = np.cumsum(mask.sum(1))[:-1], k - 1
+        local = np.split(lab[mask] // self.packets - int(first), cut)  # canonical in the packet
+        return [a + b for a, b in zip(data, encode_assignment_batch(local, k))]
 
     def _read_sizes(self, tables, p: int, data: bytes, cidx: torch.Tensor, fmt: int = 1):
         """``order="sizes"``: ``(sizes of the packet's clusters, symbols (k, M))``."""
@@ -427,6 +445,30 @@ class TokenMergeCodec(TokenCodecBase):
             local = [0] + [v + 1 for v in rest]
         return members, [p + self.packets * j for j in local], used + used2
 
+    def _read_sides_batch(self, p: int, datas: list) -> tuple[list, np.ndarray, list[int]]:
+        """:meth:`_read_sides` of token packet ``p`` of several samples at once: ``(members
+        per sample, their global labels (all samples' in one int64 array, in member order),
+        bytes used per sample)``."""
+        k = len(self._cluster_ids(p))
+        members, used = decode_positions_batch(datas, self.n_tokens)
+        first = self._first_alone(p)
+        for mem in members:
+            if len(mem) < k:
+                raise BitstreamError(f"token-merge packet {p}: {len(mem)} positions for {k} "
+                                     "clusters")  # fmt: skip
+            if first and (mem[0] != 0 or (k == 1 and len(mem) != 1)):
+                raise BitstreamError(f"token-merge packet {p}: the class token is not a "
+                                     "cluster of its own")  # fmt: skip
+        sizes = [len(m) - int(first) for m in members]  # the assignment codes' members
+        if k > int(first):
+            local, used2 = decode_assignment_batch(datas, sizes, k - int(first), start=used)
+        else:  # the class token alone
+            local, used2 = [[] for _ in datas], [0] * len(datas)
+        flat = np.fromiter(itertools.chain.from_iterable(local), np.int64, sum(sizes))
+        if first:  # cluster 0 first, the others one up
+            flat = np.insert(flat + 1, np.cumsum(sizes) - sizes, 0)
+        return members, p + self.packets * flat, [a + b for a, b in zip(used, used2)]
+
     def _read_packet(self, tables, p: int, data: bytes, cidx: torch.Tensor, fmt: int = 1):
         """``(members, global labels, symbols (k, M))`` of token packet ``p`` (channel
         CDF indexes ``cidx`` ``(M,)``; ``fmt``: the stream format of its payload)."""
@@ -444,10 +486,11 @@ class TokenMergeCodec(TokenCodecBase):
             return self._decompress_sizes(streams, tables, centre, cidx, have_z)
         n, kk = self.n_tokens, self.clusters
         sym = torch.zeros(len(streams), kk, self.latent, dtype=torch.int32)
-        lab = torch.full((len(streams), n), -1, dtype=torch.int64)
+        lab = np.full((len(streams), n), -1, dtype=np.int64)
         # the side codes of every received packet, then each packet's token payloads for
         # the whole batch at once
-        sides = [[] for _ in range(self.packets)]  # per packet: (sample, members, labels)
+        got = [[] for _ in range(self.packets)]  # per packet: (sample, data)
+        sides = [None] * self.packets  # per packet: (samples, members, labels)
         payloads = [[] for _ in range(self.packets)]
         fmts = [[] for _ in range(self.packets)]
         for b, s in enumerate(streams):
@@ -455,28 +498,29 @@ class TokenMergeCodec(TokenCodecBase):
                 continue  # no z, no scales: the whole sample gets the fill
             fmt = self.format_of(s)
             for p, data in enumerate(s.packets[self._nz:]):
-                if data is None:
-                    continue  # lost: its clusters' positions get the fill
-                members, glob, start = self._read_sides(p, data)
-                sides[p].append((b, members, glob))
-                payloads[p].append(bytes(data[start:]))
-                fmts[p].append(fmt)
-        lab_rows = lab.tolist()
+                if data is not None:  # lost: its clusters' positions get the fill
+                    got[p].append((b, data))
+                    fmts[p].append(fmt)
+        for p in range(self.packets):
+            if got[p]:
+                datas = [d for _, d in got[p]]
+                members, glob, start = self._read_sides_batch(p, datas)
+                sides[p] = ([b for b, _ in got[p]], members, glob)
+                payloads[p] = [bytes(d[i:]) for d, i in zip(datas, start)]
         for p in range(self.packets):
             if not sides[p]:
                 continue
             ids = list(self._cluster_ids(p))
-            at = [b for b, _, _ in sides[p]]
+            at, members, glob = sides[p]
             psym = self._decode_tokens_batch(tables, payloads[p], cidx[at], len(ids), fmts[p])
             sym[torch.tensor(at)[:, None], torch.tensor(ids)[None, :]] = psym
-            for b, members, glob in sides[p]:
-                row = lab_rows[b]
-                if any(row[i] >= 0 for i in members):
-                    raise BitstreamError(f"token-merge packet {p} names positions that another "
-                                         "packet holds")  # fmt: skip
-                for i, g in zip(members, glob):
-                    row[i] = g
-        lab = torch.tensor(lab_rows, dtype=torch.int64).reshape(len(streams), n)
+            rows = np.repeat(at, [len(m) for m in members])
+            cols = np.fromiter(itertools.chain.from_iterable(members), np.int64, len(rows))
+            if (lab[rows, cols] >= 0).any():
+                raise BitstreamError(f"token-merge packet {p} names positions that another "
+                                     "packet holds")  # fmt: skip
+            lab[rows, cols] = glob
+        lab = torch.from_numpy(lab)
         whole = [b for b, s in enumerate(streams)
                  if have_z[b] and all(d is not None for d in s.packets[self._nz:])]  # fmt: skip
         self._check_canonical_rows(lab[whole])
