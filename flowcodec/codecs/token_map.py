@@ -141,17 +141,19 @@ class TokenMapCodec(FeatureCodec):
     @torch.no_grad()
     def compress(self, h: torch.Tensor) -> list[Bitstream]:
         self.check_features(h)
-        return [Bitstream(self._relabel(s.header, self.name, self.fingerprint), s.packets)
+        fp = self.fingerprint  # once for the batch
+        return [Bitstream(self._relabel(s.header, self.name, fp), s.packets)
                 for s in self.inner.compress(self.to_map(h))]  # fmt: skip
 
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
         if isinstance(streams, Bitstream) or not isinstance(streams, Sequence) or not streams:
             self.check_streams(streams, 0)  # raises the named error
+        fp, inner_fp = self.fingerprint, self.inner.fingerprint  # once for the batch
         for s in streams:
-            self.check_stream(s)
-        inner = [Bitstream(self._relabel(s.header, self.inner.name, self.inner.fingerprint),
-                           s.packets) for s in streams]  # fmt: skip
+            self._check_stream(s, fp)
+        inner = [Bitstream(self._relabel(s.header, self.inner.name, inner_fp), s.packets)
+                 for s in streams]  # fmt: skip
         return self.to_tokens(self.inner.decompress(inner))
 
     @staticmethod
