@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     from flowcodec.codecs.train_task import TaskTrainConfig, train_task_codec
     from flowcodec.codecs.zoo import CODEC_ZOO, round_half, save_codec
     from flowcodec.data import load_dataset
+    from flowcodec.errors import ConfigError
     from flowcodec.family import load_pretrained
 
     ap = argparse.ArgumentParser(description=__doc__,
@@ -120,9 +121,10 @@ def main(argv=None) -> int:
                          "encoder can start from; add --no-init")  # fmt: skip
     if args.receiver is None:
         args.receiver = fam.receiver(args.point)
-    if args.point not in fam.points(args.receiver):
-        raise SystemExit(f"--receiver {args.receiver} does not pass through split point "
-                         f"{args.point} (its points: {fam.points(args.receiver)})")  # fmt: skip
+    try:
+        fam.split(args.receiver, args.point)  # refuses a receiver off the point's path
+    except ConfigError as err:
+        raise SystemExit(f"--receiver {args.receiver}: {err}") from err
     print(f"receiver: member {args.receiver} from split point {args.point}")
     train, test = load_dataset("cifar10")
     if args.train_subset:

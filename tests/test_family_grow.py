@@ -99,7 +99,7 @@ def test_a_branching_cloud_member_reads_split_point_1_and_keeps_every_device_mem
     grown = build_family("cifar10", width=8, cloud="air")
     assert grown.num_members == 4 and grown.parents == [0, 1, 2, 1] and grown.branched
     assert grown.stages[3][1].conv2.weight.shape == (64, 64, 3, 3)  # 8 x width
-    assert grown.points(4) == [0, 1, 4] and grown.points(3) == [0, 1, 2, 3]
+    assert grown.path(4) == [0, 1, 4] and grown.path(3) == [0, 1, 2, 3]
     with pytest.raises(ConfigError, match="one of \\[0, 1, 4\\]"):
         grown.split(4, 2)  # member 4 does not pass through point 2
     train, test = _tiny_data(64, 5), _tiny_data(32, 6)

@@ -182,10 +182,6 @@ class EarlyExitFamily(nn.Module):
         self._check_any_point(point)
         return max(k for k in range(1, self.num_members + 1) if point in self.path(k))
 
-    def points(self, member: int) -> list[int]:
-        """The split points valid for ``member`` (those on its path)."""
-        return self.path(member)
-
     def _check_point(self, member: int, point: int) -> None:
         self._check_member(member)
         path = self.path(member)
@@ -203,13 +199,7 @@ class EarlyExitFamily(nn.Module):
                               f"got {point!r}")  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outs = []
-        if not self.branched:
-            for stage, ex in zip(self.stages, self.exits, strict=True):
-                x = stage(x)
-                outs.append(ex(x))
-            return outs
-        feats = [x]
+        outs, feats = [], [x]  # feats[p]: the features at split point p
         for i, (stage, ex) in enumerate(zip(self.stages, self.exits, strict=True)):
             feats.append(stage(feats[self.parents[i]]))
             outs.append(ex(feats[-1]))

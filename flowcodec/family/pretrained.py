@@ -197,29 +197,26 @@ def grow_recipe(name: str, kind: str, device: str = "cpu", progress: bool = True
     family to grow (default: the trained ``name``). Returns ``(family, GrowResult)``."""
     from flowcodec.family.grow import GrowConfig, grow_member
 
-    if "grow_from" in RECIPES.get(name, {}):  # a family of its own name, grown from another
-        base, base_kind = RECIPES[name]["grow_from"]
+    recipe = RECIPES.get(name, {})
+    base = name
+    if "grow_from" in recipe:  # a family of its own name, grown from another
+        base, base_kind = recipe["grow_from"]
         if kind not in (None, base_kind):
             raise ConfigError(f"{name} is {base} grown with {base_kind!r}, not {kind!r}")
-        src = source if source is not None else load_pretrained(base, progress=progress)
-        train, test = load_dataset(family_dataset(base), root=data_root)
-        cfg = GrowConfig(**{**grow_settings(base, base_kind), **overrides, "device": device,
-                            "progress": progress})  # fmt: skip
-        torch.manual_seed(cfg.seed)
-        fam = build_family(name, **RECIPES[name]["family"])
-        return fam, grow_member(src, fam, train, test, cfg, checkpoint=checkpoint,
-                                resume=resume)  # fmt: skip
-    recipe = RECIPES.get(name, {})
-    if "grow" not in recipe:
+        kind = base_kind
+    elif "grow" not in recipe:
         raise ConfigError(f"no grow recipe for family {name!r}; families that can grow: "
                           f"{sorted(k for k, v in RECIPES.items() if 'grow' in v)}")  # fmt: skip
-    train, test = load_dataset(recipe.get("data", name), root=data_root)
-    src = source if source is not None else load_pretrained(name, progress=progress)
-    cfg = GrowConfig(**{**grow_settings(name, kind), **overrides, "device": device,
+    train, test = load_dataset(family_dataset(base), root=data_root)
+    src = source if source is not None else load_pretrained(base, progress=progress)
+    cfg = GrowConfig(**{**grow_settings(base, kind), **overrides, "device": device,
                         "progress": progress})  # fmt: skip
     torch.manual_seed(cfg.seed)
-    kw = {k: v for k, v in src.config.items() if k != "name"}
-    fam = build_family(name, **{**kw, "cloud": kind})
+    if "grow_from" in recipe:
+        fam = build_family(name, **recipe["family"])
+    else:
+        kw = {k: v for k, v in src.config.items() if k != "name"}
+        fam = build_family(name, **{**kw, "cloud": kind})
     return fam, grow_member(src, fam, train, test, cfg, checkpoint=checkpoint, resume=resume)
 
 
