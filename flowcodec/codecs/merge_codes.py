@@ -204,11 +204,7 @@ def _encode_limbs(lab: np.ndarray, radix: np.ndarray, karr: np.ndarray,
             mult = cum[:, -1]
             digit = lab[:, a] + (lab[:, a + 1:b] * cum[:, :-1]).sum(1, dtype=np.uint64)
         bound *= int(mult.max())
-        carry = digit
-        for j in range(min(limbs, -(-bound.bit_length() // _LIMB))):
-            x = value[:, j] * mult + carry
-            value[:, j] = x & _MASK
-            carry = x >> np.uint64(_LIMB)
+        _multiply_add(value.T, min(limbs, -(-bound.bit_length() // _LIMB)), mult, digit)
     return _to_bytes(value, nbytes)
 
 

@@ -46,6 +46,11 @@ def unpack_bits(data: bytes, total: int, what: str) -> int:
     return word >> pad
 
 
+def _check_n(n: int) -> None:
+    if not 1 <= n <= MAX_TOKENS:
+        raise ConfigError(f"position range n must be in 1..{MAX_TOKENS}, got {n}")
+
+
 def _count_bits(n: int) -> int:
     return n.bit_length()  # k in 0..n
 
@@ -63,8 +68,7 @@ def encode_positions(positions: Sequence[int], n: int) -> bytes:
     ``bit_length(C(n, k) - 1)`` bits, packed big-endian into whole bytes. The code is
     self-delimiting: :func:`decode_positions` returns how many bytes it used.
     """
-    if not 1 <= n <= MAX_TOKENS:
-        raise ConfigError(f"position range n must be in 1..{MAX_TOKENS}, got {n}")
+    _check_n(n)
     pos = sorted(int(p) for p in positions)
     if len(set(pos)) != len(pos) or (pos and (pos[0] < 0 or pos[-1] >= n)):
         raise ConfigError(f"positions must be distinct values in 0..{n - 1}, got {positions}")
@@ -81,8 +85,7 @@ def decode_positions(data: bytes, n: int) -> tuple[list[int], int]:
     or a rank outside ``0..C(n, k) - 1``, or its padding bits are not zero (so every set
     has exactly one code).
     """
-    if not 1 <= n <= MAX_TOKENS:
-        raise ConfigError(f"position range n must be in 1..{MAX_TOKENS}, got {n}")
+    _check_n(n)
     kb = _count_bits(n)
     head = -(-kb // 8)
     if len(data) < head:
@@ -180,11 +183,6 @@ def _window(datas: Sequence, starts, width: int) -> tuple[np.ndarray, np.ndarray
         avail.append(len(d) - s)
     mat = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(chunks), width)
     return mat, np.array(avail, dtype=np.int64)
-
-
-def _check_n(n: int) -> None:
-    if not 1 <= n <= MAX_TOKENS:
-        raise ConfigError(f"position range n must be in 1..{MAX_TOKENS}, got {n}")
 
 
 def encode_positions_batch(positions: Sequence[Sequence[int]], n: int) -> list[bytes]:

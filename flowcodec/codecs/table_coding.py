@@ -300,6 +300,7 @@ def range_encode_batch(model: nn.Module, symbols, indexes, verify: bool = False)
     has_esc = esc.any(axis=1).tolist()
     plan = _Plan(idx)
     vs = plan.permute(v).astype(np.int32)
+    tops_sorted = None  # the escape bins in coding order, for payloads that are decoded
     out = []
     for b in range(len(sym)):
         enc = constriction.stream.queue.RangeEncoder()
@@ -311,7 +312,9 @@ def range_encode_batch(model: nn.Module, symbols, indexes, verify: bool = False)
             enc.encode(u, _OUTLIERS)
         code = arith.interval_code(enc)
         if code is None or verify:
-            top_b = plan.permute(top - off + 1)[b]
+            if tops_sorted is None:
+                tops_sorted = plan.permute(top - off + 1)
+            top_b = tops_sorted[b]
 
             def decodes(c: bytes, b=b, top_b=top_b, u=u) -> bool:
                 try:
@@ -376,6 +379,7 @@ def range_decode_batch(model: nn.Module, payloads, indexes) -> np.ndarray:
         d = u // 2 + 1
         sym[esc] = np.where(u % 2 == 1, top[esc] + d, off[esc] - d)
     return sym
+
 
 def range_decode(model: nn.Module, data: bytes, indexes: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`range_encode`: int32 symbols shaped like ``indexes``.

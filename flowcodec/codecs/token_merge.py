@@ -62,7 +62,6 @@ from flowcodec.codecs.merge_codes import (
     size_bits,
 )
 from flowcodec.codecs.positions import (
-    decode_positions,
     decode_positions_batch,
     encode_positions_batch,
     position_bits,
@@ -426,29 +425,10 @@ class TokenMergeCodec(TokenCodecBase):
         y_hat = sym.to(dev).float() + centre[:, None, :]
         return self._with_fill(self._restore(y_hat, slot.clamp(min=0).to(dev)), slot >= 0)
 
-    def _read_sides(self, p: int, data: bytes) -> tuple[list[int], list[int], int]:
-        """``(members, global labels, bytes used)`` of token packet ``p``'s position and
-        assignment codes; its token payload follows."""
-        k = len(self._cluster_ids(p))
-        members, used = decode_positions(data, self.n_tokens)
-        if len(members) < k:
-            raise BitstreamError(f"token-merge packet {p}: {len(members)} positions for {k} "
-                                 "clusters")  # fmt: skip
-        if not self._first_alone(p):
-            local, used2 = decode_assignment(data[used:], len(members), k)
-        else:
-            if members[0] != 0 or (k == 1 and len(members) != 1):
-                raise BitstreamError(f"token-merge packet {p}: the class token is not a "
-                                     "cluster of its own")  # fmt: skip
-            rest, used2 = (decode_assignment(data[used:], len(members) - 1, k - 1)
-                           if k > 1 else ([], 0))  # fmt: skip
-            local = [0] + [v + 1 for v in rest]
-        return members, [p + self.packets * j for j in local], used + used2
-
     def _read_sides_batch(self, p: int, datas: list) -> tuple[list, np.ndarray, list[int]]:
-        """:meth:`_read_sides` of token packet ``p`` of several samples at once: ``(members
-        per sample, their global labels (all samples' in one int64 array, in member order),
-        bytes used per sample)``."""
+        """Token packet ``p``'s position and assignment codes of several samples (its token
+        payloads follow them): ``(members per sample, their global labels (all samples' in
+        one int64 array, in member order), bytes used per sample)``."""
         k = len(self._cluster_ids(p))
         members, used = decode_positions_batch(datas, self.n_tokens)
         first = self._first_alone(p)
@@ -468,14 +448,6 @@ class TokenMergeCodec(TokenCodecBase):
         if first:  # cluster 0 first, the others one up
             flat = np.insert(flat + 1, np.cumsum(sizes) - sizes, 0)
         return members, p + self.packets * flat, [a + b for a, b in zip(used, used2)]
-
-    def _read_packet(self, tables, p: int, data: bytes, cidx: torch.Tensor, fmt: int = 1):
-        """``(members, global labels, symbols (k, M))`` of token packet ``p`` (channel
-        CDF indexes ``cidx`` ``(M,)``; ``fmt``: the stream format of its payload)."""
-        members, glob, start = self._read_sides(p, data)
-        k = len(self._cluster_ids(p))
-        sym = self._decode_tokens(tables, bytes(data[start:]), cidx, k, fmt)
-        return members, glob, sym
 
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
@@ -528,13 +500,11 @@ class TokenMergeCodec(TokenCodecBase):
         y_hat = sym.to(dev).float() + centre[:, None, :]
         return self._with_fill(self._restore(y_hat, lab.clamp(min=0).to(dev)), lab >= 0)
 
-    def _check_canonical(self, row: torch.Tensor) -> None:
-        """A complete stream covers every position, clusters numbered by first position."""
-        self._check_canonical_rows(row[None])
-
     def _check_canonical_rows(self, rows: torch.Tensor) -> None:
-        """:meth:`_check_canonical` of the labels of several complete streams ``(C, N)`` at
-        once; the first stream that fails raises, with the message of its first failure."""
+        """The labels of complete streams ``(C, N)``: each covers every position, with the
+        clusters numbered by first position (and, with ``keep_first``, the class token in a
+        cluster of its own); the first stream that fails raises, with the message of its
+        first failure."""
         if not len(rows):
             return
         holes = (rows < 0).any(1)
