@@ -140,3 +140,63 @@ def test_cifar10_cloud_is_cifar10_with_a_branching_member_4_and_names_its_receiv
     assert grow_settings("cifar10-cloud", None)["epochs"] == same["epochs"]
     with pytest.raises(ConfigError, match="cloud must be one of"):
         build_family("cifar10-cloud", cloud="xl")
+
+
+def test_teacher_logits_are_cached_on_the_same_augmented_views(source):
+    data = _tiny_data(12, 7)
+    head, _ = source.split(3, 1)
+    teacher = source.member(3).eval()
+    feats, logits = cache_trunk_views(head, data, 3, 2, torch.Generator().manual_seed(0),
+                                      progress=False, teacher=teacher)  # fmt: skip
+    again = cache_trunk_views(head, data, 3, 2, torch.Generator().manual_seed(0), progress=False)
+    assert torch.equal(feats, again)  # the teacher draws nothing from the generator
+    assert logits.shape == (3, 12, 10) and logits.dtype == torch.float16
+    # the teacher saw the very images whose features were cached: its tail from split point 1
+    # on those features gives its cached answer
+    _, tail = source.split(3, 1)
+    with torch.no_grad():
+        for v in range(3):
+            want = tail(feats[v].float())
+            torch.testing.assert_close(logits[v].float(), want, atol=0.05, rtol=0.05)
+
+
+def test_air_recipe_with_distillation_trains_the_branch_and_resumes_exactly(source, tmp_path):
+    train, test = _tiny_data(64, 8), _tiny_data(32, 9)
+    teacher = source.member(3).eval()
+    cfg = dict(views=2, batch_size=32, progress=False, recipe="air", lr=10.0, momentum=0.85,
+               weight_decay=0.0153, distill=0.5)  # fmt: skip
+    torch.manual_seed(5)
+    a = build_family("cifar10", width=8, cloud="air")
+    before = {k: v.clone() for k, v in a.stages[3].state_dict().items()}
+    res = grow_member(source, a, train, test, GrowConfig(epochs=2, **cfg), teacher=teacher)
+    assert res.epochs_done == 2 and all(r["loss"] > 0 for r in res.history)
+    assert any(not torch.equal(before[k], v) for k, v in a.stages[3].state_dict().items())
+    x = torch.randn(3, 3, 32, 32)
+    a.eval()
+    for k in (1, 2, 3):
+        assert torch.equal(a.member(k)(x), source.member(k)(x))
+    # one epoch, then a resume to two: the same weights as two in one go (the lookahead
+    # average is part of the saved state)
+    torch.manual_seed(5)
+    b = build_family("cifar10", width=8, cloud="air")
+    grow_member(source, b, train, None, GrowConfig(epochs=1, **cfg), checkpoint=tmp_path / "s",
+                teacher=teacher)  # fmt: skip
+    torch.manual_seed(5)
+    c = build_family("cifar10", width=8, cloud="air")
+    grow_member(source, c, train, None, GrowConfig(epochs=2, **cfg), checkpoint=tmp_path / "s",
+                resume=True, teacher=teacher)  # fmt: skip
+    for (k, v), w in zip(a.state_dict().items(), c.state_dict().values(), strict=True):
+        assert torch.allclose(v.float(), w.float(), atol=1e-5), k
+
+
+def test_distillation_without_a_teacher_is_refused(source):
+    grown = build_family("cifar10", width=8, cloud="air")
+    with pytest.raises(ConfigError, match="teacher"):
+        grow_member(source, grown, _tiny_data(32, 1), None,
+                    GrowConfig(epochs=1, views=1, batch_size=32, progress=False, distill=0.5))
+
+
+@pytest.mark.parametrize("bad", [dict(recipe="adam"), dict(distill=1.5), dict(temperature=0.0)])
+def test_bad_recipe_or_distillation_settings_are_refused(bad):
+    with pytest.raises(ConfigError):
+        GrowConfig(**bad)

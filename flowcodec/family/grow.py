@@ -37,9 +37,19 @@ __all__ = ["GrowConfig", "GrowResult", "grow_member", "cache_trunk_views"]
 class GrowConfig:
     """How to train the new last stage.
 
-    SGD with Nesterov momentum, a linear warm-up over ``warmup`` of the steps then a linear
-    decay to zero, label smoothing, and an exponential moving average of the weights
-    (``ema``, 0 turns it off) that is what gets evaluated and saved.
+    ``recipe="sgd"``: SGD with Nesterov momentum, a linear warm-up over ``warmup`` of the
+    steps then a linear decay to zero, label smoothing, and an exponential moving average of
+    the weights (``ema``, 0 turns it off) that is what gets evaluated and saved.
+
+    ``recipe="air"``: the airbench-style optimiser of :func:`flowcodec.family.air.train_air`
+    (``lr`` and ``weight_decay`` per 1,024 examples and decoupled, a ``bias_scaler`` x larger
+    step for the fixed-scale batch norms' biases, a triangular schedule, a lookahead average
+    every 5 steps in place of ``ema``; ``warmup`` is unused).
+
+    ``distill`` > 0 (with a ``teacher`` passed to :func:`grow_member`): that share of the loss
+    is the KL divergence from the teacher's softened answer on the same augmented view
+    (temperature ``temperature``, scaled by its square), the rest the label-smoothed cross
+    entropy. The teacher's logits are cached with the features, once per view.
     """
 
     epochs: int = 16
@@ -56,9 +66,17 @@ class GrowConfig:
     device: str = "cpu"
     progress: bool = True
     time_budget_s: float | None = None
+    recipe: str = "sgd"
+    bias_scaler: float = 64.0
+    distill: float = 0.0
+    temperature: float = 4.0
 
     def __post_init__(self) -> None:
         bad = [k for k in ("epochs", "batch_size", "views") if getattr(self, k) < 1]
+        if self.recipe not in ("sgd", "air"):
+            bad.append("recipe")
+        if not 0 <= self.distill <= 1 or not self.temperature > 0:
+            bad.append("distill/temperature")
         if not self.lr > 0:
             bad.append("lr")
         if not 0 <= self.ema < 1:
@@ -69,7 +87,8 @@ class GrowConfig:
             bad.append("pad")
         if bad:
             raise ConfigError(f"GrowConfig: bad value for {', '.join(bad)} (epochs, batch_size, "
-                              "views >= 1; lr > 0; ema, warmup in [0, 1); pad >= 0)")  # fmt: skip
+                              "views >= 1; lr > 0; ema, warmup in [0, 1); pad >= 0; recipe sgd "
+                              "or air; distill in [0, 1]; temperature > 0)")  # fmt: skip
 
 
 @dataclass
@@ -85,18 +104,26 @@ class GrowResult:
 @torch.no_grad()
 def cache_trunk_views(head: nn.Module, data: ArrayDataset, views: int, pad: int,
                       generator: torch.Generator, device="cpu", progress=True,
-                      batch_size: int = 500) -> torch.Tensor:  # fmt: skip
+                      batch_size: int = 500, teacher: nn.Module | None = None):  # fmt: skip
     """``(views, N, *feature)`` float16 features of ``views`` augmented copies of ``data``
     (view 0 is flipped for no image and not shifted; the others are random crops and
-    flips)."""
+    flips).
+
+    ``teacher`` (a network from images to logits): the result is the pair ``(features,
+    logits)``, the teacher's float16 ``(views, N, classes)`` logits on the very same
+    augmented images."""
     from flowcodec.progress import tqdm
 
-    head = head.to(device).eval()
     cl = torch.device(device).type == "cpu"  # channels-last convolutions are faster on CPU
-    if cl:
-        head = copy.deepcopy(head).to(memory_format=torch.channels_last)
+
+    def _ready(m: nn.Module) -> nn.Module:
+        m = m.to(device).eval()
+        return copy.deepcopy(m).to(memory_format=torch.channels_last) if cl else m
+
+    head = _ready(head)
+    teacher = _ready(teacher) if teacher is not None else None
     n = len(data)
-    out = None
+    out = t_out = None
     with tqdm(total=views * math.ceil(n / batch_size), desc="cache trunk features",
               disable=not progress, leave=False) as bar:  # fmt: skip
         for v in range(views):
@@ -111,8 +138,13 @@ def cache_trunk_views(head: nn.Module, data: ArrayDataset, views: int, pad: int,
                 if out is None:
                     out = torch.empty((views, n, *h.shape[1:]), dtype=torch.float16)
                 out[v, start : start + len(h)] = h
+                if teacher is not None:
+                    t = teacher(xb).half().cpu()
+                    if t_out is None:
+                        t_out = torch.empty((views, n, t.shape[1]), dtype=torch.float16)
+                    t_out[v, start : start + len(t)] = t
                 bar.update(1)
-    return out
+    return out if teacher is None else (out, t_out)
 
 
 def _flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -121,10 +153,48 @@ def _flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _lr_at(step: int, total: int, cfg: GrowConfig) -> float:
+    """The schedule's factor at ``step`` (each parameter group's base rate times this)."""
+    if cfg.recipe == "air":
+        from flowcodec.family.air import _triangle
+
+        return _triangle(step, total)
     w = max(1, int(cfg.warmup * total))
     if step < w:
-        return cfg.lr * (step + 1) / w
-    return cfg.lr * max(0.0, (total - step) / max(1, total - w))
+        return (step + 1) / w
+    return max(0.0, (total - step) / max(1, total - w))
+
+
+def _optimizer(tail: nn.Module, cfg: GrowConfig):
+    """``(optimizer, peak step size of each parameter group, lookahead or None)``."""
+    if cfg.recipe == "air":
+        from flowcodec.family.air import _BN, _Lookahead
+
+        scale = 1024 * (1 + 1 / (1 - cfg.momentum))
+        lr, wd = cfg.lr / scale, cfg.weight_decay * cfg.batch_size / scale
+        bn = [m.bias for m in tail.modules() if isinstance(m, _BN)]
+        ids = {id(q) for q in bn}
+        other = [q for q in tail.parameters() if q.requires_grad and id(q) not in ids]
+        lr_b = lr * cfg.bias_scaler
+        groups = [{"params": bn, "lr": lr_b, "weight_decay": wd / lr_b},
+                  {"params": other, "lr": lr, "weight_decay": wd / lr}]  # fmt: skip
+        look = _Lookahead(tail)
+    else:
+        groups = [{"params": [q for q in tail.parameters() if q.ndim > 1], "lr": cfg.lr,
+                   "weight_decay": cfg.weight_decay},
+                  {"params": [q for q in tail.parameters() if q.ndim <= 1], "lr": cfg.lr,
+                   "weight_decay": 0.0}]  # fmt: skip
+        look = None
+    groups = [g for g in groups if g["params"]]
+    opt = torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=True)
+    return opt, [g["lr"] for g in groups], look
+
+
+def _kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the answers softened by ``temperature``, times its square."""
+    t = temperature
+    return nn.functional.kl_div(nn.functional.log_softmax(student / t, 1),
+                                nn.functional.log_softmax(teacher / t, 1), log_target=True,
+                                reduction="batchmean") * t * t  # fmt: skip
 
 
 @torch.no_grad()
@@ -149,6 +219,7 @@ def grow_member(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     on_epoch=None,
+    teacher: nn.Module | None = None,
 ) -> GrowResult:
     """Copy ``source``'s stages and exits ``1..k-1`` into ``target`` (a family of the same
     trunk whose member ``k`` is new and larger: it replaces the source's last member, or is
@@ -158,12 +229,16 @@ def grow_member(
     ``checkpoint`` (a path without suffix): the training state is written there after every
     epoch, and with ``resume`` a saved state is loaded and training continues after its
     last epoch. ``config.time_budget_s`` stops after the epoch that crosses it (resume to
-    go on). Returns the test accuracy of every member of ``target``.
+    go on). ``teacher`` (images to logits; needed when ``config.distill`` > 0): the network
+    whose answers the new member learns from besides the labels. Returns the test accuracy of
+    every member of ``target``.
     """
     from flowcodec.progress import tqdm
     from flowcodec.scale.ddp import load_state, save_state
 
     cfg = config or GrowConfig()
+    if cfg.distill > 0 and teacher is None:
+        raise ConfigError("GrowConfig.distill > 0 needs a teacher")
     k = target.num_members
     if source.num_members not in (k - 1, k):
         raise ConfigError(f"source has {source.num_members} members, target {k}: the target "
@@ -182,30 +257,30 @@ def grow_member(
     head.eval().requires_grad_(False)
     tail = nn.Sequential(target.stages[k - 1], target.exits[k - 1]).to(dev)
     tail = tail.to(memory_format=torch.channels_last).train()
+    air = cfg.recipe == "air"
     ema = torch.optim.swa_utils.AveragedModel(
         tail, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema),
-        use_buffers=True) if cfg.ema > 0 else None  # fmt: skip
+        use_buffers=True) if cfg.ema > 0 and not air else None  # fmt: skip
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     start = time.perf_counter()
-    feats = cache_trunk_views(head, train, cfg.views, cfg.pad, gen, dev, cfg.progress)
+    cached = cache_trunk_views(head, train, cfg.views, cfg.pad, gen, dev, cfg.progress,
+                               teacher=teacher if cfg.distill > 0 else None)  # fmt: skip
+    feats, t_logits = cached if cfg.distill > 0 else (cached, None)
     labels = train.labels
     test_feats = (cache_trunk_views(head, test, 1, 0, gen, dev, cfg.progress)[0]
                   if test is not None else None)  # fmt: skip
 
-    decay = [q for q in tail.parameters() if q.ndim > 1]
-    no_decay = [q for q in tail.parameters() if q.ndim <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)  # fmt: skip
     n = len(labels)
     steps = n // cfg.batch_size
     total = cfg.epochs * steps
+    opt, bases, look = _optimizer(tail, cfg)
     crit = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     history: list[dict] = []
     first = 0
-    holder = nn.ModuleDict({"tail": tail, **({"ema": ema} if ema is not None else {})})
+    holder = nn.ModuleDict({"tail": tail, **({"ema": ema} if ema is not None else {}),
+                            **({"look": look} if look is not None else {})})  # fmt: skip
     if checkpoint is not None and resume:
         saved = load_state(checkpoint, holder, opt, None, gen)
         if saved is not None:
@@ -222,14 +297,22 @@ def grow_member(
             idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
             h = feats[which[idx], idx].to(dev).float().contiguous(memory_format=torch.channels_last)
             y = labels[idx].to(dev)
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(epoch * steps + s, total, cfg)
-            loss = crit(tail(h), y)
+            step = epoch * steps + s
+            for g, base in zip(opt.param_groups, bases, strict=True):
+                g["lr"] = base * _lr_at(step, total, cfg)
+            out = tail(h)
+            loss = crit(out, y)
+            if t_logits is not None:
+                t = t_logits[which[idx], idx].to(dev).float()
+                loss = (1 - cfg.distill) * loss + cfg.distill * _kd(out, t, cfg.temperature)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # the air recipe's step sizes are per example summed (per 1,024 of them)
+            (loss * len(y) if air else loss).backward()
             opt.step()
             if ema is not None:
                 ema.update_parameters(tail)
+            if look is not None and (step + 1) % 5 == 0:
+                look.update(tail, 0.95**5 * ((step + 1) / total) ** 3)
             run_loss += float(loss.detach()) * len(y)
             seen += len(y)
             bar.update(1)
@@ -251,6 +334,8 @@ def grow_member(
     bar.close()
     if ema is not None:
         tail.load_state_dict(ema.module.state_dict())
+    if look is not None:
+        look.update(tail, 1.0)  # the end of the run: the weights become the average
     target.eval()
     accs: list[float] = []
     if test is not None:
