@@ -47,7 +47,7 @@ from flowcodec.errors import ConfigError
 from flowcodec.family.base import EarlyExitFamily
 from flowcodec.family.zoo import Scale, register_family
 
-__all__ = ["AirConfig", "air_family", "train_air", "whiten_init", "ConvGroup"]
+__all__ = ["AirConfig", "air_family", "airbench_net", "train_air", "whiten_init", "ConvGroup"]
 
 
 class _BN(nn.BatchNorm2d):
@@ -117,6 +117,26 @@ def air_family(widths: tuple[int, int, int] | list[int] = (64, 128, 512),
         nn.Sequential(*_head(w[2], classes)),
     ]
     return EarlyExitFamily(stages, exits, (3, 32, 32))
+
+
+@register_family("airbench")
+def airbench_net(widths: tuple[int, int, int] | list[int] = (64, 256, 256),
+                 classes: int = 10) -> EarlyExitFamily:  # fmt: skip
+    """airbench's network (block widths 64/256/256, about 2 M parameters, 236 MFLOPs) as a
+    one-member family: the whitening conv 3 -> 24 (2 x 2, frozen), GELU, three conv groups
+    (31 -> 15 -> 7 -> 3 pixels), a global max pool and a linear layer, logits x 1/9.
+
+    Not a family of its own kind: the single strong network of this recipe on images, used
+    as the teacher of ``cifar10-cloud``'s member 4 and as the one-model answer on whole
+    images (``experiments/air_ceiling.py`` measures it)."""
+    w = list(widths)
+    if len(w) != 3 or min(w) < 1:
+        raise ConfigError(f"airbench needs 3 positive widths, got {widths}")
+    whiten = nn.Conv2d(3, 24, 2, padding=0, bias=True)
+    whiten.weight.requires_grad_(False)
+    trunk = nn.Sequential(whiten, nn.GELU(), ConvGroup(24, w[0]), ConvGroup(w[0], w[1]),
+                          ConvGroup(w[1], w[2]))  # fmt: skip
+    return EarlyExitFamily([trunk], [nn.Sequential(*_head(w[2], classes))], (3, 32, 32))
 
 
 @torch.no_grad()

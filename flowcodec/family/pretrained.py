@@ -23,7 +23,7 @@ from flowcodec.family.zoo import build_family
 
 __all__ = ["RECIPES", "ZOO_DIR", "pretrained_path", "save_family", "load_pretrained",
            "family_dataset", "image_families",
-           "train_recipe", "grow_recipe"]  # fmt: skip
+           "train_recipe", "grow_recipe", "grow_teacher"]  # fmt: skip
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
 
@@ -43,7 +43,12 @@ RECIPES: dict[str, dict] = {
                      label_smoothing=0.2),  # fmt: skip
         # ``--grow air``: a member 4 branching after stage 1 (airbench's last two groups on
         # the frozen 64x16x16 features of split point 1); these settings replace ``grow``'s.
-        "grow_kinds": {"air": dict(epochs=14, views=6)},
+        # (its optimiser and its teacher: the airbench network on whole images, whose answers
+        # on the same augmented views are cached with the features)
+        "grow_kinds": {"air": dict(epochs=10, views=4, batch_size=1024, recipe="air", lr=11.5,
+                                   momentum=0.85, weight_decay=0.0153, distill=0.5,
+                                   temperature=2.0)},  # fmt: skip
+        "grow_teachers": {"air": "airbench"},
     },
     # ``cifar10`` plus a cloud member 4 branching after stage 1, grown on its frozen trunk
     # (``train-family --family cifar10-cloud`` = ``--family cifar10 --grow air`` saved under
@@ -63,6 +68,15 @@ RECIPES: dict[str, dict] = {
         "train": dict(epochs=10.0, batch_size=1024, lr=10.0, momentum=0.85,
                       weight_decay=0.0153, label_smoothing=0.2,
                       exit_weights=[0.5, 0.5, 1.0]),  # fmt: skip
+    },
+    # airbench's own network (flowcodec.family.air.airbench_net), one member, on images:
+    # the teacher of cifar10-cloud's member 4 (about 50 minutes on 2 CPU cores).
+    "airbench": {
+        "family": {"widths": [64, 256, 256]},
+        "data": "cifar10",
+        "trainer": "air",
+        "train": dict(epochs=10.0, batch_size=1024, lr=11.5, momentum=0.85,
+                      weight_decay=0.0153, label_smoothing=0.2, exit_weights=[1.0]),  # fmt: skip
     },
     # Sized for 2 CPU cores in under 90 minutes (docs/family.md): the stem starts as the
     # trained cifar10 family's first stage, and its member 3 is the distillation teacher.
@@ -187,14 +201,25 @@ def grow_settings(name: str, kind: str) -> dict:
     return {**recipe.get("grow", {}), **recipe.get("grow_kinds", {}).get(kind, {})}
 
 
+def grow_teacher(name: str, kind: str | None) -> str | None:
+    """The family whose largest member teaches a member of kind ``kind`` grown from family
+    ``name`` (None: the recipe learns from the labels alone)."""
+    recipe = RECIPES.get(name, {})
+    if "grow_from" in recipe:
+        name, kind = recipe["grow_from"]
+    return RECIPES.get(name, {}).get("grow_teachers", {}).get(kind)
+
+
 def grow_recipe(name: str, kind: str, device: str = "cpu", progress: bool = True,
                 data_root=None, checkpoint=None, resume: bool = False, source=None,
-                **overrides):  # fmt: skip
+                teacher=None, **overrides):  # fmt: skip
     """Grow the trained family ``name``: keep its members but the last (or all of them, for a
     kind that adds a branching member), and train a new last member of kind ``kind``
     (``cifar10(cloud=kind)``) on their frozen trunk with the recipe's
     ``grow`` settings (``overrides`` change :class:`GrowConfig` fields). ``source``: the
-    family to grow (default: the trained ``name``). Returns ``(family, GrowResult)``."""
+    family to grow (default: the trained ``name``). ``teacher``: the family whose largest
+    member teaches the new one when the settings distil (default: the trained family
+    :func:`grow_teacher` names). Returns ``(family, GrowResult)``."""
     from flowcodec.family.grow import GrowConfig, grow_member
 
     recipe = RECIPES.get(name, {})
@@ -211,13 +236,23 @@ def grow_recipe(name: str, kind: str, device: str = "cpu", progress: bool = True
     src = source if source is not None else load_pretrained(base, progress=progress)
     cfg = GrowConfig(**{**grow_settings(base, kind), **overrides, "device": device,
                         "progress": progress})  # fmt: skip
+    net = None
+    if cfg.distill > 0:
+        if teacher is None:
+            tname = grow_teacher(base, kind)
+            if tname is None:
+                raise ConfigError(f"the {kind!r} settings of {base} distil, and no teacher "
+                                  "is given or named by the recipe")  # fmt: skip
+            teacher = load_pretrained(tname, progress=progress)
+        net = teacher.member(teacher.num_members).eval()
     torch.manual_seed(cfg.seed)
     if "grow_from" in recipe:
         fam = build_family(name, **recipe["family"])
     else:
         kw = {k: v for k, v in src.config.items() if k != "name"}
         fam = build_family(name, **{**kw, "cloud": kind})
-    return fam, grow_member(src, fam, train, test, cfg, checkpoint=checkpoint, resume=resume)
+    return fam, grow_member(src, fam, train, test, cfg, checkpoint=checkpoint, resume=resume,
+                            teacher=net)  # fmt: skip
 
 
 def load_pretrained(name: str, train_if_missing: bool | None = None, progress: bool = True,
