@@ -199,7 +199,8 @@ def validate_rd_config(cfg: Any, source: str = "rd config") -> dict:
     """Check a ``flowcodec rd`` config whole; returns it unchanged or raises ConfigError.
 
     The keys (see ``experiments/rd_*.json`` and :class:`RDSchema`): ``dataset``, ``family``,
-    ``member`` and ``point`` (required), ``codecs`` (required: a non-empty list of entries),
+    ``member`` and ``point`` (required; a row at a point off ``member``'s path is received by
+    ``family.receiver(point)``), ``codecs`` (required: a non-empty list of entries),
     ``title``, ``test_subset``, ``fit_samples``, ``seed``, ``channels``. An entry is a
     baseline (``codec`` with optional ``kwargs``, ``sweep``, ``label``, ``point``, ``fit``), a
     learned codec trained here (``codec`` + ``train``) or shipped ones (``pretrained``: a list
@@ -398,7 +399,8 @@ def validate_latency_config(cfg: Any, source: str = "latency config") -> dict:
 
     Required: ``dataset``, ``options`` (a non-empty list of ``{"point", "rate", one of
     "pretrained" | "checkpoint" | "codec", ...}``), ``input_codec`` (``{"codec", "kwargs"}``)
-    and ``fixed_split`` (``{"point", "rate"}`` of one of the options). Optional: ``member``,
+    and ``fixed_split`` (``{"point", "rate"}`` of one of the options). Optional: ``member``
+    (receives every option; unset, an option at point ``p`` goes to ``family.receiver(p)``),
     ``samples`` (>= 2: half profile the options, half evaluate), ``seed``, ``compute``
     (FLOP/s of ``device``, ``edge``, ``cloud``), ``delay_s`` (``edge``, ``cloud``),
     ``symbol_rates``, ``snrs_db``, ``reference`` (``snr_db``, ``symbol_rate``),

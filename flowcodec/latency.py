@@ -4,8 +4,13 @@ The scenario (all figures in the config under ``experiments/``):
 
 - the device hosts the family's smallest member and computes up to a split point;
 - an uplink (``channels.FastLink`` over AWGN at a given SNR and symbol rate) reaches an
-  edge server that hosts the largest member; a wired backhaul (fixed delay) reaches a
-  cloud that hosts it too;
+  edge server that hosts the receiving members; a wired backhaul (fixed delay) reaches a
+  cloud that hosts them too. ``"member"`` in the config names the one member that receives
+  every option (each option's split point must be on its path, ``family.path``); unset (the
+  default), an option at split point ``p`` is received by ``family.receiver(p)``, the
+  largest member whose path passes through ``p`` (for a chain family, the last member;
+  a branching family's cloud member receives only from the points it passes through).
+  Every row's ``receiver`` column says which member answered it;
 - **adaptive flow**: :class:`~flowcodec.policy.Policy` picks split point, codec rate
   point, MCS and device exit threshold for the current SNR from a measured profile, with
   the accuracy floor set 1 point below the cloud-only baseline's accuracy on a clean
@@ -14,8 +19,8 @@ The scenario (all figures in the config under ``experiments/``):
   reference SNR, kept at every SNR, no exits;
 - **cloud only** / **edge only**: the input image, compressed by the configured input
   codec (JPEG), sent with link adaptation (the highest MCS whose packet error rate is at
-  most ``target_bler``) and HARQ, run through the largest member in the cloud or at the
-  edge;
+  most ``target_bler``) and HARQ, run through ``member`` (default: the largest) in the
+  cloud or at the edge;
 - **device only**: the smallest member on the device, no link.
 
 ``"framing"`` in the config (``"sample"`` by default, or ``"session"``) says whether every
@@ -49,7 +54,7 @@ class LatencyConfig:
     options: list[dict]
     input_codec: dict
     fixed_split: dict
-    member: int | None = None
+    member: int | None = None  # receives every option (default: family.receiver(point))
     samples: int = 2000
     seed: int = 0
     compute: dict | None = None
@@ -90,8 +95,11 @@ def load_option_codec(spec: dict, family, train_data=None, progress: bool = True
 
 
 def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True,
-                engine=None) -> list[dict]:  # fmt: skip
+                engine=None, family=None) -> list[dict]:  # fmt: skip
     """Run the experiment; writes ``latency.csv``, ``profile.json`` and plots in ``out``.
+
+    ``family`` (optional, serial runs only) replaces the trained family the config names
+    (tests).
 
     With ``cfg.cell_seeds`` every (symbol rate, SNR) cell draws its channel from its own
     generator (seeded by the config's seed and the cell's place in the grid), so cells are
@@ -103,12 +111,15 @@ def run_latency(cfg: LatencyConfig, out: Path, progress: bool = True,
     SWEEP.check(asdict(cfg))  # whole, before any work
     if engine is not None:
         _check_cell_seeds(cfg.cell_seeds)
+        if family is not None:
+            raise ConfigError("a Ray engine loads the family by its name in every task: "
+                              "family= is for serial runs")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    ctx = _LatencyContext(cfg, progress)
+    ctx = _LatencyContext(cfg, progress, family)
     t0 = time.perf_counter()
     from flowcodec.policy import build_profile
 
-    profile = build_profile(ctx.fam, ctx.member, ctx.codecs, ctx.prof_data, progress=progress,
+    profile = build_profile(ctx.fam, cfg.member, ctx.codecs, ctx.prof_data, progress=progress,
                             seed=cfg.seed, framing=cfg.framing)  # fmt: skip
     profile.meta.update(seconds=round(time.perf_counter() - t0, 1))
     profile.save(out / "profile.json")
@@ -144,16 +155,22 @@ def _cell_generator(seed: int, index: int) -> torch.Generator:
 
 
 class _LatencyContext:
-    """What every cell of a latency run shares: the family, the data halves and the
-    options' codecs (built, fitted or trained once per process)."""
+    """What every cell of a latency run shares: the family, the member that receives each
+    option, the data halves and the options' codecs (built, fitted or trained once per
+    process)."""
 
-    def __init__(self, cfg: LatencyConfig, progress: bool) -> None:
+    def __init__(self, cfg: LatencyConfig, progress: bool, family=None) -> None:
         from flowcodec.data import load_dataset
         from flowcodec.family import load_pretrained
+        from flowcodec.policy import option_receivers
 
         self.cfg = cfg
-        self.fam = fam = load_pretrained(cfg.family or cfg.dataset, progress=progress)
-        self.member = cfg.member or fam.num_members
+        self.fam = fam = family if family is not None else load_pretrained(
+            cfg.family or cfg.dataset, progress=progress)  # fmt: skip
+        # checked before any codec is built: an explicit member must pass through every point
+        self.receivers = option_receivers(fam, cfg.member, [(int(o["point"]), o["rate"])
+                                                            for o in cfg.options])  # fmt: skip
+        self.member = cfg.member or fam.receiver(0)  # receives the input image (baselines)
         train, test = load_dataset(cfg.dataset)
         data = test.subset(min(cfg.samples, len(test)), seed=cfg.seed)
         half = len(data) // 2
@@ -217,7 +234,8 @@ def _cell_rows(cfg: LatencyConfig, ctx: _LatencyContext, setup: dict, sym_rate: 
     # Device only.
     rows.append({**base, "scheme": "device-only", "accuracy": setup["dev_acc"],
                  "latency_ms": 1e3 * fam.info()[0].flops / comp["device"],
-                 "bytes": 0, "mcs": "", "config": "member 1", "exit_device": 1.0})  # fmt: skip
+                 "bytes": 0, "mcs": "", "config": "member 1", "exit_device": 1.0,
+                 "receiver": ""})  # fmt: skip
     # Cloud only and edge only: the input image with link adaptation and HARQ.
     mcs_in = link_adaptation_mcs(ctx.in_bytes, snr, cfg.target_bler)
     for scheme, tier, d in (("cloud-only", "cloud", delay["cloud"]),
@@ -229,11 +247,13 @@ def _cell_rows(cfg: LatencyConfig, ctx: _LatencyContext, setup: dict, sym_rate: 
         r = fl.run(x_eval, generator=gen)
         rows.append({**base, "scheme": scheme, **_summary(r, y_eval), "mcs": mcs_in,
                      "config": f"{cfg.input_codec.get('codec')} "
-                               f"{cfg.input_codec.get('kwargs', {})}"})  # fmt: skip
+                               f"{cfg.input_codec.get('kwargs', {})}",
+                     "receiver": member})  # fmt: skip
     # Fixed split.
+    recv = ctx.receivers[(fixed_point, fixed_rate)]
     rows.append({**base, "scheme": "fixed-split", "mcs": fixed_mcs,
-                 "config": f"point {fixed_point}, {fixed_rate}",
-                 **_run_option(fam, member, codecs[(fixed_point, fixed_rate)], fixed_point,
+                 "config": f"point {fixed_point}, {fixed_rate}", "receiver": recv,
+                 **_run_option(fam, recv, codecs[(fixed_point, fixed_rate)], fixed_point,
                                None, fixed_mcs, snr, sym_rate, comp, delay, x_eval, y_eval,
                                gen, cfg.framing)})  # fmt: skip
     # Adaptive flow.
@@ -241,12 +261,13 @@ def _cell_rows(cfg: LatencyConfig, ctx: _LatencyContext, setup: dict, sym_rate: 
     dec = policy.decide(snr, sym_rate)
     dt = time.perf_counter() - t1
     # An analog (JSCC) choice has no MCS: it runs through an analog hop (AWGN at the SNR).
+    recv = ctx.receivers[(dec.point, dec.rate)]
     rows.append({**base, "scheme": "adaptive", "mcs": "" if dec.mcs is None else dec.mcs,
                  "kind": dec.kind,
                  "config": f"point {dec.point}, {dec.rate}, exit>={dec.threshold}",
                  "decide_ms": 1e3 * dt, "expected_accuracy": dec.expected_accuracy,
-                 "expected_latency_ms": 1e3 * dec.expected_latency_s,
-                 **_run_option(fam, member, codecs[(dec.point, dec.rate)], dec.point,
+                 "expected_latency_ms": 1e3 * dec.expected_latency_s, "receiver": recv,
+                 **_run_option(fam, recv, codecs[(dec.point, dec.rate)], dec.point,
                                dec.threshold, dec.mcs, snr, sym_rate, comp, delay, x_eval,
                                y_eval, gen, cfg.framing)})  # fmt: skip
     adaptive = rows[-1]
@@ -255,9 +276,10 @@ def _cell_rows(cfg: LatencyConfig, ctx: _LatencyContext, setup: dict, sym_rate: 
     m = _matched_input(policy, dec, snr, sym_rate, len(ctx.prof_idx))
     if m is not None:
         opt, mcs_m = m
+        recv = ctx.receivers[(0, opt.rate)]
         rows.append({**base, "scheme": "edge-only-matched", "mcs": mcs_m,
-                     "config": f"input {opt.rate}",
-                     **_run_option(fam, member, codecs[(0, opt.rate)], 0, None, mcs_m, snr,
+                     "config": f"input {opt.rate}", "receiver": recv,
+                     **_run_option(fam, recv, codecs[(0, opt.rate)], 0, None, mcs_m, snr,
                                    sym_rate, comp, delay, x_eval, y_eval, gen,
                                    cfg.framing)})  # fmt: skip
         adaptive["speedup_vs_edge_matched"] = rows[-1]["latency_ms"] / adaptive["latency_ms"]
@@ -372,8 +394,10 @@ def _write(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # the leading columns, the others by name, and the receiver column (added later) last
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in (
-        "symbol_rate", "snr_db", "scheme", "accuracy", "latency_ms", "bytes", "mcs"), k))
+        "symbol_rate", "snr_db", "scheme", "accuracy", "latency_ms", "bytes", "mcs"),
+        k == "receiver", k))  # fmt: skip
     write_csv(out / "latency.csv", rows, fields=keys)
     schemes = ["adaptive", "edge-only-matched", "fixed-split", "edge-only", "cloud-only",
                "device-only"]  # fmt: skip

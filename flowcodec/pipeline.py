@@ -288,7 +288,10 @@ class Flow:
     family : EarlyExitFamily
     tiers : sequence of Tier
         Increasing split points; ``tiers[-1].point >= 1`` (the last tier answers through
-        the exit at its point).
+        the exit at its point, as member ``tiers[-1].point``). Every tier's point lies on
+        that member's path (``family.path``): in a branching family a tier computes the
+        member's stages between its point and the previous tier's, not the stages numbered
+        between them.
     hops : sequence of Hop
         ``len(tiers) - 1`` hops; ``hops[t].codec`` must take the features at
         ``tiers[t].point``.
@@ -314,6 +317,15 @@ class Flow:
             raise ConfigError(f"tier split points must increase, got {points}")
         if not 1 <= points[-1] <= family.num_members or points[0] < 0:
             raise ConfigError(f"split points must lie in 0..{family.num_members}, last >= 1")
+        self._path = family.path(points[-1])  # the split points the answering member reads
+        off = [t for t in self.tiers[:-1] if t.point not in self._path]
+        if off:
+            raise ConfigError(
+                f"member {points[-1]} (the last tier's point) passes through split points "
+                f"{self._path} only; "
+                + "; ".join(f"tier {t.name!r} sends from point {t.point}, which member "
+                            f"{family.receiver(t.point)} (family.receiver({t.point})) receives"
+                            for t in off))  # fmt: skip
         for t, hop in enumerate(self.hops):
             if getattr(hop.codec, "views", 1) > 1 and (t > 0 or getattr(hop, "remote", False)):
                 raise ConfigError(
@@ -334,8 +346,13 @@ class Flow:
         self._dec_flops = [getattr(hop.codec, "decoder_flops", lambda: 0)() for hop in self.hops]
 
     def _stage_costs(self) -> list[int]:
-        fam = self.family
-        return [count_flops(s, fam.feature_shape(p)) for p, s in enumerate(fam.stages)]
+        fam = self.family  # stage i + 1 reads the features at split point parents[i]
+        return [count_flops(s, fam.feature_shape(q)) for s, q in zip(fam.stages, fam.parents)]
+
+    def _between(self, lo: int, hi: int) -> list[int]:
+        """The 0-based indices of the answering member's stages after split point ``lo`` up to
+        ``hi`` (``lo..hi-1`` for a chain)."""
+        return [q - 1 for q in self._path if lo < q <= hi]
 
     @torch.no_grad()
     def run(self, x: torch.Tensor, generator: torch.Generator | None = None) -> FlowResult:
@@ -370,9 +387,10 @@ class Flow:
                 if not active:
                     break
             # Compute this tier's stages.
-            flops = sum(self._stage_flops[prev : tier.point])
-            for s in fam.stages[prev : tier.point]:
-                h = s(h)
+            between = self._between(prev, tier.point)
+            flops = sum(self._stage_flops[i] for i in between)
+            for i in between:
+                h = fam.stages[i](h)
             last = t == len(self.tiers) - 1
             answers = last or (tier.exit_threshold is not None and tier.point >= 1)
             if answers:
@@ -416,14 +434,14 @@ class Flow:
         from flowcodec.views import VIEWS
 
         views = self.hops[0].codec.views
-        point = self.tiers[0].point
+        head = self._between(0, self.tiers[0].point)
         extra = []
         for view in list(VIEWS.values())[1:views]:
             z = view(x[active])
-            for s in self.family.stages[:point]:
-                z = s(z)
+            for i in head:
+                z = self.family.stages[i](z)
             extra.append(z)
-        cost = (views - 1) * sum(self._stage_flops[:point])
+        cost = (views - 1) * sum(self._stage_flops[i] for i in head)
         for i in active:
             traces[i].compute_flops[self.tiers[0].name] += cost
         return torch.cat([h, *extra], 1)

@@ -51,6 +51,7 @@ __all__ = [
     "Decision",
     "Policy",
     "build_profile",
+    "option_receivers",
     "packet_loss_rate",
     "channel_uses",
     "link_adaptation_mcs",
@@ -75,7 +76,8 @@ class RatePoint:
 
     ``packet_bytes`` are the link packets one sample sends (header first), measured;
     ``accuracy[threshold][loss index]`` is the flow's accuracy; ``exit_fraction[threshold]``
-    the share answered on the device; FLOPs are per sample.
+    the share answered on the device; FLOPs are per sample; ``receiver`` is the member that
+    finished the option's samples (None in profiles saved before it was recorded).
 
     An analog option (``kind="analog"``, a JSCC codec) sends no packets
     (``packet_bytes=[]``): ``accuracy[threshold][i]`` is the accuracy at ``snr_grid[i]`` dB
@@ -98,6 +100,7 @@ class RatePoint:
     analog_uses: int = 0
     snr_grid: list[float] = field(default_factory=list)
     uses_schedule: list[list[float]] = field(default_factory=list)
+    receiver: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("digital", "analog"):
@@ -316,10 +319,57 @@ class Policy:
         return [self.decide(float(s), symbol_rate) for s in snr_trace_db]
 
 
+def option_receivers(family, member: int | None,
+                     options: Sequence[tuple[int, str]]) -> dict[tuple[int, str], int]:  # fmt: skip
+    """The member that receives each option ``(split point, rate name)``.
+
+    Parameters
+    ----------
+    family : EarlyExitFamily
+    member : int or None
+        None: each option is received by the largest member whose path passes through its
+        point (``family.receiver(point)``; for a chain family, the last member). An int: that
+        member receives every option, and each option's point must be on its path.
+    options : sequence of (int, str)
+        The options' ``(split point, rate name)`` keys.
+
+    Returns
+    -------
+    dict
+        ``{(point, rate): member}``, in the order of ``options``.
+
+    Raises
+    ------
+    ConfigError
+        Naming every option whose point ``member`` does not pass through, its path, and the
+        member that does receive from there.
+
+    Example
+    -------
+    >>> from flowcodec.family import build_family
+    >>> fam = build_family("cifar10-cloud", width=8)  # member 4 branches after stage 1
+    >>> option_receivers(fam, None, [(1, "a"), (2, "b")])
+    {(1, 'a'): 4, (2, 'b'): 3}
+    """
+    if member is None:
+        return {(p, r): family.receiver(p) for p, r in options}
+    path = family.path(member)
+    off = [(p, r) for p, r in options if p not in path]
+    if off:
+        raise ConfigError(
+            f"member {member} passes through split points {path} only: "
+            + "; ".join(f"option (point {p}, rate {r!r}) is sent from point {p}, off its path "
+                        f"(family.receiver({p}) = member {family.receiver(p)} receives from "
+                        f"there)" for p, r in off)
+            + "; set member to one whose path holds every option's point, or leave it unset "
+              "(null) for family.receiver(point) at each point")  # fmt: skip
+    return {(p, r): member for p, r in options}
+
+
 @torch.no_grad()
 def build_profile(
     family,
-    member: int,
+    member: int | None,
     options: Mapping[tuple[int, str], FeatureCodec],
     data,
     batch_size: int = 500,
@@ -331,10 +381,13 @@ def build_profile(
     snr_grid: Sequence[float] = SNR_GRID,
     max_concealed: float | None = DEFAULT_MAX_CONCEALED,
 ) -> Profile:
-    """Measure a profile of ``family`` member ``member`` on ``data`` (an ArrayDataset).
+    """Measure a profile of ``family`` on ``data`` (an ArrayDataset).
 
     ``options`` maps ``(split point, rate name)`` to a codec for the features at that
-    point. Each sample's link packets (``Bitstream.units(framing)``: with the default
+    point. ``member`` receives every option (each option's point must be on its path), or,
+    when None, each option is received by the largest member whose path passes through its
+    point (:func:`option_receivers`; a chain family's last member); ``RatePoint.receiver``
+    records which. Each sample's link packets (``Bitstream.units(framing)``: with the default
     ``"sample"`` framing the header is one of them) are dropped i.i.d. at each loss rate of
     ``loss_grid``; the receiver conceals what is lost. As in a :class:`~flowcodec.pipeline.Flow`,
     a sample more than ``max_concealed`` of whose packets were concealed is answered by the
@@ -351,6 +404,7 @@ def build_profile(
     from flowcodec.progress import tqdm
 
     max_concealed = check_max_concealed(max_concealed)
+    receivers = option_receivers(family, member, list(options))
     fam = family.eval()
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -363,7 +417,8 @@ def build_profile(
     total = sum(len(snr_grid) if analog[k] else len(loss_grid) for k in options)
     bar = tqdm(total=total, desc="profile", disable=not progress, leave=False)
     for (point, rate), codec in options.items():
-        head, tail = fam.split(member, point)
+        receiver = receivers[(point, rate)]
+        head, tail = fam.split(receiver, point)
         grid = snr_grid if analog[(point, rate)] else list(loss_grid)
         exit_ok, exit_conf, remote_ok = [], [], {g: [] for g in grid}
         packet_bytes = None
@@ -428,10 +483,10 @@ def build_profile(
                      for s, n in codec.schedule]  # fmt: skip
             out.append(RatePoint(point, rate, [], dev_flops, exit_flops, rem, accuracy,
                                  exit_fraction, "analog", ch.channel_uses(codec.symbols),
-                                 list(snr_grid), sched))  # fmt: skip
+                                 list(snr_grid), sched, receiver=receiver))  # fmt: skip
             continue
         out.append(RatePoint(point, rate, packet_bytes or [], dev_flops, exit_flops, rem,
-                             accuracy, exit_fraction))  # fmt: skip
+                             accuracy, exit_fraction, receiver=receiver))  # fmt: skip
     bar.close()
     return Profile(out, list(loss_grid), {"member": member, "samples": len(data),
                                           "framing": framing,

@@ -19,6 +19,25 @@ def untrained_digits_family():
     return build_family("digits").eval()
 
 
+def tiny_cloud_family():
+    """``cifar10-cloud`` at width 8 (untrained, seeded, eval mode): members 1-3 a chain, member
+    4 branching after stage 1 (path ``[0, 1, 4]``; ``receiver``: 4 from points 0 and 1, 3 from
+    points 2 and 3)."""
+    torch.manual_seed(0)
+    return build_family("cifar10-cloud", width=8).eval()
+
+
+def random_images(shape, n=24, seed=0):
+    """An ``ArrayDataset`` of ``n`` seeded random uint8 images of ``shape`` and labels in 0..9
+    (for untrained families: what is measured needs no real data)."""
+    from flowcodec.data import ArrayDataset
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
+    c = shape[0]
+    return ArrayDataset(images, torch.randint(0, 10, (n,), generator=g), (0.5,) * c, (0.25,) * c)
+
+
 def raw_codec(fam, point, packets=2):
     """A raw codec for ``fam``'s features at split point ``point``."""
     return build_codec("raw", fam.feature_shape(point), packets=packets)

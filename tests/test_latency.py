@@ -1,10 +1,15 @@
-"""The latency experiment end to end on a small digits configuration."""
+"""The latency experiment end to end on a small digits configuration; the member that
+receives each option."""
 
 from __future__ import annotations
 
 import csv
 import json
 
+import pytest
+from helpers import latency_digits, random_images, tiny_cloud_family, untrained_digits_family
+
+from flowcodec.errors import ConfigError
 from flowcodec.latency import LatencyConfig, run_latency
 
 
@@ -50,3 +55,61 @@ def test_session_framing_sends_fewer_bytes_for_the_same_images(tmp_path, digits_
     saved = got["sample"]["cloud-only"]["bytes"] - got["session"]["cloud-only"]["bytes"]
     assert 40 < saved < 80
     assert got["session"]["cloud-only"]["accuracy"] == got["sample"]["cloud-only"]["accuracy"]
+
+
+# --- the member that receives each option --------------------------------------------------------
+def _cloud_config(**more) -> dict:
+    """A small latency config for ``cifar10-cloud``: 4-bit features at split points 1 and 2."""
+    quant = {"codec": "quant", "kwargs": {"bits": 4, "packets": 2}, "fit": True, "fit_samples": 32}
+    return {"dataset": "cifar10", "family": "cifar10-cloud", "samples": 40, "seed": 0,
+            "symbol_rates": [1e6], "snrs_db": [20.0], "cell_seeds": True,
+            "input_codec": {"codec": "jpeg", "kwargs": {"quality": 90}},
+            "options": [{"point": 1, "rate": "q4", **quant}, {"point": 2, "rate": "q4", **quant}],
+            "fixed_split": {"point": 1, "rate": "q4"}, **more}  # fmt: skip
+
+
+@pytest.fixture
+def cloud(monkeypatch):
+    """The tiny ``cifar10-cloud`` family, with random CIFAR-10-shaped images for its data."""
+    fam = tiny_cloud_family()
+    monkeypatch.setattr("flowcodec.data.load_dataset", lambda name, **kw: (
+        random_images(fam.input_shape, 64, seed=1), random_images(fam.input_shape, 40)))
+    return fam
+
+
+@pytest.mark.parametrize("point, receiver", [(1, 4), (2, 3)])
+def test_a_branching_family_receives_each_option_at_the_largest_member_through_its_point(
+        tmp_path, cloud, point, receiver):  # fmt: skip
+    cfg = LatencyConfig(**_cloud_config(fixed_split={"point": point, "rate": "q4"}))
+    rows = {r["scheme"]: r for r in run_latency(cfg, tmp_path, progress=False, family=cloud)}
+    prof = json.loads((tmp_path / "profile.json").read_text())
+    assert [(o["point"], o["receiver"]) for o in prof["options"]] == [(1, 4), (2, 3)]
+    assert rows["fixed-split"]["receiver"] == receiver  # member 4 cannot receive point 2
+    chosen = int(rows["adaptive"]["config"].split(",")[0].removeprefix("point "))
+    assert rows["adaptive"]["receiver"] == {1: 4, 2: 3}[chosen]
+    assert rows["cloud-only"]["receiver"] == rows["edge-only"]["receiver"] == 4
+    with open(tmp_path / "latency.csv") as f:
+        assert next(csv.reader(f))[-1] == "receiver"
+
+
+def test_an_explicit_member_off_an_options_point_is_refused_before_any_work(tmp_path, cloud):
+    cfg = LatencyConfig(**_cloud_config(member=4))
+    with pytest.raises(ConfigError, match=r"member 4 passes through split points \[0, 1, 4\] "
+                                          r"only: option \(point 2, rate 'q4'\).*"
+                                          r"family.receiver\(2\) = member 3"):  # fmt: skip
+        run_latency(cfg, tmp_path, progress=False, family=cloud)
+    assert not (tmp_path / "profile.json").exists()
+
+
+def test_a_chain_family_gives_the_rows_of_its_last_member_given_explicitly(tmp_path):
+    fam = untrained_digits_family()
+    cfg = latency_digits()
+    cfg.update(samples=60, symbol_rates=[1e6], snrs_db=[20.0])
+    cfg["options"] = [o for o in cfg["options"] if o["rate"] != "quant-2bit"]  # points 0, 1, 2
+    got = {}
+    for member in (None, fam.num_members):
+        rows = run_latency(LatencyConfig(**cfg, member=member), tmp_path / str(member),
+                           progress=False, family=fam)  # fmt: skip
+        got[member] = [{k: v for k, v in r.items() if k != "decide_ms"} for r in rows]
+    assert got[None] == got[fam.num_members]
+    assert {r["receiver"] for r in got[None] if r["scheme"] != "device-only"} == {3}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_cloud_family
 from torch import nn
 
 from channels import ExactLink, FastLink, IIDPacketErasure
@@ -190,3 +191,29 @@ def test_a_multi_view_codec_on_the_first_hop_gets_the_views_from_the_device():
              [Hop(build_codec("raw", shape), IIDPacketErasure(0.0), symbol_rate=1e6),
               Hop(build_codec("task", fam.feature_shape(2), latent=4, hidden=16, views=2),
                   IIDPacketErasure(0.0), symbol_rate=1e6)])  # fmt: skip
+
+
+# --- a branching family -------------------------------------------------------------------------
+def test_a_branching_member_runs_its_own_stages_from_the_split_point():
+    fam = tiny_cloud_family()  # member 4 reads split point 1: path [0, 1, 4]
+    codec = build_codec("raw", fam.feature_shape(1))  # float32: lossless
+    tiers = [Tier("device", 1e9, point=1), Tier("cloud", 1e12, point=4)]
+    flow = Flow(fam, tiers, [Hop(codec, IIDPacketErasure(0.0), symbol_rate=1e6)])
+    x = torch.randn(3, *fam.input_shape)
+    res = flow.run(x)
+    assert torch.equal(res.logits, fam.member(4)(x))  # stage 4 on point 1, not stages 2-4
+    cloud = count_flops(fam.stages[3], fam.feature_shape(1)) + count_flops(
+        fam.exits[3], fam.feature_shape(4))  # fmt: skip
+    assert {tr.compute_flops["cloud"] for tr in res.traces} == {cloud}
+
+
+def test_a_tier_off_the_answering_members_path_is_refused_with_the_receiver_to_use():
+    fam = tiny_cloud_family()
+    codec = build_codec("raw", fam.feature_shape(2))
+    hop = Hop(codec, IIDPacketErasure(0.0), symbol_rate=1e6)
+    with pytest.raises(ConfigError, match=r"\[0, 1, 4\] only.*'device' sends from point 2, "
+                                          r"which member 3 \(family.receiver\(2\)\)"):  # fmt: skip
+        Flow(fam, [Tier("device", 1e9, point=2), Tier("cloud", 1e12, point=4)], [hop])
+    res = Flow(fam, [Tier("device", 1e9, point=2), Tier("cloud", 1e12, point=3)], [hop]).run(
+        torch.randn(2, *fam.input_shape))  # fmt: skip
+    assert res.logits.shape == (2, 10)

@@ -1,11 +1,21 @@
-"""The adaptive policy on a toy profile: choices that can be checked by hand."""
+"""The adaptive policy on a toy profile: choices that can be checked by hand; which member
+receives each option of a measured profile."""
 
 from __future__ import annotations
 
 import pytest
+from helpers import random_images, raw_codec, tiny_cloud_family, untrained_digits_family
 
 from flowcodec.errors import ConfigError
-from flowcodec.policy import Policy, Profile, channel_uses, packet_loss_rate, toy_profile
+from flowcodec.policy import (
+    Policy,
+    Profile,
+    build_profile,
+    channel_uses,
+    option_receivers,
+    packet_loss_rate,
+    toy_profile,
+)
 
 
 def test_packet_loss_falls_with_snr_and_rises_with_mcs():
@@ -74,3 +84,44 @@ def test_link_adaptation_picks_the_highest_mcs_under_the_target():
     if high < 28:
         assert packet_loss_rate(300, high + 1, 15.0) > 0.1
     assert link_adaptation_mcs([300], -30.0) == 0  # nothing qualifies: the most robust
+
+
+# --- who receives each option (a branching family) ------------------------------------------
+_KW = dict(loss_grid=(0.0, 1.0), thresholds=(None, 0.5), progress=False, batch_size=12)
+
+
+def test_each_option_is_received_by_the_largest_member_through_its_point():
+    fam = tiny_cloud_family()  # member 4 branches after stage 1: path [0, 1, 4]
+    data = random_images(fam.input_shape)
+    opts = {(1, "raw"): raw_codec(fam, 1), (2, "raw"): raw_codec(fam, 2)}
+    assert option_receivers(fam, None, list(opts)) == {(1, "raw"): 4, (2, "raw"): 3}
+    prof = build_profile(fam, None, opts, data, **_KW)
+    assert [(o.point, o.receiver) for o in prof.options] == [(1, 4), (2, 3)]
+    assert prof.meta["member"] is None
+    # Each option measures what its receiver alone measures (loss 0 or 1: no draw matters).
+    for o in prof.options:
+        alone = build_profile(fam, o.receiver, {(o.point, "raw"): opts[(o.point, "raw")]}, data,
+                              **_KW).options[0]  # fmt: skip
+        assert (o.accuracy, o.remote_flops) == (alone.accuracy, alone.remote_flops)
+    assert prof.options[0].remote_flops != build_profile(
+        fam, 3, {(1, "raw"): opts[(1, "raw")]}, data, **_KW).options[0].remote_flops
+
+
+def test_an_explicit_member_off_an_options_point_names_the_option_and_the_receiver():
+    fam = tiny_cloud_family()
+    opts = {(1, "raw"): raw_codec(fam, 1), (2, "raw"): raw_codec(fam, 2)}
+    with pytest.raises(ConfigError, match=r"member 4 passes through split points \[0, 1, 4\] "
+                                          r"only: option \(point 2, rate 'raw'\) is sent from "
+                                          r"point 2, off its path \(family.receiver\(2\) = "
+                                          r"member 3"):  # fmt: skip
+        build_profile(fam, 4, opts, random_images(fam.input_shape), **_KW)
+
+
+def test_a_chain_family_profiles_with_its_last_member_as_before():
+    fam = untrained_digits_family()
+    data = random_images(fam.input_shape)
+    opts = {(1, "raw"): raw_codec(fam, 1), (2, "raw"): raw_codec(fam, 2)}
+    kw = {**_KW, "loss_grid": (0.0, 0.5, 1.0)}  # random drops: the same seeded draws
+    default, last = (build_profile(fam, m, opts, data, **kw) for m in (None, fam.num_members))
+    assert default.options == last.options
+    assert {o.receiver for o in default.options} == {fam.num_members}

@@ -2,12 +2,15 @@
 
 The config (JSON, see ``experiments/rd_cifar10.json`` and ``experiments/rd_digits.json``)
 names a family, a member (the receiver's), a split point and a list of codec entries.
-Each entry is a baseline (built, fitted on training features, swept over parameters), a
-shipped trained codec (``"pretrained"``), or a learned codec trained here over a
-``lam`` sweep (``"train"``). Every result row holds the accuracy of the member's tail on
-the decoded features, the measured bytes per image (``8 * len(to_bytes())`` / 8, headers
-included), the likelihood estimate where there is one, and the device's FLOPs (head plus
-codec encoder) as a share of the whole member's. Optional ``"channels"`` entries re-run
+A row at a split point off the member's path (a branching family, ``family.path``) is
+received by ``family.receiver(point)``, the largest member through that point; every row
+says in ``receiver`` which member finished it. Each entry is a baseline (built, fitted on
+training features, swept over parameters), a shipped trained codec (``"pretrained"``), or
+a learned codec trained here over a ``lam`` sweep (``"train"``). Every result row holds the
+accuracy of the receiving member's tail on the decoded features, the measured bytes per
+image (``8 * len(to_bytes())`` / 8, headers included), the likelihood estimate where there
+is one, and the device's FLOPs (head plus codec encoder) as a share of the whole receiving
+member's. Optional ``"channels"`` entries re-run
 codecs through an i.i.d. packet-erasure channel or flip payload bits (BSC).
 
 Codecs whose decoder returns the receiver's answer instead of features (``answers =

@@ -28,7 +28,14 @@ def expand(entry: dict) -> list[tuple[str, dict]]:
 
 class RDContext:
     """What every unit of an rd run shares: the family, the data, the split heads and the
-    baselines' fitting features (built lazily per split point)."""
+    baselines' fitting features (built lazily per split point).
+
+    A row at split point ``p`` is received by the config's ``member`` when its path passes
+    through ``p`` (``family.path``), else by ``family.receiver(p)``, the largest member
+    that does (:meth:`receiving_member`): in a branching family one run can mix points that
+    no single member passes through. For a chain family every point up to ``member`` is on
+    its path, so the config's member receives them all.
+    """
 
     def __init__(self, cfg: dict, n: int | None, progress: bool, family=None) -> None:
         from flowcodec.data import load_dataset
@@ -43,16 +50,29 @@ class RDContext:
             test = test.subset(int(n), seed=self.seed)
         self.test = test
         self.member, self.point = int(cfg["member"]), int(cfg["point"])
-        self.member_flops = self.fam.info()[self.member - 1].flops
+        self.flops = [m.flops for m in self.fam.info()]  # of every member, smallest first
+        self.member_flops = self.flops[self.member - 1]
         self.fit_n = int(cfg.get("fit_samples", 2000))
         self.heads: dict = {}
         self.fits: dict = {}
 
+    def receiving_member(self, p: int) -> int:
+        """The member that receives features from split point ``p``: the config's member
+        when its path passes through ``p``, else ``family.receiver(p)``."""
+        return self.member if p in self.fam.path(self.member) else self.fam.receiver(p)
+
+    def receiver_flops(self, p: int) -> int:
+        """FLOPs of the member that receives from split point ``p`` (the device's share is
+        reported against them)."""
+        return self.flops[self.receiving_member(p) - 1]
+
     def split(self, p):
+        """``(head, tail)`` at split point ``p``, the tail that of the member receiving
+        from there (:meth:`receiving_member`)."""
         from flowcodec.codecs.train import collect_features
 
         if p not in self.heads:
-            self.heads[p] = self.fam.split(self.member, p)
+            self.heads[p] = self.fam.split(self.receiving_member(p), p)
             self.fits[p] = collect_features(self.heads[p][0], self.train, n=self.fit_n)
         return self.heads[p]
 
@@ -98,7 +118,8 @@ def build_jobs(cfg: dict, ctx: RDContext, progress: bool, device: str) -> list[t
                       for label, kw in expand(entry)]  # fmt: skip
         for label, spec, source in specs:
             build = functools.partial(codec_from_spec, spec, ctx.fam, p, train_data=ctx.train,
-                                      fit_features=ctx.fit_features, member=ctx.member,
+                                      fit_features=ctx.fit_features,
+                                      member=ctx.receiving_member(p),
                                       progress=progress, device=device,
                                       what=f"codec entry {label!r}")  # fmt: skip
             jobs.append((group, label, p, build, source))
@@ -113,8 +134,9 @@ def reference_row(ctx: RDContext) -> RDRow:
     ref_acc = reference_accuracy(head, tail, ctx.test)
     return RDRow("uncompressed", "reference", "none", point, "clean", ref_acc, 0.0, 0.0,
                  0.0, None, None, fam.head_flops(point) / 1e6,
-                 100 * fam.head_flops(point) / ctx.member_flops, len(ctx.test),
-                 round(time.perf_counter() - ref_t, 1), "reference")  # fmt: skip
+                 100 * fam.head_flops(point) / ctx.receiver_flops(point), len(ctx.test),
+                 round(time.perf_counter() - ref_t, 1), "reference",
+                 ctx.receiving_member(point))  # fmt: skip
 
 
 def measure(ctx: RDContext, job: tuple, memo=None) -> tuple:
@@ -133,7 +155,8 @@ def measure(ctx: RDContext, job: tuple, memo=None) -> tuple:
     if memo is not None:
         head, recv = memo(head, "head"), memo(recv, "tail")
     ev = evaluate_codec(codec, head, recv, ctx.test)
-    row = make_row(label, group, codec, p, "clean", ev, ctx.fam, ctx.member_flops, t0, source)
+    row = make_row(label, group, codec, p, "clean", ev, ctx.fam, ctx.receiver_flops(p), t0,
+                   source, ctx.receiving_member(p))  # fmt: skip
     return row, codec, getattr(codec, "train_history", None)
 
 
@@ -167,7 +190,8 @@ def channel_rows(cfg: dict, ctx: RDContext, label: str, codec, p: int, group: st
             ev = evaluate_codec(codec, head, tail, ctx.test,
                                 transform=lambda s, g=g, prob=prob: flip_bits(s, prob, g))
         out.append(((ci, pos), make_row(label, group, codec, p, cond, ev, ctx.fam,
-                                    ctx.member_flops, t0, source)))  # fmt: skip
+                                        ctx.receiver_flops(p), t0, source,
+                                        ctx.receiving_member(p))))  # fmt: skip
     return out
 
 
@@ -239,7 +263,9 @@ def reference_accuracy(head, tail, data) -> float:
 
 
 def make_row(label, group, codec, p, cond, ev, fam, member_flops, t0,
-         source="baseline") -> RDRow:  # fmt: skip
+             source="baseline", receiver=None) -> RDRow:  # fmt: skip
+    """The row of one measurement (``ev``) of ``codec`` at split point ``p``; ``member_flops``
+    are those of ``receiver``, the member that finished it."""
     # a multi-view codec runs the device's head once per view (and its encoder too)
     dev = getattr(codec, "views", 1) * fam.head_flops(p) + codec.encoder_flops()
     over = None
@@ -249,4 +275,4 @@ def make_row(label, group, codec, p, cond, ev, fam, member_flops, t0,
                  ev.session_bytes_per_image, ev.payload_bytes_per_image,
                  ev.est_bytes_per_image, over, dev / 1e6,
                  100 * dev / member_flops, ev.n, round(time.perf_counter() - t0, 1),
-                 source)  # fmt: skip
+                 source, receiver)  # fmt: skip

@@ -106,7 +106,12 @@ def compare(rows: list[RDRow]) -> list[Comparison]:
 
 @dataclass
 class RDRow:
-    """One measured point: a codec configuration under one condition."""
+    """One measured point: a codec configuration under one condition.
+
+    ``receiver`` is the member whose tail finished the row's features (the config's member,
+    or ``family.receiver(point)`` at a point off that member's path); ``device_flops_pct``
+    is the device's share of that member's FLOPs. None in runs saved before it was recorded.
+    """
 
     label: str
     group: str
@@ -124,6 +129,7 @@ class RDRow:
     n: int
     seconds: float
     source: str = "baseline"  # "reference", "baseline", "pretrained" or "trained"
+    receiver: int | None = None
 
 
 def load_rows(path: str | Path) -> list[RDRow]:
