@@ -148,6 +148,19 @@ def test_codec_round_trip_through_fusion(model, digits):
     torch.testing.assert_close(model.edge(sent, kinds).logits, model.edge(fwd, kinds).logits)
 
 
+def test_a_tail_off_the_members_path_is_refused_with_the_receiver():
+    from helpers import tiny_cloud_family
+
+    fam = tiny_cloud_family()  # member 4 reads split point 1: path [0, 1, 4]
+    kw = dict(kinds=("m1", "m2"), latent=4, dim=16, hidden=16)
+    with pytest.raises(ConfigError, match=r"member 4 passes through split points \[0, 1, 4\] "
+                                          r"only, not point 2; .* member 3 "
+                                          r"\(family.receiver\(2\)\)"):  # fmt: skip
+        CoopModel(fam, CoopConfig(member=4, point=2, **kw))
+    m = CoopModel(fam, CoopConfig(member=4, point=1, **kw))
+    x = torch.randn(2, *fam.input_shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(m.tail()(fam.features(x, 1)), fam.member(4)(x))
+
 def test_own_answer_is_the_members_exit(model, digits_family):
     x = torch.rand(4, 1, 8, 8)
     for kind, m in (("m1", 1), ("m2", 2)):

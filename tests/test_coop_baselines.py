@@ -158,3 +158,27 @@ def test_views_picture_renders(tmp_path, digits):
     assert path.is_file() and path.stat().st_size > 1000
     with pytest.raises(ConfigError, match="scenes"):
         render_views(torch.rand(3, 8, 8), ViewGenerator(), tmp_path / "w.png")
+
+
+# --- a branching member: the copy follows its path ---------------------------------------------
+def test_a_branching_member_is_copied_and_fine_tuned_along_its_path(tmp_path):
+    from helpers import random_images, tiny_cloud_family
+
+    from flowcodec.coop.finetune import _student
+
+    fam = tiny_cloud_family()  # member 4 reads split point 1: path [0, 1, 4]
+    x = torch.randn(3, *fam.input_shape, generator=torch.Generator().manual_seed(1))
+    for k in range(1, 5):  # the chain members 1-3 as before (stages 1..k), member 4 its own
+        student = _student(fam, k).eval()
+        assert len(student.stages) == len(fam.path(k)) - 1 and student.index == k
+        assert torch.equal(student(x), fam.member(k)(x))
+        assert not {p.data_ptr() for p in student.parameters()} & {
+            p.data_ptr() for p in fam.parameters()}  # fmt: skip
+    views = ViewGenerator(ViewConfig(devices=2))
+    cfg = FinetuneConfig(epochs=1, batch_size=16, lr=1e-3, optimizer="adamw", eval_n=0)
+    model, res = finetune_member(fam, views, random_images((3, 32, 32), n=32), None, cfg,
+                                 progress=False)  # fmt: skip
+    assert model.index == 4 and len(model.stages) == 2 and res.steps == 2
+    save_finetuned(model, tmp_path / "m4", fam, views.cfg)
+    loaded = load_finetuned(tmp_path / "m4", fam, views.cfg)
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-2, atol=1e-2)

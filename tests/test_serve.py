@@ -19,12 +19,15 @@ from helpers import (  # noqa: E402
     device_json,
     raw_codec,
     raw_edge_engine,
+    tiny_cloud_family,
     untrained_digits_family,
 )
 
 from channels import FastLink, IIDPacketErasure  # noqa: E402
 from flowcodec.bitstream import Bitstream  # noqa: E402
 from flowcodec.codecs import build_codec  # noqa: E402
+from flowcodec.errors import ConfigError  # noqa: E402
+from flowcodec.flops import count_flops  # noqa: E402
 from flowcodec.pipeline import Flow, Hop, Tier  # noqa: E402
 from flowcodec.serve import (  # noqa: E402
     AsyncTierClient,
@@ -376,8 +379,73 @@ def test_cli_device_against_a_server(digits_family, capsys):
 
 
 def test_serve_refuses_a_forwarding_tier_without_next(fam):
-    from flowcodec.errors import ConfigError
-
     eng = TierEngine(fam, TierSpec("edge", 1, 2), raw_codec(fam, 1), raw_codec(fam, 2))
     with pytest.raises(ConfigError, match="next_address"):
         TierServer(eng, ServeConfig())
+
+
+# --- a branching family: a tier runs the stages of its member's path ----------------------------
+def _engine_answers(fam, spec, x):
+    """``x``'s features at ``spec.point_in`` through a raw float32 (lossless) codec into a last
+    tier of ``spec``: the engine and its answers' logits."""
+    codec = build_codec("raw", fam.feature_shape(spec.point_in))
+    eng = TierEngine(fam, spec, codec)
+    out = eng.run(codec.compress(fam.features(x, spec.point_in)))
+    assert {o.kind for o in out} == {"answer"}
+    return eng, torch.tensor([o.logits for o in out], dtype=torch.float32)
+
+
+def test_a_branching_tier_runs_its_members_stages_not_the_numbered_ones():
+    fam = tiny_cloud_family()  # member 4 reads split point 1: path [0, 1, 4]
+    x = torch.randn(3, *fam.input_shape, generator=torch.Generator().manual_seed(2))
+    eng, logits = _engine_answers(fam, TierSpec("cloud", 1, 4), x)
+    assert torch.equal(logits, fam.member(4)(x))  # stage 4 on point 1, not stages 2-4
+    assert torch.equal(logits, fam.split(4, 1)[1](fam.split(4, 1)[0](x)))
+    stage = count_flops(fam.stages[3], fam.feature_shape(1))  # what stage 4 reads: point 1
+    assert eng.flops_answer == stage + count_flops(fam.exits[3], fam.feature_shape(4))
+    # the same FLOPs as the simulated flow's cloud tier
+    flow = Flow(fam, [Tier("device", 1e9, 1), Tier("cloud", 1e12, 4)],
+                [Hop(build_codec("raw", fam.feature_shape(1)), IIDPacketErasure(0.0), 1e6)])
+    assert {tr.compute_flops["cloud"] for tr in flow.run(x).traces} == {eng.flops_answer}
+    # from the input: member 4's stages 1 and 4
+    _, logits = _engine_answers(fam, TierSpec("cloud", 0, 4), x)
+    assert torch.equal(logits, fam.member(4)(x))
+
+
+def test_a_chain_tier_is_unchanged_in_a_branching_family_and_in_a_chain():
+    for fam, spec in [(tiny_cloud_family(), TierSpec("edge", 1, 3)),
+                      (untrained_digits_family(), TierSpec("edge", 1, 3)),
+                      (untrained_digits_family(), TierSpec("edge", 0, 2))]:  # fmt: skip
+        x = torch.randn(3, *fam.input_shape, generator=torch.Generator().manual_seed(3))
+        eng, logits = _engine_answers(fam, spec, x)
+        head, tail = fam.split(spec.point, spec.point_in)
+        assert torch.equal(logits, tail(head(x)))
+        # stages point_in+1..point, each on the point before it (the count before branches)
+        chain = sum(count_flops(fam.stages[p], fam.feature_shape(p))
+                    for p in range(spec.point_in, spec.point))  # fmt: skip
+        assert eng.flops_answer == chain + eng.exit_flops
+
+
+def test_a_tier_off_its_members_path_is_refused_with_the_receiver_to_use():
+    fam = tiny_cloud_family()
+    with pytest.raises(ConfigError, match=r"tier 'cloud': member 4 .* split points \[0, 1, 4\] "
+                                          r"only, not point_in 2; .* member 3 "
+                                          r"\(family.receiver\(2\)\)"):  # fmt: skip
+        TierEngine(fam, TierSpec("cloud", 2, 4), raw_codec(fam, 2))
+
+
+def test_a_branching_member_served_over_a_real_hop_matches_the_simulated_flow():
+    fam = tiny_cloud_family()
+    x = torch.randn(5, *fam.input_shape, generator=torch.Generator().manual_seed(4))
+    codec = build_codec("raw", fam.feature_shape(1))
+    tiers = [Tier("device", 1e9, 1), Tier("cloud", 1e12, 4)]
+    with serve(TierEngine(fam, TierSpec("cloud", 1, 4), codec), max_batch=2) as st:
+        hop = RemoteHop(codec, st.address, deadline_s=10.0, first_seq=0)
+        res = Flow(fam, tiers, [hop]).run(x)
+        hop.close()
+    sim = Flow(fam, tiers, [Hop(codec, IIDPacketErasure(0.0), 1e6)]).run(x)
+    torch.testing.assert_close(res.logits, fam.member(4)(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res.logits, sim.logits, rtol=1e-5, atol=1e-5)
+    for r, s in zip(res.traces, sim.traces, strict=True):
+        assert (r.exit_tier, r.exit_point, r.fallback) == ("cloud", 4, None)
+        assert r.compute_flops == s.compute_flops

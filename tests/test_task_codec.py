@@ -639,3 +639,63 @@ def test_extend_rates_keeps_the_source_points_and_adds_finer_ones():
     for bad in ([], [(5, 0)], [(0, 40)], [("x", 0)], [(0, float("nan"))]):
         with pytest.raises(ConfigError, match="ladder"):
             extend_rates(src, bad)
+
+
+# --- lifting in a branching family: the stages on the path to the source's point --------------
+def _source_at(fam, point: int) -> TaskCodec:
+    torch.manual_seed(3)
+    codec = build_codec("task", fam.feature_shape(point), latent=6, stem=[[32, True]],
+                        hidden=16, rates=2).eval()  # fmt: skip
+    with torch.no_grad():
+        for eb in codec.entropy_bottlenecks:
+            eb.quantiles.copy_(torch.tensor([-4.0, 0.0, 4.0]).repeat(codec.latent, 1, 1))
+    codec.update(force=True)
+    return codec
+
+
+@pytest.mark.parametrize("point", [1, 2])
+def test_a_codec_lifts_along_the_chain_part_of_a_branching_family(point):
+    from helpers import tiny_cloud_family
+
+    from flowcodec.codecs.train_task import lift_codec
+
+    fam = tiny_cloud_family()  # member 4 branches after stage 1; members 1-3 a chain
+    source = _source_at(fam, 3)  # point 3: (64, 4, 4), on member 3's path [0, 1, 2, 3]
+    codec, kwargs = lift_codec(source, fam, point)
+    assert kwargs["via"] == list(fam.feature_shape(3))
+    x = torch.randn(4, *fam.input_shape, generator=torch.Generator().manual_seed(1))
+    h = fam.features(x, point)
+    for s in fam.split(3, point)[1].stages:  # member 3's stages after point: the source's input
+        h = s(h)
+    assert torch.equal(h, fam.features(x, 3))
+    for r in range(2):  # the stages' copy in the stem: the source's symbols and bytes
+        ours, theirs = codec.compress(fam.features(x, point), rate=r), source.compress(h, rate=r)
+        assert [s.packets for s in ours] == [s.packets for s in theirs]
+
+
+def test_a_lift_from_a_point_on_another_branch_is_refused_with_the_receiver():
+    from torch import nn
+
+    from flowcodec.codecs.train_task import lift_codec
+    from flowcodec.family.base import EarlyExitFamily
+    from flowcodec.family.zoo import conv_bn
+
+    def exit_(c):
+        return nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+
+    torch.manual_seed(0)  # stage 2 reads the input, stage 3 point 1: point 3 is not after 2
+    stages = [conv_bn(3, 8, pool=True), conv_bn(3, 8, pool=True), conv_bn(8, 16, pool=True),
+              conv_bn(16, 16)]  # fmt: skip
+    fam = EarlyExitFamily(stages, [exit_(8), exit_(8), exit_(16), exit_(16)], (3, 16, 16),
+                          parents=[0, 0, 1, 3]).eval()  # fmt: skip
+    assert fam.feature_shape(3) == (16, 4, 4) and fam.path(3) == [0, 1, 3]
+    source = _source_at(fam, 3)
+    with pytest.raises(ConfigError, match=r"at split point\(s\) \[3\] after point 2, on no path "
+                                          r"through it \(member 3: path \[0, 1, 3\]\); point 2's "
+                                          r"features are finished by member 2 "
+                                          r"\(family.receiver\(2\)\)"):  # fmt: skip
+        lift_codec(source, fam, 2)
+    lifted, _ = lift_codec(source, fam, 1)  # point 1 is on member 3's path: stage 3 alone
+    x = torch.randn(2, *fam.input_shape)
+    assert [s.packets for s in lifted.compress(fam.features(x, 1))] == [
+        s.packets for s in source.compress(fam.features(x, 3))]  # fmt: skip

@@ -415,12 +415,13 @@ def stage_stem(stages) -> tuple[list, list]:
 def lift_codec(source: TaskCodec | str, family, point: int) -> tuple[TaskCodec, dict]:
     """A task codec at split ``point`` of ``family`` built from a trained task codec of a
     later split point (an object or a zoo name): its stem is a copy of the trunk's stages in
-    between followed by the source's stem, its entropy models and gains are the source's,
-    and its decoder is the source's followed by a fresh
-    :class:`~flowcodec.codecs.task.Lift` back to ``point``'s shape. It sends exactly the
-    source's symbols (checked here on random inputs; ConfigError otherwise), so training
-    only its decoder (``TaskTrainConfig(decoder_only=True)``) keeps the source's bytes.
-    Returns ``(codec, kwargs)``, the kwargs that rebuild it."""
+    between (in a branching family, those on the path to the later point, ``family.path``;
+    ConfigError when the source's point is on no path through ``point``) followed by the
+    source's stem, its entropy models and gains are the source's, and its decoder is the
+    source's followed by a fresh :class:`~flowcodec.codecs.task.Lift` back to ``point``'s
+    shape. It sends exactly the source's symbols (checked here on random inputs; ConfigError
+    otherwise), so training only its decoder (``TaskTrainConfig(decoder_only=True)``) keeps
+    the source's bytes. Returns ``(codec, kwargs)``, the kwargs that rebuild it."""
 
     if isinstance(source, str):
         from flowcodec.codecs.zoo import load_pretrained_codec
@@ -443,12 +444,22 @@ def _lift(source: TaskCodec, family, point: int) -> tuple[TaskCodec, dict]:
     x = torch.rand(4, *family.input_shape, generator=torch.Generator().manual_seed(0))
     n = len(family.stages)
     shapes = [tuple(family.feature_shape(q)) for q in range(n)]
-    later = [q for q in range(point + 1, n) if shapes[q] == tuple(source.feature_shape)]
-    if not 0 <= point < n or not later:
+    same = [q for q in range(point + 1, n) if shapes[q] == tuple(source.feature_shape)]
+    if not 0 <= point < n or not same:
         raise ConfigError(f"lift_codec: the source's features {source.feature_shape} are at no "
                           f"split point of the family after {point}")  # fmt: skip
+    # the stages in between are those of member q's path (family.path(q)) after point
+    later = [q for q in same if point in family.path(q)]
+    if not later:
+        raise ConfigError(
+            f"lift_codec: the source's features {source.feature_shape} are at split point(s) "
+            f"{same} after point {point}, on no path through it ("
+            + "; ".join(f"member {q}: path {family.path(q)}" for q in same)
+            + f"); point {point}'s features are finished by member {family.receiver(point)} "
+            f"(family.receiver({point})), on another branch")  # fmt: skip
     q = later[0]
-    entries, _ = stage_stem(list(family.stages[point:q]))
+    between = list(family.split(q, point)[1].stages)  # member q's stages after point
+    entries, _ = stage_stem(between)
     kwargs = {k: v for k, v in source.config().items() if k not in ("name", "feature_shape")}
     if "context" in kwargs:
         kwargs["context_hidden"] = kwargs.pop("context")
@@ -457,8 +468,7 @@ def _lift(source: TaskCodec, family, point: int) -> tuple[TaskCodec, dict]:
                   via=list(source.feature_shape))  # fmt: skip
     codec = build_codec("task", shapes[point], **kwargs)
     # the stages' conv/BN layers, then the source's stem, into the stem in order
-    copied = codec.g_a.load_stem_from(torch.nn.ModuleList([*family.stages[point:q],
-                                                           source.g_a.stem]))  # fmt: skip
+    copied = codec.g_a.load_stem_from(torch.nn.ModuleList([*between, source.g_a.stem]))
     ours = [m for m in codec.g_a.stem.modules()
             if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]  # fmt: skip
     if copied != len(ours):
@@ -473,8 +483,8 @@ def _lift(source: TaskCodec, family, point: int) -> tuple[TaskCodec, dict]:
     codec.conceal.zero_()
     codec.update(force=True)
     codec.eval()
-    h1 = family.split(n, point)[0](x)
-    h2 = family.split(n, q)[0](x)
+    h1 = family.features(x, point)
+    h2 = family.features(x, q)
     for r in range(codec.rates):
         if not torch.equal(codec.symbols(h1, r), source.symbols(h2, r)):
             raise ConfigError(f"lift_codec: the built encoder does not send the source's "

@@ -128,9 +128,10 @@ class FinetuneResult:
 
 
 def _student(family: EarlyExitFamily, member: int) -> Member:
-    """A copy of member ``member`` that shares nothing with ``family``."""
-    family._check_member(member)
-    stages = [copy.deepcopy(s) for s in family.stages[:member]]
+    """A copy of member ``member`` that shares nothing with ``family`` (the stages on its
+    path, ``family.path(member)``: ``1..member`` for a chain). Not ``family.member``: that
+    would set the family's modules to its own mode, and the caller's modes are kept."""
+    stages = [copy.deepcopy(family.stages[q - 1]) for q in family.path(member) if q > 0]
     return Member(stages, copy.deepcopy(family.exits[member - 1]), member)
 
 

@@ -312,6 +312,13 @@ class CoopModel(nn.Module):
         if not 1 <= self.cfg.point <= self.cfg.member <= family.num_members:
             raise ConfigError(f"coop: member {self.cfg.member} from point {self.cfg.point} is "
                               f"not in a family of {family.num_members} members")
+        path = family.path(self.cfg.member)
+        if self.cfg.point not in path:
+            raise ConfigError(f"coop: member {self.cfg.member} passes through split points "
+                              f"{path} only, not point {self.cfg.point}; features at point "
+                              f"{self.cfg.point} are finished by member "
+                              f"{family.receiver(self.cfg.point)} "
+                              f"(family.receiver({self.cfg.point}))")  # fmt: skip
         self._fam = [family]  # a list: not a registered submodule
         self.devices = nn.ModuleDict({k: DeviceEncoder(family, k, self.cfg.latent,
                                                        self.cfg.rates, self.cfg.cells)

@@ -145,7 +145,8 @@ def standalone_digits_model(classes: int = 10) -> nn.Sequential:
 def align_digits(family, point: int = 2, epochs: int = 15, seed: int = 0,
                  progress: bool = True) -> AlignResult:  # fmt: skip
     """Train a standalone small digits model, then an aligner from its 2-block features
-    into ``family`` member ``K`` at split ``point``; report the three accuracies."""
+    into ``family`` member ``family.receiver(point)`` (the largest member through ``point``:
+    the last, ``K``, in a chain) at split ``point``; report the three accuracies."""
     from flowcodec.data import load_digits
     from flowcodec.family.base import EarlyExitFamily
     from flowcodec.family.train import TrainConfig, accuracy, train_family
@@ -158,7 +159,7 @@ def align_digits(family, point: int = 2, epochs: int = 15, seed: int = 0,
     train_family(solo, train, None, TrainConfig(epochs=30, batch_size=64, lr=3e-3,
                  weight_decay=1e-4, optimizer="adamw", seed=seed, progress=progress))  # fmt: skip
     small_acc = accuracy(small, test)
-    k = family.num_members
+    k = family.receiver(point)  # the largest member through point (the last, in a chain)
     large_head, large_tail = family.split(k, point)
     aligner = Aligner((16, 4, 4), family.feature_shape(point))
     res = train_aligner(aligner, small[:2], large_head, large_tail, train, test, epochs=epochs,

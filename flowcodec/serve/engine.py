@@ -100,7 +100,9 @@ class Outcome:
 
 
 class TierEngine:
-    """Decode incoming streams, run stages ``point_in+1..point`` of ``family``, answer
+    """Decode incoming streams, run the stages of ``family`` after ``point_in`` up to
+    ``point`` (``point_in+1..point`` for a chain; in a branching family, the stages of member
+    ``point``'s path, ``family.path(point)``, which must pass through ``point_in``), answer
     through the exit at ``point`` or re-encode with ``next_codec`` for the next tier.
 
     Parameters
@@ -119,6 +121,13 @@ class TierEngine:
         if spec.point > family.num_members:
             raise ConfigError(f"tier {spec.name!r}: point {spec.point} over the family's "
                               f"{family.num_members} members")  # fmt: skip
+        path = family.path(spec.point)  # the split points member spec.point passes through
+        if spec.point_in not in path:
+            raise ConfigError(
+                f"tier {spec.name!r}: member {spec.point} (the member that answers at point "
+                f"{spec.point}) passes through split points {path} only, not point_in "
+                f"{spec.point_in}; features from point {spec.point_in} are finished by member "
+                f"{family.receiver(spec.point_in)} (family.receiver({spec.point_in}))")
         want = family.feature_shape(spec.point_in)
         if tuple(codec.feature_shape) != want:
             raise ConfigError(f"tier {spec.name!r}: codec takes {codec.feature_shape}, "
@@ -131,10 +140,13 @@ class TierEngine:
         self.spec = spec
         self.codec = codec.eval()
         self.next_codec = next_codec.eval() if next_codec is not None else None
-        self._stages = list(family.stages[spec.point_in : spec.point])
-        self._exit = family.exits[spec.point - 1]
-        stage_flops = sum(count_flops(s, family.feature_shape(p))
-                          for p, s in enumerate(family.stages) if spec.point_in <= p < spec.point)
+        _, tail = family.split(spec.point, spec.point_in)  # member spec.point's stages from here
+        self._stages = list(tail.stages)
+        self._exit = tail.exit
+        ours = path[path.index(spec.point_in) + 1 :]  # stage q reads split point parents[q - 1]
+        stage_flops = sum(count_flops(family.stages[q - 1],
+                                      family.feature_shape(family.parents[q - 1]))
+                          for q in ours)  # fmt: skip
         self.exit_flops = count_flops(self._exit, family.feature_shape(spec.point))
         dec = int(getattr(codec, "decoder_flops", lambda: 0)())
         self.flops_answer = stage_flops + dec + self.exit_flops

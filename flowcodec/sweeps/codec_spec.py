@@ -68,8 +68,9 @@ def codec_from_spec(spec, family=None, point: int | None = None, *, train_data=N
     to build, train or fit one, and then its feature shape is checked against the point's.
     ``train_data``: the training set (input codecs' statistics, training, fitting).
     ``fit_features(point)``: the features to fit on (default: ``"fit_samples"`` (5000)
-    training images through the largest member's head). ``member``: the receiver a
-    ``"train"`` spec trains for when the spec names none (default: the largest).
+    training images through the head of ``family.receiver(point)``, the largest member
+    through ``point``). ``member``: the receiver a ``"train"`` spec trains for when the spec
+    names none (default: ``family.receiver(point)``; the last member, in a chain).
     ``device``: where training runs (the codec comes back on the CPU). ``what``: how
     errors name the spec.
     """
