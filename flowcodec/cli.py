@@ -214,10 +214,9 @@ def _grow_family(args, device, overrides, out, resumed) -> int:
 
     if args.budget_min is not None:
         overrides["time_budget_s"] = 60.0 * args.budget_min
-    teacher = _grow_teacher(args, device, out)
     fam, res = grow_recipe(args.family, args.grow, device=device,
                            progress=not args.no_progress, data_root=args.data, checkpoint=out,
-                           resume=args.resume, teacher=teacher, **overrides)  # fmt: skip
+                           resume=args.resume, **overrides)  # fmt: skip
     hw = torch.cuda.get_device_name(0) if device.startswith("cuda") else "CPU"
     extra = {k: v for k, v in overrides.items() if k != "time_budget_s"}
     if resumed:
@@ -236,40 +235,6 @@ def _grow_family(args, device, overrides, out, resumed) -> int:
     print(_table(_member_rows(loaded, accs), ["member", "test acc %", "params", "MFLOPs"]))
     print(f"grown in {res.seconds:.1f} s on {hw}; saved {path} (float16)")
     return 0
-
-
-def _grow_teacher(args, device, out):
-    """The teacher family a grow recipe distils from: ``--teacher``, else the trained family
-    the recipe names (zoo or cache; None: :func:`grow_recipe` loads it), else one trained
-    here first, to ``OUT-teacher`` (resumable like the rest), so one command does it all."""
-    from pathlib import Path
-
-    from flowcodec.errors import ConfigError
-    from flowcodec.family import load_family
-    from flowcodec.family import pretrained as pre
-
-    tname = pre.grow_teacher(args.family, args.grow)
-    if not pre.grow_settings(args.family, args.grow).get("distill", 0) or tname is None:
-        if args.teacher:
-            raise ConfigError(f"--teacher: the {args.family} grow recipe does not distil")
-        return None
-    if args.teacher:
-        return load_family(args.teacher)
-    if pre.pretrained_path(tname).with_suffix(".safetensors").is_file():
-        return None
-    path = Path(f"{out}-teacher")
-    if path.with_suffix(".safetensors").is_file():
-        return load_family(path, expect={"name": tname})
-    print(f"no trained {tname} (the teacher): training it first, to {path} "
-          "(resumable with --resume)")  # fmt: skip
-    tfam, tres = pre.train_recipe(tname, device=device, progress=not args.no_progress,
-                              data_root=args.data, checkpoint=str(path),
-                              resume=args.resume)  # fmt: skip
-    hw = "CPU" if not device.startswith("cuda") else device
-    loaded, accs, saved = _save_measured_half(tfam, path, pre.family_dataset(tname), args.data,
-                                              tres.seconds, tres.history, hw, {})  # fmt: skip
-    print(f"teacher {tname}: {100 * accs[-1]:.2f} % (one view, float16); saved {saved}")
-    return loaded
 
 
 def _saved_epoch(out) -> int | None:
@@ -418,10 +383,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "frozen trunk (cifar10: xl replaces member 3, reading split point 2; "
                         "air adds a member 4 branching after stage 1, reading split point 1; "
                         "docs/family.md)")  # fmt: skip
-    t.add_argument("--teacher", default=None, metavar="PATH",
-                   help="with a grow recipe that distils (cifar10-cloud): the saved family "
-                        "whose largest member teaches (default: the trained family the "
-                        "recipe names, trained first to OUT-teacher if there is none)")
     t.add_argument("--init", default=None, metavar="PATH",
                    help="with --family cifar10-air: start from this saved family's weights "
                         "(same configuration) with a fresh schedule: a warm restart")

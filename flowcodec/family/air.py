@@ -126,9 +126,10 @@ def airbench_net(widths: tuple[int, int, int] | list[int] = (64, 256, 256),
     one-member family: the whitening conv 3 -> 24 (2 x 2, frozen), GELU, three conv groups
     (31 -> 15 -> 7 -> 3 pixels), a global max pool and a linear layer, logits x 1/9.
 
-    Not a family of its own kind: the single strong network of this recipe on images, used
-    as the teacher of ``cifar10-cloud``'s member 4 and as the one-model answer on whole
-    images (``experiments/air_ceiling.py`` measures it)."""
+    Not a family of its own kind: the single network this recipe was published with, kept to
+    measure what the recipe reaches on a given copy of the data (``flowcodec train-family
+    --family airbench``; docs/family.md), and as a teacher for
+    :func:`~flowcodec.family.grow.grow_member`."""
     w = list(widths)
     if len(w) != 3 or min(w) < 1:
         raise ConfigError(f"airbench needs 3 positive widths, got {widths}")

@@ -23,7 +23,7 @@ from flowcodec.family.zoo import build_family
 
 __all__ = ["RECIPES", "ZOO_DIR", "pretrained_path", "save_family", "load_pretrained",
            "family_dataset", "image_families",
-           "train_recipe", "grow_recipe", "grow_teacher"]  # fmt: skip
+           "train_recipe", "grow_recipe"]  # fmt: skip
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
 
@@ -42,14 +42,8 @@ RECIPES: dict[str, dict] = {
         "grow": dict(epochs=10, batch_size=256, lr=0.15, weight_decay=5e-4, views=6, pad=2,
                      label_smoothing=0.2),  # fmt: skip
         # ``--grow air``: a member 4 branching after stage 1 (airbench's last two groups on
-        # the frozen 64x16x16 features of split point 1); these settings replace ``grow``'s:
-        # airbench's optimiser, and half the loss from the teacher below (the airbench
-        # network on whole images, its answers cached with the features, same views; its
-        # label-smoothed answers are soft already, so temperature 1).
-        "grow_kinds": {"air": dict(epochs=10, views=4, batch_size=1024, recipe="air", lr=11.5,
-                                   momentum=0.85, weight_decay=0.0153, distill=0.5,
-                                   temperature=1.0)},  # fmt: skip
-        "grow_teachers": {"air": "airbench"},
+        # the frozen 64x16x16 features of split point 1); these settings replace ``grow``'s.
+        "grow_kinds": {"air": dict(epochs=14, views=6)},
     },
     # ``cifar10`` plus a cloud member 4 branching after stage 1, grown on its frozen trunk
     # (``train-family --family cifar10-cloud`` = ``--family cifar10 --grow air`` saved under
@@ -70,8 +64,8 @@ RECIPES: dict[str, dict] = {
                       weight_decay=0.0153, label_smoothing=0.2,
                       exit_weights=[0.5, 0.5, 1.0]),  # fmt: skip
     },
-    # airbench's own network (flowcodec.family.air.airbench_net), one member, on images:
-    # the teacher of cifar10-cloud's member 4 (about 50 minutes on 2 CPU cores).
+    # airbench's own network (flowcodec.family.air.airbench_net), one member, on images: what
+    # its recipe reaches on this data with one view (docs/family.md; 52 minutes on 2 cores).
     "airbench": {
         "family": {"widths": [64, 256, 256]},
         "data": "cifar10",
@@ -202,15 +196,6 @@ def grow_settings(name: str, kind: str) -> dict:
     return {**recipe.get("grow", {}), **recipe.get("grow_kinds", {}).get(kind, {})}
 
 
-def grow_teacher(name: str, kind: str | None) -> str | None:
-    """The family whose largest member teaches a member of kind ``kind`` grown from family
-    ``name`` (None: the recipe learns from the labels alone)."""
-    recipe = RECIPES.get(name, {})
-    if "grow_from" in recipe:
-        name, kind = recipe["grow_from"]
-    return RECIPES.get(name, {}).get("grow_teachers", {}).get(kind)
-
-
 def grow_recipe(name: str, kind: str, device: str = "cpu", progress: bool = True,
                 data_root=None, checkpoint=None, resume: bool = False, source=None,
                 teacher=None, **overrides):  # fmt: skip
@@ -218,9 +203,9 @@ def grow_recipe(name: str, kind: str, device: str = "cpu", progress: bool = True
     kind that adds a branching member), and train a new last member of kind ``kind``
     (``cifar10(cloud=kind)``) on their frozen trunk with the recipe's
     ``grow`` settings (``overrides`` change :class:`GrowConfig` fields). ``source``: the
-    family to grow (default: the trained ``name``). ``teacher``: the family whose largest
-    member teaches the new one when the settings distil (default: the trained family
-    :func:`grow_teacher` names). Returns ``(family, GrowResult)``."""
+    family to grow (default: the trained ``name``). ``teacher``: a family whose largest
+    member teaches the new one (needed when the settings distil, ``distill`` > 0). Returns
+    ``(family, GrowResult)``."""
     from flowcodec.family.grow import GrowConfig, grow_member
 
     recipe = RECIPES.get(name, {})
@@ -237,15 +222,7 @@ def grow_recipe(name: str, kind: str, device: str = "cpu", progress: bool = True
     src = source if source is not None else load_pretrained(base, progress=progress)
     cfg = GrowConfig(**{**grow_settings(base, kind), **overrides, "device": device,
                         "progress": progress})  # fmt: skip
-    net = None
-    if cfg.distill > 0:
-        if teacher is None:
-            tname = grow_teacher(base, kind)
-            if tname is None:
-                raise ConfigError(f"the {kind!r} settings of {base} distil, and no teacher "
-                                  "is given or named by the recipe")  # fmt: skip
-            teacher = load_pretrained(tname, progress=progress)
-        net = teacher.member(teacher.num_members).eval()
+    net = teacher.member(teacher.num_members).eval() if teacher is not None else None
     torch.manual_seed(cfg.seed)
     if "grow_from" in recipe:
         fam = build_family(name, **recipe["family"])
