@@ -11,11 +11,14 @@ One thread, batch 512 (``--batches``), CIFAR-10 test images through the family's
 Times are CPU seconds of this process (``time.process_time``, best of ``--repeats``;
 the old path once), so a busy machine inflates them less than wall time would; compare
 figures as ratios within one run. Per codec and format it prints samples/s of
-``compress`` and ``decompress``; for the task codecs also the coding alone (from the
-integer symbols to the payloads and back, the context model included, without the
-analysis and synthesis transforms), CompressAI's raw rANS coder on the same symbols and
-tables, and the mean payload bytes of both formats at every rate point. Writes
-``speed.csv`` and ``bytes.csv`` to ``--out``.
+``compress`` and ``decompress``; the coding alone, timed directly (from the integer
+symbols to the payloads and back, without the analysis and synthesis networks: for the
+task codecs the context model included, for the token codecs the position, assignment or
+size codes, the stream framing and the stream checks included); CompressAI's raw rANS
+coder on the same symbols and tables (one string per sample; for the token codecs the sent
+tokens' latents, without side information); and the mean payload bytes of both formats
+(at every rate point of the task codecs). Writes ``speed.csv`` and ``bytes.csv`` to
+``--out``.
 """
 
 from __future__ import annotations
@@ -123,64 +126,100 @@ def compressai_raw(codec, h, r: int, repeats: int) -> float:
     return len(h) / (best_of(enc, repeats) + best_of(dec, repeats))
 
 
-def token_raw(codec, h, repeats: int) -> float | None:
-    """Samples/s of CompressAI's rANS coder alone (as :func:`compressai_raw`) on a
-    token-merge codec's latent symbols and CDF indexes (one string per sample), or None
-    for other token codecs."""
+def per_call(fn, repeats: int, least: float = 0.05) -> float:
+    """CPU seconds of one call of ``fn``: the best of ``repeats`` rounds, each of as many
+    calls as take about ``least`` seconds (so a call of a fraction of a millisecond, the
+    coding of one sample, is not timed alone)."""
+    t = time.process_time()
+    fn()
+    once = max(time.process_time() - t, 1e-6)
+    n = max(1, min(1000, round(least / once)))
+
+    def many():
+        for _ in range(n):
+            fn()
+
+    return best_of(many, repeats) / n
+
+
+def sent_symbols(s) -> list[torch.Tensor]:
+    """Each sample's sent token latents ``(k, M)``, token-major, from a token codec's
+    :class:`~flowcodec.codecs.token.TokenSymbols` ``s``: every merged token (token-merge),
+    or the kept tokens (token-prune)."""
+    if s.where.dtype == torch.bool:  # token-prune: the kept tokens
+        return [s.sym[b][:, s.where[b]].T for b in range(len(s.sym))]
+    return [s.sym[b].T for b in range(len(s.sym))]
+
+
+def received_symbols(d) -> list[torch.Tensor]:
+    """:func:`sent_symbols` of what a token codec's ``_decode_symbols`` read back
+    (:class:`~flowcodec.codecs.token.TokenDecoded` ``d``)."""
+    if d.where.dtype == torch.bool:  # token-prune: the received tokens
+        return [d.sym[b][d.where[b]] for b in range(len(d.sym))]
+    return list(d.sym)
+
+
+def token_raw(codec, s, repeats: int) -> float:
+    """Samples/s of CompressAI's rANS coder alone (as :func:`compressai_raw`, one string per
+    sample) compressing and decompressing a token codec's sent latent symbols with the same
+    tables and CDF indexes (``s``: the codec's ``_analysis`` output; no side information)."""
     from flowcodec.codecs.entropy import _ext, _tables
 
-    if not hasattr(codec, "_merge"):
-        return None
-    with torch.no_grad():
-        merged, _ = codec._merge(codec._tokens(h.float()))
-        every = torch.ones(len(h), codec.clusters)
-        sym, cidx, _ = codec._latent_symbols(codec.g_a(merged).transpose(1, 2), every)
     ans = _ext("ans")
     cdf, lengths, offsets = _tables(codec._y_model())
-    k = [sym[b].T.reshape(-1).tolist() for b in range(len(h))]
-    idx = [cidx[b].expand(sym.shape[2], -1).reshape(-1).tolist() for b in range(len(h))]
+    sent = sent_symbols(s)
+    k = [q.reshape(-1).tolist() for q in sent]
+    idx = [s.cidx[b].expand_as(q).reshape(-1).tolist() for b, q in enumerate(sent)]
 
     def enc():
-        return [ans.RansEncoder().encode_with_indexes(s, i, cdf, lengths, offsets)
-                for s, i in zip(k, idx)]  # fmt: skip
+        return [ans.RansEncoder().encode_with_indexes(q, i, cdf, lengths, offsets)
+                for q, i in zip(k, idx)]  # fmt: skip
 
     strings = enc()
 
     def dec():
-        return [ans.RansDecoder().decode_with_indexes(s, i, cdf, lengths, offsets)
-                for s, i in zip(strings, idx)]  # fmt: skip
+        return [ans.RansDecoder().decode_with_indexes(q, i, cdf, lengths, offsets)
+                for q, i in zip(strings, idx)]  # fmt: skip
 
     assert dec() == k
-    return len(h) / (best_of(enc, repeats) + best_of(dec, repeats))
+    return len(s.sym) / (per_call(enc, repeats) + per_call(dec, repeats))
 
 
 def bench_token(name, codec, head, tail, x, args, writer, bytes_writer) -> None:
-    """As :func:`bench_task`; the coding alone is ``compress + decompress`` less
-    ``forward`` (the same analysis, merge and synthesis, without the coding: an
-    approximation that also takes off forward's likelihoods)."""
+    """As :func:`bench_task`. The coding alone is timed directly: the codec's
+    ``_code_symbols`` (side codes, token payloads, framing) on the symbols its
+    ``_analysis`` gave once for the batch, and its ``_decode_symbols`` (stream checks, side
+    codes, token payloads) on the streams ``compress`` wrote; ``compress`` is
+    ``_code_symbols(_analysis(h))`` and ``decompress`` is
+    ``_synthesis(_decode_symbols(streams))``, so what is left out is the networks."""
     with torch.no_grad():
         h = head(x)
         feats = codec(h).features
         t_tail = best_of(lambda: tail(feats), args.repeats)
-        t_fwd = best_of(lambda: codec(h), args.repeats)
-    raw = token_raw(codec, h, args.repeats)
+        syms = codec._analysis(h)
+    raw = token_raw(codec, syms, args.repeats)
     n = len(x)
     sizes = {}
     for fmt in (1, 2):
         codec.stream_format = fmt
         reps = args.repeats if fmt == 2 else args.old_repeats
         streams = codec.compress(h)
+        # the coding path writes what compress writes and reads back what it coded
+        assert [q.to_bytes() for q in codec._code_symbols(syms)] == \
+            [q.to_bytes() for q in streams]  # fmt: skip
+        back = received_symbols(codec._decode_symbols(streams))
+        assert all(torch.equal(a.long(), b.long())
+                   for a, b in zip(back, sent_symbols(syms), strict=True))  # fmt: skip
         t_c = best_of(lambda: codec.compress(h), reps)
         t_d = best_of(lambda s=streams: codec.decompress(s), reps)
+        t_cc = per_call(lambda: codec._code_symbols(syms), reps)
+        t_dc = per_call(lambda s=streams: codec._decode_symbols(s), reps)
         sizes[fmt] = payload(streams)
         row = {"codec": name, "format": fmt, "batch": n, "compress_sps": n / t_c,
                "decompress_sps": n / t_d, "tail_sps": n / t_tail,
-               "decompress_over_tail": t_tail / t_d, "payload_bytes": sizes[fmt]}  # fmt: skip
-        if raw is not None:
-            both = max(t_c + t_d - t_fwd, 1e-9)
-            row.update({"coding_compress_sps": float("nan"),
-                        "coding_decompress_sps": float("nan"), "coding_both_sps": n / both,
-                        "compressai_raw_both_sps": raw})  # fmt: skip
+               "decompress_over_tail": t_tail / t_d, "coding_compress_sps": n / t_cc,
+               "coding_decompress_sps": n / t_dc, "coding_both_sps": n / (t_cc + t_dc),
+               "compressai_raw_both_sps": raw, "payload_bytes": sizes[fmt]}  # fmt: skip
         report(row, writer)
     bytes_writer.writerow({"codec": name, "rate": "", "bytes_format1": f"{sizes[1]:.3f}",
                            "bytes_format2": f"{sizes[2]:.3f}",

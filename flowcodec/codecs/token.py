@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -83,10 +84,10 @@ from flowcodec.codecs.table_coding import (
 )
 from flowcodec.errors import ConfigError
 
-__all__ = ["TokenPruneCodec", "TokenCodecBase", "encode_positions", "decode_positions",
-           "position_bits", "MAX_TOKENS", "PRIORS", "FLAG_RANGE", "range_encode",
-           "range_decode", "arith_encode", "arith_decode", "ARITH_PRECISION", "ESCAPE_RANGE",
-           "pack_bits", "unpack_bits"]  # fmt: skip
+__all__ = ["TokenPruneCodec", "TokenCodecBase", "TokenSymbols", "TokenDecoded",
+           "encode_positions", "decode_positions", "position_bits", "MAX_TOKENS", "PRIORS",
+           "FLAG_RANGE", "range_encode", "range_decode", "arith_encode", "arith_decode",
+           "ARITH_PRECISION", "ESCAPE_RANGE", "pack_bits", "unpack_bits"]  # fmt: skip
 
 #: Entropy models a token codec can code its latents with (``prior=``).
 PRIORS = ("factorized", "hyperprior")
@@ -105,11 +106,46 @@ class _TokenEncoder(nn.Module):
         return self.scorer(t), self.g_a(t)
 
 
+class TokenSymbols(NamedTuple):
+    """What a token codec's networks hand its coder (:meth:`TokenCodecBase._analysis`):
+    the quantised latents and the side information, with no byte written yet."""
+
+    #: Which tokens go where: the kept tokens, bool ``(B, N)`` (token-prune), or each
+    #: token's canonical cluster, int64 ``(B, N)`` (token-merge); on the CPU.
+    where: torch.Tensor
+    #: Integer symbols ``(B, M, K)`` around the centres (``K``: tokens or clusters).
+    sym: torch.Tensor
+    #: CDF table indexes ``(B, M)`` of the latent channels.
+    cidx: torch.Tensor
+    #: The hyperprior's side symbols ``(B, Z)``, or None (factorized).
+    zsym: torch.Tensor | None
+
+
+class TokenDecoded(NamedTuple):
+    """What a token codec's decoder reads from the streams
+    (:meth:`TokenCodecBase._decode_symbols`), for the synthesis to turn into features."""
+
+    #: Decoded int32 symbols ``(B, K, M)`` (``K``: tokens or clusters; 0 where lost).
+    sym: torch.Tensor
+    #: Per output position: received, bool ``(B, N)`` (token-prune), or the cluster that
+    #: fills it, int64 ``(B, N)``, -1 where none arrived (token-merge).
+    where: torch.Tensor
+    #: Each latent's centre ``(B, M)`` (the medians, or the hyperprior's means).
+    centre: torch.Tensor
+
+
 class TokenCodecBase(FeatureCodec):
     """What the token codecs share: ``(N, D)`` tokens or an ``(H, W, C)`` map taken as
     ``H * W`` tokens, a per-token latent transform and synthesis with a position
     embedding, a learned fill for the positions not received, and one factorized entropy
-    model whose rANS decode plans are cached per symbol count."""
+    model whose rANS decode plans are cached per symbol count.
+
+    ``compress(h)`` is ``_code_symbols(_analysis(h))`` and ``decompress(streams)`` is
+    ``_synthesis(_decode_symbols(streams))``: :meth:`_analysis` and :meth:`_synthesis` are
+    the networks (the encoder up to the quantised symbols; dequantisation and the
+    synthesis), :meth:`_code_symbols` and :meth:`_decode_symbols` the coding (side codes,
+    entropy coding of the symbols, stream framing and checks), so each half can be run
+    and timed alone (``experiments/bench_receive.py``)."""
 
     layouts = ("tokens", "hwc")
 
@@ -234,7 +270,15 @@ class TokenCodecBase(FeatureCodec):
 
     def _latent_symbols(self, y: torch.Tensor, sent: torch.Tensor):
         """What ``compress`` codes: ``(symbols (B, M, K), CDF indexes (B, M), z packets)``;
-        the z packets are one rANS string per sample, or ``None`` (factorized)."""
+        the z packets are one arithmetic-coded string per sample, or ``None``
+        (factorized)."""
+        sym, idx, zsym = self._quantise(y, sent)
+        return sym, idx, self._code_z(zsym)
+
+    def _quantise(self, y: torch.Tensor, sent: torch.Tensor):
+        """``(symbols (B, M, K), CDF indexes (B, M), z symbols (B, Z) or None)`` of latents
+        ``y`` ``(B, M, K)`` of which the tokens in ``sent`` ``(B, K)`` are sent (with the
+        hyperprior, ``h_a`` and ``h_s`` run here)."""
         chan = torch.arange(self.latent, dtype=torch.int32)
         if not self._hyper:
             sym = eb_symbols(self.entropy_bottleneck, y).cpu()
@@ -244,11 +288,15 @@ class TokenCodecBase(FeatureCodec):
         means, scales = self._params(zsym[..., 0].float() + self._medians())
         idx = self.gaussian_conditional.build_indexes(scales).cpu()
         sym = to_symbols(y - means[..., None]).cpu()
-        zsym = zsym[..., 0].cpu()
+        return sym, idx, zsym[..., 0].cpu()
+
+    def _code_z(self, zsym: torch.Tensor | None) -> list[bytes] | None:
+        """The z packets of z symbols ``(B, Z)`` (one per sample), or None (factorized)."""
+        if zsym is None:
+            return None
         zidx = torch.arange(self.hyper, dtype=torch.int32)
         code = range_encode if self._stream_format() == 2 else arith_encode
-        zpk = [code(eb, zsym[b], zidx) for b in range(len(y))]
-        return sym, idx, zpk
+        return [code(self.entropy_bottleneck, zsym[b], zidx) for b in range(len(zsym))]
 
     #: The stream format ``compress`` writes: 2 (arithmetic-coded payloads through the
     #: compiled range coder, header flag :data:`FLAG_RANGE`) or 1 (the exact pure-Python
@@ -515,15 +563,26 @@ class TokenPruneCodec(TokenCodecBase):
     @torch.no_grad()
     def compress(self, h: torch.Tensor) -> list[Bitstream]:
         self.check_features(h)
+        return self._code_symbols(self._analysis(h))
+
+    @torch.no_grad()
+    def _analysis(self, h: torch.Tensor) -> TokenSymbols:
+        """The networks of :meth:`compress`: the scorer's keep decision and the quantised
+        latents of every token ``(B, M, N)``."""
         t = self._tokens(h.to(self._device()).float())
         keep = self._keep(self.scorer(t).squeeze(-1))
-        sym, cidx, zpk = self._latent_symbols(self.g_a(t).transpose(1, 2), keep)  # B,M,N
-        keep = keep.cpu()
+        sym, cidx, zsym = self._quantise(self.g_a(t).transpose(1, 2), keep)  # B,M,N
+        return TokenSymbols(keep.cpu(), sym, cidx, zsym)
+
+    def _code_symbols(self, s: TokenSymbols) -> list[Bitstream]:
+        """The coding of :meth:`compress`: the streams of :meth:`_analysis`'s output."""
+        keep, sym, cidx = s.where, s.sym, s.cidx
+        zpk = self._code_z(s.zsym)
         model = self._y_model()
         tables = frozen_tables(model)
         header = self._header()
         out = []
-        for b in range(len(t)):
+        for b in range(len(sym)):
             packets = [] if zpk is None else [zpk[b]]
             for p in range(self.packets):
                 cand = self._candidates(p)
@@ -531,14 +590,21 @@ class TokenPruneCodec(TokenCodecBase):
                 data = encode_positions(local, len(cand))
                 if local:
                     pos = torch.tensor([cand[j] for j in local])
-                    s = sym[b][:, pos].T  # (k, M), token-major
-                    data += self._encode_tokens(model, tables, s, cidx[b])
+                    s_k = sym[b][:, pos].T  # (k, M), token-major
+                    data += self._encode_tokens(model, tables, s_k, cidx[b])
                 packets.append(data)
             out.append(Bitstream(header, packets))
         return out
 
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
+        return self._synthesis(self._decode_symbols(streams))
+
+    @torch.no_grad()
+    def _decode_symbols(self, streams: Sequence[Bitstream]) -> TokenDecoded:
+        """The coding of :meth:`decompress`: the streams checked and read back to symbols
+        ``(B, N, M)`` and the received tokens (with the hyperprior, ``h_s`` runs here: the
+        token payloads are read with the scales it gives)."""
         self.check_streams(streams, self._nz + self.packets)
         tables = frozen_tables(self._y_model())
         centre, cidx, have_z = self._read_z(streams)
@@ -563,6 +629,10 @@ class TokenPruneCodec(TokenCodecBase):
                 pos = torch.tensor([cand[j] for j in local])
                 sym[b, pos] = self._decode_tokens(tables, bytes(rest), cidx[b], len(local), fmt)
                 got[b, pos] = True
-        dev = self._device()
-        y_hat = sym.to(dev).float() + centre[:, None, :]
-        return self._with_fill(self._synth(y_hat), got)
+        return TokenDecoded(sym, got, centre)
+
+    @torch.no_grad()
+    def _synthesis(self, d: TokenDecoded) -> torch.Tensor:
+        """The networks of :meth:`decompress`: features from :meth:`_decode_symbols`."""
+        y_hat = d.sym.to(self._device()).float() + d.centre[:, None, :]
+        return self._with_fill(self._synth(y_hat), d.where)

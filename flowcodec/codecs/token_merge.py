@@ -67,7 +67,7 @@ from flowcodec.codecs.positions import (
     position_bits,
 )
 from flowcodec.codecs.rans import frozen_tables
-from flowcodec.codecs.token import TokenCodecBase
+from flowcodec.codecs.token import TokenCodecBase, TokenDecoded, TokenSymbols
 from flowcodec.errors import ConfigError
 
 __all__ = ["TokenMergeCodec", "dpc_knn", "encode_assignment", "decode_assignment",
@@ -341,11 +341,23 @@ class TokenMergeCodec(TokenCodecBase):
     @torch.no_grad()
     def compress(self, h: torch.Tensor) -> list[Bitstream]:
         self.check_features(h)
+        return self._code_symbols(self._analysis(h))
+
+    @torch.no_grad()
+    def _analysis(self, h: torch.Tensor) -> TokenSymbols:
+        """The networks of :meth:`compress`: the clustering, the merge and the quantised
+        latents of the merged tokens ``(B, M, K)``, with each token's cluster."""
         t = self._tokens(h.to(self._device()).float())
         merged, lab = self._merge(t)
         every = torch.ones(len(t), self.clusters, device=t.device)
-        sym, cidx, zpk = self._latent_symbols(self.g_a(merged).transpose(1, 2), every)
-        lab = lab.cpu()
+        sym, cidx, zsym = self._quantise(self.g_a(merged).transpose(1, 2), every)
+        return TokenSymbols(lab.cpu(), sym, cidx, zsym)
+
+    def _code_symbols(self, s: TokenSymbols) -> list[Bitstream]:
+        """The coding of :meth:`compress`: the streams of :meth:`_analysis`'s output (the
+        position and assignment, or size, codes, the token payloads and the framing)."""
+        lab, sym, cidx = s.where, s.sym, s.cidx
+        zpk = self._code_z(s.zsym)
         model = self._y_model()
         tables = frozen_tables(model)
         header = self._header()
@@ -358,7 +370,7 @@ class TokenMergeCodec(TokenCodecBase):
         else:  # every packet's position and assignment codes, for the whole batch at once
             sides = [self._encode_sides(lab, p, len(ids[p])) for p in range(self.packets)]
         out = []
-        for b in range(len(t)):
+        for b in range(len(sym)):
             packets = [] if zpk is None else [zpk[b]]
             for p in range(self.packets):
                 if self.order == "sizes":
@@ -395,7 +407,9 @@ class TokenMergeCodec(TokenCodecBase):
             sizes = [1] + sizes
         return sizes, self._decode_tokens(tables, bytes(data[used:]), cidx, k, fmt)
 
-    def _decompress_sizes(self, streams, tables, centre, cidx, have_z) -> torch.Tensor:
+    def _decode_sizes(self, streams, tables, cidx, have_z) -> tuple[torch.Tensor, torch.Tensor]:
+        """``order="sizes"``: ``(symbols (B, K, M), each output slot's cluster (B, N), -1
+        where none arrived)``."""
         n, kk = self.n_tokens, self.clusters
         sym = torch.zeros(len(streams), kk, self.latent, dtype=torch.int32)
         slot = torch.full((len(streams), n), -1, dtype=torch.int64)
@@ -421,9 +435,7 @@ class TokenMergeCodec(TokenCodecBase):
                     continue
                 slot[b, at:at + sizes[c]] = c
                 at += sizes[c]
-        dev = self._device()
-        y_hat = sym.to(dev).float() + centre[:, None, :]
-        return self._with_fill(self._restore(y_hat, slot.clamp(min=0).to(dev)), slot >= 0)
+        return sym, slot
 
     def _read_sides_batch(self, p: int, datas: list) -> tuple[list, np.ndarray, list[int]]:
         """Token packet ``p``'s position and assignment codes of several samples (its token
@@ -451,11 +463,19 @@ class TokenMergeCodec(TokenCodecBase):
 
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
+        return self._synthesis(self._decode_symbols(streams))
+
+    @torch.no_grad()
+    def _decode_symbols(self, streams: Sequence[Bitstream]) -> TokenDecoded:
+        """The coding of :meth:`decompress`: the streams checked and read back to the
+        clusters' symbols ``(B, K, M)`` and each output position's cluster (with the
+        hyperprior, ``h_s`` runs here: the token payloads are read with the scales it
+        gives)."""
         self.check_streams(streams, self._nz + self.packets)
         tables = frozen_tables(self._y_model())
         centre, cidx, have_z = self._read_z(streams)
         if self.order == "sizes":
-            return self._decompress_sizes(streams, tables, centre, cidx, have_z)
+            return TokenDecoded(*self._decode_sizes(streams, tables, cidx, have_z), centre)
         n, kk = self.n_tokens, self.clusters
         sym = torch.zeros(len(streams), kk, self.latent, dtype=torch.int32)
         lab = np.full((len(streams), n), -1, dtype=np.int64)
@@ -496,9 +516,14 @@ class TokenMergeCodec(TokenCodecBase):
         whole = [b for b, s in enumerate(streams)
                  if have_z[b] and all(d is not None for d in s.packets[self._nz:])]  # fmt: skip
         self._check_canonical_rows(lab[whole])
+        return TokenDecoded(sym, lab, centre)
+
+    @torch.no_grad()
+    def _synthesis(self, d: TokenDecoded) -> torch.Tensor:
+        """The networks of :meth:`decompress`: features from :meth:`_decode_symbols`."""
         dev = self._device()
-        y_hat = sym.to(dev).float() + centre[:, None, :]
-        return self._with_fill(self._restore(y_hat, lab.clamp(min=0).to(dev)), lab >= 0)
+        y_hat = d.sym.to(dev).float() + d.centre[:, None, :]
+        return self._with_fill(self._restore(y_hat, d.where.clamp(min=0).to(dev)), d.where >= 0)
 
     def _check_canonical_rows(self, rows: torch.Tensor) -> None:
         """The labels of complete streams ``(C, N)``: each covers every position, with the
