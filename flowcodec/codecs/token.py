@@ -58,7 +58,9 @@ from flowcodec.codecs.entropy_models import entropy_bottleneck, gaussian_conditi
 from flowcodec.codecs.positions import (
     MAX_TOKENS,
     decode_positions,
+    decode_positions_batch,
     encode_positions,
+    encode_positions_batch,
     pack_bits,
     position_bits,
     unpack_bits,
@@ -575,24 +577,39 @@ class TokenPruneCodec(TokenCodecBase):
         return TokenSymbols(keep.cpu(), sym, cidx, zsym)
 
     def _code_symbols(self, s: TokenSymbols) -> list[Bitstream]:
-        """The coding of :meth:`compress`: the streams of :meth:`_analysis`'s output."""
+        """The coding of :meth:`compress`: the streams of :meth:`_analysis`'s output. Each
+        packet's position codes and token payloads are coded for the whole batch at once
+        (:func:`encode_positions_batch`; the payloads of the samples that keep as many of
+        the packet's tokens together, :meth:`_encode_tokens_batch`): the bytes of
+        :func:`encode_positions` and :meth:`_encode_tokens` sample by sample."""
         keep, sym, cidx = s.where, s.sym, s.cidx
         zpk = self._code_z(s.zsym)
         model = self._y_model()
         tables = frozen_tables(model)
         header = self._header()
+        nb = len(sym)
+        keep = keep.numpy()
+        per_packet = []
+        for p in range(self.packets):
+            cand = np.arange(p, self.n_tokens, self.packets)
+            mask = keep[:, cand]  # (B, c)
+            counts = mask.sum(1)
+            order = np.argsort(~mask, axis=1, kind="stable")  # kept first, in order
+            cut = np.cumsum(counts)[:-1]
+            data = encode_positions_batch(np.split(np.nonzero(mask)[1], cut), len(cand))
+            s_p = sym[:, :, torch.from_numpy(cand)].transpose(1, 2)  # (B, c, M)
+            s_p = s_p.gather(1, torch.from_numpy(order)[..., None].expand_as(s_p))
+            for k in np.unique(counts[counts > 0]).tolist():
+                rows = np.flatnonzero(counts == k)
+                tok = self._encode_tokens_batch(model, tables, s_p[rows, :k],
+                                                cidx[torch.from_numpy(rows)])  # fmt: skip
+                for b, t in zip(rows.tolist(), tok):
+                    data[b] += t
+            per_packet.append(data)
         out = []
-        for b in range(len(sym)):
+        for b in range(nb):
             packets = [] if zpk is None else [zpk[b]]
-            for p in range(self.packets):
-                cand = self._candidates(p)
-                local = [j for j, i in enumerate(cand) if keep[b, i]]
-                data = encode_positions(local, len(cand))
-                if local:
-                    pos = torch.tensor([cand[j] for j in local])
-                    s_k = sym[b][:, pos].T  # (k, M), token-major
-                    data += self._encode_tokens(model, tables, s_k, cidx[b])
-                packets.append(data)
+            packets.extend(data[b] for data in per_packet)
             out.append(Bitstream(header, packets))
         return out
 
@@ -610,26 +627,44 @@ class TokenPruneCodec(TokenCodecBase):
         centre, cidx, have_z = self._read_z(streams)
         n, m = self.n_tokens, self.latent
         sym = torch.zeros(len(streams), n, m, dtype=torch.int32)
-        got = torch.zeros(len(streams), n, dtype=torch.bool)
+        got = np.zeros((len(streams), n), dtype=bool)
+        # per packet, the received payloads: (sample, data, stream format); a sample with
+        # no z has no scales, so the whole sample gets the fill; a lost packet's tokens too
+        recv = [[] for _ in range(self.packets)]
         for b, s in enumerate(streams):
             if not have_z[b]:
-                continue  # no z, no scales: the whole sample gets the fill
+                continue
             fmt = self.format_of(s)
             for p, data in enumerate(s.packets[self._nz:]):
-                if data is None:
-                    continue  # lost: its tokens get the fill
-                cand = self._candidates(p)
-                local, used = decode_positions(data, len(cand))
-                rest = data[used:]
-                if not local:
-                    if rest:
-                        raise BitstreamError(f"token packet {p}: {len(rest)} bytes after a "
-                                             "position code with no tokens")  # fmt: skip
-                    continue
-                pos = torch.tensor([cand[j] for j in local])
-                sym[b, pos] = self._decode_tokens(tables, bytes(rest), cidx[b], len(local), fmt)
-                got[b, pos] = True
-        return TokenDecoded(sym, got, centre)
+                if data is not None:
+                    recv[p].append((b, data, fmt))
+        reads = []
+        for p in range(self.packets):  # every packet's position codes first
+            if not recv[p]:
+                continue
+            c = len(self._candidates(p))
+            datas = [d for _, d, _ in recv[p]]
+            local, used = decode_positions_batch(datas, c)
+            counts = np.fromiter(map(len, local), np.int64, len(local))
+            rest = [len(d) - u for d, u in zip(datas, used)]
+            for j in np.flatnonzero(counts == 0).tolist():
+                if rest[j]:
+                    raise BitstreamError(f"token packet {p}: {rest[j]} bytes after a "
+                                         "position code with no tokens")  # fmt: skip
+            reads.append((p, local, used, counts))
+        for p, local, used, counts in reads:  # then the token payloads, by token count
+            samples = np.array([b for b, _, _ in recv[p]], dtype=np.int64)
+            for k in np.unique(counts[counts > 0]).tolist():
+                at = np.flatnonzero(counts == k)
+                rows = samples[at]
+                payloads = [bytes(recv[p][j][1][used[j]:]) for j in at.tolist()]
+                fmts = [recv[p][j][2] for j in at.tolist()]
+                pos = p + self.packets * np.array([local[j] for j in at.tolist()], np.int64)
+                dec = self._decode_tokens_batch(tables, payloads, cidx[torch.from_numpy(rows)],
+                                                k, fmts)  # fmt: skip
+                sym[torch.from_numpy(rows)[:, None], torch.from_numpy(pos)] = dec
+                got[rows[:, None], pos] = True
+        return TokenDecoded(sym, torch.from_numpy(got), centre)
 
     @torch.no_grad()
     def _synthesis(self, d: TokenDecoded) -> torch.Tensor:

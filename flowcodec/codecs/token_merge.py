@@ -398,44 +398,61 @@ class TokenMergeCodec(TokenCodecBase):
         local = np.split(lab[mask] // self.packets - int(first), cut)  # canonical in the packet
         return [a + b for a, b in zip(data, encode_assignment_batch(local, k))]
 
-    def _read_sizes(self, tables, p: int, data: bytes, cidx: torch.Tensor, fmt: int = 1):
-        """``order="sizes"``: ``(sizes of the packet's clusters, symbols (k, M))``."""
-        k = len(self._cluster_ids(p))
-        cov, m, n = self._size_args(p)
-        sizes, used = decode_sizes(data, len(cov), m=m, n=n) if cov else ([], 0)
-        if len(cov) < k:  # cluster 0, the class token alone
-            sizes = [1] + sizes
-        return sizes, self._decode_tokens(tables, bytes(data[used:]), cidx, k, fmt)
-
     def _decode_sizes(self, streams, tables, cidx, have_z) -> tuple[torch.Tensor, torch.Tensor]:
         """``order="sizes"``: ``(symbols (B, K, M), each output slot's cluster (B, N), -1
-        where none arrived)``."""
-        n, kk = self.n_tokens, self.clusters
-        sym = torch.zeros(len(streams), kk, self.latent, dtype=torch.int32)
-        slot = torch.full((len(streams), n), -1, dtype=torch.int64)
+        where none arrived)``. Each packet's size codes are read, then its token payloads
+        for the whole batch at once (:meth:`_decode_tokens_batch`), then the slots are laid
+        out with array operations: the symbols, slots and errors of reading the samples one
+        by one."""
+        n, kk, nb = self.n_tokens, self.clusters, len(streams)
+        sym = torch.zeros(nb, kk, self.latent, dtype=torch.int32)
+        sizes = np.zeros((nb, kk), dtype=np.int64)
+        have = np.zeros((nb, kk), dtype=bool)  # the clusters received
+        recv = [[] for _ in range(self.packets)]  # per packet: (sample, data, format)
         for b, s in enumerate(streams):
             if not have_z[b]:
                 continue  # no z, no scales: the whole sample gets the fill
-            tok = s.packets[self._nz:]
-            sizes = {}
-            for p, data in enumerate(tok):
+            fmt = self.format_of(s)
+            for p, data in enumerate(s.packets[self._nz:]):
                 if data is not None:
-                    sz, psym = self._read_sizes(tables, p, data, cidx[b], self.format_of(s))
-                    sizes.update(zip(self._cluster_ids(p), sz))
-                    sym[b, list(self._cluster_ids(p))] = psym
-            total = sum(sizes.values())
-            if total > n or (len(sizes) == kk and total != n):
-                raise BitstreamError(f"token-merge cluster sizes add up to {total}, not {n}")
-            at = 0
-            if self.keep_first:  # slot 0 is the class token's, received or not
-                slot[b, 0] = 0 if 0 in sizes else -1
-                at = 1
-            for c in sorted(sizes):
-                if self.keep_first and c == 0:
-                    continue
-                slot[b, at:at + sizes[c]] = c
-                at += sizes[c]
-        return sym, slot
+                    recv[p].append((b, data, fmt))
+        payloads = [[] for _ in range(self.packets)]
+        for p in range(self.packets):  # the size codes
+            ids = list(self._cluster_ids(p))
+            cov, m, bound = self._size_args(p)
+            for b, data, _ in recv[p]:
+                sz, used = decode_sizes(data, len(cov), m=m, n=bound) if cov else ([], 0)
+                sizes[b, cov] = sz
+                if len(cov) < len(ids):  # cluster 0, the class token alone
+                    sizes[b, 0] = 1
+                have[b, ids] = True
+                payloads[p].append(bytes(data[used:]))
+        for p in range(self.packets):  # the token payloads
+            if recv[p]:
+                rows = torch.tensor([b for b, _, _ in recv[p]])
+                ids = torch.tensor(list(self._cluster_ids(p)))
+                sym[rows[:, None], ids[None, :]] = self._decode_tokens_batch(
+                    tables, payloads[p], cidx[rows], len(ids), [f for _, _, f in recv[p]])
+        got = np.where(have, sizes, 0)
+        total = got.sum(1)
+        bad = (total > n) | (have.all(1) & (total != n))
+        if bad.any():
+            b = int(np.flatnonzero(bad)[0])
+            raise BitstreamError(f"token-merge cluster sizes add up to {total[b]}, not {n}")
+        slot = np.full((nb, n), -1, dtype=np.int64)
+        at = 0
+        if self.keep_first:  # slot 0 is the class token's, received or not
+            slot[:, 0] = np.where(have[:, 0], 0, -1)
+            got[:, 0] = 0
+            at = 1
+        # every received cluster repeated by its size, in cluster order, from slot ``at``
+        reps = got.sum(1)
+        rows = np.repeat(np.arange(nb), reps)
+        cols = at + np.arange(len(rows)) - np.repeat(np.cumsum(reps) - reps, reps)
+        fill = np.repeat(np.tile(np.arange(kk), nb), got.reshape(-1))
+        inside = cols < n  # (a lost class token leaves slots beyond the last unfilled)
+        slot[rows[inside], cols[inside]] = fill[inside]
+        return sym, torch.from_numpy(slot)
 
     def _read_sides_batch(self, p: int, datas: list) -> tuple[list, np.ndarray, list[int]]:
         """Token packet ``p``'s position and assignment codes of several samples (its token
