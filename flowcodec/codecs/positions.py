@@ -4,7 +4,7 @@
 ``bit_length(n) + bit_length(C(n, k) - 1)`` bits (the count, then the set's rank), packed
 into whole bytes by :func:`pack_bits`. :func:`encode_positions_batch` and
 :func:`decode_positions_batch` do the same for a batch of sets, byte for byte, with the
-arithmetic in numpy.
+arithmetic in numpy (:func:`encode_positions_mask` for sets given as the rows of a mask).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from flowcodec.bitstream import BitstreamError
 from flowcodec.errors import ConfigError
 
 __all__ = ["MAX_TOKENS", "pack_bits", "unpack_bits", "position_bits", "encode_positions",
-           "decode_positions", "encode_positions_batch", "decode_positions_batch"]
+           "decode_positions", "encode_positions_batch", "decode_positions_batch",
+           "encode_positions_mask"]
 
 
 #: Largest token count a token codec takes (bounds every position code).
@@ -213,7 +214,16 @@ def encode_positions_batch(positions: Sequence[Sequence[int]], n: int) -> list[b
     ok = real & ~slow[:, None]
     terms = table[np.where(ok, pos, 0), np.where(ok, col[None, :] + 1, 0)]
     rank = np.where(ok, terms, np.uint64(0)).sum(1, dtype=np.uint64)
-    # the code's bits: k in kb bits, then the rank in rb bits, then zero padding
+    out = _pack_codes(kb, k, rb, rank)
+    for i in np.flatnonzero(slow).tolist():  # in order: the first refused set raises
+        out[i] = encode_positions(positions[i], n)
+    return out
+
+
+def _pack_codes(kb: int, k: np.ndarray, rb: np.ndarray, rank: np.ndarray) -> list[bytes]:
+    """The codes ``k`` in ``kb`` bits, then ``rank`` (uint64) in ``rb <= 63`` bits, then
+    zero padding to whole bytes, one per row."""
+    count = len(k)
     total = kb + rb
     nbytes = -(-total // 8)
     wbytes = -(-(kb + _FAST_RANK_BITS) // 8)
@@ -223,9 +233,36 @@ def encode_positions_batch(positions: Sequence[Sequence[int]], n: int) -> list[b
     rbits = (rank[:, None] >> np.maximum(shift, 0).astype(np.uint64)) & np.uint64(1)
     bits[:, kb:kb + _FAST_RANK_BITS] = np.where(shift >= 0, rbits, 0)
     raw = np.packbits(bits, axis=1).tobytes()
-    out = [raw[i * wbytes:i * wbytes + nb] for i, nb in enumerate(nbytes.tolist())]
-    for i in np.flatnonzero(slow).tolist():  # in order: the first refused set raises
-        out[i] = encode_positions(positions[i], n)
+    return [raw[i * wbytes:i * wbytes + nb] for i, nb in enumerate(nbytes.tolist())]
+
+
+def encode_positions_mask(mask) -> list[bytes]:
+    """:func:`encode_positions` of each row's set ``np.flatnonzero(mask[b])`` of a boolean
+    ``mask`` ``(B, n)`` (``n`` its width): the bytes of :func:`encode_positions_batch`
+    without building the sets, the ranks summed over the mask in numpy. Rows outside the
+    numpy path (``n`` above :data:`_FAST_N`, ranks above 63 bits) go through
+    :func:`encode_positions`."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or mask.dtype != bool:
+        raise ConfigError(f"mask must be a 2-d bool array, got {mask.dtype} {mask.shape}")
+    count, n = mask.shape
+    _check_n(n)
+    if n > _FAST_N:
+        return [encode_positions(np.flatnonzero(row), n) for row in mask]
+    if count == 0:
+        return []
+    table, rbt = _comb_table(n)
+    k = mask.sum(1)
+    rb = rbt[k]
+    slow = rb > _FAST_RANK_BITS
+    ok = mask & ~slow[:, None]
+    # the j-th kept position p (j from 1) adds C(p, j)
+    j = np.cumsum(mask, axis=1)
+    terms = table[np.where(ok, np.arange(n)[None, :], 0), np.where(ok, j, 0)]
+    rank = np.where(ok, terms, np.uint64(0)).sum(1, dtype=np.uint64)
+    out = _pack_codes(_count_bits(n), k, rb, rank)
+    for i in np.flatnonzero(slow).tolist():
+        out[i] = encode_positions(np.flatnonzero(mask[i]), n)
     return out
 
 

@@ -169,12 +169,17 @@ _RANGE_BITS = 16 + 21
 def _range_rows(model: nn.Module) -> tuple[list, np.ndarray, np.ndarray]:
     """``model``'s frozen rows as the range coder's categorical models (each row's 16-bit
     frequencies over ``2**16``, escape bin included, exact), with the rows' offsets and
-    highest in-support symbols (int64), cached per version of the tables."""
+    highest in-support symbols (int64), cached per version of the tables.
+
+    The models are built once (``perfect=False``, not lazy): constriction quantizes them
+    exactly as the lazy ones (with ``perfect=False`` the laziness only changes run time,
+    not the coded bytes), and then codes and decodes without requantizing per call."""
     def build(rows, lengths, offsets):
         models = []
         for row in rows:
             freq = np.diff(np.asarray(row, dtype=np.int64)).astype(np.float64)
-            models.append(constriction.stream.model.Categorical(np.ldexp(freq, -16), lazy=True))
+            models.append(constriction.stream.model.Categorical(np.ldexp(freq, -16),
+                                                                perfect=False))  # fmt: skip
         offs = np.asarray(offsets, dtype=np.int64)
         return models, offs, offs + np.asarray(lengths, dtype=np.int64) - 3
 
@@ -190,7 +195,7 @@ class _Plan:
     ``(row, start, stop)`` slices of the permuted payload ``b`` (one list shared by all
     payloads when the rows are)."""
 
-    __slots__ = ("shared", "order", "groups")
+    __slots__ = ("shared", "order", "groups", "inverse")
 
     def __init__(self, idx: np.ndarray) -> None:
         n = idx.shape[1]
@@ -198,6 +203,8 @@ class _Plan:
         if self.shared:
             one = idx[0] if len(idx) else np.zeros(0, np.int64)
             self.order = np.argsort(one, kind="stable")
+            self.inverse = np.empty_like(self.order)
+            self.inverse[self.order] = np.arange(n)
             self.groups = [self._slices(one[self.order], n)] * len(idx)
         else:
             self.order = np.argsort(idx, axis=1, kind="stable")
@@ -214,19 +221,26 @@ class _Plan:
         return list(zip(rows, starts, stops))
 
     def permute(self, a: np.ndarray) -> np.ndarray:
-        """``a`` ``(B, n)`` in coding order (C-contiguous)."""
+        """``a`` ``(B, n)`` in coding order (C-contiguous; with shared rows ``a`` may also be
+        one row ``(1, n)`` for all)."""
         if self.shared:
-            return np.ascontiguousarray(a[:, self.order])
+            return np.take(a, self.order, axis=1)
         return np.ascontiguousarray(np.take_along_axis(a, self.order, axis=1))
 
     def unpermute(self, a: np.ndarray) -> np.ndarray:
         """Inverse of :meth:`permute`."""
-        out = np.empty_like(a)
         if self.shared:
-            out[:, self.order] = a
-        else:
-            np.put_along_axis(out, self.order, a, axis=1)
+            return np.take(a, self.inverse, axis=1)
+        out = np.empty_like(a)
+        np.put_along_axis(out, self.order, a, axis=1)
         return out
+
+
+def _rows_of(plan: _Plan, idx: np.ndarray, per_row: np.ndarray) -> np.ndarray:
+    """``per_row[idx]``: ``(B, n)``, or ``(1, n)`` when the payloads share their rows."""
+    if plan.shared and len(idx):
+        return per_row[idx[:1]]
+    return per_row[idx]
 
 
 def _read_one(models, dec, groups, top_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -291,30 +305,35 @@ def range_encode_batch(model: nn.Module, symbols, indexes, verify: bool = False)
         raise ConfigError(f"{sym.shape[1]} symbols but {idx.shape[1]} indexes per payload"
                           if len(sym) == len(idx) else
                           f"{len(sym)} payloads but indexes for {len(idx)}")  # fmt: skip
-    off, top = offs[idx], tops[idx]
+    plan = _Plan(idx)
+    off, top = _rows_of(plan, idx, offs), _rows_of(plan, idx, tops)  # (B, n) or (1, n)
     below, above = sym < off, sym > top
     esc = below | above
     v = np.where(esc, top - off + 1, sym - off)
     d = np.minimum(np.where(below, off - sym, sym - top), ESCAPE_RANGE)
     u_all = (2 * (d - 1) + above).astype(np.int32)
-    has_esc = esc.any(axis=1).tolist()
-    plan = _Plan(idx)
+    # each payload's outlier codes, in its order (row-major), from one flat array
+    n_esc = np.count_nonzero(esc, axis=1)
+    u_flat = u_all[esc]
+    u_end = np.cumsum(n_esc).tolist()
+    n_esc = n_esc.tolist()
     vs = plan.permute(v).astype(np.int32)
     tops_sorted = None  # the escape bins in coding order, for payloads that are decoded
     out = []
+    Encoder = constriction.stream.queue.RangeEncoder
     for b in range(len(sym)):
-        enc = constriction.stream.queue.RangeEncoder()
+        enc = Encoder()
         row = vs[b]
         for r, a, z in plan.groups[b]:
             enc.encode(row[a:z], models[r])
-        u = u_all[b][esc[b]] if has_esc[b] else None
+        u = u_flat[u_end[b] - n_esc[b]:u_end[b]] if n_esc[b] else None
         if u is not None:
             enc.encode(u, _OUTLIERS)
         code = arith.interval_code(enc)
         if code is None or verify:
             if tops_sorted is None:
                 tops_sorted = plan.permute(top - off + 1)
-            top_b = tops_sorted[b]
+            top_b = tops_sorted[min(b, len(tops_sorted) - 1)]  # one row when shared
 
             def decodes(c: bytes, b=b, top_b=top_b, u=u) -> bool:
                 try:
@@ -357,27 +376,68 @@ def range_decode_batch(model: nn.Module, payloads, indexes) -> np.ndarray:
         raise ConfigError(f"{len(payloads)} payloads but indexes for {len(idx)}")
     n = idx.shape[1]
     limit = arith.range_max_bytes(n, _RANGE_BITS)
-    off, top = offs[idx], tops[idx]
-    esc_at = top - off + 1
     plan = _Plan(idx)
+    off, top = _rows_of(plan, idx, offs), _rows_of(plan, idx, tops)  # (B, n) or (1, n)
+    esc_at = top - off + 1
     tops_sorted = plan.permute(esc_at)
-    vs = np.empty((len(payloads), n), dtype=np.int64)
-    us = []
+    count = len(payloads)
+    # every payload's words from one buffer (each zero-padded to whole words); the ones that
+    # payload_words refuses are flagged, and it raises for them in their turn below
+    good = [isinstance(d, bytes | bytearray) and len(d) <= limit and d[-1:] != b"\0"
+            for d in payloads]  # fmt: skip
+    lens = [-(-len(d) // 4) if ok else 0 for d, ok in zip(payloads, good)]
+    buf = b"".join(bytes(d) + bytes(-len(d) % 4) for d, ok in zip(payloads, good) if ok)
+    words = np.frombuffer(buf, dtype=">u4").astype(np.uint32)
+    ends = np.cumsum(lens).tolist()
+    parts = []  # every payload's row symbols, in coding order, payload after payload
+    decs = []  # each payload's decoder after its row symbols: the outliers come last
+
+    def rows_read(upto: int) -> np.ndarray:
+        """The row symbols ``(upto, n)`` of the first ``upto`` payloads (in coding order)."""
+        if not n or not upto:
+            return np.zeros((upto, n), dtype=np.int64)
+        return np.concatenate(parts).astype(np.int64).reshape(upto, n)
+
+    def outliers(vs: np.ndarray) -> list[np.ndarray]:
+        """The outlier codes of the payloads of ``vs`` (the first ones), read in payload
+        order (as many as each read escape bins): an error here comes before any of a
+        later payload."""
+        esc = np.count_nonzero(vs == tops_sorted[:len(vs)], axis=1).tolist()
+        us = []
+        for b, e in enumerate(esc):
+            if not e:
+                continue
+            try:
+                us.append(np.asarray(decs[b].decode(_OUTLIERS, e), dtype=np.int64))
+            except Exception as err:
+                raise BitstreamError(f"range-coded payload is not a code: {err}") from err
+        return us
+
+    decoder = constriction.stream.queue.RangeDecoder
     for b, data in enumerate(payloads):
-        words = arith.payload_words(data, limit)
+        if not good[b]:
+            outliers(rows_read(b))
+            arith.payload_words(data, limit)  # raises its error
+        mark = len(parts)
         try:
-            dec = constriction.stream.queue.RangeDecoder(words)
-            vs[b], u = _read_one(models, dec, plan.groups[b], tops_sorted[b])
+            dec = decoder(words[ends[b] - lens[b]:ends[b]])
+            for r, a, z in plan.groups[b]:
+                parts.append(dec.decode(models[r], z - a))
         except Exception as e:
+            del parts[mark:]
+            outliers(rows_read(b))
             raise BitstreamError(f"range-coded payload is not a code: {e}") from e
-        us.append(u)
+        decs.append(dec)
+    vs = rows_read(count)
+    us = outliers(vs)
     v = plan.unpermute(vs)
     sym = off + v
     esc = v == esc_at
     if esc.any():
         u = np.concatenate(us)  # row-major order of the escapes: each payload's in its order
         d = u // 2 + 1
-        sym[esc] = np.where(u % 2 == 1, top[esc] + d, off[esc] - d)
+        top, off = np.broadcast_to(top, v.shape)[esc], np.broadcast_to(off, v.shape)[esc]
+        sym[esc] = np.where(u % 2 == 1, top + d, off - d)
     return sym
 
 

@@ -60,7 +60,7 @@ from flowcodec.codecs.positions import (
     decode_positions,
     decode_positions_batch,
     encode_positions,
-    encode_positions_batch,
+    encode_positions_mask,
     pack_bits,
     position_bits,
     unpack_bits,
@@ -327,6 +327,22 @@ class TokenCodecBase(FeatureCodec):
             raise BitstreamError(f"token codec: unknown header flags 0x{flags:02x}")
         return 2 if flags & FLAG_RANGE else 1
 
+    def _received(self, streams: Sequence[Bitstream], have_z: torch.Tensor) -> list[list]:
+        """Per token packet, its received payloads ``(sample, data, stream format)`` in
+        sample order. A sample with no z has no scales (its whole sample gets the fill),
+        and a lost packet has no payload; :meth:`format_of` checks each stream read, in
+        order."""
+        recv = [[] for _ in range(self.packets)]
+        nz, format_of = self._nz, self.format_of
+        for b, (s, z) in enumerate(zip(streams, have_z.tolist())):
+            if not z:
+                continue
+            fmt = format_of(s)
+            for p, data in enumerate(s.packets[nz:]):
+                if data is not None:
+                    recv[p].append((b, data, fmt))
+        return recv
+
     def _read_z(self, streams: Sequence[Bitstream]):
         """Decoder side: ``(centres (B, M), CDF indexes (B, M), z received (B,))``. A
         latent decodes to its symbol plus its centre (the factorized medians, or the
@@ -579,7 +595,7 @@ class TokenPruneCodec(TokenCodecBase):
     def _code_symbols(self, s: TokenSymbols) -> list[Bitstream]:
         """The coding of :meth:`compress`: the streams of :meth:`_analysis`'s output. Each
         packet's position codes and token payloads are coded for the whole batch at once
-        (:func:`encode_positions_batch`; the payloads of the samples that keep as many of
+        (:func:`encode_positions_mask`; the payloads of the samples that keep as many of
         the packet's tokens together, :meth:`_encode_tokens_batch`): the bytes of
         :func:`encode_positions` and :meth:`_encode_tokens` sample by sample."""
         keep, sym, cidx = s.where, s.sym, s.cidx
@@ -595,8 +611,7 @@ class TokenPruneCodec(TokenCodecBase):
             mask = keep[:, cand]  # (B, c)
             counts = mask.sum(1)
             order = np.argsort(~mask, axis=1, kind="stable")  # kept first, in order
-            cut = np.cumsum(counts)[:-1]
-            data = encode_positions_batch(np.split(np.nonzero(mask)[1], cut), len(cand))
+            data = encode_positions_mask(mask)
             s_p = sym[:, :, torch.from_numpy(cand)].transpose(1, 2)  # (B, c, M)
             s_p = s_p.gather(1, torch.from_numpy(order)[..., None].expand_as(s_p))
             for k in np.unique(counts[counts > 0]).tolist():
@@ -630,14 +645,7 @@ class TokenPruneCodec(TokenCodecBase):
         got = np.zeros((len(streams), n), dtype=bool)
         # per packet, the received payloads: (sample, data, stream format); a sample with
         # no z has no scales, so the whole sample gets the fill; a lost packet's tokens too
-        recv = [[] for _ in range(self.packets)]
-        for b, s in enumerate(streams):
-            if not have_z[b]:
-                continue
-            fmt = self.format_of(s)
-            for p, data in enumerate(s.packets[self._nz:]):
-                if data is not None:
-                    recv[p].append((b, data, fmt))
+        recv = self._received(streams, have_z)
         reads = []
         for p in range(self.packets):  # every packet's position codes first
             if not recv[p]:

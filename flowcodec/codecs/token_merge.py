@@ -56,14 +56,16 @@ from flowcodec.codecs.merge_codes import (
     decode_assignment,
     decode_assignment_batch,
     decode_sizes,
+    decode_sizes_batch,
     encode_assignment,
     encode_assignment_batch,
     encode_sizes,
+    encode_sizes_batch,
     size_bits,
 )
 from flowcodec.codecs.positions import (
     decode_positions_batch,
-    encode_positions_batch,
+    encode_positions_mask,
     position_bits,
 )
 from flowcodec.codecs.rans import frozen_tables
@@ -365,36 +367,50 @@ class TokenMergeCodec(TokenCodecBase):
         # the token payloads of every packet, for the whole batch at once: (B, k, M) each
         tok = [self._encode_tokens_batch(model, tables, sym[:, :, i].transpose(1, 2), cidx)
                for i in ids]  # fmt: skip
-        if self.order == "sizes":
-            counts = torch.nn.functional.one_hot(lab, self.clusters).sum(1).tolist()
+        if self.order == "sizes":  # every packet's size codes, for the whole batch at once
+            sides = self._encode_size_codes(lab)
         else:  # every packet's position and assignment codes, for the whole batch at once
             sides = [self._encode_sides(lab, p, len(ids[p])) for p in range(self.packets)]
         out = []
         for b in range(len(sym)):
             packets = [] if zpk is None else [zpk[b]]
             for p in range(self.packets):
-                if self.order == "sizes":
-                    cov, m, n = self._size_args(p)
-                    data = encode_sizes([counts[b][c] for c in cov], n) if cov else b""
-                    packets.append(data + tok[p][b])
-                    continue
                 packets.append(sides[p][b] + tok[p][b])
             out.append(Bitstream(header, packets))
         return out
+
+    def _encode_size_codes(self, lab: torch.Tensor) -> list[list[bytes]]:
+        """``order="sizes"``: every token packet's size codes for every sample of the labels
+        ``lab`` ``(B, N)`` (per packet, per sample). A size code that the batch form refuses
+        is coded again sample by sample, so the error is the first sample's, as before."""
+        lab = lab.numpy()
+        kk = self.clusters
+        counts = np.bincount((lab + kk * np.arange(len(lab))[:, None]).ravel(),
+                             minlength=kk * len(lab)).reshape(len(lab), kk)  # fmt: skip
+        args = [self._size_args(p) for p in range(self.packets)]
+        try:
+            return [encode_sizes_batch(counts[:, cov], n) if cov else [b""] * len(counts)
+                    for cov, _, n in args]  # fmt: skip
+        except ConfigError:
+            for b in range(len(counts)):  # raises for the first sample refused
+                for cov, _, n in args:
+                    if cov:
+                        encode_sizes(counts[b, cov].tolist(), n)
+            raise
 
     def _encode_sides(self, lab: torch.Tensor, p: int, k: int) -> list[bytes]:
         """Token packet ``p``'s position and assignment codes for every sample of the labels
         ``lab`` ``(B, N)`` (``k``: the packet's clusters)."""
         lab = lab.numpy()
         mask = lab % self.packets == p
-        cut = np.cumsum(mask.sum(1))[:-1]
-        data = encode_positions_batch(np.split(np.nonzero(mask)[1], cut), self.n_tokens)
+        data = encode_positions_mask(mask)
         first = self._first_alone(p)
         if first:  # position 0 is cluster 0 by construction: code the rest
             if k == 1:
                 return data
             mask[:, 0] = False
-            cut, k = np.cumsum(mask.sum(1))[:-1], k - 1
+            k = k - 1
+        cut = np.cumsum(mask.sum(1))[:-1]
         local = np.split(lab[mask] // self.packets - int(first), cut)  # canonical in the packet
         return [a + b for a, b in zip(data, encode_assignment_batch(local, k))]
 
@@ -408,25 +424,24 @@ class TokenMergeCodec(TokenCodecBase):
         sym = torch.zeros(nb, kk, self.latent, dtype=torch.int32)
         sizes = np.zeros((nb, kk), dtype=np.int64)
         have = np.zeros((nb, kk), dtype=bool)  # the clusters received
-        recv = [[] for _ in range(self.packets)]  # per packet: (sample, data, format)
-        for b, s in enumerate(streams):
-            if not have_z[b]:
-                continue  # no z, no scales: the whole sample gets the fill
-            fmt = self.format_of(s)
-            for p, data in enumerate(s.packets[self._nz:]):
-                if data is not None:
-                    recv[p].append((b, data, fmt))
+        recv = self._received(streams, have_z)  # per packet: (sample, data, format)
         payloads = [[] for _ in range(self.packets)]
-        for p in range(self.packets):  # the size codes
+        for p in range(self.packets):  # the size codes, for the whole batch at once
+            if not recv[p]:
+                continue
             ids = list(self._cluster_ids(p))
             cov, m, bound = self._size_args(p)
-            for b, data, _ in recv[p]:
-                sz, used = decode_sizes(data, len(cov), m=m, n=bound) if cov else ([], 0)
-                sizes[b, cov] = sz
-                if len(cov) < len(ids):  # cluster 0, the class token alone
-                    sizes[b, 0] = 1
-                have[b, ids] = True
-                payloads[p].append(bytes(data[used:]))
+            rows = [b for b, _, _ in recv[p]]
+            datas = [data for _, data, _ in recv[p]]
+            if cov:
+                sz, used = decode_sizes_batch(datas, len(cov), m=m, n=bound)
+                sizes[np.array(rows)[:, None], np.array(cov)[None, :]] = sz
+            else:
+                used = [0] * len(rows)
+            if len(cov) < len(ids):  # cluster 0, the class token alone
+                sizes[rows, 0] = 1
+            have[np.array(rows)[:, None], np.array(ids)[None, :]] = True
+            payloads[p] = [bytes(d[u:]) for d, u in zip(datas, used)]
         for p in range(self.packets):  # the token payloads
             if recv[p]:
                 rows = torch.tensor([b for b, _, _ in recv[p]])
@@ -502,14 +517,9 @@ class TokenMergeCodec(TokenCodecBase):
         sides = [None] * self.packets  # per packet: (samples, members, labels)
         payloads = [[] for _ in range(self.packets)]
         fmts = [[] for _ in range(self.packets)]
-        for b, s in enumerate(streams):
-            if not have_z[b]:
-                continue  # no z, no scales: the whole sample gets the fill
-            fmt = self.format_of(s)
-            for p, data in enumerate(s.packets[self._nz:]):
-                if data is not None:  # lost: its clusters' positions get the fill
-                    got[p].append((b, data))
-                    fmts[p].append(fmt)
+        for p, recv in enumerate(self._received(streams, have_z)):  # lost: the fill
+            got[p] = [(b, data) for b, data, _ in recv]
+            fmts[p] = [fmt for _, _, fmt in recv]
         for p in range(self.packets):
             if got[p]:
                 datas = [d for _, d in got[p]]
@@ -530,8 +540,9 @@ class TokenMergeCodec(TokenCodecBase):
                                      "packet holds")  # fmt: skip
             lab[rows, cols] = glob
         lab = torch.from_numpy(lab)
+        nz, hz = self._nz, have_z.tolist()
         whole = [b for b, s in enumerate(streams)
-                 if have_z[b] and all(d is not None for d in s.packets[self._nz:])]  # fmt: skip
+                 if hz[b] and all(d is not None for d in s.packets[nz:])]  # fmt: skip
         self._check_canonical_rows(lab[whole])
         return TokenDecoded(sym, lab, centre)
 
