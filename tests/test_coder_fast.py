@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import coder_inputs
+from helpers import coder_inputs, random_tokens, ready_codec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -458,15 +458,11 @@ TOKEN_SHAPE = (17, 32)
 
 
 def _tokens(n, seed=0):
-    return torch.randn(n, *TOKEN_SHAPE, generator=torch.Generator().manual_seed(seed))
+    return random_tokens(n, seed, TOKEN_SHAPE)
 
 
 def _token_codec(name, **kw):
-    torch.manual_seed(0)
-    codec = build_codec(name, TOKEN_SHAPE, latent=8, hidden=32, **kw)
-    codec.fit(_tokens(32, seed=1)).eval()
-    codec.update(force=True)
-    return codec
+    return ready_codec(name, TOKEN_SHAPE, latent=8, hidden=32, **kw)
 
 
 TOKEN_CASES = [("token-prune", dict(packets=3, threshold=-1e9, coder="arith")),

@@ -10,12 +10,12 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-from helpers import coder_inputs
+from helpers import coder_inputs, random_tokens, ready_codec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowcodec.bitstream import Bitstream, BitstreamError
-from flowcodec.codecs import build_codec, load_pretrained_codec
+from flowcodec.codecs import load_pretrained_codec
 from flowcodec.codecs.table_coding import (
     range_decode,
     range_decode_batch,
@@ -28,15 +28,11 @@ TOKEN_SHAPE = (17, 32)
 
 
 def _tokens(n, seed):
-    return torch.randn(n, *TOKEN_SHAPE, generator=torch.Generator().manual_seed(seed))
+    return random_tokens(n, seed, TOKEN_SHAPE)
 
 
 def _token_codec(name, **kw):
-    torch.manual_seed(0)
-    codec = build_codec(name, TOKEN_SHAPE, latent=8, hidden=32, **kw)
-    codec.fit(_tokens(32, 1)).eval()
-    codec.update(force=True)
-    return codec
+    return ready_codec(name, TOKEN_SHAPE, latent=8, hidden=32, **kw)
 
 
 def _sha(parts) -> str:

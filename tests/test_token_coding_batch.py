@@ -10,11 +10,12 @@ import random
 
 import pytest
 import torch
+from helpers import random_tokens, ready_codec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowcodec.bitstream import Bitstream, BitstreamError
-from flowcodec.codecs import build_codec, load_pretrained_codec
+from flowcodec.codecs import load_pretrained_codec
 
 SHAPE = (17, 32)
 
@@ -41,15 +42,11 @@ SHIPPED = ("all_arith", "merge_k8_sizes_arith")  # cifar10vit-*
 
 
 def _tokens(n, seed, shape=SHAPE):
-    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+    return random_tokens(n, seed, shape)
 
 
 def _codec(name, **kw):
-    torch.manual_seed(0)
-    codec = build_codec(name, SHAPE, latent=8, hidden=32, **kw)
-    codec.fit(_tokens(32, 1)).eval()
-    codec.update(force=True)
-    return codec
+    return ready_codec(name, SHAPE, latent=8, hidden=32, **kw)
 
 
 class _Digest:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_tokens, ready_codec
 
 from flowcodec.bitstream import Bitstream
-from flowcodec.codecs import build_codec
 from flowcodec.codecs.token import TokenDecoded, TokenSymbols
 
 SHAPE = (17, 32)
@@ -25,15 +25,11 @@ CASES = {
 
 
 def _tokens(n, seed):
-    return torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
+    return random_tokens(n, seed, SHAPE)
 
 
 def _codec(name, **kw):
-    torch.manual_seed(0)
-    codec = build_codec(name, SHAPE, latent=8, hidden=32, **kw)
-    codec.fit(_tokens(32, 1)).eval()
-    codec.update(force=True)
-    return codec
+    return ready_codec(name, SHAPE, latent=8, hidden=32, **kw)
 
 
 def _sent(s: TokenSymbols) -> list[torch.Tensor]:
