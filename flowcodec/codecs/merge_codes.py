@@ -21,6 +21,7 @@ from flowcodec.codecs.positions import (
     _comb_table,
     _padded,
     _ragged,
+    _unrank_rows,
     pack_bits,
     unpack_bits,
 )
@@ -572,23 +573,11 @@ def decode_sizes_batch(datas: Sequence[bytes], k: int | Sequence[int],
     rank = code & ((_ONE << rb.astype(np.uint64)) - _ONE)  # rb <= 63
     slow |= rank >= bound
     good = np.flatnonzero(~slow)
-    jg, rank, mg = karr[good] - 1, rank[good], marr[good]
-    width = int(jg.max()) if len(good) else 0
-    # the k - 1 cuts, unranked as positions among m - 1 (rank 0: cuts 0..j-1)
-    cut = np.broadcast_to(np.arange(width), (len(good), width)).copy()
+    jg, mg = karr[good] - 1, marr[good]
+    # the k - 1 cuts, unranked as positions among m - 1
     top = max(1, int(mg.max()) - 1) if len(good) else 1
-    by_j = np.ascontiguousarray(table[:top].T)  # by_j[j, c] = C(c, j), increasing in c
+    cut = _unrank_rows(rank[good], jg, np.ascontiguousarray(table[:top].T))
     rows = np.arange(len(good))
-    for step in range(width):
-        j = jg - step
-        live = (j > 0) & (rank > 0)
-        if not live.any():
-            break
-        for jj in np.unique(j[live]).tolist():  # one j per step when k is one for all
-            r = rows[live & (j == jj)]
-            c = np.searchsorted(by_j[jj], rank[r], side="right") - 1  # largest C(c, j) <= rank
-            cut[r, jj - 1] = c
-            rank[r] -= by_j[jj, c]
     # the sizes: differences of the ends (each cut + 1, then m), from 0
     ends = np.concatenate([cut + 1, np.zeros((len(good), 1), np.int64)], axis=1)
     ends[rows, jg] = mg

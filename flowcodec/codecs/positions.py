@@ -266,6 +266,27 @@ def encode_positions_mask(mask) -> list[bytes]:
     return out
 
 
+def _unrank_rows(rank: np.ndarray, count: np.ndarray, by_j: np.ndarray) -> np.ndarray:
+    """Row ``i``'s first ``count[i]`` columns: the increasing values ``c_1 < c_2 < ...``
+    whose combinatorial rank ``sum_j C(c_j, j)`` is ``rank[i]`` (uint64, consumed), given
+    ``by_j[j, c] = C(c, j)`` as uint64, nondecreasing in ``c``; later columns are
+    meaningless. The rows are unranked together, from the largest value down."""
+    width = int(count.max()) if len(count) else 0
+    # rank 0 leaves j values 0..j-1: start from that, and unrank while any rank is left
+    out = np.broadcast_to(np.arange(width), (len(rank), width)).copy()
+    rows = np.arange(len(rank))
+    for step in range(width):
+        j = count - step
+        live = (j > 0) & (rank > 0)
+        if not live.any():
+            break
+        r, jl, rk = rows[live], j[live], rank[live]
+        c = (by_j[jl] <= rk[:, None]).sum(1) - 1  # the largest c with C(c, j) <= rank
+        out[r, jl - 1] = c
+        rank[r] = rk - by_j[jl, c]
+    return out
+
+
 def decode_positions_batch(datas: Sequence[bytes], n: int,
                            start: Sequence[int] | None = None
                            ) -> tuple[list[list[int]], list[int]]:  # fmt: skip
@@ -305,21 +326,8 @@ def decode_positions_batch(datas: Sequence[bytes], n: int,
     bad |= rank >= table[n, k]
     slow |= bad
     good = np.flatnonzero(~slow)
-    kg, rank = k[good], rank[good]
-    width = int(kg.max()) if len(good) else 0
-    # rank 0 leaves j positions 0..j-1: start from that, and unrank while any rank is left
-    pos = np.broadcast_to(np.arange(width), (len(good), width)).copy()
-    by_j = np.ascontiguousarray(table[:n].T)  # by_j[j, c] = C(c, j), increasing in c
-    rows = np.arange(len(good))
-    for step in range(width):
-        j = kg - step
-        live = (j > 0) & (rank > 0)
-        if not live.any():
-            break
-        r, jl, rk = rows[live], j[live], rank[live]
-        c = (by_j[jl] <= rk[:, None]).sum(1) - 1  # the largest c with C(c, j) <= rank
-        pos[r, jl - 1] = c
-        rank[r] = rk - by_j[jl, c]
+    kg = k[good]
+    pos = _unrank_rows(rank[good], kg, np.ascontiguousarray(table[:n].T))
     members = [None] * count
     used = nbytes.tolist()
     for i, row, kk in zip(good.tolist(), pos.tolist(), kg.tolist()):
