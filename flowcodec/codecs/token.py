@@ -607,7 +607,7 @@ class TokenPruneCodec(TokenCodecBase):
         keep = keep.numpy()
         per_packet = []
         for p in range(self.packets):
-            cand = np.arange(p, self.n_tokens, self.packets)
+            cand = np.asarray(self._candidates(p))
             mask = keep[:, cand]  # (B, c)
             counts = mask.sum(1)
             order = np.argsort(~mask, axis=1, kind="stable")  # kept first, in order
@@ -650,24 +650,24 @@ class TokenPruneCodec(TokenCodecBase):
         for p in range(self.packets):  # every packet's position codes first
             if not recv[p]:
                 continue
-            c = len(self._candidates(p))
+            cand = np.asarray(self._candidates(p))
             datas = [d for _, d, _ in recv[p]]
-            local, used = decode_positions_batch(datas, c)
+            local, used = decode_positions_batch(datas, len(cand))
             counts = np.fromiter(map(len, local), np.int64, len(local))
             rest = [len(d) - u for d, u in zip(datas, used)]
             for j in np.flatnonzero(counts == 0).tolist():
                 if rest[j]:
                     raise BitstreamError(f"token packet {p}: {rest[j]} bytes after a "
                                          "position code with no tokens")  # fmt: skip
-            reads.append((p, local, used, counts))
-        for p, local, used, counts in reads:  # then the token payloads, by token count
+            reads.append((p, cand, local, used, counts))
+        for p, cand, local, used, counts in reads:  # then the token payloads, by token count
             samples = np.array([b for b, _, _ in recv[p]], dtype=np.int64)
             for k in np.unique(counts[counts > 0]).tolist():
                 at = np.flatnonzero(counts == k)
                 rows = samples[at]
                 payloads = [bytes(recv[p][j][1][used[j]:]) for j in at.tolist()]
                 fmts = [recv[p][j][2] for j in at.tolist()]
-                pos = p + self.packets * np.array([local[j] for j in at.tolist()], np.int64)
+                pos = cand[np.array([local[j] for j in at.tolist()], np.int64)]
                 dec = self._decode_tokens_batch(tables, payloads, cidx[torch.from_numpy(rows)],
                                                 k, fmts)  # fmt: skip
                 sym[torch.from_numpy(rows)[:, None], torch.from_numpy(pos)] = dec

@@ -473,7 +473,8 @@ class TokenMergeCodec(TokenCodecBase):
         """Token packet ``p``'s position and assignment codes of several samples (its token
         payloads follow them): ``(members per sample, their global labels (all samples' in
         one int64 array, in member order), bytes used per sample)``."""
-        k = len(self._cluster_ids(p))
+        ids = np.asarray(self._cluster_ids(p))
+        k = len(ids)
         members, used = decode_positions_batch(datas, self.n_tokens)
         first = self._first_alone(p)
         for mem in members:
@@ -491,7 +492,7 @@ class TokenMergeCodec(TokenCodecBase):
         flat = np.fromiter(itertools.chain.from_iterable(local), np.int64, sum(sizes))
         if first:  # cluster 0 first, the others one up
             flat = np.insert(flat + 1, np.cumsum(sizes) - sizes, 0)
-        return members, p + self.packets * flat, [a + b for a, b in zip(used, used2)]
+        return members, ids[flat], [a + b for a, b in zip(used, used2)]
 
     @torch.no_grad()
     def decompress(self, streams: Sequence[Bitstream]) -> torch.Tensor:
