@@ -205,17 +205,26 @@ def dyadic_probs(rows: Sequence[Sequence[int]], width: int | None = None,
     return np.ldexp(out, -precision)
 
 
+def payload_error(data, limit: int) -> BitstreamError | None:
+    """Why ``data`` cannot be a format-2 payload of at most ``limit`` bytes (not bytes,
+    longer than ``limit``, or ending in a zero byte), or None when it can."""
+    if not isinstance(data, bytes | bytearray):
+        return BitstreamError(f"packet payload must be bytes, got {type(data).__name__}")
+    if len(data) > limit:
+        return BitstreamError(f"range-coded payload of {len(data)} bytes is longer than the "
+                              f"{limit} bytes its symbols can take")  # fmt: skip
+    if data[-1:] == b"\0":
+        return BitstreamError("range-coded payload ends in a zero byte: longer than its "
+                              "shortest code, so no encoder wrote it")  # fmt: skip
+    return None
+
+
 def payload_words(data: bytes, limit: int) -> np.ndarray:
     """A format-2 payload as the coder's 32-bit words (big-endian, zero-padded to whole
-    words); BitstreamError when it is longer than ``limit`` bytes or ends in a zero byte."""
-    if not isinstance(data, bytes | bytearray):
-        raise BitstreamError(f"packet payload must be bytes, got {type(data).__name__}")
-    if len(data) > limit:
-        raise BitstreamError(f"range-coded payload of {len(data)} bytes is longer than the "
-                             f"{limit} bytes its symbols can take")  # fmt: skip
-    if data[-1:] == b"\0":
-        raise BitstreamError("range-coded payload ends in a zero byte: longer than its "
-                             "shortest code, so no encoder wrote it")  # fmt: skip
+    words); BitstreamError when :func:`payload_error` finds one."""
+    err = payload_error(data, limit)
+    if err is not None:
+        raise err
     pad = -len(data) % 4
     return np.frombuffer(bytes(data) + bytes(pad), dtype=">u4").astype(np.uint32)
 

@@ -381,10 +381,10 @@ def range_decode_batch(model: nn.Module, payloads, indexes) -> np.ndarray:
     esc_at = top - off + 1
     tops_sorted = plan.permute(esc_at)
     count = len(payloads)
-    # every payload's words from one buffer (each zero-padded to whole words); the ones that
-    # payload_words refuses are flagged, and it raises for them in their turn below
-    good = [isinstance(d, bytes | bytearray) and len(d) <= limit and d[-1:] != b"\0"
-            for d in payloads]  # fmt: skip
+    # every payload's words from one buffer (each zero-padded to whole words); a payload
+    # arith.payload_error refuses raises its error in its turn below
+    errors = [arith.payload_error(d, limit) for d in payloads]
+    good = [e is None for e in errors]
     lens = [-(-len(d) // 4) if ok else 0 for d, ok in zip(payloads, good)]
     buf = b"".join(bytes(d) + bytes(-len(d) % 4) for d, ok in zip(payloads, good) if ok)
     words = np.frombuffer(buf, dtype=">u4").astype(np.uint32)
@@ -414,10 +414,10 @@ def range_decode_batch(model: nn.Module, payloads, indexes) -> np.ndarray:
         return us
 
     decoder = constriction.stream.queue.RangeDecoder
-    for b, data in enumerate(payloads):
+    for b in range(count):
         if not good[b]:
             outliers(rows_read(b))
-            arith.payload_words(data, limit)  # raises its error
+            raise errors[b]
         mark = len(parts)
         try:
             dec = decoder(words[ends[b] - lens[b]:ends[b]])
