@@ -62,7 +62,7 @@ from flowcodec.bitstream import BitstreamError
 from flowcodec.errors import ConfigError
 
 __all__ = ["encode", "decode", "Decoder", "max_bytes", "check_cdf", "gaussian_cdf",
-           "RANGE_PRECISION", "range_max_bytes", "dyadic_probs", "payload_words",
+           "RANGE_PRECISION", "range_max_bytes", "dyadic_probs", "payload_words", "payload_error",
            "shortest_code", "interval_code", "finish", "encode_rows", "decode_rows",
            "encode_batch", "decode_batch", "RowDecoders", "normal_cdf"]  # fmt: skip
 
