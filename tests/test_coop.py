@@ -325,3 +325,46 @@ def test_bench_with_the_finetuned_member_and_webp(trained, tmp_path, digits_fami
     with pytest.raises(ConfigError, match="qualities"):
         bench.main(["--model", str(out), "--family", "digits", "--out-dir", str(tmp_path),
                     "--webp-qualities", "0"])
+
+
+def test_tuned_exit_and_tail_train_their_own_copies(tmp_path, digits_family, digits):
+    """``tune_exit`` / ``tune_tail``: the devices' exit and the edge's tail train as the
+    model's own copies (the family is unchanged), the cache holds split-point features,
+    and the checkpoint brings the trained copies back."""
+    train, test = digits
+    fam_before = {k: v.clone() for k, v in digits_family.state_dict().items()}
+    cfg = CoopConfig(kinds=("m2",), latent=4, dim=32, hidden=32, tune_exit=True,
+                     tune_tail=True)
+    views = ViewGenerator(ViewConfig(devices=4))
+    torch.manual_seed(0)
+    m = CoopModel(digits_family, cfg)
+    assert m.tail() is m.edge_tail and m.cache_shape("m2") == \
+        tuple(digits_family.feature_shape(2))
+    stem0 = [p.detach().clone() for p in m.devices["m2"].codec.g_a.stem.parameters()]
+    tail0 = [p.detach().clone() for p in m.edge_tail.parameters()]
+    tc = TrainConfig(epochs=1, batch_size=64, copies=1, eval_n=50, lam=0.1, own=0.5)
+    cache_file = tmp_path / "cache.safetensors"
+    res = train_coop(m, ("m2",) * 4, views, train, test, tc, progress=False,
+                     cache_file=cache_file)
+    assert res.epochs == 1
+    moved = [not torch.equal(a, b) for a, b in
+             zip(stem0, m.devices["m2"].codec.g_a.stem.parameters())]
+    assert any(moved)
+    assert any(not torch.equal(a, b) for a, b in zip(tail0, m.edge_tail.parameters()))
+    for k, v in digits_family.state_dict().items():  # the family itself is untouched
+        assert torch.equal(v, fam_before[k]), k
+    # a cache of split-point features is refused by a frozen-exit run, and vice versa
+    frozen = CoopModel(digits_family, CoopConfig(kinds=("m2",), latent=4, dim=32, hidden=32))
+    with pytest.raises(ConfigError, match="feature cache"):
+        train_coop(frozen, ("m2",) * 4, views, train, None, tc, progress=False,
+                   cache_file=cache_file)
+    out = tmp_path / "tuned"
+    save_coop(m, out, {"views": views.cfg.record(), "kinds": ["m2"] * 4})
+    loaded = load_coop(out, digits_family)
+    assert loaded.cfg.tune_exit and loaded.cfg.tune_tail
+    x = torch.rand(5, *digits_family.input_shape)
+    torch.testing.assert_close(loaded.pooled("m2", x), m.eval().pooled("m2", x),
+                               atol=2e-2, rtol=2e-2)  # float16 weights in the checkpoint
+    lats = _latents()
+    torch.testing.assert_close(loaded.edge(lats, ["m2"] * 4).logits,
+                               m.edge(lats, ["m2"] * 4).logits, atol=5e-2, rtol=5e-2)

@@ -81,6 +81,11 @@ class CoopConfig:
     cells : 1 (a device max-pools its exit features to one vector: the edge sees no
     layout) or ``c`` in 2..4 (to a ``c x c`` grid, ``latent`` numbers per cell, and the
     edge places the cells by each device's anchor: :mod:`flowcodec.coop.cells`).
+    tune_exit : the devices' exit convolutions and exit linear layer (their own answer)
+    train with the fusion (False: they stay the member's own, frozen). The device's cost
+    is unchanged; its weights are the model's, not the family's.
+    tune_tail : the edge runs its own copy of the largest member's tail, trained with the
+    fusion (False: the family's tail, frozen).
     """
 
     kinds: tuple[str, ...] = ("m2",)
@@ -92,6 +97,8 @@ class CoopConfig:
     member: int = 3
     point: int = 2
     cells: int = 1
+    tune_exit: bool = False
+    tune_tail: bool = False
 
     def check(self) -> CoopConfig:
         bad = []
@@ -103,6 +110,9 @@ class CoopConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 bad.append(f"{name} must be an int in {lo}..{hi}, got {v!r}")
+        for name in ("tune_exit", "tune_tail"):
+            if not isinstance(getattr(self, name), bool):
+                bad.append(f"{name} must be a bool, got {getattr(self, name)!r}")
         if bad:
             raise ConfigError("coop config: " + "; ".join(bad))
         return self
@@ -149,7 +159,8 @@ class DeviceEncoder(nn.Module):
     codec pools to a ``cells x cells`` grid and maps each cell by a 1x1 convolution
     (``TaskCodec(grid=cells)``)."""
 
-    def __init__(self, family, kind: str, latent: int, rates: int, cells: int = 1) -> None:
+    def __init__(self, family, kind: str, latent: int, rates: int, cells: int = 1,
+                 tune: bool = False) -> None:
         super().__init__()
         member = kind_member(kind)
         if member > family.num_members:
@@ -168,8 +179,9 @@ class DeviceEncoder(nn.Module):
                               "layers from the member's exit")
         self.classifier = nn.Linear(linear.in_features, linear.out_features)
         self.classifier.load_state_dict(linear.state_dict())
+        self.tune = tune
         for p in [*self.codec.g_a.stem.parameters(), *self.classifier.parameters()]:
-            p.requires_grad_(False)
+            p.requires_grad_(tune)
 
     @property
     def pooled_dim(self) -> int:
@@ -321,8 +333,16 @@ class CoopModel(nn.Module):
                               f"(family.receiver({self.cfg.point}))")  # fmt: skip
         self._fam = [family]  # a list: not a registered submodule
         self.devices = nn.ModuleDict({k: DeviceEncoder(family, k, self.cfg.latent,
-                                                       self.cfg.rates, self.cfg.cells)
+                                                       self.cfg.rates, self.cfg.cells,
+                                                       self.cfg.tune_exit)
                                       for k in self.cfg.kinds})
+        if self.cfg.tune_tail:  # the edge's own copy of the tail, trained with the fusion
+            import copy
+
+            self.edge_tail = copy.deepcopy(
+                family.split(self.cfg.member, self.cfg.point)[1]).float()
+            for p in self.edge_tail.parameters():
+                p.requires_grad_(True)
         common = tuple(family.feature_shape(self.cfg.point))
         self.common = common
         if self.cfg.cells == 1:
@@ -347,6 +367,10 @@ class CoopModel(nn.Module):
         return self.family.split(d.member, d.point)[0]
 
     def tail(self):
+        """The largest member's tail from the common point: the edge's own trained copy
+        with ``tune_tail``, else the family's."""
+        if self.cfg.tune_tail:
+            return self.edge_tail
         return self.family.split(self.cfg.member, self.cfg.point)[1]
 
     def _kind(self, kind: str) -> DeviceEncoder:
@@ -370,6 +394,14 @@ class CoopModel(nn.Module):
     def width(self) -> int:
         """Numbers a device sends per sample (``latent * cells^2``)."""
         return self.cfg.width
+
+    def cache_shape(self, kind: str) -> tuple[int, ...]:
+        """What a training cache holds per sample and device: the pooled features, or with
+        ``tune_exit`` (the stem trains) the features at the device's split point."""
+        if self.cfg.tune_exit:
+            d = self._kind(kind)
+            return tuple(self.family.feature_shape(d.point))
+        return self.pooled_shape(kind)
 
     def pooled_shape(self, kind: str) -> tuple[int, ...]:
         """Shape of one sample's pooled features: ``(P,)``, or ``(P, cells, cells)``."""

@@ -2,7 +2,10 @@
 
 The family stays frozen: each device's head and exit convolutions (its member's own), the
 largest member's tail. What trains is each device kind's linear map to the latent, its gain
-and entropy model, and the edge (per-kind decoders, pooling, synthesis decoder), on
+and entropy model, and the edge (per-kind decoders, pooling, synthesis decoder); with
+``CoopConfig(tune_exit=True)`` also the devices' copies of their exit convolutions and exit
+linear layer (plus ``own`` times the devices' own-answer cross-entropy), and with
+``tune_tail=True`` the edge's copy of the largest member's tail (both at ``tune_lr``), on
 
     CE(tail(fuse(devices that arrived)), y) + kd * T^2 KL(member 3 on the full image || fused)
         + ramp(step) * lam * (sum of the devices' kbits per image)
@@ -65,6 +68,8 @@ class TrainConfig:
     seed: int = 0
     time_budget: float | None = None
     eval_n: int = 2000
+    tune_lr: float = 2e-4  # pretrained parts that train (tune_exit / tune_tail models)
+    own: float = 0.3  # weight of the devices' own-answer loss (tune_exit models only)
 
     def check(self) -> TrainConfig:
         bad = []
@@ -72,8 +77,11 @@ class TrainConfig:
             bad.append(f"lam must be >= 0, got {self.lam}")
         if self.kd < 0 or self.temperature <= 0:
             bad.append("kd must be >= 0 and temperature > 0")
-        if self.epochs < 1 or self.batch_size < 1 or self.copies < 1 or self.lr <= 0:
-            bad.append("epochs, batch_size and copies must be >= 1 and lr > 0")
+        if self.epochs < 1 or self.batch_size < 1 or self.copies < 1 or self.lr <= 0 \
+                or self.tune_lr <= 0:
+            bad.append("epochs, batch_size and copies must be >= 1, lr and tune_lr > 0")
+        if not math.isfinite(self.own) or self.own < 0:
+            bad.append(f"own must be >= 0, got {self.own}")
         if not 0 <= self.warmup < 0.5:
             bad.append(f"warmup must be in [0, 0.5), got {self.warmup}")
         if not 0 < self.cache_share <= 1:
@@ -114,7 +122,8 @@ def build_cache(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator,
                 time_budget: float | None = None) -> dict:
     """Pooled device features of ``copies`` (augmented when ``train``) copies of ``data``:
     ``{"z{k}": (C, N, P_k) float16 per device slot k (with cells: the grid,
-    ``(C, N, P_k, cells, cells)``), "y": (C, N),
+    ``(C, N, P_k, cells, cells)``; with ``tune_exit``, whose stems train, the features at
+    the device's split point, :meth:`CoopModel.cache_shape`), "y": (C, N),
     "t": (C, N, classes) teacher logits on the full image}``. With ``time_budget``
     (seconds), copies after the first are made only while the next one is expected to end
     within it, so ``C`` may be less than ``copies``."""
@@ -145,13 +154,16 @@ def build_cache(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator,
                 at += len(y)
                 v = views(x, idx)
                 for k, kind in enumerate(kinds):
-                    zs[k].append(model.pooled(kind, v[:, k]).half())
+                    if model.cfg.tune_exit:
+                        zs[k].append(model.device_features(kind, v[:, k]).half())
+                    else:
+                        zs[k].append(model.pooled(kind, v[:, k]).half())
                 ys.append(y)
                 ts.append(teacher(x).float())
                 bar.update(1)
     model.train(was)
     made = len(ys) // math.ceil(n / batch_size)
-    out = {f"z{k}": torch.cat(z).view(made, n, *model.pooled_shape(kind))
+    out = {f"z{k}": torch.cat(z).view(made, n, *model.cache_shape(kind))
            for k, (z, kind) in enumerate(zip(zs, kinds))}
     out["y"] = torch.cat(ys).view(made, n)
     out["t"] = torch.cat(ts).view(made, n, -1)
@@ -165,10 +177,17 @@ def _check_cache(cache: dict, kinds, model: CoopModel) -> None:
         raise ConfigError(f"feature cache lacks {missing}")
     n = cache["y"].shape[1]
     for k, kind in enumerate(kinds):
-        p = model.pooled_shape(kind)
+        p = model.cache_shape(kind)
         if tuple(cache[f"z{k}"].shape[1:]) != (n, *p):
             raise ConfigError(f"feature cache z{k}: expected (copies, {n}, "
                               f"{', '.join(map(str, p))}), got {tuple(cache[f'z{k}'].shape)}")
+
+
+def _pooled(model: CoopModel, kinds, zs):
+    """Cache entries -> pooled features (the stems run here when they train)."""
+    if not model.cfg.tune_exit:
+        return zs
+    return [model.pooled(kind, h=h) for kind, h in zip(kinds, zs)]
 
 
 def _fuse(model: CoopModel, kinds, zs, mask, rate=None, anchors=None):
@@ -190,7 +209,7 @@ def evaluate_forward(model: CoopModel, kinds, cache: dict, n: int | None = None)
     correct, bits, agree = 0, 0.0, 0
     for s in range(0, total, 500):
         e = min(total, s + 500)
-        zs = [cache[f"z{k}"][0, s:e].float() for k in range(len(kinds))]
+        zs = _pooled(model, kinds, [cache[f"z{k}"][0, s:e].float() for k in range(len(kinds))])
         out, b = _fuse(model, kinds, zs, None)
         y = cache["y"][0, s:e]
         correct += int((out.logits.argmax(1) == y).sum())
@@ -233,13 +252,13 @@ def train_coop(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator,
         model.set_prior(train.labels)
         t0 = time.perf_counter()
         if cache is None and cache_file is not None and Path(cache_file).is_file():
-            cache = _load_cache(cache_file, cfg, views, model.cfg.cells)
+            cache = _load_cache(cache_file, cfg, views, model.cfg.cells, model.cfg.tune_exit)
         if cache is None:
             budget = None if cfg.time_budget is None else cfg.cache_share * cfg.time_budget
             cache = build_cache(model, kinds, views, train, cfg.copies, gen, True, progress,
                                 time_budget=budget)
             if cache_file is not None:
-                _save_cache(cache, cache_file, cfg, views, model.cfg.cells)
+                _save_cache(cache, cache_file, cfg, views, model.cfg.cells, model.cfg.tune_exit)
         _check_cache(cache, kinds, model)
         test_cache = None
         if test is not None and cfg.eval_n:
@@ -252,9 +271,13 @@ def train_coop(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator,
             raise ConfigError(f"{n} training samples, fewer than one batch ({cfg.batch_size})")
         trainable = [p for p in model.parameters() if p.requires_grad]
         aux = [p for name, p in model.named_parameters() if name.endswith("quantiles")]
-        aux_ids = {id(p) for p in aux}
-        main = [p for p in trainable if id(p) not in aux_ids]
+        tuned = [p for name, p in model.named_parameters() if p.requires_grad and (
+            name.startswith("edge_tail.") or ".codec.g_a.stem." in name
+            or ".classifier." in name)]  # pretrained: a smaller step
+        skip = {id(p) for p in aux + tuned}
+        main = [p for p in trainable if id(p) not in skip]
         opt = torch.optim.Adam([{"params": main, "lr": cfg.lr},
+                                {"params": tuned, "lr": cfg.tune_lr},
                                 {"params": aux, "lr": 1e-2}])
         budget = None if cfg.time_budget is None else cfg.time_budget - res.cache_seconds
         loop = EpochLoop(per_epoch, cfg.epochs, desc="train coop", progress=progress,
@@ -270,15 +293,17 @@ def train_coop(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator,
         for epoch in loop.epochs():
             model.train()
             for d in model.devices.values():  # frozen stems keep their BN statistics
-                d.codec.g_a.stem.eval()
+                if not d.tune:
+                    d.codec.g_a.stem.eval()
             c = (epoch - 1) % copies
             order = torch.randperm(n, generator=gen)
             for s in loop.steps(range(0, n - cfg.batch_size + 1, cfg.batch_size)):
                 step, total = loop.step, loop.total
                 idx = order[s:s + cfg.batch_size]
-                zs = [cache[f"z{k}"][c, idx].float() for k in range(len(kinds))]
+                zs = _pooled(model, kinds,
+                             [cache[f"z{k}"][c, idx].float() for k in range(len(kinds))])
                 y, t = cache["y"][c, idx], cache["t"][c, idx]
-                loop.set_lr(opt, [cfg.lr], min(200, total // 20))
+                loop.set_lr(opt, [cfg.lr, cfg.tune_lr], min(200, total // 20))
                 ramp = min(1.0, max(0.0, (step / total - cfg.warmup) / max(cfg.warmup, 1e-9)))
                 mask = device_mask(len(y), len(kinds), cfg.device_drop, gen)
                 out, bits = _fuse(model, kinds, zs, mask)
@@ -286,6 +311,10 @@ def train_coop(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator,
                 kd = kd_loss(out.logits, t, cfg.temperature) if cfg.kd else task.new_zeros(())
                 kbits = bits.sum(1).mean() / 1000
                 loss = task + cfg.kd * kd + ramp * cfg.lam * kbits
+                if model.cfg.tune_exit and cfg.own:  # keep each device's own answer
+                    own = sum(F.cross_entropy(model.own_logits(kind, z), y)
+                              for kind, z in zip(kinds, zs)) / len(kinds)
+                    loss = loss + cfg.own * own
                 aux_loss = sum(d.codec.aux_loss() for d in model.devices.values())
                 opt.zero_grad(set_to_none=True)
                 (loss + aux_loss).backward()
@@ -319,32 +348,36 @@ def train_coop(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator,
             p.requires_grad_(f)
 
 
-def _cache_meta(cfg: TrainConfig, views: ViewGenerator, cells: int = 1) -> dict:
+def _cache_meta(cfg: TrainConfig, views: ViewGenerator, cells: int = 1,
+                tune_exit: bool = False) -> dict:
     """What a cache file must have been made with to be reused (the copies it holds may
-    be fewer than asked: a time budget cut them). ``cells`` is recorded when above 1, so
-    the caches made before cells existed still match a cells-1 run."""
+    be fewer than asked: a time budget cut them). ``cells`` is recorded when above 1 and
+    the split-point features of a ``tune_exit`` cache as ``features``, so the caches made
+    before either existed still match a cells-1, frozen-exit run."""
     meta = {"seed": str(cfg.seed), "views": json.dumps(views.cfg.record(), sort_keys=True)}
     if cells != 1:
         meta["cells"] = str(cells)
+    if tune_exit:
+        meta["features"] = "split point"
     return meta
 
 
-def _save_cache(cache: dict, path, cfg, views, cells: int = 1) -> None:
+def _save_cache(cache: dict, path, cfg, views, cells: int = 1, tune_exit: bool = False) -> None:
     from safetensors.torch import save_file
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(path) + ".tmp")
     save_file({k: v.contiguous() for k, v in cache.items()}, str(tmp),
-              metadata=_cache_meta(cfg, views, cells))
+              metadata=_cache_meta(cfg, views, cells, tune_exit))
     os.replace(tmp, path)
 
 
-def _load_cache(path, cfg, views, cells: int = 1) -> dict:
+def _load_cache(path, cfg, views, cells: int = 1, tune_exit: bool = False) -> dict:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-        want = _cache_meta(cfg, views, cells)
+        want = _cache_meta(cfg, views, cells, tune_exit)
         if meta != want:
             raise ConfigError(f"{path}: a feature cache made with {meta}, not {want}; remove "
                               "it or name another file")
@@ -367,6 +400,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "LATENT numbers each, placed at the edge by the device's anchor")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--tune-exit", action="store_true",
+                   help="train the devices' exit convolutions and own-answer layer with the "
+                        "fusion (the cache then holds split-point features)")
+    p.add_argument("--tune-tail", action="store_true",
+                   help="the edge trains its own copy of the largest member's tail")
     p.add_argument("--area", type=float, default=ViewConfig.area)
     p.add_argument("--jitter", type=float, default=ViewConfig.jitter)
     p.add_argument("--noise", type=float, default=ViewConfig.noise)
@@ -417,7 +455,8 @@ def run(a: argparse.Namespace) -> int:
         train = train.subset(a.train_n, seed=tcfg.seed)
     model = CoopModel(fam, CoopConfig(kinds=tuple(dict.fromkeys(kinds)), max_devices=4,
                                       latent=a.latent, dim=a.dim, hidden=a.hidden,
-                                      cells=a.cells))
+                                      cells=a.cells, tune_exit=a.tune_exit,
+                                      tune_tail=a.tune_tail))
     res = train_coop(model, kinds, views, train, test, tcfg, checkpoint=a.out,
                      resume=a.resume, progress=not a.no_progress, cache_file=a.cache_file)
     extra = {"train": asdict(tcfg), "views": vcfg.record(), "kinds": list(kinds),
