@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
+from flowcodec.bitstream import BitstreamError
 from flowcodec.codecs import build_codec
 from flowcodec.codecs.examples import SMALL_CODECS, SMALL_SHAPE, build_small
+from flowcodec.errors import ConfigError
 from flowcodec.family import build_family
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,3 +205,26 @@ def latency_digits() -> dict:
     import json
 
     return json.loads((ROOT / "experiments" / "latency_digits.json").read_text())
+
+
+def per_sample_or_error(fn, *args, **kw):
+    """``(fn(*args, **kw), None)``, or ``(None, error)`` when it raises a BitstreamError or
+    a ConfigError: what a per-sample decoder gives for one item."""
+    try:
+        return fn(*args, **kw), None
+    except (BitstreamError, ConfigError) as e:
+        return None, e
+
+
+def check_batch_as_per_sample(want, batch) -> None:
+    """``batch()`` (a batch decoder's call returning ``(values, bytes used)``) gives the
+    per-sample results ``want`` (pairs from :func:`per_sample_or_error`), or raises the first
+    per-sample error, of the same type and with the same message."""
+    first = next((e for _, e in want if e is not None), None)
+    if first is None:
+        got, used = batch()
+        assert got == [w[0][0] for w in want] and used == [w[0][1] for w in want]
+    else:
+        with pytest.raises(BitstreamError) as info:
+            batch()
+        assert type(info.value) is type(first) and str(info.value) == str(first)

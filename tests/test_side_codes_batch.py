@@ -13,6 +13,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import check_batch_as_per_sample, per_sample_or_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -152,13 +153,6 @@ def _rgs(draw, max_m=120):
     return labels, k
 
 
-def _per_sample_or_error(fn, *args):
-    try:
-        return fn(*args), None
-    except (BitstreamError, ConfigError) as e:
-        return None, e
-
-
 # --- positions -------------------------------------------------------------------------------
 @settings(max_examples=120, deadline=None)
 @given(_position_batch())
@@ -176,15 +170,8 @@ def test_positions_batch_is_per_sample_and_round_trips(case):
 @settings(max_examples=300, deadline=None)
 @given(_N, st.lists(st.binary(max_size=12), min_size=1, max_size=8))
 def test_positions_batch_junk_is_per_sample_or_the_same_error(n, datas):
-    want = [_per_sample_or_error(decode_positions, d, n) for d in datas]
-    first = next((e for _, e in want if e is not None), None)
-    if first is None:
-        members, used = decode_positions_batch(datas, n)
-        assert members == [w[0][0] for w in want] and used == [w[0][1] for w in want]
-    else:
-        with pytest.raises(BitstreamError) as info:
-            decode_positions_batch(datas, n)
-        assert type(info.value) is type(first) and str(info.value) == str(first)
+    want = [per_sample_or_error(decode_positions, d, n) for d in datas]
+    check_batch_as_per_sample(want, lambda: decode_positions_batch(datas, n))
 
 
 @settings(max_examples=60, deadline=None)
@@ -206,7 +193,7 @@ def test_positions_batch_refuses_what_per_sample_refuses():
     for sets, n in [([[0, 1], [3, 3]], 8), ([[0], [-1]], 8), ([[1], [8]], 8),
                     ([[0], list(range(10))], 9), ([[1]], 0),
                     ([[1]], MAX_TOKENS + 1)]:  # fmt: skip
-        _, err = _per_sample_or_error(lambda s=sets, n=n: [encode_positions(v, n) for v in s])
+        _, err = per_sample_or_error(lambda s=sets, n=n: [encode_positions(v, n) for v in s])
         assert isinstance(err, ConfigError)
         with pytest.raises(ConfigError) as info:
             encode_positions_batch(sets, n)
@@ -260,16 +247,9 @@ def test_assignment_batch_one_k_for_all(cases):
                 min_size=1, max_size=8))  # fmt: skip
 def test_assignment_batch_junk_is_per_sample_or_the_same_error(items):
     items = [(d, m, min(k, m)) for d, m, k in items]
-    want = [_per_sample_or_error(decode_assignment, d, m, k) for d, m, k in items]
-    first = next((e for _, e in want if e is not None), None)
+    want = [per_sample_or_error(decode_assignment, d, m, k) for d, m, k in items]
     args = ([d for d, _, _ in items], [m for _, m, _ in items], [k for _, _, k in items])
-    if first is None:
-        labels, used = decode_assignment_batch(*args)
-        assert labels == [w[0][0] for w in want] and used == [w[0][1] for w in want]
-    else:
-        with pytest.raises(BitstreamError) as info:
-            decode_assignment_batch(*args)
-        assert type(info.value) is type(first) and str(info.value) == str(first)
+    check_batch_as_per_sample(want, lambda: decode_assignment_batch(*args))
 
 
 @settings(max_examples=100, deadline=None)
@@ -288,7 +268,7 @@ def test_assignment_batch_truncated_or_flipped_raises(cases, data):
     j = data.draw(st.integers(0, len(codes[i]) - 1))
     flipped = list(codes)
     flipped[i] = codes[i][:j] + bytes([codes[i][j] ^ 0xFF]) + codes[i][j + 1:]
-    want, err = _per_sample_or_error(decode_assignment, flipped[i], m[i], k[i])
+    want, err = per_sample_or_error(decode_assignment, flipped[i], m[i], k[i])
     if err is None:
         assert decode_assignment_batch(flipped, m, k)[0][i] == want[0]
     else:
@@ -299,7 +279,7 @@ def test_assignment_batch_truncated_or_flipped_raises(cases, data):
 def test_assignment_batch_refuses_what_per_sample_refuses():
     for labels, k in [([[0, 1], [0, 2]], 2), ([[0, 0]], 2), ([[1, 0]], 2), ([[0, -1]], 2),
                       ([[0], []], 1), ([[0, 1]], 3)]:  # fmt: skip
-        _, err = _per_sample_or_error(lambda s=labels, k=k: [encode_assignment(v, k) for v in s])
+        _, err = per_sample_or_error(lambda s=labels, k=k: [encode_assignment(v, k) for v in s])
         assert isinstance(err, ConfigError), (labels, k)
         with pytest.raises(ConfigError) as info:
             encode_assignment_batch(labels, k)

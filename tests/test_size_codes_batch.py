@@ -11,6 +11,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import check_batch_as_per_sample, per_sample_or_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -107,13 +108,6 @@ def _size_batch(draw):
     return n, out
 
 
-def _per_sample_or_error(fn, *args, **kw):
-    try:
-        return fn(*args, **kw), None
-    except (BitstreamError, ConfigError) as e:
-        return None, e
-
-
 # --- the tests -------------------------------------------------------------------------------
 @settings(max_examples=150, deadline=None)
 @given(_size_batch(), st.booleans())
@@ -145,16 +139,9 @@ def test_sizes_batch_junk_is_per_sample_or_the_same_error(items, n):
     """Random bytes: the sizes the per-sample decoder reads, or its first error."""
     datas, ks = [d for d, _, _ in items], [k for _, k, _ in items]
     ms = None if n else [max(k, m) for _, k, m in items]
-    want = [_per_sample_or_error(decode_sizes, d, k, m=None if n else mm, n=n)
+    want = [per_sample_or_error(decode_sizes, d, k, m=None if n else mm, n=n)
             for d, k, mm in zip(datas, ks, ms or ks)]  # fmt: skip
-    first = next((e for _, e in want if e is not None), None)
-    if first is None:
-        got, used = decode_sizes_batch(datas, ks, m=ms, n=n)
-        assert got == [w[0][0] for w in want] and used == [w[0][1] for w in want]
-    else:
-        with pytest.raises(BitstreamError) as info:
-            decode_sizes_batch(datas, ks, m=ms, n=n)
-        assert type(info.value) is type(first) and str(info.value) == str(first)
+    check_batch_as_per_sample(want, lambda: decode_sizes_batch(datas, ks, m=ms, n=n))
 
 
 @settings(max_examples=100, deadline=None)
@@ -171,7 +158,7 @@ def test_sizes_batch_truncated_or_flipped_is_per_sample(case, data):
                      bytes([codes[i][0] ^ data.draw(st.integers(1, 255))]) + codes[i][1:]):
         bad = list(codes)
         bad[i] = bad_code
-        want, err = _per_sample_or_error(decode_sizes, bad_code, k[i],
+        want, err = per_sample_or_error(decode_sizes, bad_code, k[i],
                                          m=None if n else m[i], n=n)  # fmt: skip
         if err is None:
             got, used = decode_sizes_batch(bad, k, m=m, n=n)
@@ -186,7 +173,7 @@ def test_sizes_batch_refuses_what_per_sample_refuses():
     for sizes, n in [([[1, 2], [0, 3]], None), ([[2], []], None), ([[3], [-1, 4]], 8),
                      ([[4, 4], [5, 5]], 9), ([[1]], MAX_TOKENS + 1),
                      ([[3], [600, 1]], 513)]:  # fmt: skip
-        _, err = _per_sample_or_error(lambda s=sizes, n=n: [encode_sizes(v, n) for v in s])
+        _, err = per_sample_or_error(lambda s=sizes, n=n: [encode_sizes(v, n) for v in s])
         assert isinstance(err, ConfigError), (sizes, n)
         with pytest.raises(ConfigError) as info:
             encode_sizes_batch(sizes, n)
@@ -194,7 +181,7 @@ def test_sizes_batch_refuses_what_per_sample_refuses():
     for kw in [dict(m=None, n=None), dict(m=4, n=9), dict(m=3), dict(m=4, k=0),
                dict(m=MAX_TOKENS + 1)]:  # fmt: skip
         k = kw.pop("k", 4)
-        _, err = _per_sample_or_error(decode_sizes, b"\x00" * 8, k, **kw)
+        _, err = per_sample_or_error(decode_sizes, b"\x00" * 8, k, **kw)
         assert isinstance(err, ConfigError), kw
         with pytest.raises(ConfigError) as info:
             decode_sizes_batch([b"\x00" * 8], k, **kw)
