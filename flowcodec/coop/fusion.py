@@ -179,9 +179,12 @@ class DeviceEncoder(nn.Module):
                               "layers from the member's exit")
         self.classifier = nn.Linear(linear.in_features, linear.out_features)
         self.classifier.load_state_dict(linear.state_dict())
-        self.tune = tune
-        for p in [*self.codec.g_a.stem.parameters(), *self.classifier.parameters()]:
+        for p in self.pretrained_parameters():
             p.requires_grad_(tune)
+
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        """The parameters copied from the member's exit: the stem's and the classifier's."""
+        return [*self.codec.g_a.stem.parameters(), *self.classifier.parameters()]
 
     @property
     def pooled_dim(self) -> int:
@@ -372,6 +375,17 @@ class CoopModel(nn.Module):
         if self.cfg.tune_tail:
             return self.edge_tail
         return self.family.split(self.cfg.member, self.cfg.point)[1]
+
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        """The parameters that start as copies of the family's and train with the fusion:
+        the devices' exits with ``tune_exit``, the edge's tail with ``tune_tail``."""
+        out = []
+        if self.cfg.tune_exit:
+            for d in self.devices.values():
+                out += d.pretrained_parameters()
+        if self.cfg.tune_tail:
+            out += list(self.edge_tail.parameters())
+        return out
 
     def _kind(self, kind: str) -> DeviceEncoder:
         if kind not in self.devices:

@@ -271,9 +271,7 @@ def train_coop(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator,
             raise ConfigError(f"{n} training samples, fewer than one batch ({cfg.batch_size})")
         trainable = [p for p in model.parameters() if p.requires_grad]
         aux = [p for name, p in model.named_parameters() if name.endswith("quantiles")]
-        tuned = [p for name, p in model.named_parameters() if p.requires_grad and (
-            name.startswith("edge_tail.") or ".codec.g_a.stem." in name
-            or ".classifier." in name)]  # pretrained: a smaller step
+        tuned = model.pretrained_parameters()  # they start trained: a smaller step
         skip = {id(p) for p in aux + tuned}
         main = [p for p in trainable if id(p) not in skip]
         opt = torch.optim.Adam([{"params": main, "lr": cfg.lr},
@@ -292,8 +290,8 @@ def train_coop(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator,
         trained = 0
         for epoch in loop.epochs():
             model.train()
-            for d in model.devices.values():  # frozen stems keep their BN statistics
-                if not d.tune:
+            if not model.cfg.tune_exit:  # frozen stems keep their BN statistics
+                for d in model.devices.values():
                     d.codec.g_a.stem.eval()
             c = (epoch - 1) % copies
             order = torch.randperm(n, generator=gen)
