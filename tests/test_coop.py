@@ -120,6 +120,44 @@ def test_fusion_defined_for_every_subset(model):
             torch.testing.assert_close(model.edge(dropped, kinds).logits, out.logits)
 
 
+def test_vote_is_the_mean_of_the_arrived_devices_votes(digits_family):
+    """``vote``: the tail's logits plus the mean of the arrived devices' linear votes;
+    order-invariant, a masked device is one that never arrived, none arriving is the prior."""
+    torch.manual_seed(0)
+    cfg = CoopConfig(kinds=("m1", "m2"), latent=4, dim=16, hidden=16, vote=True)
+    m = CoopModel(digits_family, cfg).eval()
+    plain = CoopModel(digits_family, CoopConfig(kinds=("m1", "m2"), latent=4, dim=16,
+                                                hidden=16)).eval()
+    plain.load_state_dict({k: v for k, v in m.state_dict().items()
+                           if not k.startswith("vote.")})
+    lats, kinds = _latents(), ["m1", "m2", "m2", "m1"]
+    # the votes start at zero: the model starts as the fusion alone
+    torch.testing.assert_close(m.edge(lats, kinds).logits, plain.edge(lats, kinds).logits)
+    with torch.no_grad():
+        for v in m.vote.values():
+            v.weight.normal_()
+            v.bias.normal_()
+    mask = torch.tensor([[True, False, True, True], [False, True, False, False],
+                         [True, True, True, True]])
+    want = plain.edge(lats, kinds, mask).logits
+    for r in range(3):
+        votes = [m.vote[k](t[r:r + 1]) for t, k, on in zip(lats, kinds, mask[r]) if on]
+        want[r] += torch.cat(votes).mean(0)
+    got = m.edge(lats, kinds, mask).logits
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, plain.edge(lats, kinds, mask).logits)
+    # order within a kind, absent = masked, none = the prior
+    torch.testing.assert_close(m.edge([lats[3], lats[2], lats[1], lats[0]], kinds).logits,
+                               m.edge(lats, kinds).logits, rtol=1e-5, atol=1e-5)
+    dropped = [t if on else None for t, on in zip(lats, mask[1])]
+    torch.testing.assert_close(m.edge(dropped, kinds).logits[1], got[1])
+    out = m.edge([None] * 4, kinds, batch=2)
+    assert out.empty.all()
+    torch.testing.assert_close(out.logits, m.log_prior.expand(2, -1))
+    base, per = m.edge_flops_parts(kinds)
+    assert per["m2"] > plain.edge_flops_parts(kinds)[1]["m2"]
+
+
 def test_missing_devices_never_raise_and_empty_answers_the_prior(model):
     kinds = ["m2"] * 4
     out = model.edge([None] * 4, kinds, batch=3)

@@ -86,6 +86,10 @@ class CoopConfig:
     is unchanged; its weights are the model's, not the family's.
     tune_tail : the edge runs its own copy of the largest member's tail, trained with the
     fusion (False: the family's tail, frozen).
+    vote : the edge adds to the tail's logits the mean, over the devices that arrived, of a
+    linear map per kind from each device's latent to class logits (a learned ensemble
+    beside the fusion: order-invariant, defined for every non-empty subset, and what
+    remains when one device's view is missing is still an average of the others').
     """
 
     kinds: tuple[str, ...] = ("m2",)
@@ -99,6 +103,7 @@ class CoopConfig:
     cells: int = 1
     tune_exit: bool = False
     tune_tail: bool = False
+    vote: bool = False
 
     def check(self) -> CoopConfig:
         bad = []
@@ -110,7 +115,7 @@ class CoopConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 bad.append(f"{name} must be an int in {lo}..{hi}, got {v!r}")
-        for name in ("tune_exit", "tune_tail"):
+        for name in ("tune_exit", "tune_tail", "vote"):
             if not isinstance(getattr(self, name), bool):
                 bad.append(f"{name} must be a bool, got {getattr(self, name)!r}")
         if bad:
@@ -357,6 +362,12 @@ class CoopModel(nn.Module):
             self.fusion = CellFusion(self.cfg.kinds, self.cfg.latent, self.cfg.cells,
                                      self.cfg.dim, self.cfg.hidden, common, self.cfg.max_devices)
         classes = self.devices[self.cfg.kinds[0]].classifier.out_features
+        if self.cfg.vote:  # one linear vote per kind, averaged over the devices that arrived
+            self.vote = nn.ModuleDict({k: nn.Linear(self.cfg.width, classes)
+                                       for k in self.cfg.kinds})
+            for v in self.vote.values():
+                nn.init.zeros_(v.weight)  # starts as the fusion alone
+                nn.init.zeros_(v.bias)
         self.register_buffer("log_prior", torch.full((classes,), -float(torch.log(
             torch.tensor(float(classes))))))
 
@@ -485,16 +496,32 @@ class CoopModel(nn.Module):
         ``N``-device protocol's slots): session metadata, used with ``cells > 1``."""
         feats, n = self.fusion(latents, kinds, mask, batch, anchors)
         logits = self.tail()(feats)
+        if self.cfg.vote:
+            logits = logits + self._votes(latents, kinds, mask, batch, n)
         empty = n == 0
         prior = self.log_prior.to(logits.dtype).expand_as(logits)
         logits = torch.where(empty[:, None], prior, logits)
         return FusionOutput(logits, empty, n, feats if with_features else None)
+
+    def _votes(self, latents, kinds, mask, batch, n) -> torch.Tensor:
+        """Mean over the devices that arrived of each one's linear vote ``(B, classes)``
+        (zeros where none arrived)."""
+        _, m = self.fusion.check(latents, kinds, mask, batch)
+        dev = self.log_prior.device
+        m = m.to(dev)
+        total = torch.zeros(len(m), len(self.log_prior), device=dev)
+        for i, (t, k) in enumerate(zip(latents, kinds)):
+            if t is not None:
+                total = total + m[:, i, None] * self.vote[k](t.to(dev).float())
+        return total / n.to(dev).clamp(min=1)[:, None]
 
     # --- accounting -------------------------------------------------------------------------
     def edge_flops_parts(self, kinds) -> tuple[int, dict]:
         """Edge FLOPs per sample: ``(base, {kind: per arriving device})``, the base with
         the largest member's tail."""
         base, per = self.fusion.flops_parts(kinds)
+        if self.cfg.vote:
+            per = {k: f + count_flops(self.vote[k], (self.cfg.width,)) for k, f in per.items()}
         return base + count_flops(self.tail(), tuple(self.common)), per
 
     def device_flops(self, kind: str, own_answer: bool = False) -> dict:

@@ -403,6 +403,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "fusion (the cache then holds split-point features)")
     p.add_argument("--tune-tail", action="store_true",
                    help="the edge trains its own copy of the largest member's tail")
+    p.add_argument("--vote", action="store_true",
+                   help="the edge adds the mean of a linear vote per device (from its latent) "
+                        "to the tail's logits")
     p.add_argument("--area", type=float, default=ViewConfig.area)
     p.add_argument("--jitter", type=float, default=ViewConfig.jitter)
     p.add_argument("--noise", type=float, default=ViewConfig.noise)
@@ -454,7 +457,7 @@ def run(a: argparse.Namespace) -> int:
     model = CoopModel(fam, CoopConfig(kinds=tuple(dict.fromkeys(kinds)), max_devices=4,
                                       latent=a.latent, dim=a.dim, hidden=a.hidden,
                                       cells=a.cells, tune_exit=a.tune_exit,
-                                      tune_tail=a.tune_tail))
+                                      tune_tail=a.tune_tail, vote=a.vote))
     res = train_coop(model, kinds, views, train, test, tcfg, checkpoint=a.out,
                      resume=a.resume, progress=not a.no_progress, cache_file=a.cache_file)
     extra = {"train": asdict(tcfg), "views": vcfg.record(), "kinds": list(kinds),
