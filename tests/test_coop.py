@@ -341,6 +341,23 @@ def test_bench_writes_csv_and_plot(trained, tmp_path):
     assert everyone[0]["accuracy"] == coop_all["accuracy"]
 
 
+def test_average_own_drop_rows_leave_out_one_device(trained, digits):
+    """``average-own-drop[k]``: the 8-bit average of the other devices' own answers."""
+    from flowcodec.coop import bench
+
+    m, _, _, views = trained
+    test = digits[1].subset(30, seed=0)
+    res = bench.collect(m, ("m2",) * 4, views, test, progress=False)
+    y = res["y"]
+    right = torch.nn.functional.one_hot(y, 10).float() * 20
+    wrong = torch.nn.functional.one_hot((y + 1) % 10, 10).float() * 20
+    res["own"] = torch.stack([right, right, wrong, wrong], 1)  # devices 0, 1 right
+    rows = {r["method"]: r for r in bench.summarise(m, ("m2",) * 4, res, views.cfg.record())}
+    got = [rows[f"average-own-drop[{k}]"]["accuracy"] for k in range(4)]
+    assert got == [0.0, 0.0, 1.0, 1.0]  # two wrong beat one right; two right beat one wrong
+    assert rows["average-own-drop[0]"]["devices"] == 3
+
+
 def test_bench_with_the_finetuned_member_and_webp(trained, tmp_path, digits_family, digits):
     from flowcodec.coop import bench
     from flowcodec.coop.finetune import FinetuneConfig, finetune_member, save_finetuned

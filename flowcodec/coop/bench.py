@@ -10,7 +10,8 @@ are written into every record), for K devices of the model's kinds:
   (:mod:`flowcodec.coop.finetune`), with the shipped member's rows kept as
   ``member3-view-shipped``; without it, the shipped member;
 - ``average-own``: the devices' own class probabilities, 8 bits each (10 B per device),
-  averaged at the edge;
+  averaged at the edge; ``average-own-drop[k]`` the same without device ``k`` (what losing
+  one view costs the average, beside ``coop-drop``);
 - ``centralised``: the largest member on the whole image (the bound);
 - ``coop-all``: every device's real stream decoded and fused; ``coop-single`` one position
   through the fusion; ``coop-drop-one`` each device missing in turn; ``coop-loss``: each
@@ -250,6 +251,12 @@ def summarise(model: CoopModel, kinds, res: dict, view_record: dict,
     classes = res["avg"].shape[1]
     row("average-own", acc(res["avg"]), n_dev, float(classes),
         _mflops(max(member_fl.values())), {"note": f"{classes} 8-bit probabilities/device"})
+    if n_dev > 1:
+        q = torch.round(torch.softmax(res["own"].float(), -1) * 255) / 255
+        for k in range(n_dev):
+            rest = torch.cat([q[:, :k], q[:, k + 1:]], 1).mean(1)
+            row(f"average-own-drop[{k}]", acc(rest), n_dev - 1, float(classes),
+                _mflops(max(member_fl.values())))
     row("centralised", acc(res["central"]), 1, raw, 0.0,
         {"note": f"member {model.cfg.member} on the whole image ({_mflops(big)} MFLOPs)"})
     dev_mf = _mflops(max(f["total"] for f in fl.values()))
