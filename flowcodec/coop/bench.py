@@ -124,7 +124,7 @@ def collect(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator, data
     webp = webp_codecs(fam.input_shape, data.mean, data.std, webp_qualities)
     n_dev = len(kinds)
     gen = torch.Generator().manual_seed(seed)
-    keys = ["y", "central", "own", "m3view", "avg", "all", "single", "drop", "loss",
+    keys = ["y", "central", "own", "m3view", "all", "single", "drop", "loss",
             "loss_mask", "conf", "bytes", "full_bytes", "conf_prefix", "lats"]
     if finetuned is not None:
         keys.append("m3shipped")
@@ -152,8 +152,6 @@ def collect(model: CoopModel, kinds: tuple[str, ...], views: ViewGenerator, data
             fbytes.append(torch.tensor([len(s.to_bytes()) for s in streams]))
             lats.append(model.decompress(kind, streams))
         own_t = torch.stack(own, 1)
-        q = torch.round(torch.softmax(own_t, -1) * 255) / 255  # 8-bit probabilities
-        acc["avg"].append(q.mean(1))
         acc["y"].append(y)
         acc["central"].append(big(x))
         acc["own"].append(own_t)
@@ -248,15 +246,15 @@ def summarise(model: CoopModel, kinds, res: dict, view_record: dict,
                 {"note": "raw 8-bit view, the shipped member (not fine-tuned)"})
         ks = max(range(n_dev), key=lambda k: sh_acc[k])
         row("member3-view-shipped[best]", sh_acc[ks], 1, raw, 0.0, {"position": ks})
-    classes = res["avg"].shape[1]
-    row("average-own", acc(res["avg"]), n_dev, float(classes),
-        _mflops(max(member_fl.values())), {"note": f"{classes} 8-bit probabilities/device"})
+    q = torch.round(torch.softmax(res["own"], -1) * 255) / 255  # 8-bit probabilities
+    classes = q.shape[2]
+    own_mf = _mflops(max(member_fl.values()))
+    row("average-own", acc(q.mean(1)), n_dev, float(classes), own_mf,
+        {"note": f"{classes} 8-bit probabilities/device"})
     if n_dev > 1:
-        q = torch.round(torch.softmax(res["own"].float(), -1) * 255) / 255
         for k in range(n_dev):
             rest = torch.cat([q[:, :k], q[:, k + 1:]], 1).mean(1)
-            row(f"average-own-drop[{k}]", acc(rest), n_dev - 1, float(classes),
-                _mflops(max(member_fl.values())))
+            row(f"average-own-drop[{k}]", acc(rest), n_dev - 1, float(classes), own_mf)
     row("centralised", acc(res["central"]), 1, raw, 0.0,
         {"note": f"member {model.cfg.member} on the whole image ({_mflops(big)} MFLOPs)"})
     dev_mf = _mflops(max(f["total"] for f in fl.values()))

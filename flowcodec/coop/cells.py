@@ -90,7 +90,8 @@ class CellFusion(FusionBase):
     ``forward(latents, kinds, mask, batch, anchors)``: ``latents`` ``N`` tensors
     ``(B, latent * cells^2)`` (channel-major, as the device's codec decodes them) or None,
     ``kinds`` and ``anchors`` (ids, default the ``N``-device protocol's) per device,
-    ``mask`` bool ``(B, N)``. Returns features ``(B, C, H, W)`` and devices fused ``(B,)``."""
+    ``mask`` bool ``(B, N)``. Returns features ``(B, C, H, W)`` and the devices fused, bool
+    ``(B, N)``."""
 
     def __init__(self, kinds: Sequence[str], latent: int, cells: int, dim: int, hidden: int,
                  common: Sequence[int], max_devices: int, grid: int = GLOBAL_GRID) -> None:
@@ -145,7 +146,7 @@ class CellFusion(FusionBase):
         glob = torch.einsum("btg,btd->bdg", w, tok).reshape(b, self.dim, g, g)
         n = m.sum(1)
         glob = glob + self.pos + self.count(n.clamp(max=self.max_devices))[:, :, None, None]
-        return self.synth(self.mix(glob).flatten(1)), n
+        return self.synth(self.mix(glob).flatten(1)), m
 
     def flops_parts(self, kinds) -> tuple[int, dict]:
         """Edge FLOPs per sample before the tail: ``(base, {kind: per device})`` (the

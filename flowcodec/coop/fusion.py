@@ -274,7 +274,7 @@ class EdgeFusion(FusionBase):
     (or None: that device sent nothing), ``kinds`` the ``N`` devices' kinds, ``mask`` bool
     ``(B, N)`` (optional: which devices arrived for each sample; ``batch`` gives ``B`` when
     every latent is None and there is no mask). Returns features
-    ``(B, C, H, W)`` and the number of devices fused ``(B,)``."""
+    ``(B, C, H, W)`` and the devices fused, bool ``(B, N)``."""
 
     def __init__(self, kinds: Sequence[str], latent: int, dim: int, hidden: int,
                  common: Sequence[int], max_devices: int) -> None:
@@ -309,7 +309,7 @@ class EdgeFusion(FusionBase):
         mx = e.masked_fill(~m.unsqueeze(-1), float("-inf")).amax(1)
         mx = torch.where(n[:, None] > 0, mx, torch.zeros_like(mx))
         fused = self.merge(torch.cat([att, mx], 1)) + self.count(n.clamp(max=self.max_devices))
-        return self.synth(fused), n
+        return self.synth(fused), m
 
     def flops_parts(self, kinds) -> tuple[int, dict]:
         """Edge FLOPs per sample before the tail: ``(base, {kind: per device})``."""
@@ -494,26 +494,26 @@ class CoopModel(nn.Module):
         latent None, ``mask`` or ``batch`` gives the number of samples. ``anchors``: each
         device's window anchor id (:data:`~flowcodec.coop.views.N_ANCHORS`; default the
         ``N``-device protocol's slots): session metadata, used with ``cells > 1``."""
-        feats, n = self.fusion(latents, kinds, mask, batch, anchors)
+        feats, m = self.fusion(latents, kinds, mask, batch, anchors)
+        n = m.sum(1)
         logits = self.tail()(feats)
         if self.cfg.vote:
-            logits = logits + self._votes(latents, kinds, mask, batch, n)
+            logits = logits + self._votes(latents, kinds, m)
         empty = n == 0
         prior = self.log_prior.to(logits.dtype).expand_as(logits)
         logits = torch.where(empty[:, None], prior, logits)
         return FusionOutput(logits, empty, n, feats if with_features else None)
 
-    def _votes(self, latents, kinds, mask, batch, n) -> torch.Tensor:
-        """Mean over the devices that arrived of each one's linear vote ``(B, classes)``
-        (zeros where none arrived)."""
-        _, m = self.fusion.check(latents, kinds, mask, batch)
+    def _votes(self, latents, kinds, m: torch.Tensor) -> torch.Tensor:
+        """Mean over the devices that arrived (the fusion's mask ``m`` ``(B, N)``) of each
+        one's linear vote ``(B, classes)`` (zeros where none arrived)."""
         dev = self.log_prior.device
         m = m.to(dev)
         total = torch.zeros(len(m), len(self.log_prior), device=dev)
         for i, (t, k) in enumerate(zip(latents, kinds)):
             if t is not None:
                 total = total + m[:, i, None] * self.vote[k](t.to(dev).float())
-        return total / n.to(dev).clamp(min=1)[:, None]
+        return total / m.sum(1).clamp(min=1)[:, None]
 
     # --- accounting -------------------------------------------------------------------------
     def edge_flops_parts(self, kinds) -> tuple[int, dict]:
