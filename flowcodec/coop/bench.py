@@ -55,6 +55,7 @@ from flowcodec.coop.selective import (
     prefix_masks,
     sweep,
 )
+from flowcodec.coop.targets import check, print_targets
 from flowcodec.coop.views import ViewConfig, ViewGenerator, anchor_ids
 from flowcodec.errors import ConfigError
 
@@ -448,6 +449,8 @@ def run(a: argparse.Namespace) -> int:
               f"{r['bytes_per_device'] if r['bytes_per_device'] is not None else '-':>6} B/dev  "
               f"{r['device_mflops']:8.2f} MFLOPs/dev"
               + (f"  t={r['threshold']}" if "threshold" in r else ""))
+    print_targets(check(rows, _mflops(model.family.info()[1].flops)),
+                  "targets (docs/cooperative.md; python -m flowcodec.coop.targets):")
     print(f"wrote {out / 'coop.csv'}, {out / 'coop.json'}, {out / 'coop.png'} "
           f"({seconds:.0f} s)")
     return 0
