@@ -435,6 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(docs/cooperative.md).")  # fmt: skip
     _coop_bench.add_arguments(c)
     c.set_defaults(func=_coop_bench.run)
+    from flowcodec.coop import targets as _coop_targets
+
+    ct = sub.add_parser(
+        "coop-targets", help="check cooperative benchmark files against issue 28's targets",
+        description="State each target of the cooperative benchmark (emergence, bytes, the "
+        "centralised bound, robustness, selective transmission, device cost) as measured in "
+        "coop.csv files, met or not; --markdown puts runs side by side (docs/cooperative.md).")
+    _coop_targets.add_arguments(ct)
+    ct.set_defaults(func=_coop_targets.run)
     tc = sub.add_parser(
         "train-coop", help="train cooperative device encoders and the edge fusion",
         description="Train one task encoder per device kind and the edge's fusion module "

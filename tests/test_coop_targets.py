@@ -127,3 +127,13 @@ def test_command_prints_targets_and_markdown(tmp_path, capsys):
     assert "| x |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no such"):
         T.main([str(tmp_path / "missing.csv")])
+
+
+def test_flowcodec_coop_targets_subcommand(tmp_path, capsys):
+    from flowcodec.cli import main as cli_main
+
+    (tmp_path / "coop.json").write_text(json.dumps({"rows": rows()}))
+    assert cli_main(["coop-targets", str(tmp_path / "coop.json"), "--markdown"]) == 0
+    assert "85.00 %" in capsys.readouterr().out
+    assert cli_main(["coop-targets", str(tmp_path / "coop.json"), "--names", "a", "b"]) != 0
+    assert "2 names for 1 files" in capsys.readouterr().err

@@ -22,7 +22,8 @@ whether it is met:
 Differences of accuracies carry a standard error (binomial, the two rows taken as
 independent: an upper bound for rows scored on the same test images).
 
-``python -m flowcodec.coop.targets RUN/coop.csv [...]`` prints each run's targets;
+``python -m flowcodec.coop.targets RUN/coop.csv [...]`` (or ``flowcodec coop-targets``)
+prints each run's targets;
 ``--markdown`` prints one table of every run's key figures (what docs/cooperative.md shows).
 """
 
@@ -38,7 +39,8 @@ from pathlib import Path
 
 from flowcodec.errors import ConfigError
 
-__all__ = ["Target", "check", "read_rows", "summary_row", "markdown_table", "main", "GOALS"]
+__all__ = ["Target", "check", "read_rows", "summary_row", "markdown_table", "print_targets",
+           "add_arguments", "run", "main", "GOALS"]
 
 # (points above the member on its best view, points above the average, bytes per device,
 #  points under the centralised bound, single-view difficulty band, points lost with one
@@ -251,31 +253,40 @@ def print_targets(targets: Sequence[Target], title: str | None = None) -> None:
         print(f"  {t.name:<23} {state:<8} {t.measured}   (target: {t.goal})")
 
 
-def main(argv=None) -> int:
-    """``python -m flowcodec.coop.targets CSV [CSV ...] [--markdown] [--names ...]``."""
-    p = argparse.ArgumentParser(prog="python -m flowcodec.coop.targets",
-                                description="Check cooperative benchmark rows (coop.csv or "
-                                            "coop.json) against issue 28's targets.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add this command's options to ``p`` (``flowcodec coop-targets`` reuses them)."""
     p.add_argument("files", nargs="+", help="benchmark files (flowcodec coop's coop.csv)")
     p.add_argument("--names", nargs="+", default=None, help="a name per file (markdown rows)")
     p.add_argument("--member2-mflops", type=float, default=None,
                    help="member 2's MFLOPs (default: the m2 device-own rows')")
     p.add_argument("--markdown", action="store_true",
                    help="one markdown table of every file's key figures")
-    a = p.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
+    """Run the command with parsed options ``a`` (what ``flowcodec.cli`` calls)."""
     if a.names is not None and len(a.names) != len(a.files):
-        raise SystemExit(f"--names: {len(a.names)} names for {len(a.files)} files")
+        raise ConfigError(f"--names: {len(a.names)} names for {len(a.files)} files")
     names = a.names or [str(f) for f in a.files]
+    runs = [(n, read_rows(f)) for n, f in zip(names, a.files, strict=True)]
+    if a.markdown:
+        print(markdown_table(summary_row(n, rows) for n, rows in runs))
+    else:
+        for n, rows in runs:
+            print_targets(check(rows, a.member2_mflops), n)
+    return 0
+
+
+def main(argv=None) -> int:
+    """``python -m flowcodec.coop.targets CSV [CSV ...] [--markdown] [--names ...]``."""
+    p = argparse.ArgumentParser(prog="python -m flowcodec.coop.targets",
+                                description="Check cooperative benchmark rows (coop.csv or "
+                                            "coop.json) against issue 28's targets.")
+    add_arguments(p)
     try:
-        runs = [(n, read_rows(f)) for n, f in zip(names, a.files, strict=True)]
-        if a.markdown:
-            print(markdown_table(summary_row(n, rows) for n, rows in runs))
-        else:
-            for n, rows in runs:
-                print_targets(check(rows, a.member2_mflops), n)
+        return run(p.parse_args(argv))
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    return 0
 
 
 if __name__ == "__main__":
