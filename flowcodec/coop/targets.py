@@ -20,7 +20,8 @@ whether it is met:
   ``device-own`` rows of kind ``m2`` unless given).
 
 Differences of accuracies carry a standard error (binomial, the two rows taken as
-independent: an upper bound for rows scored on the same test images).
+independent: an over-estimate whenever the two methods tend to be right on the same test
+images, as they are here).
 
 ``python -m flowcodec.coop.targets RUN/coop.csv [...]`` (or ``flowcodec coop-targets``)
 prints each run's targets;
