@@ -322,6 +322,14 @@ def cmd_lm(args) -> int:
     return lm_main(args.lm_args)
 
 
+def _module_command(sub, name: str, module, help: str, description: str) -> None:
+    """A subcommand whose options and body live in ``module`` (``add_arguments`` and
+    ``run``, as ``python -m`` runs them)."""
+    p = sub.add_parser(name, help=help, description=description)
+    module.add_arguments(p)
+    p.set_defaults(func=module.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from flowcodec import __version__
     from flowcodec.data import DATASETS
@@ -424,41 +432,33 @@ def build_parser() -> argparse.ArgumentParser:
     lm.set_defaults(func=cmd_lm)
 
     from flowcodec.coop import bench as _coop_bench
+    from flowcodec.coop import finetune as _coop_finetune
+    from flowcodec.coop import targets as _coop_targets
     from flowcodec.coop import train as _coop_train
 
-    c = sub.add_parser(
-        "coop", help="several devices, one answer: the cooperative benchmark",
-        description="Score trained cooperative device encoders and edge fusion (train-coop) "
+    _module_command(
+        sub, "coop", _coop_bench, "several devices, one answer: the cooperative benchmark",
+        "Score trained cooperative device encoders and edge fusion (train-coop) "
         "on the multi-view test set against each device alone, the devices' averaged "
         "answers, single views through the largest member and the whole image; "
         "selective transmission's threshold sweep; CSV, JSON and a plot "
         "(docs/cooperative.md).")  # fmt: skip
-    _coop_bench.add_arguments(c)
-    c.set_defaults(func=_coop_bench.run)
-    from flowcodec.coop import targets as _coop_targets
-
-    ct = sub.add_parser(
-        "coop-targets", help="check cooperative benchmark files against issue 28's targets",
-        description="State each target of the cooperative benchmark (emergence, bytes, the "
+    _module_command(
+        sub, "coop-targets", _coop_targets,
+        "check cooperative benchmark files against issue 28's targets",
+        "State each target of the cooperative benchmark (emergence, bytes, the "
         "centralised bound, robustness, selective transmission, device cost) as measured in "
         "coop.csv files, met or not; --markdown puts runs side by side (docs/cooperative.md).")
-    _coop_targets.add_arguments(ct)
-    ct.set_defaults(func=_coop_targets.run)
-    tc = sub.add_parser(
-        "train-coop", help="train cooperative device encoders and the edge fusion",
-        description="Train one task encoder per device kind and the edge's fusion module "
+    _module_command(
+        sub, "train-coop", _coop_train, "train cooperative device encoders and the edge fusion",
+        "Train one task encoder per device kind and the edge's fusion module "
         "for the largest member's tail on seeded multi-view data (docs/cooperative.md).")
-    _coop_train.add_arguments(tc)
-    tc.set_defaults(func=_coop_train.run)
-    from flowcodec.coop import finetune as _coop_finetune
-
-    ft = sub.add_parser(
-        "finetune-coop", help="fine-tune the largest member on single device views",
-        description="Fine-tune a copy of the largest member on single views from the "
+    _module_command(
+        sub, "finetune-coop", _coop_finetune,
+        "fine-tune the largest member on single device views",
+        "Fine-tune a copy of the largest member on single views from the "
         "cooperative view generator, for as long as the fusion trained: the single-view "
         "baseline of `flowcodec coop --finetuned` (docs/cooperative.md).")
-    _coop_finetune.add_arguments(ft)
-    ft.set_defaults(func=_coop_finetune.run)
 
     i = sub.add_parser(
         "info", help="parameters, FLOPs and split points of a family",
