@@ -53,21 +53,21 @@ GOALS = {"emergence": 3.0, "bytes": 16.0, "centralised_gap": 2.0, "difficulty": 
 @dataclass(frozen=True)
 class Target:
     """One target: its ``name``, the ``goal`` in words, the ``measured`` figure in words,
-    its ``value`` (points, bytes, MFLOPs or a share) and whether it is ``met`` (``None``:
-    the rows cannot tell)."""
+    its ``value`` (points, bytes, MFLOPs or a share), whether it is ``met`` (``None``: the
+    rows cannot tell) and ``brief``, a shorter ``measured`` for tables (empty: the same)."""
 
     name: str
     goal: str
     measured: str
     value: float | None
     met: bool | None
+    brief: str = ""
 
 
 def _num(v):
+    """A CSV cell: empty is None, a number a float, anything else the text."""
     if v is None or v == "":
         return None
-    if isinstance(v, int | float):
-        return float(v)
     try:
         return float(v)
     except ValueError:
@@ -138,14 +138,14 @@ def check(rows: Sequence[dict], member2_mflops: float | None = None) -> list[Tar
     out.append(Target("single-view-difficulty", f"{lo:g} to {hi:g} points (the protocol)",
                       f"{pts(diff):.2f} points", pts(diff), lo <= 100 * diff <= hi))
     drops = [r for r in rows if str(r.get("method", "")).startswith("coop-drop[")]
+    goal = f"any one device missing costs <= {GOALS['drop_one']:g} point"
     if drops:
         lost = [acc - float(r["accuracy"]) for r in drops]
-        out.append(Target("drop-one", f"any one device missing costs <= {GOALS['drop_one']:g} "
-                          "point", f"{pts(min(lost)):.2f} to {pts(max(lost)):.2f} points lost",
+        out.append(Target("drop-one", goal,
+                          f"{pts(min(lost)):.2f} to {pts(max(lost)):.2f} points lost",
                           pts(max(lost)), 100 * max(lost) <= GOALS["drop_one"] + 1e-9))
     else:
-        out.append(Target("drop-one", "any one device missing costs <= 1 point",
-                          "no coop-drop rows", None, None))
+        out.append(Target("drop-one", goal, "no coop-drop rows", None, None))
     loss = _one(rows, "coop-loss")
     out.append(Target("loss", "i.i.d. device loss stays above the best device alone",
                       f"{pts(float(loss['accuracy']))} % against "
@@ -182,37 +182,31 @@ def _selective(rows, allr) -> Target:
     def lost(r):
         return 100 * (acc - float(r["accuracy"]))
 
-    def words(r):
-        return (f"{r['method']} at {r.get('threshold')}: {100 * saving(r):.1f} % fewer, "
-                f"{-lost(r):+.2f} point")
+    def brief(r):
+        return (f"{r['method'].removeprefix('selective-')} at {r.get('threshold')}: "
+                f"{100 * saving(r):.1f} % fewer, {-lost(r):+.2f} point")
 
     ok = [r for r in sel if saving(r) >= GOALS["selective_saving"]
           and lost(r) <= GOALS["selective_loss"] + 1e-9]
     if ok:
         best = max(ok, key=saving)
-        return Target("selective", goal, words(best), round(100 * saving(best), 1), True)
+        return Target("selective", goal, "selective-" + brief(best),
+                      round(100 * saving(best), 1), True, brief(best))
     near = [r for r in sel if lost(r) <= GOALS["selective_loss"] + 1e-9]
     far = [r for r in sel if saving(r) >= GOALS["selective_saving"]]
-    said = []
-    if far:
-        said.append("least lost at the saving: " + words(min(far, key=lost)))
-    if near:
-        said.append("most saved within the loss: " + words(max(near, key=saving)))
+    named = ([("least lost at the saving", min(far, key=lost))] if far else []) + \
+            ([("most saved within the loss", max(near, key=saving))] if near else [])
     best = max(near, key=saving) if near else None
-    return Target("selective", goal, "; ".join(said) or "no row",
-                  None if best is None else round(100 * saving(best), 1), False)
-
-
-def _short(selective: Target) -> str:
-    """The selective target's first measured row, shortened for a table."""
-    first = selective.measured.split("; ")[0]
-    first = first.split("the saving: ")[-1].split("the loss: ")[-1].replace("selective-", "")
-    return first if selective.met else f"not met ({first})"
+    return Target("selective", goal,
+                  "; ".join(f"{what}: selective-{brief(r)}" for what, r in named) or "no row",
+                  None if best is None else round(100 * saving(best), 1), False,
+                  f"not met ({brief(named[0][1])})" if named else "not met")
 
 
 def summary_row(name: str, rows: Sequence[dict]) -> dict:
     """One run's key figures (points, bytes) and how many targets it meets."""
     t = {x.name: x for x in check(rows)}
+    scored = [x for x in t.values() if x.name != "single-view-difficulty"]  # the protocol's
     allr = _one(rows, "coop-all")
     return {"run": name, "coop_all": round(100 * float(allr["accuracy"]), 2),
             "vs_member3": t["emergence-member3"].value,
@@ -220,11 +214,10 @@ def summary_row(name: str, rows: Sequence[dict]) -> dict:
             "under_centralised": t["centralised-gap"].value,
             "worst_drop_one": t["drop-one"].value,
             "loss_over_best_own": t["loss"].value,
-            "selective": _short(t["selective"]),
+            "selective": t["selective"].brief or t["selective"].measured,
             "bytes_per_device": t["bytes"].value,
-            "met": sum(1 for x in t.values() if x.met and x.name != "single-view-difficulty"),
-            "of": sum(1 for x in t.values() if x.met is not None
-                      and x.name != "single-view-difficulty")}
+            "met": sum(1 for x in scored if x.met),
+            "of": sum(1 for x in scored if x.met is not None)}
 
 
 def markdown_table(summaries: Iterable[dict]) -> str:
